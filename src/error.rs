@@ -202,6 +202,9 @@ pub enum StreamError {
     /// The stream already finished (after [`done`](crate::Stream::done) or a
     /// non-streaming answer such as [`no_content`](crate::Stream::no_content)).
     Finished,
+    /// A non-streaming answer or a header was asked for after the stream's
+    /// `200` head went out.
+    AlreadyOpen,
     /// An error of the application, wrapped with [`StreamError::other`].
     Other(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -227,6 +230,7 @@ impl fmt::Display for StreamError {
             StreamError::Ended(r) => write!(f, "stream ended: {r}"),
             StreamError::Event(_) => f.write_str("invalid event"),
             StreamError::Finished => f.write_str("stream already finished"),
+            StreamError::AlreadyOpen => f.write_str("stream head already sent"),
             StreamError::Other(_) => f.write_str("stream handler failed"),
         }
     }
@@ -237,7 +241,7 @@ impl std::error::Error for StreamError {
         match self {
             StreamError::Ended(r) => Some(r),
             StreamError::Event(e) => Some(e),
-            StreamError::Finished => None,
+            StreamError::Finished | StreamError::AlreadyOpen => None,
             StreamError::Other(e) => Some(e.as_ref()),
         }
     }

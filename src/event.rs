@@ -4,7 +4,8 @@
 //! (<https://html.spec.whatwg.org/multipage/server-sent-events.html>):
 //!
 //! - data containing `\r\n`, `\r` or `\n` becomes one `data:` line per line
-//!   (CRLF counts as one break), so the client rebuilds it exactly;
+//!   (CRLF counts as one break); the client rebuilds the text with every
+//!   line break as `\n` (the format carries breaks, not their kind);
 //! - every field is written as `name: value`: the parser strips one space
 //!   after the colon, so values that start with spaces survive;
 //! - an event name or id that holds a line break (or an id that holds NUL)

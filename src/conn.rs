@@ -1,0 +1,250 @@
+//! A connection's one thread: runs a stream handler for as long as the
+//! stream lives, or answers one ordinary request and hands a keep-alive
+//! connection back to the acceptor.
+//!
+//! A panic in a handler is caught here, at the thread boundary: it ends that
+//! connection only, is logged at `error` and counted.
+
+use std::any::Any;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::acceptor::Returned;
+use crate::error::{EndReason, StreamError};
+use crate::http::body::BodyReader;
+use crate::http::head::BodyKind;
+use crate::http::{Request, Response};
+use crate::route::{PlainFn, StreamFn};
+use crate::server::Shared;
+use crate::stream::{Outcome, Sink, Stream, write_all_timeout};
+
+/// What a connection thread is to do.
+pub(crate) enum Job {
+    Stream {
+        req: Request,
+        handler: Arc<StreamFn>,
+    },
+    Plain {
+        req: Request,
+        handler: Arc<PlainFn>,
+        head_only: bool,
+        leftover: Vec<u8>,
+    },
+}
+
+impl Job {
+    /// Undoes the acceptor's accounting for a job that will not run.
+    pub(crate) fn abandon(self, shared: &Shared) {
+        let counters = shared.stats.counters();
+        match self {
+            Job::Stream { .. } => counters.streams_open.fetch_sub(1, Relaxed),
+            Job::Plain { .. } => counters.requests_active.fetch_sub(1, Relaxed),
+        };
+    }
+}
+
+/// Decrements a gauge when the thread ends, however it ends.
+struct Gauge<'a>(&'a AtomicU64);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The body of every connection thread.
+pub(crate) fn run(shared: Arc<Shared>, slot: Arc<Mutex<Option<TcpStream>>>, peer: SocketAddr, job: Job) {
+    let counters = shared.stats.counters();
+    let _gauge = match &job {
+        Job::Stream { .. } => Gauge(&counters.streams_open),
+        Job::Plain { .. } => Gauge(&counters.requests_active),
+    };
+    let conn = match slot.lock() {
+        Ok(mut s) => s.take(),
+        Err(poisoned) => poisoned.into_inner().take(),
+    };
+    drop(slot);
+    let Some(conn) = conn else { return };
+    match job {
+        Job::Stream { req, handler } => run_stream(&shared, conn, peer, &req, &*handler),
+        Job::Plain {
+            req,
+            handler,
+            head_only,
+            leftover,
+        } => run_plain(&shared, conn, peer, req, &*handler, head_only, leftover),
+    }
+}
+
+fn run_stream(shared: &Shared, conn: TcpStream, peer: SocketAddr, req: &Request, handler: &StreamFn) {
+    if shared.config.send_buffer > 0 {
+        // A small send buffer bounds what a stalled reader pins in the
+        // kernel; failure only means the kernel default stays.
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&conn, shared.config.send_buffer);
+    }
+    let conn = Arc::new(conn);
+    let id = shared.registry.insert(Arc::clone(&conn));
+    let opened = Instant::now();
+    log::debug!("stream open: {peer} {}", req.path());
+    let mut stream = Stream::new(
+        Sink::Tcp(conn),
+        req.is_http10(),
+        shared.config.stream.clone(),
+        req.last_event_id().map(str::to_owned),
+        shared.shutdown.clone(),
+        shared.stats.clone(),
+    );
+    let result = catch_unwind(AssertUnwindSafe(|| handler(req, &mut stream)));
+    let outcome = match result {
+        Ok(Ok(()) | Err(StreamError::Finished)) => match stream.ended() {
+            Some(EndReason::Shutdown) => Outcome::Shutdown,
+            Some(_) => Outcome::Ended,
+            None => Outcome::Finished,
+        },
+        Ok(Err(StreamError::Ended(EndReason::Shutdown))) => Outcome::Shutdown,
+        Ok(Err(StreamError::Ended(_))) => Outcome::Ended,
+        Ok(Err(e)) => {
+            log::warn!("stream handler for {} failed: {}", req.path(), chain(&e));
+            Outcome::Failed
+        }
+        Err(panic) => {
+            shared.stats.counters().handler_panics.fetch_add(1, Relaxed);
+            log::error!("stream handler for {} panicked: {}", req.path(), panic_message(&*panic));
+            Outcome::Failed
+        }
+    };
+    if let Some(reason) = stream.ended() {
+        shared.stats.disconnect(reason);
+    }
+    stream.close(outcome);
+    let why = stream.ended().map_or("finished", EndReason::reason);
+    log::debug!(
+        "stream closed: {peer} {} after {:.1?} ({why})",
+        req.path(),
+        opened.elapsed()
+    );
+    shared.registry.remove(id);
+}
+
+fn run_plain(
+    shared: &Shared,
+    conn: TcpStream,
+    peer: SocketAddr,
+    mut req: Request,
+    handler: &PlainFn,
+    head_only: bool,
+    leftover: Vec<u8>,
+) {
+    let config = &shared.config;
+    let counters = shared.stats.counters();
+    counters.requests_total.fetch_add(1, Relaxed);
+    let minor = if req.is_http10() { 0 } else { 1 };
+    let mut armed = None;
+    let write = |bytes: &[u8], armed: &mut Option<_>| {
+        write_all_timeout(&conn, bytes, config.write_timeout, armed).is_ok()
+    };
+
+    // The body, under the request's deadline.
+    let deadline = req.started + config.request_timeout;
+    let needs_body = req.body_kind != BodyKind::None;
+    if needs_body
+        && !req.is_http10()
+        && req.header_has_token("expect", "100-continue")
+        && !body_is_buffered(req.body_kind, &leftover)
+        && !write(b"HTTP/1.1 100 Continue\r\n\r\n", &mut armed)
+    {
+        return;
+    }
+    let mut reader = BodyReader::new(&conn, leftover, deadline);
+    match reader.read_body(req.body_kind, config.max_body) {
+        Ok(body) => req.set_body(body),
+        Err(e) => {
+            if let Some((status, msg)) = e.status() {
+                counters.bad_requests.fetch_add(1, Relaxed);
+                let bytes = Response::text(status, msg).encode(minor, false, true);
+                let _ = write(&bytes, &mut armed); // closing next anyway
+            }
+            let _ = conn.shutdown(Shutdown::Write);
+            return;
+        }
+    }
+    let leftover = reader.into_leftover();
+
+    let response = match catch_unwind(AssertUnwindSafe(|| handler(&req))) {
+        Ok(r) => r,
+        Err(panic) => {
+            counters.handler_panics.fetch_add(1, Relaxed);
+            log::error!(
+                "handler for {} {} panicked: {}",
+                req.method(),
+                req.path(),
+                panic_message(&*panic)
+            );
+            Response::text(500, "handler failed")
+        }
+    };
+    let close = req.wants_close()
+        || shared.shutdown.is_shutdown()
+        || response
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+    let bytes = response.encode(minor, head_only, close);
+    log::debug!(
+        "{peer} {} {} -> {}",
+        req.method(),
+        req.path(),
+        response.status()
+    );
+    if !write(&bytes, &mut armed) || close {
+        let _ = conn.shutdown(Shutdown::Write); // the peer may be gone already
+        return;
+    }
+    // Keep-alive: back to the acceptor, which waits for the next head
+    // without a thread. If the acceptor is gone (shutdown) this drops it.
+    if conn.set_write_timeout(None).is_err() || conn.set_read_timeout(None).is_err() {
+        return;
+    }
+    if shared
+        .returned
+        .send(Returned {
+            conn,
+            peer,
+            leftover,
+        })
+        .is_ok()
+    {
+        shared.shutdown.wake();
+    }
+}
+
+fn body_is_buffered(kind: BodyKind, leftover: &[u8]) -> bool {
+    match kind {
+        BodyKind::None => true,
+        BodyKind::Length(n) => leftover.len() as u64 >= n,
+        BodyKind::Chunked => false,
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)")
+}
+
+/// An error and its sources, `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,257 @@
+//! Request-head parsing with limits.
+
+/// Largest request head accepted; past it the client gets `431`.
+pub(crate) const MAX_HEAD: usize = 8 * 1024;
+/// Most header lines accepted; past it the client gets `431`.
+pub(crate) const MAX_HEADERS: usize = 64;
+
+/// A complete, validated request head.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub method: String,
+    /// The request target as sent (origin form: path and query).
+    pub target: String,
+    /// Minor HTTP version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor: u8,
+    pub headers: Vec<(String, String)>,
+    /// Body framing taken from the headers.
+    pub body: BodyKind,
+}
+
+/// How the request body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Why a head was refused; each maps to one status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeadError {
+    /// `400`: not HTTP, or framing we cannot trust.
+    Malformed(&'static str),
+    /// `431`: head over [`MAX_HEAD`] or over [`MAX_HEADERS`] lines.
+    TooLarge,
+    /// `505`: not HTTP/1.0 or HTTP/1.1.
+    Version,
+    /// `501`: a transfer coding other than `chunked`.
+    Coding,
+}
+
+impl HeadError {
+    pub(crate) fn status(self) -> u16 {
+        match self {
+            HeadError::Malformed(_) => 400,
+            HeadError::TooLarge => 431,
+            HeadError::Version => 505,
+            HeadError::Coding => 501,
+        }
+    }
+
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            HeadError::Malformed(why) => why,
+            HeadError::TooLarge => "request head too large (limit: 8 KiB and 64 header lines)",
+            HeadError::Version => "only HTTP/1.0 and HTTP/1.1 are supported",
+            HeadError::Coding => "only the chunked transfer coding is supported",
+        }
+    }
+}
+
+/// Result of feeding the bytes received so far.
+#[derive(Debug)]
+pub(crate) enum Parse {
+    /// More bytes are needed.
+    Partial,
+    /// A complete head of `len` bytes; what follows belongs to the body or
+    /// to the next request.
+    Complete(Head, usize),
+    Error(HeadError),
+}
+
+/// Parses `buf` as the start of a request.
+pub(crate) fn parse(buf: &[u8]) -> Parse {
+    // Clients may send empty lines before a request (RFC 9112 section 2.2);
+    // httparse skips them for us.
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() >= MAX_HEAD {
+                Parse::Error(HeadError::TooLarge)
+            } else {
+                Parse::Partial
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Parse::Error(HeadError::TooLarge),
+        Err(httparse::Error::Version) => return Parse::Error(HeadError::Version),
+        Err(_) => return Parse::Error(HeadError::Malformed("malformed request head")),
+    };
+    if len > MAX_HEAD {
+        return Parse::Error(HeadError::TooLarge);
+    }
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Parse::Error(HeadError::Malformed("malformed request line"));
+    };
+    if !target.starts_with('/') {
+        return Parse::Error(HeadError::Malformed(
+            "request target must be a path starting with /",
+        ));
+    }
+    let mut out = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let Ok(value) = std::str::from_utf8(h.value) else {
+            return Parse::Error(HeadError::Malformed("header value is not UTF-8"));
+        };
+        out.push((h.name.to_owned(), value.trim().to_owned()));
+    }
+    match framing(&out, minor) {
+        Ok(body) => Parse::Complete(
+            Head {
+                method: method.to_owned(),
+                target: target.to_owned(),
+                minor,
+                headers: out,
+                body,
+            },
+            len,
+        ),
+        Err(e) => Parse::Error(e),
+    }
+}
+
+/// Works out the body framing, refusing ambiguous framing (the root of
+/// request smuggling) rather than guessing.
+fn framing(headers: &[(String, String)], minor: u8) -> Result<BodyKind, HeadError> {
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case("content-length") {
+            for part in value.split(',') {
+                let part = part.trim();
+                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(HeadError::Malformed("invalid Content-Length"));
+                }
+                let n: u64 = part
+                    .parse()
+                    .map_err(|_| HeadError::Malformed("invalid Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(HeadError::Malformed("conflicting Content-Length headers"));
+                }
+                length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if minor == 0 {
+                return Err(HeadError::Malformed(
+                    "Transfer-Encoding is not allowed in HTTP/1.0",
+                ));
+            }
+            for coding in value.split(',') {
+                let coding = coding.trim();
+                if coding.eq_ignore_ascii_case("chunked") {
+                    if chunked {
+                        return Err(HeadError::Malformed("chunked applied twice"));
+                    }
+                    chunked = true;
+                } else if chunked || !coding.is_empty() {
+                    // `chunked` must be the last coding; anything else we
+                    // cannot decode.
+                    return Err(HeadError::Coding);
+                }
+            }
+        }
+    }
+    match (length, chunked) {
+        (Some(_), true) => Err(HeadError::Malformed(
+            "both Content-Length and Transfer-Encoding",
+        )),
+        (Some(0) | None, false) => Ok(BodyKind::None),
+        (Some(n), false) => Ok(BodyKind::Length(n)),
+        (None, true) => Ok(BodyKind::Chunked),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete(raw: &str) -> (Head, usize) {
+        match parse(raw.as_bytes()) {
+            Parse::Complete(h, n) => (h, n),
+            other => panic!("{raw:?}: {other:?}"),
+        }
+    }
+
+    fn error(raw: &[u8]) -> HeadError {
+        match parse(raw) {
+            Parse::Error(e) => e,
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(raw)),
+        }
+    }
+
+    #[test]
+    fn parses_heads() {
+        let (h, n) = complete("GET /events/a?x=1 HTTP/1.1\r\nHost: a\r\nAccept:  text/event-stream \r\n\r\nrest");
+        assert_eq!(h.method, "GET");
+        assert_eq!(h.target, "/events/a?x=1");
+        assert_eq!(h.minor, 1);
+        assert_eq!(h.headers[1], ("Accept".into(), "text/event-stream".into()));
+        assert_eq!(h.body, BodyKind::None);
+        assert_eq!(n, "GET /events/a?x=1 HTTP/1.1\r\nHost: a\r\nAccept:  text/event-stream \r\n\r\n".len());
+
+        let (h, _) = complete("POST /p HTTP/1.0\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!((h.minor, h.body), (0, BodyKind::Length(5)));
+        let (h, _) = complete("POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(h.body, BodyKind::Chunked);
+        let (h, _) = complete("POST /p HTTP/1.1\r\nContent-Length: 7, 7\r\n\r\n");
+        assert_eq!(h.body, BodyKind::Length(7));
+        let (h, _) = complete("\r\nGET / HTTP/1.1\r\n\r\n");
+        assert_eq!(h.target, "/");
+    }
+
+    #[test]
+    fn partial_until_blank_line() {
+        for raw in ["", "GET", "GET / HTTP/1.1\r\n", "GET / HTTP/1.1\r\nHost: a\r\n"] {
+            assert!(matches!(parse(raw.as_bytes()), Parse::Partial), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_heads() {
+        let table: &[(&[u8], u16)] = &[
+            (b"GET / HTTP/2.0\r\n\r\n", 505),
+            (b"GET / FTP/1.1\r\n\r\n", 505),
+            (b"G\x01T / HTTP/1.1\r\n\r\n", 400),
+            (b"GET http://x/ HTTP/1.1\r\n\r\n", 400),
+            (b"GET * HTTP/1.1\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 501),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nX: \xff\r\n\r\n", 400),
+        ];
+        for (raw, status) in table {
+            assert_eq!(error(raw).status(), *status, "{:?}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[test]
+    fn enforces_limits() {
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_HEAD, b'a');
+        assert_eq!(error(&big), HeadError::TooLarge);
+
+        let mut many = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..=MAX_HEADERS {
+            many.push_str(&format!("X{i}: y\r\n"));
+        }
+        many.push_str("\r\n");
+        assert_eq!(error(many.as_bytes()), HeadError::TooLarge);
+    }
+}

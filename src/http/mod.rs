@@ -1,0 +1,19 @@
+//! The HTTP/1.1 layer: just enough HTTP for an event stream server.
+//!
+//! - [`head`] parses a request head with hard limits (8 KiB, 64 headers) and
+//!   validates what the rest of the server relies on (version, framing);
+//! - [`request`] is the public [`Request`] a handler sees, built from a head;
+//! - [`response`] is the public [`Response`] of ordinary routes and the
+//!   status lines and headers the server writes itself;
+//! - [`body`] reads a request body under a deadline and a size bound.
+//!
+//! The acceptor (`crate::acceptor`) feeds bytes to [`head::parse`] without a
+//! thread; a connection thread only ever sees complete heads.
+
+pub(crate) mod body;
+pub(crate) mod head;
+pub(crate) mod request;
+pub(crate) mod response;
+
+pub use request::Request;
+pub use response::Response;

@@ -1,0 +1,229 @@
+//! The [`Response`] of ordinary routes, and the heads the server writes.
+
+use std::io::Write as _;
+
+use serde::Serialize;
+
+/// Headers every event stream is sent with.
+pub(crate) const STREAM_HEADERS: &str = "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n";
+
+/// A complete answer to an ordinary (non-streaming) request.
+///
+/// # Examples
+///
+/// ```
+/// use ssed::Response;
+/// let r = Response::text(404, "no such topic").with_header("X-Why", "demo");
+/// assert_eq!(r.status(), 404);
+/// assert_eq!(r.body(), b"no such topic\n");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    /// An empty response with this status.
+    pub fn new(status: u16) -> Self {
+        Response {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// A plain-text response (`text/plain; charset=utf-8`); a final newline
+    /// is added when missing, so `curl` output stays readable.
+    pub fn text(status: u16, body: impl Into<String>) -> Self {
+        let mut body = body.into();
+        if !body.ends_with('\n') {
+            body.push('\n');
+        }
+        Response::new(status)
+            .with_header("Content-Type", "text/plain; charset=utf-8")
+            .with_body(body)
+    }
+
+    /// A JSON response. A value that fails to serialize gives a plain-text
+    /// `500` instead.
+    pub fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(body) => Response::new(status)
+                .with_header("Content-Type", "application/json")
+                .with_body(body),
+            Err(e) => {
+                log::error!("response does not serialize to JSON: {e}");
+                Response::text(500, "response does not serialize")
+            }
+        }
+    }
+
+    /// A `200` HTML page (`text/html; charset=utf-8`).
+    pub fn html(body: impl Into<String>) -> Self {
+        Response::new(200)
+            .with_header("Content-Type", "text/html; charset=utf-8")
+            .with_body(body.into())
+    }
+
+    /// `204 No Content`: for an `EventSource`, "stop reconnecting".
+    pub fn no_content() -> Self {
+        Response::new(204)
+    }
+
+    /// Adds a header. Line breaks in the name or value are replaced by
+    /// spaces, so a header can never split the response.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((clean(name), clean(value)));
+        self
+    }
+
+    /// Replaces the body.
+    pub fn with_body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The first header with this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Serializes the response. `head_only` leaves the body out (for `HEAD`);
+    /// `close` announces that the connection closes after it.
+    pub(crate) fn encode(&self, minor: u8, head_only: bool, close: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + self.body.len());
+        status_line(&mut out, minor, self.status);
+        for (k, v) in &self.headers {
+            if k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("connection") {
+                continue; // ours, computed below
+            }
+            let _ = write!(out, "{k}: {v}\r\n");
+        }
+        // 1xx, 204 and 304 have no body and no Content-Length (RFC 9110 8.6).
+        let bodyless = self.status < 200 || self.status == 204 || self.status == 304;
+        if !bodyless {
+            let _ = write!(out, "Content-Length: {}\r\n", self.body.len());
+        }
+        if close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if minor == 0 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head_only && !bodyless {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}
+
+/// Writes `HTTP/1.x NNN Reason\r\n`.
+pub(crate) fn status_line(out: &mut Vec<u8>, minor: u8, status: u16) {
+    let _ = write!(out, "HTTP/1.{minor} {status} {}\r\n", reason(status));
+}
+
+/// The head of an event stream: chunked on HTTP/1.1, close-delimited on 1.0.
+pub(crate) fn stream_head(minor: u8, extra: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    status_line(&mut out, minor, 200);
+    out.extend_from_slice(STREAM_HEADERS.as_bytes());
+    for (k, v) in extra {
+        let _ = write!(out, "{k}: {v}\r\n");
+    }
+    if minor == 0 {
+        out.extend_from_slice(b"Connection: close\r\n\r\n");
+    } else {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+    }
+    out
+}
+
+/// The reason phrase of the status codes ssed uses.
+pub(crate) fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        410 => "Gone",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+fn clean(s: &str) -> String {
+    s.replace(['\r', '\n'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(bytes: Vec<u8>) -> String {
+        String::from_utf8(bytes).expect("ascii")
+    }
+
+    #[test]
+    fn encodes_responses() {
+        let r = Response::text(404, "nope").with_header("X-A", "b\r\nInjected: 1");
+        assert_eq!(
+            text(r.encode(1, false, false)),
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nX-A: b  Injected: 1\r\nContent-Length: 5\r\n\r\nnope\n"
+        );
+        assert_eq!(
+            text(Response::no_content().encode(1, false, true)),
+            "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(
+            text(Response::html("<p>").encode(0, true, false)),
+            "HTTP/1.0 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn stream_heads() {
+        let h = text(stream_head(1, &[("Set-Cookie".into(), "a=b".into())]));
+        assert!(h.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"));
+        assert!(h.ends_with("Set-Cookie: a=b\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        let h = text(stream_head(0, &[]));
+        assert!(h.ends_with("X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"));
+    }
+}

@@ -1,0 +1,664 @@
+//! [`Server`] and [`ServerBuilder`]: configuration, binding, the run loop
+//! and shutdown. The accept loop itself lives in `acceptor.rs`; a
+//! connection's thread in `conn.rs`.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use rustix::event::{EventfdFlags, epoll, eventfd};
+use rustix::net::{AddressFamily, SocketType, ipproto, sockopt};
+
+use crate::acceptor::{self, Acceptor, Returned};
+use crate::error::{Error, StreamError};
+use crate::http::{Request, Response};
+use crate::limits::{self, Capacity};
+use crate::route::{Handler, Router};
+use crate::shutdown::ShutdownHandle;
+use crate::stats::Stats;
+use crate::stream::{Stream, StreamConfig};
+
+/// Smallest stack a connection thread gets: below it a handler panic can
+/// overflow the stack while unwinding (measured: 16 KiB aborts with
+/// `RUST_BACKTRACE=1`, 32 KiB unwinds cleanly).
+pub const MIN_STACK_SIZE: usize = 32 * 1024;
+/// Queue of connections the kernel completes before `accept`.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// What a stream past the cap gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Overload {
+    /// `503 Service Unavailable` with `Retry-After`.
+    Reject,
+    /// For `EventSource` clients (`Accept: text/event-stream`): `200` with a
+    /// `retry:` drawn at random from `min..=max`, then an immediate close,
+    /// so reconnects spread out instead of giving up for good as a browser
+    /// does after a `503`. Other clients get the `503`.
+    Retry {
+        /// Shortest reconnection time handed out.
+        min: Duration,
+        /// Longest reconnection time handed out.
+        max: Duration,
+    },
+}
+
+/// The settings the server runs with (resolved from the builder).
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub max_connections: usize,
+    pub max_requests: usize,
+    pub max_pending: usize,
+    pub request_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_body: usize,
+    pub stack_size: usize,
+    pub send_buffer: usize,
+    pub grace: Duration,
+    pub overload: Overload,
+    pub retry_after: Duration,
+    pub stream: StreamConfig,
+}
+
+/// State shared by the acceptor and every connection thread.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub router: Router,
+    pub stats: Stats,
+    pub shutdown: ShutdownHandle,
+    pub registry: Registry,
+    pub returned: Sender<Returned>,
+}
+
+/// Open stream sockets, so shutdown can unblock a thread stuck in `write`.
+/// Holds a reference to the same socket (no second descriptor).
+#[derive(Default)]
+pub(crate) struct Registry {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, Arc<TcpStream>>>,
+}
+
+impl Registry {
+    pub(crate) fn insert(&self, conn: Arc<TcpStream>) -> u64 {
+        let id = self.next.fetch_add(1, Relaxed);
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.insert(id, conn);
+        }
+        id
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        let removed = self.conns.lock().ok().and_then(|mut c| c.remove(&id));
+        drop(removed); // outside the lock: may close the socket
+    }
+
+    /// Shuts every registered socket down, failing any blocked write.
+    fn shutdown_all(&self) -> usize {
+        let conns: Vec<Arc<TcpStream>> = match self.conns.lock() {
+            Ok(c) => c.values().cloned().collect(),
+            Err(_) => return 0,
+        };
+        for c in &conns {
+            let _ = c.shutdown(std::net::Shutdown::Both); // may be closed already
+        }
+        conns.len()
+    }
+}
+
+/// Builds a [`Server`]; every setter takes and returns the builder.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// let server = ssed::Server::builder()
+///     .listen("127.0.0.1:0")
+///     .max_connections(100)
+///     .route("/ticks", |_req, stream| {
+///         stream.send("tick", &1)?;
+///         stream.sleep(Duration::from_secs(1))
+///     })
+///     .build()?;
+/// let running = server.spawn()?;
+/// running.stop();
+/// # Ok::<(), ssed::Error>(())
+/// ```
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct ServerBuilder {
+    listen: String,
+    max_connections: Option<usize>,
+    max_requests: usize,
+    max_pending: usize,
+    max_execution_time: Duration,
+    request_timeout: Duration,
+    keep_alive_timeout: Duration,
+    write_timeout: Duration,
+    max_body: usize,
+    stack_size: usize,
+    send_buffer: usize,
+    heartbeat: Duration,
+    heartbeat_event: bool,
+    grace: Duration,
+    overload: Overload,
+    retry_after: Duration,
+    raise_fd_limit: bool,
+    stats: Stats,
+    shutdown: ShutdownHandle,
+    router: Router,
+    route_error: Option<Error>,
+}
+
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("listen", &self.listen)
+            .field("max_connections", &self.max_connections)
+            .field("routes", &self.router)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ServerBuilder {
+    fn default() -> Self {
+        ServerBuilder {
+            listen: "127.0.0.1:8080".into(),
+            max_connections: None,
+            max_requests: 64,
+            max_pending: 4096,
+            max_execution_time: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            max_body: 64 * 1024,
+            stack_size: 64 * 1024,
+            send_buffer: 64 * 1024,
+            heartbeat: Duration::ZERO,
+            heartbeat_event: false,
+            grace: Duration::from_secs(5),
+            overload: Overload::Reject,
+            retry_after: Duration::from_secs(5),
+            raise_fd_limit: true,
+            stats: Stats::new(),
+            shutdown: ShutdownHandle::new(),
+            router: Router::default(),
+            route_error: None,
+        }
+    }
+}
+
+impl ServerBuilder {
+    /// The address to listen on, `host:port`; port `0` picks a free one
+    /// (see [`Server::local_addr`]). Default `127.0.0.1:8080`.
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.listen = addr.into();
+        self
+    }
+
+    /// The most streams open at once; past it a new stream gets `503` (or
+    /// the [`Overload`] answer) before any thread is spent on it. Default:
+    /// derived from this machine's limits ([`Capacity::detect`]).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = Some(n.max(1));
+        self
+    }
+
+    /// The most ordinary (non-stream) requests handled at once; past it,
+    /// `503`. Default 64.
+    pub fn max_requests(mut self, n: usize) -> Self {
+        self.max_requests = n.max(1);
+        self
+    }
+
+    /// The most connections waiting for their request head (they hold no
+    /// thread, only a descriptor); when full, the oldest is cut. Default 4096.
+    pub fn max_pending(mut self, n: usize) -> Self {
+        self.max_pending = n.max(1);
+        self
+    }
+
+    /// A stream's execution-time budget, restarted by every successful
+    /// send; when it runs out the stream's blocking calls fail with
+    /// [`EndReason::Budget`](crate::EndReason::Budget) and it closes.
+    /// `Duration::ZERO` means unlimited. Default 30 s.
+    pub fn max_execution_time(mut self, d: Duration) -> Self {
+        self.max_execution_time = d;
+        self
+    }
+
+    /// Time allowed to receive a request head and body, counted from the
+    /// connection's first moment (a deadline, not a per-read timeout).
+    /// Default 10 s.
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a keep-alive connection may stay idle between requests.
+    /// Default 5 s.
+    pub fn keep_alive_timeout(mut self, d: Duration) -> Self {
+        self.keep_alive_timeout = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Time one write may block before the client is dropped as not
+    /// reading ([`EndReason::WriteTimeout`](crate::EndReason::WriteTimeout)).
+    /// Default 10 s.
+    pub fn write_timeout(mut self, d: Duration) -> Self {
+        self.write_timeout = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Largest request body accepted; past it, `413`. Default 64 KiB.
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Stack size of each connection thread; raised to
+    /// [`MIN_STACK_SIZE`] if smaller. Default 64 KiB.
+    pub fn stack_size(mut self, bytes: usize) -> Self {
+        self.stack_size = bytes;
+        self
+    }
+
+    /// `SO_SNDBUF` of stream sockets, bounding what a stalled reader pins in
+    /// the kernel; `0` keeps the kernel's default. Default 64 KiB.
+    pub fn send_buffer(mut self, bytes: usize) -> Self {
+        self.send_buffer = bytes;
+        self
+    }
+
+    /// Interval of keep-alive frames on an otherwise silent stream, sent
+    /// while a handler waits in [`Stream::sleep`], [`Stream::recv`] and the
+    /// helpers built on them. A heartbeat is a send: it restarts the
+    /// budget. `Duration::ZERO` turns them off. Default off.
+    pub fn heartbeat(mut self, d: Duration) -> Self {
+        self.heartbeat = d;
+        self
+    }
+
+    /// Send heartbeats as `event: ping` with `{"time": "<ISO-8601>"}`
+    /// instead of a comment. Default false.
+    pub fn heartbeat_event(mut self, on: bool) -> Self {
+        self.heartbeat_event = on;
+        self
+    }
+
+    /// How long [`Server::run`] waits for streams to close after shutdown
+    /// before cutting their sockets. Default 5 s.
+    pub fn grace_period(mut self, d: Duration) -> Self {
+        self.grace = d;
+        self
+    }
+
+    /// What a stream past the cap gets. Default [`Overload::Reject`].
+    pub fn overload(mut self, overload: Overload) -> Self {
+        self.overload = overload;
+        self
+    }
+
+    /// The `Retry-After` of a `503` at the cap (whole seconds, at least 1).
+    /// Default 5 s.
+    pub fn retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = d;
+        self
+    }
+
+    /// Whether [`build`](ServerBuilder::build) raises the soft descriptor
+    /// limit to the hard one (see [`raise_fd_limit`](crate::raise_fd_limit)).
+    /// Default true.
+    pub fn raise_fd_limit(mut self, on: bool) -> Self {
+        self.raise_fd_limit = on;
+        self
+    }
+
+    /// Counters to update (clone the handle first to read it elsewhere).
+    /// Default: fresh counters, see [`Server::stats`].
+    pub fn stats(mut self, stats: Stats) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// A shutdown handle to obey (one created elsewhere, for instance by a
+    /// signal handler). Default: a fresh one, see [`Server::shutdown_handle`].
+    pub fn shutdown_handle(mut self, handle: ShutdownHandle) -> Self {
+        self.shutdown = handle;
+        self
+    }
+
+    /// Adds a stream route for `GET pattern`. The handler runs on the
+    /// connection's own thread for as long as the stream lives.
+    ///
+    /// A pattern is an exact path whose segments may be `{name}`
+    /// parameters (`/events/{topic}`), read with [`Request::param`].
+    pub fn route<F>(self, pattern: &str, handler: F) -> Self
+    where
+        F: Fn(&Request, &mut Stream) -> Result<(), StreamError> + Send + Sync + 'static,
+    {
+        self.add("GET", pattern, Handler::Stream(Arc::new(handler)))
+    }
+
+    /// Adds an ordinary `GET` route (also answers `HEAD`).
+    pub fn get<F>(self, pattern: &str, handler: F) -> Self
+    where
+        F: Fn(&Request) -> Response + Send + Sync + 'static,
+    {
+        self.handle("GET", pattern, handler)
+    }
+
+    /// Adds an ordinary `POST` route; the body is read (up to
+    /// [`max_body`](ServerBuilder::max_body)) before the handler runs.
+    pub fn post<F>(self, pattern: &str, handler: F) -> Self
+    where
+        F: Fn(&Request) -> Response + Send + Sync + 'static,
+    {
+        self.handle("POST", pattern, handler)
+    }
+
+    /// Adds an ordinary route for any method.
+    pub fn handle<F>(self, method: &str, pattern: &str, handler: F) -> Self
+    where
+        F: Fn(&Request) -> Response + Send + Sync + 'static,
+    {
+        self.add(method, pattern, Handler::Plain(Arc::new(handler)))
+    }
+
+    fn add(mut self, method: &str, pattern: &str, handler: Handler) -> Self {
+        if let Err(e) = self.router.add(method, pattern, handler) {
+            self.route_error.get_or_insert(e);
+        }
+        self
+    }
+
+    /// Binds the listening socket and prepares the server.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Route`] for an invalid route pattern, [`Error::Address`]
+    /// for an address that does not resolve, [`Error::Bind`] when the
+    /// address cannot be bound, [`Error::Io`] when the poller cannot be set
+    /// up.
+    pub fn build(self) -> Result<Server, Error> {
+        if let Some(e) = self.route_error {
+            return Err(e);
+        }
+        if self.raise_fd_limit {
+            match limits::raise_fd_limit() {
+                Ok(n) => log::debug!("descriptor limit: {n}"),
+                Err(e) => log::warn!("cannot raise the descriptor limit: {e}"),
+            }
+        }
+        let mut capacity = Capacity::detect(self.max_pending);
+        if let Some(n) = self.max_connections {
+            capacity.max_streams = n;
+            capacity.limited_by = "configured";
+        }
+        let addr = resolve(&self.listen)?;
+        let listener = bind(addr)?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(std::io::Error::from)?;
+        let waker = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(std::io::Error::from)?;
+        acceptor::register_waker(&epoll, &waker)?;
+        if !self.shutdown.set_wake(waker) {
+            return Err(Error::Io(std::io::Error::other(
+                "this shutdown handle already belongs to another server",
+            )));
+        }
+        let stack_size = if self.stack_size < MIN_STACK_SIZE {
+            log::warn!(
+                "stack size {} is below the {MIN_STACK_SIZE}-byte floor; using the floor",
+                self.stack_size
+            );
+            MIN_STACK_SIZE
+        } else {
+            self.stack_size
+        };
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        let config = Config {
+            max_connections: capacity.max_streams,
+            max_requests: self.max_requests,
+            max_pending: self.max_pending,
+            request_timeout: self.request_timeout,
+            keep_alive_timeout: self.keep_alive_timeout,
+            write_timeout: self.write_timeout,
+            max_body: self.max_body,
+            stack_size,
+            send_buffer: self.send_buffer,
+            grace: self.grace,
+            overload: self.overload,
+            retry_after: self.retry_after,
+            stream: StreamConfig {
+                budget: nonzero(self.max_execution_time),
+                write_timeout: self.write_timeout,
+                heartbeat: nonzero(self.heartbeat),
+                heartbeat_event: self.heartbeat_event,
+            },
+        };
+        self.stats
+            .counters()
+            .streams_max
+            .store(capacity.max_streams as u64, Relaxed);
+        let (returned_tx, returned_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            config,
+            router: self.router,
+            stats: self.stats,
+            shutdown: self.shutdown,
+            registry: Registry::default(),
+            returned: returned_tx,
+        });
+        Ok(Server {
+            acceptor: Acceptor::new(Arc::clone(&shared), listener, epoll, returned_rx),
+            shared,
+            local_addr,
+            capacity,
+        })
+    }
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    shared: Arc<Shared>,
+    acceptor: Acceptor,
+    local_addr: SocketAddr,
+    capacity: Capacity,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A builder with every default.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// The address actually bound (useful with port `0`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that stops this server from any thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shared.shutdown.clone()
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats.clone()
+    }
+
+    /// The stream cap in force and the resource that sets it.
+    pub fn capacity(&self) -> &Capacity {
+        &self.capacity
+    }
+
+    /// Runs the accept loop on this thread until shutdown, then waits for
+    /// the streams to close (each gets a last frame), cutting any still
+    /// open after the grace period.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the poller cannot watch the listening socket.
+    pub fn run(self) -> Result<(), Error> {
+        let Server {
+            shared,
+            acceptor,
+            local_addr,
+            capacity,
+        } = self;
+        log::info!(
+            "listening on {local_addr} (cap {} streams, set by {}; descriptor limit {})",
+            capacity.max_streams,
+            capacity.limited_by,
+            capacity.fd_limit
+        );
+        let result = acceptor.run();
+        drain(&shared);
+        result.map_err(Error::Io)
+    }
+
+    /// Runs the server on a background thread and returns a handle to stop
+    /// it and wait for it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the thread cannot be started.
+    pub fn spawn(self) -> Result<RunningServer, Error> {
+        let addr = self.local_addr;
+        let shutdown = self.shutdown_handle();
+        let stats = self.stats();
+        let thread = std::thread::Builder::new()
+            .name("ssed-accept".into())
+            .spawn(move || self.run())?;
+        Ok(RunningServer {
+            addr,
+            shutdown,
+            stats,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Waits for every connection thread to finish, up to the grace period,
+/// then cuts the sockets of those still open.
+fn drain(shared: &Shared) {
+    let counters = shared.stats.counters();
+    let busy = || counters.streams_open.load(Relaxed) + counters.requests_active.load(Relaxed);
+    let start = Instant::now();
+    let open = busy();
+    if open > 0 {
+        log::info!("shutting down: waiting for {open} connections to close");
+    }
+    while busy() > 0 && start.elapsed() < shared.config.grace {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if busy() > 0 {
+        let cut = shared.registry.shutdown_all();
+        log::warn!("grace period over: cut {cut} stream sockets");
+        let cut_at = Instant::now();
+        while busy() > 0 && cut_at.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let left = busy();
+        if left > 0 {
+            log::warn!("{left} handlers still running after shutdown (busy without a blocking call)");
+        }
+    }
+    log::info!("stopped");
+}
+
+/// A server running on a background thread (see [`Server::spawn`]).
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    shutdown: ShutdownHandle,
+    stats: Stats,
+    thread: Option<JoinHandle<Result<(), Error>>>,
+}
+
+impl RunningServer {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A handle that stops the server.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> Stats {
+        self.stats.clone()
+    }
+
+    /// Shuts the server down and waits for [`Server::run`] to return.
+    pub fn stop(mut self) -> Result<(), Error> {
+        self.shutdown.shutdown();
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), Error> {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(Error::Io(std::io::Error::other("server thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.shutdown.shutdown();
+        let _ = self.join(); // nothing to report from a drop
+    }
+}
+
+fn resolve(listen: &str) -> Result<SocketAddr, Error> {
+    let bad = |source| Error::Address {
+        addr: listen.to_owned(),
+        source,
+    };
+    listen
+        .to_socket_addrs()
+        .map_err(bad)?
+        .next()
+        .ok_or_else(|| bad(std::io::Error::other("resolves to no address")))
+}
+
+/// Binds with a deep backlog: a reconnect storm of thousands of clients
+/// must queue in the kernel rather than be refused.
+fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    let err = |e: rustix::io::Errno| Error::Bind {
+        addr,
+        source: e.into(),
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let socket = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+        Some(ipproto::TCP),
+    )
+    .map_err(err)?;
+    sockopt::set_socket_reuseaddr(&socket, true).map_err(err)?;
+    rustix::net::bind(&socket, &addr).map_err(err)?;
+    rustix::net::listen(&socket, LISTEN_BACKLOG).map_err(err)?;
+    Ok(TcpListener::from(socket))
+}

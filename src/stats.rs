@@ -1,0 +1,122 @@
+//! Counters the server keeps, readable while it runs (the daemon's
+//! `/metrics` and `/healthz` are built from them).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::error::EndReason;
+
+/// A cheap, clonable handle on a server's counters.
+///
+/// Create one, give it to [`ServerBuilder::stats`](crate::ServerBuilder::stats),
+/// and read it from anywhere (a metrics route, a monitoring thread) with
+/// [`snapshot`](Stats::snapshot).
+///
+/// # Examples
+///
+/// ```
+/// let stats = ssed::Stats::new();
+/// assert_eq!(stats.snapshot().streams_open, 0);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Stats(Arc<Counters>);
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) streams_open: AtomicU64,
+    pub(crate) streams_max: AtomicU64,
+    pub(crate) streams_total: AtomicU64,
+    pub(crate) requests_active: AtomicU64,
+    pub(crate) requests_total: AtomicU64,
+    pub(crate) rejected_total: AtomicU64,
+    pub(crate) pending: AtomicU64,
+    pub(crate) frames_sent: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) disconnects: [AtomicU64; 5],
+    pub(crate) handler_panics: AtomicU64,
+    pub(crate) accept_errors: AtomicU64,
+    pub(crate) head_timeouts: AtomicU64,
+    pub(crate) bad_requests: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Streams open now (each holds one thread).
+    pub streams_open: u64,
+    /// The stream cap in force.
+    pub streams_max: u64,
+    /// Streams opened since start.
+    pub streams_total: u64,
+    /// Ordinary requests being handled now.
+    pub requests_active: u64,
+    /// Ordinary requests handled since start.
+    pub requests_total: u64,
+    /// Streams and requests refused at a cap (`503` or overload retry).
+    pub rejected_total: u64,
+    /// Connections waiting for their request head (they hold no thread).
+    pub pending: u64,
+    /// Event-stream frames written.
+    pub frames_sent: u64,
+    /// Bytes written on event streams (framing included).
+    pub bytes_sent: u64,
+    /// Streams ended early, per [`EndReason`], indexed by [`EndReason::index`].
+    pub disconnects: [u64; 5],
+    /// Handler panics caught.
+    pub handler_panics: u64,
+    /// Failed `accept` calls (descriptor exhaustion and the like).
+    pub accept_errors: u64,
+    /// Connections cut because their head did not arrive in time.
+    pub head_timeouts: u64,
+    /// Requests refused as malformed or over a limit (`400`, `413`, `431`, …).
+    pub bad_requests: u64,
+}
+
+impl StatsSnapshot {
+    /// Disconnects counted for one reason.
+    pub fn disconnects(&self, reason: EndReason) -> u64 {
+        self.disconnects[reason.index()]
+    }
+}
+
+impl Stats {
+    /// A fresh set of counters, all zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let c = &self.0;
+        StatsSnapshot {
+            streams_open: c.streams_open.load(Relaxed),
+            streams_max: c.streams_max.load(Relaxed),
+            streams_total: c.streams_total.load(Relaxed),
+            requests_active: c.requests_active.load(Relaxed),
+            requests_total: c.requests_total.load(Relaxed),
+            rejected_total: c.rejected_total.load(Relaxed),
+            pending: c.pending.load(Relaxed),
+            frames_sent: c.frames_sent.load(Relaxed),
+            bytes_sent: c.bytes_sent.load(Relaxed),
+            disconnects: std::array::from_fn(|i| c.disconnects[i].load(Relaxed)),
+            handler_panics: c.handler_panics.load(Relaxed),
+            accept_errors: c.accept_errors.load(Relaxed),
+            head_timeouts: c.head_timeouts.load(Relaxed),
+            bad_requests: c.bad_requests.load(Relaxed),
+        }
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.0
+    }
+
+    pub(crate) fn disconnect(&self, reason: EndReason) {
+        self.0.disconnects[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn sent(&self, frames: u64, bytes: u64) {
+        self.0.frames_sent.fetch_add(frames, Relaxed);
+        self.0.bytes_sent.fetch_add(bytes, Relaxed);
+    }
+}

@@ -1,0 +1,708 @@
+//! [`Stream`]: what a stream handler writes to.
+//!
+//! A stream lives on its connection's own thread. Every send is written and
+//! flushed before it returns; a failed or timed-out write ends the stream;
+//! every blocking call (`send`, `sleep`, `recv`, `poll`, `forward`) is bounded
+//! by the execution-time budget and by shutdown.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use serde::Serialize;
+
+use crate::error::{EndReason, EventError, StreamError};
+use crate::event::{EncodedEvent, Event};
+use crate::http::Response;
+use crate::http::response::stream_head;
+use crate::shutdown::ShutdownHandle;
+use crate::stats::Stats;
+
+/// The data of the message [`Stream::done`] sends.
+pub const DONE: &str = "[DONE]";
+/// The comment sent as a heartbeat.
+pub const HEARTBEAT_COMMENT: &str = "keep-alive";
+/// The comment sent as the last frame when the server shuts down.
+pub const SHUTDOWN_COMMENT: &str = "server shutting down";
+
+/// Where a stream's bytes go.
+pub(crate) enum Sink {
+    /// Our own transport: deadlines through `SO_SNDTIMEO`, peer checks.
+    Tcp(Arc<TcpStream>),
+    /// Any writer (the tiny_http adapter): no write deadline, no peer check.
+    #[cfg_attr(not(feature = "tiny-http"), allow(dead_code))]
+    Writer(Box<dyn Write + Send>),
+}
+
+/// Per-stream settings, copied from the server's.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamConfig {
+    pub budget: Option<Duration>,
+    pub write_timeout: Duration,
+    pub heartbeat: Option<Duration>,
+    pub heartbeat_event: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Nothing written yet: a non-streaming answer is still possible.
+    Pending,
+    /// The `200` head went out.
+    Open,
+    /// Finished (`done`, a non-streaming answer, or the end chunk written).
+    Finished,
+}
+
+/// An open event stream, handed to a stream handler.
+///
+/// The `200` head is written with the first frame (or by [`open`](Stream::open)),
+/// so a handler can still answer otherwise before that, e.g. with
+/// [`no_content`](Stream::no_content) to tell an `EventSource` to stop
+/// reconnecting.
+///
+/// # Errors
+///
+/// Every blocking method returns [`StreamError::Ended`] once the stream is
+/// over, with the [`EndReason`]: the client left (a write failed), a write
+/// timed out, the budget ran out, or the server is shutting down. Propagate
+/// it with `?`; the server counts and logs it.
+pub struct Stream {
+    sink: Sink,
+    chunked: bool,
+    state: State,
+    headers: Vec<(String, String)>,
+    config: StreamConfig,
+    /// When the budget runs out, if there is one.
+    deadline: Option<Instant>,
+    last_write: Instant,
+    /// The write timeout `SO_SNDTIMEO` is currently armed with.
+    armed: Option<Duration>,
+    counts: Vec<(Box<str>, u64)>,
+    last_event_id: Option<String>,
+    shutdown: ShutdownHandle,
+    stats: Stats,
+    ended: Option<EndReason>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("state", &self.state)
+            .field("chunked", &self.chunked)
+            .field("time_left", &self.time_left())
+            .field("last_event_id", &self.last_event_id)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream {
+    pub(crate) fn new(
+        sink: Sink,
+        http10: bool,
+        config: StreamConfig,
+        last_event_id: Option<String>,
+        shutdown: ShutdownHandle,
+        stats: Stats,
+    ) -> Self {
+        let now = Instant::now();
+        Stream {
+            sink,
+            chunked: !http10,
+            state: State::Pending,
+            headers: Vec::new(),
+            deadline: config.budget.map(|b| now + b),
+            config,
+            last_write: now,
+            armed: None,
+            counts: Vec::new(),
+            last_event_id,
+            shutdown,
+            stats,
+            ended: None,
+        }
+    }
+
+    // ----- sending -------------------------------------------------------
+
+    /// Sends `data`, serialized as JSON, as an event named `channel`, and
+    /// counts it for that channel.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] when the stream is over;
+    /// [`StreamError::Event`] when `channel` holds a line break or `data`
+    /// does not serialize (nothing is sent, the stream stays usable).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn handler(stream: &mut ssed::Stream) -> Result<(), ssed::StreamError> {
+    /// stream.send("demo", "Message n°1")?;              // data: "Message n°1"
+    /// stream.send("load", &serde_json::json!({"cpu": 0.3}))?;
+    /// assert_eq!(stream.sent_count("demo"), 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn send<T: Serialize + ?Sized>(&mut self, channel: &str, data: &T) -> Result<(), StreamError> {
+        if channel.is_empty() {
+            return Err(EventError::Channel.into());
+        }
+        let event = Event::new().event(channel).json_data(data)?;
+        self.send_event(&event)
+    }
+
+    /// Sends a complete [`Event`] and counts it under its name (`message`
+    /// when it has none).
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] when the stream is over;
+    /// [`StreamError::Event`] when the event is invalid (nothing is sent).
+    pub fn send_event(&mut self, event: &Event) -> Result<(), StreamError> {
+        let frame = event.encode()?;
+        self.write_frames(&[&frame])?;
+        let name = event.event_name().filter(|n| !n.is_empty()).unwrap_or("message");
+        self.count(name);
+        Ok(())
+    }
+
+    /// Sends frames encoded once elsewhere (for instance by a hub fanning
+    /// one event out to many streams), all in one write.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] when the stream is over.
+    pub fn send_encoded(&mut self, frames: &[EncodedEvent]) -> Result<(), StreamError> {
+        let slices: Vec<&[u8]> = frames.iter().map(EncodedEvent::as_bytes).collect();
+        self.write_frames(&slices)
+    }
+
+    /// Sends a comment (`: text`), which clients ignore.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] when the stream is over.
+    pub fn comment(&mut self, text: &str) -> Result<(), StreamError> {
+        let frame = Event::new().comment(text).encode()?;
+        self.write_frames(&[&frame])
+    }
+
+    /// Sends `event: ping` with data `{"time": "<ISO-8601 UTC>"}`.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] when the stream is over.
+    pub fn ping(&mut self) -> Result<(), StreamError> {
+        let frame = ping_event().encode()?;
+        self.write_frames(&[&frame])?;
+        self.count("ping");
+        Ok(())
+    }
+
+    /// Sets the client's reconnection time (`retry:`). A time under one
+    /// millisecond sends nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] when the stream is over.
+    pub fn retry(&mut self, time: Duration) -> Result<(), StreamError> {
+        if time.as_millis() == 0 {
+            return Ok(());
+        }
+        let frame = Event::new().retry(time).encode()?;
+        self.write_frames(&[&frame])
+    }
+
+    /// Sends `data: [DONE]`, ends the stream cleanly, and returns `Ok` so a
+    /// handler can `return stream.done();`. Later sends return
+    /// [`StreamError::Finished`].
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] when the stream was already over.
+    pub fn done(&mut self) -> Result<(), StreamError> {
+        self.send_event(&Event::new().data(DONE))?;
+        self.finish_body();
+        Ok(())
+    }
+
+    // ----- answering without a stream -----------------------------------
+
+    /// Answers `204 No Content` instead of streaming, which tells an
+    /// `EventSource` to stop reconnecting.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::AlreadyOpen`] once the stream's head went out.
+    pub fn no_content(&mut self) -> Result<(), StreamError> {
+        self.respond(Response::no_content())
+    }
+
+    /// Answers with an ordinary response instead of streaming (a `401`, a
+    /// `400` for a bad topic name, …). The connection closes after it.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::AlreadyOpen`] once the stream's head went out;
+    /// [`StreamError::Ended`] if the answer could not be written.
+    pub fn respond(&mut self, response: Response) -> Result<(), StreamError> {
+        match self.state {
+            State::Pending => {}
+            State::Open => return Err(StreamError::AlreadyOpen),
+            State::Finished => return Err(StreamError::Finished),
+        }
+        let bytes = response.encode(if self.chunked { 1 } else { 0 }, false, true);
+        self.state = State::Finished;
+        self.write_out(&bytes).map_err(StreamError::Ended)
+    }
+
+    /// Adds a header to the stream's `200` head (a cookie, CORS headers).
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::AlreadyOpen`] once the head went out.
+    pub fn header(&mut self, name: &str, value: &str) -> Result<(), StreamError> {
+        if self.state != State::Pending {
+            return Err(StreamError::AlreadyOpen);
+        }
+        let clean = |s: &str| s.replace(['\r', '\n'], " ");
+        self.headers.push((clean(name), clean(value)));
+        Ok(())
+    }
+
+    /// Writes the `200` head now, before any event, so the client sees the
+    /// stream open at once. Does nothing if it is already open.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] when the stream is over.
+    pub fn open(&mut self) -> Result<(), StreamError> {
+        match self.state {
+            State::Open => Ok(()),
+            State::Finished => Err(StreamError::Finished),
+            State::Pending => self.write_frames(&[]),
+        }
+    }
+
+    /// Whether the `200` head went out.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    // ----- counts --------------------------------------------------------
+
+    /// How many events were sent on `channel` (event name; `message` for
+    /// unnamed events) since the stream opened or the count was reset.
+    pub fn sent_count(&self, channel: &str) -> u64 {
+        self.counts
+            .iter()
+            .find(|(c, _)| &**c == channel)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// Whether anything was sent on `channel` (since the last reset).
+    pub fn has_sent(&self, channel: &str) -> bool {
+        self.sent_count(channel) > 0
+    }
+
+    /// Resets the count of one channel.
+    pub fn reset_count(&mut self, channel: &str) {
+        self.counts.retain(|(c, _)| &**c != channel);
+    }
+
+    /// Resets every channel's count.
+    pub fn reset_counts(&mut self) {
+        self.counts = Vec::new();
+    }
+
+    fn count(&mut self, channel: &str) {
+        match self.counts.iter_mut().find(|(c, _)| &**c == channel) {
+            Some((_, n)) => *n += 1,
+            None => self.counts.push((channel.into(), 1)),
+        }
+    }
+
+    // ----- connection and budget -----------------------------------------
+
+    /// Checks, without sending anything, whether the client is still there.
+    ///
+    /// It sees a closed connection (FIN or reset); a client that vanished
+    /// without a word is only found by the next write. On the tiny_http
+    /// adapter it only reports a stream already ended.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] with [`EndReason::Client`] when the peer closed.
+    pub fn check_connection(&mut self) -> Result<(), StreamError> {
+        self.check_alive()?;
+        let Sink::Tcp(conn) = &self.sink else {
+            return Ok(());
+        };
+        let peer_closed = conn.set_nonblocking(true).is_ok() && {
+            let mut byte = [0u8; 1];
+            let closed = match conn.peek(&mut byte) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+            };
+            closed
+        };
+        if conn.set_nonblocking(false).is_err() || peer_closed {
+            return Err(self.end(EndReason::Client));
+        }
+        Ok(())
+    }
+
+    /// Restarts the execution-time budget, as a successful send does.
+    pub fn extend_time(&mut self) {
+        self.deadline = self.config.budget.map(|b| Instant::now() + b);
+    }
+
+    /// Time left in the execution-time budget (`None`: unlimited).
+    pub fn time_left(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// The id the client last saw: its `Last-Event-ID` header, or else the
+    /// `lastEventId` query parameter.
+    pub fn last_event_id(&self) -> Option<&str> {
+        self.last_event_id.as_deref()
+    }
+
+    // ----- blocking helpers ------------------------------------------------
+
+    /// Sleeps for `time`, sending heartbeats if they are configured.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] with [`EndReason::Budget`] if the budget runs
+    /// out first, [`EndReason::Shutdown`] at shutdown (at once, not at the
+    /// end of the sleep).
+    pub fn sleep(&mut self, time: Duration) -> Result<(), StreamError> {
+        let until = Instant::now() + time;
+        loop {
+            self.check_alive()?;
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            let wake = self.next_wake(until);
+            match self.shutdown.receiver().recv_deadline(wake) {
+                Err(RecvTimeoutError::Timeout) => self.on_timer()?,
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.end(EndReason::Shutdown));
+                }
+            }
+        }
+    }
+
+    /// Waits for the next value of `rx`, sending heartbeats meanwhile.
+    /// `Ok(None)` means every sender is gone.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] at shutdown or when the budget runs out.
+    pub fn recv<T>(&mut self, rx: &Receiver<T>) -> Result<Option<T>, StreamError> {
+        loop {
+            self.check_alive()?;
+            // Never wait past the budget or the next heartbeat.
+            let wake = self.next_wake(Instant::now() + Duration::from_secs(3600));
+            crossbeam_channel::select! {
+                recv(rx) -> msg => return Ok(msg.ok()),
+                recv(self.shutdown.receiver()) -> _ => return Err(self.end(EndReason::Shutdown)),
+                default(wake.saturating_duration_since(Instant::now())) => self.on_timer()?,
+            }
+        }
+    }
+
+    /// Calls `f` every `interval` and sends each `Some` value as JSON on
+    /// `channel`; runs until the stream ends, then returns why.
+    ///
+    /// # Errors
+    ///
+    /// Always, eventually: [`StreamError::Ended`] when the client leaves,
+    /// the budget runs out (no value for longer than the budget and no
+    /// heartbeat) or the server shuts down.
+    pub fn poll<T, F>(&mut self, channel: &str, interval: Duration, mut f: F) -> Result<(), StreamError>
+    where
+        T: Serialize,
+        F: FnMut() -> Option<T>,
+    {
+        loop {
+            if let Some(value) = f() {
+                self.send(channel, &value)?;
+            }
+            self.sleep(interval)?;
+        }
+    }
+
+    /// Relays every value of `rx` as JSON on `channel` until every sender
+    /// is gone (then returns `Ok`).
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] when the stream ends first.
+    pub fn forward<T: Serialize>(&mut self, channel: &str, rx: &Receiver<T>) -> Result<(), StreamError> {
+        while let Some(value) = self.recv(rx)? {
+            self.send(channel, &value)?;
+        }
+        Ok(())
+    }
+
+    /// Relays every [`Event`] of `rx` until every sender is gone.
+    ///
+    /// # Errors
+    ///
+    /// [`StreamError::Ended`] when the stream ends first;
+    /// [`StreamError::Event`] on an invalid event.
+    pub fn forward_events(&mut self, rx: &Receiver<Event>) -> Result<(), StreamError> {
+        while let Some(event) = self.recv(rx)? {
+            self.send_event(&event)?;
+        }
+        Ok(())
+    }
+
+    // ----- internals -------------------------------------------------------
+
+    fn end(&mut self, reason: EndReason) -> StreamError {
+        let reason = *self.ended.get_or_insert(reason);
+        StreamError::Ended(reason)
+    }
+
+    fn check_alive(&mut self) -> Result<(), StreamError> {
+        if let Some(r) = self.ended {
+            return Err(StreamError::Ended(r));
+        }
+        if self.state == State::Finished {
+            return Err(StreamError::Finished);
+        }
+        if self.shutdown.is_shutdown() {
+            return Err(self.end(EndReason::Shutdown));
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(self.end(EndReason::Budget));
+        }
+        Ok(())
+    }
+
+    /// The earliest of `until`, the budget's end and the next heartbeat.
+    fn next_wake(&self, until: Instant) -> Instant {
+        let mut wake = until;
+        if let Some(d) = self.deadline {
+            wake = wake.min(d);
+        }
+        if let Some(h) = self.config.heartbeat {
+            wake = wake.min(self.last_write + h);
+        }
+        wake
+    }
+
+    fn on_timer(&mut self) -> Result<(), StreamError> {
+        self.check_alive()?;
+        if let Some(h) = self.config.heartbeat {
+            if self.last_write.elapsed() >= h {
+                let frame = if self.config.heartbeat_event {
+                    ping_event().encode()?
+                } else {
+                    Event::new().comment(HEARTBEAT_COMMENT).encode()?
+                };
+                self.write_frames(&[&frame])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `frames` (with the head first if it has not gone out), as one
+    /// chunk per frame, in a single write; resets the budget on success.
+    fn write_frames(&mut self, frames: &[&[u8]]) -> Result<(), StreamError> {
+        self.check_alive()?;
+        let payload: usize = frames.iter().map(|f| f.len() + 16).sum();
+        let mut out = Vec::with_capacity(payload + if self.state == State::Pending { 256 } else { 0 });
+        if self.state == State::Pending {
+            out.extend_from_slice(&stream_head(if self.chunked { 1 } else { 0 }, &self.headers));
+            self.headers = Vec::new();
+        }
+        for frame in frames {
+            if self.chunked {
+                chunk_into(&mut out, frame);
+            } else {
+                out.extend_from_slice(frame);
+            }
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.write_out(&out).map_err(StreamError::Ended)?;
+        self.state = State::Open;
+        self.stats.sent(frames.len() as u64, out.len() as u64);
+        self.last_write = Instant::now();
+        self.extend_time();
+        Ok(())
+    }
+
+    /// Writes every byte within the write timeout, or ends the stream.
+    fn write_out(&mut self, bytes: &[u8]) -> Result<(), EndReason> {
+        let result = match &mut self.sink {
+            Sink::Tcp(conn) => {
+                write_all_timeout(conn, bytes, self.config.write_timeout, &mut self.armed)
+            }
+            Sink::Writer(w) => w
+                .write_all(bytes)
+                .and_then(|()| w.flush())
+                .map_err(|_| EndReason::Client),
+        };
+        result.map_err(|reason| {
+            // A socket the server force-closed at shutdown fails like a
+            // vanished client; report it as what it is.
+            let reason = if self.shutdown.is_shutdown() {
+                EndReason::Shutdown
+            } else {
+                reason
+            };
+            *self.ended.get_or_insert(reason)
+        })
+    }
+
+    /// Writes the end of the body (the last chunk) and marks the stream
+    /// finished. Best effort: the connection closes next anyway.
+    fn finish_body(&mut self) {
+        if self.state == State::Open && self.chunked && self.ended.is_none() {
+            let _ = self.write_out(b"0\r\n\r\n"); // closing next anyway
+        }
+        self.state = State::Finished;
+    }
+
+    /// Called by the server once the handler has returned.
+    pub(crate) fn close(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Finished => {
+                if self.state == State::Pending && self.ended.is_none() {
+                    let _ = self.write_frames(&[]); // an empty stream still gets its 200
+                }
+                self.finish_body();
+            }
+            Outcome::Shutdown => {
+                if self.state == State::Pending {
+                    let r = Response::text(503, "server shutting down").with_header("Retry-After", "1");
+                    let _ = self.respond(r);
+                } else if self.state == State::Open {
+                    // The last frame: a comment, so clients that ignore it
+                    // simply reconnect elsewhere or later.
+                    let frame = Event::new().comment(SHUTDOWN_COMMENT).encode();
+                    if let (Ok(frame), Sink::Tcp(conn)) = (frame, &self.sink) {
+                        let mut out = Vec::new();
+                        if self.chunked {
+                            chunk_into(&mut out, &frame);
+                            out.extend_from_slice(b"0\r\n\r\n");
+                        } else {
+                            out.extend_from_slice(&frame);
+                        }
+                        // A short deadline: shutdown must not wait on a
+                        // client that stopped reading.
+                        let timeout = self.config.write_timeout.min(Duration::from_secs(1));
+                        let _ = write_all_timeout(conn, &out, timeout, &mut self.armed);
+                    }
+                }
+                self.state = State::Finished;
+            }
+            Outcome::Failed => {
+                if self.state == State::Pending && self.ended.is_none() {
+                    let _ = self.respond(Response::text(500, "stream handler failed"));
+                }
+                // An open stream that failed is cut without its last chunk,
+                // so the client sees an error rather than a clean end.
+                self.state = State::Finished;
+            }
+            Outcome::Ended => {
+                self.state = State::Finished;
+            }
+        }
+    }
+
+    pub(crate) fn ended(&self) -> Option<EndReason> {
+        self.ended
+    }
+
+    /// Drains anything the client sent after the head (keeps the receive
+    /// queue from holding memory). Not used on the hot path.
+    #[allow(dead_code)]
+    fn discard_input(&mut self) {
+        if let Sink::Tcp(conn) = &self.sink {
+            let mut buf = [0u8; 256];
+            if conn.set_nonblocking(true).is_ok() {
+                while matches!((&**conn).read(&mut buf), Ok(n) if n > 0) {}
+                let _ = conn.set_nonblocking(false);
+            }
+        }
+    }
+}
+
+/// How a handler ended, as the server classifies it for [`Stream::close`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Returned `Ok`, or `Finished`: end the body cleanly.
+    Finished,
+    /// Ended by shutdown: last frame, then close.
+    Shutdown,
+    /// Client gone, write timeout, budget, slow: just close.
+    Ended,
+    /// Handler error or panic.
+    Failed,
+}
+
+/// `event: ping` with the current time.
+pub(crate) fn ping_event() -> Event {
+    let time = crate::time::iso8601(SystemTime::now());
+    Event::new()
+        .event("ping")
+        .data(format!("{{\"time\":\"{time}\"}}"))
+}
+
+fn chunk_into(out: &mut Vec<u8>, frame: &[u8]) {
+    let _ = write!(out, "{:X}\r\n", frame.len()); // Vec writes cannot fail
+    out.extend_from_slice(frame);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes all of `bytes` to `conn` within `timeout`.
+///
+/// `SO_SNDTIMEO` bounds each `write()` call, not the whole operation, so it
+/// is re-armed with the time left before every call after a partial write;
+/// `armed` remembers the value in force to skip the syscall when unchanged.
+pub(crate) fn write_all_timeout(
+    conn: &TcpStream,
+    mut bytes: &[u8],
+    timeout: Duration,
+    armed: &mut Option<Duration>,
+) -> Result<(), EndReason> {
+    let deadline = Instant::now() + timeout;
+    let mut first = true;
+    while !bytes.is_empty() {
+        let left = if first {
+            timeout
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        first = false;
+        if left.is_zero() {
+            return Err(EndReason::WriteTimeout);
+        }
+        if *armed != Some(left) {
+            conn.set_write_timeout(Some(left)).map_err(|_| EndReason::Client)?;
+            *armed = Some(left);
+        }
+        match (&*conn).write(bytes) {
+            Ok(0) => return Err(EndReason::Client),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(EndReason::WriteTimeout);
+            }
+            Err(_) => return Err(EndReason::Client),
+        }
+    }
+    Ok(())
+}
