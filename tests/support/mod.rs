@@ -1,0 +1,317 @@
+//! Helpers shared by the integration tests: a server on `127.0.0.1:0` and a
+//! raw HTTP/1.1 client over `TcpStream` with a timeout on every read.
+//!
+//! Every test binary includes this module with `mod support;`; not every
+//! binary uses every helper.
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// How long any single read may block before the test fails.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Starts `builder` on 127.0.0.1:0 in the background.
+pub fn start(builder: ssed::ServerBuilder) -> ssed::RunningServer {
+    builder
+        .listen("127.0.0.1:0")
+        .build()
+        .expect("server builds")
+        .spawn()
+        .expect("server starts")
+}
+
+/// Connects with read and write timeouts set.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(READ_TIMEOUT)).expect("read timeout");
+    s.set_write_timeout(Some(READ_TIMEOUT)).expect("write timeout");
+    s
+}
+
+/// A parsed response head.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub version: String,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn is_chunked(&self) -> bool {
+        self.header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    }
+}
+
+/// A client connection that reads a response head, then either a sized
+/// body or an event stream (chunked or close-delimited).
+pub struct Client {
+    pub conn: TcpStream,
+    buf: Vec<u8>,
+    /// Decoded stream body not yet consumed as frames.
+    body: Vec<u8>,
+    chunked: Option<bool>,
+    /// True once the terminating chunk (or EOF) was seen.
+    pub ended: bool,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        Client::from_conn(connect(addr))
+    }
+
+    pub fn from_conn(conn: TcpStream) -> Self {
+        Client {
+            conn,
+            buf: Vec::new(),
+            body: Vec::new(),
+            chunked: None,
+            ended: false,
+        }
+    }
+
+    /// Sends raw bytes.
+    pub fn send(&mut self, raw: &[u8]) -> &mut Self {
+        self.conn.write_all(raw).expect("send request");
+        self
+    }
+
+    /// Sends `GET path` for an event stream, with extra header lines.
+    pub fn get_stream(&mut self, path: &str, extra: &[&str]) -> Head {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n");
+        for h in extra {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        self.send(req.as_bytes());
+        self.head()
+    }
+
+    /// Reads more bytes into the buffer; Ok(0) at EOF.
+    fn fill(&mut self) -> io::Result<usize> {
+        let mut chunk = [0u8; 8192];
+        let n = self.conn.read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// Reads a response head.
+    pub fn head(&mut self) -> Head {
+        self.try_head().expect("response head")
+    }
+
+    pub fn try_head(&mut self) -> io::Result<Head> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let raw: Vec<u8> = self.buf.drain(..end + 4).collect();
+                let text = String::from_utf8(raw).map_err(|_| io::Error::other("head not utf-8"))?;
+                let mut lines = text.split("\r\n");
+                let status_line = lines.next().unwrap_or_default();
+                let mut parts = status_line.splitn(3, ' ');
+                let version = parts.next().unwrap_or_default().to_owned();
+                let status = parts
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
+                let headers = lines
+                    .filter(|l| !l.is_empty())
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                    .collect::<Vec<_>>();
+                let head = Head {
+                    version,
+                    status,
+                    headers,
+                };
+                self.chunked = Some(head.is_chunked());
+                return Ok(head);
+            }
+            if self.fill()? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "eof before head"));
+            }
+        }
+    }
+
+    /// Reads a `Content-Length` body after [`Client::head`].
+    pub fn body(&mut self, head: &Head) -> Vec<u8> {
+        let len: usize = head
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while self.buf.len() < len {
+            if self.fill().expect("body") == 0 {
+                panic!("eof in body");
+            }
+        }
+        self.buf.drain(..len).collect()
+    }
+
+    /// Reads a head and its sized body as text.
+    pub fn response(&mut self) -> (Head, String) {
+        let head = self.head();
+        let body = self.body(&head);
+        (head, String::from_utf8(body).expect("utf-8 body"))
+    }
+
+    /// Decodes more of the stream body; false at the end of the stream.
+    fn pump(&mut self) -> io::Result<bool> {
+        if self.ended {
+            return Ok(false);
+        }
+        if self.chunked == Some(true) {
+            loop {
+                // Decode as many whole chunks as are buffered.
+                if let Some(line_end) = find(&self.buf, b"\r\n") {
+                    let size_text = std::str::from_utf8(&self.buf[..line_end])
+                        .map_err(|_| io::Error::other("bad chunk size"))?;
+                    let size = usize::from_str_radix(size_text.trim(), 16)
+                        .map_err(|_| io::Error::other(format!("bad chunk size {size_text:?}")))?;
+                    let total = line_end + 2 + size + 2;
+                    if self.buf.len() >= total {
+                        if &self.buf[total - 2..total] != b"\r\n" {
+                            return Err(io::Error::other("chunk not followed by CRLF"));
+                        }
+                        let data: Vec<u8> = self.buf[line_end + 2..line_end + 2 + size].to_vec();
+                        self.buf.drain(..total);
+                        if size == 0 {
+                            self.ended = true;
+                            return Ok(false);
+                        }
+                        self.body.extend_from_slice(&data);
+                        return Ok(true);
+                    }
+                }
+                if self.fill()? == 0 {
+                    self.ended = true;
+                    return Ok(false);
+                }
+            }
+        } else {
+            if !self.buf.is_empty() {
+                self.body.append(&mut self.buf);
+                return Ok(true);
+            }
+            if self.fill()? == 0 {
+                self.ended = true;
+                return Ok(false);
+            }
+            self.body.append(&mut self.buf);
+            Ok(true)
+        }
+    }
+
+    /// The next raw frame (text up to and including the blank line), or
+    /// None when the stream ends first.
+    pub fn next_frame(&mut self) -> Option<String> {
+        self.try_next_frame().expect("reading a frame")
+    }
+
+    pub fn try_next_frame(&mut self) -> io::Result<Option<String>> {
+        loop {
+            if let Some(end) = find(&self.body, b"\n\n") {
+                let raw: Vec<u8> = self.body.drain(..end + 2).collect();
+                return String::from_utf8(raw)
+                    .map(Some)
+                    .map_err(|_| io::Error::other("frame not utf-8"));
+            }
+            if !self.pump()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads frames until one satisfies `pred` (bounded by `limit` frames).
+    pub fn frame_matching(&mut self, limit: usize, pred: impl Fn(&str) -> bool) -> String {
+        for _ in 0..limit {
+            match self.next_frame() {
+                Some(f) if pred(&f) => return f,
+                Some(_) => {}
+                None => panic!("stream ended before a matching frame"),
+            }
+        }
+        panic!("no matching frame within {limit} frames")
+    }
+
+    /// Reads until the stream ends; returns the frames seen.
+    pub fn until_end(&mut self, limit: usize) -> Vec<String> {
+        let mut frames = Vec::new();
+        for _ in 0..limit {
+            match self.next_frame() {
+                Some(f) => frames.push(f),
+                None => return frames,
+            }
+        }
+        panic!("stream did not end within {limit} frames")
+    }
+
+    /// Whether the peer has closed the connection (reads until EOF or a
+    /// timeout, discarding data).
+    pub fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut chunk = [0u8; 4096];
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            self.conn.set_read_timeout(Some(left)).expect("read timeout");
+            match self.conn.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return false;
+                }
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+}
+
+/// Sends one request on a fresh connection and returns the response.
+pub fn request(addr: SocketAddr, raw: &str) -> (Head, String) {
+    let mut c = Client::new(addr);
+    c.send(raw.as_bytes());
+    c.response()
+}
+
+/// One field of a frame (`data`, `event`, `id`, …): every value in order.
+pub fn field<'a>(frame: &'a str, name: &str) -> Vec<&'a str> {
+    frame
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':').unwrap_or((l, ""));
+            (k == name).then(|| v.strip_prefix(' ').unwrap_or(v))
+        })
+        .collect()
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Threads of this process, from /proc/self/task.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
