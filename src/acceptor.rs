@@ -28,7 +28,7 @@ use rustix::fd::{AsFd, OwnedFd};
 use crate::conn::{self, Job};
 use crate::http::head::{self, BodyKind, Parse};
 use crate::http::{Request, Response};
-use crate::route::{Found, Handler};
+use crate::route::{Handler, Match};
 use crate::server::{Overload, Shared};
 
 const LISTENER: u64 = u64::MAX;
@@ -404,15 +404,15 @@ impl Acceptor {
         let config = &shared.config;
         let counters = shared.stats.counters();
         match shared.router.find(req.method(), req.path()) {
-            Found::NotFound => {
+            Match::NotFound => {
                 let msg = format!("no route for {}", req.path());
                 self.answer_conn(p, minor, Response::text(404, msg));
             }
-            Found::MethodNotAllowed(allow) => {
+            Match::MethodNotAllowed(allow) => {
                 let msg = format!("method {} not allowed; allowed: {allow}", req.method());
                 self.answer_conn(p, minor, Response::text(405, msg).with_header("Allow", &allow));
             }
-            Found::Handler(Handler::Stream(handler), params, _) => {
+            Match::Handler(Handler::Stream(handler), params, _) => {
                 if !req.accepts_event_stream() {
                     let msg = "this is an event stream: send Accept: text/event-stream (or */*)";
                     self.answer_conn(p, minor, Response::text(406, msg));
@@ -434,7 +434,7 @@ impl Acceptor {
                 counters.streams_total.fetch_add(1, Relaxed);
                 self.spawn(p, Job::Stream { req, handler }, minor);
             }
-            Found::Handler(Handler::Plain(handler), params, head_only) => {
+            Match::Handler(Handler::Plain(handler), params, head_only) => {
                 if let BodyKind::Length(n) = req.body_kind {
                     if n > config.max_body as u64 {
                         counters.bad_requests.fetch_add(1, Relaxed);
@@ -512,6 +512,7 @@ impl Acceptor {
             job.abandon(&self.shared);
             return;
         }
+        let is_stream = matches!(job, Job::Stream { .. });
         // The thread takes the connection out of this slot; if the spawn
         // fails the slot still holds it and the client gets a 503.
         let slot = Arc::new(Mutex::new(Some(conn)));
@@ -524,6 +525,11 @@ impl Acceptor {
         if let Err(e) = spawned {
             // `job` went down with the closure; undo its counters here.
             let counters = self.shared.stats.counters();
+            if is_stream {
+                counters.streams_open.fetch_sub(1, Relaxed);
+            } else {
+                counters.requests_active.fetch_sub(1, Relaxed);
+            }
             log::warn!("cannot start a thread for {peer}: {e}; answering 503");
             counters.rejected_total.fetch_add(1, Relaxed);
             if let Some(conn) = slot.lock().ok().and_then(|mut s| s.take()) {

@@ -1,5 +1,116 @@
-//! ssed: a blocking, thread-per-connection Server-Sent Events server for
+//! ssed is a blocking, thread-per-connection Server-Sent Events server for
 //! small hosts.
+//!
+//! # Why blocking, and a thread per stream
+//!
+//! A handler is plain sequential code that runs on its connection's own OS
+//! thread for as long as the stream lives, the way a PHP-FPM worker runs an
+//! "event controller": it sends, sleeps, polls, waits on a channel, and every
+//! send is written and flushed before it returns. There is no async runtime
+//! and nothing to `.await`. What makes this affordable on a 512 MB VM:
+//!
+//! - each thread gets a small stack (64 KiB by default, 32 KiB at least);
+//! - a connection holds no thread until its request head is complete (the
+//!   acceptor reads heads on non-blocking sockets), so idle and slow clients
+//!   cost a descriptor, not a thread;
+//! - a hard cap on open streams ([`ServerBuilder::max_connections`], derived
+//!   from the descriptor limit, `vm.max_map_count` and memory by default):
+//!   past it a client gets `503` with `Retry-After` before any thread is spent;
+//! - a client that stops reading is dropped after the write timeout, and an
+//!   idle stream ends when its execution-time budget runs out.
+//!
+//! Pick something else when you need far more concurrent streams than a
+//! machine has threads to spare (tens of thousands per core): an async server
+//! holds an idle stream in less memory. ssed is for the many programs that
+//! want a few hundred to a few thousand streams with straight-line code.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! let server = ssed::Server::builder()
+//!     .listen("127.0.0.1:0")           // port 0: any free port
+//!     .max_connections(256)
+//!     .max_execution_time(Duration::from_secs(30))
+//!     .route("/message/fetch", |_req, stream| {
+//!         for i in 1.. {
+//!             stream.send("demo", &format!("Message n°{i}"))?; // event: demo, JSON data
+//!             stream.sleep(Duration::from_secs(2))?;           // bounded by budget and shutdown
+//!         }
+//!         Ok(())
+//!     })
+//!     .get("/", |_req| ssed::Response::html("<p>hello</p>"))
+//!     .build()?;
+//! println!("listening on {}", server.local_addr());
+//! let running = server.spawn()?; // or `server.run()?` to block this thread
+//! running.stop()?;              // what Ctrl-C does in the `ssed` binary
+//! # Ok::<(), ssed::Error>(())
+//! ```
+//!
+//! # A tour of [`Stream`]
+//!
+//! - sending: [`send`](Stream::send) (a named event with JSON data),
+//!   [`send_event`](Stream::send_event) (a full [`Event`]: name, id, data,
+//!   retry, comment), [`comment`](Stream::comment), [`ping`](Stream::ping),
+//!   [`retry`](Stream::retry), [`done`](Stream::done) (`data: [DONE]`, then
+//!   the end), [`send_encoded`](Stream::send_encoded) (frames encoded once
+//!   for many streams);
+//! - per-channel counts: [`sent_count`](Stream::sent_count),
+//!   [`has_sent`](Stream::has_sent), [`reset_count`](Stream::reset_count);
+//! - waiting: [`sleep`](Stream::sleep), [`recv`](Stream::recv),
+//!   [`poll`](Stream::poll) (call a function every interval, send each
+//!   `Some`), [`forward`](Stream::forward) (relay a crossbeam channel); all
+//!   send heartbeats if [`ServerBuilder::heartbeat`] is set;
+//! - the connection: [`check_connection`](Stream::check_connection),
+//!   [`extend_time`](Stream::extend_time), [`time_left`](Stream::time_left),
+//!   [`last_event_id`](Stream::last_event_id);
+//! - answering without a stream: [`no_content`](Stream::no_content) (`204`
+//!   tells an `EventSource` to stop reconnecting), [`respond`](Stream::respond).
+//!
+//! # Shutdown
+//!
+//! [`ShutdownHandle::shutdown`] (from [`Server::shutdown_handle`]; the `ssed`
+//! binary wires Ctrl-C and SIGTERM to it) stops the acceptor; every stream's
+//! blocking call returns [`EndReason::Shutdown`], each open stream gets a
+//! last frame (`: server shutting down`) and closes, and [`Server::run`]
+//! returns once they are done or after the grace period
+//! ([`ServerBuilder::grace_period`], 5 s), cutting the sockets still open.
+//! A handler busy in its own code without calling the stream cannot be
+//! interrupted: a thread can only be asked to stop.
+//!
+//! # Errors
+//!
+//! [`Error`] is a setup failure (bind, bad route). Handlers return
+//! [`StreamError`], whose [`StreamError::Ended`] carries the [`EndReason`]
+//! the stream ended for (client, write timeout, budget, shutdown, slow): the
+//! same names as the `ssed_disconnects_total{reason}` metric. A panic in a
+//! handler ends only its own connection: it is caught, logged at `error` and
+//! counted ([`StatsSnapshot::handler_panics`]).
+//!
+//! # Features
+//!
+//! - `daemon` (default): the `ssed` binary and its dependencies (logger,
+//!   signal handling). Embedders take the library alone with
+//!   `default-features = false`.
+//! - `tiny-http`: `ssed::tiny_http`, a [`Stream`] over a `tiny_http::Request`
+//!   for apps already on tiny_http or rouille.
+
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::print_stdout,
+        clippy::print_stderr,
+        clippy::dbg_macro,
+        clippy::todo,
+        clippy::unwrap_used
+    )
+)]
+#![deny(missing_docs)]
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 mod acceptor;
 mod conn;

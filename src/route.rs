@@ -32,7 +32,7 @@ struct Route {
 }
 
 /// What routing a request found.
-pub(crate) enum Found {
+pub(crate) enum Match {
     Handler(Handler, Vec<(String, String)>, bool),
     /// The path exists but not for this method; the value lists the methods
     /// for `Allow`.
@@ -77,9 +77,9 @@ impl Router {
     }
 
     /// Finds the handler for `method` and `path`. `HEAD` falls back to an
-    /// ordinary `GET` route (the third field of `Found::Handler` is then
+    /// ordinary `GET` route (the third field of `Match::Handler` is then
     /// true: send the head only).
-    pub(crate) fn find(&self, method: &str, path: &str) -> Found {
+    pub(crate) fn find(&self, method: &str, path: &str) -> Match {
         let parts: Vec<&str> = path.split('/').skip(1).collect();
         let mut allowed: Vec<&str> = Vec::new();
         let mut head_fallback = None;
@@ -88,7 +88,7 @@ impl Router {
                 continue;
             };
             if route.method == method {
-                return Found::Handler(route.handler.clone(), params, false);
+                return Match::Handler(route.handler.clone(), params, false);
             }
             if method == "HEAD" && route.method == "GET" && matches!(route.handler, Handler::Plain(_)) {
                 head_fallback.get_or_insert((route.handler.clone(), params));
@@ -98,10 +98,10 @@ impl Router {
             }
         }
         if let Some((handler, params)) = head_fallback {
-            return Found::Handler(handler, params, true);
+            return Match::Handler(handler, params, true);
         }
         if allowed.is_empty() {
-            Found::NotFound
+            Match::NotFound
         } else {
             if allowed.contains(&"GET") && !allowed.contains(&"HEAD") {
                 let plain_get = self.routes.iter().any(|r| {
@@ -113,7 +113,7 @@ impl Router {
                     allowed.push("HEAD");
                 }
             }
-            Found::MethodNotAllowed(allowed.join(", "))
+            Match::MethodNotAllowed(allowed.join(", "))
         }
     }
 }
@@ -210,7 +210,7 @@ mod tests {
         ];
         for (method, path, want) in table {
             let got = match r.find(method, path) {
-                Found::Handler(h, params, head) => {
+                Match::Handler(h, params, head) => {
                     let kind = match (h, head) {
                         (_, true) => "head",
                         (Handler::Plain(_), false) => "plain",
@@ -219,8 +219,8 @@ mod tests {
                     let p: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     [kind.to_owned()].into_iter().chain(p).collect::<Vec<_>>().join(" ")
                 }
-                Found::MethodNotAllowed(allow) => format!("405 {allow}"),
-                Found::NotFound => "404".to_owned(),
+                Match::MethodNotAllowed(allow) => format!("405 {allow}"),
+                Match::NotFound => "404".to_owned(),
             };
             assert_eq!(&got, want, "{method} {path}");
         }

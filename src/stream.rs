@@ -342,12 +342,11 @@ impl Stream {
         };
         let peer_closed = conn.set_nonblocking(true).is_ok() && {
             let mut byte = [0u8; 1];
-            let closed = match conn.peek(&mut byte) {
+            match conn.peek(&mut byte) {
                 Ok(0) => true,
                 Ok(_) => false,
                 Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-            };
-            closed
+            }
         };
         if conn.set_nonblocking(false).is_err() || peer_closed {
             return Err(self.end(EndReason::Client));
