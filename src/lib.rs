@@ -117,6 +117,7 @@ mod conn;
 mod error;
 mod event;
 mod http;
+mod hub;
 mod limits;
 mod route;
 mod server;
@@ -128,6 +129,10 @@ mod time;
 pub use error::{EndReason, Error, EventError, StreamError};
 pub use event::{EncodedEvent, Event};
 pub use http::{Request, Response};
+pub use hub::{
+    EventId, History, Hub, HubConfig, HubError, MemoryHistory, ParseIdError, Published, RESET_EVENT,
+    Replay, Retained, Subscription, valid_name,
+};
 pub use limits::{Capacity, raise_fd_limit};
 pub use server::{MIN_STACK_SIZE, Overload, RunningServer, Server, ServerBuilder};
 pub use shutdown::ShutdownHandle;

@@ -471,6 +471,12 @@ impl Stream {
         StreamError::Ended(reason)
     }
 
+    /// Ends the stream for `reason` (the first reason sticks) and returns
+    /// the error to propagate.
+    pub(crate) fn end_with(&mut self, reason: EndReason) -> StreamError {
+        self.end(reason)
+    }
+
     fn check_alive(&mut self) -> Result<(), StreamError> {
         if let Some(r) = self.ended {
             return Err(StreamError::Ended(r));
