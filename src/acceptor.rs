@@ -129,13 +129,18 @@ impl Acceptor {
         )?;
         let mut events: Vec<epoll::Event> = Vec::with_capacity(1024);
         let mut last_sweep = Instant::now();
-        let tick = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: SWEEP_EVERY.as_nanos() as i64,
-        };
         while !self.shared.shutdown.is_shutdown() {
             events.clear();
-            match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut events), Some(&tick)) {
+            // Wake for the next sweep, or sooner when a backoff ends.
+            let mut wait = SWEEP_EVERY;
+            if let Some(at) = self.resume_at {
+                wait = wait.min(at.saturating_duration_since(Instant::now()));
+            }
+            let timeout = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: wait.as_nanos() as i64,
+            };
+            match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut events), Some(&timeout)) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
@@ -153,6 +158,9 @@ impl Acceptor {
                 }
             }
             let now = Instant::now();
+            if self.resume_at.is_some_and(|t| now >= t) {
+                self.resume_listening();
+            }
             if now.duration_since(last_sweep) >= SWEEP_EVERY {
                 last_sweep = now;
                 self.sweep(now);
@@ -180,14 +188,18 @@ impl Acceptor {
                             | io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) => {
-                    self.on_accept_error(&e);
+                    if self.on_accept_error(&e) {
+                        continue; // a descriptor was freed: accept again now
+                    }
                     return;
                 }
             }
         }
     }
 
-    fn on_accept_error(&mut self, e: &io::Error) {
+    /// Handles a failed `accept`; returns true when a descriptor was freed
+    /// and accepting may go on at once.
+    fn on_accept_error(&mut self, e: &io::Error) -> bool {
         self.shared.stats.counters().accept_errors.fetch_add(1, Relaxed);
         let now = Instant::now();
         if self
@@ -209,19 +221,23 @@ impl Acceptor {
         } else {
             self.suppressed_errors += 1;
         }
-        // Out of descriptors: the oldest waiting connection is the likeliest
-        // to be idle or hostile; cutting it lets a new client in.
-        if matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() || code == rustix::io::Errno::NFILE.raw_os_error())
-        {
-            self.evict_oldest();
+        // Out of descriptors: the waiting connection nearest its deadline
+        // is the likeliest to be idle or hostile; cutting it lets a new
+        // client in straight away.
+        let out_of_fds = matches!(e.raw_os_error(), Some(code)
+            if code == rustix::io::Errno::MFILE.raw_os_error()
+                || code == rustix::io::Errno::NFILE.raw_os_error());
+        if out_of_fds && self.evict_oldest() {
+            return true;
         }
-        // Level-triggered epoll would report the listener again at once;
-        // stop watching it until the backoff is over.
+        // Nothing to free: level-triggered epoll would report the listener
+        // again at once, so stop watching it until the backoff is over.
         if self.listening && epoll::delete(&self.epoll, &self.listener).is_ok() {
             self.listening = false;
         }
         self.resume_at = Some(now + self.backoff);
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        false
     }
 
     fn resume_listening(&mut self) {
@@ -313,7 +329,9 @@ impl Acceptor {
             .store(self.live as u64, Relaxed);
     }
 
-    fn evict_oldest(&mut self) {
+    /// Cuts the waiting connection nearest its deadline (a lingering or
+    /// idle keep-alive one before a head in progress); false if none.
+    fn evict_oldest(&mut self) -> bool {
         let oldest = self
             .slots
             .iter()
@@ -321,10 +339,12 @@ impl Acceptor {
             .filter_map(|(i, p)| p.as_ref().map(|p| (i, p.deadline)))
             .min_by_key(|&(_, d)| d)
             .map(|(i, _)| i);
-        if let Some(idx) = oldest {
-            if let Some(p) = self.remove(idx) {
+        match oldest.and_then(|idx| self.remove(idx)) {
+            Some(p) => {
                 log::debug!("cut waiting connection from {} to make room", p.peer);
+                true
             }
+            None => false,
         }
     }
 
@@ -609,9 +629,6 @@ impl Acceptor {
     // ----- timers and wake-ups -------------------------------------------------------
 
     fn sweep(&mut self, now: Instant) {
-        if self.resume_at.is_some_and(|t| now >= t) {
-            self.resume_listening();
-        }
         let expired: Vec<usize> = self
             .slots
             .iter()

@@ -114,6 +114,8 @@ struct ReadmeDoctests;
 
 mod acceptor;
 mod conn;
+#[cfg(feature = "daemon")]
+pub mod daemon;
 mod error;
 mod event;
 mod http;
@@ -125,6 +127,9 @@ mod shutdown;
 mod stats;
 mod stream;
 mod time;
+/// Streams over a `tiny_http::Request`, for apps on tiny_http.
+#[cfg(feature = "tiny-http")]
+pub mod tiny_http;
 
 pub use error::{EndReason, Error, EventError, StreamError};
 pub use event::{EncodedEvent, Event};

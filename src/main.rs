@@ -1,98 +1,94 @@
-//! `ssed`: the daemon.
-//!
-//! Until the hub lands, the binary serves the `messages` demo: a page at `/`
-//! that subscribes to `/messages`, which sends a message on channel `demo`
-//! every 2 seconds.
+//! `ssed`: arguments -> config -> logger -> signals -> run -> exit code.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+
+use ssed::daemon::{self, Config, ConfigError};
 
 const USAGE: &str = "\
-ssed - a blocking, thread-per-connection Server-Sent Events server
+ssed - a Server-Sent Events server for small machines
 
 USAGE:
-    ssed [--listen ADDR]
+    ssed [--config FILE] [--listen ADDR]
 
 OPTIONS:
-    --listen ADDR   address to listen on (default 127.0.0.1:8080)
-    -h, --help      print this help
-    -V, --version   print the version
+    -c, --config FILE   read settings from a TOML file (see config.example.toml)
+    -l, --listen ADDR   address to listen on, overriding the file (default 127.0.0.1:8080)
+    -h, --help          print this help
+    -V, --version       print the version
 
 ENVIRONMENT:
-    RUST_LOG        log filter (default: info)
+    SSED_PUBLISH_TOKEN     publish token (overrides [auth] publish_token)
+    SSED_SUBSCRIBE_TOKEN   subscribe token (overrides [auth] subscribe_token)
+    RUST_LOG               log filter (default: info)
+
+HTTP:
+    GET  /                   demo page
+    GET  /events/{topic}     subscribe (SSE); /events?topic=a&topic=b for several
+    POST /publish/{topic}    publish the body; ?event=NAME sets the event name
+    POST /keys/{key}         push into a mailbox; GET /keys/{key} consumes it (SSE)
+    POST /tickets            single-use stream ticket (with subscribe_token)
+    GET  /healthz, /metrics
 ";
 
-const PAGE: &str = r#"<!doctype html>
-<meta charset="utf-8">
-<title>ssed demo</title>
-<style>body{font:16px system-ui,sans-serif;margin:2em}#state{color:#666}li{font-family:monospace}</style>
-<h1>ssed</h1>
-<p id="state">connecting…</p>
-<ul id="log"></ul>
-<script>
-const log = document.getElementById("log"), state = document.getElementById("state");
-const es = new EventSource("/messages");
-es.onopen = () => state.textContent = "connected";
-es.onerror = () => state.textContent = "reconnecting…";
-es.addEventListener("demo", e => {
-  const li = document.createElement("li");
-  li.textContent = JSON.parse(e.data);
-  log.prepend(li);
-});
-</script>
-"#;
+/// Exit status for bad arguments or configuration.
+const EXIT_USAGE: u8 = 2;
 
 struct Args {
-    listen: String,
+    config: Option<PathBuf>,
+    listen: Option<String>,
 }
 
-enum Cli {
+enum Parsed {
     Run(Args),
     Exit(ExitCode),
 }
 
-fn parse_args() -> Cli {
+fn parse_args() -> Result<Parsed, lexopt::Error> {
+    use lexopt::prelude::*;
     let mut args = Args {
-        listen: "127.0.0.1:8080".into(),
+        config: None,
+        listen: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
+    let mut parser = lexopt::Parser::from_env();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('c') | Long("config") => args.config = Some(parser.value()?.into()),
+            Short('l') | Long("listen") => {
+                args.listen = Some(parser.value()?.string()?);
+            }
+            Short('h') | Long("help") => {
                 print!("{USAGE}");
-                return Cli::Exit(ExitCode::SUCCESS);
+                return Ok(Parsed::Exit(ExitCode::SUCCESS));
             }
-            "-V" | "--version" => {
+            Short('V') | Long("version") => {
                 println!("ssed {}", env!("CARGO_PKG_VERSION"));
-                return Cli::Exit(ExitCode::SUCCESS);
+                return Ok(Parsed::Exit(ExitCode::SUCCESS));
             }
-            "--listen" => match it.next() {
-                Some(addr) => args.listen = addr,
-                None => {
-                    eprintln!("ssed: --listen needs an address, e.g. --listen 127.0.0.1:8080");
-                    return Cli::Exit(ExitCode::from(2));
-                }
-            },
-            other => {
-                if let Some(addr) = other.strip_prefix("--listen=") {
-                    args.listen = addr.to_owned();
-                } else {
-                    eprintln!("ssed: unknown argument {other:?}\n\n{USAGE}");
-                    return Cli::Exit(ExitCode::from(2));
-                }
-            }
+            _ => return Err(arg.unexpected()),
         }
     }
-    Cli::Run(args)
+    Ok(Parsed::Run(args))
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = match parse_args() {
-        Cli::Run(args) => args,
-        Cli::Exit(code) => return code,
+        Ok(Parsed::Run(args)) => args,
+        Ok(Parsed::Exit(code)) => return code,
+        Err(e) => {
+            eprintln!("ssed: {e}\nTry 'ssed --help'.");
+            return ExitCode::from(EXIT_USAGE);
+        }
     };
-    match run(args) {
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ssed: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{}", chain(&*e));
@@ -101,25 +97,63 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let server = ssed::Server::builder()
-        .listen(args.listen)
-        .get("/", |_| ssed::Response::html(PAGE))
-        .route("/messages", |_req, stream| {
-            for i in 1u64.. {
-                stream.send("demo", &format!("Message n°{i}"))?;
-                stream.sleep(Duration::from_secs(2))?;
-            }
-            Ok(())
-        })
-        .build()?;
-    let shutdown = server.shutdown_handle();
+fn load_config(args: &Args) -> Result<Config, ConfigError> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    config.apply_env();
+    if let Some(listen) = &args.listen {
+        config.set_listen(listen)?;
+    }
+    refuse_unsupported(&config, args.config.as_deref())?;
+    Ok(config)
+}
+
+/// Keys this version reads but cannot honour yet: refusing them beats
+/// running without durability or fan-out the operator asked for.
+fn refuse_unsupported(config: &Config, path: Option<&std::path::Path>) -> Result<(), ConfigError> {
+    let unsupported = [
+        (config.data_dir.is_some(), "data_dir", "durable history"),
+        (config.redis_url.is_some(), "redis.url", "Redis"),
+        (!config.postgres.is_empty(), "postgres", "PostgreSQL LISTEN/NOTIFY"),
+    ];
+    for (set, key, what) in unsupported {
+        if set {
+            let file = path.map_or_else(|| "the configuration".to_owned(), |p| p.display().to_string());
+            return Err(ConfigError::Key {
+                path: path.map(std::path::Path::to_path_buf),
+                key: key.to_owned(),
+                message: format!("{what} is not available in ssed {} yet; remove it from {file}", env!("CARGO_PKG_VERSION")),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let shutdown = ssed::ShutdownHandle::new();
+    let daemon = daemon::build(config, shutdown.clone())?;
+    let cap = daemon.server.capacity();
+    log::info!(
+        "stream cap {} (set by {}): descriptor limit {} allows {}, memory maps allow {}, memory allows {}",
+        cap.max_streams,
+        cap.limited_by,
+        cap.fd_limit,
+        cap.by_fds,
+        shown(cap.by_maps),
+        shown(cap.by_memory),
+    );
     ctrlc::set_handler(move || {
         log::info!("signal received: shutting down");
         shutdown.shutdown();
     })?;
-    server.run()?;
+    daemon.server.run()?;
     Ok(())
+}
+
+fn shown(v: Option<u64>) -> String {
+    v.map_or_else(|| "?".to_owned(), |v| v.to_string())
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

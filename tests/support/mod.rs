@@ -25,8 +25,10 @@ pub fn start(builder: ssed::ServerBuilder) -> ssed::RunningServer {
 /// Connects with read and write timeouts set.
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(READ_TIMEOUT)).expect("read timeout");
-    s.set_write_timeout(Some(READ_TIMEOUT)).expect("write timeout");
+    s.set_read_timeout(Some(READ_TIMEOUT))
+        .expect("read timeout");
+    s.set_write_timeout(Some(READ_TIMEOUT))
+        .expect("write timeout");
     s
 }
 
@@ -114,7 +116,8 @@ impl Client {
         loop {
             if let Some(end) = find(&self.buf, b"\r\n\r\n") {
                 let raw: Vec<u8> = self.buf.drain(..end + 4).collect();
-                let text = String::from_utf8(raw).map_err(|_| io::Error::other("head not utf-8"))?;
+                let text =
+                    String::from_utf8(raw).map_err(|_| io::Error::other("head not utf-8"))?;
                 let mut lines = text.split("\r\n");
                 let status_line = lines.next().unwrap_or_default();
                 let mut parts = status_line.splitn(3, ' ');
@@ -137,7 +140,10 @@ impl Client {
                 return Ok(head);
             }
             if self.fill()? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "eof before head"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "eof before head",
+                ));
             }
         }
     }
@@ -260,12 +266,21 @@ impl Client {
         let deadline = Instant::now() + timeout;
         let mut chunk = [0u8; 4096];
         while Instant::now() < deadline {
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-            self.conn.set_read_timeout(Some(left)).expect("read timeout");
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            self.conn
+                .set_read_timeout(Some(left))
+                .expect("read timeout");
             match self.conn.read(&mut chunk) {
                 Ok(0) => return true,
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return false;
                 }
                 Err(_) => return true,

@@ -1,0 +1,549 @@
+//! The daemon's routes: subscribe, publish, mailboxes, tickets, health,
+//! metrics and the demo page, over a [`Hub`].
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::auth::{self, SESSION_COOKIE, TICKET_TTL, Tickets};
+use super::config::{Config, OverloadMode};
+use crate::{
+    Capacity, EndReason, Event, Hub, HubConfig, MemoryHistory, Overload, Request, Response, Server,
+    ShutdownHandle, Stats, Stream, StreamError, valid_name,
+};
+
+/// The demo page served at `/`.
+pub const DEMO_PAGE: &str = include_str!("demo.html");
+/// Most topics one stream may follow.
+pub const MAX_TOPICS_PER_STREAM: usize = 64;
+
+/// Shared state of the routes.
+struct App {
+    config: Config,
+    hub: Hub,
+    stats: Stats,
+    tickets: Tickets,
+    started: Instant,
+    capacity: OnceLock<Capacity>,
+}
+
+/// A built daemon: the server to run and the hub it serves.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The server, bound and ready to run.
+    pub server: Server,
+    /// The hub, to publish into from the embedding program.
+    pub hub: Hub,
+}
+
+/// Builds the daemon's server from `config`, obeying `shutdown`.
+///
+/// # Errors
+///
+/// When the listen address cannot be bound or resolved.
+pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::Error> {
+    let hub = Hub::with_history(
+        Box::new(MemoryHistory::new(config.history)),
+        HubConfig::default(),
+    );
+    let stats = Stats::new();
+    let app = Arc::new(App {
+        hub: hub.clone(),
+        stats: stats.clone(),
+        tickets: Tickets::default(),
+        started: Instant::now(),
+        capacity: OnceLock::new(),
+        config,
+    });
+    let c = &app.config;
+    let mut builder = Server::builder()
+        .listen(c.listen.clone())
+        .max_execution_time(c.max_execution_time)
+        .heartbeat(c.heartbeat)
+        .heartbeat_event(c.heartbeat_event)
+        .request_timeout(c.request_timeout)
+        .write_timeout(c.write_timeout)
+        .max_body(c.max_body)
+        .stack_size(c.stack_size)
+        .stats(stats)
+        .shutdown_handle(shutdown);
+    if let Some(n) = c.max_connections {
+        builder = builder.max_connections(n);
+    }
+    if c.overload == OverloadMode::Retry {
+        builder = builder.overload(Overload::Retry {
+            min: c.overload_retry.0,
+            max: c.overload_retry.1,
+        });
+    }
+    let a = |app: &Arc<App>| Arc::clone(app);
+    let builder = builder
+        .get("/", |_req| Response::html(DEMO_PAGE))
+        .route("/events/{topic}", {
+            let app = a(&app);
+            move |req, stream| app.subscribe(req, stream)
+        })
+        .route("/events", {
+            let app = a(&app);
+            move |req, stream| app.subscribe(req, stream)
+        })
+        .post("/publish/{topic}", {
+            let app = a(&app);
+            move |req| app.publish(req)
+        })
+        .post("/keys/{key}", {
+            let app = a(&app);
+            move |req| app.push(req)
+        })
+        .route("/keys/{key}", {
+            let app = a(&app);
+            move |req, stream| app.consume(req, stream)
+        })
+        .post("/tickets", {
+            let app = a(&app);
+            move |req| app.ticket(req)
+        })
+        .get("/healthz", {
+            let app = a(&app);
+            move |_req| app.healthz()
+        })
+        .get("/metrics", {
+            let app = a(&app);
+            move |_req| app.metrics()
+        });
+    let builder = ["/events", "/events/{topic}", "/keys/{key}", "/publish/{topic}", "/tickets"]
+        .into_iter()
+        .fold(builder, |b, path| {
+            let app = a(&app);
+            b.handle("OPTIONS", path, move |req| app.preflight(req))
+        });
+    let server = builder.build()?;
+    let _ = app.capacity.set(server.capacity().clone()); // set once, right here
+    Ok(Daemon { server, hub })
+}
+
+/// How a subscriber proved itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Open,
+    Token,
+    Ticket,
+    Session,
+}
+
+impl App {
+    // ----- access --------------------------------------------------------
+
+    fn unauthorized(message: &str) -> Response {
+        Response::text(401, message).with_header("WWW-Authenticate", "Bearer realm=\"ssed\"")
+    }
+
+    fn token_matches(configured: &str, given: Option<&str>) -> bool {
+        given.is_some_and(|g| auth::constant_time_eq(g.as_bytes(), configured.as_bytes()))
+    }
+
+    fn authorize_subscribe(&self, req: &Request) -> Result<Access, Response> {
+        let Some(token) = self.config.subscribe_token.as_deref() else {
+            return Ok(Access::Open);
+        };
+        if Self::token_matches(token, auth::bearer(req)) || Self::token_matches(token, req.query("token")) {
+            return Ok(Access::Token);
+        }
+        if let Some(ticket) = req.query("ticket") {
+            if self.tickets.redeem(ticket) {
+                return Ok(Access::Ticket);
+            }
+            // A spent ticket may still come with a live session cookie
+            // (the browser reconnecting with the same URL).
+            if auth::cookie(req, SESSION_COOKIE).is_some_and(|s| self.tickets.session_valid(s)) {
+                return Ok(Access::Session);
+            }
+            return Err(Self::unauthorized("ticket invalid, spent or expired: get a new one with POST /tickets"));
+        }
+        if auth::cookie(req, SESSION_COOKIE).is_some_and(|s| self.tickets.session_valid(s)) {
+            return Ok(Access::Session);
+        }
+        if auth::bearer(req).is_some() || req.query("token").is_some() {
+            return Err(Self::unauthorized("wrong subscribe token"));
+        }
+        Err(Self::unauthorized(
+            "subscribing needs the subscribe token (Bearer or ?token=) or a ticket (?ticket=)",
+        ))
+    }
+
+    fn authorize_publish(&self, req: &Request) -> Result<(), Response> {
+        match self.config.publish_token.as_deref() {
+            Some(token) => match auth::bearer(req) {
+                Some(given) if auth::constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(()),
+                Some(_) => Err(Self::unauthorized("wrong publish token")),
+                None => Err(Self::unauthorized("publishing needs Authorization: Bearer <publish_token>")),
+            },
+            None if auth::is_loopback(req.peer_addr().ip()) => Ok(()),
+            None => Err(Response::text(
+                403,
+                format!(
+                    "publishing from {} is refused: with no publish_token set, only this machine may publish",
+                    req.peer_addr().ip()
+                ),
+            )),
+        }
+    }
+
+    /// CORS headers for an allowed cross-origin request; `Err(403)` for a
+    /// cross-origin request from an origin not listed.
+    fn cors(&self, req: &Request) -> Result<Vec<(&'static str, String)>, Response> {
+        let Some(origin) = req.header("origin") else {
+            return Ok(Vec::new());
+        };
+        if same_origin(origin, req.header("host")) {
+            return Ok(Vec::new());
+        }
+        let allowed = self
+            .config
+            .cors_origins
+            .iter()
+            .any(|o| o == "*" || o.trim_end_matches('/') == origin);
+        if !allowed {
+            return Err(Response::text(
+                403,
+                format!("origin {origin} is not allowed (cors_origins)"),
+            ));
+        }
+        // Credentials (the ticket cookie) need the exact origin, not `*`.
+        Ok(vec![
+            ("Access-Control-Allow-Origin", origin.to_owned()),
+            ("Access-Control-Allow-Credentials", "true".to_owned()),
+            ("Vary", "Origin".to_owned()),
+        ])
+    }
+
+    fn with_cors(&self, req: &Request, r: Response) -> Response {
+        match self.cors(req) {
+            Ok(headers) => headers.iter().fold(r, |r, (k, v)| r.with_header(k, v)),
+            Err(_) => r,
+        }
+    }
+
+    fn preflight(&self, req: &Request) -> Response {
+        match self.cors(req) {
+            Ok(headers) => headers.iter().fold(
+                Response::no_content()
+                    .with_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+                    .with_header(
+                        "Access-Control-Allow-Headers",
+                        "Authorization, Content-Type, Last-Event-ID",
+                    )
+                    .with_header("Access-Control-Max-Age", "600"),
+                |r, (k, v)| r.with_header(k, v),
+            ),
+            Err(r) => r,
+        }
+    }
+
+    // ----- streams ---------------------------------------------------------
+
+    /// Common opening of a subscriber stream: CORS, access, cookie, retry.
+    fn open_stream(&self, req: &Request, stream: &mut Stream) -> Result<bool, StreamError> {
+        let cors = match self.cors(req) {
+            Ok(h) => h,
+            Err(r) => {
+                stream.respond(r)?;
+                return Ok(false);
+            }
+        };
+        let access = match self.authorize_subscribe(req) {
+            Ok(a) => a,
+            Err(r) => {
+                stream.respond(self.with_cors(req, r))?;
+                return Ok(false);
+            }
+        };
+        for (k, v) in &cors {
+            stream.header(k, v)?;
+        }
+        if access == Access::Ticket {
+            match self.tickets.open_session(self.config.ticket_session) {
+                Ok(secret) => {
+                    let cookie = format!(
+                        "{SESSION_COOKIE}={secret}; Max-Age={}; Path=/; HttpOnly; SameSite=Strict",
+                        self.config.ticket_session.as_secs()
+                    );
+                    stream.header("Set-Cookie", &cookie)?;
+                }
+                Err(e) => log::warn!("cannot open a session for a ticket: {e}"),
+            }
+        }
+        if self.config.retry.is_zero() {
+            stream.open()?;
+        } else {
+            stream.retry(self.config.retry)?;
+        }
+        Ok(true)
+    }
+
+    fn subscribe(&self, req: &Request, stream: &mut Stream) -> Result<(), StreamError> {
+        let topics: Vec<&str> = match req.param("topic") {
+            Some(t) => vec![t],
+            None => req.query_all("topic").collect(),
+        };
+        if topics.is_empty() {
+            return stream.respond(Response::text(
+                400,
+                "name a topic: /events/{topic} or /events?topic=a&topic=b",
+            ));
+        }
+        if topics.len() > MAX_TOPICS_PER_STREAM {
+            return stream.respond(Response::text(
+                400,
+                format!("too many topics (at most {MAX_TOPICS_PER_STREAM} per stream)"),
+            ));
+        }
+        if let Some(bad) = topics.iter().find(|t| !valid_name(t)) {
+            return stream.respond(bad_name("topic", bad));
+        }
+        if !self.open_stream(req, stream)? {
+            return Ok(());
+        }
+        // Subscribe only once the head is out: a refused client never holds
+        // a queue in the hub.
+        let sub = match self.hub.subscribe(&topics, req.last_event_id()) {
+            Ok(sub) => sub,
+            Err(e) => {
+                log::warn!("subscribe failed: {e}");
+                return Ok(());
+            }
+        };
+        stream.follow(sub)
+    }
+
+    fn consume(&self, req: &Request, stream: &mut Stream) -> Result<(), StreamError> {
+        let key = req.param("key").unwrap_or_default();
+        if !valid_name(key) {
+            return stream.respond(bad_name("key", key));
+        }
+        if !self.open_stream(req, stream)? {
+            return Ok(());
+        }
+        stream.consume(&self.hub, key)
+    }
+
+    // ----- ordinary requests -------------------------------------------------
+
+    fn publish(&self, req: &Request) -> Response {
+        let topic = req.param("topic").unwrap_or_default();
+        let r = self.publish_inner(req, topic);
+        self.with_cors(req, r)
+    }
+
+    fn publish_inner(&self, req: &Request, topic: &str) -> Response {
+        if !valid_name(topic) {
+            return bad_name("topic", topic);
+        }
+        if let Err(r) = self.cors(req).and_then(|_| self.authorize_publish(req)) {
+            return r;
+        }
+        let Ok(body) = req.body_str() else {
+            return Response::text(400, "the body must be UTF-8 text");
+        };
+        let mut event = Event::new().data(body);
+        if let Some(name) = req.query("event") {
+            if name.contains(['\r', '\n']) {
+                return Response::text(400, "the event name cannot hold a line break");
+            }
+            event = event.event(name);
+        }
+        match self.hub.publish(topic, event) {
+            Ok(p) => Response::json(
+                200,
+                &json!({"id": p.id.to_string(), "topic": topic, "receivers": p.receivers}),
+            ),
+            Err(e) => Response::text(400, e.to_string()),
+        }
+    }
+
+    fn push(&self, req: &Request) -> Response {
+        let key = req.param("key").unwrap_or_default();
+        let r = self.push_inner(req, key);
+        self.with_cors(req, r)
+    }
+
+    fn push_inner(&self, req: &Request, key: &str) -> Response {
+        if !valid_name(key) {
+            return bad_name("key", key);
+        }
+        if let Err(r) = self.cors(req).and_then(|_| self.authorize_publish(req)) {
+            return r;
+        }
+        let Ok(body) = req.body_str() else {
+            return Response::text(400, "the body must be UTF-8 text");
+        };
+        match self.hub.push(key, body) {
+            Ok(queued) => Response::json(200, &json!({"key": key, "queued": queued})),
+            Err(crate::HubError::MailboxFull { .. }) => Response::text(
+                429,
+                format!("mailbox {key} is full: no consumer is taking its messages"),
+            )
+            .with_header("Retry-After", "1"),
+            Err(e) => Response::text(400, e.to_string()),
+        }
+    }
+
+    fn ticket(&self, req: &Request) -> Response {
+        let r = self.ticket_inner(req);
+        self.with_cors(req, r)
+    }
+
+    fn ticket_inner(&self, req: &Request) -> Response {
+        if let Err(r) = self.cors(req) {
+            return r;
+        }
+        let Some(token) = self.config.subscribe_token.as_deref() else {
+            return Response::text(
+                404,
+                "no subscribe_token is set: subscribing is open and needs no ticket",
+            );
+        };
+        match auth::bearer(req) {
+            Some(given) if auth::constant_time_eq(given.as_bytes(), token.as_bytes()) => {}
+            Some(_) => return Self::unauthorized("wrong subscribe token"),
+            None => return Self::unauthorized("tickets need Authorization: Bearer <subscribe_token>"),
+        }
+        match self.tickets.issue() {
+            Ok(ticket) => Response::json(
+                200,
+                &json!({"ticket": ticket, "expires_in": TICKET_TTL.as_secs()}),
+            )
+            .with_header("Cache-Control", "no-store"),
+            Err(e) => {
+                log::error!("cannot issue a ticket: {e}");
+                Response::text(500, "cannot issue a ticket")
+            }
+        }
+    }
+
+    fn healthz(&self) -> Response {
+        let s = self.stats.snapshot();
+        let limited_by = self.capacity.get().map_or("unknown", |c| c.limited_by);
+        Response::json(
+            200,
+            &json!({
+                "status": "ok",
+                "version": env!("CARGO_PKG_VERSION"),
+                "streams_open": s.streams_open,
+                "max_connections": s.streams_max,
+                "limited_by": limited_by,
+                "uptime_seconds": self.started.elapsed().as_secs(),
+            }),
+        )
+        .with_header("Cache-Control", "no-store")
+    }
+
+    fn metrics(&self) -> Response {
+        let s = self.stats.snapshot();
+        let mut out = String::with_capacity(2048);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+        };
+        metric("ssed_connections_open", "gauge", "Streams open now.", s.streams_open);
+        metric("ssed_connections_max", "gauge", "The stream cap.", s.streams_max);
+        metric(
+            "ssed_connections_rejected_total",
+            "counter",
+            "Streams and requests refused at a cap.",
+            s.rejected_total,
+        );
+        metric(
+            "ssed_events_published_total",
+            "counter",
+            "Events published.",
+            self.hub.published(),
+        );
+        metric("ssed_frames_sent_total", "counter", "Event-stream frames written.", s.frames_sent);
+        metric("ssed_bytes_sent_total", "counter", "Bytes written on event streams.", s.bytes_sent);
+        metric("ssed_requests_total", "counter", "Ordinary requests handled.", s.requests_total);
+        metric(
+            "ssed_pending_connections",
+            "gauge",
+            "Connections waiting for their request head.",
+            s.pending,
+        );
+        metric("ssed_handler_panics_total", "counter", "Handler panics caught.", s.handler_panics);
+        metric("ssed_accept_errors_total", "counter", "Failed accept calls.", s.accept_errors);
+        metric(
+            "ssed_uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            self.started.elapsed().as_secs(),
+        );
+        out.push_str("# HELP ssed_disconnects_total Streams ended early, by reason.\n");
+        out.push_str("# TYPE ssed_disconnects_total counter\n");
+        for reason in EndReason::ALL {
+            let _ = writeln!(
+                out,
+                "ssed_disconnects_total{{reason=\"{}\"}} {}",
+                reason.reason(),
+                s.disconnects(reason)
+            );
+        }
+        Response::new(200)
+            .with_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            .with_body(out)
+    }
+}
+
+fn bad_name(what: &str, name: &str) -> Response {
+    let shown: String = name.chars().take(64).collect();
+    Response::text(
+        400,
+        format!("invalid {what} name {shown:?}: use 1 to 200 characters of A-Z a-z 0-9 _ . : -"),
+    )
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names the same host and port
+/// as the request's `Host` header.
+fn same_origin(origin: &str, host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    let default_port = match scheme {
+        "http" => "80",
+        "https" => "443",
+        _ => return false,
+    };
+    let with_port = |h: &str| {
+        if h.parse::<SocketAddr>().is_ok() || h.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !h.ends_with(']') {
+            h.to_ascii_lowercase()
+        } else {
+            format!("{}:{default_port}", h.to_ascii_lowercase())
+        }
+    };
+    with_port(rest) == with_port(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_origin_compares_host_and_port() {
+        assert!(same_origin("http://127.0.0.1:8080", Some("127.0.0.1:8080")));
+        assert!(same_origin("http://example.com", Some("example.com:80")));
+        assert!(same_origin("https://Example.com", Some("example.com:443")));
+        assert!(!same_origin("http://evil.com", Some("example.com")));
+        assert!(!same_origin("http://127.0.0.1:9", Some("127.0.0.1:8080")));
+        assert!(!same_origin("null", Some("example.com")));
+        assert!(!same_origin("http://a", None));
+    }
+
+    #[test]
+    fn demo_page_uses_the_contract() {
+        assert!(DEMO_PAGE.contains("new EventSource(\"/events/demo\")"));
+        assert!(DEMO_PAGE.contains("\"/publish/demo\""));
+        assert!(!DEMO_PAGE.contains("http://"), "no external assets");
+        assert!(!DEMO_PAGE.contains("https://"), "no external assets");
+    }
+}

@@ -1,0 +1,173 @@
+//! Tokens, single-use stream tickets and the session cookie a ticket sets.
+//!
+//! Tokens are compared in constant time and never logged. A ticket is a
+//! random secret valid once, for 30 seconds; the stream it opens sets a
+//! session cookie so the browser's own `EventSource` reconnects (which
+//! repeat the spent ticket's URL) authenticate with the cookie instead.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::Request;
+
+/// How long a ticket is valid.
+pub const TICKET_TTL: Duration = Duration::from_secs(30);
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "ssed_session";
+/// Most tickets and sessions kept at once; past it the oldest go first.
+const MAX_ENTRIES: usize = 100_000;
+
+/// Compares two secrets in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The `Authorization: Bearer <token>` value, if any.
+pub fn bearer(req: &Request) -> Option<&str> {
+    let value = req.header("authorization")?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Whether the peer is on this machine.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+/// A value of a `Cookie` header.
+pub fn cookie<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.headers()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("cookie"))
+        .flat_map(|(_, v)| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A random secret of 32 hex digits from the kernel's generator.
+///
+/// # Errors
+///
+/// When `/dev/urandom` cannot be read.
+pub fn random_secret() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Outstanding tickets and live sessions.
+#[derive(Debug, Default)]
+pub struct Tickets {
+    tickets: Mutex<HashMap<String, Instant>>,
+    sessions: Mutex<HashMap<String, Instant>>,
+}
+
+impl Tickets {
+    /// Issues a ticket valid for [`TICKET_TTL`].
+    ///
+    /// # Errors
+    ///
+    /// When no random secret can be made.
+    pub fn issue(&self) -> std::io::Result<String> {
+        let ticket = random_secret()?;
+        let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        prune(&mut t);
+        t.insert(ticket.clone(), Instant::now() + TICKET_TTL);
+        Ok(ticket)
+    }
+
+    /// Spends a ticket: true once, if it exists and has not expired.
+    pub fn redeem(&self, ticket: &str) -> bool {
+        let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        t.remove(ticket).is_some_and(|exp| Instant::now() < exp)
+    }
+
+    /// Opens a session valid for `ttl`; returns its secret.
+    ///
+    /// # Errors
+    ///
+    /// When no random secret can be made.
+    pub fn open_session(&self, ttl: Duration) -> std::io::Result<String> {
+        let secret = random_secret()?;
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        prune(&mut s);
+        s.insert(secret.clone(), Instant::now() + ttl);
+        Ok(secret)
+    }
+
+    /// Whether a session secret is live.
+    pub fn session_valid(&self, secret: &str) -> bool {
+        let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        s.get(secret).is_some_and(|exp| Instant::now() < *exp)
+    }
+}
+
+/// Drops expired entries; past the bound, the soonest to expire too.
+fn prune(map: &mut HashMap<String, Instant>) {
+    let now = Instant::now();
+    map.retain(|_, exp| *exp > now);
+    while map.len() >= MAX_ENTRIES {
+        let Some(oldest) = map.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone()) else {
+            break;
+        };
+        map.remove(&oldest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compares_secrets() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn reads_credentials() {
+        let peer = ([127, 0, 0, 1], 1).into();
+        let r = Request::new("GET", "/", peer)
+            .with_header("Authorization", "Bearer  s3cret ")
+            .with_header("Cookie", "a=1; ssed_session=xyz; b=2");
+        assert_eq!(bearer(&r), Some("s3cret"));
+        assert_eq!(cookie(&r, SESSION_COOKIE), Some("xyz"));
+        assert_eq!(cookie(&r, "c"), None);
+        let r = Request::new("GET", "/", peer).with_header("Authorization", "Basic abc");
+        assert_eq!(bearer(&r), None);
+    }
+
+    #[test]
+    fn loopback() {
+        assert!(is_loopback("127.0.0.2".parse().expect("ip")));
+        assert!(is_loopback("::1".parse().expect("ip")));
+        assert!(is_loopback("::ffff:127.0.0.1".parse().expect("ip")));
+        assert!(!is_loopback("10.0.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn tickets_are_single_use() {
+        let t = Tickets::default();
+        let a = t.issue().expect("urandom");
+        assert_eq!(a.len(), 32);
+        assert!(t.redeem(&a));
+        assert!(!t.redeem(&a), "single use");
+        assert!(!t.redeem("unknown"));
+        let s = t.open_session(Duration::from_secs(60)).expect("urandom");
+        assert!(t.session_valid(&s));
+        assert!(!t.session_valid("nope"));
+        let expired = t.open_session(Duration::ZERO).expect("urandom");
+        assert!(!t.session_valid(&expired));
+    }
+}

@@ -1,0 +1,580 @@
+//! The daemon's configuration: defaults, the TOML file, the environment.
+//!
+//! The file is parsed into a table and read key by key, so every error names
+//! its key (and the file) rather than a position in a serde type.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+/// Where the publish token may also come from.
+pub const ENV_PUBLISH_TOKEN: &str = "SSED_PUBLISH_TOKEN";
+/// Where the subscribe token may also come from.
+pub const ENV_SUBSCRIBE_TOKEN: &str = "SSED_SUBSCRIBE_TOKEN";
+
+/// What a stream past the cap gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverloadMode {
+    /// `503` with `Retry-After`.
+    Reject,
+    /// `EventSource` clients get `200`, a jittered `retry:` and a close.
+    Retry,
+}
+
+/// One `[[postgres]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// The connection URL.
+    pub url: String,
+    /// Channels to `LISTEN` on.
+    pub channels: Vec<String>,
+}
+
+/// Every setting of the daemon.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// `listen`: address to listen on. Default `127.0.0.1:8080`.
+    pub listen: String,
+    /// `max_connections`: the stream cap; `None` derives it from the machine.
+    pub max_connections: Option<usize>,
+    /// `max_execution_time`: stream budget; zero is unlimited. Default 30 s.
+    pub max_execution_time: Duration,
+    /// `heartbeat`: keep-alive interval; zero is off. Default 15 s.
+    pub heartbeat: Duration,
+    /// `heartbeat_event`: `event: ping` instead of a comment. Default false.
+    pub heartbeat_event: bool,
+    /// `retry`: sent as `retry:` when a stream opens; zero sends none. Default 3 s.
+    pub retry: Duration,
+    /// `history`: events kept per topic. Default 1000.
+    pub history: usize,
+    /// `request_timeout`: time to receive a request head and body. Default 10 s.
+    pub request_timeout: Duration,
+    /// `write_timeout`: time one write may block. Default 10 s.
+    pub write_timeout: Duration,
+    /// `max_body`: bytes per published message. Default 65536.
+    pub max_body: usize,
+    /// `stack_size`: bytes of stack per connection thread. Default 65536.
+    pub stack_size: usize,
+    /// `cors_origins`: origins allowed to subscribe cross-origin; `*` for any.
+    pub cors_origins: Vec<String>,
+    /// `overload`: `"503"` or `"retry"`. Default `"503"`.
+    pub overload: OverloadMode,
+    /// `overload_retry`: range of the jittered `retry:`. Default 5 s to 15 s.
+    pub overload_retry: (Duration, Duration),
+    /// `ticket_session`: lifetime of a ticket's session cookie. Default 1 h.
+    pub ticket_session: Duration,
+    /// `data_dir`: where durable history lives; empty keeps it in memory.
+    pub data_dir: Option<PathBuf>,
+    /// `[auth] publish_token`, or `SSED_PUBLISH_TOKEN`.
+    pub publish_token: Option<String>,
+    /// `[auth] subscribe_token`, or `SSED_SUBSCRIBE_TOKEN`.
+    pub subscribe_token: Option<String>,
+    /// `[redis] url`.
+    pub redis_url: Option<String>,
+    /// `[[postgres]]` tables.
+    pub postgres: Vec<PostgresConfig>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Tokens never reach a log line, not even a debug one.
+        let redact = |t: &Option<String>| t.as_ref().map(|_| "<set>");
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("max_connections", &self.max_connections)
+            .field("max_execution_time", &self.max_execution_time)
+            .field("heartbeat", &self.heartbeat)
+            .field("heartbeat_event", &self.heartbeat_event)
+            .field("retry", &self.retry)
+            .field("history", &self.history)
+            .field("request_timeout", &self.request_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("max_body", &self.max_body)
+            .field("stack_size", &self.stack_size)
+            .field("cors_origins", &self.cors_origins)
+            .field("overload", &self.overload)
+            .field("overload_retry", &self.overload_retry)
+            .field("ticket_session", &self.ticket_session)
+            .field("data_dir", &self.data_dir)
+            .field("publish_token", &redact(&self.publish_token))
+            .field("subscribe_token", &redact(&self.subscribe_token))
+            .field("redis_url", &self.redis_url)
+            .field("postgres", &self.postgres)
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            max_connections: None,
+            max_execution_time: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(15),
+            heartbeat_event: false,
+            retry: Duration::from_secs(3),
+            history: 1000,
+            request_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            max_body: 65536,
+            stack_size: 65536,
+            cors_origins: Vec::new(),
+            overload: OverloadMode::Reject,
+            overload_retry: (Duration::from_secs(5), Duration::from_secs(15)),
+            ticket_session: Duration::from_secs(3600),
+            data_dir: None,
+            publish_token: None,
+            subscribe_token: None,
+            redis_url: None,
+            postgres: Vec::new(),
+        }
+    }
+}
+
+/// A configuration error: which file, which key, what is wrong.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A key is unknown, has the wrong type, or a bad value.
+    Key {
+        /// The file, or `None` for a value from the command line.
+        path: Option<PathBuf>,
+        /// The key, dotted for tables (`auth.publish_token`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn key(path: Option<&Path>, key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Key {
+            path: path.map(Path::to_path_buf),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, .. } => write!(f, "cannot read config file {}", path.display()),
+            ConfigError::Syntax { path, message } => {
+                write!(f, "config file {}: invalid TOML: {}", path.display(), message.trim())
+            }
+            ConfigError::Key {
+                path: Some(path),
+                key,
+                message,
+            } => write!(f, "config file {}: key `{key}`: {message}", path.display()),
+            ConfigError::Key {
+                path: None,
+                key,
+                message,
+            } => write!(f, "{key}: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Read { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` over the defaults.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file and, for a bad key or value, the key.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, Some(path))
+    }
+
+    /// Parses TOML text over the defaults; `path` names the source in errors.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] as for [`from_file`](Config::from_file).
+    pub fn from_toml(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.map_or_else(|| PathBuf::from("<config>"), Path::to_path_buf),
+            message: e.to_string(),
+        })?;
+        let mut c = Config::default();
+        let r = Reader { path };
+        for (key, value) in &table {
+            match key.as_str() {
+                "listen" => {
+                    let s = r.string(key, value)?;
+                    check_listen(&s).map_err(|m| ConfigError::key(path, key, m))?;
+                    c.listen = s;
+                }
+                "max_connections" => {
+                    let n = r.integer(key, value, 0, u32::MAX as i64)?;
+                    c.max_connections = (n > 0).then_some(n as usize);
+                }
+                "max_execution_time" => c.max_execution_time = r.duration(key, value)?,
+                "heartbeat" => c.heartbeat = r.duration(key, value)?,
+                "heartbeat_event" => c.heartbeat_event = r.boolean(key, value)?,
+                "retry" => c.retry = r.duration(key, value)?,
+                "history" => c.history = r.integer(key, value, 0, 10_000_000)? as usize,
+                "request_timeout" => c.request_timeout = r.nonzero_duration(key, value)?,
+                "write_timeout" => c.write_timeout = r.nonzero_duration(key, value)?,
+                "max_body" => c.max_body = r.integer(key, value, 1, 1 << 30)? as usize,
+                "stack_size" => {
+                    c.stack_size = r.integer(key, value, crate::MIN_STACK_SIZE as i64, 1 << 30)? as usize;
+                }
+                "cors_origins" => c.cors_origins = r.strings(key, value)?,
+                "overload" => {
+                    c.overload = match r.string(key, value)?.as_str() {
+                        "503" => OverloadMode::Reject,
+                        "retry" => OverloadMode::Retry,
+                        other => {
+                            return Err(ConfigError::key(
+                                path,
+                                key,
+                                format!("expected \"503\" or \"retry\", found {other:?}"),
+                            ));
+                        }
+                    };
+                }
+                "overload_retry" => {
+                    let items = r.strings(key, value)?;
+                    let [min, max] = items.as_slice() else {
+                        return Err(ConfigError::key(path, key, "expected two durations, [\"5s\", \"15s\"]"));
+                    };
+                    let min = parse_duration(min).map_err(|m| ConfigError::key(path, key, m))?;
+                    let max = parse_duration(max).map_err(|m| ConfigError::key(path, key, m))?;
+                    if min > max || max.is_zero() {
+                        return Err(ConfigError::key(path, key, "expected [shortest, longest] with longest > 0"));
+                    }
+                    c.overload_retry = (min, max);
+                }
+                "ticket_session" => c.ticket_session = r.nonzero_duration(key, value)?,
+                "data_dir" => {
+                    let s = r.string(key, value)?;
+                    c.data_dir = (!s.is_empty()).then(|| PathBuf::from(s));
+                }
+                "auth" => {
+                    let t = r.table(key, value)?;
+                    for (k, v) in t {
+                        let full = format!("auth.{k}");
+                        let token = r.string(&full, v)?;
+                        let token = (!token.is_empty()).then_some(token);
+                        match k.as_str() {
+                            "publish_token" => c.publish_token = token,
+                            "subscribe_token" => c.subscribe_token = token,
+                            _ => return Err(r.unknown(&full)),
+                        }
+                    }
+                }
+                "redis" => {
+                    let t = r.table(key, value)?;
+                    for (k, v) in t {
+                        let full = format!("redis.{k}");
+                        match k.as_str() {
+                            "url" => {
+                                let url = r.string(&full, v)?;
+                                c.redis_url = (!url.is_empty()).then_some(url);
+                            }
+                            _ => return Err(r.unknown(&full)),
+                        }
+                    }
+                }
+                "postgres" => {
+                    let Value::Array(items) = value else {
+                        return Err(ConfigError::key(path, key, "expected an array of tables, [[postgres]]"));
+                    };
+                    for (i, item) in items.iter().enumerate() {
+                        let at = format!("postgres[{i}]");
+                        let t = r.table(&at, item)?;
+                        let mut pg = PostgresConfig {
+                            url: String::new(),
+                            channels: Vec::new(),
+                        };
+                        for (k, v) in t {
+                            let full = format!("{at}.{k}");
+                            match k.as_str() {
+                                "url" => pg.url = r.string(&full, v)?,
+                                "channels" => pg.channels = r.strings(&full, v)?,
+                                _ => return Err(r.unknown(&full)),
+                            }
+                        }
+                        if pg.url.is_empty() {
+                            return Err(ConfigError::key(path, &format!("{at}.url"), "missing"));
+                        }
+                        c.postgres.push(pg);
+                    }
+                }
+                _ => return Err(r.unknown(key)),
+            }
+        }
+        Ok(c)
+    }
+
+    /// Takes the tokens from `SSED_PUBLISH_TOKEN` / `SSED_SUBSCRIBE_TOKEN`
+    /// when they are set and not empty (they override the file).
+    pub fn apply_env(&mut self) {
+        self.apply_env_from(|k| std::env::var(k).ok());
+    }
+
+    /// [`apply_env`](Config::apply_env) with a custom lookup (for tests).
+    pub fn apply_env_from(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(t) = get(ENV_PUBLISH_TOKEN).filter(|t| !t.is_empty()) {
+            self.publish_token = Some(t);
+        }
+        if let Some(t) = get(ENV_SUBSCRIBE_TOKEN).filter(|t| !t.is_empty()) {
+            self.subscribe_token = Some(t);
+        }
+    }
+
+    /// Overrides the listen address (from `--listen`).
+    ///
+    /// # Errors
+    ///
+    /// When the address is not `host:port`.
+    pub fn set_listen(&mut self, addr: &str) -> Result<(), ConfigError> {
+        check_listen(addr).map_err(|m| ConfigError::key(None, "--listen", m))?;
+        self.listen = addr.to_owned();
+        Ok(())
+    }
+}
+
+fn check_listen(addr: &str) -> Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("expected host:port, e.g. \"127.0.0.1:8080\", found {addr:?}")),
+    }
+}
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"` or `"0"`.
+///
+/// # Errors
+///
+/// A message saying what a duration looks like.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}: use a number with a unit (\"250ms\", \"30s\", \"5m\", \"1h\") or \"0\"");
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = s.split_at(split);
+    if num.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    };
+    Ok(d)
+}
+
+struct Reader<'a> {
+    path: Option<&'a Path>,
+}
+
+impl Reader<'_> {
+    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::key(self.path, key, message)
+    }
+
+    fn unknown(&self, key: &str) -> ConfigError {
+        self.err(key, "unknown key (see config.example.toml for every key)")
+    }
+
+    fn type_err(&self, key: &str, want: &str, found: &Value) -> ConfigError {
+        let shown = match found {
+            Value::String(s) => format!(" {s:?}"),
+            Value::Integer(n) => format!(" {n}"),
+            Value::Float(f) => format!(" {f}"),
+            Value::Boolean(b) => format!(" {b}"),
+            _ => String::new(),
+        };
+        self.err(key, format!("expected {want}, found {}{shown}", found.type_str()))
+    }
+
+    fn string(&self, key: &str, v: &Value) -> Result<String, ConfigError> {
+        v.as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| self.type_err(key, "a string", v))
+    }
+
+    fn boolean(&self, key: &str, v: &Value) -> Result<bool, ConfigError> {
+        v.as_bool().ok_or_else(|| self.type_err(key, "true or false", v))
+    }
+
+    fn integer(&self, key: &str, v: &Value, min: i64, max: i64) -> Result<i64, ConfigError> {
+        let n = v.as_integer().ok_or_else(|| self.type_err(key, "an integer", v))?;
+        if n < min || n > max {
+            return Err(self.err(key, format!("{n} is out of range ({min} to {max})")));
+        }
+        Ok(n)
+    }
+
+    fn duration(&self, key: &str, v: &Value) -> Result<Duration, ConfigError> {
+        match v {
+            Value::String(s) => parse_duration(s).map_err(|m| self.err(key, m)),
+            Value::Integer(0) => Ok(Duration::ZERO),
+            other => Err(self.type_err(key, "a duration string like \"30s\"", other)),
+        }
+    }
+
+    fn nonzero_duration(&self, key: &str, v: &Value) -> Result<Duration, ConfigError> {
+        let d = self.duration(key, v)?;
+        if d.is_zero() {
+            return Err(self.err(key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn strings(&self, key: &str, v: &Value) -> Result<Vec<String>, ConfigError> {
+        let Value::Array(items) = v else {
+            return Err(self.type_err(key, "an array of strings", v));
+        };
+        items
+            .iter()
+            .map(|i| i.as_str().map(str::to_owned).ok_or_else(|| self.type_err(key, "an array of strings", i)))
+            .collect()
+    }
+
+    fn table<'v>(&self, key: &str, v: &'v Value) -> Result<&'v Table, ConfigError> {
+        v.as_table().ok_or_else(|| self.type_err(key, "a table", v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text, Some(Path::new("ssed.toml")))
+            .expect_err(text)
+            .to_string()
+    }
+
+    #[test]
+    fn durations() {
+        let table = [
+            ("0", Some(0)),
+            ("250ms", Some(250)),
+            ("30s", Some(30_000)),
+            ("5m", Some(300_000)),
+            ("1h", Some(3_600_000)),
+            ("fast", None),
+            ("10", None),
+            ("s", None),
+            ("-1s", None),
+            ("1.5s", None),
+            ("1d", None),
+            ("", None),
+        ];
+        for (text, ms) in table {
+            assert_eq!(parse_duration(text).ok().map(|d| d.as_millis() as u64), ms, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from_toml("", None).expect("empty is defaults");
+        assert_eq!(c, Config::default());
+        let c = Config::from_toml(
+            r#"
+            listen = "0.0.0.0:9000"
+            max_connections = 10
+            heartbeat = "0"
+            heartbeat_event = true
+            cors_origins = ["https://a.example"]
+            overload = "retry"
+            overload_retry = ["1s", "2s"]
+            [auth]
+            publish_token = "p"
+            [[postgres]]
+            url = "postgres://x@127.0.0.1/db"
+            channels = ["a", "b"]
+            "#,
+            None,
+        )
+        .expect("valid");
+        assert_eq!(c.listen, "0.0.0.0:9000");
+        assert_eq!(c.max_connections, Some(10));
+        assert_eq!(c.heartbeat, Duration::ZERO);
+        assert!(c.heartbeat_event);
+        assert_eq!(c.overload, OverloadMode::Retry);
+        assert_eq!(c.overload_retry, (Duration::from_secs(1), Duration::from_secs(2)));
+        assert_eq!(c.publish_token.as_deref(), Some("p"));
+        assert_eq!(c.postgres[0].channels, ["a", "b"]);
+        assert!(!format!("{c:?}").contains("\"p\""), "tokens are redacted");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        let table = [
+            ("heartbeat = \"fast\"", "key `heartbeat`: invalid duration \"fast\""),
+            ("nope = 1", "key `nope`: unknown key"),
+            ("max_connections = \"many\"", "key `max_connections`: expected an integer, found string"),
+            ("max_connections = -1", "key `max_connections`: -1 is out of range"),
+            ("history = true", "key `history`: expected an integer"),
+            ("overload = \"drop\"", "key `overload`: expected \"503\" or \"retry\""),
+            ("overload_retry = [\"5s\"]", "key `overload_retry`: expected two durations"),
+            ("listen = \"nowhere\"", "key `listen`: expected host:port"),
+            ("stack_size = 1024", "key `stack_size`: 1024 is out of range"),
+            ("write_timeout = \"0\"", "key `write_timeout`: must be greater than zero"),
+            ("[auth]\ntoken = \"x\"", "key `auth.token`: unknown key"),
+            ("[[postgres]]\nchannels = [\"a\"]", "key `postgres[0].url`: missing"),
+        ];
+        for (text, want) in table {
+            let got = err(text);
+            assert!(got.starts_with("config file ssed.toml: "), "{got}");
+            assert!(got.contains(want), "{text:?}: {got}");
+        }
+        assert!(err("listen = ").contains("invalid TOML"));
+    }
+
+    #[test]
+    fn env_overrides_tokens() {
+        let mut c = Config::from_toml("[auth]\npublish_token = \"file\"", None).expect("valid");
+        c.apply_env_from(|k| match k {
+            ENV_PUBLISH_TOKEN => Some("env".into()),
+            ENV_SUBSCRIBE_TOKEN => Some(String::new()),
+            _ => None,
+        });
+        assert_eq!(c.publish_token.as_deref(), Some("env"));
+        assert_eq!(c.subscribe_token, None, "an empty variable is no token");
+    }
+}

@@ -1,0 +1,277 @@
+//! Running out of file descriptors never stops the server for good: the
+//! `ssed` binary runs as a child process whose descriptor limit the test
+//! lowers to 64, a flood of idle connections makes `accept` fail with
+//! EMFILE, and the server must stay up, let a new client in while the flood
+//! holds (by cutting the oldest waiting connection), and accept normally
+//! once the flood is gone.
+#![cfg(feature = "daemon")]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Resource, Rlimit, prlimit};
+use support::{Client, wait_until};
+
+/// The child's descriptor limit during the test.
+const FD_LIMIT: u64 = 64;
+/// Idle connections opened against it: about three times what it can hold.
+const FLOOD: usize = 200;
+/// A flood only a little past what the child can hold (about 57 waiting
+/// connections): some 20 connections queue in the backlog ahead of a new
+/// client.
+const SMALL_FLOOD: usize = 80;
+const GET_ROOT: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// The `ssed` binary, killed and reaped when dropped (also when a test
+/// fails half-way).
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    /// Everything the child logged so far.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ssed"))
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the ssed binary");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = crossbeam_channel::unbounded::<String>();
+        let sink = Arc::clone(&log);
+        // Keeps draining stderr for the child's whole life, so its logging
+        // never blocks on a full pipe; ends at EOF when the child dies.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line.clone()); // the test may have stopped listening
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        // From here on the guard kills the child, even if the address
+        // never shows up.
+        let mut daemon = Daemon {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = loop {
+            let line = rx.recv_deadline(deadline).unwrap_or_else(|_| {
+                panic!("no \"listening on\" line; log: {:?}", daemon.log_text())
+            });
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                break addr
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad address in {line:?}"));
+            }
+        };
+        daemon.addr = addr;
+        daemon
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_child(&self.child)
+    }
+
+    /// Sets the child's soft and hard descriptor limits.
+    fn limit_fds(&self, n: u64) {
+        let limit = Rlimit {
+            current: Some(n),
+            maximum: Some(n),
+        };
+        prlimit(Some(self.pid()), Resource::Nofile, limit).expect("prlimit on the child");
+    }
+
+    /// Descriptors the child holds now.
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |d| d.count())
+    }
+
+    fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    fn logged(&self, needle: &str) -> bool {
+        self.log
+            .lock()
+            .is_ok_and(|l| l.iter().any(|line| line.contains(needle)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // it may have died already
+        let _ = self.child.wait(); // reap it; nothing to report from a drop
+    }
+}
+
+/// One `GET /` on a fresh connection: the status, or why there was none by
+/// `deadline`.
+fn get_root(addr: SocketAddr, deadline: Instant) -> Result<u16, String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err("out of time".into());
+    }
+    let conn = TcpStream::connect_timeout(&addr, left).map_err(|e| format!("connect: {e}"))?;
+    conn.set_read_timeout(Some(left))
+        .map_err(|e| e.to_string())?;
+    conn.set_write_timeout(Some(left))
+        .map_err(|e| e.to_string())?;
+    let mut c = Client::from_conn(conn);
+    c.conn
+        .write_all(GET_ROOT)
+        .map_err(|e| format!("send: {e}"))?;
+    let head = c.try_head().map_err(|e| format!("head: {e}"))?;
+    // Read the page to its end so the server's close is orderly.
+    let mut rest = Vec::new();
+    let _ = c.conn.read_to_end(&mut rest); // the status is what matters
+    Ok(head.status)
+}
+
+/// `GET /` until one answers `200` or `budget` runs out; returns the time
+/// it took. Each attempt waits on its connection for the rest of the budget:
+/// while the server is out of descriptors a new connection queues in the
+/// listen backlog, and giving up on it early would only rejoin the queue at
+/// its back.
+fn get_root_within(addr: SocketAddr, budget: Duration) -> Result<Duration, Vec<String>> {
+    let start = Instant::now();
+    let deadline = start + budget;
+    let mut failures = Vec::new();
+    // Bounded by the deadline; only a connection the server cut (EOF or
+    // reset) is retried.
+    for _ in 0..1_000 {
+        match get_root(addr, deadline) {
+            Ok(200) => return Ok(start.elapsed()),
+            Ok(status) => failures.push(format!("status {status}")),
+            Err(e) => failures.push(e),
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(failures)
+}
+
+/// Opens the flood and waits until the child is out of descriptors and
+/// says so.
+fn exhaust(daemon: &mut Daemon, flood: usize) -> Vec<TcpStream> {
+    daemon.limit_fds(FD_LIMIT);
+    let before = daemon.fds();
+    // The kernel completes these handshakes from the listen backlog, so
+    // every connect succeeds whether or not the server can accept it.
+    let flood: Vec<TcpStream> = (0..flood)
+        .map(|_| TcpStream::connect(daemon.addr).expect("connect to the backlog"))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || daemon.logged("accept failed")),
+        "the server never reported a failed accept; it holds {} descriptors; log:\n{}",
+        daemon.fds(),
+        daemon.log_text()
+    );
+    let during = daemon.fds();
+    eprintln!(
+        "child descriptors: {before} before the flood, {during} at EMFILE (limit {FD_LIMIT})"
+    );
+    assert!(
+        during as u64 >= FD_LIMIT - 2,
+        "expected the child at its limit, holds {during}"
+    );
+    assert!(
+        daemon.is_alive(),
+        "the server died at EMFILE; log:\n{}",
+        daemon.log_text()
+    );
+    flood
+}
+
+#[test]
+fn accepts_again_once_the_flood_is_gone() {
+    let mut daemon = Daemon::start();
+    let addr = daemon.addr;
+    assert_eq!(
+        get_root(addr, Instant::now() + Duration::from_secs(5)),
+        Ok(200)
+    );
+
+    let flood = exhaust(&mut daemon, FLOOD);
+    drop(flood);
+
+    let took = get_root_within(addr, Duration::from_secs(5)).unwrap_or_else(|e| {
+        panic!(
+            "no 200 after the flood closed: {e:?}; log:\n{}",
+            daemon.log_text()
+        )
+    });
+    eprintln!("GET / answered {took:?} after the flood closed");
+    assert!(daemon.is_alive());
+    // And keeps accepting: a handful more in a row.
+    for _ in 0..5 {
+        assert_eq!(
+            get_root(addr, Instant::now() + Duration::from_secs(2)),
+            Ok(200)
+        );
+    }
+    let fds = daemon.fds();
+    eprintln!("child descriptors after recovery: {fds}");
+}
+
+#[test]
+fn serves_a_new_client_while_the_flood_holds() {
+    let mut daemon = Daemon::start();
+    let addr = daemon.addr;
+    let flood = exhaust(&mut daemon, SMALL_FLOOD);
+
+    let took = get_root_within(addr, Duration::from_secs(5)).unwrap_or_else(|e| {
+        panic!(
+            "no 200 within 5 s while out of descriptors: {e:?}; child holds {} fds; log:\n{}",
+            daemon.fds(),
+            daemon.log_text()
+        )
+    });
+    eprintln!("GET / answered {took:?} behind a flood of {SMALL_FLOOD}");
+    assert!(daemon.is_alive());
+    drop(flood);
+}
+
+/// The same behind the full flood: about 140 idle connections queue ahead
+/// of the client, and each is let in (cutting the oldest held one) only on
+/// the acceptor's 100 ms sweep, whatever the back-off says, so the client
+/// waits some 14 s instead of milliseconds.
+#[test]
+#[ignore = "at EMFILE the acceptor admits one connection per 100 ms sweep (~14 s here)"]
+fn serves_a_new_client_promptly_behind_a_large_flood() {
+    let mut daemon = Daemon::start();
+    let addr = daemon.addr;
+    let flood = exhaust(&mut daemon, FLOOD);
+
+    let took = get_root_within(addr, Duration::from_secs(3)).unwrap_or_else(|e| {
+        panic!(
+            "no 200 within 3 s while out of descriptors: {e:?}; child holds {} fds; log:\n{}",
+            daemon.fds(),
+            daemon.log_text()
+        )
+    });
+    eprintln!("GET / answered {took:?} behind a flood of {FLOOD}");
+    assert!(daemon.is_alive());
+    drop(flood);
+}
