@@ -140,7 +140,11 @@ impl Acceptor {
                 tv_sec: 0,
                 tv_nsec: wait.as_nanos() as i64,
             };
-            match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut events), Some(&timeout)) {
+            match epoll::wait(
+                &self.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                Some(&timeout),
+            ) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
@@ -200,7 +204,11 @@ impl Acceptor {
     /// Handles a failed `accept`; returns true when a descriptor was freed
     /// and accepting may go on at once.
     fn on_accept_error(&mut self, e: &io::Error) -> bool {
-        self.shared.stats.counters().accept_errors.fetch_add(1, Relaxed);
+        self.shared
+            .stats
+            .counters()
+            .accept_errors
+            .fetch_add(1, Relaxed);
         let now = Instant::now();
         if self
             .last_error_log
@@ -277,7 +285,11 @@ impl Acceptor {
             PendingState::Idle if buf.is_empty() => self.shared.config.keep_alive_timeout,
             _ => self.shared.config.request_timeout,
         };
-        let state = if buf.is_empty() { state } else { PendingState::Head };
+        let state = if buf.is_empty() {
+            state
+        } else {
+            PendingState::Head
+        };
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -399,7 +411,11 @@ impl Acceptor {
         match head::parse(&p.buf) {
             Parse::Partial => true,
             Parse::Error(e) => {
-                self.shared.stats.counters().bad_requests.fetch_add(1, Relaxed);
+                self.shared
+                    .stats
+                    .counters()
+                    .bad_requests
+                    .fetch_add(1, Relaxed);
                 let minor = 1;
                 self.answer(idx, minor, Response::text(e.status(), e.message()));
                 false
@@ -430,7 +446,11 @@ impl Acceptor {
             }
             Match::MethodNotAllowed(allow) => {
                 let msg = format!("method {} not allowed; allowed: {allow}", req.method());
-                self.answer_conn(p, minor, Response::text(405, msg).with_header("Allow", &allow));
+                self.answer_conn(
+                    p,
+                    minor,
+                    Response::text(405, msg).with_header("Allow", &allow),
+                );
             }
             Match::Handler(Handler::Stream(handler), params, _) => {
                 if !req.accepts_event_stream() {
@@ -439,7 +459,8 @@ impl Acceptor {
                     return;
                 }
                 if shared.shutdown.is_shutdown() {
-                    let r = Response::text(503, "server shutting down").with_header("Retry-After", "1");
+                    let r =
+                        Response::text(503, "server shutting down").with_header("Retry-After", "1");
                     self.answer_conn(p, minor, r);
                     return;
                 }
@@ -455,13 +476,13 @@ impl Acceptor {
                 self.spawn(p, Job::Stream { req, handler }, minor);
             }
             Match::Handler(Handler::Plain(handler), params, head_only) => {
-                if let BodyKind::Length(n) = req.body_kind {
-                    if n > config.max_body as u64 {
-                        counters.bad_requests.fetch_add(1, Relaxed);
-                        let msg = format!("request body too large (limit: {} bytes)", config.max_body);
-                        self.answer_conn(p, minor, Response::text(413, msg));
-                        return;
-                    }
+                if let BodyKind::Length(n) = req.body_kind
+                    && n > config.max_body as u64
+                {
+                    counters.bad_requests.fetch_add(1, Relaxed);
+                    let msg = format!("request body too large (limit: {} bytes)", config.max_body);
+                    self.answer_conn(p, minor, Response::text(413, msg));
+                    return;
                 }
                 let active = counters.requests_active.load(Relaxed);
                 if active >= config.max_requests as u64 {
@@ -499,14 +520,21 @@ impl Acceptor {
                     .with_header("Content-Type", "text/event-stream")
                     .with_header("Cache-Control", "no-cache")
                     .with_body(body);
-                log::debug!("stream from {} refused at the cap ({open} open): retry in {retry:?}", p.peer);
+                log::debug!(
+                    "stream from {} refused at the cap ({open} open): retry in {retry:?}",
+                    p.peer
+                );
                 self.answer_conn(p, minor, r);
             }
             _ => {
                 let secs = self.shared.config.retry_after.as_secs().max(1).to_string();
                 let msg = format!("server at capacity ({open} streams open); retry later");
                 log::debug!("stream from {} refused at the cap ({open} open)", p.peer);
-                self.answer_conn(p, minor, Response::text(503, msg).with_header("Retry-After", &secs));
+                self.answer_conn(
+                    p,
+                    minor,
+                    Response::text(503, msg).with_header("Retry-After", &secs),
+                );
             }
         }
         if open > 0 {
@@ -639,13 +667,21 @@ impl Acceptor {
             let Some(p) = self.remove(idx) else { continue };
             match p.state {
                 PendingState::Head if !p.buf.is_empty() => {
-                    self.shared.stats.counters().head_timeouts.fetch_add(1, Relaxed);
+                    self.shared
+                        .stats
+                        .counters()
+                        .head_timeouts
+                        .fetch_add(1, Relaxed);
                     log::debug!("request head from {} not complete in time", p.peer);
                     let r = Response::text(408, "request head not received in time");
                     self.answer_conn(p, 1, r);
                 }
                 PendingState::Head => {
-                    self.shared.stats.counters().head_timeouts.fetch_add(1, Relaxed);
+                    self.shared
+                        .stats
+                        .counters()
+                        .head_timeouts
+                        .fetch_add(1, Relaxed);
                     log::debug!("connection from {} sent nothing in time", p.peer);
                 }
                 PendingState::Idle | PendingState::Linger => {}

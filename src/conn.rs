@@ -57,7 +57,12 @@ impl Drop for Gauge<'_> {
 }
 
 /// The body of every connection thread.
-pub(crate) fn run(shared: Arc<Shared>, slot: Arc<Mutex<Option<TcpStream>>>, peer: SocketAddr, job: Job) {
+pub(crate) fn run(
+    shared: Arc<Shared>,
+    slot: Arc<Mutex<Option<TcpStream>>>,
+    peer: SocketAddr,
+    job: Job,
+) {
     let counters = shared.stats.counters();
     let _gauge = match &job {
         Job::Stream { .. } => Gauge(&counters.streams_open),
@@ -80,7 +85,13 @@ pub(crate) fn run(shared: Arc<Shared>, slot: Arc<Mutex<Option<TcpStream>>>, peer
     }
 }
 
-fn run_stream(shared: &Shared, conn: TcpStream, peer: SocketAddr, req: &Request, handler: &StreamFn) {
+fn run_stream(
+    shared: &Shared,
+    conn: TcpStream,
+    peer: SocketAddr,
+    req: &Request,
+    handler: &StreamFn,
+) {
     if shared.config.send_buffer > 0 {
         // A small send buffer bounds what a stalled reader pins in the
         // kernel; failure only means the kernel default stays.
@@ -113,7 +124,11 @@ fn run_stream(shared: &Shared, conn: TcpStream, peer: SocketAddr, req: &Request,
         }
         Err(panic) => {
             shared.stats.counters().handler_panics.fetch_add(1, Relaxed);
-            log::error!("stream handler for {} panicked: {}", req.path(), panic_message(&*panic));
+            log::error!(
+                "stream handler for {} panicked: {}",
+                req.path(),
+                panic_message(&*panic)
+            );
             Outcome::Failed
         }
     };

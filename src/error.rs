@@ -274,7 +274,8 @@ mod tests {
         for (i, r) in EndReason::ALL.iter().enumerate() {
             assert_eq!(r.index(), i);
         }
-        let names: std::collections::HashSet<_> = EndReason::ALL.iter().map(|r| r.reason()).collect();
+        let names: std::collections::HashSet<_> =
+            EndReason::ALL.iter().map(|r| r.reason()).collect();
         assert_eq!(names.len(), 5);
     }
 

@@ -127,15 +127,15 @@ impl Event {
     /// [`EventError::EventName`] or [`EventError::Id`] as for
     /// [`encode`](Event::encode).
     pub fn validate(&self) -> Result<(), EventError> {
-        if let Some(name) = &self.event {
-            if has_line_break(name) {
-                return Err(EventError::EventName);
-            }
+        if let Some(name) = &self.event
+            && has_line_break(name)
+        {
+            return Err(EventError::EventName);
         }
-        if let Some(id) = &self.id {
-            if has_line_break(id) || id.contains('\0') {
-                return Err(EventError::Id);
-            }
+        if let Some(id) = &self.id
+            && (has_line_break(id) || id.contains('\0'))
+        {
+            return Err(EventError::Id);
         }
         Ok(())
     }
@@ -167,10 +167,10 @@ impl Event {
                 out.push(b'\n');
             }
         }
-        if let Some(name) = &self.event {
-            if !name.is_empty() {
-                field(out, b"event", name);
-            }
+        if let Some(name) = &self.event
+            && !name.is_empty()
+        {
+            field(out, b"event", name);
         }
         if let Some(id) = &self.id {
             field(out, b"id", id);
@@ -289,7 +289,10 @@ mod tests {
             (Event::new().event("").data("1"), "data: 1\n\n"),
             (Event::new().id(""), "id:\n\n"),
             (Event::new().id("1-2"), "id: 1-2\n\n"),
-            (Event::new().retry(Duration::from_secs(10)), "retry: 10000\n\n"),
+            (
+                Event::new().retry(Duration::from_secs(10)),
+                "retry: 10000\n\n",
+            ),
             (Event::new().retry(Duration::ZERO), "\n"),
             (Event::new().retry(Duration::from_micros(900)), "\n"),
             (Event::new().comment("hb"), ": hb\n\n"),

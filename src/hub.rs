@@ -98,7 +98,8 @@ impl FromStr for EventId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (ms, seq) = s.split_once('-').ok_or(ParseIdError)?;
-        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
         if !digits(ms) || !digits(seq) {
             return Err(ParseIdError);
         }
@@ -443,7 +444,11 @@ impl Hub {
     /// # Errors
     ///
     /// [`HubError::InvalidName`] for a bad topic name.
-    pub fn subscribe(&self, topics: &[&str], last_event_id: Option<&str>) -> Result<Subscription, HubError> {
+    pub fn subscribe(
+        &self,
+        topics: &[&str],
+        last_event_id: Option<&str>,
+    ) -> Result<Subscription, HubError> {
         if let Some(bad) = topics.iter().find(|t| !valid_name(t)) {
             return Err(HubError::InvalidName((*bad).to_owned()));
         }
@@ -798,9 +803,22 @@ mod tests {
         assert_eq!(a.next(5), EventId::new(5, 1));
         assert_eq!(a.next(6), EventId::new(6, 0));
         assert!(EventId::new(5, 9) < EventId::new(6, 0));
-        assert!(EventId::new(5, 10) > EventId::new(5, 9), "numeric, not lexical");
+        assert!(
+            EventId::new(5, 10) > EventId::new(5, 9),
+            "numeric, not lexical"
+        );
         assert_eq!("17-3".parse(), Ok(EventId::new(17, 3)));
-        for bad in ["", "1", "1-", "-1", "a-1", "1-2-3", "1 -2", "+1-2", "99999999999999999999999-1"] {
+        for bad in [
+            "",
+            "1",
+            "1-",
+            "-1",
+            "a-1",
+            "1-2-3",
+            "1 -2",
+            "+1-2",
+            "99999999999999999999999-1",
+        ] {
             assert!(bad.parse::<EventId>().is_err(), "{bad:?}");
         }
     }
@@ -820,14 +838,19 @@ mod tests {
         let a = hub.subscribe(&["a"], None).expect("valid");
         let ab = hub.subscribe(&["a", "b"], None).expect("valid");
         let p1 = hub.publish("a", Event::new().data("1")).expect("valid");
-        let p2 = hub.publish("b", Event::new().event("x").data("2")).expect("valid");
+        let p2 = hub
+            .publish("b", Event::new().event("x").data("2"))
+            .expect("valid");
         assert!(p2.id > p1.id);
         assert_eq!((p1.receivers, p2.receivers), (2, 1));
         let fa = a.try_next().expect("queued");
         let fab = ab.try_next().expect("queued");
         assert!(std::ptr::eq(fa.as_bytes(), fab.as_bytes()), "encoded once");
         assert_eq!(text(&fab), format!("id: {}\ndata: 1\n\n", p1.id));
-        assert_eq!(text(&ab.try_next().expect("queued")), format!("event: x\nid: {}\ndata: 2\n\n", p2.id));
+        assert_eq!(
+            text(&ab.try_next().expect("queued")),
+            format!("event: x\nid: {}\ndata: 2\n\n", p2.id)
+        );
         assert!(a.try_next().is_none());
         drop(a);
         assert_eq!(hub.subscribers("a"), 1);
@@ -837,9 +860,18 @@ mod tests {
     fn replay_has_no_gap_and_no_duplicate() {
         let hub = Hub::new(100);
         let ids: Vec<EventId> = (0..5)
-            .map(|i| hub.publish(if i % 2 == 0 { "a" } else { "b" }, Event::new().data(i.to_string())).expect("valid").id)
+            .map(|i| {
+                hub.publish(
+                    if i % 2 == 0 { "a" } else { "b" },
+                    Event::new().data(i.to_string()),
+                )
+                .expect("valid")
+                .id
+            })
             .collect();
-        let mut sub = hub.subscribe(&["a", "b"], Some(&ids[1].to_string())).expect("valid");
+        let mut sub = hub
+            .subscribe(&["a", "b"], Some(&ids[1].to_string()))
+            .expect("valid");
         let live = hub.publish("a", Event::new().data("live")).expect("valid");
         let backlog: Vec<String> = sub.take_backlog().iter().map(text).collect();
         let want: Vec<String> = ids[2..]
@@ -848,7 +880,10 @@ mod tests {
             .map(|(id, i)| format!("id: {id}\ndata: {i}\n\n"))
             .collect();
         assert_eq!(backlog, want);
-        assert_eq!(text(&sub.try_next().expect("live")), format!("id: {}\ndata: live\n\n", live.id));
+        assert_eq!(
+            text(&sub.try_next().expect("live")),
+            format!("id: {}\ndata: live\n\n", live.id)
+        );
     }
 
     #[test]
@@ -856,12 +891,19 @@ mod tests {
         let hub = Hub::new(2);
         let first = hub.publish("t", Event::new().data("0")).expect("valid").id;
         for i in 1..4 {
-            hub.publish("t", Event::new().data(i.to_string())).expect("valid");
+            hub.publish("t", Event::new().data(i.to_string()))
+                .expect("valid");
         }
-        let mut sub = hub.subscribe(&["t"], Some(&first.to_string())).expect("valid");
+        let mut sub = hub
+            .subscribe(&["t"], Some(&first.to_string()))
+            .expect("valid");
         let backlog: Vec<String> = sub.take_backlog().iter().map(text).collect();
         assert_eq!(backlog.len(), 3, "{backlog:?}");
-        assert!(backlog[0].starts_with("event: reset\ndata: {"), "{}", backlog[0]);
+        assert!(
+            backlog[0].starts_with("event: reset\ndata: {"),
+            "{}",
+            backlog[0]
+        );
         assert!(backlog[0].contains(&format!("\"lastEventId\":\"{first}\"")));
         assert!(backlog[2].ends_with("data: 3\n\n"));
         for unknown in ["garbage", "99999999999999-0"] {
@@ -870,17 +912,26 @@ mod tests {
             assert!(text(&b[0]).starts_with("event: reset"), "{unknown}");
         }
         // Up to date: nothing to replay, no reset.
-        let mut sub = hub.subscribe(&["t"], Some(&hub.last_id().to_string())).expect("valid");
+        let mut sub = hub
+            .subscribe(&["t"], Some(&hub.last_id().to_string()))
+            .expect("valid");
         assert!(sub.take_backlog().is_empty());
     }
 
     #[test]
     fn a_full_queue_drops_only_that_subscriber() {
-        let hub = Hub::with_history(Box::new(MemoryHistory::new(10)), HubConfig { queue: 2, ..HubConfig::default() });
+        let hub = Hub::with_history(
+            Box::new(MemoryHistory::new(10)),
+            HubConfig {
+                queue: 2,
+                ..HubConfig::default()
+            },
+        );
         let slow = hub.subscribe(&["t"], None).expect("valid");
         let fast = hub.subscribe(&["t"], None).expect("valid");
         for i in 0..3 {
-            hub.publish("t", Event::new().data(i.to_string())).expect("valid");
+            hub.publish("t", Event::new().data(i.to_string()))
+                .expect("valid");
             while fast.try_next().is_some() {}
         }
         assert!(slow.is_slow());
@@ -889,19 +940,31 @@ mod tests {
         // The slow one drains what it had, then sees the disconnect.
         assert!(slow.try_next().is_some());
         assert!(slow.try_next().is_some());
-        assert!(matches!(slow.receiver().try_recv(), Err(crossbeam_channel::TryRecvError::Disconnected)));
+        assert!(matches!(
+            slow.receiver().try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        ));
     }
 
     #[test]
     fn mailboxes_are_fifo_bounded_and_single_delivery() {
         let hub = Hub::with_history(
             Box::new(MemoryHistory::new(0)),
-            HubConfig { mailbox_capacity: 2, ..HubConfig::default() },
+            HubConfig {
+                mailbox_capacity: 2,
+                ..HubConfig::default()
+            },
         );
         assert_eq!(hub.push("k", "a").expect("room"), 1);
         assert_eq!(hub.push("k", "b").expect("room"), 2);
-        assert!(matches!(hub.push("k", "c"), Err(HubError::MailboxFull { capacity: 2, .. })));
-        assert!(matches!(hub.push("bad key", "c"), Err(HubError::InvalidName(_))));
+        assert!(matches!(
+            hub.push("k", "c"),
+            Err(HubError::MailboxFull { capacity: 2, .. })
+        ));
+        assert!(matches!(
+            hub.push("bad key", "c"),
+            Err(HubError::InvalidName(_))
+        ));
         assert_eq!(hub.try_take("k").as_deref(), Some("a"));
         hub.untake("k", "a".into());
         assert_eq!(hub.try_take("k").as_deref(), Some("a"));

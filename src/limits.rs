@@ -62,10 +62,10 @@ impl Capacity {
             (by_memory, "memory"),
             (by_threads, "threads"),
         ] {
-            if let Some(l) = limit {
-                if l < best.0 {
-                    best = (l, name);
-                }
+            if let Some(l) = limit
+                && l < best.0
+            {
+                best = (l, name);
             }
         }
         Capacity {

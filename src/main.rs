@@ -116,15 +116,25 @@ fn refuse_unsupported(config: &Config, path: Option<&std::path::Path>) -> Result
     let unsupported = [
         (config.data_dir.is_some(), "data_dir", "durable history"),
         (config.redis_url.is_some(), "redis.url", "Redis"),
-        (!config.postgres.is_empty(), "postgres", "PostgreSQL LISTEN/NOTIFY"),
+        (
+            !config.postgres.is_empty(),
+            "postgres",
+            "PostgreSQL LISTEN/NOTIFY",
+        ),
     ];
     for (set, key, what) in unsupported {
         if set {
-            let file = path.map_or_else(|| "the configuration".to_owned(), |p| p.display().to_string());
+            let file = path.map_or_else(
+                || "the configuration".to_owned(),
+                |p| p.display().to_string(),
+            );
             return Err(ConfigError::Key {
                 path: path.map(std::path::Path::to_path_buf),
                 key: key.to_owned(),
-                message: format!("{what} is not available in ssed {} yet; remove it from {file}", env!("CARGO_PKG_VERSION")),
+                message: format!(
+                    "{what} is not available in ssed {} yet; remove it from {file}",
+                    env!("CARGO_PKG_VERSION")
+                ),
             });
         }
     }

@@ -55,7 +55,12 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
-    pub(crate) fn add(&mut self, method: &str, pattern: &str, handler: Handler) -> Result<(), Error> {
+    pub(crate) fn add(
+        &mut self,
+        method: &str,
+        pattern: &str,
+        handler: Handler,
+    ) -> Result<(), Error> {
         let segments = parse_pattern(pattern)?;
         let method = method.to_ascii_uppercase();
         if self
@@ -90,7 +95,10 @@ impl Router {
             if route.method == method {
                 return Match::Handler(route.handler.clone(), params, false);
             }
-            if method == "HEAD" && route.method == "GET" && matches!(route.handler, Handler::Plain(_)) {
+            if method == "HEAD"
+                && route.method == "GET"
+                && matches!(route.handler, Handler::Plain(_))
+            {
                 head_fallback.get_or_insert((route.handler.clone(), params));
             }
             if !allowed.contains(&route.method.as_str()) {
@@ -217,7 +225,11 @@ mod tests {
                         (Handler::Stream(_), false) => "stream",
                     };
                     let p: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    [kind.to_owned()].into_iter().chain(p).collect::<Vec<_>>().join(" ")
+                    [kind.to_owned()]
+                        .into_iter()
+                        .chain(p)
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 }
                 Match::MethodNotAllowed(allow) => format!("405 {allow}"),
                 Match::NotFound => "404".to_owned(),

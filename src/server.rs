@@ -400,9 +400,12 @@ impl ServerBuilder {
         }
         let addr = resolve(&self.listen)?;
         let listener = bind(addr)?;
-        let local_addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| Error::Bind { addr, source })?;
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(std::io::Error::from)?;
-        let waker = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(std::io::Error::from)?;
+        let waker = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(std::io::Error::from)?;
         acceptor::register_waker(&epoll, &waker)?;
         if !self.shutdown.set_wake(waker) {
             return Err(Error::Io(std::io::Error::other(
@@ -573,7 +576,9 @@ fn drain(shared: &Shared) {
         }
         let left = busy();
         if left > 0 {
-            log::warn!("{left} handlers still running after shutdown (busy without a blocking call)");
+            log::warn!(
+                "{left} handlers still running after shutdown (busy without a blocking call)"
+            );
         }
     }
     log::info!("stopped");

@@ -145,7 +145,11 @@ impl Stream {
     /// assert_eq!(stream.sent_count("demo"), 1);
     /// # Ok(()) }
     /// ```
-    pub fn send<T: Serialize + ?Sized>(&mut self, channel: &str, data: &T) -> Result<(), StreamError> {
+    pub fn send<T: Serialize + ?Sized>(
+        &mut self,
+        channel: &str,
+        data: &T,
+    ) -> Result<(), StreamError> {
         if channel.is_empty() {
             return Err(EventError::Channel.into());
         }
@@ -163,7 +167,10 @@ impl Stream {
     pub fn send_event(&mut self, event: &Event) -> Result<(), StreamError> {
         let frame = event.encode()?;
         self.write_frames(&[&frame])?;
-        let name = event.event_name().filter(|n| !n.is_empty()).unwrap_or("message");
+        let name = event
+            .event_name()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("message");
         self.count(name);
         Ok(())
     }
@@ -425,7 +432,12 @@ impl Stream {
     /// Always, eventually: [`StreamError::Ended`] when the client leaves,
     /// the budget runs out (no value for longer than the budget and no
     /// heartbeat) or the server shuts down.
-    pub fn poll<T, F>(&mut self, channel: &str, interval: Duration, mut f: F) -> Result<(), StreamError>
+    pub fn poll<T, F>(
+        &mut self,
+        channel: &str,
+        interval: Duration,
+        mut f: F,
+    ) -> Result<(), StreamError>
     where
         T: Serialize,
         F: FnMut() -> Option<T>,
@@ -444,7 +456,11 @@ impl Stream {
     /// # Errors
     ///
     /// [`StreamError::Ended`] when the stream ends first.
-    pub fn forward<T: Serialize>(&mut self, channel: &str, rx: &Receiver<T>) -> Result<(), StreamError> {
+    pub fn forward<T: Serialize>(
+        &mut self,
+        channel: &str,
+        rx: &Receiver<T>,
+    ) -> Result<(), StreamError> {
         while let Some(value) = self.recv(rx)? {
             self.send(channel, &value)?;
         }
@@ -507,15 +523,15 @@ impl Stream {
 
     fn on_timer(&mut self) -> Result<(), StreamError> {
         self.check_alive()?;
-        if let Some(h) = self.config.heartbeat {
-            if self.last_write.elapsed() >= h {
-                let frame = if self.config.heartbeat_event {
-                    ping_event().encode()?
-                } else {
-                    Event::new().comment(HEARTBEAT_COMMENT).encode()?
-                };
-                self.write_frames(&[&frame])?;
-            }
+        if let Some(h) = self.config.heartbeat
+            && self.last_write.elapsed() >= h
+        {
+            let frame = if self.config.heartbeat_event {
+                ping_event().encode()?
+            } else {
+                Event::new().comment(HEARTBEAT_COMMENT).encode()?
+            };
+            self.write_frames(&[&frame])?;
         }
         Ok(())
     }
@@ -525,9 +541,13 @@ impl Stream {
     fn write_frames(&mut self, frames: &[&[u8]]) -> Result<(), StreamError> {
         self.check_alive()?;
         let payload: usize = frames.iter().map(|f| f.len() + 16).sum();
-        let mut out = Vec::with_capacity(payload + if self.state == State::Pending { 256 } else { 0 });
+        let mut out =
+            Vec::with_capacity(payload + if self.state == State::Pending { 256 } else { 0 });
         if self.state == State::Pending {
-            out.extend_from_slice(&stream_head(if self.chunked { 1 } else { 0 }, &self.headers));
+            out.extend_from_slice(&stream_head(
+                if self.chunked { 1 } else { 0 },
+                &self.headers,
+            ));
             self.headers = Vec::new();
         }
         for frame in frames {
@@ -591,7 +611,8 @@ impl Stream {
             }
             Outcome::Shutdown => {
                 if self.state == State::Pending {
-                    let r = Response::text(503, "server shutting down").with_header("Retry-After", "1");
+                    let r =
+                        Response::text(503, "server shutting down").with_header("Retry-After", "1");
                     let _ = self.respond(r);
                 } else if self.state == State::Open {
                     // The last frame: a comment, so clients that ignore it
@@ -696,14 +717,20 @@ pub(crate) fn write_all_timeout(
             return Err(EndReason::WriteTimeout);
         }
         if *armed != Some(left) {
-            conn.set_write_timeout(Some(left)).map_err(|_| EndReason::Client)?;
+            conn.set_write_timeout(Some(left))
+                .map_err(|_| EndReason::Client)?;
             *armed = Some(left);
         }
         match (&*conn).write(bytes) {
             Ok(0) => return Err(EndReason::Client),
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(EndReason::WriteTimeout);
             }
             Err(_) => return Err(EndReason::Client),

@@ -114,12 +114,18 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
             let app = a(&app);
             move |_req| app.metrics()
         });
-    let builder = ["/events", "/events/{topic}", "/keys/{key}", "/publish/{topic}", "/tickets"]
-        .into_iter()
-        .fold(builder, |b, path| {
-            let app = a(&app);
-            b.handle("OPTIONS", path, move |req| app.preflight(req))
-        });
+    let builder = [
+        "/events",
+        "/events/{topic}",
+        "/keys/{key}",
+        "/publish/{topic}",
+        "/tickets",
+    ]
+    .into_iter()
+    .fold(builder, |b, path| {
+        let app = a(&app);
+        b.handle("OPTIONS", path, move |req| app.preflight(req))
+    });
     let server = builder.build()?;
     let _ = app.capacity.set(server.capacity().clone()); // set once, right here
     Ok(Daemon { server, hub })
@@ -149,7 +155,9 @@ impl App {
         let Some(token) = self.config.subscribe_token.as_deref() else {
             return Ok(Access::Open);
         };
-        if Self::token_matches(token, auth::bearer(req)) || Self::token_matches(token, req.query("token")) {
+        if Self::token_matches(token, auth::bearer(req))
+            || Self::token_matches(token, req.query("token"))
+        {
             return Ok(Access::Token);
         }
         if let Some(ticket) = req.query("ticket") {
@@ -161,7 +169,9 @@ impl App {
             if auth::cookie(req, SESSION_COOKIE).is_some_and(|s| self.tickets.session_valid(s)) {
                 return Ok(Access::Session);
             }
-            return Err(Self::unauthorized("ticket invalid, spent or expired: get a new one with POST /tickets"));
+            return Err(Self::unauthorized(
+                "ticket invalid, spent or expired: get a new one with POST /tickets",
+            ));
         }
         if auth::cookie(req, SESSION_COOKIE).is_some_and(|s| self.tickets.session_valid(s)) {
             return Ok(Access::Session);
@@ -179,7 +189,9 @@ impl App {
             Some(token) => match auth::bearer(req) {
                 Some(given) if auth::constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(()),
                 Some(_) => Err(Self::unauthorized("wrong publish token")),
-                None => Err(Self::unauthorized("publishing needs Authorization: Bearer <publish_token>")),
+                None => Err(Self::unauthorized(
+                    "publishing needs Authorization: Bearer <publish_token>",
+                )),
             },
             None if auth::is_loopback(req.peer_addr().ip()) => Ok(()),
             None => Err(Response::text(
@@ -409,7 +421,9 @@ impl App {
         match auth::bearer(req) {
             Some(given) if auth::constant_time_eq(given.as_bytes(), token.as_bytes()) => {}
             Some(_) => return Self::unauthorized("wrong subscribe token"),
-            None => return Self::unauthorized("tickets need Authorization: Bearer <subscribe_token>"),
+            None => {
+                return Self::unauthorized("tickets need Authorization: Bearer <subscribe_token>");
+            }
         }
         match self.tickets.issue() {
             Ok(ticket) => Response::json(
@@ -445,10 +459,23 @@ impl App {
         let s = self.stats.snapshot();
         let mut out = String::with_capacity(2048);
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
         };
-        metric("ssed_connections_open", "gauge", "Streams open now.", s.streams_open);
-        metric("ssed_connections_max", "gauge", "The stream cap.", s.streams_max);
+        metric(
+            "ssed_connections_open",
+            "gauge",
+            "Streams open now.",
+            s.streams_open,
+        );
+        metric(
+            "ssed_connections_max",
+            "gauge",
+            "The stream cap.",
+            s.streams_max,
+        );
         metric(
             "ssed_connections_rejected_total",
             "counter",
@@ -461,17 +488,42 @@ impl App {
             "Events published.",
             self.hub.published(),
         );
-        metric("ssed_frames_sent_total", "counter", "Event-stream frames written.", s.frames_sent);
-        metric("ssed_bytes_sent_total", "counter", "Bytes written on event streams.", s.bytes_sent);
-        metric("ssed_requests_total", "counter", "Ordinary requests handled.", s.requests_total);
+        metric(
+            "ssed_frames_sent_total",
+            "counter",
+            "Event-stream frames written.",
+            s.frames_sent,
+        );
+        metric(
+            "ssed_bytes_sent_total",
+            "counter",
+            "Bytes written on event streams.",
+            s.bytes_sent,
+        );
+        metric(
+            "ssed_requests_total",
+            "counter",
+            "Ordinary requests handled.",
+            s.requests_total,
+        );
         metric(
             "ssed_pending_connections",
             "gauge",
             "Connections waiting for their request head.",
             s.pending,
         );
-        metric("ssed_handler_panics_total", "counter", "Handler panics caught.", s.handler_panics);
-        metric("ssed_accept_errors_total", "counter", "Failed accept calls.", s.accept_errors);
+        metric(
+            "ssed_handler_panics_total",
+            "counter",
+            "Handler panics caught.",
+            s.handler_panics,
+        );
+        metric(
+            "ssed_accept_errors_total",
+            "counter",
+            "Failed accept calls.",
+            s.accept_errors,
+        );
         metric(
             "ssed_uptime_seconds",
             "gauge",
@@ -515,7 +567,11 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
         _ => return false,
     };
     let with_port = |h: &str| {
-        if h.parse::<SocketAddr>().is_ok() || h.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !h.ends_with(']') {
+        if h.parse::<SocketAddr>().is_ok()
+            || h.rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                && !h.ends_with(']')
+        {
             h.to_ascii_lowercase()
         } else {
             format!("{}:{default_port}", h.to_ascii_lowercase())

@@ -177,9 +177,16 @@ impl ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::Read { path, .. } => write!(f, "cannot read config file {}", path.display()),
+            ConfigError::Read { path, .. } => {
+                write!(f, "cannot read config file {}", path.display())
+            }
             ConfigError::Syntax { path, message } => {
-                write!(f, "config file {}: invalid TOML: {}", path.display(), message.trim())
+                write!(
+                    f,
+                    "config file {}: invalid TOML: {}",
+                    path.display(),
+                    message.trim()
+                )
             }
             ConfigError::Key {
                 path: Some(path),
@@ -224,10 +231,12 @@ impl Config {
     ///
     /// [`ConfigError`] as for [`from_file`](Config::from_file).
     pub fn from_toml(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
-        let table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-            path: path.map_or_else(|| PathBuf::from("<config>"), Path::to_path_buf),
-            message: e.to_string(),
-        })?;
+        let table: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: path.map_or_else(|| PathBuf::from("<config>"), Path::to_path_buf),
+                message: e.to_string(),
+            })?;
         let mut c = Config::default();
         let r = Reader { path };
         for (key, value) in &table {
@@ -250,7 +259,8 @@ impl Config {
                 "write_timeout" => c.write_timeout = r.nonzero_duration(key, value)?,
                 "max_body" => c.max_body = r.integer(key, value, 1, 1 << 30)? as usize,
                 "stack_size" => {
-                    c.stack_size = r.integer(key, value, crate::MIN_STACK_SIZE as i64, 1 << 30)? as usize;
+                    c.stack_size =
+                        r.integer(key, value, crate::MIN_STACK_SIZE as i64, 1 << 30)? as usize;
                 }
                 "cors_origins" => c.cors_origins = r.strings(key, value)?,
                 "overload" => {
@@ -269,12 +279,20 @@ impl Config {
                 "overload_retry" => {
                     let items = r.strings(key, value)?;
                     let [min, max] = items.as_slice() else {
-                        return Err(ConfigError::key(path, key, "expected two durations, [\"5s\", \"15s\"]"));
+                        return Err(ConfigError::key(
+                            path,
+                            key,
+                            "expected two durations, [\"5s\", \"15s\"]",
+                        ));
                     };
                     let min = parse_duration(min).map_err(|m| ConfigError::key(path, key, m))?;
                     let max = parse_duration(max).map_err(|m| ConfigError::key(path, key, m))?;
                     if min > max || max.is_zero() {
-                        return Err(ConfigError::key(path, key, "expected [shortest, longest] with longest > 0"));
+                        return Err(ConfigError::key(
+                            path,
+                            key,
+                            "expected [shortest, longest] with longest > 0",
+                        ));
                     }
                     c.overload_retry = (min, max);
                 }
@@ -311,7 +329,11 @@ impl Config {
                 }
                 "postgres" => {
                     let Value::Array(items) = value else {
-                        return Err(ConfigError::key(path, key, "expected an array of tables, [[postgres]]"));
+                        return Err(ConfigError::key(
+                            path,
+                            key,
+                            "expected an array of tables, [[postgres]]",
+                        ));
                     };
                     for (i, item) in items.iter().enumerate() {
                         let at = format!("postgres[{i}]");
@@ -374,7 +396,9 @@ fn check_listen(addr: &str) -> Result<(), String> {
     }
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(format!("expected host:port, e.g. \"127.0.0.1:8080\", found {addr:?}")),
+        _ => Err(format!(
+            "expected host:port, e.g. \"127.0.0.1:8080\", found {addr:?}"
+        )),
     }
 }
 
@@ -384,7 +408,11 @@ fn check_listen(addr: &str) -> Result<(), String> {
 ///
 /// A message saying what a duration looks like.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}: use a number with a unit (\"250ms\", \"30s\", \"5m\", \"1h\") or \"0\"");
+    let bad = || {
+        format!(
+            "invalid duration {s:?}: use a number with a unit (\"250ms\", \"30s\", \"5m\", \"1h\") or \"0\""
+        )
+    };
     let s = s.trim();
     if s == "0" {
         return Ok(Duration::ZERO);
@@ -426,7 +454,10 @@ impl Reader<'_> {
             Value::Boolean(b) => format!(" {b}"),
             _ => String::new(),
         };
-        self.err(key, format!("expected {want}, found {}{shown}", found.type_str()))
+        self.err(
+            key,
+            format!("expected {want}, found {}{shown}", found.type_str()),
+        )
     }
 
     fn string(&self, key: &str, v: &Value) -> Result<String, ConfigError> {
@@ -436,11 +467,14 @@ impl Reader<'_> {
     }
 
     fn boolean(&self, key: &str, v: &Value) -> Result<bool, ConfigError> {
-        v.as_bool().ok_or_else(|| self.type_err(key, "true or false", v))
+        v.as_bool()
+            .ok_or_else(|| self.type_err(key, "true or false", v))
     }
 
     fn integer(&self, key: &str, v: &Value, min: i64, max: i64) -> Result<i64, ConfigError> {
-        let n = v.as_integer().ok_or_else(|| self.type_err(key, "an integer", v))?;
+        let n = v
+            .as_integer()
+            .ok_or_else(|| self.type_err(key, "an integer", v))?;
         if n < min || n > max {
             return Err(self.err(key, format!("{n} is out of range ({min} to {max})")));
         }
@@ -469,7 +503,11 @@ impl Reader<'_> {
         };
         items
             .iter()
-            .map(|i| i.as_str().map(str::to_owned).ok_or_else(|| self.type_err(key, "an array of strings", i)))
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| self.type_err(key, "an array of strings", i))
+            })
             .collect()
     }
 
@@ -505,7 +543,11 @@ mod tests {
             ("", None),
         ];
         for (text, ms) in table {
-            assert_eq!(parse_duration(text).ok().map(|d| d.as_millis() as u64), ms, "{text:?}");
+            assert_eq!(
+                parse_duration(text).ok().map(|d| d.as_millis() as u64),
+                ms,
+                "{text:?}"
+            );
         }
     }
 
@@ -536,7 +578,10 @@ mod tests {
         assert_eq!(c.heartbeat, Duration::ZERO);
         assert!(c.heartbeat_event);
         assert_eq!(c.overload, OverloadMode::Retry);
-        assert_eq!(c.overload_retry, (Duration::from_secs(1), Duration::from_secs(2)));
+        assert_eq!(
+            c.overload_retry,
+            (Duration::from_secs(1), Duration::from_secs(2))
+        );
         assert_eq!(c.publish_token.as_deref(), Some("p"));
         assert_eq!(c.postgres[0].channels, ["a", "b"]);
         assert!(!format!("{c:?}").contains("\"p\""), "tokens are redacted");
@@ -545,18 +590,42 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_the_file() {
         let table = [
-            ("heartbeat = \"fast\"", "key `heartbeat`: invalid duration \"fast\""),
+            (
+                "heartbeat = \"fast\"",
+                "key `heartbeat`: invalid duration \"fast\"",
+            ),
             ("nope = 1", "key `nope`: unknown key"),
-            ("max_connections = \"many\"", "key `max_connections`: expected an integer, found string"),
-            ("max_connections = -1", "key `max_connections`: -1 is out of range"),
+            (
+                "max_connections = \"many\"",
+                "key `max_connections`: expected an integer, found string",
+            ),
+            (
+                "max_connections = -1",
+                "key `max_connections`: -1 is out of range",
+            ),
             ("history = true", "key `history`: expected an integer"),
-            ("overload = \"drop\"", "key `overload`: expected \"503\" or \"retry\""),
-            ("overload_retry = [\"5s\"]", "key `overload_retry`: expected two durations"),
+            (
+                "overload = \"drop\"",
+                "key `overload`: expected \"503\" or \"retry\"",
+            ),
+            (
+                "overload_retry = [\"5s\"]",
+                "key `overload_retry`: expected two durations",
+            ),
             ("listen = \"nowhere\"", "key `listen`: expected host:port"),
-            ("stack_size = 1024", "key `stack_size`: 1024 is out of range"),
-            ("write_timeout = \"0\"", "key `write_timeout`: must be greater than zero"),
+            (
+                "stack_size = 1024",
+                "key `stack_size`: 1024 is out of range",
+            ),
+            (
+                "write_timeout = \"0\"",
+                "key `write_timeout`: must be greater than zero",
+            ),
             ("[auth]\ntoken = \"x\"", "key `auth.token`: unknown key"),
-            ("[[postgres]]\nchannels = [\"a\"]", "key `postgres[0].url`: missing"),
+            (
+                "[[postgres]]\nchannels = [\"a\"]",
+                "key `postgres[0].url`: missing",
+            ),
         ];
         for (text, want) in table {
             let got = err(text);
@@ -592,12 +661,32 @@ mod example_file {
         assert_eq!(parsed, Config::default());
         let text = std::fs::read_to_string(&path).expect("readable");
         for key in [
-            "listen", "max_connections", "max_execution_time", "heartbeat", "heartbeat_event",
-            "retry", "history", "request_timeout", "write_timeout", "max_body", "stack_size",
-            "cors_origins", "overload", "overload_retry", "ticket_session", "data_dir",
-            "publish_token", "subscribe_token", "[redis]", "[[postgres]]", "channels",
+            "listen",
+            "max_connections",
+            "max_execution_time",
+            "heartbeat",
+            "heartbeat_event",
+            "retry",
+            "history",
+            "request_timeout",
+            "write_timeout",
+            "max_body",
+            "stack_size",
+            "cors_origins",
+            "overload",
+            "overload_retry",
+            "ticket_session",
+            "data_dir",
+            "publish_token",
+            "subscribe_token",
+            "[redis]",
+            "[[postgres]]",
+            "channels",
         ] {
-            assert!(text.contains(key), "config.example.toml does not document {key}");
+            assert!(
+                text.contains(key),
+                "config.example.toml does not document {key}"
+            );
         }
     }
 }

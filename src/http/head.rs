@@ -193,13 +193,18 @@ mod tests {
 
     #[test]
     fn parses_heads() {
-        let (h, n) = complete("GET /events/a?x=1 HTTP/1.1\r\nHost: a\r\nAccept:  text/event-stream \r\n\r\nrest");
+        let (h, n) = complete(
+            "GET /events/a?x=1 HTTP/1.1\r\nHost: a\r\nAccept:  text/event-stream \r\n\r\nrest",
+        );
         assert_eq!(h.method, "GET");
         assert_eq!(h.target, "/events/a?x=1");
         assert_eq!(h.minor, 1);
         assert_eq!(h.headers[1], ("Accept".into(), "text/event-stream".into()));
         assert_eq!(h.body, BodyKind::None);
-        assert_eq!(n, "GET /events/a?x=1 HTTP/1.1\r\nHost: a\r\nAccept:  text/event-stream \r\n\r\n".len());
+        assert_eq!(
+            n,
+            "GET /events/a?x=1 HTTP/1.1\r\nHost: a\r\nAccept:  text/event-stream \r\n\r\n".len()
+        );
 
         let (h, _) = complete("POST /p HTTP/1.0\r\nContent-Length: 5\r\n\r\n");
         assert_eq!((h.minor, h.body), (0, BodyKind::Length(5)));
@@ -213,7 +218,12 @@ mod tests {
 
     #[test]
     fn partial_until_blank_line() {
-        for raw in ["", "GET", "GET / HTTP/1.1\r\n", "GET / HTTP/1.1\r\nHost: a\r\n"] {
+        for raw in [
+            "",
+            "GET",
+            "GET / HTTP/1.1\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n",
+        ] {
             assert!(matches!(parse(raw.as_bytes()), Parse::Partial), "{raw:?}");
         }
     }
@@ -228,16 +238,36 @@ mod tests {
             (b"GET * HTTP/1.1\r\n\r\n", 400),
             (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
             (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 501),
-            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                501,
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
             (b"GET / HTTP/1.1\r\nX: \xff\r\n\r\n", 400),
         ];
         for (raw, status) in table {
-            assert_eq!(error(raw).status(), *status, "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                error(raw).status(),
+                *status,
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 

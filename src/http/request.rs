@@ -245,18 +245,16 @@ pub(crate) fn decode(s: &str, plus: bool) -> String {
                 out.push(b' ');
                 i += 1;
             }
-            b'%' if i + 2 < bytes.len() => {
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 3;
-                    }
-                    _ => {
-                        out.push(b'%');
-                        i += 1;
-                    }
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
                 }
-            }
+                _ => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
             b => {
                 out.push(b);
                 i += 1;
@@ -280,11 +278,10 @@ mod tests {
     use super::*;
 
     fn req(target: &str, headers: &[(&str, &str)]) -> Request {
-        headers
-            .iter()
-            .fold(Request::new("GET", target, ([127, 0, 0, 1], 1).into()), |r, (k, v)| {
-                r.with_header(k, v)
-            })
+        headers.iter().fold(
+            Request::new("GET", target, ([127, 0, 0, 1], 1).into()),
+            |r, (k, v)| r.with_header(k, v),
+        )
     }
 
     #[test]
@@ -296,7 +293,14 @@ mod tests {
         assert_eq!(r.query("empty"), Some(""));
         assert_eq!(r.query("nope"), None);
         assert_eq!(r.last_event_id(), Some("9"));
-        let cases = [("%", "%"), ("%4", "%4"), ("%41", "A"), ("%zz", "%zz"), ("a%C3%A9", "aé"), ("%ff", "\u{fffd}")];
+        let cases = [
+            ("%", "%"),
+            ("%4", "%4"),
+            ("%41", "A"),
+            ("%zz", "%zz"),
+            ("a%C3%A9", "aé"),
+            ("%ff", "\u{fffd}"),
+        ];
         for (raw, want) in cases {
             assert_eq!(decode(raw, false), want, "{raw}");
         }
@@ -329,7 +333,11 @@ mod tests {
         ];
         for (accepts, want) in table {
             let headers: Vec<_> = accepts.iter().map(|a| ("Accept", *a)).collect();
-            assert_eq!(req("/", &headers).accepts_event_stream(), *want, "{accepts:?}");
+            assert_eq!(
+                req("/", &headers).accepts_event_stream(),
+                *want,
+                "{accepts:?}"
+            );
         }
     }
 

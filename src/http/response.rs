@@ -5,7 +5,8 @@ use std::io::Write as _;
 use serde::Serialize;
 
 /// Headers every event stream is sent with.
-pub(crate) const STREAM_HEADERS: &str = "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n";
+pub(crate) const STREAM_HEADERS: &str =
+    "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n";
 
 /// A complete answer to an ordinary (non-streaming) request.
 ///
