@@ -509,9 +509,7 @@ impl Acceptor {
     }
 
     fn overload(&mut self, p: Pending, req: &Request, minor: u8, open: u64) {
-        let wants_stream = req
-            .header("accept")
-            .is_some_and(|a| a.to_ascii_lowercase().contains("text/event-stream"));
+        let wants_stream = req.is_event_source();
         match self.shared.config.overload {
             Overload::Retry { min, max } if wants_stream => {
                 let retry = self.jitter(min, max);

@@ -123,8 +123,8 @@ impl From<serde_json::Error> for EventError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum EndReason {
-    /// The client went away: a write failed, or [`check_connection`]
-    /// (crate::Stream::check_connection) saw the peer close.
+    /// The client went away: a write failed, or
+    /// [`check_connection`](crate::Stream::check_connection) saw the peer close.
     Client,
     /// A write blocked for longer than the write timeout: the client stopped
     /// reading.

@@ -94,7 +94,7 @@
 //!   signal handling). Embedders take the library alone with
 //!   `default-features = false`.
 //! - `tiny-http`: `ssed::tiny_http`, a [`Stream`] over a `tiny_http::Request`
-//!   for apps already on tiny_http or rouille.
+//!   for apps already serving HTTP with tiny_http.
 
 #![cfg_attr(
     not(test),
@@ -127,7 +127,6 @@ mod shutdown;
 mod stats;
 mod stream;
 mod time;
-/// Streams over a `tiny_http::Request`, for apps on tiny_http.
 #[cfg(feature = "tiny-http")]
 pub mod tiny_http;
 
@@ -135,8 +134,8 @@ pub use error::{EndReason, Error, EventError, StreamError};
 pub use event::{EncodedEvent, Event};
 pub use http::{Request, Response};
 pub use hub::{
-    EventId, History, Hub, HubConfig, HubError, MemoryHistory, ParseIdError, Published, RESET_EVENT,
-    Replay, Retained, Subscription, valid_name,
+    EventId, History, Hub, HubConfig, HubError, MemoryHistory, ParseIdError, Published,
+    RESET_EVENT, Replay, Retained, Subscription, valid_name,
 };
 pub use limits::{Capacity, raise_fd_limit};
 pub use server::{MIN_STACK_SIZE, Overload, RunningServer, Server, ServerBuilder};

@@ -150,7 +150,7 @@ impl Stream {
         channel: &str,
         data: &T,
     ) -> Result<(), StreamError> {
-        if channel.is_empty() {
+        if channel.is_empty() || channel.contains(['\r', '\n']) {
             return Err(EventError::Channel.into());
         }
         let event = Event::new().event(channel).json_data(data)?;
@@ -255,6 +255,14 @@ impl Stream {
     /// [`StreamError::AlreadyOpen`] once the stream's head went out;
     /// [`StreamError::Ended`] if the answer could not be written.
     pub fn respond(&mut self, response: Response) -> Result<(), StreamError> {
+        if let Some(r) = self.ended {
+            return Err(StreamError::Ended(r));
+        }
+        self.answer(response)
+    }
+
+    /// Writes a non-streaming answer if the head has not gone out.
+    fn answer(&mut self, response: Response) -> Result<(), StreamError> {
         match self.state {
             State::Pending => {}
             State::Open => return Err(StreamError::AlreadyOpen),
@@ -613,7 +621,7 @@ impl Stream {
                 if self.state == State::Pending {
                     let r =
                         Response::text(503, "server shutting down").with_header("Retry-After", "1");
-                    let _ = self.respond(r);
+                    let _ = self.answer(r);
                 } else if self.state == State::Open {
                     // The last frame: a comment, so clients that ignore it
                     // simply reconnect elsewhere or later.
@@ -636,13 +644,31 @@ impl Stream {
             }
             Outcome::Failed => {
                 if self.state == State::Pending && self.ended.is_none() {
-                    let _ = self.respond(Response::text(500, "stream handler failed"));
+                    let _ = self.answer(Response::text(500, "stream handler failed"));
                 }
                 // An open stream that failed is cut without its last chunk,
                 // so the client sees an error rather than a clean end.
                 self.state = State::Finished;
             }
             Outcome::Ended => {
+                // The budget or the hub ended a stream that never sent
+                // anything: the socket still works, so answer with an empty
+                // stream (the client reconnects) rather than nothing at all.
+                let answerable = matches!(self.ended, Some(EndReason::Budget | EndReason::Slow));
+                if self.state == State::Pending && answerable {
+                    let mut out = stream_head(if self.chunked { 1 } else { 0 }, &self.headers);
+                    if self.chunked {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                    }
+                    if let Sink::Tcp(conn) = &self.sink {
+                        let _ = write_all_timeout(
+                            conn,
+                            &out,
+                            self.config.write_timeout,
+                            &mut self.armed,
+                        );
+                    }
+                }
                 self.state = State::Finished;
             }
         }

@@ -2,7 +2,7 @@
 //! a [`Hub`](crate::Hub), authentication, metrics and the demo page.
 //!
 //! How the parts fit: [`config`] turns the TOML file, the environment and
-//! the command line into a [`Config`](config::Config); [`app::build`] makes
+//! the command line into a [`Config`]; [`app::build`] makes
 //! a [`Server`](crate::Server) whose routes publish into and subscribe to a
 //! hub, checking access with [`auth`]; `src/main.rs` wires signals and runs
 //! it. Library code never reaches in here.

@@ -152,6 +152,7 @@ impl Request {
     /// its first connection). An empty value counts as none.
     pub fn last_event_id(&self) -> Option<&str> {
         self.header("last-event-id")
+            .filter(|id| !id.is_empty())
             .or_else(|| self.query(LAST_EVENT_ID_QUERY))
             .filter(|id| !id.is_empty())
     }
@@ -174,6 +175,24 @@ impl Request {
     /// Whether the `Accept` header allows an event stream: absent, or listing
     /// `text/event-stream`, `text/*` or `*/*` with a non-zero quality.
     pub(crate) fn accepts_event_stream(&self) -> bool {
+        self.accept_matches(|media| {
+            media.eq_ignore_ascii_case("text/event-stream")
+                || media.eq_ignore_ascii_case("text/*")
+                || media == "*/*"
+        })
+        .unwrap_or(true)
+    }
+
+    /// Whether `Accept` names `text/event-stream` itself with a non-zero
+    /// quality: the mark of an `EventSource` client.
+    pub(crate) fn is_event_source(&self) -> bool {
+        self.accept_matches(|media| media.eq_ignore_ascii_case("text/event-stream"))
+            .unwrap_or(false)
+    }
+
+    /// Whether any `Accept` range matching `wanted` has a non-zero quality;
+    /// `None` when there is no `Accept` header.
+    fn accept_matches(&self, wanted: impl Fn(&str) -> bool) -> Option<bool> {
         let mut any_accept = false;
         for (_, value) in self
             .headers
@@ -184,10 +203,7 @@ impl Request {
             for range in value.split(',') {
                 let mut parts = range.split(';');
                 let media = parts.next().unwrap_or("").trim();
-                let matches = media.eq_ignore_ascii_case("text/event-stream")
-                    || media.eq_ignore_ascii_case("text/*")
-                    || media == "*/*";
-                if !matches {
+                if !wanted(media) {
                     continue;
                 }
                 let q = parts
@@ -198,11 +214,11 @@ impl Request {
                     .next();
                 let zero = q.is_some_and(|q| q.parse::<f32>().map_or(true, |q| q <= 0.0));
                 if !zero {
-                    return true;
+                    return Some(true);
                 }
             }
         }
-        !any_accept
+        any_accept.then_some(false)
     }
 
     pub(crate) fn set_params(&mut self, params: Vec<(String, String)>) {
