@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench hold -- [--streams N] [--stack BYTES] [--json]
 //!                             [--batch N] [--settle SECS] [--time-limit SECS]
-//!                             [--arena-max N] [--detail]
+//!                             [--arena-max N] [--max-connections N] [--detail]
 //! ```
 //!
 //! The benchmark starts itself a second time as the server (the environment
@@ -65,6 +65,7 @@ struct Options {
     settle: Duration,
     time_limit: Duration,
     arena_max: Option<usize>,
+    max_connections: Option<usize>,
     detail: bool,
 }
 
@@ -77,6 +78,7 @@ usage: cargo bench --bench hold -- [options]
   --settle SECS       wait after the ramp before measuring (default 2)
   --time-limit SECS   stop opening streams after this long (default 120)
   --arena-max N       run the server with MALLOC_ARENA_MAX=N (glibc)
+  --max-connections N the server's stream cap (default: what this machine allows)
   --detail            break the server's mappings down (thread stacks, arenas, ...)
   --json              print one JSON object instead of the table
 ";
@@ -93,6 +95,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         settle: Duration::from_secs(if bench { 2 } else { 1 }),
         time_limit: Duration::from_secs(120),
         arena_max: None,
+        max_connections: None,
         detail: false,
     };
     let mut it = args.iter();
@@ -122,6 +125,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             "--settle" => o.settle = Duration::from_secs(number(value("seconds")?)?),
             "--time-limit" => o.time_limit = Duration::from_secs(number(value("seconds")?)?.max(1)),
             "--arena-max" => o.arena_max = Some(number(value("a count")?)? as usize),
+            "--max-connections" => o.max_connections = Some(number(value("a count")?)? as usize),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other}")),
         }
@@ -166,18 +170,24 @@ fn main() -> ExitCode {
 fn serve(args: &[String]) -> Result<(), Box<dyn Error>> {
     let mut stack = 64 * 1024;
     let mut lifetime = Duration::from_secs(300);
+    let mut cap = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let value = it.next().ok_or("missing value")?;
         match arg.as_str() {
             "--stack" => stack = value.parse()?,
             "--lifetime" => lifetime = Duration::from_secs(value.parse()?),
+            "--max-connections" => cap = Some(value.parse()?),
             other => return Err(format!("unknown option {other}").into()),
         }
     }
     let stats = ssed::Stats::new();
     let route_stats = stats.clone();
-    let server = ssed::Server::builder()
+    let mut builder = ssed::Server::builder();
+    if let Some(n) = cap {
+        builder = builder.max_connections(n);
+    }
+    let server = builder
         .listen("127.0.0.1:0")
         .max_execution_time(Duration::ZERO)
         .stack_size(stack)
@@ -251,6 +261,9 @@ impl ServerProcess {
             .stderr(Stdio::inherit());
         if let Some(n) = o.arena_max {
             cmd.env("MALLOC_ARENA_MAX", n.to_string());
+        }
+        if let Some(n) = o.max_connections {
+            cmd.args(["--max-connections", &n.to_string()]);
         }
         let mut child = cmd.spawn()?;
         let pid = child.id();
@@ -550,10 +563,9 @@ fn read_smaps(pid: u32) -> io::Result<Vec<Mapping>> {
                 rss: 0,
             });
         } else if first == "Rss:" {
-            if let (Some(m), Some(kb)) =
-                (maps.last_mut(), parts.next().and_then(|v| v.parse().ok()))
-            {
-                m.rss = kb;
+            let kb = parts.next().and_then(|v| v.parse().ok());
+            if let Some(m) = maps.last_mut() {
+                m.rss = kb.unwrap_or(0);
             }
         }
     }
@@ -622,9 +634,9 @@ fn classify(maps: &[Mapping]) -> BTreeMap<String, Group> {
         } else if m.perms.starts_with("rw")
             && prev.is_some_and(|p| p.anon() && p.end == m.start && p.perms.starts_with("---"))
         {
-            format!("guarded rw-p {:>5} KiB (stack-like)", m.size() / 1024)
+            format!("guarded rw-p {} KiB (stack-like)", m.size() / 1024)
         } else if m.perms.starts_with("---") && m.size() <= 64 * 1024 {
-            format!("guard ---p {:>5} KiB", m.size() / 1024)
+            format!("guard ---p {} KiB", m.size() / 1024)
         } else {
             format!("other anon {}", m.perms)
         };
@@ -681,18 +693,21 @@ fn run(o: &Options) -> Result<(), Box<dyn Error>> {
         after: &after,
         stats,
     };
-    if o.json {
+    let text = if o.json {
         let mut v = report.json();
         if let (Some(maps), Value::Object(obj)) = (&detail, &mut v) {
             obj.insert("mappings".into(), detail_json(maps));
         }
-        println!("{v}");
+        format!("{v}\n")
     } else {
-        report.print();
+        let mut t = report.table();
         if let Some(maps) = &detail {
-            print_detail(maps, ramp.held.len());
+            t.push_str(&detail_table(maps, ramp.held.len()));
         }
-    }
+        t
+    };
+    // A closed stdout (`| head`) is not a failure of the benchmark.
+    let _ = io::stdout().lock().write_all(text.as_bytes());
     drop(ramp); // close the client sockets before the server goes
     drop(server);
     Ok(())
@@ -738,25 +753,29 @@ impl Report<'_> {
         self.per_stream(self.before.mem(k), self.after.mem(k))
     }
 
+    /// The issue's targets, met or not. The RSS target is judged only from
+    /// 1000 streams up: below that, fixed costs (allocator arenas, the
+    /// acceptor's buffers) dominate the average.
     fn verdicts(&self) -> Vec<(&'static str, bool, String)> {
         let extra = self.threads_added() - self.held() as i64;
-        vec![
-            (
-                "one thread per stream",
-                (0..=4).contains(&extra),
-                format!("{:+} threads besides one per stream", extra),
-            ),
-            (
+        let mut v = vec![(
+            "one thread per stream",
+            (0..=4).contains(&extra),
+            format!("{extra:+} threads besides one per stream"),
+        )];
+        if self.held() >= 1000 {
+            v.push((
                 "RSS per stream <= 16 KiB",
                 self.rss_per_stream() <= RSS_TARGET_KIB,
                 format!("{:.2} KiB", self.rss_per_stream()),
-            ),
-            (
-                "every stream held",
-                self.held() == self.o.streams as u64,
-                format!("{} of {}", self.held(), self.o.streams),
-            ),
-        ]
+            ));
+        }
+        v.push((
+            "every stream held",
+            self.held() == self.o.streams as u64,
+            format!("{} of {}", self.held(), self.o.streams),
+        ));
+        v
     }
 
     fn json(&self) -> Value {
@@ -770,6 +789,7 @@ impl Report<'_> {
             "errors": self.ramp.errors,
             "stopped": self.ramp.stopped,
             "ramp_secs": self.ramp.elapsed.as_secs_f64(),
+            "optimized": !cfg!(debug_assertions),
             "stack_size": self.o.stack,
             "malloc_arena_max": self.o.arena_max,
             "server_cap": self.server.cap,
@@ -797,23 +817,22 @@ impl Report<'_> {
         })
     }
 
-    fn print(&self) {
+    fn table(&self) -> String {
         let (b, a) = (self.before, self.after);
         let o = self.o;
         let arena = o
             .arena_max
             .map_or("glibc default".to_owned(), |n| n.to_string());
-        println!(
-            "ssed hold: {} streams requested, stack {} KiB, MALLOC_ARENA_MAX {arena}",
+        let mut out = format!(
+            "ssed hold: {} streams requested, stack {} KiB, MALLOC_ARENA_MAX {arena}\n\
+             server cap {} (set by {}); client descriptor limit {}\n\n",
             o.streams,
-            o.stack / 1024
+            o.stack / 1024,
+            self.server.cap,
+            self.server.limited_by,
+            self.fd_limit
         );
-        println!(
-            "server cap {} (set by {}); client descriptor limit {}",
-            self.server.cap, self.server.limited_by, self.fd_limit
-        );
-        println!();
-        let row = |name: &str, value: String| println!("  {name:<34} {value}");
+        let mut row = |name: &str, value: String| out.push_str(&format!("  {name:<34} {value}\n"));
         row("streams held", self.held().to_string());
         row("refused (503)", self.ramp.refused.to_string());
         row("failed", self.ramp.failed.to_string());
@@ -905,33 +924,42 @@ impl Report<'_> {
             "  client RSS per stream",
             format!("{:.2} KiB", self.per_stream(b.client_rss, a.client_rss)),
         );
-        println!();
-        for (name, ok, got) in self.verdicts() {
-            println!("  [{}] {name}: {got}", if ok { "ok" } else { "MISSED" });
+        out.push('\n');
+        if cfg!(debug_assertions) {
+            out.push_str(
+                "  (an unoptimized build: run `cargo bench --bench hold` for real figures)\n",
+            );
         }
+        for (name, ok, got) in self.verdicts() {
+            out.push_str(&format!(
+                "  [{}] {name}: {got}\n",
+                if ok { "ok" } else { "MISSED" }
+            ));
+        }
+        out
     }
 }
 
-fn print_detail(maps: &[Mapping], held: usize) {
-    println!();
-    println!(
-        "server mappings by kind ({} in all, {held} streams held):",
-        maps.len()
-    );
-    println!(
-        "  {:<38} {:>7} {:>11} {:>10}  Rss per mapping min/median/max",
-        "kind", "count", "size KiB", "Rss KiB"
+fn detail_table(maps: &[Mapping], held: usize) -> String {
+    let mut out = format!(
+        "\nserver mappings by kind ({} in all, {held} streams held):\n  {:<38} {:>7} {:>11} {:>10}  Rss per mapping min/median/max\n",
+        maps.len(),
+        "kind",
+        "count",
+        "size KiB",
+        "Rss KiB"
     );
     let groups = classify(maps);
     let mut rows: Vec<_> = groups.iter().collect();
     rows.sort_by_key(|(_, g)| std::cmp::Reverse((g.rss_kib, g.count)));
     for (kind, g) in rows {
         let (lo, mid, hi) = g.spread();
-        println!(
-            "  {kind:<38} {:>7} {:>11} {:>10}  {lo}/{mid}/{hi}",
+        out.push_str(&format!(
+            "  {kind:<38} {:>7} {:>11} {:>10}  {lo}/{mid}/{hi}\n",
             g.count, g.size_kib, g.rss_kib
-        );
+        ));
     }
+    out
 }
 
 fn detail_json(maps: &[Mapping]) -> Value {
@@ -949,7 +977,7 @@ fn detail_json(maps: &[Mapping]) -> Value {
                     "rss_median_kib": mid,
                     "rss_max_kib": hi,
                 });
-                (kind.trim().to_owned(), v)
+                (kind, v)
             })
             .collect(),
     )

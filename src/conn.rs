@@ -98,7 +98,10 @@ fn run_stream(
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&conn, shared.config.send_buffer);
     }
     let conn = Arc::new(conn);
-    let id = shared.registry.insert(Arc::clone(&conn));
+    let (wake_tx, wake_rx) = crossbeam_channel::bounded(0);
+    let id = shared
+        .registry
+        .insert(Arc::clone(&conn), wake_tx, &shared.shutdown);
     let opened = Instant::now();
     log::debug!("stream open: {peer} {}", req.path());
     let mut stream = Stream::new(
@@ -109,6 +112,7 @@ fn run_stream(
         shared.shutdown.clone(),
         shared.stats.clone(),
     );
+    stream.set_wake(wake_rx);
     let result = catch_unwind(AssertUnwindSafe(|| handler(req, &mut stream)));
     let outcome = match result {
         Ok(Ok(()) | Err(StreamError::Finished)) => match stream.ended() {

@@ -80,16 +80,41 @@ pub(crate) struct Shared {
 #[derive(Default)]
 pub(crate) struct Registry {
     next: AtomicU64,
-    conns: Mutex<HashMap<u64, Arc<TcpStream>>>,
+    conns: Mutex<HashMap<u64, Entry>>,
+}
+
+struct Entry {
+    conn: Arc<TcpStream>,
+    /// Dropped at shutdown: disconnects the stream's own wake-up channel.
+    wake: Option<Sender<()>>,
 }
 
 impl Registry {
-    pub(crate) fn insert(&self, conn: Arc<TcpStream>) -> u64 {
+    /// Registers a stream's socket and the sender of its wake-up channel.
+    /// If shutdown already began, the sender is dropped at once.
+    pub(crate) fn insert(
+        &self,
+        conn: Arc<TcpStream>,
+        wake: Sender<()>,
+        shutdown: &ShutdownHandle,
+    ) -> u64 {
         let id = self.next.fetch_add(1, Relaxed);
         if let Ok(mut conns) = self.conns.lock() {
-            conns.insert(id, conn);
+            // Checked under the lock `wake_all` takes, so a stream registered
+            // while shutdown begins cannot miss its wake-up.
+            let wake = (!shutdown.is_shutdown()).then_some(wake);
+            conns.insert(id, Entry { conn, wake });
         }
         id
+    }
+
+    /// Wakes every registered stream by disconnecting its wake-up channel.
+    fn wake_all(&self) {
+        let senders: Vec<Sender<()>> = match self.conns.lock() {
+            Ok(mut c) => c.values_mut().filter_map(|e| e.wake.take()).collect(),
+            Err(_) => return,
+        };
+        drop(senders); // outside the lock
     }
 
     pub(crate) fn remove(&self, id: u64) {
@@ -100,7 +125,7 @@ impl Registry {
     /// Shuts every registered socket down, failing any blocked write.
     fn shutdown_all(&self) -> usize {
         let conns: Vec<Arc<TcpStream>> = match self.conns.lock() {
-            Ok(c) => c.values().cloned().collect(),
+            Ok(c) => c.values().map(|e| Arc::clone(&e.conn)).collect(),
             Err(_) => return 0,
         };
         for c in &conns {
@@ -557,6 +582,7 @@ impl Server {
 /// Waits for every connection thread to finish, up to the grace period,
 /// then cuts the sockets of those still open.
 fn drain(shared: &Shared) {
+    shared.registry.wake_all();
     let counters = shared.stats.counters();
     let busy = || counters.streams_open.load(Relaxed) + counters.requests_active.load(Relaxed);
     let start = Instant::now();

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::error::{EndReason, EventError, StreamError};
 use crate::event::{EncodedEvent, Event};
 use crate::http::Response;
-use crate::http::response::stream_head;
+use crate::http::response::{STREAM_HEAD_10, STREAM_HEAD_11, stream_head};
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
 
@@ -82,6 +82,9 @@ pub struct Stream {
     counts: Vec<(Box<str>, u64)>,
     last_event_id: Option<String>,
     shutdown: ShutdownHandle,
+    /// Disconnects at shutdown. The server gives each stream its own, so
+    /// thousands of waiting streams never share one channel's waiter list.
+    wake: Receiver<()>,
     stats: Stats,
     ended: Option<EndReason>,
 }
@@ -119,10 +122,16 @@ impl Stream {
             armed: None,
             counts: Vec::new(),
             last_event_id,
+            wake: shutdown.receiver().clone(),
             shutdown,
             stats,
             ended: None,
         }
+    }
+
+    /// Replaces the shutdown wake-up with a receiver of this stream's own.
+    pub(crate) fn set_wake(&mut self, wake: Receiver<()>) {
+        self.wake = wake;
     }
 
     // ----- sending -------------------------------------------------------
@@ -404,7 +413,7 @@ impl Stream {
                 return Ok(());
             }
             let wake = self.next_wake(until);
-            match self.shutdown.receiver().recv_deadline(wake) {
+            match self.wake.recv_deadline(wake) {
                 Err(RecvTimeoutError::Timeout) => self.on_timer()?,
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                     return Err(self.end(EndReason::Shutdown));
@@ -426,7 +435,7 @@ impl Stream {
             let wake = self.next_wake(Instant::now() + Duration::from_secs(3600));
             crossbeam_channel::select! {
                 recv(rx) -> msg => return Ok(msg.ok()),
-                recv(self.shutdown.receiver()) -> _ => return Err(self.end(EndReason::Shutdown)),
+                recv(self.wake) -> _ => return Err(self.end(EndReason::Shutdown)),
                 default(wake.saturating_duration_since(Instant::now())) => self.on_timer()?,
             }
         }
@@ -549,6 +558,22 @@ impl Stream {
     fn write_frames(&mut self, frames: &[&[u8]]) -> Result<(), StreamError> {
         self.check_alive()?;
         let payload: usize = frames.iter().map(|f| f.len() + 16).sum();
+        if self.state == State::Pending && frames.is_empty() && self.headers.is_empty() {
+            // Opening an idle stream allocates nothing on its thread: freed
+            // memory would sit in the thread's malloc cache for as long as
+            // the stream lives.
+            let head = if self.chunked {
+                STREAM_HEAD_11
+            } else {
+                STREAM_HEAD_10
+            };
+            self.write_out(head).map_err(StreamError::Ended)?;
+            self.state = State::Open;
+            self.stats.sent(0, head.len() as u64);
+            self.last_write = Instant::now();
+            self.extend_time();
+            return Ok(());
+        }
         let mut out =
             Vec::with_capacity(payload + if self.state == State::Pending { 256 } else { 0 });
         if self.state == State::Pending {

@@ -8,6 +8,11 @@ use serde::Serialize;
 pub(crate) const STREAM_HEADERS: &str =
     "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n";
 
+/// The whole head of an HTTP/1.1 event stream with no extra headers.
+pub(crate) const STREAM_HEAD_11: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n";
+/// The whole head of an HTTP/1.0 event stream with no extra headers.
+pub(crate) const STREAM_HEAD_10: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: close\r\n\r\n";
+
 /// A complete answer to an ordinary (non-streaming) request.
 ///
 /// # Examples
@@ -226,5 +231,7 @@ mod tests {
         assert!(h.ends_with("Set-Cookie: a=b\r\nTransfer-Encoding: chunked\r\n\r\n"));
         let h = text(stream_head(0, &[]));
         assert!(h.ends_with("X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"));
+        assert_eq!(stream_head(0, &[]), STREAM_HEAD_10);
+        assert_eq!(stream_head(1, &[]), STREAM_HEAD_11);
     }
 }
