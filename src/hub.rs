@@ -346,6 +346,20 @@ struct SubscriberSlot {
 #[derive(Debug, Default)]
 struct SubscriberFlags {
     slow: AtomicBool,
+    /// The topics the subscriber follows.
+    topics: Vec<Box<str>>,
+}
+
+/// Removes subscriber `id` from each of `topics`.
+fn remove_subscriber(state: &mut State, id: u64, topics: &[Box<str>]) {
+    for topic in topics {
+        if let Some(subs) = state.subscribers.get_mut(topic) {
+            subs.retain(|s| s.id != id);
+            if subs.is_empty() {
+                state.subscribers.remove(topic);
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Hub {
@@ -413,6 +427,7 @@ impl Hub {
             },
         );
         let mut receivers = 0;
+        let mut dropped: Vec<(u64, Arc<SubscriberFlags>)> = Vec::new();
         if let Some(subs) = state.subscribers.get_mut(topic) {
             subs.retain(|s| match s.tx.try_send(frame.clone()) {
                 Ok(()) => {
@@ -420,9 +435,13 @@ impl Hub {
                     true
                 }
                 Err(TrySendError::Full(_)) => {
-                    // Dropping the sender disconnects the subscriber once it
-                    // has drained its queue; the flag says why.
+                    // Dropping every copy of the sender disconnects the
+                    // subscriber once it has drained its queue; the flag
+                    // says why.
                     s.flags.slow.store(true, Ordering::Relaxed);
+                    if s.flags.topics.len() > 1 {
+                        dropped.push((s.id, Arc::clone(&s.flags)));
+                    }
                     false
                 }
                 Err(TrySendError::Disconnected(_)) => false,
@@ -430,6 +449,12 @@ impl Hub {
             if subs.is_empty() {
                 state.subscribers.remove(topic);
             }
+        }
+        // A slow subscriber of several topics leaves all of them, or it
+        // would silently miss this topic's events while the others kept it
+        // connected.
+        for (id, flags) in dropped {
+            remove_subscriber(&mut state, id, &flags.topics);
         }
         Ok(Published { id, receivers })
     }
@@ -456,15 +481,22 @@ impl Hub {
         names.sort();
         names.dedup();
         let (tx, rx) = crossbeam_channel::bounded(self.0.config.queue.max(1));
-        let flags = Arc::new(SubscriberFlags::default());
+        let flags = Arc::new(SubscriberFlags {
+            slow: AtomicBool::new(false),
+            topics: names.clone(),
+        });
         let mut state = self.state();
         let id = state.next_subscriber;
         state.next_subscriber += 1;
         let mut backlog = Vec::new();
         if let Some(asked) = last_event_id {
             let parsed = asked.parse::<EventId>().ok();
-            let mut gap = parsed.is_none_or(|a| a > state.last_id);
-            let after = parsed.unwrap_or(EventId::floor_of(0));
+            // An id this hub cannot place (garbage, or from the future: a
+            // restart with the clock stepped back, another server) replays
+            // everything retained after the reset notice.
+            let placeable = parsed.filter(|a| *a <= state.last_id);
+            let mut gap = placeable.is_none();
+            let after = placeable.unwrap_or(EventId::floor_of(0));
             let mut events = Vec::new();
             let mut oldest: Option<EventId> = None;
             for name in &names {
@@ -529,15 +561,7 @@ impl Hub {
     }
 
     fn unsubscribe(&self, id: u64, topics: &[Box<str>]) {
-        let mut state = self.state();
-        for name in topics {
-            if let Some(subs) = state.subscribers.get_mut(name) {
-                subs.retain(|s| s.id != id);
-                if subs.is_empty() {
-                    state.subscribers.remove(name);
-                }
-            }
-        }
+        remove_subscriber(&mut self.state(), id, topics);
     }
 
     // ----- mailboxes -------------------------------------------------------
@@ -764,13 +788,22 @@ impl Stream {
     pub fn consume(&mut self, hub: &Hub, key: &str) -> Result<(), StreamError> {
         let wake = hub.wait_handle(key);
         let result = (|| loop {
+            // A consumer whose client already left must not take a message:
+            // a write to a socket the peer closed usually still succeeds.
+            self.check_connection()?;
             while let Some(message) = hub.try_take(key) {
-                if message == crate::stream::DONE {
-                    return self.done();
-                }
-                if let Err(e) = self.send_event(&Event::new().data(message.as_str())) {
-                    hub.untake(key, message);
-                    return Err(e);
+                let sent = if message == crate::stream::DONE {
+                    self.done()
+                } else {
+                    self.send_event(&Event::new().data(message.as_str()))
+                };
+                match sent {
+                    Ok(()) if message == crate::stream::DONE => return Ok(()),
+                    Ok(()) => {}
+                    Err(e) => {
+                        hub.untake(key, message);
+                        return Err(e);
+                    }
                 }
             }
             if self.recv(&wake)?.is_none() {
