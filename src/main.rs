@@ -10,6 +10,7 @@ ssed - a Server-Sent Events server for small machines
 
 USAGE:
     ssed [--config FILE] [--listen ADDR]
+    ssed loadtest --url URL --connections N [...]   (see 'ssed loadtest --help')
 
 OPTIONS:
     -c, --config FILE   read settings from a TOML file (see config.example.toml)
@@ -73,6 +74,10 @@ fn parse_args() -> Result<Parsed, lexopt::Error> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().is_some_and(|a| a == "loadtest") {
+        return daemon::loadtest::main(argv.collect());
+    }
     let args = match parse_args() {
         Ok(Parsed::Run(args)) => args,
         Ok(Parsed::Exit(code)) => return code,

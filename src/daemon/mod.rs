@@ -10,6 +10,7 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod loadtest;
 
 pub use app::{Daemon, build};
 pub use config::{Config, ConfigError};

@@ -1,0 +1,294 @@
+#![cfg(feature = "daemon")]
+//! `ssed loadtest` run for real: the binary against a real `ssed` on
+//! `127.0.0.1:0`, with small numbers.
+//!
+//! Every child is killed by PID when its guard drops, its output is read by
+//! threads, and every wait is bounded.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ssed");
+/// The longest any one child may take.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A running server; dropping it kills the process by its PID.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Server {
+    /// Starts `ssed` with `config` (TOML) on 127.0.0.1:0.
+    fn start(name: &str, config: &str) -> Server {
+        let dir = std::env::temp_dir().join(format!("ssed-loadtest-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("ssed.toml");
+        std::fs::write(&path, config).expect("config written");
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .env_remove("SSED_PUBLISH_TOKEN")
+            .env_remove("SSED_SUBSCRIBE_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ssed starts");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = mpsc::channel();
+        // Keeps draining the log after the address, so the server never
+        // blocks on a full pipe; ends when the server exits.
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if let Some(rest) = line.split("listening on ").nth(1)
+                    && let Some(addr) = rest.split(" (").next()
+                    && let Ok(addr) = addr.parse::<SocketAddr>()
+                {
+                    let _ = tx.send(addr); // the test may have given up
+                }
+            }
+        });
+        let mut server = Server {
+            child,
+            addr: "0.0.0.0:0".parse().expect("an address"),
+            dir,
+        };
+        server.addr = rx
+            .recv_timeout(DEADLINE)
+            .expect("the server logs its address");
+        server
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // may have exited already
+        let _ = self.child.wait(); // reap it either way
+        let _ = std::fs::remove_dir_all(&self.dir); // best effort
+    }
+}
+
+/// Runs `ssed loadtest args…`, killing it past the deadline.
+fn loadtest(args: &[&str]) -> (ExitStatus, String, String) {
+    let mut child = Command::new(BIN)
+        .arg("loadtest")
+        .args(args)
+        .env_remove("SSED_PUBLISH_TOKEN")
+        .env_remove("SSED_SUBSCRIBE_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ssed loadtest starts");
+    let read = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut text); // what arrived is what we check
+            }
+            text
+        })
+    };
+    let out = read(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = read(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill(); // it overran: the assertion below reports it
+            let _ = child.wait();
+            panic!("ssed loadtest {args:?} did not finish within {DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    (
+        status,
+        out.join().expect("stdout reader"),
+        err.join().expect("stderr reader"),
+    )
+}
+
+fn json(stdout: &str) -> Value {
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+const CONFIG: &str = "heartbeat = \"0\"\nmax_execution_time = \"0\"\nhistory = 100\n";
+
+#[test]
+fn fifty_streams_receive_every_event() {
+    let server = Server::start("fanout", CONFIG);
+    let (status, out, err) = loadtest(&[
+        "--url",
+        &server.url("/events/lt"),
+        "--connections",
+        "50",
+        "--ramp",
+        "5000/s",
+        "--publish-url",
+        &server.url("/publish/lt"),
+        "--events",
+        "20",
+        "--rate",
+        "100",
+        "--duration",
+        "3s",
+        "--json",
+    ]);
+    assert!(status.success(), "{status}: {err}");
+    let r = json(&out);
+    assert_eq!(r["held"], 50, "{r}");
+    assert_eq!(r["refused"], 0, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    assert_eq!(r["dropped"], 0, "{r}");
+    assert_eq!(r["published"], 20, "{r}");
+    assert_eq!(r["expected_deliveries"], 1000, "{r}");
+    assert_eq!(r["deliveries"], 1000, "{r}");
+    for q in ["p50", "p90", "p99", "max"] {
+        let v = r["latency_ms"][q].as_f64().unwrap_or(-1.0);
+        assert!((0.0..1000.0).contains(&v), "latency {q}: {r}");
+    }
+    assert!(
+        r["deliveries_per_s"].as_f64().is_some_and(|v| v > 0.0),
+        "{r}"
+    );
+    // Live progress went to stderr.
+    assert!(err.contains("held 50"), "{err}");
+}
+
+#[test]
+fn past_the_cap_streams_are_refused() {
+    let server = Server::start("cap", &format!("{CONFIG}max_connections = 10\n"));
+    let (status, out, err) = loadtest(&[
+        "--url",
+        &server.url("/events/capped"),
+        "--connections",
+        "20",
+        "--ramp",
+        "5000/s",
+        "--duration",
+        "0",
+        "--json",
+    ]);
+    assert!(status.success(), "{status}: {err}");
+    let r = json(&out);
+    assert_eq!(r["held"], 10, "{r}");
+    assert_eq!(r["refused"], 10, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    assert_eq!(r["latency_ms"], Value::Null, "{r}");
+}
+
+#[test]
+fn a_retry_answer_past_the_cap_counts_as_refused() {
+    let config = format!("{CONFIG}max_connections = 5\noverload = \"retry\"\n");
+    let server = Server::start("retry", &config);
+    let (status, out, err) = loadtest(&[
+        "--url",
+        &server.url("/events/retry"),
+        "-n",
+        "8",
+        "--duration",
+        "0",
+        "--json",
+    ]);
+    assert!(status.success(), "{status}: {err}");
+    let r = json(&out);
+    assert_eq!(
+        (r["held"].as_u64(), r["refused"].as_u64()),
+        (Some(5), Some(3)),
+        "{r}"
+    );
+    assert_eq!(r["dropped"], 0, "{r}");
+}
+
+#[test]
+fn the_table_is_the_default_output() {
+    let server = Server::start("table", CONFIG);
+    let (status, out, err) = loadtest(&[
+        "--url",
+        &server.url("/events/table"),
+        "-n",
+        "3",
+        "--duration",
+        "0",
+    ]);
+    assert!(status.success(), "{status}: {err}");
+    assert!(out.contains("3 held"), "{out}");
+    assert!(out.contains("0 refused (503)"), "{out}");
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_message() {
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "missing --url"),
+        (&["--connections", "5"], "missing --url"),
+        (
+            &[
+                "--url",
+                "http://127.0.0.1:1/events/a",
+                "--connections",
+                "lots",
+            ],
+            "not a whole number",
+        ),
+        (
+            &[
+                "--url",
+                "http://127.0.0.1:1/events/a",
+                "-n",
+                "5",
+                "--frobnicate",
+            ],
+            "--frobnicate",
+        ),
+        (
+            &[
+                "--url",
+                "http://127.0.0.1:1/events/a",
+                "-n",
+                "5",
+                "--rate",
+                "fast",
+            ],
+            "not a rate",
+        ),
+        (&["--url", "ftp://127.0.0.1/x", "-n", "5"], "http://"),
+    ];
+    for (args, want) in cases {
+        let (status, out, err) = loadtest(args);
+        assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err:?} lacks {want:?}");
+        assert!(err.contains("ssed loadtest --help"), "{err}");
+        assert!(out.is_empty(), "{out}");
+    }
+    let (status, out, _) = loadtest(&["--help"]);
+    assert!(status.success());
+    assert!(out.contains("--connections"), "{out}");
+}
