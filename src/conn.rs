@@ -11,14 +11,15 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::io::Read;
+use std::time::{Duration, Instant};
 
 use crate::acceptor::Returned;
 use crate::error::{EndReason, StreamError};
 use crate::http::body::BodyReader;
-use crate::http::head::BodyKind;
+use crate::http::head::{self, BodyKind, Parse};
 use crate::http::{Request, Response};
-use crate::route::{PlainFn, StreamFn};
+use crate::route::{Handler, Match, PlainFn, StreamFn};
 use crate::server::Shared;
 use crate::stream::{Outcome, Sink, Stream, write_all_timeout};
 
@@ -81,7 +82,7 @@ pub(crate) fn run(
             handler,
             head_only,
             leftover,
-        } => run_plain(&shared, conn, peer, req, &*handler, head_only, leftover),
+        } => run_plain(&shared, conn, peer, req, &handler, head_only, leftover),
     }
 }
 
@@ -149,22 +150,64 @@ fn run_stream(
     shared.registry.remove(id);
 }
 
+/// How long a connection thread waits for the next request on a keep-alive
+/// connection before handing it back to the acceptor. A client sending
+/// requests back to back (a publisher) is served on one thread without a
+/// spawn and an acceptor round trip per request; an idle connection costs
+/// the thread only this long.
+const KEEP_ALIVE_LINGER: Duration = Duration::from_millis(10);
+
+/// One ordinary request ready to be served on this thread.
+struct Next {
+    req: Request,
+    handler: Arc<PlainFn>,
+    head_only: bool,
+    leftover: Vec<u8>,
+}
+
 fn run_plain(
     shared: &Shared,
     conn: TcpStream,
     peer: SocketAddr,
-    mut req: Request,
-    handler: &PlainFn,
+    req: Request,
+    handler: &Arc<PlainFn>,
     head_only: bool,
     leftover: Vec<u8>,
 ) {
+    let mut next = Next {
+        req,
+        handler: Arc::clone(handler),
+        head_only,
+        leftover,
+    };
+    loop {
+        let Some(leftover) = serve_plain(shared, &conn, peer, next) else {
+            return;
+        };
+        match next_request(shared, &conn, peer, leftover) {
+            Linger::Serve(n) => next = n,
+            Linger::HandBack(leftover) => return hand_back(shared, conn, peer, leftover),
+            Linger::Close => return,
+        }
+    }
+}
+
+/// Serves one request; returns the bytes received past it when the
+/// connection stays open, `None` when it closes.
+fn serve_plain(shared: &Shared, conn: &TcpStream, peer: SocketAddr, next: Next) -> Option<Vec<u8>> {
+    let Next {
+        mut req,
+        handler,
+        head_only,
+        leftover,
+    } = next;
     let config = &shared.config;
     let counters = shared.stats.counters();
     counters.requests_total.fetch_add(1, Relaxed);
     let minor = if req.is_http10() { 0 } else { 1 };
     let mut armed = None;
     let write = |bytes: &[u8], armed: &mut Option<_>| {
-        write_all_timeout(&conn, bytes, config.write_timeout, armed).is_ok()
+        write_all_timeout(conn, bytes, config.write_timeout, armed).is_ok()
     };
 
     // The body, under the request's deadline.
@@ -176,9 +219,9 @@ fn run_plain(
         && !body_is_buffered(req.body_kind, &leftover)
         && !write(b"HTTP/1.1 100 Continue\r\n\r\n", &mut armed)
     {
-        return;
+        return None;
     }
-    let mut reader = BodyReader::new(&conn, leftover, deadline);
+    let mut reader = BodyReader::new(conn, leftover, deadline);
     match reader.read_body(req.body_kind, config.max_body) {
         Ok(body) => req.set_body(body),
         Err(e) => {
@@ -188,7 +231,7 @@ fn run_plain(
                 let _ = write(&bytes, &mut armed); // closing next anyway
             }
             let _ = conn.shutdown(Shutdown::Write);
-            return;
+            return None;
         }
     }
     let leftover = reader.into_leftover();
@@ -220,10 +263,92 @@ fn run_plain(
     );
     if !write(&bytes, &mut armed) || close {
         let _ = conn.shutdown(Shutdown::Write); // the peer may be gone already
-        return;
+        return None;
     }
-    // Keep-alive: back to the acceptor, which waits for the next head
-    // without a thread. If the acceptor is gone (shutdown) this drops it.
+    Some(leftover)
+}
+
+enum Linger {
+    /// The next request is an ordinary one: serve it here.
+    Serve(Next),
+    /// Anything else (nothing yet, a stream, an error to answer): the
+    /// acceptor takes over with the bytes received so far.
+    HandBack(Vec<u8>),
+    Close,
+}
+
+/// Waits briefly for the next request on a keep-alive connection.
+fn next_request(shared: &Shared, conn: &TcpStream, peer: SocketAddr, mut buf: Vec<u8>) -> Linger {
+    let linger_end = Instant::now() + KEEP_ALIVE_LINGER;
+    let mut started = Instant::now();
+    loop {
+        if !buf.is_empty() {
+            match head::parse(&buf) {
+                Parse::Complete(head, len) => {
+                    return match shared.router.find(&head.method, head_path(&head.target)) {
+                        Match::Handler(Handler::Plain(handler), params, head_only)
+                            if !shared.shutdown.is_shutdown()
+                                && fits(head.body, shared.config.max_body) =>
+                        {
+                            let leftover = buf.split_off(len);
+                            let mut req = Request::from_head(head, peer, started);
+                            req.set_params(params);
+                            Linger::Serve(Next {
+                                req,
+                                handler,
+                                head_only,
+                                leftover,
+                            })
+                        }
+                        _ => Linger::HandBack(buf),
+                    };
+                }
+                Parse::Partial => {}
+                Parse::Error(_) => return Linger::HandBack(buf),
+            }
+        }
+        let left = linger_end.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return Linger::HandBack(buf);
+        }
+        let mut chunk = [0u8; 4096];
+        match (&*conn).read(&mut chunk) {
+            Ok(0) => return Linger::Close,
+            Ok(n) => {
+                if buf.is_empty() {
+                    started = Instant::now();
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Linger::HandBack(buf);
+            }
+            Err(_) => return Linger::Close,
+        }
+    }
+}
+
+fn head_path(target: &str) -> &str {
+    target.split_once('?').map_or(target, |(p, _)| p)
+}
+
+fn fits(body: BodyKind, max: usize) -> bool {
+    match body {
+        BodyKind::Length(n) => n <= max as u64,
+        BodyKind::None | BodyKind::Chunked => true,
+    }
+}
+
+/// Hands a keep-alive connection back to the acceptor, which waits for the
+/// next head without a thread. If the acceptor is gone (shutdown) this
+/// drops it, closing the connection.
+fn hand_back(shared: &Shared, conn: TcpStream, peer: SocketAddr, leftover: Vec<u8>) {
     if conn.set_write_timeout(None).is_err() || conn.set_read_timeout(None).is_err() {
         return;
     }

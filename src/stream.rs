@@ -431,6 +431,13 @@ impl Stream {
     pub fn recv<T>(&mut self, rx: &Receiver<T>) -> Result<Option<T>, StreamError> {
         loop {
             self.check_alive()?;
+            // Fast path: a value already queued needs no select (which
+            // registers with both channels) and no sleep.
+            match rx.try_recv() {
+                Ok(v) => return Ok(Some(v)),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(None),
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+            }
             // Never wait past the budget or the next heartbeat.
             let wake = self.next_wake(Instant::now() + Duration::from_secs(3600));
             crossbeam_channel::select! {
