@@ -6,12 +6,12 @@
 //! connection only, is logged at `error` and counted.
 
 use std::any::Any;
+use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use crate::acceptor::Returned;
@@ -185,7 +185,7 @@ fn run_plain(
             return;
         };
         match next_request(shared, &conn, peer, leftover) {
-            Linger::Serve(n) => next = n,
+            Linger::Serve(n) => next = *n,
             Linger::HandBack(leftover) => return hand_back(shared, conn, peer, leftover),
             Linger::Close => return,
         }
@@ -270,7 +270,7 @@ fn serve_plain(shared: &Shared, conn: &TcpStream, peer: SocketAddr, next: Next) 
 
 enum Linger {
     /// The next request is an ordinary one: serve it here.
-    Serve(Next),
+    Serve(Box<Next>),
     /// Anything else (nothing yet, a stream, an error to answer): the
     /// acceptor takes over with the bytes received so far.
     HandBack(Vec<u8>),
@@ -293,12 +293,12 @@ fn next_request(shared: &Shared, conn: &TcpStream, peer: SocketAddr, mut buf: Ve
                             let leftover = buf.split_off(len);
                             let mut req = Request::from_head(head, peer, started);
                             req.set_params(params);
-                            Linger::Serve(Next {
+                            Linger::Serve(Box::new(Next {
                                 req,
                                 handler,
                                 head_only,
                                 leftover,
-                            })
+                            }))
                         }
                         _ => Linger::HandBack(buf),
                     };
