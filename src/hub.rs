@@ -18,14 +18,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{EndReason, EventError, StreamError};
 use crate::event::{EncodedEvent, Event};
+use crate::fanout::{Pushed, SubscriberQueue, Wakers};
 use crate::stream::Stream;
 
 /// The event name of the frame sent when a client asks to resume from an id
@@ -228,7 +228,8 @@ impl History for MemoryHistory {
 #[non_exhaustive]
 pub struct HubConfig {
     /// Frames a subscriber may have queued before it is dropped as slow.
-    /// Default 64.
+    /// Default 512 (the queue grows only as frames wait, so idle subscribers
+    /// hold none of it).
     pub queue: usize,
     /// Messages a mailbox holds before a push is refused. Default 1000.
     pub mailbox_capacity: usize,
@@ -239,7 +240,7 @@ pub struct HubConfig {
 impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
-            queue: 64,
+            queue: 512,
             mailbox_capacity: 1000,
             mailbox_ttl: Duration::from_secs(3600),
         }
@@ -325,6 +326,7 @@ pub struct Hub(Arc<Inner>);
 
 struct Inner {
     config: HubConfig,
+    wakers: Wakers,
     state: Mutex<State>,
     mailboxes: Mutex<HashMap<Box<str>, Mailbox>>,
 }
@@ -339,15 +341,7 @@ struct State {
 
 struct SubscriberSlot {
     id: u64,
-    tx: Sender<EncodedEvent>,
-    flags: Arc<SubscriberFlags>,
-}
-
-#[derive(Debug, Default)]
-struct SubscriberFlags {
-    slow: AtomicBool,
-    /// The topics the subscriber follows.
-    topics: Vec<Box<str>>,
+    queue: Arc<SubscriberQueue>,
 }
 
 /// Removes subscriber `id` from each of `topics`.
@@ -384,6 +378,7 @@ impl Hub {
             .max(EventId::floor_of(0));
         Hub(Arc::new(Inner {
             config,
+            wakers: Wakers::new(),
             state: Mutex::new(State {
                 last_id,
                 history,
@@ -427,24 +422,28 @@ impl Hub {
             },
         );
         let mut receivers = 0;
-        let mut dropped: Vec<(u64, Arc<SubscriberFlags>)> = Vec::new();
+        let mut wake: Vec<Arc<SubscriberQueue>> = Vec::new();
+        let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
         if let Some(subs) = state.subscribers.get_mut(topic) {
-            subs.retain(|s| match s.tx.try_send(frame.clone()) {
-                Ok(()) => {
+            subs.retain(|s| match s.queue.push(&frame) {
+                Pushed::Queued => {
                     receivers += 1;
                     true
                 }
-                Err(TrySendError::Full(_)) => {
-                    // Dropping every copy of the sender disconnects the
-                    // subscriber once it has drained its queue; the flag
-                    // says why.
-                    s.flags.slow.store(true, Ordering::Relaxed);
-                    if s.flags.topics.len() > 1 {
-                        dropped.push((s.id, Arc::clone(&s.flags)));
+                Pushed::QueuedWake => {
+                    receivers += 1;
+                    wake.push(Arc::clone(&s.queue));
+                    true
+                }
+                Pushed::Slow => {
+                    // Closed: it drains what it has, then ends as slow and
+                    // its client resumes from history.
+                    wake.push(Arc::clone(&s.queue));
+                    if s.queue.topics.len() > 1 {
+                        dropped.push((s.id, Arc::clone(&s.queue)));
                     }
                     false
                 }
-                Err(TrySendError::Disconnected(_)) => false,
             });
             if subs.is_empty() {
                 state.subscribers.remove(topic);
@@ -453,8 +452,13 @@ impl Hub {
         // A slow subscriber of several topics leaves all of them, or it
         // would silently miss this topic's events while the others kept it
         // connected.
-        for (id, flags) in dropped {
-            remove_subscriber(&mut state, id, &flags.topics);
+        for (id, queue) in dropped {
+            remove_subscriber(&mut state, id, &queue.topics);
+        }
+        drop(state);
+        // Waking is the expensive part of fan-out: never under the lock.
+        if !wake.is_empty() {
+            self.0.wakers.wake(wake);
         }
         Ok(Published { id, receivers })
     }
@@ -480,11 +484,7 @@ impl Hub {
         let mut names: Vec<Box<str>> = topics.iter().map(|t| Box::from(*t)).collect();
         names.sort();
         names.dedup();
-        let (tx, rx) = crossbeam_channel::bounded(self.0.config.queue.max(1));
-        let flags = Arc::new(SubscriberFlags {
-            slow: AtomicBool::new(false),
-            topics: names.clone(),
-        });
+        let queue = Arc::new(SubscriberQueue::new(self.0.config.queue, names.clone()));
         let mut state = self.state();
         let id = state.next_subscriber;
         state.next_subscriber += 1;
@@ -524,8 +524,7 @@ impl Hub {
         for name in &names {
             let slot = SubscriberSlot {
                 id,
-                tx: tx.clone(),
-                flags: Arc::clone(&flags),
+                queue: Arc::clone(&queue),
             };
             match state.subscribers.get_mut(name) {
                 Some(v) => v.push(slot),
@@ -538,10 +537,8 @@ impl Hub {
         Ok(Subscription {
             hub: self.clone(),
             id,
-            topics: names,
             backlog,
-            rx,
-            flags,
+            queue,
         })
     }
 
@@ -691,18 +688,16 @@ impl Mailbox {
 pub struct Subscription {
     hub: Hub,
     id: u64,
-    topics: Vec<Box<str>>,
     backlog: Vec<EncodedEvent>,
-    rx: Receiver<EncodedEvent>,
-    flags: Arc<SubscriberFlags>,
+    queue: Arc<SubscriberQueue>,
 }
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
-            .field("topics", &self.topics)
+            .field("topics", &self.queue.topics)
             .field("backlog", &self.backlog.len())
-            .field("queued", &self.rx.len())
+            .field("queued", &self.queue.len())
             .finish_non_exhaustive()
     }
 }
@@ -711,7 +706,27 @@ impl Subscription {
     /// The next live frame without waiting (the replay backlog is taken
     /// separately with [`take_backlog`](Subscription::take_backlog)).
     pub fn try_next(&self) -> Option<EncodedEvent> {
-        self.rx.try_recv().ok()
+        self.queue.try_pop()
+    }
+
+    /// Waits up to `timeout` for the next live frame; `None` on timeout or
+    /// when the hub dropped the subscriber (see
+    /// [`is_slow`](Subscription::is_slow)) and its queue is empty.
+    pub fn next_timeout(&self, timeout: Duration) -> Option<EncodedEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(frame) = self.queue.try_pop() {
+                return Some(frame);
+            }
+            let now = Instant::now();
+            if self.queue.is_closed() || now >= deadline {
+                return None;
+            }
+            if self.queue.prepare_park() {
+                std::thread::park_timeout(deadline - now);
+                self.queue.unparked();
+            }
+        }
     }
 
     /// The replay frames (a reset notice first, if any), taken once.
@@ -719,20 +734,15 @@ impl Subscription {
         std::mem::take(&mut self.backlog)
     }
 
-    /// The live frames' receiver.
-    pub fn receiver(&self) -> &Receiver<EncodedEvent> {
-        &self.rx
-    }
-
     /// Whether the hub dropped this subscriber for falling behind.
     pub fn is_slow(&self) -> bool {
-        self.flags.slow.load(Ordering::Relaxed)
+        self.queue.is_slow()
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.hub.unsubscribe(self.id, &self.topics);
+        self.hub.unsubscribe(self.id, &self.queue.topics);
     }
 }
 
@@ -751,29 +761,32 @@ impl Stream {
         for part in backlog.chunks(BATCH) {
             self.send_encoded(part)?;
         }
-        let mut batch = Vec::with_capacity(8);
+        let queue = Arc::clone(&sub.queue);
+        let mut batch = Vec::new();
         loop {
-            let Some(first) = self.recv(sub.receiver())? else {
-                // Every sender is gone: the hub dropped us.
-                let reason = if sub.is_slow() {
+            self.check_alive()?;
+            queue.drain_into(&mut batch, BATCH);
+            if !batch.is_empty() {
+                self.send_encoded(&batch)?;
+                batch.clear();
+                if batch.capacity() > 64 {
+                    batch = Vec::new(); // do not hold a burst's buffer while idle
+                }
+                continue;
+            }
+            if queue.is_closed() {
+                let reason = if queue.is_slow() {
                     EndReason::Slow
                 } else {
                     EndReason::Shutdown
                 };
                 return Err(self.end_with(reason));
-            };
-            batch.push(first);
-            while batch.len() < BATCH {
-                match sub.receiver().try_recv() {
-                    Ok(frame) => batch.push(frame),
-                    Err(_) => break,
-                }
             }
-            self.send_encoded(&batch)?;
-            batch.clear();
-            if batch.capacity() > 64 {
-                batch = Vec::with_capacity(8); // do not hold a burst's buffer while idle
+            if queue.prepare_park() {
+                self.park();
+                queue.unparked();
             }
+            self.on_timer()?;
         }
     }
 
@@ -973,10 +986,11 @@ mod tests {
         // The slow one drains what it had, then sees the disconnect.
         assert!(slow.try_next().is_some());
         assert!(slow.try_next().is_some());
-        assert!(matches!(
-            slow.receiver().try_recv(),
-            Err(crossbeam_channel::TryRecvError::Disconnected)
-        ));
+        assert!(slow.try_next().is_none());
+        assert!(
+            slow.next_timeout(Duration::from_secs(5)).is_none(),
+            "closed: no wait"
+        );
     }
 
     #[test]

@@ -118,6 +118,7 @@ mod conn;
 pub mod daemon;
 mod error;
 mod event;
+mod fanout;
 mod http;
 mod hub;
 mod limits;

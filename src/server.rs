@@ -85,12 +85,15 @@ pub(crate) struct Registry {
 
 struct Entry {
     conn: Arc<TcpStream>,
+    /// The stream's thread, unparked at shutdown.
+    thread: std::thread::Thread,
     /// Dropped at shutdown: disconnects the stream's own wake-up channel.
     wake: Option<Sender<()>>,
 }
 
 impl Registry {
-    /// Registers a stream's socket and the sender of its wake-up channel.
+    /// Registers a stream's socket, its thread (the caller) and the sender
+    /// of its wake-up channel.
     /// If shutdown already began, the sender is dropped at once.
     pub(crate) fn insert(
         &self,
@@ -103,18 +106,30 @@ impl Registry {
             // Checked under the lock `wake_all` takes, so a stream registered
             // while shutdown begins cannot miss its wake-up.
             let wake = (!shutdown.is_shutdown()).then_some(wake);
-            conns.insert(id, Entry { conn, wake });
+            conns.insert(
+                id,
+                Entry {
+                    conn,
+                    thread: std::thread::current(),
+                    wake,
+                },
+            );
         }
         id
     }
 
     /// Wakes every registered stream by disconnecting its wake-up channel.
     fn wake_all(&self) {
-        let senders: Vec<Sender<()>> = match self.conns.lock() {
-            Ok(mut c) => c.values_mut().filter_map(|e| e.wake.take()).collect(),
-            Err(_) => return,
-        };
+        let (senders, threads): (Vec<Option<Sender<()>>>, Vec<std::thread::Thread>) =
+            match self.conns.lock() {
+                Ok(mut c) => c
+                    .values_mut()
+                    .map(|e| (e.wake.take(), e.thread.clone()))
+                    .unzip(),
+                Err(_) => return,
+            };
         drop(senders); // outside the lock
+        threads.iter().for_each(std::thread::Thread::unpark);
     }
 
     pub(crate) fn remove(&self, id: u64) {

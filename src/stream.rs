@@ -24,6 +24,8 @@ use crate::stats::Stats;
 pub const DONE: &str = "[DONE]";
 /// The comment sent as a heartbeat.
 pub const HEARTBEAT_COMMENT: &str = "keep-alive";
+/// How often a parked stream the server cannot unpark looks for shutdown.
+const UNREGISTERED_POLL: Duration = Duration::from_millis(250);
 /// The comment sent as the last frame when the server shuts down.
 pub const SHUTDOWN_COMMENT: &str = "server shutting down";
 
@@ -85,6 +87,9 @@ pub struct Stream {
     /// Disconnects at shutdown. The server gives each stream its own, so
     /// thousands of waiting streams never share one channel's waiter list.
     wake: Receiver<()>,
+    /// Whether the server registered this thread to be unparked at
+    /// shutdown (the tiny_http adapter does not).
+    registered: bool,
     stats: Stats,
     ended: Option<EndReason>,
 }
@@ -123,6 +128,7 @@ impl Stream {
             counts: Vec::new(),
             last_event_id,
             wake: shutdown.receiver().clone(),
+            registered: false,
             shutdown,
             stats,
             ended: None,
@@ -130,8 +136,23 @@ impl Stream {
     }
 
     /// Replaces the shutdown wake-up with a receiver of this stream's own.
+    /// Also records that shutdown unparks this stream's thread.
     pub(crate) fn set_wake(&mut self, wake: Receiver<()>) {
         self.wake = wake;
+        self.registered = true;
+    }
+
+    /// Parks the thread until it is unparked (an event, shutdown) or the
+    /// next heartbeat or the budget's end is due. Spurious wake-ups are
+    /// fine: callers look again.
+    pub(crate) fn park(&self) {
+        let now = Instant::now();
+        let mut wake = self.next_wake(now + Duration::from_secs(3600));
+        if !self.registered {
+            // Nobody unparks us at shutdown: look now and then.
+            wake = wake.min(now + UNREGISTERED_POLL);
+        }
+        std::thread::park_timeout(wake.saturating_duration_since(now));
     }
 
     // ----- sending -------------------------------------------------------
@@ -517,7 +538,7 @@ impl Stream {
         self.end(reason)
     }
 
-    fn check_alive(&mut self) -> Result<(), StreamError> {
+    pub(crate) fn check_alive(&mut self) -> Result<(), StreamError> {
         if let Some(r) = self.ended {
             return Err(StreamError::Ended(r));
         }
@@ -545,7 +566,7 @@ impl Stream {
         wake
     }
 
-    fn on_timer(&mut self) -> Result<(), StreamError> {
+    pub(crate) fn on_timer(&mut self) -> Result<(), StreamError> {
         self.check_alive()?;
         if let Some(h) = self.config.heartbeat
             && self.last_write.elapsed() >= h
