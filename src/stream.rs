@@ -212,6 +212,9 @@ impl Stream {
     ///
     /// [`StreamError::Ended`] when the stream is over.
     pub fn send_encoded(&mut self, frames: &[EncodedEvent]) -> Result<(), StreamError> {
+        if let [one] = frames {
+            return self.write_frames(&[one.as_bytes()]); // the common case: no allocation
+        }
         let slices: Vec<&[u8]> = frames.iter().map(EncodedEvent::as_bytes).collect();
         self.write_frames(&slices)
     }

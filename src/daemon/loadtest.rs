@@ -883,6 +883,10 @@ impl Streams {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return self.on_closed(idx, Some(e)),
             };
+            // A short read drained the socket: epoll is level-triggered and
+            // reports it again when more arrives, so skip the read that
+            // would only say EAGAIN (half the client's syscalls per event).
+            let drained = n < scratch.len();
             let data = &scratch[..n];
             match &mut conn.phase {
                 Phase::Streaming(body) => {
@@ -901,6 +905,9 @@ impl Streams {
                     }
                 }
                 Phase::Connecting { .. } => return,
+            }
+            if drained {
+                return;
             }
         }
     }
