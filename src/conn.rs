@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::acceptor::Returned;
-use crate::error::{EndReason, StreamError};
+use crate::error::{EndReason, Report, StreamError};
 use crate::http::body::BodyReader;
 use crate::http::head::{self, BodyKind, Parse};
 use crate::http::{Request, Response};
@@ -49,7 +49,7 @@ impl Job {
 }
 
 /// Decrements a gauge when the thread ends, however it ends.
-struct Gauge<'a>(&'a AtomicU64);
+pub(crate) struct Gauge<'a>(pub(crate) &'a AtomicU64);
 
 impl Drop for Gauge<'_> {
     fn drop(&mut self) {
@@ -124,7 +124,7 @@ fn run_stream(
         Ok(Err(StreamError::Ended(EndReason::Shutdown))) => Outcome::Shutdown,
         Ok(Err(StreamError::Ended(_))) => Outcome::Ended,
         Ok(Err(e)) => {
-            log::warn!("stream handler for {} failed: {}", req.path(), chain(&e));
+            log::warn!("stream handler for {} failed: {}", req.path(), Report(&e));
             Outcome::Failed
         }
         Err(panic) => {
@@ -373,22 +373,10 @@ fn body_is_buffered(kind: BodyKind, leftover: &[u8]) -> bool {
     }
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> &str {
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> &str {
     panic
         .downcast_ref::<&str>()
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(non-string panic payload)")
-}
-
-/// An error and its sources, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

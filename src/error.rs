@@ -265,6 +265,30 @@ impl From<serde_json::Error> for StreamError {
     }
 }
 
+/// Displays an error with its chain of sources, `a: b: c`, for logs and
+/// messages.
+///
+/// # Examples
+///
+/// ```
+/// let e = ssed::Error::Io(std::io::Error::other("no poller"));
+/// assert_eq!(ssed::Report(&e).to_string(), "server i/o setup failed: no poller");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a>(pub &'a dyn std::error::Error);
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

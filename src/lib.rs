@@ -131,7 +131,7 @@ mod time;
 #[cfg(feature = "tiny-http")]
 pub mod tiny_http;
 
-pub use error::{EndReason, Error, EventError, StreamError};
+pub use error::{EndReason, Error, EventError, Report, StreamError};
 pub use event::{EncodedEvent, Event};
 pub use http::{Request, Response};
 pub use hub::{

@@ -96,7 +96,7 @@ fn main() -> ExitCode {
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{}", chain(&*e));
+            log::error!("{}", ssed::Report(&*e));
             ExitCode::FAILURE
         }
     }
@@ -169,15 +169,4 @@ fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 
 fn shown(v: Option<u64>) -> String {
     v.map_or_else(|| "?".to_owned(), |v| v.to_string())
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

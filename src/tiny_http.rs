@@ -69,10 +69,10 @@
 //!   for keep-alive; with `Connection: keep-alive` the client sees the
 //!   stream stop but not end.
 
+use crate::conn::{Gauge, panic_message};
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -309,7 +309,11 @@ where
         }
         Ok(Err(StreamError::Ended(reason))) => (Outcome::Ended, Served::Ended(reason)),
         Ok(Err(e)) => {
-            log::warn!("stream handler for {} failed: {}", req.path(), chain(&e));
+            log::warn!(
+                "stream handler for {} failed: {}",
+                req.path(),
+                crate::Report(&e)
+            );
             (Outcome::Failed, Served::Failed)
         }
         Err(panic) => {
@@ -523,35 +527,6 @@ impl Write for SharedWriter {
     fn flush(&mut self) -> io::Result<()> {
         self.lock().inner.flush()
     }
-}
-
-/// Decrements a gauge when the stream ends, however it ends.
-struct Gauge<'a>(&'a AtomicU64);
-
-impl Drop for Gauge<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-    }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(non-string panic payload)")
-}
-
-/// An error and its sources, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]
