@@ -82,6 +82,8 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
     let a = |app: &Arc<App>| Arc::clone(app);
     let builder = builder
         .get("/", |_req| Response::html(DEMO_PAGE))
+        // Browsers ask for it on every page; answer without a 404 in their console.
+        .get("/favicon.ico", |_req| Response::no_content())
         .route("/events/{topic}", {
             let app = a(&app);
             move |req, stream| app.subscribe(req, stream)

@@ -1,0 +1,163 @@
+// End-to-end check of the ssed demo page in headless Chromium, run by
+// tests/browser.rs (or by hand against a running `ssed`):
+//
+//     node tests/browser/demo.mjs http://127.0.0.1:8080/ target/tmp/demo.png
+//
+// Opens the page, waits for the EventSource to be open, publishes a unique
+// message through the form and waits for it to be listed with an event id
+// (`<ms>-<seq>`). Saves a screenshot of the page to the given path, on
+// failure too. Exits 0 on success, 1 on failure, 2 on bad arguments.
+//
+// Environment: CHROMIUM (default /usr/bin/chromium), DEMO_TIMEOUT_MS
+// (overall time limit, default 20000).
+
+import { chromium } from "playwright-core";
+
+const [url, screenshot] = process.argv.slice(2);
+if (!url || !screenshot || process.argv.length > 4) {
+  console.error("usage: node demo.mjs PAGE_URL SCREENSHOT_PATH");
+  process.exit(2);
+}
+const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
+const timeoutMs = Number(process.env.DEMO_TIMEOUT_MS || 20000);
+const ID = /^\d+-\d+$/;
+
+const started = Date.now();
+const log = (msg) => console.log(`[demo ${String(Date.now() - started).padStart(5)} ms] ${msg}`);
+
+let browser;
+let page;
+let step = "starting";
+let failing = false;
+const pageErrors = [];
+
+async function fail(message) {
+  // A timeout and the step it interrupts may both fail: report once.
+  if (failing) return new Promise(() => {});
+  failing = true;
+  console.error(`FAIL: ${message}`);
+  if (pageErrors.length) console.error(`page errors:\n  ${pageErrors.join("\n  ")}`);
+  if (page) {
+    try {
+      console.error(`page text at failure:\n${await page.locator("body").innerText({ timeout: 1000 })}`);
+      await page.screenshot({ path: screenshot, fullPage: true, timeout: 2000 });
+      console.error(`screenshot of the failure: ${screenshot}`);
+    } catch (e) {
+      console.error(`(no page text or screenshot: ${e.message.split("\n")[0]})`);
+    }
+  }
+  // Closing the browser matters: a Chromium left behind outlives the test.
+  await browser?.close().catch(() => {});
+  process.exit(1);
+}
+
+// The overall limit. If closing the browser hangs, exit anyway after 3 s:
+// Playwright's exit handler kills the browser it launched.
+setTimeout(() => {
+  setTimeout(() => process.exit(1), 3000).unref();
+  fail(`timed out after ${timeoutMs} ms while ${step}`);
+}, timeoutMs);
+
+/** Runs one step, naming it in the failure message. */
+async function run(what, f) {
+  step = what;
+  try {
+    return await f();
+  } catch (e) {
+    return fail(`${what}: ${e?.message ?? e}`);
+  }
+}
+
+log(`launching ${executablePath}`);
+// launch() runs the browser in a fresh, temporary profile (its own
+// --user-data-dir) and removes it on close.
+browser = await run("launching Chromium", () =>
+  chromium.launch({
+    executablePath,
+    headless: true,
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--no-first-run",
+      "--disable-quic",
+      "--no-proxy-server",
+    ],
+  }),
+);
+log(`browser ${browser.version()}`);
+page = await run("opening a page", () => browser.newPage({ viewport: { width: 900, height: 600 } }));
+page.setDefaultTimeout(timeoutMs);
+page.on("pageerror", (e) => pageErrors.push(String(e)));
+page.on("console", (m) => {
+  if (m.type() === "error" || m.type() === "warning") log(`console ${m.type()}: ${m.text()}`);
+});
+
+const response = await run(`loading ${url}`, () => page.goto(url, { waitUntil: "domcontentloaded" }));
+if (!response?.ok()) await fail(`GET ${url} answered ${response?.status()}`);
+log(`loaded ${url}: "${await page.title()}"`);
+
+await run('waiting for #state to read "open"', () =>
+  page.waitForFunction(() => document.getElementById("state")?.textContent === "open"),
+);
+log('#state reads "open"');
+
+const message = `browser e2e ${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)} héllo ✓`;
+await run("publishing through the form", async () => {
+  await page.fill('#publish input[name="data"]', message);
+  await page.click('#publish button[type="submit"]');
+});
+log(`published ${JSON.stringify(message)} through the form`);
+
+const id = await run(`waiting for an <li> in #events with ${JSON.stringify(message)} and an id`, async () => {
+  const found = await page.waitForFunction(
+    ([message, pattern]) => {
+      for (const li of document.querySelectorAll("#events > li")) {
+        const tag = li.querySelector(".id")?.textContent ?? "";
+        if (li.textContent.includes(message) && new RegExp(pattern).test(tag)) return tag;
+      }
+      return null;
+    },
+    [message, ID.source],
+  );
+  return found.jsonValue();
+});
+log(`listed in #events with id ${id}`);
+
+// The form's own report of the POST, and the rest of the page's state.
+const result = await run("waiting for #result", async () => {
+  await page.waitForFunction(() => document.getElementById("result")?.textContent !== "");
+  return page.locator("#result").innerText();
+});
+const [lastId, state, reconnects, input] = await run("reading the page", () =>
+  Promise.all([
+    page.locator("#lastid").innerText(),
+    page.locator("#state").innerText(),
+    page.locator("#reconnects").innerText(),
+    page.inputValue('#publish input[name="data"]'),
+  ]),
+);
+log(`#result: ${result}`);
+log(`#lastid: ${lastId}, #state: ${state}, #reconnects: ${reconnects}`);
+
+if (!result.startsWith("published ")) await fail(`the form reported ${JSON.stringify(result)}`);
+let published;
+try {
+  published = JSON.parse(result.slice("published ".length));
+} catch {
+  await fail(`the form's result is not "published <json>": ${JSON.stringify(result)}`);
+}
+if (published.id !== id) await fail(`POST answered id ${published.id} but the event arrived with id ${id}`);
+if (lastId !== id) await fail(`#lastid shows ${lastId}, the event's id is ${id}`);
+if (state !== "open") await fail(`#state reads ${JSON.stringify(state)} after publishing`);
+if (input !== "") await fail(`the message input was not cleared: ${JSON.stringify(input)}`);
+if (pageErrors.length) await fail("the page threw");
+
+await run("taking the screenshot", () => page.screenshot({ path: screenshot, fullPage: true }));
+log(`screenshot: ${screenshot}`);
+await browser.close();
+log("ok");
+process.exit(0);
