@@ -43,6 +43,9 @@ pub enum Error {
     /// The operating system refused a resource the server needs to run
     /// (the readiness poller, its wake-up descriptor).
     Io(io::Error),
+    /// The durable store (the daemon's `data_dir`) could not be opened.
+    #[cfg(feature = "durable")]
+    Store(crate::store::StoreError),
 }
 
 impl fmt::Display for Error {
@@ -52,6 +55,8 @@ impl fmt::Display for Error {
             Error::Bind { addr, .. } => write!(f, "cannot listen on {addr}"),
             Error::Route { pattern, reason } => write!(f, "invalid route {pattern:?}: {reason}"),
             Error::Io(_) => f.write_str("server i/o setup failed"),
+            #[cfg(feature = "durable")]
+            Error::Store(_) => f.write_str("durable store unavailable"),
         }
     }
 }
@@ -63,6 +68,8 @@ impl std::error::Error for Error {
                 Some(source)
             }
             Error::Route { .. } => None,
+            #[cfg(feature = "durable")]
+            Error::Store(e) => Some(e),
         }
     }
 }
@@ -70,6 +77,13 @@ impl std::error::Error for Error {
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::Io(e)
+    }
+}
+
+#[cfg(feature = "durable")]
+impl From<crate::store::StoreError> for Error {
+    fn from(e: crate::store::StoreError) -> Self {
+        Error::Store(e)
     }
 }
 

@@ -220,6 +220,15 @@ impl EncodedEvent {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// A frame read back from a durable store, which only ever holds what
+    /// [`Event::encode_shared`] made; `None` unless it ends like a frame.
+    #[cfg(feature = "durable")]
+    pub(crate) fn from_stored(bytes: Vec<u8>) -> Option<Self> {
+        bytes
+            .ends_with(b"\n\n")
+            .then(|| EncodedEvent(Arc::from(bytes)))
+    }
 }
 
 impl fmt::Debug for EncodedEvent {

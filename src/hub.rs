@@ -13,17 +13,21 @@
 //!
 //! History sits behind the [`History`] trait so other stores (an embedded
 //! database, Redis) can replace the in-memory one without touching the HTTP
-//! layer.
+//! layer. Mailboxes live in memory; a [`MailboxStore`] given to
+//! [`Hub::with_stores`] also keeps every waiting message, so they survive a
+//! restart. A store that fails a write fails the operation
+//! ([`HubError::Storage`]): nothing is acknowledged that was not kept.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::error::{EndReason, EventError, StreamError};
+use crate::error::{EndReason, EventError, Report, StreamError};
 use crate::event::{EncodedEvent, Event};
 use crate::fanout::{Pushed, SubscriberQueue, Wakers};
 use crate::stream::Stream;
@@ -55,8 +59,13 @@ impl EventId {
         self.ms
     }
 
+    /// Its number among the ids of the same millisecond, from 0.
+    pub fn seq(self) -> u64 {
+        self.seq
+    }
+
     /// The first id of a millisecond.
-    fn floor_of(ms: u64) -> Self {
+    pub(crate) fn floor_of(ms: u64) -> Self {
         EventId { ms, seq: 0 }
     }
 
@@ -141,6 +150,30 @@ pub struct Replay {
     pub oldest: Option<EventId>,
 }
 
+/// A store could not keep or read what it was given (a disk or database
+/// error); the hub refuses the operation rather than acknowledge it.
+#[derive(Debug)]
+pub struct StorageError(Box<dyn std::error::Error + Send + Sync>);
+
+impl StorageError {
+    /// Wraps the store's own error.
+    pub fn new(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        StorageError(source.into())
+    }
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("storage failed")
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
 /// Where a hub keeps the recent events of each topic.
 ///
 /// Called with the hub's lock held, so implementations need no locking of
@@ -148,7 +181,12 @@ pub struct Replay {
 pub trait History: Send + 'static {
     /// Keeps `event` as the newest event of `topic`, evicting the oldest
     /// past the store's bound.
-    fn append(&mut self, topic: &str, event: Retained);
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot keep it: the hub then neither delivers the
+    /// event nor acknowledges it ([`HubError::Storage`]).
+    fn append(&mut self, topic: &str, event: Retained) -> Result<(), StorageError>;
 
     /// Every retained event of `topic` with an id above `after`.
     fn since(&self, topic: &str, after: EventId) -> Replay;
@@ -181,16 +219,43 @@ struct TopicHistory {
 impl MemoryHistory {
     /// Keeps the last `capacity` events per topic (0 keeps none).
     pub fn new(capacity: usize) -> Self {
+        MemoryHistory::with_floor(capacity, EventId::floor_of(now_ms()))
+    }
+
+    /// A cache for a store that knows every event from `floor` on (a
+    /// durable store: from its creation), so it signals no gap above it.
+    pub(crate) fn with_floor(capacity: usize, floor: EventId) -> Self {
         MemoryHistory {
             capacity,
-            floor: EventId::floor_of(now_ms()),
+            floor,
             topics: HashMap::new(),
         }
     }
-}
 
-impl History for MemoryHistory {
-    fn append(&mut self, topic: &str, event: Retained) {
+    /// The newest id that appending `id` to `topic` would evict (`id`
+    /// itself when nothing is kept): what a durable store must delete in
+    /// the same write.
+    #[cfg(feature = "durable")]
+    pub(crate) fn evicts(&self, topic: &str, id: EventId) -> Option<EventId> {
+        if self.capacity == 0 {
+            return Some(id);
+        }
+        let events = &self.topics.get(topic)?.events;
+        let over = (events.len() + 1).checked_sub(self.capacity)?;
+        events.get(over.checked_sub(1)?).map(|e| e.id)
+    }
+
+    /// Records that `topic` lost its events up to `id` before this cache
+    /// was filled (restored from a store).
+    #[cfg(feature = "durable")]
+    pub(crate) fn note_evicted(&mut self, topic: &str, id: EventId) {
+        let t = self.topics.entry(topic.into()).or_default();
+        t.evicted = t.evicted.max(Some(id));
+    }
+
+    /// Keeps `event` as the newest of `topic` (what [`History::append`]
+    /// does, infallibly).
+    pub(crate) fn push(&mut self, topic: &str, event: Retained) {
         let t = match self.topics.get_mut(topic) {
             Some(t) => t,
             None => self.topics.entry(topic.into()).or_default(),
@@ -205,6 +270,13 @@ impl History for MemoryHistory {
                 t.evicted = Some(old.id);
             }
         }
+    }
+}
+
+impl History for MemoryHistory {
+    fn append(&mut self, topic: &str, event: Retained) -> Result<(), StorageError> {
+        self.push(topic, event);
+        Ok(())
     }
 
     fn since(&self, topic: &str, after: EventId) -> Replay {
@@ -263,6 +335,9 @@ pub enum HubError {
         /// Its capacity.
         capacity: usize,
     },
+    /// The hub's store could not keep the event or message, so it was
+    /// neither delivered nor queued.
+    Storage(StorageError),
 }
 
 impl fmt::Display for HubError {
@@ -276,6 +351,7 @@ impl fmt::Display for HubError {
             HubError::MailboxFull { key, capacity } => {
                 write!(f, "mailbox {key:?} is full ({capacity} messages waiting)")
             }
+            HubError::Storage(_) => f.write_str("storage unavailable"),
         }
     }
 }
@@ -284,6 +360,7 @@ impl std::error::Error for HubError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             HubError::Event(e) => Some(e),
+            HubError::Storage(e) => Some(e),
             _ => None,
         }
     }
@@ -302,6 +379,52 @@ pub struct Published {
     pub id: EventId,
     /// Subscribers whose queue took the event.
     pub receivers: usize,
+}
+
+/// A mailbox message as a [`MailboxStore`] keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The mailbox key.
+    pub key: String,
+    /// Its number: unique in the store, increasing in push order.
+    pub seq: u64,
+    /// When it was pushed, in milliseconds since the Unix epoch (its TTL
+    /// runs on across a restart).
+    pub pushed_ms: u64,
+    /// The message.
+    pub text: String,
+}
+
+/// Where a hub keeps its waiting mailbox messages so they survive a
+/// restart (see [`Hub::with_stores`]).
+///
+/// A message is put when pushed and removed once taken (for a consuming
+/// stream: once written to its client), so a crash between the two can
+/// deliver it again but never loses it. `put` is called with the hub's
+/// mailbox lock held, so a store sees pushes in `seq` order; `remove` may
+/// come from any thread, in any order.
+pub trait MailboxStore: Send + 'static {
+    /// Every kept message, in `seq` order.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot be read.
+    fn load(&mut self) -> Result<Vec<StoredMessage>, StorageError>;
+
+    /// Keeps `message`.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot: the push is refused ([`HubError::Storage`]).
+    fn put(&mut self, message: &StoredMessage) -> Result<(), StorageError>;
+
+    /// Forgets message `seq` (taken, or expired).
+    ///
+    /// # Errors
+    ///
+    /// When it cannot; the hub logs it (the message may come again after a
+    /// restart).
+    fn remove(&mut self, seq: u64) -> Result<(), StorageError>;
 }
 
 /// The engine of the daemon, usable by an embedding app from any thread:
@@ -329,6 +452,11 @@ struct Inner {
     wakers: Wakers,
     state: Mutex<State>,
     mailboxes: Mutex<HashMap<Box<str>, Mailbox>>,
+    /// Where waiting mailbox messages are also kept, if anywhere. Locked
+    /// inside `mailboxes` (never the other way round).
+    mailbox_store: Option<Mutex<Box<dyn MailboxStore>>>,
+    /// The `seq` of the next mailbox message.
+    next_message: AtomicU64,
 }
 
 struct State {
@@ -370,8 +498,67 @@ impl Hub {
         Hub::with_history(Box::new(MemoryHistory::new(history)), HubConfig::default())
     }
 
-    /// A hub over any [`History`] store.
+    /// A hub over any [`History`] store, with mailboxes in memory only.
     pub fn with_history(history: Box<dyn History>, config: HubConfig) -> Self {
+        Hub::assemble(history, None, HashMap::new(), 0, config)
+    }
+
+    /// A hub over a [`History`] store whose mailboxes are also kept in
+    /// `mailboxes`: the messages it holds are waiting again, minus those
+    /// whose TTL ran out (counted from when they were pushed).
+    ///
+    /// # Errors
+    ///
+    /// When the mailbox store cannot be read.
+    pub fn with_stores(
+        history: Box<dyn History>,
+        mut mailboxes: Box<dyn MailboxStore>,
+        config: HubConfig,
+    ) -> Result<Self, StorageError> {
+        let stored = mailboxes.load()?;
+        let next_message = stored
+            .iter()
+            .map(|m| m.seq.saturating_add(1))
+            .max()
+            .unwrap_or(0);
+        let (now, now_wall) = (Instant::now(), now_ms());
+        let mut boxes: HashMap<Box<str>, Mailbox> = HashMap::new();
+        for m in stored {
+            let age = Duration::from_millis(now_wall.saturating_sub(m.pushed_ms));
+            let Some(left) = config.mailbox_ttl.checked_sub(age) else {
+                if let Err(e) = mailboxes.remove(m.seq) {
+                    log::warn!("cannot remove an expired mailbox message: {}", Report(&e));
+                }
+                continue;
+            };
+            let message = Message {
+                seq: m.seq,
+                expires: now.checked_add(left),
+                text: m.text,
+            };
+            let key: Box<str> = m.key.into();
+            boxes
+                .entry(key)
+                .or_insert_with(Mailbox::new)
+                .queue
+                .push_back(message);
+        }
+        Ok(Hub::assemble(
+            history,
+            Some(mailboxes),
+            boxes,
+            next_message,
+            config,
+        ))
+    }
+
+    fn assemble(
+        history: Box<dyn History>,
+        mailbox_store: Option<Box<dyn MailboxStore>>,
+        mailboxes: HashMap<Box<str>, Mailbox>,
+        next_message: u64,
+        config: HubConfig,
+    ) -> Self {
         let last_id = history
             .last_id()
             .unwrap_or_else(|| EventId::floor_of(0))
@@ -386,7 +573,9 @@ impl Hub {
                 next_subscriber: 0,
                 published: 0,
             }),
-            mailboxes: Mutex::new(HashMap::new()),
+            mailboxes: Mutex::new(mailboxes),
+            mailbox_store: mailbox_store.map(Mutex::new),
+            next_message: AtomicU64::new(next_message),
         }))
     }
 
@@ -403,7 +592,8 @@ impl Hub {
     /// # Errors
     ///
     /// [`HubError::InvalidName`] for a bad topic name, [`HubError::Event`]
-    /// for an event name with a line break.
+    /// for an event name with a line break, [`HubError::Storage`] when the
+    /// history store cannot keep the event (it is then not delivered).
     pub fn publish(&self, topic: &str, event: Event) -> Result<Published, HubError> {
         if !valid_name(topic) {
             return Err(HubError::InvalidName(topic.to_owned()));
@@ -412,15 +602,20 @@ impl Hub {
         let mut state = self.state();
         let id = state.last_id.next(now_ms());
         let frame = event.id(id.to_string()).encode_shared()?;
+        // Kept before anyone sees it: an event the store refused reaches no
+        // subscriber, and its id is issued again.
+        state
+            .history
+            .append(
+                topic,
+                Retained {
+                    id,
+                    frame: frame.clone(),
+                },
+            )
+            .map_err(HubError::Storage)?;
         state.last_id = id;
         state.published += 1;
-        state.history.append(
-            topic,
-            Retained {
-                id,
-                frame: frame.clone(),
-            },
-        );
         let mut receivers = 0;
         let mut wake: Vec<Arc<SubscriberQueue>> = Vec::new();
         let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
@@ -567,31 +762,79 @@ impl Hub {
         self.0.mailboxes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` on the mailbox store, if the hub has one.
+    fn with_store<T>(
+        &self,
+        f: impl FnOnce(&mut dyn MailboxStore) -> Result<T, StorageError>,
+    ) -> Option<Result<T, StorageError>> {
+        let store = self.0.mailbox_store.as_ref()?;
+        // A panic inside the store leaves nothing half-done on our side.
+        let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+        Some(f(store.as_mut()))
+    }
+
+    /// Removes taken or expired message `seq` from the store, if any.
+    fn forget(&self, key: &str, seq: u64) {
+        if let Some(Err(e)) = self.with_store(|s| s.remove(seq)) {
+            log::error!(
+                "mailbox {key:?}: cannot remove a message from the store, it may be delivered again after a restart: {}",
+                Report(&e)
+            );
+        }
+    }
+
+    /// Drops the expired messages at the front of `mailbox`, from the store too.
+    fn expire(&self, key: &str, mailbox: &mut Mailbox) {
+        let now = Instant::now();
+        while mailbox.queue.front().is_some_and(|m| m.expired(now)) {
+            if let Some(m) = mailbox.queue.pop_front() {
+                self.forget(key, m.seq);
+            }
+        }
+    }
+
     /// Queues `message` in the mailbox `key`, for exactly one consumer.
     ///
     /// # Errors
     ///
     /// [`HubError::InvalidName`] for a bad key, [`HubError::MailboxFull`]
-    /// when the mailbox holds its maximum (nothing is dropped silently).
+    /// when the mailbox holds its maximum (nothing is dropped silently),
+    /// [`HubError::Storage`] when the mailbox store cannot keep it.
     pub fn push(&self, key: &str, message: impl Into<String>) -> Result<usize, HubError> {
         if !valid_name(key) {
             return Err(HubError::InvalidName(key.to_owned()));
         }
         let capacity = self.0.config.mailbox_capacity;
-        let ttl = self.0.config.mailbox_ttl;
         let mut boxes = self.mailboxes();
         let mailbox = match boxes.get_mut(key) {
             Some(m) => m,
             None => boxes.entry(key.into()).or_insert_with(Mailbox::new),
         };
-        mailbox.expire(ttl);
+        self.expire(key, mailbox);
         if mailbox.queue.len() >= capacity {
             return Err(HubError::MailboxFull {
                 key: key.to_owned(),
                 capacity,
             });
         }
-        mailbox.queue.push_back((Instant::now(), message.into()));
+        let message = Message {
+            seq: self.0.next_message.fetch_add(1, Ordering::Relaxed),
+            expires: Instant::now().checked_add(self.0.config.mailbox_ttl),
+            text: message.into(),
+        };
+        // Under the mailbox lock, so the store sees pushes in `seq` order.
+        let stored = self.with_store(|s| {
+            s.put(&StoredMessage {
+                key: key.to_owned(),
+                seq: message.seq,
+                pushed_ms: now_ms(),
+                text: message.text.clone(),
+            })
+        });
+        if let Some(Err(e)) = stored {
+            return Err(HubError::Storage(e));
+        }
+        mailbox.queue.push_back(message);
         // One token wakes one waiting consumer; a full token channel means
         // a wake-up is already pending.
         let _ = mailbox.notify.0.try_send(());
@@ -600,11 +843,19 @@ impl Hub {
 
     /// Takes the oldest message of `key` without waiting.
     pub fn try_take(&self, key: &str) -> Option<String> {
-        let ttl = self.0.config.mailbox_ttl;
+        let message = self.take(key)?;
+        self.forget(key, message.seq);
+        Some(message.text)
+    }
+
+    /// Takes the oldest message of `key` out of memory; it stays in the
+    /// store until [`forget`](Hub::forget) (or comes back with
+    /// [`untake`](Hub::untake)).
+    fn take(&self, key: &str) -> Option<Message> {
         let mut boxes = self.mailboxes();
         let mailbox = boxes.get_mut(key)?;
-        mailbox.expire(ttl);
-        let message = mailbox.queue.pop_front().map(|(_, m)| m);
+        self.expire(key, mailbox);
+        let message = mailbox.queue.pop_front();
         if !mailbox.queue.is_empty() {
             let _ = mailbox.notify.0.try_send(()); // let another consumer in
         }
@@ -614,15 +865,15 @@ impl Hub {
         message
     }
 
-    /// Puts a message taken by [`try_take`](Hub::try_take) back at the
-    /// front, when it could not be delivered.
-    fn untake(&self, key: &str, message: String) {
+    /// Puts a message taken by [`take`](Hub::take) back at the front, when
+    /// it could not be delivered.
+    fn untake(&self, key: &str, message: Message) {
         let mut boxes = self.mailboxes();
         let mailbox = match boxes.get_mut(key) {
             Some(m) => m,
             None => boxes.entry(key.into()).or_insert_with(Mailbox::new),
         };
-        mailbox.queue.push_front((Instant::now(), message));
+        mailbox.queue.push_front(message);
         let _ = mailbox.notify.0.try_send(());
     }
 
@@ -656,8 +907,23 @@ impl Hub {
     }
 }
 
+/// A waiting mailbox message.
+struct Message {
+    /// Its number in the mailbox store.
+    seq: u64,
+    /// When its TTL runs out; `None`: never (a TTL too long for the clock).
+    expires: Option<Instant>,
+    text: String,
+}
+
+impl Message {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|e| now > e)
+    }
+}
+
 struct Mailbox {
-    queue: VecDeque<(Instant, String)>,
+    queue: VecDeque<Message>,
     notify: (Sender<()>, Receiver<()>),
     waiters: usize,
 }
@@ -668,17 +934,6 @@ impl Mailbox {
             queue: VecDeque::new(),
             notify: crossbeam_channel::bounded(1),
             waiters: 0,
-        }
-    }
-
-    fn expire(&mut self, ttl: Duration) {
-        let now = Instant::now();
-        while self
-            .queue
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > ttl)
-        {
-            self.queue.pop_front();
         }
     }
 }
@@ -804,15 +1059,22 @@ impl Stream {
             // A consumer whose client already left must not take a message:
             // a write to a socket the peer closed usually still succeeds.
             self.check_connection()?;
-            while let Some(message) = hub.try_take(key) {
-                let sent = if message == crate::stream::DONE {
+            while let Some(message) = hub.take(key) {
+                let done = message.text == crate::stream::DONE;
+                let sent = if done {
                     self.done()
                 } else {
-                    self.send_event(&Event::new().data(message.as_str()))
+                    self.send_event(&Event::new().data(message.text.as_str()))
                 };
                 match sent {
-                    Ok(()) if message == crate::stream::DONE => return Ok(()),
-                    Ok(()) => {}
+                    Ok(()) => {
+                        // Out of the store only once written: a crash
+                        // before this delivers it again rather than lose it.
+                        hub.forget(key, message.seq);
+                        if done {
+                            return Ok(());
+                        }
+                    }
                     Err(e) => {
                         hub.untake(key, message);
                         return Err(e);
@@ -1012,12 +1274,184 @@ mod tests {
             hub.push("bad key", "c"),
             Err(HubError::InvalidName(_))
         ));
-        assert_eq!(hub.try_take("k").as_deref(), Some("a"));
-        hub.untake("k", "a".into());
+        let a = hub.take("k").expect("queued");
+        assert_eq!(a.text, "a");
+        hub.untake("k", a);
         assert_eq!(hub.try_take("k").as_deref(), Some("a"));
         assert_eq!(hub.try_take("k").as_deref(), Some("b"));
         assert_eq!(hub.try_take("k"), None);
         assert_eq!(hub.mailbox_len("k"), 0);
+    }
+
+    #[cfg(feature = "durable")]
+    #[test]
+    fn evicts_names_what_an_append_pushes_out() {
+        let id = |i: u64| EventId::new(100 + i, 0);
+        let filled = |capacity: usize, n: u64| {
+            let mut h = MemoryHistory::with_floor(capacity, EventId::floor_of(0));
+            for i in 0..n {
+                h.push(
+                    "t",
+                    Retained {
+                        id: id(i),
+                        frame: Event::new().data("x").encode_shared().expect("valid"),
+                    },
+                );
+            }
+            h
+        };
+        // (capacity, events already kept, what appending id(9) evicts)
+        for (capacity, n, want) in [
+            (0, 0, Some(id(9))),
+            (1, 0, None),
+            (1, 1, Some(id(0))),
+            (3, 2, None),
+            (3, 3, Some(id(0))),
+        ] {
+            assert_eq!(
+                filled(capacity, n).evicts("t", id(9)),
+                want,
+                "capacity {capacity}, {n} kept"
+            );
+        }
+        let mut h = filled(3, 3);
+        h.note_evicted("t", id(0));
+        assert!(h.since("t", EventId::floor_of(50)).gap);
+        assert!(!h.since("t", id(0)).gap, "nothing after id(0) is missing");
+    }
+
+    /// A history that refuses writes while `fail` is set.
+    struct Flaky {
+        inner: MemoryHistory,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl History for Flaky {
+        fn append(&mut self, topic: &str, event: Retained) -> Result<(), StorageError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StorageError::new("disk full"));
+            }
+            self.inner.append(topic, event)
+        }
+
+        fn since(&self, topic: &str, after: EventId) -> Replay {
+            self.inner.since(topic, after)
+        }
+    }
+
+    #[test]
+    fn a_refused_write_is_neither_delivered_nor_acknowledged() {
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hub = Hub::with_history(
+            Box::new(Flaky {
+                inner: MemoryHistory::new(10),
+                fail: Arc::clone(&fail),
+            }),
+            HubConfig::default(),
+        );
+        let sub = hub.subscribe(&["t"], None).expect("valid");
+        let first = hub.publish("t", Event::new().data("1")).expect("stored");
+        fail.store(true, Ordering::SeqCst);
+        let err = hub
+            .publish("t", Event::new().data("2"))
+            .expect_err("refused");
+        assert!(matches!(err, HubError::Storage(_)), "{err:?}");
+        assert_eq!(
+            Report(&err).to_string(),
+            "storage unavailable: storage failed: disk full"
+        );
+        assert_eq!(hub.published(), 1);
+        assert_eq!(hub.last_id(), first.id, "no id spent");
+        fail.store(false, Ordering::SeqCst);
+        let third = hub.publish("t", Event::new().data("3")).expect("stored");
+        let got: Vec<String> = std::iter::from_fn(|| sub.try_next())
+            .map(|f| text(&f))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                format!("id: {}\ndata: 1\n\n", first.id),
+                format!("id: {}\ndata: 3\n\n", third.id),
+            ]
+        );
+    }
+
+    /// A mailbox store that records what it is asked and can refuse puts.
+    #[derive(Default, Clone)]
+    struct Recorder {
+        log: Arc<Mutex<Vec<String>>>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+        kept: Vec<StoredMessage>,
+    }
+
+    impl MailboxStore for Recorder {
+        fn load(&mut self) -> Result<Vec<StoredMessage>, StorageError> {
+            Ok(std::mem::take(&mut self.kept))
+        }
+
+        fn put(&mut self, m: &StoredMessage) -> Result<(), StorageError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StorageError::new("disk full"));
+            }
+            let mut log = self.log.lock().expect("not poisoned");
+            log.push(format!("put {} {} {}", m.key, m.seq, m.text));
+            Ok(())
+        }
+
+        fn remove(&mut self, seq: u64) -> Result<(), StorageError> {
+            let mut log = self.log.lock().expect("not poisoned");
+            log.push(format!("remove {seq}"));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_mailbox_store_sees_puts_and_removals_and_restores_in_order() {
+        let now = now_ms();
+        let kept = |seq: u64, key: &str, age_ms: u64| StoredMessage {
+            key: key.into(),
+            seq,
+            pushed_ms: now - age_ms,
+            text: format!("m{seq}"),
+        };
+        let store = Recorder {
+            kept: vec![
+                kept(3, "k", 10),
+                kept(5, "k", 10),
+                kept(7, "old", 7_200_000),
+            ],
+            ..Recorder::default()
+        };
+        let log = Arc::clone(&store.log);
+        let fail = Arc::clone(&store.fail);
+        let hub = Hub::with_stores(
+            Box::new(MemoryHistory::new(0)),
+            Box::new(store),
+            HubConfig::default(),
+        )
+        .expect("loads");
+        let taken = |log: &Arc<Mutex<Vec<String>>>| log.lock().expect("not poisoned").clone();
+        assert_eq!(taken(&log), ["remove 7"], "older than the TTL: dropped");
+        assert_eq!(hub.mailbox_len("old"), 0);
+        hub.push("k", "new").expect("room");
+        assert_eq!(
+            taken(&log)[1],
+            "put k 8 new",
+            "seq continues after the store's"
+        );
+        let m = hub.take("k").expect("restored");
+        assert_eq!((m.seq, m.text.as_str()), (3, "m3"));
+        hub.untake("k", m);
+        assert_eq!(
+            taken(&log).len(),
+            2,
+            "taken and given back: the store keeps it"
+        );
+        assert_eq!(hub.try_take("k").as_deref(), Some("m3"));
+        assert_eq!(taken(&log)[2], "remove 3");
+        fail.store(true, Ordering::SeqCst);
+        assert!(matches!(hub.push("k", "lost?"), Err(HubError::Storage(_))));
+        assert_eq!(hub.mailbox_len("k"), 2, "a refused push is not queued");
     }
 
     #[test]

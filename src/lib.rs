@@ -95,6 +95,10 @@
 //!   `default-features = false`.
 //! - `tiny-http`: `ssed::tiny_http`, a [`Stream`] over a `tiny_http::Request`
 //!   for apps already serving HTTP with tiny_http.
+//! - `durable` (part of `daemon`): `ssed::store`, history and mailboxes kept
+//!   in an embedded SQLite database so they survive restarts.
+//! - `postgres` (part of `daemon`): `ssed::postgres`, a listener that
+//!   publishes PostgreSQL `NOTIFY` payloads into a [`Hub`]'s topics.
 
 #![cfg_attr(
     not(test),
@@ -122,10 +126,14 @@ mod fanout;
 mod http;
 mod hub;
 mod limits;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod route;
 mod server;
 mod shutdown;
 mod stats;
+#[cfg(feature = "durable")]
+pub mod store;
 mod stream;
 mod time;
 #[cfg(feature = "tiny-http")]
@@ -135,8 +143,9 @@ pub use error::{EndReason, Error, EventError, Report, StreamError};
 pub use event::{EncodedEvent, Event};
 pub use http::{Request, Response};
 pub use hub::{
-    EventId, History, Hub, HubConfig, HubError, MemoryHistory, ParseIdError, Published,
-    RESET_EVENT, Replay, Retained, Subscription, valid_name,
+    EventId, History, Hub, HubConfig, HubError, MailboxStore, MemoryHistory, ParseIdError,
+    Published, RESET_EVENT, Replay, Retained, StorageError, StoredMessage, Subscription,
+    valid_name,
 };
 pub use limits::{Capacity, raise_fd_limit};
 pub use server::{MIN_STACK_SIZE, Overload, RunningServer, Server, ServerBuilder};

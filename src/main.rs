@@ -118,15 +118,7 @@ fn load_config(args: &Args) -> Result<Config, ConfigError> {
 /// Keys this version reads but cannot honour yet: refusing them beats
 /// running without durability or fan-out the operator asked for.
 fn refuse_unsupported(config: &Config, path: Option<&std::path::Path>) -> Result<(), ConfigError> {
-    let unsupported = [
-        (config.data_dir.is_some(), "data_dir", "durable history"),
-        (config.redis_url.is_some(), "redis.url", "Redis"),
-        (
-            !config.postgres.is_empty(),
-            "postgres",
-            "PostgreSQL LISTEN/NOTIFY",
-        ),
-    ];
+    let unsupported = [(config.redis_url.is_some(), "redis.url", "Redis")];
     for (set, key, what) in unsupported {
         if set {
             let file = path.map_or_else(

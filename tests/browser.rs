@@ -1,142 +1,253 @@
-//! The demo page in headless Chromium: publish through the form, see the
-//! event listed with its id.
+//! The demo page in a real browser: starts the `ssed` binary, and has
+//! `tests/browser/demo.mjs` (Node + playwright-core + headless Chromium)
+//! open `GET /`, publish a message through the form and wait for it to be
+//! listed with its event id.
 //!
-//! Drives `tests/browser/demo.mjs` (playwright-core over /usr/bin/chromium)
-//! against the real `ssed` binary. Without Chromium, Node.js or
-//! `tests/browser/node_modules` (install them with `bash
-//! tests/browser/setup.sh`) the test prints why and passes, except under
-//! `CI=true`, where a missing prerequisite fails it: CI must never skip it
-//! silently.
+//! Prerequisites: `node`, Chromium at `/usr/bin/chromium` (or `$CHROMIUM`)
+//! and `tests/browser/node_modules/playwright-core`; `bash
+//! tests/browser/setup.sh` installs what is missing. Without them the test
+//! says why and passes, except with `CI=true`, where it fails: CI must not
+//! skip it silently.
+//!
+//! The screenshot of the last run is `target/tmp/browser-demo.png`.
 #![cfg(feature = "daemon")]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
+use rustix::process::{Pid, Signal, kill_process};
 
-/// Kills the child it holds when dropped, even when the test fails.
+/// How long the binary may take to log its address.
+const STARTUP: Duration = Duration::from_secs(10);
+/// How long the Node script may run; it gives up by itself after ~20 s.
+const BROWSER: Duration = Duration::from_secs(45);
+
+#[test]
+fn demo_page_publishes_and_lists_the_event() {
+    let Some(chromium) = prerequisites() else {
+        return;
+    };
+    let daemon = Daemon::start();
+    let url = format!("http://{}/", daemon.addr);
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-demo.png");
+    let _ = std::fs::remove_file(&screenshot);
+
+    let mut node = Command::new("node");
+    node.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("tests/browser/demo.mjs")
+        .arg(&url)
+        .arg(&screenshot)
+        .env("CHROMIUM", &chromium)
+        .stdin(Stdio::null());
+    let out = run_with_timeout(node, BROWSER);
+    eprintln!("--- demo.mjs output ---\n{}", out.text);
+    eprintln!("screenshot: {}", screenshot.display());
+    assert!(
+        !out.timed_out,
+        "demo.mjs did not finish within {BROWSER:?}; stopped it\nssed log:\n{}",
+        daemon.log()
+    );
+    match out.code {
+        Some(0) => {}
+        Some(code) => panic!(
+            "demo.mjs failed (exit {code}); see its output above\nssed log:\n{}",
+            daemon.log()
+        ),
+        None => panic!(
+            "demo.mjs was killed by a signal\nssed log:\n{}",
+            daemon.log()
+        ),
+    }
+    assert!(
+        screenshot.is_file(),
+        "no screenshot at {}",
+        screenshot.display()
+    );
+}
+
+/// The browser to use when every prerequisite is there; otherwise `None`
+/// after saying why, or a panic under `CI=true`.
+fn prerequisites() -> Option<PathBuf> {
+    let chromium = std::env::var_os("CHROMIUM")
+        .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
+    let playwright = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/browser/node_modules/playwright-core/package.json");
+    let node = Command::new("node")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let setup = "run `bash tests/browser/setup.sh`";
+    let missing = if !node.is_ok_and(|s| s.success()) {
+        Some(
+            "`node` is not on PATH or does not run; install Node.js 20 or later, then ".to_owned()
+                + setup,
+        )
+    } else if !chromium.is_file() {
+        Some(format!("no browser at {}; {setup}", chromium.display()))
+    } else if !playwright.is_file() {
+        Some(format!(
+            "playwright-core is not installed in tests/browser/node_modules; {setup}"
+        ))
+    } else {
+        None
+    };
+    let Some(missing) = missing else {
+        return Some(chromium);
+    };
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    assert!(
+        !ci,
+        "browser test prerequisite missing under CI=true: {missing}"
+    );
+    eprintln!("skipping: {missing}");
+    None
+}
+
+/// The `ssed` binary on an ephemeral port; killed when dropped.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ssed"))
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .env_remove("SSED_PUBLISH_TOKEN")
+            .env_remove("SSED_SUBSCRIBE_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the ssed binary");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::default();
+        // From here on the guard kills the child, even if the address never
+        // shows up.
+        let mut daemon = Daemon {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+        };
+        let (tx, rx) = mpsc::channel::<String>();
+        let sink = Arc::clone(&daemon.log);
+        // Drains stderr for the child's whole life, so its logging never
+        // blocks on a full pipe; ends at EOF when the child dies.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line.clone()); // the test may have stopped listening
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let deadline = Instant::now() + STARTUP;
+        daemon.addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                panic!(
+                    "ssed logged no \"listening on\" line within {STARTUP:?}; log:\n{}",
+                    daemon.log()
+                );
+            };
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                break addr
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad address in {line:?}"));
+            }
+        };
+        daemon
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGKILL to the child's PID, then reap it.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child process that is stopped when dropped: SIGTERM first, so that
+/// Playwright in Node closes the browser it launched and removes its
+/// temporary profile (Chromium runs in a process group of its own), then
+/// SIGKILL after 5 s.
 struct Guard(Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = self.0.kill(); // may have exited already
+        if matches!(self.0.try_wait(), Ok(None)) {
+            if let Some(pid) = Pid::from_raw(self.0.id().cast_signed()) {
+                let _ = kill_process(pid, Signal::TERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+        }
         let _ = self.0.wait();
     }
 }
 
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+struct Output {
+    /// The exit code; `None` when killed by a signal.
+    code: Option<i32>,
+    /// Whether it ran past the limit (and was stopped).
+    timed_out: bool,
+    /// stdout and stderr, interleaved as written.
+    text: String,
 }
 
-/// Why the test cannot run here, if it cannot.
-fn missing_prerequisite() -> Option<String> {
-    if !Path::new(CHROMIUM).exists() {
-        return Some(format!("{CHROMIUM} is not installed"));
-    }
-    let node = Command::new("node").arg("--version").output();
-    if !node.is_ok_and(|o| o.status.success()) {
-        return Some("node is not installed".into());
-    }
-    if !browser_dir().join("node_modules/playwright-core").exists() {
-        return Some("tests/browser/node_modules/playwright-core is missing".into());
-    }
-    None
-}
-
-/// Starts `ssed` on a free port and returns it with its address.
-fn start_daemon() -> (Guard, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ssed"))
-        .args(["--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+/// Runs `cmd` with stdout and stderr captured (one pipe, so their lines
+/// stay in order), stopping it after `limit`.
+fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
+    let shown = format!("{cmd:?}");
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    cmd.stdout(writer.try_clone().expect("a pipe"))
+        .stderr(writer);
+    let child = cmd
         .spawn()
-        .expect("start ssed");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let guard = Guard(child);
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    drop(cmd); // its ends of the pipe, so the reader sees EOF when the child exits
+    let mut guard = Guard(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        // Keep reading so the daemon never blocks on a full pipe.
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                let _ = tx.send(addr); // the test may have given up already
-            }
-        }
+        let mut bytes = Vec::new();
+        let _ = BufReader::new(reader).read_to_end(&mut bytes);
+        let _ = tx.send(String::from_utf8_lossy(&bytes).into_owned());
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("ssed logs its address within 10 s");
-    (guard, addr)
-}
-
-#[test]
-fn the_demo_page_shows_an_event_published_through_its_form() {
-    if let Some(why) = missing_prerequisite() {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        assert!(
-            !ci,
-            "CI=true but the browser test cannot run: {why} (run bash tests/browser/setup.sh)"
-        );
-        eprintln!("skipping the browser test: {why} (run bash tests/browser/setup.sh)");
-        return;
-    }
-    let (_daemon, addr) = start_daemon();
-    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo.png");
-    let started = Instant::now();
-    let mut node = Guard(
-        Command::new("node")
-            .arg(browser_dir().join("demo.mjs"))
-            .arg(format!("http://{addr}/"))
-            .arg(&shot)
-            .env("DEMO_TIMEOUT_MS", "20000")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start node"),
-    );
-    // demo.mjs stops itself after 20 s; wait a little longer, bounded.
-    let status = loop {
-        if let Some(status) = node.0.try_wait().expect("poll node") {
-            break status;
+    let deadline = Instant::now() + limit;
+    let (code, timed_out) = loop {
+        match guard.0.try_wait() {
+            Ok(Some(status)) => break (status.code(), false),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => break (None, true),
+            Err(e) => panic!("waiting for {shown}: {e}"),
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(40),
-            "demo.mjs did not finish in 40 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     };
-    let mut out = String::new();
-    for pipe in [
-        node.0
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
-        node.0
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let mut reader = BufReader::new(pipe);
-        let _ = std::io::Read::read_to_string(&mut reader, &mut out); // output for the message only
+    drop(guard); // stops it if still running
+    // Bounded: a leftover grandchild could hold the pipe open.
+    let text = rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|_| "(output not available: the pipe stayed open)".to_owned());
+    Output {
+        code,
+        timed_out,
+        text,
     }
-    assert!(
-        status.success(),
-        "demo.mjs failed ({status}); screenshot at {}:\n{out}",
-        shot.display()
-    );
-    assert!(out.contains("listed in #events with id"), "{out}");
-    eprintln!("{out}screenshot: {}", shot.display());
 }

@@ -278,14 +278,6 @@ fn a_missing_config_file_exits_2() {
     assert!(stderr.contains(path_str(&path)), "{stderr}");
 }
 
-#[test]
-fn data_dir_is_refused_as_not_available_yet() {
-    let (stderr, path) = bad_config("data-dir", "data_dir = \"/tmp/x\"\n");
-    assert!(stderr.contains("data_dir"), "{stderr}");
-    assert!(stderr.contains("not available"), "{stderr}");
-    assert!(stderr.contains(&path), "{stderr}");
-}
-
 // ---------------------------------------------------------------------------
 // Running
 // ---------------------------------------------------------------------------

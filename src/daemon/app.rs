@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::auth::{self, SESSION_COOKIE, TICKET_TTL, Tickets};
 use super::config::{Config, OverloadMode};
+use crate::postgres::{Listener, ListenerState};
 use crate::{
     Capacity, EndReason, Event, Hub, HubConfig, MemoryHistory, Overload, Request, Response, Server,
     ShutdownHandle, Stats, Stream, StreamError, valid_name,
@@ -28,6 +29,9 @@ struct App {
     tickets: Tickets,
     started: Instant,
     capacity: OnceLock<Capacity>,
+    /// One per `[[postgres]]` table, started once the server is bound; they
+    /// stop when the routes (and so this state) are dropped, or at shutdown.
+    postgres: OnceLock<Vec<Listener>>,
 }
 
 /// A built daemon: the server to run and the hub it serves.
@@ -43,12 +47,18 @@ pub struct Daemon {
 ///
 /// # Errors
 ///
-/// When the listen address cannot be bound or resolved.
+/// When the listen address cannot be bound or resolved, or the store in
+/// `data_dir` cannot be opened ([`crate::Error::Store`]).
 pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::Error> {
-    let hub = Hub::with_history(
-        Box::new(MemoryHistory::new(config.history)),
-        HubConfig::default(),
-    );
+    // With a data_dir, history and mailboxes are kept on disk too, and what
+    // was kept there is back; without, they live in memory only.
+    let hub = match &config.data_dir {
+        Some(dir) => crate::store::open_hub(dir, config.history, HubConfig::default())?,
+        None => Hub::with_history(
+            Box::new(MemoryHistory::new(config.history)),
+            HubConfig::default(),
+        ),
+    };
     let stats = Stats::new();
     let app = Arc::new(App {
         hub: hub.clone(),
@@ -56,6 +66,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
         tickets: Tickets::default(),
         started: Instant::now(),
         capacity: OnceLock::new(),
+        postgres: OnceLock::new(),
         config,
     });
     let c = &app.config;
@@ -69,7 +80,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
         .max_body(c.max_body)
         .stack_size(c.stack_size)
         .stats(stats)
-        .shutdown_handle(shutdown);
+        .shutdown_handle(shutdown.clone());
     if let Some(n) = c.max_connections {
         builder = builder.max_connections(n);
     }
@@ -130,6 +141,13 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
     });
     let server = builder.build()?;
     let _ = app.capacity.set(server.capacity().clone()); // set once, right here
+    let listeners = app
+        .config
+        .postgres
+        .iter()
+        .map(|pg| Listener::start(hub.clone(), &pg.url, pg.routes(), shutdown.clone()))
+        .collect();
+    let _ = app.postgres.set(listeners); // set once, right here
     Ok(Daemon { server, hub })
 }
 
@@ -374,6 +392,7 @@ impl App {
                 200,
                 &json!({"id": p.id.to_string(), "topic": topic, "receivers": p.receivers}),
             ),
+            Err(crate::HubError::Storage(_)) => storage_unavailable("the event"),
             Err(e) => Response::text(400, e.to_string()),
         }
     }
@@ -401,6 +420,7 @@ impl App {
                 format!("mailbox {key} is full: no consumer is taking its messages"),
             )
             .with_header("Retry-After", "1"),
+            Err(crate::HubError::Storage(_)) => storage_unavailable("the message"),
             Err(e) => Response::text(400, e.to_string()),
         }
     }
@@ -443,18 +463,36 @@ impl App {
     fn healthz(&self) -> Response {
         let s = self.stats.snapshot();
         let limited_by = self.capacity.get().map_or("unknown", |c| c.limited_by);
-        Response::json(
-            200,
-            &json!({
-                "status": "ok",
-                "version": env!("CARGO_PKG_VERSION"),
-                "streams_open": s.streams_open,
-                "max_connections": s.streams_max,
-                "limited_by": limited_by,
-                "uptime_seconds": self.started.elapsed().as_secs(),
-            }),
-        )
-        .with_header("Cache-Control", "no-store")
+        let mut body = json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "streams_open": s.streams_open,
+            "max_connections": s.streams_max,
+            "limited_by": limited_by,
+            "uptime_seconds": self.started.elapsed().as_secs(),
+        });
+        // A database that is down degrades one source of events, not the
+        // server: `status` stays "ok". Errors stay in the log, since this
+        // page needs no token.
+        let listeners = self.postgres();
+        if !listeners.is_empty() {
+            body["postgres"] = listeners
+                .iter()
+                .map(|l| {
+                    let st = l.state();
+                    json!({
+                        "connected": st.connected,
+                        "reconnects": st.reconnects,
+                        "notifications": st.notifications,
+                    })
+                })
+                .collect();
+        }
+        Response::json(200, &body).with_header("Cache-Control", "no-store")
+    }
+
+    fn postgres(&self) -> &[Listener] {
+        self.postgres.get().map_or(&[], Vec::as_slice)
     }
 
     fn metrics(&self) -> Response {
@@ -542,10 +580,48 @@ impl App {
                 s.disconnects(reason)
             );
         }
+        let states: Vec<ListenerState> = self.postgres().iter().map(Listener::state).collect();
+        if !states.is_empty() {
+            let mut series =
+                |name: &str, kind: &str, help: &str, value: fn(&ListenerState) -> u64| {
+                    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+                    for (db, st) in states.iter().enumerate() {
+                        let _ = writeln!(out, "{name}{{db=\"{db}\"}} {}", value(st));
+                    }
+                };
+            series(
+                "ssed_postgres_connected",
+                "gauge",
+                "1 when the LISTEN connection of [[postgres]] table number db is up, else 0.",
+                |st| u64::from(st.connected),
+            );
+            series(
+                "ssed_postgres_notifications_total",
+                "counter",
+                "NOTIFY payloads published to their topic.",
+                |st| st.notifications,
+            );
+            series(
+                "ssed_postgres_reconnects_total",
+                "counter",
+                "Times the LISTEN connection was made again after a loss.",
+                |st| st.reconnects,
+            );
+        }
         Response::new(200)
             .with_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             .with_body(out)
     }
+}
+
+/// The answer when the store refused a write (logged where it failed):
+/// nothing was kept or delivered, the client may retry.
+fn storage_unavailable(what: &str) -> Response {
+    Response::text(
+        503,
+        format!("storage unavailable: {what} was not stored; retry later"),
+    )
+    .with_header("Retry-After", "1")
 }
 
 fn bad_name(what: &str, name: &str) -> Response {

@@ -25,12 +25,40 @@ pub enum OverloadMode {
 }
 
 /// One `[[postgres]]` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PostgresConfig {
     /// The connection URL.
     pub url: String,
     /// Channels to `LISTEN` on.
     pub channels: Vec<String>,
+    /// `topic`: the topic every channel publishes to; `None` publishes each
+    /// channel to the topic of the same name.
+    pub topic: Option<String>,
+}
+
+impl PostgresConfig {
+    /// `(channel, topic)` pairs, as [`Listener::start`](crate::postgres::Listener::start) takes them.
+    pub fn routes(&self) -> Vec<(String, String)> {
+        self.channels
+            .iter()
+            .map(|c| (c.clone(), self.topic.clone().unwrap_or_else(|| c.clone())))
+            .collect()
+    }
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may hold a password: show only where it points.
+        let url = self.url.parse::<postgres::Config>().map_or_else(
+            |_| "<invalid>".to_owned(),
+            |c| crate::postgres::describe(&c),
+        );
+        f.debug_struct("PostgresConfig")
+            .field("url", &url)
+            .field("channels", &self.channels)
+            .field("topic", &self.topic)
+            .finish()
+    }
 }
 
 /// Every setting of the daemon.
@@ -67,7 +95,8 @@ pub struct Config {
     pub overload_retry: (Duration, Duration),
     /// `ticket_session`: lifetime of a ticket's session cookie. Default 1 h.
     pub ticket_session: Duration,
-    /// `data_dir`: where durable history lives; empty keeps it in memory.
+    /// `data_dir`: where history and undelivered mailbox messages are kept
+    /// (SQLite); `None` keeps them in memory.
     pub data_dir: Option<PathBuf>,
     /// `[auth] publish_token`, or `SSED_PUBLISH_TOKEN`.
     pub publish_token: Option<String>,
@@ -341,18 +370,24 @@ impl Config {
                         let mut pg = PostgresConfig {
                             url: String::new(),
                             channels: Vec::new(),
+                            topic: None,
                         };
                         for (k, v) in t {
                             let full = format!("{at}.{k}");
                             match k.as_str() {
                                 "url" => pg.url = r.string(&full, v)?,
                                 "channels" => pg.channels = r.strings(&full, v)?,
+                                "topic" => {
+                                    let topic = r.string(&full, v)?;
+                                    if !crate::valid_name(&topic) {
+                                        return Err(r.err(&full, bad_topic(&topic)));
+                                    }
+                                    pg.topic = Some(topic);
+                                }
                                 _ => return Err(r.unknown(&full)),
                             }
                         }
-                        if pg.url.is_empty() {
-                            return Err(ConfigError::key(path, &format!("{at}.url"), "missing"));
-                        }
+                        check_postgres(&pg).map_err(|(k, m)| r.err(&format!("{at}.{k}"), m))?;
                         c.postgres.push(pg);
                     }
                 }
@@ -388,6 +423,48 @@ impl Config {
         self.listen = addr.to_owned();
         Ok(())
     }
+}
+
+/// What a `[[postgres]]` table must hold besides well-typed keys: a URL
+/// that parses, at least one channel, and channels that are valid topic
+/// names when no `topic` is given. `Err((key, message))`.
+fn check_postgres(pg: &PostgresConfig) -> Result<(), (&'static str, String)> {
+    use crate::postgres::{MAX_CHANNEL_LEN, valid_channel};
+    if pg.url.is_empty() {
+        return Err(("url", "missing".to_owned()));
+    }
+    if let Err(e) = pg.url.parse::<postgres::Config>() {
+        // The parser's messages name the option, never its value.
+        return Err(("url", crate::Report(&e).to_string()));
+    }
+    if pg.channels.is_empty() {
+        return Err(("channels", "missing: name at least one channel".to_owned()));
+    }
+    for channel in &pg.channels {
+        if !valid_channel(channel) {
+            return Err((
+                "channels",
+                format!("invalid channel {channel:?}: use 1 to {MAX_CHANNEL_LEN} bytes, no NUL"),
+            ));
+        }
+        if pg.topic.is_none() && !crate::valid_name(channel) {
+            return Err((
+                "channels",
+                format!(
+                    "channel {channel:?} is not a valid topic name: set `topic`, or {}",
+                    bad_topic(channel)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn bad_topic(name: &str) -> String {
+    format!(
+        "invalid topic name {name:?}: use 1 to {} characters of A-Z a-z 0-9 _ . : -",
+        crate::hub::MAX_NAME_LEN
+    )
 }
 
 fn check_listen(addr: &str) -> Result<(), String> {
@@ -584,6 +661,11 @@ mod tests {
         );
         assert_eq!(c.publish_token.as_deref(), Some("p"));
         assert_eq!(c.postgres[0].channels, ["a", "b"]);
+        assert_eq!(c.postgres[0].topic, None);
+        assert_eq!(
+            c.postgres[0].routes(),
+            [("a".into(), "a".into()), ("b".into(), "b".into())]
+        );
         assert!(!format!("{c:?}").contains("\"p\""), "tokens are redacted");
     }
 
@@ -626,6 +708,31 @@ mod tests {
                 "[[postgres]]\nchannels = [\"a\"]",
                 "key `postgres[0].url`: missing",
             ),
+            (
+                "[[postgres]]\nurl = \"postgres://u@h:port/db\"\nchannels = [\"a\"]",
+                "key `postgres[0].url`: invalid connection string",
+            ),
+            (
+                "[[postgres]]\nurl = \"postgres://u@h/db\"",
+                "key `postgres[0].channels`: missing",
+            ),
+            (
+                "[[postgres]]\nurl = \"postgres://u@h/db\"\nchannels = [\"a b\"]",
+                "key `postgres[0].channels`: channel \"a b\" is not a valid topic name",
+            ),
+            (
+                "[[postgres]]\nurl = \"postgres://u@h/db\"\nchannels = [\"a\"]\ntopic = \"a/b\"",
+                "key `postgres[0].topic`: invalid topic name \"a/b\"",
+            ),
+            (
+                "[[postgres]]\nurl = \"postgres://u@h/db\"\nchannels = [\"a\"]\ntopic = 1",
+                "key `postgres[0].topic`: expected a string",
+            ),
+            (
+                "[[postgres]]\nurl = \"postgres://u@h/db\"\nchannels = [\"a\"]\n\
+                 [[postgres]]\nurl = \"postgres://u@h/db\"\nchannels = [\"\"]\ntopic = \"t\"",
+                "key `postgres[1].channels`: invalid channel \"\"",
+            ),
         ];
         for (text, want) in table {
             let got = err(text);
@@ -633,6 +740,35 @@ mod tests {
             assert!(got.contains(want), "{text:?}: {got}");
         }
         assert!(err("listen = ").contains("invalid TOML"));
+    }
+
+    #[test]
+    fn postgres_topic_maps_every_channel() {
+        let c = Config::from_toml(
+            r#"
+            [[postgres]]
+            url = "postgres://app:s3cret@127.0.0.1/db"
+            channels = ["user updates", "Orders"]
+            topic = "changes"
+            "#,
+            None,
+        )
+        .expect("valid: a topic frees channels from topic-name rules");
+        let pg = &c.postgres[0];
+        assert_eq!(pg.topic.as_deref(), Some("changes"));
+        assert_eq!(
+            pg.routes(),
+            [
+                ("user updates".into(), "changes".into()),
+                ("Orders".into(), "changes".into())
+            ]
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://app@127.0.0.1:5432/db"),
+            "{shown}"
+        );
     }
 
     #[test]

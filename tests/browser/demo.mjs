@@ -19,7 +19,7 @@ if (!url || !screenshot || process.argv.length > 4) {
   process.exit(2);
 }
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
-const timeoutMs = Number(process.env.DEMO_TIMEOUT_MS || 20000);
+const timeoutMs = Number(process.env.DEMO_TIMEOUT_MS) || 20000;
 const ID = /^\d+-\d+$/;
 
 const started = Date.now();
@@ -93,7 +93,10 @@ page = await run("opening a page", () => browser.newPage({ viewport: { width: 90
 page.setDefaultTimeout(timeoutMs);
 page.on("pageerror", (e) => pageErrors.push(String(e)));
 page.on("console", (m) => {
-  if (m.type() === "error" || m.type() === "warning") log(`console ${m.type()}: ${m.text()}`);
+  if (m.type() === "error" || m.type() === "warning") {
+    const where = m.location()?.url;
+    log(`console ${m.type()}: ${m.text()}${where ? ` (${where})` : ""}`);
+  }
 });
 
 const response = await run(`loading ${url}`, () => page.goto(url, { waitUntil: "domcontentloaded" }));
@@ -112,19 +115,24 @@ await run("publishing through the form", async () => {
 });
 log(`published ${JSON.stringify(message)} through the form`);
 
-const id = await run(`waiting for an <li> in #events with ${JSON.stringify(message)} and an id`, async () => {
+// Waits for the event, or for the form to report an error (no use waiting
+// for the event then).
+const seen = await run(`waiting for an <li> in #events with ${JSON.stringify(message)} and an id`, async () => {
   const found = await page.waitForFunction(
     ([message, pattern]) => {
       for (const li of document.querySelectorAll("#events > li")) {
         const tag = li.querySelector(".id")?.textContent ?? "";
-        if (li.textContent.includes(message) && new RegExp(pattern).test(tag)) return tag;
+        if (li.textContent.includes(message) && new RegExp(pattern).test(tag)) return { id: tag };
       }
-      return null;
+      const result = document.getElementById("result")?.textContent ?? "";
+      return result.startsWith("error") ? { error: result } : null;
     },
     [message, ID.source],
   );
   return found.jsonValue();
 });
+if (seen.error) await fail(`the form reported ${JSON.stringify(seen.error)}`);
+const { id } = seen;
 log(`listed in #events with id ${id}`);
 
 // The form's own report of the POST, and the rest of the page's state.
@@ -143,14 +151,9 @@ const [lastId, state, reconnects, input] = await run("reading the page", () =>
 log(`#result: ${result}`);
 log(`#lastid: ${lastId}, #state: ${state}, #reconnects: ${reconnects}`);
 
-if (!result.startsWith("published ")) await fail(`the form reported ${JSON.stringify(result)}`);
-let published;
-try {
-  published = JSON.parse(result.slice("published ".length));
-} catch {
-  await fail(`the form's result is not "published <json>": ${JSON.stringify(result)}`);
-}
-if (published.id !== id) await fail(`POST answered id ${published.id} but the event arrived with id ${id}`);
+const match = /^published as id (\S+) to (\d+) receiver/.exec(result);
+if (!match) await fail(`the form reported ${JSON.stringify(result)}`);
+if (match[1] !== id) await fail(`POST answered id ${match[1]} but the event arrived with id ${id}`);
 if (lastId !== id) await fail(`#lastid shows ${lastId}, the event's id is ${id}`);
 if (state !== "open") await fail(`#state reads ${JSON.stringify(state)} after publishing`);
 if (input !== "") await fail(`the message input was not cleared: ${JSON.stringify(input)}`);

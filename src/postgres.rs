@@ -1,0 +1,697 @@
+//! PostgreSQL `LISTEN`/`NOTIFY` into hub topics (feature `postgres`).
+//!
+//! A [`Listener`] holds one connection to one database on one thread, the
+//! same whether ten or ten thousand streams follow its topics: it runs
+//! `LISTEN` on each channel and publishes every `NOTIFY` payload to the
+//! channel's topic with [`Hub::publish`], so the event gets an id like any
+//! other and `Last-Event-ID` replay covers it.
+//!
+//! The database may be down at start or go away later (a restart, a
+//! failover, `pg_terminate_backend`): the listener then retries with capped,
+//! jittered exponential backoff (100 ms doubling to 30 s), issues `LISTEN`
+//! again on the new connection and logs each failure at `warn`, while the
+//! server keeps serving. [`Listener::state`] says where it stands.
+//!
+//! Notifications sent while no connection is up are lost: PostgreSQL queues
+//! them only for sessions that are listening. A client that needs every row
+//! should read the table once it sees the stream (re)open.
+//!
+//! The connection is plain TCP or a Unix socket, without TLS: run it over
+//! loopback, a Unix socket or a trusted network.
+//!
+//! ```no_run
+//! use ssed::postgres::Listener;
+//! use ssed::{Hub, ShutdownHandle};
+//!
+//! let hub = Hub::new(1000);
+//! let shutdown = ShutdownHandle::new();
+//! let listener = Listener::start(
+//!     hub.clone(),
+//!     "postgres://postgres@127.0.0.1/test",
+//!     vec![("user_updates".into(), "user_updates".into())],
+//!     shutdown.clone(),
+//! );
+//! // ... serve `hub` (`stream.follow(hub.subscribe(&["user_updates"], last_id)?)`) ...
+//! println!("connected: {}", listener.state().connected);
+//! listener.stop();
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fmt::Write as _;
+use std::hash::{BuildHasher, RandomState};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ::postgres::config::Host;
+use ::postgres::fallible_iterator::FallibleIterator;
+use ::postgres::{Client, Config, NoTls, Notification};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use crate::error::Report;
+use crate::event::Event;
+use crate::hub::{Hub, valid_name};
+use crate::shutdown::ShutdownHandle;
+
+/// Longest channel name PostgreSQL keeps (`NAMEDATALEN - 1` bytes); a
+/// longer one would be truncated by `LISTEN` and never match a `NOTIFY`.
+pub const MAX_CHANNEL_LEN: usize = 63;
+/// The `application_name` the listener's connection gets unless the URL
+/// sets one, so operators can find it in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "ssed";
+
+/// First delay before a retry.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest delay between retries.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A connection that stayed up this long resets the backoff; one that
+/// drops sooner keeps growing it, so a flapping server is not hammered.
+const STABLE: Duration = Duration::from_secs(10);
+/// How long one wait for notifications lasts before the listener checks
+/// whether it must stop.
+const POLL: Duration = Duration::from_millis(250);
+/// After this long without traffic the listener pings the server: a
+/// connection cut without a FIN or RST (a dead host, a dropped NAT entry)
+/// is otherwise only noticed by TCP keep-alives, after hours.
+const IDLE_CHECK: Duration = Duration::from_secs(30);
+/// How long that ping may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connect timeout unless the URL sets `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP user timeout unless the URL sets `tcp_user_timeout`: unacknowledged
+/// data fails the socket after this, which bounds the client's close on a
+/// dead connection.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Listener::stop`] waits for the thread; past it (the thread is
+/// stuck in a connect or close it cannot interrupt) the thread is left to
+/// finish on its own.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether `name` can be a channel: 1 to 63 bytes, no NUL.
+///
+/// The listener quotes channel names, so case and any other character are
+/// kept exactly: `LISTEN "UserUpdates"` hears `pg_notify('UserUpdates', …)`
+/// but not an unquoted `NOTIFY UserUpdates` (folded to `userupdates`).
+pub fn valid_channel(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_CHANNEL_LEN && !name.contains('\0')
+}
+
+/// Quotes `name` as an SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Where a [`Listener`] stands, as [`Listener::state`] reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerState {
+    /// Whether a connection is up with `LISTEN` issued on every channel.
+    pub connected: bool,
+    /// Times the connection was made again after the first one was up
+    /// (after a loss or a server restart).
+    pub reconnects: u64,
+    /// Notifications published to their topic.
+    pub notifications: u64,
+    /// The most recent error (connecting, listening or publishing), kept
+    /// after a reconnect so it says why the last one happened. Never holds
+    /// the password.
+    pub last_error: Option<String>,
+}
+
+/// State shared by a [`Listener`] and its thread.
+#[derive(Debug, Default)]
+struct Shared {
+    connected: AtomicBool,
+    reconnects: AtomicU64,
+    notifications: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn set_error(&self, error: String) {
+        // A panic while holding this lock cannot leave a half-written
+        // `Option<String>`: keep going with what is there.
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+}
+
+/// Forwards PostgreSQL notifications into a [`Hub`]: one thread and one
+/// connection per database. See the [module docs](self).
+///
+/// Dropping it (or [`stop`](Listener::stop)) stops the thread; so does the
+/// [`ShutdownHandle`] it was started with.
+pub struct Listener {
+    shared: Arc<Shared>,
+    target: String,
+    /// Dropped to tell the thread to stop.
+    stop: Option<Sender<()>>,
+    /// Disconnects when the thread ends (its sender is dropped on return
+    /// or unwind).
+    done: Receiver<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener")
+            .field("target", &self.target)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Listener {
+    /// Starts listening on `url`'s database: for each `(channel, topic)`
+    /// pair, every `NOTIFY` payload on `channel` is published to `topic` as
+    /// the event data. A channel may feed several topics and several
+    /// channels one topic.
+    ///
+    /// `url` is a `postgres://user:password@host:port/db?option=value` URL
+    /// or a `host=… user=… dbname=…` string, as libpq takes. Unless it says
+    /// otherwise, the connection gets `application_name=ssed`, a 10 s
+    /// connect timeout and a 30 s TCP user timeout.
+    ///
+    /// Returns at once: the connection is made on the listener's thread,
+    /// retried with backoff until it succeeds, `stop` is called or
+    /// `shutdown` fires. A `url` that does not parse, or no usable channel,
+    /// is logged at `error` and leaves the listener idle with
+    /// [`ListenerState::last_error`] saying why; pairs with a channel that
+    /// fails [`valid_channel`] or a topic that fails
+    /// [`valid_name`] are left out the same way.
+    pub fn start(
+        hub: Hub,
+        url: &str,
+        channels: Vec<(String, String)>,
+        shutdown: ShutdownHandle,
+    ) -> Listener {
+        let shared = Arc::new(Shared::default());
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
+        let mut listener = Listener {
+            shared: Arc::clone(&shared),
+            target: String::from("<invalid connection string>"),
+            stop: Some(stop),
+            done,
+            thread: None,
+        };
+        let mut config = match url.parse::<Config>() {
+            Ok(c) => c,
+            Err(e) => {
+                // The parser's messages name the option, never its value.
+                let error = format!("invalid connection string: {}", Report(&e));
+                log::error!("postgres: {error}");
+                shared.set_error(error);
+                return listener;
+            }
+        };
+        listener.target = describe(&config);
+        let target = listener.target.clone();
+        if config.get_application_name().is_none() {
+            config.application_name(APPLICATION_NAME);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
+
+        let mut routes: HashMap<String, Vec<String>> = HashMap::new();
+        for (channel, topic) in channels {
+            if !valid_channel(&channel) {
+                let error = format!(
+                    "channel {channel:?} left out: use 1 to {MAX_CHANNEL_LEN} bytes, no NUL"
+                );
+                log::error!("postgres {target}: {error}");
+                shared.set_error(error);
+            } else if !valid_name(&topic) {
+                let error = format!(
+                    "channel {channel:?} left out: invalid topic name {topic:?} \
+                     (use 1 to 200 characters of A-Z a-z 0-9 _ . : -)"
+                );
+                log::error!("postgres {target}: {error}");
+                shared.set_error(error);
+            } else {
+                let topics = routes.entry(channel).or_default();
+                if !topics.contains(&topic) {
+                    topics.push(topic);
+                }
+            }
+        }
+        if routes.is_empty() {
+            let error = "no channel to listen on".to_owned();
+            log::error!("postgres {target}: {error}");
+            shared.set_error(error);
+            return listener;
+        }
+        let mut names: Vec<&String> = routes.keys().collect();
+        names.sort();
+        let listen_sql = names.iter().fold(String::new(), |mut sql, name| {
+            let _ = write!(sql, "LISTEN {};", quote_ident(name)); // writing to a String cannot fail
+            sql
+        });
+
+        let worker = Worker {
+            hub,
+            config,
+            routes,
+            listen_sql,
+            shared: Arc::clone(&shared),
+            target: target.clone(),
+            stop: stop_rx,
+            shutdown,
+            rng: seed(),
+        };
+        let spawned = thread::Builder::new()
+            .name("ssed-postgres".into())
+            .spawn(move || {
+                let _done = done_tx; // dropped when the thread ends, even by a panic
+                worker.run();
+            });
+        match spawned {
+            Ok(handle) => listener.thread = Some(handle),
+            Err(e) => {
+                let error = format!("cannot start the listener thread: {e}");
+                log::error!("postgres {target}: {error}");
+                shared.set_error(error);
+            }
+        }
+        listener
+    }
+
+    /// Where the listener stands now.
+    pub fn state(&self) -> ListenerState {
+        let s = &self.shared;
+        ListenerState {
+            connected: s.connected.load(Ordering::Relaxed),
+            reconnects: s.reconnects.load(Ordering::Relaxed),
+            notifications: s.notifications.load(Ordering::Relaxed),
+            last_error: s
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    /// The database, as logs show it: `postgres://user@host:port/db`,
+    /// without the password.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Stops the thread and closes the connection, waiting up to 2 s; a
+    /// thread stuck in a connect it cannot interrupt is left to end on its
+    /// own. Dropping the listener does the same.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        drop(self.stop.take());
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        match self.done.recv_timeout(STOP_WAIT) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                log::warn!(
+                    "postgres {}: listener still busy after {STOP_WAIT:?}; leaving it to finish",
+                    self.target
+                );
+            }
+            // Disconnected: the thread has returned (nothing is ever sent).
+            _ => {
+                if thread.join().is_err() {
+                    log::error!("postgres {}: listener thread panicked", self.target);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// `postgres://user@host:port/db` from a parsed config: what logs and
+/// errors may show (no password, no other option).
+pub(crate) fn describe(config: &Config) -> String {
+    let mut out = String::from("postgres://");
+    if let Some(user) = config.get_user() {
+        out.push_str(user);
+        out.push('@');
+    }
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                Host::Tcp(name) if name.contains(':') => format!("[{name}]"),
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            };
+            // One port applies to every host; otherwise one per host.
+            match ports.get(i).or(ports.first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
+        })
+        .collect();
+    if hosts.is_empty() {
+        let addrs: Vec<String> = config
+            .get_hostaddrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        out.push_str(&addrs.join(","));
+    } else {
+        out.push_str(&hosts.join(","));
+    }
+    if let Some(db) = config.get_dbname() {
+        out.push('/');
+        out.push_str(db);
+    }
+    out
+}
+
+/// A seed for the backoff jitter: listeners started together (after a
+/// deploy) must not retry in lockstep.
+fn seed() -> u64 {
+    // `RandomState` carries random keys (different for each instance):
+    // hashing the clock with them gives a seed without a dependency.
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    RandomState::new().hash_one(nanos) | 1 // xorshift must not start at 0
+}
+
+/// Why a connection ended.
+enum Ended {
+    /// `stop`, drop or shutdown.
+    Stopped,
+    /// Lost; the message says how.
+    Lost(String),
+}
+
+/// The listener's thread.
+struct Worker {
+    hub: Hub,
+    config: Config,
+    /// Channel to the topics its payloads go to.
+    routes: HashMap<String, Vec<String>>,
+    listen_sql: String,
+    shared: Arc<Shared>,
+    target: String,
+    stop: Receiver<()>,
+    shutdown: ShutdownHandle,
+    rng: u64,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut delay = BACKOFF_MIN;
+        let mut was_up = false;
+        loop {
+            if self.stopping() {
+                return;
+            }
+            match self.connect() {
+                Ok(mut client) => {
+                    let since = Instant::now();
+                    if was_up {
+                        self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                        log::info!("postgres {}: reconnected, listening again", self.target);
+                    } else {
+                        log::info!(
+                            "postgres {}: listening on {} channel(s)",
+                            self.target,
+                            self.routes.len()
+                        );
+                    }
+                    was_up = true;
+                    self.shared.connected.store(true, Ordering::Relaxed);
+                    let ended = self.listen(&mut client);
+                    self.shared.connected.store(false, Ordering::Relaxed);
+                    match ended {
+                        Ended::Stopped => {
+                            // Closing sends Terminate and waits for the
+                            // server's close: quick on a live connection.
+                            drop(client);
+                            return;
+                        }
+                        Ended::Lost(error) => {
+                            if since.elapsed() >= STABLE {
+                                delay = BACKOFF_MIN;
+                            }
+                            let wait = self.jitter(delay);
+                            log::warn!(
+                                "postgres {}: connection lost ({error}); reconnecting in {wait:?}",
+                                self.target
+                            );
+                            self.shared.set_error(error);
+                            drop(client);
+                            if !self.sleep(wait) {
+                                return;
+                            }
+                            delay = (delay * 2).min(BACKOFF_MAX);
+                        }
+                    }
+                }
+                Err(error) => {
+                    let wait = self.jitter(delay);
+                    log::warn!("postgres {}: {error}; retrying in {wait:?}", self.target);
+                    self.shared.set_error(error);
+                    if !self.sleep(wait) {
+                        return;
+                    }
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Connects and issues `LISTEN` on every channel.
+    fn connect(&self) -> Result<Client, String> {
+        // The postgres crate unwraps the creation of its runtime, which can
+        // fail when the process is out of descriptors: that must cost a
+        // retry, not the listener.
+        let connected = catch_unwind(AssertUnwindSafe(|| self.config.connect(NoTls)));
+        let mut client = match connected {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => return Err(format!("cannot connect: {}", Report(&e))),
+            Err(_) => return Err("cannot connect: the client panicked".to_owned()),
+        };
+        client
+            .batch_execute(&self.listen_sql)
+            .map_err(|e| format!("LISTEN failed: {}", Report(&e)))?;
+        Ok(client)
+    }
+
+    /// Publishes notifications until the connection is lost or the
+    /// listener must stop.
+    fn listen(&self, client: &mut Client) -> Ended {
+        let mut last_traffic = Instant::now();
+        loop {
+            {
+                let mut notifications = client.notifications();
+                let mut iter = notifications.timeout_iter(POLL);
+                loop {
+                    if self.stopping() {
+                        return Ended::Stopped;
+                    }
+                    match iter.next() {
+                        Ok(Some(n)) => {
+                            last_traffic = Instant::now();
+                            self.publish(&n);
+                        }
+                        Ok(None) => break,
+                        Err(e) => return Ended::Lost(Report(&e).to_string()),
+                    }
+                }
+            }
+            // The iterator also ends quietly when the connection closed.
+            if client.is_closed() {
+                return Ended::Lost("closed by the server".to_owned());
+            }
+            if last_traffic.elapsed() >= IDLE_CHECK {
+                if let Err(e) = client.is_valid(CHECK_TIMEOUT) {
+                    return Ended::Lost(format!("health check failed: {}", Report(&e)));
+                }
+                last_traffic = Instant::now();
+            }
+        }
+    }
+
+    fn publish(&self, n: &Notification) {
+        let Some(topics) = self.routes.get(n.channel()) else {
+            log::debug!(
+                "postgres {}: notification on unexpected channel {:?}",
+                self.target,
+                n.channel()
+            );
+            return;
+        };
+        for topic in topics {
+            match self.hub.publish(topic, Event::new().data(n.payload())) {
+                Ok(published) => {
+                    self.shared.notifications.fetch_add(1, Ordering::Relaxed);
+                    log::trace!(
+                        "postgres {}: {} -> {topic} as {}: {:?}",
+                        self.target,
+                        n.channel(),
+                        published.id,
+                        n.payload()
+                    );
+                }
+                Err(e) => {
+                    let error = format!("cannot publish to {topic}: {}", Report(&e));
+                    log::warn!("postgres {}: {error}", self.target);
+                    self.shared.set_error(error);
+                }
+            }
+        }
+    }
+
+    /// Whether `stop`, drop or shutdown asked the thread to end.
+    fn stopping(&self) -> bool {
+        self.shutdown.is_shutdown()
+            || matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Sleeps `d`; false if asked to stop meanwhile.
+    fn sleep(&self, d: Duration) -> bool {
+        // Nothing is ever sent on either channel: they only disconnect.
+        crossbeam_channel::select! {
+            recv(self.stop) -> _ => false,
+            recv(self.shutdown.receiver()) -> _ => false,
+            default(d) => !self.stopping(),
+        }
+    }
+
+    /// `base` less up to half of it, at random ("equal jitter").
+    fn jitter(&mut self, base: Duration) -> Duration {
+        // xorshift64: enough to spread retries, no dependency needed.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let half = base.as_millis() as u64 / 2;
+        base - Duration::from_millis(self.rng % (half + 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted() {
+        let table = [
+            ("user_updates", "\"user_updates\""),
+            ("UserUpdates", "\"UserUpdates\""),
+            ("a\"b", "\"a\"\"b\""),
+            ("x\"; DROP TABLE t; --", "\"x\"\"; DROP TABLE t; --\""),
+        ];
+        for (name, quoted) in table {
+            assert_eq!(quote_ident(name), quoted, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn channel_names() {
+        assert!(valid_channel("user_updates"));
+        assert!(valid_channel("with space and \"quote\""));
+        assert!(valid_channel(&"a".repeat(MAX_CHANNEL_LEN)));
+        assert!(!valid_channel(&"a".repeat(MAX_CHANNEL_LEN + 1)));
+        assert!(!valid_channel(""));
+        assert!(!valid_channel("nul\0"));
+    }
+
+    #[test]
+    fn descriptions_hide_the_password() {
+        let table = [
+            (
+                "postgres://app:s3cret@db.example:5433/prod?sslmode=disable",
+                "postgres://app@db.example:5433/prod",
+            ),
+            (
+                "host=127.0.0.1 user=postgres password=s3cret dbname=test",
+                "postgres://postgres@127.0.0.1/test",
+            ),
+            (
+                "postgres://u:s3cret@a,b:5432/db",
+                "postgres://u@a:5432,b:5432/db",
+            ),
+            (
+                "postgres://u:s3cret@%2Fvar%2Frun%2Fpostgresql/db",
+                "postgres://u@/var/run/postgresql:5432/db",
+            ),
+        ];
+        for (url, want) in table {
+            let config: Config = url.parse().expect("valid URL");
+            let got = describe(&config);
+            assert_eq!(got, want, "{url}");
+            assert!(!got.contains("s3cret"));
+        }
+    }
+
+    #[test]
+    fn backoff_jitter_stays_within_half() {
+        let mut w = Worker {
+            hub: Hub::new(0),
+            config: Config::new(),
+            routes: HashMap::new(),
+            listen_sql: String::new(),
+            shared: Arc::default(),
+            target: String::new(),
+            stop: crossbeam_channel::never(),
+            shutdown: ShutdownHandle::new(),
+            rng: seed(),
+        };
+        for base in [BACKOFF_MIN, Duration::from_secs(1), BACKOFF_MAX] {
+            for _ in 0..1000 {
+                let d = w.jitter(base);
+                assert!(d <= base && d >= base / 2, "{d:?} for {base:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_url_leaves_an_idle_listener_that_says_why() {
+        let l = Listener::start(
+            Hub::new(0),
+            "postgres://u:s3cret@host:notaport/db",
+            vec![("c".into(), "c".into())],
+            ShutdownHandle::new(),
+        );
+        let state = l.state();
+        assert!(!state.connected);
+        let error = state.last_error.expect("an error");
+        assert!(error.starts_with("invalid connection string"), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
+        l.stop();
+    }
+
+    #[test]
+    fn no_usable_channel_is_an_error() {
+        let l = Listener::start(
+            Hub::new(0),
+            "postgres://postgres@127.0.0.1:1/test",
+            vec![
+                ("ok".into(), "bad topic".into()),
+                (String::new(), "t".into()),
+            ],
+            ShutdownHandle::new(),
+        );
+        assert_eq!(
+            l.state().last_error.as_deref(),
+            Some("no channel to listen on")
+        );
+    }
+}
