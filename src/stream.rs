@@ -147,12 +147,19 @@ impl Stream {
     /// fine: callers look again.
     pub(crate) fn park(&self) {
         let now = Instant::now();
-        let mut wake = self.next_wake(now + Duration::from_secs(3600));
+        let far = now + Duration::from_secs(3600);
+        let mut wake = self.next_wake(far);
         if !self.registered {
             // Nobody unparks us at shutdown: look now and then.
             wake = wake.min(now + UNREGISTERED_POLL);
         }
-        std::thread::park_timeout(wake.saturating_duration_since(now));
+        if wake >= far {
+            // No heartbeat or budget due: an untimed park spares arming a
+            // kernel timer on every wait (shutdown unparks us).
+            std::thread::park();
+        } else {
+            std::thread::park_timeout(wake.saturating_duration_since(now));
+        }
     }
 
     // ----- sending -------------------------------------------------------
