@@ -370,15 +370,26 @@ impl App {
         self.with_cors(req, r)
     }
 
+    /// What publishing and pushing both check first: the name, the origin,
+    /// the publisher's right; then the body as text.
+    fn publish_body<'r>(
+        &self,
+        req: &'r Request,
+        what: &str,
+        name: &str,
+    ) -> Result<&'r str, Response> {
+        if !valid_name(name) {
+            return Err(bad_name(what, name));
+        }
+        self.cors(req).and_then(|_| self.authorize_publish(req))?;
+        req.body_str()
+            .map_err(|_| Response::text(400, "the body must be UTF-8 text"))
+    }
+
     fn publish_inner(&self, req: &Request, topic: &str) -> Response {
-        if !valid_name(topic) {
-            return bad_name("topic", topic);
-        }
-        if let Err(r) = self.cors(req).and_then(|_| self.authorize_publish(req)) {
-            return r;
-        }
-        let Ok(body) = req.body_str() else {
-            return Response::text(400, "the body must be UTF-8 text");
+        let body = match self.publish_body(req, "topic", topic) {
+            Ok(body) => body,
+            Err(r) => return r,
         };
         let mut event = Event::new().data(body);
         if let Some(name) = req.query("event") {
@@ -404,14 +415,9 @@ impl App {
     }
 
     fn push_inner(&self, req: &Request, key: &str) -> Response {
-        if !valid_name(key) {
-            return bad_name("key", key);
-        }
-        if let Err(r) = self.cors(req).and_then(|_| self.authorize_publish(req)) {
-            return r;
-        }
-        let Ok(body) = req.body_str() else {
-            return Response::text(400, "the body must be UTF-8 text");
+        let body = match self.publish_body(req, "key", key) {
+            Ok(body) => body,
+            Err(r) => return r,
         };
         match self.hub.push(key, body) {
             Ok(queued) => Response::json(200, &json!({"key": key, "queued": queued})),

@@ -1044,15 +1044,18 @@ impl Streams {
     }
 }
 
+/// The first header `name` of a parsed response, as text.
+fn header_value(response: &httparse::Response<'_, '_>, name: &str) -> Option<String> {
+    response
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+}
+
 fn classify(response: &httparse::Response<'_, '_>) -> Answer {
     let status = response.code.unwrap_or(0);
-    let header = |name: &str| {
-        response
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
-    };
+    let header = |name: &str| header_value(response, name).map(|v| v.to_ascii_lowercase());
     let event_stream = header("content-type").is_some_and(|t| t.starts_with("text/event-stream"));
     match status {
         // A sized event stream is ssed's `overload = "retry"` answer past
@@ -1197,13 +1200,7 @@ impl Publisher {
                 .map_err(|e| PublishError::Response(e.to_string()))?;
             if let httparse::Status::Complete(head_len) = parsed {
                 let status = response.code.unwrap_or(0);
-                let header = |name: &str| {
-                    response
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| String::from_utf8_lossy(h.value).into_owned())
-                };
+                let header = |name: &str| header_value(&response, name);
                 let close = response.version == Some(0)
                     || header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
                 let length: usize = header("content-length")
