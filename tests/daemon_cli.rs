@@ -7,148 +7,21 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
-use rustix::process::{Pid, Signal, kill_process};
+use support::process::Ssed;
 use support::{connect, request};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ssed");
 /// The longest any test waits for one thing to happen.
 const DEADLINE: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------
 // A child process that cannot outlive its test
 // ---------------------------------------------------------------------------
-
-/// A running `ssed`; dropping it kills the process (by its PID) and reaps it.
-struct Ssed {
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    stderr_lines: Receiver<String>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Ssed {
-    fn drop(&mut self) {
-        let _ = self.child.kill(); // may have exited already
-        let _ = self.child.wait(); // reap it either way
-    }
-}
-
-/// Copies a pipe into `all`, line by line, also sending each line to `lines`.
-fn drain(
-    pipe: impl Read + Send + 'static,
-    all: Arc<Mutex<String>>,
-    lines: Option<crossbeam_channel::Sender<String>>,
-) -> JoinHandle<()> {
-    thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { return };
-            if let Ok(mut all) = all.lock() {
-                all.push_str(&line);
-                all.push('\n');
-            }
-            if let Some(tx) = &lines {
-                let _ = tx.send(line); // the test may have stopped listening
-            }
-        }
-    })
-}
-
-impl Ssed {
-    /// Starts `ssed args…` with a clean environment for its own variables.
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Ssed {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env_remove("SSED_PUBLISH_TOKEN")
-            .env_remove("SSED_SUBSCRIBE_TOKEN")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("ssed starts");
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, stderr_lines) = crossbeam_channel::unbounded();
-        let readers = vec![
-            drain(
-                child.stdout.take().expect("piped"),
-                Arc::clone(&stdout),
-                None,
-            ),
-            drain(
-                child.stderr.take().expect("piped"),
-                Arc::clone(&stderr),
-                Some(tx),
-            ),
-        ];
-        Ssed {
-            child,
-            stdout,
-            stderr,
-            stderr_lines,
-            readers,
-        }
-    }
-
-    /// Waits for the process to exit, up to `timeout`.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // The pipes close with the process: collect what is left.
-                for r in self.readers.drain(..) {
-                    let _ = r.join(); // a reader only ends at EOF
-                }
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.lock().expect("reader alive").clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().expect("reader alive").clone()
-    }
-
-    /// The address from the `listening on ADDR (...)` log line.
-    fn listening(&self) -> SocketAddr {
-        let deadline = Instant::now() + DEADLINE;
-        while let Ok(line) = self
-            .stderr_lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            if let Some((_, rest)) = line.split_once("listening on ") {
-                let addr = rest.split_whitespace().next().unwrap_or_default();
-                return addr
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad address in {line:?}"));
-            }
-        }
-        panic!("no `listening on` line; stderr: {}", self.stderr());
-    }
-
-    fn terminate(&self) {
-        kill_process(Pid::from_child(&self.child), Signal::TERM).expect("send SIGTERM");
-    }
-}
 
 /// Runs `ssed args…` to its exit: status, stdout, stderr.
 fn run(args: &[&str]) -> (ExitStatus, String, String) {

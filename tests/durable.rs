@@ -8,20 +8,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crossbeam_channel::Receiver;
 use ssed::store::{self, DurableHistory, StoreError};
 use ssed::{Event, EventId, History, HubConfig, HubError, Retained};
+use support::process::Ssed;
 use support::{Client, field, request};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ssed");
 /// The longest any test waits for one thing to happen.
 const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -56,102 +52,12 @@ impl Drop for TempDir {
     }
 }
 
-/// A running `ssed`; dropping it kills the process (by its PID) and reaps it.
-struct Ssed {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    lines: Receiver<String>,
-    reader: Option<thread::JoinHandle<()>>,
-}
-
-impl Drop for Ssed {
-    fn drop(&mut self) {
-        let _ = self.child.kill(); // may have exited already
-        let _ = self.child.wait(); // reap it either way
-    }
-}
-
-impl Ssed {
-    /// Starts `ssed --config <dir>/ssed.toml` with `config` as the file.
-    fn spawn(dir: &TempDir, config: &str) -> Ssed {
-        let path = dir.path().join("ssed.toml");
-        std::fs::write(&path, config).expect("write config");
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .env_remove("SSED_PUBLISH_TOKEN")
-            .env_remove("SSED_SUBSCRIBE_TOKEN")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ssed starts");
-        let pipe = child.stderr.take().expect("piped");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = crossbeam_channel::unbounded();
-        let all = Arc::clone(&stderr);
-        let reader = thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { return };
-                if let Ok(mut all) = all.lock() {
-                    all.push_str(&line);
-                    all.push('\n');
-                }
-                let _ = tx.send(line); // the test may have stopped listening
-            }
-        });
-        Ssed {
-            child,
-            stderr,
-            lines,
-            reader: Some(reader),
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().expect("reader alive").clone()
-    }
-
-    /// The address from the `listening on ADDR (...)` log line.
-    fn listening(&self) -> SocketAddr {
-        let deadline = Instant::now() + DEADLINE;
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            if let Some((_, rest)) = line.split_once("listening on ") {
-                let addr = rest.split_whitespace().next().unwrap_or_default();
-                return addr
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad address in {line:?}"));
-            }
-        }
-        panic!("no `listening on` line; stderr: {}", self.stderr());
-    }
-
-    /// SIGKILL: no shutdown, no flush, no destructor runs in the daemon.
-    fn kill_9(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.wait_exit().expect("killed process exits");
-    }
-
-    fn wait_exit(&mut self) -> Option<ExitStatus> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // The pipe closed with the process: collect what is left.
-                if let Some(reader) = self.reader.take() {
-                    let _ = reader.join(); // it only ends at EOF
-                }
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
+/// Starts `ssed --config <dir>/ssed.toml` with `config` as the file.
+fn spawn(dir: &TempDir, config: &str) -> Ssed {
+    let path = dir.path().join("ssed.toml");
+    std::fs::write(&path, config).expect("write config");
+    let path = path.to_str().expect("utf-8 temp path");
+    Ssed::spawn(&["--config", path], &[])
 }
 
 fn daemon_config(data: &Path) -> String {
@@ -470,14 +376,14 @@ fn published_events_survive_kill_9_and_replay_without_reset() {
     let dir = TempDir::new("kill9");
     let data = dir.path().join("data"); // created by ssed
     let config = daemon_config(&data);
-    let mut ssed = Ssed::spawn(&dir, &config);
+    let mut ssed = spawn(&dir, &config);
     let addr = ssed.listening();
     let published: Vec<EventId> = (0..6)
         .map(|i| publish(addr, "news", &format!("event {i}\nline two é")))
         .collect();
     ssed.kill_9();
 
-    let ssed = Ssed::spawn(&dir, &config);
+    let ssed = spawn(&dir, &config);
     let addr = ssed.listening();
     let mut sub = Client::new(addr);
     let head = sub.get_stream(
@@ -507,7 +413,7 @@ fn mailbox_messages_survive_kill_9_and_are_consumed_exactly_once() {
     let dir = TempDir::new("mailbox-kill9");
     let data = dir.path().join("data");
     let config = daemon_config(&data);
-    let mut ssed = Ssed::spawn(&dir, &config);
+    let mut ssed = spawn(&dir, &config);
     let addr = ssed.listening();
     for m in ["first", "second", "third"] {
         let (status, text) = post(addr, "/keys/jobs", m);
@@ -515,7 +421,7 @@ fn mailbox_messages_survive_kill_9_and_are_consumed_exactly_once() {
     }
     ssed.kill_9();
 
-    let mut ssed = Ssed::spawn(&dir, &config);
+    let mut ssed = spawn(&dir, &config);
     let addr = ssed.listening();
     let (status, _) = post(addr, "/keys/jobs", "[DONE]");
     assert_eq!(status, 200);
@@ -533,7 +439,7 @@ fn mailbox_messages_survive_kill_9_and_are_consumed_exactly_once() {
 
     // Taken means gone, on disk too: after another kill -9 nothing is left.
     ssed.kill_9();
-    let ssed = Ssed::spawn(&dir, &config);
+    let ssed = spawn(&dir, &config);
     let addr = ssed.listening();
     let (status, _) = post(addr, "/keys/jobs", "[DONE]");
     assert_eq!(status, 200);
@@ -552,10 +458,10 @@ fn a_second_daemon_on_the_same_data_dir_stops_with_a_message() {
     let dir = TempDir::new("twice");
     let data = dir.path().join("data");
     let config = daemon_config(&data);
-    let first = Ssed::spawn(&dir, &config);
+    let first = spawn(&dir, &config);
     let addr = first.listening();
-    let mut second = Ssed::spawn(&dir, &config);
-    let status = second.wait_exit().expect("the second exits");
+    let mut second = spawn(&dir, &config);
+    let status = second.wait_exit(DEADLINE).expect("the second exits");
     assert_eq!(status.code(), Some(1));
     let stderr = second.stderr();
     let db = data.join(store::DB_FILE);
@@ -573,8 +479,8 @@ fn an_unusable_data_dir_stops_the_daemon_naming_it() {
     let file = dir.path().join("file");
     std::fs::write(&file, "x").expect("write");
     let data = file.join("data");
-    let mut ssed = Ssed::spawn(&dir, &daemon_config(&data));
-    let status = ssed.wait_exit().expect("exits");
+    let mut ssed = spawn(&dir, &daemon_config(&data));
+    let status = ssed.wait_exit(DEADLINE).expect("exits");
     assert_eq!(status.code(), Some(1));
     let stderr = ssed.stderr();
     assert!(stderr.contains(data.to_str().expect("utf-8")), "{stderr}");

@@ -5,6 +5,9 @@
 //! binary uses every helper.
 #![allow(dead_code)]
 
+#[cfg(feature = "daemon")]
+pub mod process;
+
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
