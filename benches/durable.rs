@@ -22,20 +22,15 @@
 
 use std::error::Error;
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ssed::{Event, Hub, HubConfig};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ssed");
-/// Time allowed for the server to start and log its address.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+mod common;
+use common::{BIN, Server, TempDir, cpu_ticks};
+
 const HISTORY: usize = 1000;
 const TOPICS: usize = 10;
 
@@ -155,8 +150,8 @@ fn daemon_run(
     }
     let path = dir.0.join("ssed.toml");
     fs::write(&path, config)?;
-    let (server, addr) = start_server(&path)?;
-    let pid = server.0.id();
+    let server = Server::start(&path)?;
+    let (addr, pid) = (server.addr, server.pid());
     let before = cpu_ticks(pid).ok_or("no /proc stat for the server")?;
     let out = Command::new(BIN)
         .args([
@@ -192,80 +187,4 @@ fn daemon_run(
         delivered: json["deliveries"].as_u64().unwrap_or(0),
         expected: json["expected_deliveries"].as_u64().unwrap_or(0),
     })
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Result<TempDir, Box<dyn Error>> {
-        let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "ssed-durable-bench-{}-{stamp}-{name}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&dir)?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0); // best effort: it is a temp dir
-    }
-}
-
-/// A child process killed by PID and reaped when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill(); // it may have exited already
-        let _ = self.0.wait(); // reap it either way
-    }
-}
-
-fn start_server(config: &Path) -> Result<(Guard, SocketAddr), Box<dyn Error>> {
-    let mut child = Guard(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .env_remove("SSED_PUBLISH_TOKEN")
-            .env_remove("SSED_SUBSCRIBE_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?,
-    );
-    let stderr = child.0.stderr.take().ok_or("no stderr pipe")?;
-    let (tx, rx) = mpsc::channel();
-    // Keeps draining the server's log so it never blocks on a full pipe.
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            if let Some(rest) = line.split("listening on ").nth(1)
-                && let Some(addr) = rest.split(" (").next()
-                && let Ok(addr) = addr.parse::<SocketAddr>()
-            {
-                let _ = tx.send(addr); // the benchmark may have given up
-            } else if line.contains("WARN") || line.contains("ERROR") {
-                eprintln!("  server: {line}");
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(STARTUP_TIMEOUT)
-        .map_err(|_| "the server did not log its address in time")?;
-    Ok((child, addr))
-}
-
-/// utime + stime of `pid`, in ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.get(stat.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of proc(5), counted from the state (field 3).
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }

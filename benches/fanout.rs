@@ -28,21 +28,19 @@
 
 use std::error::Error;
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ssed");
-/// Time allowed for the server to start and log its address.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+mod common;
+use common::{BIN, Guard, Server, TempDir, cpu_ticks};
+
 /// How often the server's CPU time is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 /// `USER_HZ`: the unit of utime and stime in `/proc/PID/stat` on Linux.
@@ -231,86 +229,6 @@ fn main() -> ExitCode {
 
 // ----- the server ---------------------------------------------------------------
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Result<TempDir, Box<dyn Error>> {
-        let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("ssed-fanout-{}-{stamp}-{name}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0); // best effort: it is a temp dir
-    }
-}
-
-/// A child process killed by PID and reaped when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill(); // it may have exited already
-        let _ = self.0.wait(); // reap it either way
-    }
-}
-
-struct Server {
-    child: Guard,
-    addr: SocketAddr,
-}
-
-fn start_server(config: &Path) -> Result<Server, Box<dyn Error>> {
-    let mut child = Guard(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .env_remove("SSED_PUBLISH_TOKEN")
-            .env_remove("SSED_SUBSCRIBE_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?,
-    );
-    let stderr = child.0.stderr.take().ok_or("no stderr pipe")?;
-    let (tx, rx) = mpsc::channel();
-    // Keeps draining the server's log so it never blocks on a full pipe;
-    // warnings (a slow subscriber dropped, the cap reached) are shown.
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            if let Some(rest) = line.split("listening on ").nth(1)
-                && let Some(addr) = rest.split(" (").next()
-                && let Ok(addr) = addr.parse::<SocketAddr>()
-            {
-                let _ = tx.send(addr); // the benchmark may have given up
-            } else if line.contains("WARN") || line.contains("ERROR") {
-                eprintln!("  server: {line}");
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(STARTUP_TIMEOUT)
-        .map_err(|_| "the server did not log its address in time")?;
-    Ok(Server { child, addr })
-}
-
-/// utime + stime of `pid`, in ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.get(stat.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of proc(5), counted from the state (field 3).
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
 fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -390,8 +308,8 @@ fn run_workload(w: &Workload) -> Result<Outcome, Box<dyn Error>> {
     let dir = TempDir::new(w.key)?;
     let config = dir.0.join("ssed.toml");
     fs::write(&config, CONFIG)?;
-    let server = start_server(&config)?;
-    let pid = server.child.0.id();
+    let server = Server::start(&config)?;
+    let pid = server.pid();
     let args = w.loadtest_args(server.addr);
     eprintln!("fanout: {} ...", w.title);
     let sampler = Sampler::start(pid);

@@ -142,6 +142,9 @@ fn run_stream(
     }
     stream.close(outcome);
     let why = stream.ended().map_or("finished", EndReason::reason);
+    if stream.ended() == Some(EndReason::Slow) {
+        log_slow_drop(peer, req.path());
+    }
     log::debug!(
         "stream closed: {peer} {} after {:.1?} ({why})",
         req.path(),
@@ -149,6 +152,36 @@ fn run_stream(
     );
     shared.registry.remove(id);
 }
+
+/// Logs a slow subscriber's drop at `warn` (degraded, still serving), at
+/// most once every ten seconds with a count of the others, so a publisher
+/// outrunning thousands of streams cannot flood the log as well.
+fn log_slow_drop(peer: SocketAddr, path: &str) {
+    static LAST: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
+    let now = Instant::now();
+    let more = {
+        let Ok(mut last) = LAST.lock() else { return };
+        if last
+            .0
+            .is_some_and(|t| now.duration_since(t) < SLOW_LOG_EVERY)
+        {
+            last.1 += 1;
+            return;
+        }
+        last.0 = Some(now);
+        std::mem::take(&mut last.1)
+    };
+    if more > 0 {
+        log::warn!(
+            "slow subscriber dropped: {peer} {path} fell behind its queue ({more} more since the last report)"
+        );
+    } else {
+        log::warn!("slow subscriber dropped: {peer} {path} fell behind its queue");
+    }
+}
+
+/// How often [`log_slow_drop`] reports.
+const SLOW_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a connection thread waits for the next request on a keep-alive
 /// connection before handing it back to the acceptor. A client sending

@@ -46,6 +46,9 @@ pub enum Error {
     /// The durable store (the daemon's `data_dir`) could not be opened.
     #[cfg(feature = "durable")]
     Store(crate::store::StoreError),
+    /// The hub's engine could not be set up (a Redis URL that does not
+    /// parse, a reader thread that cannot start).
+    Engine(crate::HubError),
 }
 
 impl fmt::Display for Error {
@@ -57,6 +60,7 @@ impl fmt::Display for Error {
             Error::Io(_) => f.write_str("server i/o setup failed"),
             #[cfg(feature = "durable")]
             Error::Store(_) => f.write_str("durable store unavailable"),
+            Error::Engine(_) => f.write_str("event engine unavailable"),
         }
     }
 }
@@ -70,6 +74,7 @@ impl std::error::Error for Error {
             Error::Route { .. } => None,
             #[cfg(feature = "durable")]
             Error::Store(e) => Some(e),
+            Error::Engine(e) => Some(e),
         }
     }
 }

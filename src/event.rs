@@ -160,6 +160,13 @@ impl Event {
     /// As for [`encode`](Event::encode).
     pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), EventError> {
         self.validate()?;
+        self.write(out, self.id.as_deref());
+        Ok(())
+    }
+
+    /// Writes the validated event with `id` as its id line; returns the
+    /// offset where the id line starts (or would).
+    fn write(&self, out: &mut Vec<u8>, id: Option<&str>) -> usize {
         if let Some(comment) = &self.comment {
             for line in split_lines(comment) {
                 out.extend_from_slice(b": ");
@@ -172,7 +179,8 @@ impl Event {
         {
             field(out, b"event", name);
         }
-        if let Some(id) = &self.id {
+        let at = out.len();
+        if let Some(id) = id {
             field(out, b"id", id);
         }
         if let Some(retry) = self.retry {
@@ -188,7 +196,7 @@ impl Event {
             }
         }
         out.push(b'\n');
-        Ok(())
+        at
     }
 
     /// Encodes the event once into a cheaply clonable frame that can be
@@ -200,6 +208,16 @@ impl Event {
     /// As for [`encode`](Event::encode).
     pub fn encode_shared(&self) -> Result<EncodedEvent, EventError> {
         Ok(EncodedEvent(Arc::from(self.encode()?)))
+    }
+
+    /// The frame without an id line, and the offset where an id line goes
+    /// to make the frame [`encode`](Event::encode) would give with that id
+    /// (a store that assigns ids keeps this form).
+    pub(crate) fn encode_around_id(&self) -> Result<(Vec<u8>, usize), EventError> {
+        self.validate()?;
+        let mut out = Vec::with_capacity(self.encoded_len_hint());
+        let at = self.write(&mut out, None);
+        Ok((out, at))
     }
 
     fn encoded_len_hint(&self) -> usize {
@@ -219,6 +237,12 @@ impl EncodedEvent {
     /// The frame's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// A frame assembled from stored parts by a store that only keeps
+    /// what [`Event::encode_around_id`] made.
+    pub(crate) fn from_parts(bytes: Vec<u8>) -> Self {
+        EncodedEvent(Arc::from(bytes))
     }
 
     /// A frame read back from a durable store, which only ever holds what

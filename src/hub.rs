@@ -29,7 +29,9 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{EndReason, EventError, Report, StreamError};
 use crate::event::{EncodedEvent, Event};
-use crate::fanout::{Pushed, SubscriberQueue, Wakers};
+use crate::fanout::{Pushed, SubscriberQueue, Wakers, Writer};
+use crate::redis::{Engine, PushError, RedisState};
+use crate::resp::RedisUrl;
 use crate::stream::Stream;
 
 /// The event name of the frame sent when a client asks to resume from an id
@@ -39,6 +41,8 @@ pub const RESET_EVENT: &str = "reset";
 pub const MAX_NAME_LEN: usize = 200;
 /// Most frames written per wake-up of a following stream.
 const BATCH: usize = 256;
+/// How often a consumer of a Redis mailbox looks without being woken.
+const REMOTE_MAILBOX_POLL: Duration = Duration::from_secs(1);
 
 /// An event id: `<unix-ms>-<seq>`, increasing in publish order across all
 /// topics and, being time-based, across restarts.
@@ -457,6 +461,16 @@ struct Inner {
     mailbox_store: Option<Mutex<Box<dyn MailboxStore>>>,
     /// The `seq` of the next mailbox message.
     next_message: AtomicU64,
+    /// With Redis as the engine: history, ids and mailboxes live there.
+    remote: Option<Arc<Engine>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(r) = &self.remote {
+            r.stop();
+        }
+    }
 }
 
 struct State {
@@ -465,11 +479,92 @@ struct State {
     subscribers: HashMap<Box<str>, Vec<SubscriberSlot>>,
     next_subscriber: u64,
     published: u64,
+    /// Frames a subscriber may have waiting (its queue, or its pending
+    /// frames during a Redis replay).
+    queue_limit: usize,
+    remote: Option<Arc<Engine>>,
+}
+
+impl State {
+    /// `topic` has no subscriber here any more: the Redis reader stops
+    /// following it.
+    fn forget_topic(&self, topic: &str) {
+        if let Some(r) = &self.remote {
+            r.unwant(topic);
+        }
+    }
 }
 
 struct SubscriberSlot {
     id: u64,
     queue: Arc<SubscriberQueue>,
+    /// While a Redis-backed subscription reads its replay: the live frames
+    /// that arrived meanwhile, sorted out against the replay once it is in.
+    pending: Option<Vec<(EventId, EncodedEvent)>>,
+    /// Frames up to this id are skipped: the replay had them (the Redis
+    /// reader may deliver an event after the replay already read it).
+    seen: EventId,
+}
+
+/// Frames handed out by one fan-out: who took them, who needs waking.
+#[derive(Default)]
+struct FanOut {
+    receivers: usize,
+    wake: Vec<Arc<SubscriberQueue>>,
+}
+
+/// Offers `frame` (id `id`) to every subscriber of `topic`; a subscriber
+/// whose queue is full is closed as slow and leaves all its topics.
+fn fan_out(state: &mut State, topic: &str, id: EventId, frame: &EncodedEvent, out: &mut FanOut) {
+    let limit = state.queue_limit;
+    let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
+    if let Some(subs) = state.subscribers.get_mut(topic) {
+        subs.retain_mut(|s| {
+            if id <= s.seen {
+                return true;
+            }
+            let pushed = match &mut s.pending {
+                Some(pending) if pending.len() < limit => {
+                    pending.push((id, frame.clone()));
+                    Pushed::Queued
+                }
+                Some(_) => {
+                    s.queue.close_slow();
+                    Pushed::Slow
+                }
+                None => s.queue.push(frame),
+            };
+            match pushed {
+                Pushed::Queued => {
+                    out.receivers += 1;
+                    true
+                }
+                Pushed::QueuedWake => {
+                    out.receivers += 1;
+                    out.wake.push(Arc::clone(&s.queue));
+                    true
+                }
+                Pushed::Slow => {
+                    // Closed: it drains what it has, then ends as slow and
+                    // its client resumes from history.
+                    out.wake.push(Arc::clone(&s.queue));
+                    if s.queue.topics.len() > 1 {
+                        dropped.push((s.id, Arc::clone(&s.queue)));
+                    }
+                    false
+                }
+            }
+        });
+        if subs.is_empty() {
+            state.subscribers.remove(topic);
+            state.forget_topic(topic);
+        }
+    }
+    // A slow subscriber of several topics leaves all of them, or it would
+    // silently miss this topic's events while the others kept it connected.
+    for (id, queue) in dropped {
+        remove_subscriber(state, id, &queue.topics);
+    }
 }
 
 /// Removes subscriber `id` from each of `topics`.
@@ -479,6 +574,7 @@ fn remove_subscriber(state: &mut State, id: u64, topics: &[Box<str>]) {
             subs.retain(|s| s.id != id);
             if subs.is_empty() {
                 state.subscribers.remove(topic);
+                state.forget_topic(topic);
             }
         }
     }
@@ -500,7 +596,40 @@ impl Hub {
 
     /// A hub over any [`History`] store, with mailboxes in memory only.
     pub fn with_history(history: Box<dyn History>, config: HubConfig) -> Self {
-        Hub::assemble(history, None, HashMap::new(), 0, config)
+        Hub::assemble(history, None, HashMap::new(), 0, config, None)
+    }
+
+    /// A hub whose engine is the Redis at `url` (`redis://[[user]:password@]host[:port][/db]`),
+    /// shared with every other node that uses it: see [`crate::redis`].
+    /// Each topic keeps its last `history` events there. Starts this node's
+    /// reader thread; Redis may be down at start (the reader keeps trying,
+    /// see [`Hub::redis_state`]).
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::Storage`] for a URL that does not parse (the message
+    /// says why, without the password) or a reader thread that cannot be
+    /// started.
+    pub fn with_redis(url: &str, history: usize, config: HubConfig) -> Result<Self, HubError> {
+        let url = RedisUrl::parse(url)
+            .map_err(|m| HubError::Storage(StorageError::new(format!("redis url: {m}"))))?;
+        let engine = Arc::new(Engine::new(url, history));
+        let hub = Hub::assemble(
+            Box::new(MemoryHistory::new(0)),
+            None,
+            HashMap::new(),
+            0,
+            config,
+            Some(Arc::clone(&engine)),
+        );
+        crate::redis::start_reader(engine, WeakHub(Arc::downgrade(&hub.0)))
+            .map_err(|e| HubError::Storage(StorageError::new(e)))?;
+        Ok(hub)
+    }
+
+    /// Where this node's Redis connection stands; `None` without Redis.
+    pub fn redis_state(&self) -> Option<RedisState> {
+        self.0.remote.as_ref().map(|r| r.state())
     }
 
     /// A hub over a [`History`] store whose mailboxes are also kept in
@@ -549,6 +678,7 @@ impl Hub {
             boxes,
             next_message,
             config,
+            None,
         ))
     }
 
@@ -558,13 +688,13 @@ impl Hub {
         mailboxes: HashMap<Box<str>, Mailbox>,
         next_message: u64,
         config: HubConfig,
+        remote: Option<Arc<Engine>>,
     ) -> Self {
         let last_id = history
             .last_id()
             .unwrap_or_else(|| EventId::floor_of(0))
             .max(EventId::floor_of(0));
         Hub(Arc::new(Inner {
-            config,
             wakers: Wakers::new(),
             state: Mutex::new(State {
                 last_id,
@@ -572,10 +702,14 @@ impl Hub {
                 subscribers: HashMap::new(),
                 next_subscriber: 0,
                 published: 0,
+                queue_limit: config.queue,
+                remote: remote.clone(),
             }),
+            config,
             mailboxes: Mutex::new(mailboxes),
             mailbox_store: mailbox_store.map(Mutex::new),
             next_message: AtomicU64::new(next_message),
+            remote,
         }))
     }
 
@@ -599,6 +733,18 @@ impl Hub {
             return Err(HubError::InvalidName(topic.to_owned()));
         }
         event.validate()?;
+        if let Some(remote) = &self.0.remote {
+            // Redis picks the id; the reader delivers the event here as on
+            // every node. `receivers` counts this node's subscribers.
+            let (frame, at) = event.encode_around_id()?;
+            let id = remote
+                .publish(topic, &frame, at)
+                .map_err(HubError::Storage)?;
+            let mut state = self.state();
+            state.published += 1;
+            let receivers = state.subscribers.get(topic).map_or(0, Vec::len);
+            return Ok(Published { id, receivers });
+        }
         let mut state = self.state();
         let id = state.last_id.next(now_ms());
         let frame = event.id(id.to_string()).encode_shared()?;
@@ -616,46 +762,52 @@ impl Hub {
             .map_err(HubError::Storage)?;
         state.last_id = id;
         state.published += 1;
-        let mut receivers = 0;
-        let mut wake: Vec<Arc<SubscriberQueue>> = Vec::new();
-        let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
-        if let Some(subs) = state.subscribers.get_mut(topic) {
-            subs.retain(|s| match s.queue.push(&frame) {
-                Pushed::Queued => {
-                    receivers += 1;
-                    true
-                }
-                Pushed::QueuedWake => {
-                    receivers += 1;
-                    wake.push(Arc::clone(&s.queue));
-                    true
-                }
-                Pushed::Slow => {
-                    // Closed: it drains what it has, then ends as slow and
-                    // its client resumes from history.
-                    wake.push(Arc::clone(&s.queue));
-                    if s.queue.topics.len() > 1 {
-                        dropped.push((s.id, Arc::clone(&s.queue)));
-                    }
-                    false
-                }
-            });
-            if subs.is_empty() {
-                state.subscribers.remove(topic);
-            }
-        }
-        // A slow subscriber of several topics leaves all of them, or it
-        // would silently miss this topic's events while the others kept it
-        // connected.
-        for (id, queue) in dropped {
-            remove_subscriber(&mut state, id, &queue.topics);
-        }
+        let mut out = FanOut::default();
+        fan_out(&mut state, topic, id, &frame, &mut out);
         drop(state);
         // Waking is the expensive part of fan-out: never under the lock.
-        if !wake.is_empty() {
-            self.0.wakers.wake(wake);
+        if !out.wake.is_empty() {
+            self.0.wakers.wake(out.wake);
         }
-        Ok(Published { id, receivers })
+        Ok(Published {
+            id,
+            receivers: out.receivers,
+        })
+    }
+
+    /// Closes every subscriber of `topic` here as slow (their clients
+    /// reconnect and replay from history).
+    pub(crate) fn drop_subscribers(&self, topic: &str) {
+        let mut state = self.state();
+        let Some(subs) = state.subscribers.remove(topic) else {
+            return;
+        };
+        state.forget_topic(topic);
+        let mut wake = Vec::with_capacity(subs.len());
+        for s in subs {
+            s.queue.close_slow();
+            if s.queue.topics.len() > 1 {
+                remove_subscriber(&mut state, s.id, &s.queue.topics);
+            }
+            wake.push(s.queue);
+        }
+        drop(state);
+        self.0.wakers.wake(wake);
+    }
+
+    /// Delivers events the Redis reader read, in id order.
+    pub(crate) fn deliver_remote(&self, batch: Vec<(Box<str>, EventId, EncodedEvent)>) {
+        let mut out = FanOut::default();
+        let mut state = self.state();
+        for (topic, id, frame) in &batch {
+            fan_out(&mut state, topic, *id, frame, &mut out);
+            state.last_id = state.last_id.max(*id);
+        }
+        drop(state);
+        drop(batch);
+        if !out.wake.is_empty() {
+            self.0.wakers.wake(out.wake);
+        }
     }
 
     /// Subscribes to `topics`, resuming after `last_event_id` if given.
@@ -680,6 +832,9 @@ impl Hub {
         names.sort();
         names.dedup();
         let queue = Arc::new(SubscriberQueue::new(self.0.config.queue, names.clone()));
+        if let Some(remote) = &self.0.remote {
+            return self.subscribe_remote(remote, names, queue, last_event_id);
+        }
         let mut state = self.state();
         let id = state.next_subscriber;
         state.next_subscriber += 1;
@@ -704,14 +859,7 @@ impl Hub {
                 events.extend(replay.events);
             }
             if gap {
-                let data = serde_json::json!({
-                    "lastEventId": asked,
-                    "oldest": oldest.map(|o| o.to_string()).unwrap_or_default(),
-                });
-                let reset = Event::new().event(RESET_EVENT).data(data.to_string());
-                if let Ok(frame) = reset.encode_shared() {
-                    backlog.push(frame);
-                }
+                backlog.push(reset_frame(asked, oldest));
             }
             events.sort_by_key(|e| e.id);
             backlog.extend(events.into_iter().map(|e| e.frame));
@@ -720,6 +868,8 @@ impl Hub {
             let slot = SubscriberSlot {
                 id,
                 queue: Arc::clone(&queue),
+                pending: None,
+                seen: EventId::floor_of(0),
             };
             match state.subscribers.get_mut(name) {
                 Some(v) => v.push(slot),
@@ -735,6 +885,97 @@ impl Hub {
             backlog,
             queue,
         })
+    }
+
+    /// [`subscribe`](Hub::subscribe) with Redis as the engine: join the
+    /// topics (the reader follows each from the newest id at least), then
+    /// read the replay from Redis; live frames that arrive meanwhile wait
+    /// beside the subscription and are kept only if newer than the replay,
+    /// so nothing is missed or doubled.
+    fn subscribe_remote(
+        &self,
+        remote: &Arc<Engine>,
+        names: Vec<Box<str>>,
+        queue: Arc<SubscriberQueue>,
+        last_event_id: Option<&str>,
+    ) -> Result<Subscription, HubError> {
+        let (newest, seqs) = remote.position(&names).map_err(HubError::Storage)?;
+        let mut woke = false;
+        let mut state = self.state();
+        let id = state.next_subscriber;
+        state.next_subscriber += 1;
+        for (name, seq) in names.iter().zip(seqs.iter().chain(std::iter::repeat(&0))) {
+            let slot = SubscriberSlot {
+                id,
+                queue: Arc::clone(&queue),
+                pending: last_event_id.map(|_| Vec::new()),
+                seen: EventId::floor_of(0),
+            };
+            match state.subscribers.get_mut(name) {
+                Some(v) => v.push(slot),
+                None => {
+                    state.subscribers.insert(name.clone(), vec![slot]);
+                    woke |= remote.want(name, newest, *seq);
+                }
+            }
+        }
+        drop(state);
+        let mut sub = Subscription {
+            hub: self.clone(),
+            id,
+            backlog: Vec::new(),
+            queue,
+        };
+        if woke {
+            remote.wake_readers();
+        }
+        let Some(asked) = last_event_id else {
+            return Ok(sub);
+        };
+        // An id Redis cannot place (garbage, or newer than anything issued)
+        // replays everything retained after the reset notice.
+        let placeable = asked.parse::<EventId>().ok().filter(|a| *a <= newest);
+        let after = placeable.unwrap_or(EventId::floor_of(0));
+        // On failure `sub` drops here and leaves its topics.
+        let replays = remote.replay(&names, after).map_err(HubError::Storage)?;
+        let mut gap = placeable.is_none();
+        let mut oldest: Option<EventId> = None;
+        let mut events: Vec<(EventId, EncodedEvent)> = Vec::new();
+        let mut horizon: HashMap<&str, EventId> = HashMap::new();
+        for (name, replay) in names.iter().zip(replays) {
+            gap |= replay.gap;
+            oldest = match (oldest, replay.oldest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let newest_replayed = replay.events.last().map_or(after, |(id, _)| *id);
+            horizon.insert(name, newest_replayed.max(after));
+            events.extend(replay.events);
+        }
+        {
+            let mut state = self.state();
+            for name in &names {
+                let Some(slot) = state
+                    .subscribers
+                    .get_mut(name)
+                    .and_then(|v| v.iter_mut().find(|s| s.id == id))
+                else {
+                    continue; // dropped as slow meanwhile
+                };
+                let limit = horizon.get(name.as_ref()).copied().unwrap_or(after);
+                if let Some(pending) = slot.pending.take() {
+                    events.extend(pending.into_iter().filter(|(i, _)| *i > limit));
+                }
+                slot.seen = limit;
+            }
+        }
+        if gap {
+            sub.backlog.push(reset_frame(asked, oldest));
+        }
+        events.sort_by_key(|(id, _)| *id);
+        events.dedup_by_key(|(id, _)| *id);
+        sub.backlog.extend(events.into_iter().map(|(_, f)| f));
+        Ok(sub)
     }
 
     /// Subscribers of `topic` now.
@@ -805,6 +1046,22 @@ impl Hub {
             return Err(HubError::InvalidName(key.to_owned()));
         }
         let capacity = self.0.config.mailbox_capacity;
+        if let Some(remote) = &self.0.remote {
+            let message = message.into();
+            let queued = remote
+                .push(key, &message, capacity, self.0.config.mailbox_ttl)
+                .map_err(|e| match e {
+                    PushError::Full => HubError::MailboxFull {
+                        key: key.to_owned(),
+                        capacity,
+                    },
+                    PushError::Storage(e) => HubError::Storage(e),
+                })?;
+            // Consumers here need not wait for the announcement to come
+            // back through the reader.
+            self.notify_mailbox(key);
+            return Ok(queued);
+        }
         let mut boxes = self.mailboxes();
         let mailbox = match boxes.get_mut(key) {
             Some(m) => m,
@@ -843,6 +1100,14 @@ impl Hub {
 
     /// Takes the oldest message of `key` without waiting.
     pub fn try_take(&self, key: &str) -> Option<String> {
+        if let Some(remote) = &self.0.remote {
+            // A failure is logged and counted by the engine.
+            return remote
+                .take(key, self.0.config.mailbox_ttl)
+                .ok()
+                .flatten()
+                .map(|t| t.text);
+        }
         let message = self.take(key)?;
         self.forget(key, message.seq);
         Some(message.text)
@@ -879,6 +1144,9 @@ impl Hub {
 
     /// Messages waiting in `key`.
     pub fn mailbox_len(&self, key: &str) -> usize {
+        if let Some(remote) = &self.0.remote {
+            return remote.mailbox_len(key);
+        }
         self.mailboxes().get(key).map_or(0, |m| m.queue.len())
     }
 
@@ -892,6 +1160,14 @@ impl Hub {
         };
         mailbox.waiters += 1;
         mailbox.notify.1.clone()
+    }
+
+    /// Wakes a consumer of `key` on this node, if one waits (Redis: a
+    /// push was announced).
+    pub(crate) fn notify_mailbox(&self, key: &str) {
+        if let Some(m) = self.mailboxes().get(key) {
+            let _ = m.notify.0.try_send(());
+        }
     }
 
     fn leave_mailbox(&self, key: &str) {
@@ -1016,33 +1292,90 @@ impl Stream {
         for part in backlog.chunks(BATCH) {
             self.send_encoded(part)?;
         }
+        // Open now (a no-op if a frame or the handler already did), so
+        // wakers can write frames while this thread sleeps.
+        self.open()?;
         let queue = Arc::clone(&sub.queue);
+        if let Some((conn, chunked, stats)) = self.direct_parts() {
+            queue.enable_direct(conn, chunked, stats);
+        }
+        let result = self.follow_queue(&queue);
+        // From here on only this thread writes (the final frame, the close).
+        let carry = queue.disable_direct();
+        if !carry.is_empty() {
+            // A waker began a frame after the last look: finish it, or cut
+            // the connection without another byte.
+            let _ = self.finish_partial(&carry);
+        }
+        result
+    }
+
+    fn follow_queue(&mut self, queue: &SubscriberQueue) -> Result<(), StreamError> {
         let mut batch = Vec::new();
         loop {
-            self.check_alive()?;
-            queue.drain_into(&mut batch, BATCH);
-            if !batch.is_empty() {
-                self.send_encoded(&batch)?;
-                batch.clear();
-                if batch.capacity() > 64 {
-                    batch = Vec::new(); // do not hold a burst's buffer while idle
+            // Held while draining and writing, so a waker never writes in
+            // between: frames leave in queue order.
+            let mut writer = queue.writer();
+            match self.follow_step(queue, writer.as_deref_mut(), &mut batch) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    // Still holding the writer: no waker may add frames
+                    // after a write that failed halfway.
+                    if let Some(w) = writer.as_mut() {
+                        w.stop();
+                    }
+                    return Err(e);
                 }
-                continue;
             }
-            if queue.is_closed() {
-                let reason = if queue.is_slow() {
-                    EndReason::Slow
-                } else {
-                    EndReason::Shutdown
-                };
-                return Err(self.end_with(reason));
-            }
+            drop(writer);
             if queue.prepare_park() {
                 self.park();
                 queue.unparked();
             }
-            self.on_timer()?;
         }
+    }
+
+    /// One look at the queue, holding the writer: true when frames went
+    /// out (look again), false when there is nothing to do (park).
+    fn follow_step(
+        &mut self,
+        queue: &SubscriberQueue,
+        writer: Option<&mut Writer>,
+        batch: &mut Vec<EncodedEvent>,
+    ) -> Result<bool, StreamError> {
+        if let Some(w) = writer
+            && !w.carry.is_empty()
+        {
+            // The rest of a frame a waker began: it goes out first, even
+            // when the stream is ending, or the frame would be cut.
+            let carry = std::mem::take(&mut w.carry);
+            self.finish_partial(&carry)?;
+        }
+        if let Some(at) = queue.take_sent_at() {
+            self.note_sent(at);
+        }
+        self.check_alive()?;
+        queue.drain_into(batch, BATCH);
+        if !batch.is_empty() {
+            self.send_encoded(batch)?;
+            batch.clear();
+            if batch.capacity() > 64 {
+                *batch = Vec::new(); // do not hold a burst's buffer while idle
+            }
+            return Ok(true);
+        }
+        if queue.is_closed() {
+            let reason = if queue.is_slow() {
+                EndReason::Slow
+            } else {
+                EndReason::Shutdown
+            };
+            return Err(self.end_with(reason));
+        }
+        // A heartbeat that is due goes out under the same hold.
+        self.on_timer()?;
+        Ok(false)
     }
 
     /// Consumes the mailbox `key`: each message is sent once as `data:`
@@ -1054,6 +1387,9 @@ impl Stream {
     ///
     /// [`StreamError::Ended`] when the stream ends first.
     pub fn consume(&mut self, hub: &Hub, key: &str) -> Result<(), StreamError> {
+        if let Some(remote) = &hub.0.remote {
+            return self.consume_remote(hub, remote, key);
+        }
         let wake = hub.wait_handle(key);
         let result = (|| loop {
             // A consumer whose client already left must not take a message:
@@ -1087,6 +1423,74 @@ impl Stream {
         })();
         hub.leave_mailbox(key);
         result
+    }
+}
+
+/// The `event: reset` frame telling a client that resumes from `asked`
+/// that events may be missing.
+fn reset_frame(asked: &str, oldest: Option<EventId>) -> EncodedEvent {
+    let data = serde_json::json!({
+        "lastEventId": asked,
+        "oldest": oldest.map(|o| o.to_string()).unwrap_or_default(),
+    });
+    let reset = Event::new().event(RESET_EVENT).data(data.to_string());
+    // A fixed event name and a JSON line cannot fail to encode.
+    reset
+        .encode_shared()
+        .unwrap_or_else(|_| EncodedEvent::from_parts(b"event: reset\ndata: {}\n\n".to_vec()))
+}
+
+impl Stream {
+    /// [`consume`](Stream::consume) with the messages in Redis: each is
+    /// taken with an atomic pop, so exactly one consumer on any node gets
+    /// it; one whose write fails goes back to the front.
+    fn consume_remote(&mut self, hub: &Hub, remote: &Engine, key: &str) -> Result<(), StreamError> {
+        let ttl = hub.0.config.mailbox_ttl;
+        let wake = hub.wait_handle(key);
+        let result = (|| loop {
+            self.check_connection()?;
+            // A failed take (Redis down) is logged by the engine; look
+            // again after the wait.
+            while let Ok(Some(taken)) = remote.take(key, ttl) {
+                let done = taken.text == crate::stream::DONE;
+                let sent = if done {
+                    self.done()
+                } else {
+                    self.send_event(&Event::new().data(taken.text.as_str()))
+                };
+                if let Err(e) = sent {
+                    if let Err(lost) = remote.untake(key, &taken.stored, ttl) {
+                        log::error!(
+                            "mailbox {key:?}: a message could not be delivered nor put back: {}",
+                            Report(&lost)
+                        );
+                    }
+                    return Err(e);
+                }
+                if done {
+                    return Ok(());
+                }
+            }
+            // Woken when a push is announced; announcements missed while
+            // the reader reconnects are caught by looking now and then.
+            self.recv_within(&wake, REMOTE_MAILBOX_POLL)?;
+        })();
+        hub.leave_mailbox(key);
+        result
+    }
+}
+
+/// A weak handle on a hub, for threads that serve it but must not keep it
+/// alive (the Redis reader).
+pub(crate) struct WeakHub(std::sync::Weak<Inner>);
+
+impl WeakHub {
+    pub(crate) fn upgrade(&self) -> Option<Hub> {
+        self.0.upgrade().map(Hub)
+    }
+
+    pub(crate) fn alive(&self) -> bool {
+        self.0.strong_count() > 0
     }
 }
 

@@ -99,6 +99,11 @@
 //!   in an embedded SQLite database so they survive restarts.
 //! - `postgres` (part of `daemon`): `ssed::postgres`, a listener that
 //!   publishes PostgreSQL `NOTIFY` payloads into a [`Hub`]'s topics.
+//! - `fuzzing`: internals for the fuzz targets in `fuzz/`; not a stable API.
+//!
+//! Always there, with no dependency: [`Hub::with_redis`] (see [`redis`]),
+//! a hub whose topics, ids, history and mailboxes live in Redis, shared by
+//! several nodes.
 
 #![cfg_attr(
     not(test),
@@ -123,11 +128,16 @@ pub mod daemon;
 mod error;
 mod event;
 mod fanout;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod hub;
 mod limits;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod redis;
+mod resp;
 mod route;
 mod server;
 mod shutdown;

@@ -111,31 +111,7 @@ fn load_config(args: &Args) -> Result<Config, ConfigError> {
     if let Some(listen) = &args.listen {
         config.set_listen(listen)?;
     }
-    refuse_unsupported(&config, args.config.as_deref())?;
     Ok(config)
-}
-
-/// Keys this version reads but cannot honour yet: refusing them beats
-/// running without durability or fan-out the operator asked for.
-fn refuse_unsupported(config: &Config, path: Option<&std::path::Path>) -> Result<(), ConfigError> {
-    let unsupported = [(config.redis_url.is_some(), "redis.url", "Redis")];
-    for (set, key, what) in unsupported {
-        if set {
-            let file = path.map_or_else(
-                || "the configuration".to_owned(),
-                |p| p.display().to_string(),
-            );
-            return Err(ConfigError::Key {
-                path: path.map(std::path::Path::to_path_buf),
-                key: key.to_owned(),
-                message: format!(
-                    "{what} is not available in ssed {} yet; remove it from {file}",
-                    env!("CARGO_PKG_VERSION")
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {

@@ -547,6 +547,13 @@ impl Server {
         &self.capacity
     }
 
+    /// The routes and settings, for `crate::fuzzing` to serve requests
+    /// without the accept loop.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     /// Runs the accept loop on this thread until shutdown, then waits for
     /// the streams to close (each gets a last frame), cutting any still
     /// open after the grace period.
@@ -597,11 +604,12 @@ impl Server {
 /// Waits for every connection thread to finish, up to the grace period,
 /// then cuts the sockets of those still open.
 fn drain(shared: &Shared) {
-    shared.registry.wake_all();
     let counters = shared.stats.counters();
     let busy = || counters.streams_open.load(Relaxed) + counters.requests_active.load(Relaxed);
-    let start = Instant::now();
+    // Counted before the wake-up: woken streams start closing at once.
     let open = busy();
+    shared.registry.wake_all();
+    let start = Instant::now();
     if open > 0 {
         log::info!("shutting down: waiting for {open} connections to close");
     }

@@ -409,6 +409,46 @@ impl Stream {
         Ok(())
     }
 
+    /// Records a send made on this stream's behalf at `at` (a waker wrote
+    /// to the socket while the thread slept): heartbeat and budget count
+    /// from it.
+    pub(crate) fn note_sent(&mut self, at: Instant) {
+        if at > self.last_write {
+            self.last_write = at;
+            self.deadline = self.config.budget.map(|b| at + b);
+        }
+    }
+
+    /// The socket and framing, once the head is out on a socket of ours:
+    /// what a waker needs to write frames for this stream.
+    pub(crate) fn direct_parts(&self) -> Option<(Arc<TcpStream>, bool, Stats)> {
+        match (&self.sink, self.state) {
+            (Sink::Tcp(conn), State::Open) if self.ended.is_none() => {
+                Some((Arc::clone(conn), self.chunked, self.stats.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes the rest of a frame a waker began, even if the stream is
+    /// ending (a cut frame would corrupt the next one): within the write
+    /// timeout, resetting the budget. If it cannot, no further byte goes
+    /// out on this connection, not even the final frame.
+    pub(crate) fn finish_partial(&mut self, bytes: &[u8]) -> Result<(), StreamError> {
+        match self.write_out(bytes) {
+            Ok(()) => {
+                self.stats.sent(0, bytes.len() as u64);
+                self.last_write = Instant::now();
+                self.extend_time();
+                Ok(())
+            }
+            Err(reason) => {
+                self.state = State::Finished;
+                Err(StreamError::Ended(reason))
+            }
+        }
+    }
+
     /// Restarts the execution-time budget, as a successful send does.
     pub fn extend_time(&mut self) {
         self.deadline = self.config.budget.map(|b| Instant::now() + b);
@@ -460,6 +500,24 @@ impl Stream {
     ///
     /// [`StreamError::Ended`] at shutdown or when the budget runs out.
     pub fn recv<T>(&mut self, rx: &Receiver<T>) -> Result<Option<T>, StreamError> {
+        self.recv_until(rx, None)
+    }
+
+    /// [`recv`](Stream::recv), waiting at most `max`: `Ok(None)` also when
+    /// nothing came in time.
+    pub(crate) fn recv_within<T>(
+        &mut self,
+        rx: &Receiver<T>,
+        max: Duration,
+    ) -> Result<Option<T>, StreamError> {
+        self.recv_until(rx, Some(Instant::now() + max))
+    }
+
+    fn recv_until<T>(
+        &mut self,
+        rx: &Receiver<T>,
+        until: Option<Instant>,
+    ) -> Result<Option<T>, StreamError> {
         loop {
             self.check_alive()?;
             // Fast path: a value already queued needs no select (which
@@ -469,8 +527,12 @@ impl Stream {
                 Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(None),
                 Err(crossbeam_channel::TryRecvError::Empty) => {}
             }
+            let now = Instant::now();
+            if until.is_some_and(|u| now >= u) {
+                return Ok(None);
+            }
             // Never wait past the budget or the next heartbeat.
-            let wake = self.next_wake(Instant::now() + Duration::from_secs(3600));
+            let wake = self.next_wake(until.unwrap_or(now + Duration::from_secs(3600)));
             crossbeam_channel::select! {
                 recv(rx) -> msg => return Ok(msg.ok()),
                 recv(self.wake) -> _ => return Err(self.end(EndReason::Shutdown)),
@@ -776,7 +838,7 @@ pub(crate) fn ping_event() -> Event {
         .data(format!("{{\"time\":\"{time}\"}}"))
 }
 
-fn chunk_into(out: &mut Vec<u8>, frame: &[u8]) {
+pub(crate) fn chunk_into(out: &mut Vec<u8>, frame: &[u8]) {
     let _ = write!(out, "{:X}\r\n", frame.len()); // Vec writes cannot fail
     out.extend_from_slice(frame);
     out.extend_from_slice(b"\r\n");

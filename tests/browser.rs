@@ -12,17 +12,18 @@
 //! The screenshot of the last run is `target/tmp/browser-demo.png`.
 #![cfg(feature = "daemon")]
 
-use std::io::{BufRead, BufReader, Read};
+mod support;
+
+use std::io::{BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process};
+use support::process::Ssed;
 
-/// How long the binary may take to log its address.
-const STARTUP: Duration = Duration::from_secs(10);
 /// How long the Node script may run; it gives up by itself after ~20 s.
 const BROWSER: Duration = Duration::from_secs(45);
 
@@ -111,74 +112,19 @@ fn prerequisites() -> Option<PathBuf> {
 
 /// The `ssed` binary on an ephemeral port; killed when dropped.
 struct Daemon {
-    child: Child,
+    proc: Ssed,
     addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Daemon {
     fn start() -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ssed"))
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .env_remove("SSED_PUBLISH_TOKEN")
-            .env_remove("SSED_SUBSCRIBE_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the ssed binary");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::default();
-        // From here on the guard kills the child, even if the address never
-        // shows up.
-        let mut daemon = Daemon {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-        };
-        let (tx, rx) = mpsc::channel::<String>();
-        let sink = Arc::clone(&daemon.log);
-        // Drains stderr for the child's whole life, so its logging never
-        // blocks on a full pipe; ends at EOF when the child dies.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line.clone()); // the test may have stopped listening
-                if let Ok(mut l) = sink.lock() {
-                    l.push(line);
-                }
-            }
-        });
-        let deadline = Instant::now() + STARTUP;
-        daemon.addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                panic!(
-                    "ssed logged no \"listening on\" line within {STARTUP:?}; log:\n{}",
-                    daemon.log()
-                );
-            };
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or_default();
-                break addr
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad address in {line:?}"));
-            }
-        };
-        daemon
+        let proc = Ssed::spawn(&["--listen", "127.0.0.1:0"], &[]);
+        let addr = proc.listening();
+        Daemon { proc, addr }
     }
 
     fn log(&self) -> String {
-        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SIGKILL to the child's PID, then reap it.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.stderr()
     }
 }
 

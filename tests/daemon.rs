@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use ssed::daemon::{self, Config};
 use ssed::{EndReason, Hub, RunningServer, ShutdownHandle};
-use support::{Client, Head, connect, field, wait_until};
+use support::{Client, Head, connect, field, metrics, wait_until};
 
 /// The longest any test waits for one thing to happen.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -257,29 +257,6 @@ fn next_event(c: &mut Client) -> Ev {
         }
     }
     panic!("no event within 1000 frames")
-}
-
-/// `/metrics` as a map from series (labels included) to value.
-fn metrics(addr: SocketAddr) -> HashMap<String, u64> {
-    let (head, body) = get(addr, "/metrics");
-    assert_eq!(head.status, 200, "{body}");
-    assert!(
-        head.header("content-type")
-            .is_some_and(|v| v.starts_with("text/plain")),
-        "{head:?}"
-    );
-    body.lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let (k, v) = l
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("bad metric line {l:?}"));
-            (
-                k.to_owned(),
-                v.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")),
-            )
-        })
-        .collect()
 }
 
 fn metric(m: &HashMap<String, u64>, series: &str) -> u64 {
@@ -765,6 +742,40 @@ fn overload_retry_sends_a_jittered_retry_to_event_sources_and_503_to_others() {
 }
 
 #[test]
+fn loopback_publish_through_a_proxy_needs_a_token() {
+    // A reverse proxy on the same machine connects from loopback for
+    // anyone on the internet: its forwarding headers void the exemption.
+    let d = start_on("127.0.0.1:0", "");
+    for header in [
+        "X-Forwarded-For: 203.0.113.7",
+        "X-Real-IP: 203.0.113.7",
+        "Forwarded: for=203.0.113.7",
+    ] {
+        for path in ["/publish/t", "/keys/k"] {
+            let r = post(d.addr, path, &[header], "x");
+            assert_error(&format!("POST {path} with {header}"), &r, 403);
+            assert!(r.1.contains("proxy"), "{}", r.1);
+        }
+    }
+    assert_eq!(d.hub.published(), 0);
+    let r = post(d.addr, "/publish/t", &[], "x");
+    assert_eq!(
+        r.0.status, 200,
+        "a direct local publisher still may: {}",
+        r.1
+    );
+    // With a token the proxy is no obstacle.
+    let d = start_on("127.0.0.1:0", "[auth]\npublish_token = \"p\"");
+    let r = post(
+        d.addr,
+        "/publish/t",
+        &["X-Forwarded-For: 203.0.113.7", "Authorization: Bearer p"],
+        "x",
+    );
+    assert_eq!(r.0.status, 200, "{}", r.1);
+}
+
+#[test]
 fn non_loopback_publish_needs_a_token() {
     let Some(ip) = non_loopback_ip() else {
         eprintln!(
@@ -1061,7 +1072,7 @@ fn resuming_past_retained_history_sends_reset_then_what_is_kept() {
 // Slow subscribers
 // ---------------------------------------------------------------------------
 
-/// The hub drops a subscriber whose queue (64 frames) is full; the stream
+/// The hub drops a subscriber whose queue (512 frames) is full; the stream
 /// then ends with reason `slow` once it has written what was queued. Here
 /// the stuck client stops reading until its connection thread blocks in a
 /// write and the queue overflows, then resumes reading (well within
@@ -1188,7 +1199,7 @@ fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
     let body = "x".repeat(60_000);
     let mut p = Publisher::new(d.addr);
     // About 1.2 MB: more than the socket buffers hold, far less than the
-    // 64 frames that would make it slow.
+    // 512 frames that would make it slow.
     for _ in 0..20 {
         p.publish("w", &body);
     }

@@ -9,14 +9,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
 use ssed::store::{self, DurableHistory, StoreError};
 use ssed::{Event, EventId, History, HubConfig, HubError, Retained};
 use support::process::Ssed;
-use support::{Client, field, request};
+use support::{Client, TempDir, field, post};
 
 /// The longest any test waits for one thing to happen.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -24,33 +24,6 @@ const DEADLINE: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------
 // Guards
 // ---------------------------------------------------------------------------
-
-/// A directory of its own for one test, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "ssed-durable-{}-{nanos}-{name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0); // best effort
-    }
-}
 
 /// Starts `ssed --config <dir>/ssed.toml` with `config` as the file.
 fn spawn(dir: &TempDir, config: &str) -> Ssed {
@@ -65,18 +38,6 @@ fn daemon_config(data: &Path) -> String {
         "listen = \"127.0.0.1:0\"\nheartbeat = \"0\"\nhistory = 100\ndata_dir = {:?}\n",
         data.to_str().expect("utf-8 temp path")
     )
-}
-
-/// POSTs `body` to `path`; the status and the body of the answer.
-fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    let (head, text) = request(
-        addr,
-        &format!(
-            "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
-    (head.status, text)
 }
 
 /// Publishes `body` on `topic`, expecting a 200; the id it got.

@@ -3,9 +3,10 @@
 //! interpretation" algorithm
 //! (<https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation>).
 //!
-//! The parser below is written from the spec text, step by step, and is
-//! checked against the spec's own examples before it is trusted to judge the
-//! encoder.
+//! The parser (in `support/event_stream.rs`, shared with the fuzz target
+//! `event_roundtrip`) is written from the spec text, step by step, and is
+//! checked here against the spec's own examples before it is trusted to
+//! judge the encoder.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,144 +16,12 @@ use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
 use ssed::{Event, EventError};
 
-// ---------------------------------------------------------------------------
-// The reference parser
-// ---------------------------------------------------------------------------
+#[path = "support/event_stream.rs"]
+mod event_stream;
 
-/// One event a browser would dispatch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Dispatched {
-    event_type: String,
-    data: String,
-    last_event_id: String,
-}
-
-impl Dispatched {
-    fn new(event_type: &str, data: &str, last_event_id: &str) -> Self {
-        Self {
-            event_type: event_type.to_owned(),
-            data: data.to_owned(),
-            last_event_id: last_event_id.to_owned(),
-        }
-    }
-}
-
-/// What a whole stream leaves behind.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Parsed {
-    events: Vec<Dispatched>,
-    /// The event stream's reconnection time, if a `retry` field set it.
-    reconnection_time: Option<u64>,
-    /// The last event ID buffer at the end of the stream.
-    last_event_id: String,
-}
-
-/// The per-stream state of the spec: the three buffers plus the results.
-#[derive(Default)]
-struct Interpreter {
-    data: String,
-    event_type: String,
-    out: Parsed,
-}
-
-impl Interpreter {
-    /// "Lines must be processed, in the order they are received, as follows".
-    fn line(&mut self, line: &str) {
-        if line.is_empty() {
-            // "If the line is empty (a blank line): Dispatch the event".
-            self.dispatch();
-        } else if line.starts_with(':') {
-            // "If the line starts with a U+003A COLON character (:): Ignore the line."
-        } else if let Some((field, value)) = line.split_once(':') {
-            // Field is everything before the first colon, value everything
-            // after it, minus one leading U+0020 SPACE.
-            let value = value.strip_prefix(' ').unwrap_or(value);
-            self.field(field, value);
-        } else {
-            // No colon: the whole line is the field name, the value is empty.
-            self.field(line, "");
-        }
-    }
-
-    /// "The steps to process the field". Names compare literally.
-    fn field(&mut self, name: &str, value: &str) {
-        match name {
-            "event" => value.clone_into(&mut self.event_type),
-            "data" => {
-                self.data.push_str(value);
-                self.data.push('\n');
-            }
-            // "If the field value does not contain U+0000 NULL, then set the
-            // last event ID buffer to the field value. Otherwise, ignore the
-            // field."
-            "id" if !value.contains('\0') => value.clone_into(&mut self.out.last_event_id),
-            // "If the field value consists of only ASCII digits", set the
-            // reconnection time; otherwise ignore the field. An empty value
-            // is ignored, as browsers do (the encoder never writes one).
-            // Values beyond u64 saturate; the tests stay far below.
-            "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
-                self.out.reconnection_time = Some(value.parse().unwrap_or(u64::MAX));
-            }
-            // Other fields, and refused id and retry values, are ignored.
-            _ => {}
-        }
-    }
-
-    /// "Dispatch the event", the web-browser steps in order.
-    fn dispatch(&mut self) {
-        // 1. The last event ID string becomes the last event ID buffer: the
-        //    buffer is never reset, so it is read directly below.
-        // 2. Empty data buffer: reset data and event type, dispatch nothing.
-        if self.data.is_empty() {
-            self.data.clear();
-            self.event_type.clear();
-            return;
-        }
-        // 3. Remove one trailing LF.
-        if self.data.ends_with('\n') {
-            self.data.pop();
-        }
-        // 5./6. Type "message" unless the event type buffer is non-empty.
-        let event_type = if self.event_type.is_empty() {
-            "message".to_owned()
-        } else {
-            std::mem::take(&mut self.event_type)
-        };
-        self.out.events.push(Dispatched {
-            event_type,
-            data: std::mem::take(&mut self.data),
-            last_event_id: self.out.last_event_id.clone(),
-        });
-        // 7. Both buffers end up empty (taken above).
-        self.event_type.clear();
-    }
-}
-
-/// Interprets a complete byte stream.
-fn parse(bytes: &[u8]) -> Parsed {
-    // "UTF-8 decode": strip one leading BOM, replace invalid sequences with
-    // U+FFFD (Rust's lossy decoding follows the same replacement practice).
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let text = String::from_utf8_lossy(bytes);
-
-    let mut it = Interpreter::default();
-    let mut rest: &str = &text;
-    // A line ends with CRLF, a lone LF, or a lone CR.
-    while let Some(i) = rest.find(['\r', '\n']) {
-        let line = &rest[..i];
-        let skip = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
-        rest = &rest[i + skip..];
-        it.line(line);
-    }
-    // Whatever is left is an unterminated line: at the end of the stream
-    // "any pending data must be discarded", and so is any incomplete event
-    // still in the data and event type buffers.
-    it.out
-}
-
-fn events(bytes: &[u8]) -> Vec<Dispatched> {
-    parse(bytes).events
-}
+use event_stream::{
+    Dispatched, Parsed, Spec, events, id_is_valid, model, name_is_valid, parse, received,
+};
 
 // ---------------------------------------------------------------------------
 // The parser against the spec's examples
@@ -352,63 +221,6 @@ fn retry_time() -> impl Strategy<Value = Duration> {
     ]
 }
 
-fn name_is_valid(name: Option<&str>) -> bool {
-    name.is_none_or(|n| !n.contains(['\r', '\n']))
-}
-
-fn id_is_valid(id: Option<&str>) -> bool {
-    id.is_none_or(|i| !i.contains(['\r', '\n', '\0']))
-}
-
-/// Whole milliseconds the encoder should write, if any.
-fn retry_ms(time: Duration) -> Option<u64> {
-    let ms = u64::try_from(time.as_millis()).expect("test durations fit in u64 ms");
-    (ms > 0).then_some(ms)
-}
-
-/// Every field an event can have, so a model can predict the parse.
-#[derive(Debug, Clone)]
-struct Spec {
-    comment: Option<String>,
-    name: Option<String>,
-    id: Option<String>,
-    retry: Option<Duration>,
-    data: Option<String>,
-}
-
-impl Spec {
-    fn event(&self) -> Event {
-        let mut e = Event::new();
-        if let Some(c) = &self.comment {
-            e = e.comment(c.as_str());
-        }
-        if let Some(n) = &self.name {
-            e = e.event(n.as_str());
-        }
-        if let Some(i) = &self.id {
-            e = e.id(i.as_str());
-        }
-        if let Some(r) = self.retry {
-            e = e.retry(r);
-        }
-        if let Some(d) = &self.data {
-            e = e.data(d.as_str());
-        }
-        e
-    }
-
-    fn is_valid(&self) -> bool {
-        name_is_valid(self.name.as_deref()) && id_is_valid(self.id.as_deref())
-    }
-
-    fn event_type(&self) -> String {
-        match self.name.as_deref() {
-            None | Some("") => "message".to_owned(),
-            Some(n) => n.to_owned(),
-        }
-    }
-}
-
 fn spec() -> impl Strategy<Value = Spec> {
     (
         proptest::option::weighted(0.3, tricky_string(16)),
@@ -424,33 +236,6 @@ fn spec() -> impl Strategy<Value = Spec> {
             retry,
             data,
         })
-}
-
-/// What a spec-conforming client sees after `specs`, skipping refused ones.
-fn model(specs: &[Spec]) -> Parsed {
-    let mut out = Parsed::default();
-    for s in specs.iter().filter(|s| s.is_valid()) {
-        if let Some(id) = &s.id {
-            out.last_event_id.clone_from(id);
-        }
-        if let Some(ms) = s.retry.and_then(retry_ms) {
-            out.reconnection_time = Some(ms);
-        }
-        if let Some(data) = &s.data {
-            out.events.push(Dispatched {
-                event_type: s.event_type(),
-                data: received(data),
-                last_event_id: out.last_event_id.clone(),
-            });
-        }
-    }
-    out
-}
-
-/// What a client gets back for `data`: SSE carries line breaks, not which
-/// break was used, so CRLF, lone CR and lone LF all arrive as LF.
-fn received(data: &str) -> String {
-    data.replace("\r\n", "\n").replace('\r', "\n")
 }
 
 fn encode_ok(e: &Event) -> Vec<u8> {

@@ -8,13 +8,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Resource, Rlimit, prlimit};
+use support::process::Ssed;
 use support::{Client, wait_until};
 
 /// The child's descriptor limit during the test.
@@ -27,65 +26,18 @@ const FLOOD: usize = 200;
 const SMALL_FLOOD: usize = 80;
 const GET_ROOT: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
 
-/// The `ssed` binary, killed and reaped when dropped (also when a test
-/// fails half-way).
+/// The `ssed` binary and its address; killed and reaped when dropped (also
+/// when a test fails half-way).
 struct Daemon {
-    child: Child,
+    proc: Ssed,
     addr: SocketAddr,
-    /// Everything the child logged so far.
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Daemon {
     fn start() -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ssed"))
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the ssed binary");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = crossbeam_channel::unbounded::<String>();
-        let sink = Arc::clone(&log);
-        // Keeps draining stderr for the child's whole life, so its logging
-        // never blocks on a full pipe; ends at EOF when the child dies.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line.clone()); // the test may have stopped listening
-                if let Ok(mut l) = sink.lock() {
-                    l.push(line);
-                }
-            }
-        });
-        // From here on the guard kills the child, even if the address
-        // never shows up.
-        let mut daemon = Daemon {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let addr = loop {
-            let line = rx.recv_deadline(deadline).unwrap_or_else(|_| {
-                panic!("no \"listening on\" line; log: {:?}", daemon.log_text())
-            });
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or_default();
-                break addr
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad address in {line:?}"));
-            }
-        };
-        daemon.addr = addr;
-        daemon
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_child(&self.child)
+        let proc = Ssed::spawn(&["--listen", "127.0.0.1:0"], &[]);
+        let addr = proc.listening();
+        Daemon { proc, addr }
     }
 
     /// Sets the child's soft and hard descriptor limits.
@@ -94,33 +46,25 @@ impl Daemon {
             current: Some(n),
             maximum: Some(n),
         };
-        prlimit(Some(self.pid()), Resource::Nofile, limit).expect("prlimit on the child");
+        let pid = Pid::from_raw(self.proc.pid().cast_signed()).expect("a child's pid is not 0");
+        prlimit(Some(pid), Resource::Nofile, limit).expect("prlimit on the child");
     }
 
     /// Descriptors the child holds now.
     fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |d| d.count())
+        self.proc.fds()
     }
 
     fn is_alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.proc.is_running()
     }
 
     fn log_text(&self) -> String {
-        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+        self.proc.stderr()
     }
 
     fn logged(&self, needle: &str) -> bool {
-        self.log
-            .lock()
-            .is_ok_and(|l| l.iter().any(|line| line.contains(needle)))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill(); // it may have died already
-        let _ = self.child.wait(); // reap it; nothing to report from a drop
+        self.proc.logged(needle)
     }
 }
 

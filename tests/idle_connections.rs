@@ -10,12 +10,12 @@
 
 mod support;
 
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use support::{Client, field, request, start, thread_count, wait_until};
+use support::{Client, field, read_to_close, request, start, still_open, thread_count, wait_until};
 
 /// Connections that send nothing.
 const SILENT: usize = 2_000;
@@ -66,45 +66,6 @@ fn open_idle(addr: SocketAddr, n: usize, prefix: &[u8]) -> (Vec<TcpStream>, usiz
         }
     }
     (conns, peak.max(thread_count()))
-}
-
-/// Whether the server still holds `c` open: a non-blocking read finds
-/// neither data, nor EOF, nor an error.
-fn still_open(c: &TcpStream) -> bool {
-    c.set_nonblocking(true).expect("non-blocking");
-    let open =
-        matches!((&*c).read(&mut [0u8; 64]), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
-    c.set_nonblocking(false).expect("blocking");
-    open
-}
-
-/// Reads `c` until the server closes it or `deadline` passes; returns what
-/// was read, or `None` if the connection was still open at the deadline.
-fn read_to_close(c: &TcpStream, deadline: Instant) -> Option<Vec<u8>> {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 1024];
-    // Bounded: each pass either reads bytes (at most a short answer) or ends.
-    for _ in 0..64 {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        c.set_read_timeout(Some(left)).expect("read timeout");
-        match (&*c).read(&mut chunk) {
-            Ok(0) => return Some(got),
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return None;
-            }
-            // A reset also means the server let go of it.
-            Err(_) => return Some(got),
-        }
-    }
-    None
 }
 
 #[test]

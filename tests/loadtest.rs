@@ -5,23 +5,27 @@
 //! Every child is killed by PID when its guard drops, its output is read by
 //! threads, and every wait is bounded.
 
-use std::io::{BufRead, BufReader, Read};
+mod support;
+
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::process::Ssed;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ssed");
 /// The longest any one child may take.
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A running server; dropping it kills the process by its PID.
+/// A running server; dropping it kills the process by its PID and removes
+/// its config.
 struct Server {
-    child: Child,
+    /// Held for its guard: dropping it kills the server.
+    _proc: Ssed,
     addr: SocketAddr,
     dir: PathBuf,
 }
@@ -33,42 +37,14 @@ impl Server {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("ssed.toml");
         std::fs::write(&path, config).expect("config written");
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .env_remove("SSED_PUBLISH_TOKEN")
-            .env_remove("SSED_SUBSCRIBE_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ssed starts");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, rx) = mpsc::channel();
-        // Keeps draining the log after the address, so the server never
-        // blocks on a full pipe; ends when the server exits.
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if let Some(rest) = line.split("listening on ").nth(1)
-                    && let Some(addr) = rest.split(" (").next()
-                    && let Ok(addr) = addr.parse::<SocketAddr>()
-                {
-                    let _ = tx.send(addr); // the test may have given up
-                }
-            }
-        });
-        let mut server = Server {
-            child,
-            addr: "0.0.0.0:0".parse().expect("an address"),
+        let path = path.to_str().expect("a UTF-8 temp path");
+        let proc = Ssed::spawn(&["--config", path, "--listen", "127.0.0.1:0"], &[]);
+        let addr = proc.listening();
+        Server {
+            _proc: proc,
+            addr,
             dir,
-        };
-        server.addr = rx
-            .recv_timeout(DEADLINE)
-            .expect("the server logs its address");
-        server
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -78,9 +54,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill(); // may have exited already
-        let _ = self.child.wait(); // reap it either way
-        let _ = std::fs::remove_dir_all(&self.dir); // best effort
+        let _ = std::fs::remove_dir_all(&self.dir); // best effort; `_proc` kills the child
     }
 }
 

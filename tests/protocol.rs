@@ -769,6 +769,34 @@ fn request_body_by_content_length_and_chunked() {
     server.stop().expect("clean stop");
 }
 
+/// Issue 6 (found by the `publish_query` fuzz target): a chunk size is hex
+/// digits, then optional SP/HTAB before an extension. A `+` sign, a form
+/// feed or a leading space used to pass (`from_str_radix` and `trim`), so a
+/// proxy in front could frame the body differently from ssed.
+#[test]
+fn issue6_chunk_size_is_bare_hex_digits() {
+    let server = echo_server();
+    let addr = server.local_addr();
+    let chunked = "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for size in ["2\x0c", "+2", " 2", "\t2", "2\x0b", "0x2", "2\r"] {
+        let raw = format!("{chunked}{size}\r\nab\r\n0\r\n\r\n");
+        let answer = exchange(addr, raw.as_bytes());
+        assert_error_answer(&answer, 400);
+        assert!(
+            String::from_utf8_lossy(&answer).contains("bad chunk size"),
+            "{size:?}"
+        );
+    }
+    // Whitespace before an extension, upper-case hex: still a chunk.
+    let (head, body) = request(
+        addr,
+        "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         2 \t;ext\r\nab\r\nC\r\n0123456789ab\r\n0\r\n\r\n",
+    );
+    assert_eq!((head.status, body.as_str()), (200, "ab0123456789ab\n"));
+    server.stop().expect("clean stop");
+}
+
 #[test]
 fn expect_100_continue_gets_continue_before_the_answer() {
     let server = echo_server();

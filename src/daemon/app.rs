@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -52,9 +52,13 @@ pub struct Daemon {
 pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::Error> {
     // With a data_dir, history and mailboxes are kept on disk too, and what
     // was kept there is back; without, they live in memory only.
-    let hub = match &config.data_dir {
-        Some(dir) => crate::store::open_hub(dir, config.history, HubConfig::default())?,
-        None => Hub::with_history(
+    // With Redis, history, ids and mailboxes live there, shared by every
+    // node (config refuses it together with data_dir).
+    let hub = match (&config.redis_url, &config.data_dir) {
+        (Some(url), _) => Hub::with_redis(url, config.history, HubConfig::default())
+            .map_err(crate::Error::Engine)?,
+        (None, Some(dir)) => crate::store::open_hub(dir, config.history, HubConfig::default())?,
+        (None, None) => Hub::with_history(
             Box::new(MemoryHistory::new(config.history)),
             HubConfig::default(),
         ),
@@ -213,7 +217,15 @@ impl App {
                     "publishing needs Authorization: Bearer <publish_token>",
                 )),
             },
-            None if auth::is_loopback(req.peer_addr().ip()) => Ok(()),
+            // A reverse proxy on this machine connects from loopback on
+            // behalf of anyone: a request it forwarded is not "this
+            // machine" publishing.
+            None if auth::is_loopback(req.peer_addr().ip()) && !proxied(req) => Ok(()),
+            None if proxied(req) => Err(Response::text(
+                403,
+                "publishing through a proxy is refused: with no publish_token set, only a direct \
+                 connection from this machine may publish",
+            )),
             None => Err(Response::text(
                 403,
                 format!(
@@ -344,7 +356,11 @@ impl App {
         let sub = match self.hub.subscribe(&topics, req.last_event_id()) {
             Ok(sub) => sub,
             Err(e) => {
-                log::warn!("subscribe failed: {e}");
+                // The head is out, so no 503: tell an EventSource to come
+                // back soon (with its Last-Event-ID), and end.
+                log::warn!("subscribe failed: {}", crate::Report(&e));
+                stream.retry(STORAGE_RETRY)?;
+                stream.comment("storage unavailable; reconnect later")?;
                 return Ok(());
             }
         };
@@ -480,6 +496,17 @@ impl App {
         // A database that is down degrades one source of events, not the
         // server: `status` stays "ok". Errors stay in the log, since this
         // page needs no token.
+        if let Some(redis) = self.hub.redis_state() {
+            // Without Redis a node can neither publish nor replay.
+            if !redis.connected {
+                body["status"] = json!("degraded");
+            }
+            body["redis"] = json!({
+                "connected": redis.connected,
+                "reconnects": redis.reconnects,
+                "errors": redis.errors,
+            });
+        }
         let listeners = self.postgres();
         if !listeners.is_empty() {
             body["postgres"] = listeners
@@ -576,6 +603,26 @@ impl App {
             "Seconds since start.",
             self.started.elapsed().as_secs(),
         );
+        if let Some(redis) = self.hub.redis_state() {
+            metric(
+                "ssed_redis_connected",
+                "gauge",
+                "1 when this node's Redis reader is connected, else 0.",
+                u64::from(redis.connected),
+            );
+            metric(
+                "ssed_redis_reconnects_total",
+                "counter",
+                "Times the Redis reader connected again after a loss.",
+                redis.reconnects,
+            );
+            metric(
+                "ssed_redis_errors_total",
+                "counter",
+                "Failed Redis commands and connects.",
+                redis.errors,
+            );
+        }
         out.push_str("# HELP ssed_disconnects_total Streams ended early, by reason.\n");
         out.push_str("# TYPE ssed_disconnects_total counter\n");
         for reason in EndReason::ALL {
@@ -622,12 +669,23 @@ impl App {
 
 /// The answer when the store refused a write (logged where it failed):
 /// nothing was kept or delivered, the client may retry.
+/// How soon a stream refused for want of storage (Redis down) asks its
+/// client to come back.
+const STORAGE_RETRY: Duration = Duration::from_secs(2);
+
 fn storage_unavailable(what: &str) -> Response {
     Response::text(
         503,
         format!("storage unavailable: {what} was not stored; retry later"),
     )
     .with_header("Retry-After", "1")
+}
+
+/// Whether a proxy forwarded `req` (it names the client it came from).
+fn proxied(req: &Request) -> bool {
+    ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|h| req.header(h).is_some())
 }
 
 fn bad_name(what: &str, name: &str) -> Response {

@@ -350,6 +350,10 @@ impl Config {
                         match k.as_str() {
                             "url" => {
                                 let url = r.string(&full, v)?;
+                                if !url.is_empty() {
+                                    crate::resp::RedisUrl::parse(&url)
+                                        .map_err(|m| r.err(&full, m))?;
+                                }
                                 c.redis_url = (!url.is_empty()).then_some(url);
                             }
                             _ => return Err(r.unknown(&full)),
@@ -393,6 +397,12 @@ impl Config {
                 }
                 _ => return Err(r.unknown(key)),
             }
+        }
+        if c.redis_url.is_some() && c.data_dir.is_some() {
+            return Err(r.err(
+                "redis.url",
+                "cannot be set together with data_dir: with Redis, history and mailboxes live in Redis",
+            ));
         }
         Ok(c)
     }
@@ -787,6 +797,33 @@ mod tests {
 #[cfg(test)]
 mod example_file {
     use super::*;
+
+    #[test]
+    fn redis_url_is_checked_and_excludes_data_dir() {
+        let c = Config::from_toml(
+            "[redis]\nurl = \"redis://:pw@127.0.0.1:6380/2\"",
+            Some(Path::new("ssed.toml")),
+        )
+        .expect("a good URL");
+        assert_eq!(c.redis_url.as_deref(), Some("redis://:pw@127.0.0.1:6380/2"));
+        for (text, want) in [
+            ("[redis]\nurl = \"http://h\"", "starts with redis://"),
+            ("[redis]\nurl = \"redis://h:port\"", "port \"port\""),
+            ("[redis]\nurl = \"redis://:secret@h/x\"", "database \"x\""),
+            (
+                "data_dir = \"/tmp/x\"\n[redis]\nurl = \"redis://h\"",
+                "together with data_dir",
+            ),
+        ] {
+            let e = Config::from_toml(text, Some(Path::new("ssed.toml")))
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains("ssed.toml"), "{e}");
+            assert!(e.contains("redis.url"), "{e}");
+            assert!(e.contains(want), "{text}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+    }
 
     /// `config.example.toml` documents every key with its default: parsed,
     /// it must equal the defaults exactly.

@@ -151,11 +151,22 @@ impl<'a> BodyReader<'a> {
         loop {
             let line = self.line(1024)?;
             let size_text = line.split(|&b| b == b';').next().unwrap_or(&[]);
-            let size_text = std::str::from_utf8(size_text)
-                .map_err(|_| BodyError::Malformed("bad chunk size"))?
-                .trim();
-            let size = usize::from_str_radix(size_text, 16)
-                .map_err(|_| BodyError::Malformed("bad chunk size"))?;
+            // Hex digits only, then optional SP/HTAB before an extension
+            // (RFC 9112 section 7.1). `from_str_radix` alone would take a
+            // `+` sign, and `trim` other whitespace (form feed, leading
+            // space), framing a proxy in front may read differently.
+            let hex_len = size_text
+                .iter()
+                .take_while(|b| b.is_ascii_hexdigit())
+                .count();
+            let (hex, space) = size_text.split_at(hex_len);
+            if hex.is_empty() || !space.iter().all(|&b| b == b' ' || b == b'\t') {
+                return Err(BodyError::Malformed("bad chunk size"));
+            }
+            let size = std::str::from_utf8(hex)
+                .ok()
+                .and_then(|hex| usize::from_str_radix(hex, 16).ok())
+                .ok_or(BodyError::Malformed("bad chunk size"))?;
             if size == 0 {
                 // Trailer section: lines until an empty one; ignored.
                 let mut trailers = 0;

@@ -1,18 +1,20 @@
 //! Request-head parsing with limits.
 
 /// Largest request head accepted; past it the client gets `431`.
-pub(crate) const MAX_HEAD: usize = 8 * 1024;
+pub const MAX_HEAD: usize = 8 * 1024;
 /// Most header lines accepted; past it the client gets `431`.
-pub(crate) const MAX_HEADERS: usize = 64;
+pub const MAX_HEADERS: usize = 64;
 
 /// A complete, validated request head.
 #[derive(Debug, Clone)]
-pub(crate) struct Head {
+pub struct Head {
+    /// The method, as sent.
     pub method: String,
     /// The request target as sent (origin form: path and query).
     pub target: String,
     /// Minor HTTP version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor: u8,
+    /// Header names and values (trimmed), in the order received.
     pub headers: Vec<(String, String)>,
     /// Body framing taken from the headers.
     pub body: BodyKind,
@@ -20,15 +22,18 @@ pub(crate) struct Head {
 
 /// How the request body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BodyKind {
+pub enum BodyKind {
+    /// No body.
     None,
+    /// `Content-Length` bytes.
     Length(u64),
+    /// `Transfer-Encoding: chunked`.
     Chunked,
 }
 
 /// Why a head was refused; each maps to one status code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum HeadError {
+pub enum HeadError {
     /// `400`: not HTTP, or framing we cannot trust.
     Malformed(&'static str),
     /// `431`: head over [`MAX_HEAD`] or over [`MAX_HEADERS`] lines.
@@ -40,7 +45,8 @@ pub(crate) enum HeadError {
 }
 
 impl HeadError {
-    pub(crate) fn status(self) -> u16 {
+    /// The status code the client gets.
+    pub fn status(self) -> u16 {
         match self {
             HeadError::Malformed(_) => 400,
             HeadError::TooLarge => 431,
@@ -49,7 +55,8 @@ impl HeadError {
         }
     }
 
-    pub(crate) fn message(self) -> &'static str {
+    /// The plain-text body the client gets.
+    pub fn message(self) -> &'static str {
         match self {
             HeadError::Malformed(why) => why,
             HeadError::TooLarge => "request head too large (limit: 8 KiB and 64 header lines)",
@@ -61,17 +68,18 @@ impl HeadError {
 
 /// Result of feeding the bytes received so far.
 #[derive(Debug)]
-pub(crate) enum Parse {
+pub enum Parse {
     /// More bytes are needed.
     Partial,
     /// A complete head of `len` bytes; what follows belongs to the body or
     /// to the next request.
     Complete(Head, usize),
+    /// The head is refused.
     Error(HeadError),
 }
 
 /// Parses `buf` as the start of a request.
-pub(crate) fn parse(buf: &[u8]) -> Parse {
+pub fn parse(buf: &[u8]) -> Parse {
     // Clients may send empty lines before a request (RFC 9112 section 2.2);
     // httparse skips them for us.
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -149,13 +157,17 @@ fn framing(headers: &[(String, String)], minor: u8) -> Result<BodyKind, HeadErro
                 ));
             }
             for coding in value.split(',') {
-                let coding = coding.trim();
+                let coding = coding.trim_matches([' ', '\t']);
+                if coding.is_empty() {
+                    // RFC 9110 5.6.1: empty list elements are ignored.
+                    continue;
+                }
                 if coding.eq_ignore_ascii_case("chunked") {
                     if chunked {
                         return Err(HeadError::Malformed("chunked applied twice"));
                     }
                     chunked = true;
-                } else if chunked || !coding.is_empty() {
+                } else {
                     // `chunked` must be the last coding; anything else we
                     // cannot decode.
                     return Err(HeadError::Coding);
@@ -210,6 +222,12 @@ mod tests {
         assert_eq!((h.minor, h.body), (0, BodyKind::Length(5)));
         let (h, _) = complete("POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(h.body, BodyKind::Chunked);
+        for te in ["chunked,", ", chunked", " ,chunked , ", "chunked,\t,"] {
+            let (h, _) = complete(&format!(
+                "POST /p HTTP/1.1\r\nTransfer-Encoding: {te}\r\n\r\n"
+            ));
+            assert_eq!(h.body, BodyKind::Chunked, "{te:?}");
+        }
         let (h, _) = complete("POST /p HTTP/1.1\r\nContent-Length: 7, 7\r\n\r\n");
         assert_eq!(h.body, BodyKind::Length(7));
         let (h, _) = complete("\r\nGET / HTTP/1.1\r\n\r\n");

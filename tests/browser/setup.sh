@@ -16,17 +16,7 @@ die() { printf 'browser setup: error: %s\n' "$*" >&2; exit 1; }
 if [[ -x /usr/bin/chromium ]]; then
   say "chromium present: $(/usr/bin/chromium --version 2>/dev/null || echo '/usr/bin/chromium')"
 else
-  if [[ $(id -u) -eq 0 ]]; then
-    sudo=()
-  elif command -v sudo >/dev/null 2>&1; then
-    sudo=(sudo -n)
-  else
-    die "/usr/bin/chromium is missing and this is not root (and no sudo) to apt-get install it"
-  fi
-  command -v apt-get >/dev/null 2>&1 || die "/usr/bin/chromium is missing and there is no apt-get to install it"
-  say "installing chromium: apt-get update -qq && apt-get install -y -qq chromium"
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  bash ../../scripts/apt-install.sh "browser setup" chromium
   [[ -x /usr/bin/chromium ]] || die "apt-get installed chromium but /usr/bin/chromium is still missing"
   say "installed: $(/usr/bin/chromium --version 2>/dev/null || echo '/usr/bin/chromium')"
 fi

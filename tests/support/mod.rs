@@ -8,8 +8,10 @@
 #[cfg(feature = "daemon")]
 pub mod process;
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How long any single read may block before the test fails.
@@ -300,6 +302,18 @@ pub fn request(addr: SocketAddr, raw: &str) -> (Head, String) {
     c.response()
 }
 
+/// POSTs `body` to `path`; the status and the body of the answer.
+pub fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let (head, text) = request(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    (head.status, text)
+}
+
 /// One field of a frame (`data`, `event`, `id`, …): every value in order.
 pub fn field<'a>(frame: &'a str, name: &str) -> Vec<&'a str> {
     frame
@@ -328,6 +342,94 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// Threads of this process, from /proc/self/task.
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// Whether the server still holds `c` open: a non-blocking read finds
+/// neither data, nor EOF, nor an error.
+pub fn still_open(c: &TcpStream) -> bool {
+    c.set_nonblocking(true).expect("non-blocking");
+    let open =
+        matches!((&*c).read(&mut [0u8; 64]), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    c.set_nonblocking(false).expect("blocking");
+    open
+}
+
+/// Reads `c` until the server closes it or `deadline` passes; returns what
+/// was read, or `None` if the connection was still open at the deadline.
+pub fn read_to_close(c: &TcpStream, deadline: Instant) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    // Bounded: each pass either reads bytes (at most a short answer) or ends.
+    for _ in 0..64 {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        c.set_read_timeout(Some(left)).expect("read timeout");
+        match (&*c).read(&mut chunk) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            // A reset also means the server let go of it.
+            Err(_) => return Some(got),
+        }
+    }
+    None
+}
+
+/// `GET /metrics` of a daemon: each series (labels included) and its value.
+pub fn metrics(addr: SocketAddr) -> HashMap<String, u64> {
+    let (head, body) = request(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(head.status, 200, "{body}");
+    assert!(
+        head.header("content-type")
+            .is_some_and(|v| v.starts_with("text/plain")),
+        "{head:?}"
+    );
+    body.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad metric line {l:?}"));
+            let v = v.parse().unwrap_or_else(|_| panic!("bad value in {l:?}"));
+            (k.to_owned(), v)
+        })
+        .collect()
+}
+
+/// A directory of its own for one test, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("ssed-test-{}-{nanos}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0); // best effort
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

@@ -135,6 +135,36 @@ impl Ssed {
         panic!("no `listening on` line; stderr: {}", self.stderr());
     }
 
+    /// Whether the child is still running (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Threads of the child now.
+    pub fn threads(&self) -> usize {
+        threads_of(self.pid())
+    }
+
+    /// Descriptors the child holds now.
+    pub fn fds(&self) -> usize {
+        fds_of(self.pid())
+    }
+
+    /// A `kB` field of the child's /proc/PID/status (`VmRSS`, `VmHWM`).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        status_kib_of(self.pid(), field)
+    }
+
+    /// Whether the log (stderr) has a line containing `needle`.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.stderr().lines().any(|l| l.contains(needle))
+    }
+
     pub fn terminate(&self) {
         kill_process(Pid::from_child(&self.child), Signal::TERM).expect("send SIGTERM");
     }
@@ -144,4 +174,27 @@ impl Ssed {
         self.child.kill().expect("SIGKILL");
         self.wait_exit(STARTUP).expect("killed process exits");
     }
+}
+
+/// Threads of process `pid`, from /proc/PID/task (0 once it is gone).
+pub fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+/// Descriptors process `pid` holds, from /proc/PID/fd (0 once it is gone).
+pub fn fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A `kB` field of /proc/PID/status (`VmRSS`, `VmHWM`), in KiB.
+pub fn status_kib_of(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| {
+            let v = l.strip_prefix(field)?.strip_prefix(':')?;
+            v.trim().strip_suffix("kB")?.trim().parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }

@@ -1,0 +1,116 @@
+//! What the benchmarks that run the real daemon share: a temporary
+//! directory, the `ssed` binary as a child process killed by PID when
+//! dropped (its address read from its log), and a process's CPU time.
+//! Included with `mod common;`; not every benchmark uses every item.
+#![allow(dead_code)]
+
+use std::error::Error;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The daemon under test, built by cargo for the benchmark.
+pub const BIN: &str = env!("CARGO_BIN_EXE_ssed");
+/// How long the daemon may take to log its address.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new directory whose name says which benchmark (`what`) made it.
+    pub fn new(what: &str) -> Result<TempDir, Box<dyn Error>> {
+        let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+        let dir =
+            std::env::temp_dir().join(format!("ssed-bench-{}-{stamp}-{what}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0); // best effort: it is a temp dir
+    }
+}
+
+/// A child process killed by PID and reaped when dropped.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill(); // it may have exited already
+        let _ = self.0.wait(); // reap it either way
+    }
+}
+
+/// A running `ssed`, killed by PID and reaped when dropped.
+pub struct Server {
+    child: Guard,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts `ssed --config CONFIG --listen 127.0.0.1:0` and waits for the
+    /// address in its log. The log keeps being drained (so the server never
+    /// blocks on a full pipe), and its warnings and errors are shown.
+    pub fn start(config: &Path) -> Result<Server, Box<dyn Error>> {
+        let child = Guard(
+            Command::new(BIN)
+                .arg("--config")
+                .arg(config)
+                .args(["--listen", "127.0.0.1:0"])
+                .env("RUST_LOG", "info")
+                .env_remove("SSED_PUBLISH_TOKEN")
+                .env_remove("SSED_SUBSCRIBE_TOKEN")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?,
+        );
+        // From here on the guard kills it, even if no address shows up.
+        let mut server = Server {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let stderr = server.child.0.stderr.take().ok_or("no stderr pipe")?;
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if let Some(rest) = line.split("listening on ").nth(1)
+                    && let Some(addr) = rest.split(" (").next()
+                    && let Ok(addr) = addr.parse::<SocketAddr>()
+                {
+                    let _ = tx.send(addr); // the benchmark may have given up
+                } else if line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("  server: {line}");
+                }
+            }
+        });
+        server.addr = rx
+            .recv_timeout(STARTUP_TIMEOUT)
+            .map_err(|_| "the server did not log its address in time")?;
+        Ok(server)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+}
+
+/// utime + stime of `pid`, in ticks.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5), counted from the state (field 3).
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}

@@ -1,0 +1,105 @@
+//! Internals for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`).
+//!
+//! Not a stable API: it exposes the request-head parser as it is, and
+//! [`Offline`], which takes a request from raw bytes to a handler's
+//! [`Response`] the way the accept loop and a connection thread do, minus
+//! the socket, so a fuzzer can drive the daemon's publish path millions of
+//! times without threads or timing.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+pub use crate::http::head::{BodyKind, Head, HeadError, MAX_HEAD, MAX_HEADERS, Parse, parse};
+
+use crate::http::body::BodyReader;
+use crate::route::{Handler, Match};
+use crate::{Request, Response, Server};
+
+/// What [`Offline::serve`] made of a request.
+#[derive(Debug)]
+pub enum Served {
+    /// The head or the body is cut short: the server would wait for more
+    /// bytes, then time out or see the client go.
+    Incomplete,
+    /// Answered before any handler ran: a refused head or body (status
+    /// and message as the server sends them), no route (`404`), a wrong
+    /// method (`405`).
+    Refused(Response),
+    /// A stream route matched; its handler needs a connection and is not
+    /// run here.
+    Stream(Request),
+    /// An ordinary route's handler answered the request.
+    Answered(Request, Response),
+}
+
+/// A built [`Server`] whose ordinary routes answer raw request bytes
+/// in-process: head parsing, routing, body reading under `max_body`, then
+/// the handler, as on a connection whose client sent those bytes and
+/// stopped.
+#[derive(Debug)]
+pub struct Offline {
+    server: Server,
+    /// A loopback connection whose peer has closed: what the body reader
+    /// finds once it has used up the bytes given.
+    closed: &'static TcpStream,
+}
+
+impl Offline {
+    /// Wraps a built (never run) server.
+    ///
+    /// # Errors
+    ///
+    /// When the loopback connection standing for the client cannot be made.
+    pub fn new(server: Server) -> io::Result<Self> {
+        // One per process: a connection per request would leave a socket in
+        // TIME_WAIT each, until binding port 0 crawls.
+        static CLOSED: OnceLock<TcpStream> = OnceLock::new();
+        let closed = match CLOSED.get() {
+            Some(closed) => closed,
+            None => {
+                let listener = TcpListener::bind(("127.0.0.1", 0))?;
+                let closed = TcpStream::connect(listener.local_addr()?)?;
+                drop(listener.accept()?);
+                CLOSED.get_or_init(|| closed)
+            }
+        };
+        Ok(Offline { server, closed })
+    }
+
+    /// Serves one request from `bytes`, as sent by `peer`; bytes past the
+    /// request are ignored.
+    pub fn serve(&self, peer: SocketAddr, bytes: &[u8]) -> Served {
+        let shared = self.server.shared();
+        let (head, len) = match parse(bytes) {
+            Parse::Partial => return Served::Incomplete,
+            Parse::Error(e) => return Served::Refused(Response::text(e.status(), e.message())),
+            Parse::Complete(head, len) => (head, len),
+        };
+        let started = Instant::now();
+        let mut req = Request::from_head(head, peer, started);
+        let (handler, params) = match shared.router.find(req.method(), req.path()) {
+            Match::NotFound => return Served::Refused(Response::text(404, "no route")),
+            Match::MethodNotAllowed(allow) => return Served::Refused(Response::text(405, allow)),
+            Match::Handler(Handler::Stream(_), params, _) => {
+                req.set_params(params);
+                return Served::Stream(req);
+            }
+            Match::Handler(Handler::Plain(handler), params, _) => (handler, params),
+        };
+        req.set_params(params);
+        let deadline = started + shared.config.request_timeout;
+        let mut reader = BodyReader::new(self.closed, bytes[len..].to_vec(), deadline);
+        match reader.read_body(req.body_kind, shared.config.max_body) {
+            Ok(body) => req.set_body(body),
+            Err(e) => {
+                return e.status().map_or(Served::Incomplete, |(status, message)| {
+                    Served::Refused(Response::text(status, message))
+                });
+            }
+        }
+        let response = handler(&req);
+        Served::Answered(req, response)
+    }
+}
