@@ -559,6 +559,9 @@ impl Acceptor {
             return;
         }
         let is_stream = matches!(job, Job::Stream { .. });
+        // Boxed, so the request stays on the heap and the thread's first
+        // frames stay small: see `conn::run`.
+        let job = Box::new(job);
         // The thread takes the connection out of this slot; if the spawn
         // fails the slot still holds it and the client gets a 503.
         let slot = Arc::new(Mutex::new(Some(conn)));

@@ -62,10 +62,10 @@ pub(crate) fn run(
     shared: Arc<Shared>,
     slot: Arc<Mutex<Option<TcpStream>>>,
     peer: SocketAddr,
-    job: Job,
+    job: Box<Job>,
 ) {
     let counters = shared.stats.counters();
-    let _gauge = match &job {
+    let _gauge = match &*job {
         Job::Stream { .. } => Gauge(&counters.streams_open),
         Job::Plain { .. } => Gauge(&counters.requests_active),
     };
@@ -75,8 +75,16 @@ pub(crate) fn run(
     };
     drop(slot);
     let Some(conn) = conn else { return };
-    match job {
-        Job::Stream { req, handler } => run_stream(&shared, conn, peer, &req, &*handler),
+    // A stream's request is used where it lies, in the job's box: moved
+    // onto this thread's stack it would deepen every frame of a stream
+    // that lives for hours, and the deepest stack page a stream thread
+    // touches stays resident for its whole life.
+    if let Job::Stream { req, handler } = &*job {
+        run_stream(&shared, conn, peer, req, &**handler);
+        return;
+    }
+    match *job {
+        Job::Stream { .. } => {}
         Job::Plain {
             req,
             handler,
@@ -99,10 +107,7 @@ fn run_stream(
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&conn, shared.config.send_buffer);
     }
     let conn = Arc::new(conn);
-    let (wake_tx, wake_rx) = crossbeam_channel::bounded(0);
-    let id = shared
-        .registry
-        .insert(Arc::clone(&conn), wake_tx, &shared.shutdown);
+    let id = shared.registry.insert(Arc::clone(&conn));
     let opened = Instant::now();
     log::debug!("stream open: {peer} {}", req.path());
     let mut stream = Stream::new(
@@ -113,7 +118,7 @@ fn run_stream(
         shared.shutdown.clone(),
         shared.stats.clone(),
     );
-    stream.set_wake(wake_rx);
+    stream.set_registry(Arc::clone(&shared.registry), id);
     let result = catch_unwind(AssertUnwindSafe(|| handler(req, &mut stream)));
     let outcome = match result {
         Ok(Ok(()) | Err(StreamError::Finished)) => match stream.ended() {

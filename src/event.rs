@@ -13,7 +13,6 @@
 //! - `retry:` is written in whole milliseconds; zero writes nothing.
 
 use std::fmt;
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -186,8 +185,9 @@ impl Event {
         if let Some(retry) = self.retry {
             let ms = retry.as_millis();
             if ms > 0 {
-                // Writing into a Vec cannot fail.
-                let _ = writeln!(out, "retry: {ms}");
+                out.extend_from_slice(b"retry: ");
+                crate::digits::push_decimal(out, ms);
+                out.push(b'\n');
             }
         }
         if let Some(data) = &self.data {

@@ -125,6 +125,7 @@ mod acceptor;
 mod conn;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+mod digits;
 mod error;
 mod event;
 mod fanout;

@@ -71,7 +71,7 @@ pub(crate) struct Shared {
     pub router: Router,
     pub stats: Stats,
     pub shutdown: ShutdownHandle,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub returned: Sender<Returned>,
 }
 
@@ -92,30 +92,36 @@ struct Entry {
 }
 
 impl Registry {
-    /// Registers a stream's socket, its thread (the caller) and the sender
-    /// of its wake-up channel.
-    /// If shutdown already began, the sender is dropped at once.
-    pub(crate) fn insert(
-        &self,
-        conn: Arc<TcpStream>,
-        wake: Sender<()>,
-        shutdown: &ShutdownHandle,
-    ) -> u64 {
+    /// Registers a stream's socket and its thread (the caller), which
+    /// shutdown unparks.
+    pub(crate) fn insert(&self, conn: Arc<TcpStream>) -> u64 {
         let id = self.next.fetch_add(1, Relaxed);
         if let Ok(mut conns) = self.conns.lock() {
-            // Checked under the lock `wake_all` takes, so a stream registered
-            // while shutdown begins cannot miss its wake-up.
-            let wake = (!shutdown.is_shutdown()).then_some(wake);
             conns.insert(
                 id,
                 Entry {
                     conn,
                     thread: std::thread::current(),
-                    wake,
+                    wake: None,
                 },
             );
         }
         id
+    }
+
+    /// Gives stream `id` a wake-up channel of its own, which shutdown
+    /// disconnects; the stream makes it when it first waits on a channel
+    /// (most streams never do: they park). If shutdown already began, the
+    /// sender is dropped at once.
+    pub(crate) fn set_wake(&self, id: u64, wake: Sender<()>, shutdown: &ShutdownHandle) {
+        if let Ok(mut conns) = self.conns.lock()
+            // Checked under the lock `wake_all` takes, so a stream
+            // registering while shutdown begins cannot miss its wake-up.
+            && !shutdown.is_shutdown()
+            && let Some(entry) = conns.get_mut(&id)
+        {
+            entry.wake = Some(wake);
+        }
     }
 
     /// Wakes every registered stream by disconnecting its wake-up channel.
@@ -492,7 +498,7 @@ impl ServerBuilder {
             router: self.router,
             stats: self.stats,
             shutdown: self.shutdown,
-            registry: Registry::default(),
+            registry: Arc::new(Registry::default()),
             returned: returned_tx,
         });
         Ok(Server {

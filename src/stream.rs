@@ -13,17 +13,26 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::Serialize;
 
+use crate::digits::Digits;
 use crate::error::{EndReason, EventError, StreamError};
 use crate::event::{EncodedEvent, Event};
 use crate::http::Response;
 use crate::http::response::{STREAM_HEAD_10, STREAM_HEAD_11, stream_head};
+use crate::server::Registry;
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
 
 /// The data of the message [`Stream::done`] sends.
 pub const DONE: &str = "[DONE]";
 /// The comment sent as a heartbeat.
-pub const HEARTBEAT_COMMENT: &str = "keep-alive";
+const HEARTBEAT_FRAME: &[u8] = b": keep-alive\n\n";
+/// Bytes an HTTP/1.1 chunk adds around a frame, at most: the size in hex
+/// (16 digits) and two CRLFs.
+const CHUNK_FRAMING: usize = 16 + 4;
+/// Writes up to this size are put together on the stack (see
+/// `Stream::write_frames`); small enough that the frame stays within the
+/// stack pages every stream thread touches anyway.
+const SMALL_WRITE: usize = 192;
 /// How often a parked stream the server cannot unpark looks for shutdown.
 const UNREGISTERED_POLL: Duration = Duration::from_millis(250);
 /// The comment sent as the last frame when the server shuts down.
@@ -84,12 +93,15 @@ pub struct Stream {
     counts: Vec<(Box<str>, u64)>,
     last_event_id: Option<String>,
     shutdown: ShutdownHandle,
-    /// Disconnects at shutdown. The server gives each stream its own, so
-    /// thousands of waiting streams never share one channel's waiter list.
+    /// Disconnects at shutdown: the shutdown handle's own receiver until
+    /// [`Stream::own_wake`] makes one for this stream.
     wake: Receiver<()>,
     /// Whether the server registered this thread to be unparked at
     /// shutdown (the tiny_http adapter does not).
     registered: bool,
+    /// Where to register a wake-up channel of this stream's own, until it
+    /// has one: see [`Stream::own_wake`].
+    registry: Option<(Arc<Registry>, u64)>,
     stats: Stats,
     ended: Option<EndReason>,
 }
@@ -129,17 +141,32 @@ impl Stream {
             last_event_id,
             wake: shutdown.receiver().clone(),
             registered: false,
+            registry: None,
             shutdown,
             stats,
             ended: None,
         }
     }
 
-    /// Replaces the shutdown wake-up with a receiver of this stream's own.
-    /// Also records that shutdown unparks this stream's thread.
-    pub(crate) fn set_wake(&mut self, wake: Receiver<()>) {
-        self.wake = wake;
+    /// Records that the server registered this stream as `id`: shutdown
+    /// unparks its thread, and [`Stream::own_wake`] can give it a wake-up
+    /// channel of its own.
+    pub(crate) fn set_registry(&mut self, registry: Arc<Registry>, id: u64) {
+        self.registry = Some((registry, id));
         self.registered = true;
+    }
+
+    /// Before a wait on channels (`sleep`, `recv`): makes this stream's own
+    /// wake-up channel, so thousands of waiting streams never share one
+    /// channel's waiter list. Made on first use, not at open: a stream that
+    /// only parks (a hub subscriber) never needs one, and it would cost
+    /// every idle stream a heap block.
+    fn own_wake(&mut self) {
+        if let Some((registry, id)) = self.registry.take() {
+            let (tx, rx) = crossbeam_channel::bounded(0);
+            self.wake = rx;
+            registry.set_wake(id, tx, &self.shutdown);
+        }
     }
 
     /// Parks the thread until it is unparked (an event, shutdown) or the
@@ -258,8 +285,11 @@ impl Stream {
         if time.as_millis() == 0 {
             return Ok(());
         }
-        let frame = Event::new().retry(time).encode()?;
-        self.write_frames(&[&frame])
+        // `retry: <ms>\n\n`, put together on the stack: see `write_frames`.
+        let ms = Digits::decimal(time.as_millis());
+        let mut frame = [0u8; 48];
+        let len = fill(&mut frame, &[b"retry: ", ms.as_bytes(), b"\n\n"]);
+        self.write_frames(&[&frame[..len]])
     }
 
     /// Sends `data: [DONE]`, ends the stream cleanly, and returns `Ok` so a
@@ -476,6 +506,7 @@ impl Stream {
     /// out first, [`EndReason::Shutdown`] at shutdown (at once, not at the
     /// end of the sleep).
     pub fn sleep(&mut self, time: Duration) -> Result<(), StreamError> {
+        self.own_wake();
         let until = Instant::now() + time;
         loop {
             self.check_alive()?;
@@ -518,6 +549,7 @@ impl Stream {
         rx: &Receiver<T>,
         until: Option<Instant>,
     ) -> Result<Option<T>, StreamError> {
+        self.own_wake();
         loop {
             self.check_alive()?;
             // Fast path: a value already queued needs no select (which
@@ -643,12 +675,12 @@ impl Stream {
         if let Some(h) = self.config.heartbeat
             && self.last_write.elapsed() >= h
         {
-            let frame = if self.config.heartbeat_event {
-                ping_event().encode()?
+            if self.config.heartbeat_event {
+                let frame = ping_event().encode()?;
+                self.write_frames(&[&frame])?;
             } else {
-                Event::new().comment(HEARTBEAT_COMMENT).encode()?
-            };
-            self.write_frames(&[&frame])?;
+                self.write_frames(&[HEARTBEAT_FRAME])?;
+            }
         }
         Ok(())
     }
@@ -657,26 +689,33 @@ impl Stream {
     /// chunk per frame, in a single write; resets the budget on success.
     fn write_frames(&mut self, frames: &[&[u8]]) -> Result<(), StreamError> {
         self.check_alive()?;
-        let payload: usize = frames.iter().map(|f| f.len() + 16).sum();
-        if self.state == State::Pending && frames.is_empty() && self.headers.is_empty() {
-            // Opening an idle stream allocates nothing on its thread: freed
-            // memory would sit in the thread's malloc cache for as long as
-            // the stream lives.
-            let head = if self.chunked {
-                STREAM_HEAD_11
-            } else {
-                STREAM_HEAD_10
-            };
-            self.write_out(head).map_err(StreamError::Ended)?;
-            self.state = State::Open;
-            self.stats.sent(0, head.len() as u64);
-            self.last_write = Instant::now();
-            self.extend_time();
-            return Ok(());
+        let pending = self.state == State::Pending;
+        let head: &[u8] = match (pending, self.chunked) {
+            (false, _) => b"",
+            (true, true) => STREAM_HEAD_11,
+            (true, false) => STREAM_HEAD_10,
+        };
+        let framing = if self.chunked { CHUNK_FRAMING } else { 0 };
+        let payload: usize = frames.iter().map(|f| f.len() + framing).sum();
+        if (!pending || self.headers.is_empty()) && head.len() + payload <= SMALL_WRITE {
+            // The usual writes of an idle stream (the head with `retry:`, a
+            // heartbeat) are put together on the stack. A heap buffer
+            // freed here would stay in this thread's malloc cache for as
+            // long as the stream lives: memory every idle stream pays for.
+            let mut buf = [0u8; SMALL_WRITE];
+            let mut at = fill(&mut buf, &[head]);
+            for frame in frames {
+                at += if self.chunked {
+                    let size = Digits::hex(frame.len());
+                    fill(&mut buf[at..], &[size.as_bytes(), b"\r\n", frame, b"\r\n"])
+                } else {
+                    fill(&mut buf[at..], &[frame])
+                };
+            }
+            return self.wrote(&buf[..at], frames.len());
         }
-        let mut out =
-            Vec::with_capacity(payload + if self.state == State::Pending { 256 } else { 0 });
-        if self.state == State::Pending {
+        let mut out = Vec::with_capacity(payload + if pending { 256 } else { 0 });
+        if pending {
             out.extend_from_slice(&stream_head(
                 if self.chunked { 1 } else { 0 },
                 &self.headers,
@@ -690,12 +729,18 @@ impl Stream {
                 out.extend_from_slice(frame);
             }
         }
-        if out.is_empty() {
+        self.wrote(&out, frames.len())
+    }
+
+    /// Writes `bytes` (holding `frames` frames, and the head if it was
+    /// pending) and notes the write.
+    fn wrote(&mut self, bytes: &[u8], frames: usize) -> Result<(), StreamError> {
+        if bytes.is_empty() {
             return Ok(());
         }
-        self.write_out(&out).map_err(StreamError::Ended)?;
+        self.write_out(bytes).map_err(StreamError::Ended)?;
         self.state = State::Open;
-        self.stats.sent(frames.len() as u64, out.len() as u64);
+        self.stats.sent(frames as u64, bytes.len() as u64);
         self.last_write = Instant::now();
         self.extend_time();
         Ok(())
@@ -838,8 +883,20 @@ pub(crate) fn ping_event() -> Event {
         .data(format!("{{\"time\":\"{time}\"}}"))
 }
 
+/// Copies `parts` one after another to the start of `buf`; returns the
+/// length written. The caller sizes `buf` for them.
+fn fill(buf: &mut [u8], parts: &[&[u8]]) -> usize {
+    let mut at = 0;
+    for part in parts {
+        buf[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    at
+}
+
 pub(crate) fn chunk_into(out: &mut Vec<u8>, frame: &[u8]) {
-    let _ = write!(out, "{:X}\r\n", frame.len()); // Vec writes cannot fail
+    crate::digits::push_hex(out, frame.len());
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(frame);
     out.extend_from_slice(b"\r\n");
 }

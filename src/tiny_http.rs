@@ -80,7 +80,7 @@ use std::time::{Duration, Instant};
 use crate::error::{EndReason, StreamError};
 use crate::event::Event;
 use crate::http::Request;
-use crate::http::head::{BodyKind, Head};
+use crate::http::head::{BodyKind, Fields, Head};
 use crate::http::response::{Response, stream_head};
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
@@ -355,16 +355,13 @@ fn convert(request: &::tiny_http::Request) -> Request {
         } else {
             1
         },
-        headers: request
-            .headers()
-            .iter()
-            .map(|h| {
-                (
-                    h.field.as_str().as_str().to_owned(),
-                    h.value.as_str().to_owned(),
-                )
-            })
-            .collect(),
+        headers: {
+            let mut fields = Fields::default();
+            for h in request.headers() {
+                fields.push(h.field.as_str().as_str(), h.value.as_str());
+            }
+            fields
+        },
         body: BodyKind::None,
     };
     let peer = request.remote_addr().copied().unwrap_or(UNKNOWN_PEER);

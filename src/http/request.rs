@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::head::{BodyKind, Head};
+use super::head::{BodyKind, Fields, Head};
 
 /// Name of the query parameter an `EventSource` can use on its first
 /// connection, when it cannot set headers, in place of `Last-Event-ID`.
@@ -16,7 +16,7 @@ pub struct Request {
     method: String,
     path: String,
     query: Vec<(String, String)>,
-    headers: Vec<(String, String)>,
+    headers: Fields,
     params: Vec<(String, String)>,
     peer: SocketAddr,
     minor: u8,
@@ -53,7 +53,7 @@ impl Request {
             method: method.to_owned(),
             target: target.to_owned(),
             minor: 1,
-            headers: Vec::new(),
+            headers: Fields::default(),
             body: BodyKind::None,
         };
         Request::from_head(head, peer, Instant::now())
@@ -61,7 +61,7 @@ impl Request {
 
     /// Adds a header (builder style, for requests built with [`Request::new`]).
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_owned(), value.to_owned()));
+        self.headers.push(name, value);
         self
     }
 
@@ -115,12 +115,12 @@ impl Request {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
     }
 
     /// All headers, in the order received.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.headers.iter()
     }
 
     /// The client's address (the TCP peer; behind a proxy, the proxy's).
@@ -221,7 +221,9 @@ impl Request {
         any_accept.then_some(false)
     }
 
-    pub(crate) fn set_params(&mut self, params: Vec<(String, String)>) {
+    pub(crate) fn set_params(&mut self, mut params: Vec<(String, String)>) {
+        // Kept for the stream's life: no spare capacity.
+        params.shrink_to_fit();
         self.params = params;
     }
 

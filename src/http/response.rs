@@ -1,8 +1,8 @@
 //! The [`Response`] of ordinary routes, and the heads the server writes.
 
-use std::io::Write as _;
-
 use serde::Serialize;
+
+use crate::digits::push_decimal;
 
 /// Headers every event stream is sent with.
 pub(crate) const STREAM_HEADERS: &str =
@@ -118,12 +118,14 @@ impl Response {
             if k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("connection") {
                 continue; // ours, computed below
             }
-            let _ = write!(out, "{k}: {v}\r\n");
+            header_line(&mut out, k, v);
         }
         // 1xx, 204 and 304 have no body and no Content-Length (RFC 9110 8.6).
         let bodyless = self.status < 200 || self.status == 204 || self.status == 304;
         if !bodyless {
-            let _ = write!(out, "Content-Length: {}\r\n", self.body.len());
+            out.extend_from_slice(b"Content-Length: ");
+            push_decimal(&mut out, self.body.len() as u128);
+            out.extend_from_slice(b"\r\n");
         }
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
@@ -139,8 +141,24 @@ impl Response {
 }
 
 /// Writes `HTTP/1.x NNN Reason\r\n`.
+/// Written without `core::fmt`, as is the rest of a stream's head: see
+/// [`crate::digits`].
 pub(crate) fn status_line(out: &mut Vec<u8>, minor: u8, status: u16) {
-    let _ = write!(out, "HTTP/1.{minor} {status} {}\r\n", reason(status));
+    out.extend_from_slice(b"HTTP/1.");
+    push_decimal(out, u128::from(minor));
+    out.push(b' ');
+    push_decimal(out, u128::from(status));
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes `name: value\r\n`.
+fn header_line(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The head of an event stream: chunked on HTTP/1.1, close-delimited on 1.0.
@@ -149,7 +167,7 @@ pub(crate) fn stream_head(minor: u8, extra: &[(String, String)]) -> Vec<u8> {
     status_line(&mut out, minor, 200);
     out.extend_from_slice(STREAM_HEADERS.as_bytes());
     for (k, v) in extra {
-        let _ = write!(out, "{k}: {v}\r\n");
+        header_line(&mut out, k, v);
     }
     if minor == 0 {
         out.extend_from_slice(b"Connection: close\r\n\r\n");
