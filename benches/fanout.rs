@@ -22,6 +22,10 @@
 //! the deliveries, is the server's CPU per delivery. The load-test client
 //! runs on the same machine and competes with the server for its cores.
 //!
+//! `SSED_BENCH_SERVER=PATH` runs another build as the server (the static
+//! binary from `scripts/build-static.sh`, say); the load tester stays the
+//! one cargo built.
+//!
 //! Each workload gets a fresh server, killed by PID when its guard drops.
 //! Run by `cargo test --benches` (no `--bench` flag) it runs tiny versions
 //! of a and b as a check that it works. Linux only (`/proc`); loopback only.

@@ -83,14 +83,22 @@ pub(crate) fn run(
         run_stream(&shared, conn, peer, req, &**handler);
         return;
     }
-    match *job {
-        Job::Stream { .. } => {}
-        Job::Plain {
-            req,
-            handler,
-            head_only,
-            leftover,
-        } => run_plain(&shared, conn, peer, req, &handler, head_only, leftover),
+    run_plain_job(&shared, conn, peer, job);
+}
+
+/// Runs an ordinary request's job. Out of line, as `run_plain` is: the
+/// request it moves out of the box would otherwise take room in the first
+/// frame of every stream thread too.
+#[inline(never)]
+fn run_plain_job(shared: &Shared, conn: TcpStream, peer: SocketAddr, job: Box<Job>) {
+    if let Job::Plain {
+        req,
+        handler,
+        head_only,
+        leftover,
+    } = *job
+    {
+        run_plain(shared, conn, peer, req, &handler, head_only, leftover);
     }
 }
 
@@ -109,7 +117,7 @@ fn run_stream(
     let conn = Arc::new(conn);
     let id = shared.registry.insert(Arc::clone(&conn));
     let opened = Instant::now();
-    log::debug!("stream open: {peer} {}", req.path());
+    log_open(peer, req);
     let mut stream = Stream::new(
         Sink::Tcp(conn),
         req.is_http10(),
@@ -120,6 +128,29 @@ fn run_stream(
     );
     stream.set_registry(Arc::clone(&shared.registry), id);
     let result = catch_unwind(AssertUnwindSafe(|| handler(req, &mut stream)));
+    end_stream(shared, peer, req, &mut stream, result, opened, id);
+}
+
+/// Logs a stream's opening (debug). Out of line: the formatting's frame
+/// would otherwise sit under every stream's handler.
+#[inline(never)]
+fn log_open(peer: SocketAddr, req: &Request) {
+    log::debug!("stream open: {peer} {}", req.path());
+}
+
+/// Counts, closes and logs a stream whose handler returned (or panicked).
+/// Out of line: its locals would otherwise widen the frame every stream
+/// thread holds below its handler for the stream's whole life.
+#[inline(never)]
+fn end_stream(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: &Request,
+    stream: &mut Stream,
+    result: std::thread::Result<Result<(), StreamError>>,
+    opened: Instant,
+    id: u64,
+) {
     let outcome = match result {
         Ok(Ok(()) | Err(StreamError::Finished)) => match stream.ended() {
             Some(EndReason::Shutdown) => Outcome::Shutdown,
@@ -203,6 +234,9 @@ struct Next {
     leftover: Vec<u8>,
 }
 
+// Not inlined into `run`: its locals would widen the first frame of every
+// stream thread too.
+#[inline(never)]
 fn run_plain(
     shared: &Shared,
     conn: TcpStream,

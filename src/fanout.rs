@@ -116,6 +116,14 @@ pub(crate) enum Pushed {
 }
 
 impl SubscriberQueue {
+    /// A new queue, shared. Out of line: the value is put together on the
+    /// stack before it moves to the heap, and a subscribing stream thread
+    /// should not carry those bytes in its own frame (see `Stream::follow`).
+    #[inline(never)]
+    pub(crate) fn shared(capacity: usize, topics: Vec<Box<str>>) -> Arc<Self> {
+        Arc::new(Self::new(capacity, topics))
+    }
+
     pub(crate) fn new(capacity: usize, topics: Vec<Box<str>>) -> Self {
         SubscriberQueue {
             frames: Mutex::new(VecDeque::new()),

@@ -820,6 +820,8 @@ impl Hub {
     /// # Errors
     ///
     /// [`HubError::InvalidName`] for a bad topic name.
+    // Out of line: see `Stream::follow`.
+    #[inline(never)]
     pub fn subscribe(
         &self,
         topics: &[&str],
@@ -831,39 +833,17 @@ impl Hub {
         let mut names: Vec<Box<str>> = topics.iter().map(|t| Box::from(*t)).collect();
         names.sort();
         names.dedup();
-        let queue = Arc::new(SubscriberQueue::new(self.0.config.queue, names.clone()));
+        let queue = SubscriberQueue::shared(self.0.config.queue, names.clone());
         if let Some(remote) = &self.0.remote {
             return self.subscribe_remote(remote, names, queue, last_event_id);
         }
         let mut state = self.state();
         let id = state.next_subscriber;
         state.next_subscriber += 1;
-        let mut backlog = Vec::new();
-        if let Some(asked) = last_event_id {
-            let parsed = asked.parse::<EventId>().ok();
-            // An id this hub cannot place (garbage, or from the future: a
-            // restart with the clock stepped back, another server) replays
-            // everything retained after the reset notice.
-            let placeable = parsed.filter(|a| *a <= state.last_id);
-            let mut gap = placeable.is_none();
-            let after = placeable.unwrap_or(EventId::floor_of(0));
-            let mut events = Vec::new();
-            let mut oldest: Option<EventId> = None;
-            for name in &names {
-                let replay = state.history.since(name, after);
-                gap |= replay.gap;
-                oldest = match (oldest, replay.oldest) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                events.extend(replay.events);
-            }
-            if gap {
-                backlog.push(reset_frame(asked, oldest));
-            }
-            events.sort_by_key(|e| e.id);
-            backlog.extend(events.into_iter().map(|e| e.frame));
-        }
+        let backlog = match last_event_id {
+            Some(asked) => replay_local(&state, &names, asked),
+            None => Vec::new(),
+        };
         for name in &names {
             let slot = SubscriberSlot {
                 id,
@@ -1287,6 +1267,10 @@ impl Stream {
     /// [`StreamError::Ended`] when the client leaves, the budget runs out,
     /// the server shuts down, or the hub drops the subscriber as
     /// [`EndReason::Slow`].
+    // Out of line, as `Hub::subscribe` is: a stream thread keeps every
+    // stack page it ever touched for the stream's life, and inlined into
+    // the handler their locals would stack up in one deep frame.
+    #[inline(never)]
     pub fn follow(&mut self, mut sub: Subscription) -> Result<(), StreamError> {
         let backlog = sub.take_backlog();
         for part in backlog.chunks(BATCH) {
@@ -1498,6 +1482,39 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The replay of a local subscription resuming after `asked`: every
+/// retained event of `names` after it, in id order, after a reset notice
+/// when some may be missing. Out of line, so its locals do not deepen
+/// `Hub::subscribe` (see `Stream::follow`).
+#[inline(never)]
+fn replay_local(state: &State, names: &[Box<str>], asked: &str) -> Vec<EncodedEvent> {
+    let mut backlog = Vec::new();
+    let parsed = asked.parse::<EventId>().ok();
+    // An id this hub cannot place (garbage, or from the future: a restart
+    // with the clock stepped back, another server) replays everything
+    // retained after the reset notice.
+    let placeable = parsed.filter(|a| *a <= state.last_id);
+    let mut gap = placeable.is_none();
+    let after = placeable.unwrap_or(EventId::floor_of(0));
+    let mut events = Vec::new();
+    let mut oldest: Option<EventId> = None;
+    for name in names {
+        let replay = state.history.since(name, after);
+        gap |= replay.gap;
+        oldest = match (oldest, replay.oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        events.extend(replay.events);
+    }
+    if gap {
+        backlog.push(reset_frame(asked, oldest));
+    }
+    events.sort_by_key(|e| e.id);
+    backlog.extend(events.into_iter().map(|e| e.frame));
+    backlog
 }
 
 #[cfg(test)]

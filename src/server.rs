@@ -93,7 +93,9 @@ struct Entry {
 
 impl Registry {
     /// Registers a stream's socket and its thread (the caller), which
-    /// shutdown unparks.
+    /// shutdown unparks. Out of line, as is `remove`: stream threads keep
+    /// every stack page they touch (see `Stream::follow`).
+    #[inline(never)]
     pub(crate) fn insert(&self, conn: Arc<TcpStream>) -> u64 {
         let id = self.next.fetch_add(1, Relaxed);
         if let Ok(mut conns) = self.conns.lock() {
@@ -138,6 +140,7 @@ impl Registry {
         threads.iter().for_each(std::thread::Thread::unpark);
     }
 
+    #[inline(never)]
     pub(crate) fn remove(&self, id: u64) {
         let removed = self.conns.lock().ok().and_then(|mut c| c.remove(&id));
         drop(removed); // outside the lock: may close the socket

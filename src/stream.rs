@@ -26,6 +26,8 @@ use crate::stats::Stats;
 pub const DONE: &str = "[DONE]";
 /// The comment sent as a heartbeat.
 const HEARTBEAT_FRAME: &[u8] = b": keep-alive\n\n";
+/// [`HEARTBEAT_FRAME`] as an HTTP/1.1 chunk (14 bytes: `E`).
+const HEARTBEAT_CHUNK: &[u8] = b"E\r\n: keep-alive\n\n\r\n";
 /// Bytes an HTTP/1.1 chunk adds around a frame, at most: the size in hex
 /// (16 digits) and two CRLFs.
 const CHUNK_FRAMING: usize = 16 + 4;
@@ -676,8 +678,17 @@ impl Stream {
             && self.last_write.elapsed() >= h
         {
             if self.config.heartbeat_event {
-                let frame = ping_event().encode()?;
-                self.write_frames(&[&frame])?;
+                self.ping_frame()?;
+            } else if self.state == State::Open {
+                // The usual case, written as it stands: the shallowest
+                // write a stream makes (see `write_small`).
+                self.check_alive()?;
+                let frame = if self.chunked {
+                    HEARTBEAT_CHUNK
+                } else {
+                    HEARTBEAT_FRAME
+                };
+                self.wrote(frame, 1)?;
             } else {
                 self.write_frames(&[HEARTBEAT_FRAME])?;
             }
@@ -685,34 +696,22 @@ impl Stream {
         Ok(())
     }
 
+    /// `event: ping` with the time, as a heartbeat.
+    #[inline(never)]
+    fn ping_frame(&mut self) -> Result<(), StreamError> {
+        let frame = ping_event().encode()?;
+        self.write_frames(&[&frame])
+    }
+
     /// Writes `frames` (with the head first if it has not gone out), as one
     /// chunk per frame, in a single write; resets the budget on success.
     fn write_frames(&mut self, frames: &[&[u8]]) -> Result<(), StreamError> {
         self.check_alive()?;
         let pending = self.state == State::Pending;
-        let head: &[u8] = match (pending, self.chunked) {
-            (false, _) => b"",
-            (true, true) => STREAM_HEAD_11,
-            (true, false) => STREAM_HEAD_10,
-        };
         let framing = if self.chunked { CHUNK_FRAMING } else { 0 };
         let payload: usize = frames.iter().map(|f| f.len() + framing).sum();
-        if (!pending || self.headers.is_empty()) && head.len() + payload <= SMALL_WRITE {
-            // The usual writes of an idle stream (the head with `retry:`, a
-            // heartbeat) are put together on the stack. A heap buffer
-            // freed here would stay in this thread's malloc cache for as
-            // long as the stream lives: memory every idle stream pays for.
-            let mut buf = [0u8; SMALL_WRITE];
-            let mut at = fill(&mut buf, &[head]);
-            for frame in frames {
-                at += if self.chunked {
-                    let size = Digits::hex(frame.len());
-                    fill(&mut buf[at..], &[size.as_bytes(), b"\r\n", frame, b"\r\n"])
-                } else {
-                    fill(&mut buf[at..], &[frame])
-                };
-            }
-            return self.wrote(&buf[..at], frames.len());
+        if (!pending || self.headers.is_empty()) && STREAM_HEAD_11.len() + payload <= SMALL_WRITE {
+            return self.write_small(frames);
         }
         let mut out = Vec::with_capacity(payload + if pending { 256 } else { 0 });
         if pending {
@@ -730,6 +729,33 @@ impl Stream {
             }
         }
         self.wrote(&out, frames.len())
+    }
+
+    /// [`write_frames`](Stream::write_frames) for the usual writes of an
+    /// idle stream (the head with `retry:`, a heartbeat), which fit in
+    /// `SMALL_WRITE` bytes with the head: put together on the stack. A heap
+    /// buffer freed here would stay in this thread's malloc cache for as
+    /// long as the stream lives, memory every idle stream pays for. Out of
+    /// line, so the buffer is on the stack only while it is used: a stream
+    /// thread keeps every stack page it ever touched (see `Stream::follow`).
+    #[inline(never)]
+    fn write_small(&mut self, frames: &[&[u8]]) -> Result<(), StreamError> {
+        let head: &[u8] = match (self.state == State::Pending, self.chunked) {
+            (false, _) => b"",
+            (true, true) => STREAM_HEAD_11,
+            (true, false) => STREAM_HEAD_10,
+        };
+        let mut buf = [0u8; SMALL_WRITE];
+        let mut at = fill(&mut buf, &[head]);
+        for frame in frames {
+            at += if self.chunked {
+                let size = Digits::hex(frame.len());
+                fill(&mut buf[at..], &[size.as_bytes(), b"\r\n", frame, b"\r\n"])
+            } else {
+                fill(&mut buf[at..], &[frame])
+            };
+        }
+        self.wrote(&buf[..at], frames.len())
     }
 
     /// Writes `bytes` (holding `frames` frames, and the head if it was
@@ -945,4 +971,25 @@ pub(crate) fn write_all_timeout(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heartbeat_chunk_is_the_heartbeat_frame_chunked() {
+        let mut out = Vec::new();
+        chunk_into(&mut out, HEARTBEAT_FRAME);
+        assert_eq!(out, HEARTBEAT_CHUNK);
+    }
+
+    #[test]
+    fn a_small_write_fits_the_head_and_a_chunked_retry() {
+        let retry = b"retry: 4294967295\n\n";
+        let mut out = STREAM_HEAD_11.to_vec();
+        chunk_into(&mut out, retry);
+        assert!(out.len() <= SMALL_WRITE, "{} bytes", out.len());
+        assert!(STREAM_HEAD_11.len() + retry.len() + CHUNK_FRAMING <= SMALL_WRITE);
+    }
 }

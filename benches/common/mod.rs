@@ -14,8 +14,16 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The daemon under test, built by cargo for the benchmark.
+/// The daemon cargo built for the benchmark.
 pub const BIN: &str = env!("CARGO_BIN_EXE_ssed");
+/// Names another `ssed` binary to run as the server (the static build, a
+/// release from elsewhere); the load tester is still [`BIN`].
+pub const SERVER_ENV: &str = "SSED_BENCH_SERVER";
+
+/// The daemon under test: `$SSED_BENCH_SERVER`, or else [`BIN`].
+pub fn server_bin() -> std::ffi::OsString {
+    std::env::var_os(SERVER_ENV).unwrap_or_else(|| BIN.into())
+}
 /// How long the daemon may take to log its address.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -62,7 +70,7 @@ impl Server {
     /// blocks on a full pipe), and its warnings and errors are shown.
     pub fn start(config: &Path) -> Result<Server, Box<dyn Error>> {
         let child = Guard(
-            Command::new(BIN)
+            Command::new(server_bin())
                 .arg("--config")
                 .arg(config)
                 .args(["--listen", "127.0.0.1:0"])

@@ -290,7 +290,27 @@ impl App {
     // ----- streams ---------------------------------------------------------
 
     /// Common opening of a subscriber stream: CORS, access, cookie, retry.
+    ///
+    /// Stream threads keep every stack page they touch for the stream's
+    /// life, so the uncommon branches here and in `subscribe` (refusals,
+    /// tickets, errors) live in functions of their own, kept out of line:
+    /// their locals do not deepen the common path.
     fn open_stream(&self, req: &Request, stream: &mut Stream) -> Result<bool, StreamError> {
+        if !self.admit_stream(req, stream)? {
+            return Ok(false);
+        }
+        if self.config.retry.is_zero() {
+            stream.open()?;
+        } else {
+            stream.retry(self.config.retry)?;
+        }
+        Ok(true)
+    }
+
+    /// CORS and access for a new stream: sets the headers they call for
+    /// and answers a refused one (false).
+    #[inline(never)]
+    fn admit_stream(&self, req: &Request, stream: &mut Stream) -> Result<bool, StreamError> {
         let cors = match self.cors(req) {
             Ok(h) => h,
             Err(r) => {
@@ -320,11 +340,6 @@ impl App {
                 Err(e) => log::warn!("cannot open a session for a ticket: {e}"),
             }
         }
-        if self.config.retry.is_zero() {
-            stream.open()?;
-        } else {
-            stream.retry(self.config.retry)?;
-        }
         Ok(true)
     }
 
@@ -333,20 +348,8 @@ impl App {
             Some(t) => vec![t],
             None => req.query_all("topic").collect(),
         };
-        if topics.is_empty() {
-            return stream.respond(Response::text(
-                400,
-                "name a topic: /events/{topic} or /events?topic=a&topic=b",
-            ));
-        }
-        if topics.len() > MAX_TOPICS_PER_STREAM {
-            return stream.respond(Response::text(
-                400,
-                format!("too many topics (at most {MAX_TOPICS_PER_STREAM} per stream)"),
-            ));
-        }
-        if let Some(bad) = topics.iter().find(|t| !valid_name(t)) {
-            return stream.respond(bad_name("topic", bad));
+        if let Some(refusal) = refuse_topics(&topics) {
+            return stream.respond(refusal);
         }
         if !self.open_stream(req, stream)? {
             return Ok(());
@@ -355,15 +358,9 @@ impl App {
         // a queue in the hub.
         let sub = match self.hub.subscribe(&topics, req.last_event_id()) {
             Ok(sub) => sub,
-            Err(e) => {
-                // The head is out, so no 503: tell an EventSource to come
-                // back soon (with its Last-Event-ID), and end.
-                log::warn!("subscribe failed: {}", crate::Report(&e));
-                stream.retry(STORAGE_RETRY)?;
-                stream.comment("storage unavailable; reconnect later")?;
-                return Ok(());
-            }
+            Err(e) => return subscribe_failed(stream, &e),
         };
+        drop(topics);
         stream.follow(sub)
     }
 
@@ -720,6 +717,38 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
         }
     };
     with_port(rest) == with_port(host)
+}
+
+/// Why a stream's topic list is refused, if it is (400).
+#[inline(never)]
+fn refuse_topics(topics: &[&str]) -> Option<Response> {
+    if topics.is_empty() {
+        return Some(Response::text(
+            400,
+            "name a topic: /events/{topic} or /events?topic=a&topic=b",
+        ));
+    }
+    if topics.len() > MAX_TOPICS_PER_STREAM {
+        return Some(Response::text(
+            400,
+            format!("too many topics (at most {MAX_TOPICS_PER_STREAM} per stream)"),
+        ));
+    }
+    topics
+        .iter()
+        .find(|t| !valid_name(t))
+        .map(|bad| bad_name("topic", bad))
+}
+
+/// Ends a stream whose subscription failed (storage down). The head is
+/// out, so no 503: an EventSource is told to come back soon (with its
+/// Last-Event-ID).
+#[cold]
+#[inline(never)]
+fn subscribe_failed(stream: &mut Stream, e: &crate::HubError) -> Result<(), StreamError> {
+    log::warn!("subscribe failed: {}", crate::Report(e));
+    stream.retry(STORAGE_RETRY)?;
+    stream.comment("storage unavailable; reconnect later")
 }
 
 #[cfg(test)]

@@ -181,16 +181,6 @@ impl Fields {
             (&self.text[a..b], &self.text[b..c])
         })
     }
-
-    /// How many fields there are.
-    pub fn len(&self) -> usize {
-        self.spans.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
-    }
 }
 
 fn framing(headers: &Fields, minor: u8) -> Result<BodyKind, HeadError> {
