@@ -55,7 +55,7 @@ const MEASURE_RESERVE: Duration = Duration::from_secs(15);
 /// Size of a glibc malloc arena's reservation on 64-bit (`HEAP_MAX_SIZE`).
 const ARENA_SIZE: u64 = 64 * 1024 * 1024;
 /// The target for server RSS per idle stream.
-const RSS_TARGET_KIB: f64 = 16.0;
+const RSS_TARGET_KIB: f64 = 10.0;
 
 struct Options {
     streams: usize,
@@ -765,7 +765,7 @@ impl Report<'_> {
         )];
         if self.held() >= 1000 {
             v.push((
-                "RSS per stream <= 16 KiB",
+                "RSS per stream <= 10 KiB (RSS_TARGET_KIB)",
                 self.rss_per_stream() <= RSS_TARGET_KIB,
                 format!("{:.2} KiB", self.rss_per_stream()),
             ));
