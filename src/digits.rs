@@ -16,32 +16,27 @@ pub(crate) struct Digits {
 
 impl Digits {
     /// `n` in decimal.
-    pub(crate) fn decimal(mut n: u128) -> Self {
-        let mut d = Digits {
-            buf: [0; 39],
-            at: 39,
-        };
-        loop {
-            d.at -= 1;
-            d.buf[d.at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                return d;
-            }
-        }
+    pub(crate) fn decimal(n: u128) -> Self {
+        Self::radix::<10>(n)
     }
 
     /// `n` in upper-case hexadecimal (an HTTP chunk size).
-    pub(crate) fn hex(mut n: usize) -> Self {
-        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    pub(crate) fn hex(n: usize) -> Self {
+        Self::radix::<16>(n as u128)
+    }
+
+    // The base is a constant so that hex digits (a chunk size per frame
+    // written, on the fan-out path) are shifts, not divisions.
+    fn radix<const BASE: u128>(mut n: u128) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
         let mut d = Digits {
             buf: [0; 39],
             at: 39,
         };
         loop {
             d.at -= 1;
-            d.buf[d.at] = HEX[n & 0xF];
-            n >>= 4;
+            d.buf[d.at] = DIGITS[(n % BASE) as usize];
+            n /= BASE;
             if n == 0 {
                 return d;
             }

@@ -924,10 +924,7 @@ impl Hub {
         let mut horizon: HashMap<&str, EventId> = HashMap::new();
         for (name, replay) in names.iter().zip(replays) {
             gap |= replay.gap;
-            oldest = match (oldest, replay.oldest) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            oldest = earliest(oldest, replay.oldest);
             let newest_replayed = replay.events.last().map_or(after, |(id, _)| *id);
             horizon.insert(name, newest_replayed.max(after));
             events.extend(replay.events);
@@ -1484,6 +1481,14 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The earlier of two oldest-retained ids, either of which may be unknown.
+fn earliest(a: Option<EventId>, b: Option<EventId>) -> Option<EventId> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The replay of a local subscription resuming after `asked`: every
 /// retained event of `names` after it, in id order, after a reset notice
 /// when some may be missing. Out of line, so its locals do not deepen
@@ -1503,10 +1508,7 @@ fn replay_local(state: &State, names: &[Box<str>], asked: &str) -> Vec<EncodedEv
     for name in names {
         let replay = state.history.since(name, after);
         gap |= replay.gap;
-        oldest = match (oldest, replay.oldest) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        oldest = earliest(oldest, replay.oldest);
         events.extend(replay.events);
     }
     if gap {

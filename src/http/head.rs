@@ -135,8 +135,6 @@ pub fn parse(buf: &[u8]) -> Parse {
     }
 }
 
-/// Works out the body framing, refusing ambiguous framing (the root of
-/// request smuggling) rather than guessing.
 /// Header fields in one buffer: names and values side by side in `text`,
 /// with `(name start, value start, value end)` offsets into it.
 ///
@@ -183,6 +181,8 @@ impl Fields {
     }
 }
 
+/// Works out the body framing, refusing ambiguous framing (the root of
+/// request smuggling) rather than guessing.
 fn framing(headers: &Fields, minor: u8) -> Result<BodyKind, HeadError> {
     let mut length: Option<u64> = None;
     let mut chunked = false;
