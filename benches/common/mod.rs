@@ -69,8 +69,9 @@ impl Server {
     /// address in its log. The log keeps being drained (so the server never
     /// blocks on a full pipe), and its warnings and errors are shown.
     pub fn start(config: &Path) -> Result<Server, Box<dyn Error>> {
+        let bin = server_bin();
         let child = Guard(
-            Command::new(server_bin())
+            Command::new(&bin)
                 .arg("--config")
                 .arg(config)
                 .args(["--listen", "127.0.0.1:0"])
@@ -80,7 +81,8 @@ impl Server {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
-                .spawn()?,
+                .spawn()
+                .map_err(|e| format!("cannot start the server {}: {e}", bin.to_string_lossy()))?,
         );
         // From here on the guard kills it, even if no address shows up.
         let mut server = Server {
