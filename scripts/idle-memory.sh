@@ -66,6 +66,17 @@ sleep 0.5
 
 meminfo() { awk '$3 == "kB" { printf "%s %s\n", $1, $2 }' /proc/meminfo; }
 status() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$server/status"; }
+# The server's open streams, from /healthz (bash's /dev/tcp: no curl needed).
+streams_open() {
+  local host=${addr%:*} port=${addr##*:} reply
+  exec 3<>"/dev/tcp/$host/$port" || { echo 0; return; }
+  printf 'GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n' >&3
+  reply=$(cat <&3)
+  exec 3<&-
+  sed -n 's/.*"streams_open":\([0-9]*\).*/\1/p' <<<"$reply" | head -1
+}
+# Bytes held by each slab cache (its slabs' pages), where readable.
+slabs() { awk 'NR > 2 { print $1, $15 * $6 * 4096 }' /proc/slabinfo 2>/dev/null || true; }
 free_kb() { awk '$1 == "MemFree:" { print $2 }' /proc/meminfo; }
 # A previous run's threads and sockets go away lazily (RCU, TIME_WAIT):
 # wait (at most 30 s) until free memory holds still (within 2 MiB) for two
@@ -75,6 +86,7 @@ for _ in $(seq 15); do
   (( m1 - m0 < 2048 && m0 - m1 < 2048 )) && break
 done
 meminfo >"$work/before"
+slabs >"$work/slab-before"
 rss0=$(status VmRSS); threads0=$(status Threads); maps0=$(wc -l <"/proc/$server/maps")
 
 ramp=5000
@@ -82,18 +94,20 @@ hold=$((streams / ramp + 10))
 "$bin" loadtest --url "http://$addr/events/idle" --connections "$streams" --ramp "$ramp/s" \
   --duration "${hold}s" --json >"$work/loadtest.json" 2>"$work/loadtest.log" &
 tester=$!
-# Wait until every stream is held (the server's thread count), then settle.
+# Wait until every stream is held, then settle.
 deadline=$((SECONDS + hold - 3))
-while (( $(status Threads) - threads0 < streams && SECONDS < deadline )); do sleep 0.5; done
+while (( $(streams_open) < streams && SECONDS < deadline )); do sleep 0.5; done
 sleep 2
 meminfo >"$work/after"
+slabs >"$work/slab-after"
 rss1=$(status VmRSS); threads1=$(status Threads); maps1=$(wc -l <"/proc/$server/maps")
-held=$((threads1 - threads0))
+held=$(streams_open)
 
-python3 - "$server" "$work/before" "$work/after" "$held" "$rss0" "$rss1" "$maps0" "$maps1" <<'PY'
+python3 - "$server" "$work/before" "$work/after" "$held" "$rss0" "$rss1" "$maps0" "$maps1" "$work/slab-before" "$work/slab-after" <<'PY'
 import struct, sys
 pid, before, after, held = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 rss0, rss1, maps0, maps1 = (int(x) for x in sys.argv[5:9])
+slab_before, slab_after = sys.argv[9], sys.argv[10]
 if held <= 0:
     sys.exit("idle-memory: no stream was held")
 read = lambda p: {k.rstrip(':'): int(v) for k, v in (l.split() for l in open(p))}
@@ -136,7 +150,15 @@ print(f"memory in use          {(used(a) - used(b)) / held:6.2f} KiB per stream 
 print(f"MemAvailable           {-per('MemAvailable'):6.2f} KiB per stream (drop)")
 for k in ("Cached", "AnonPages", "Slab", "SUnreclaim", "SReclaimable", "KernelStack", "PageTables"):
     print(f"  {k:20} {per(k):6.2f} KiB per stream")
+# The slab caches that grew most, per stream (needs a readable /proc/slabinfo).
+rows = lambda p: {n: int(v) for n, v in (l.split() for l in open(p))}
+sb, sa = rows(slab_before), rows(slab_after)
+grew = sorted(((sa[n] - sb.get(n, 0)) / held / 1024, n) for n in sa)
+top = [(kib, n) for kib, n in reversed(grew) if kib >= 0.1][:10]
+if top:
+    print("  slab caches: " + ", ".join(f"{n} {kib:.2f}" for kib, n in top) + " (KiB per stream)")
 PY
+echo "server threads         $threads0 -> $threads1 (one per stream, and the waker threads the first stream starts)"
 frag=$(cat /proc/sys/net/core/high_order_alloc_disable 2>/dev/null || echo "?")
 echo "net.core.high_order_alloc_disable = $frag (1 makes TCP page fragments 4 KiB instead of 32: deploy/sysctl.d/ssed.conf)"
 grep -o '"held":[0-9]*' "$work/loadtest.json" | sed 's/"held":/load tester held       /' || true

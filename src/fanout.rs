@@ -95,12 +95,48 @@ pub(crate) struct Writer {
     enabled: bool,
     /// Bytes a waker could not send: they go before anything else.
     pub(crate) carry: Vec<u8>,
+    /// Bytes the subscriber handed to the wakers to send for it (its head,
+    /// a heartbeat), with the number of frames in them: they go out before
+    /// any queued frame. See [`Wakers::hand_off`].
+    outbox: Vec<u8>,
+    outbox_frames: u64,
 }
 
 impl Writer {
     /// No more writes by wakers.
     pub(crate) fn stop(&mut self) {
         self.enabled = false;
+    }
+
+    /// Whether a waker may be handed bytes to send: writes are on and
+    /// nothing is left over from a send that fell short.
+    pub(crate) fn can_hand_off(&self) -> bool {
+        self.enabled && self.carry.is_empty()
+    }
+
+    /// Lets `f` add one frame to what a waker will send; `f` says whether
+    /// it did.
+    pub(crate) fn stage_with<E>(
+        &mut self,
+        f: impl FnOnce(&mut Vec<u8>) -> Result<bool, E>,
+    ) -> Result<bool, E> {
+        let added = f(&mut self.outbox)?;
+        if added {
+            self.outbox_frames += 1;
+        }
+        Ok(added)
+    }
+
+    /// Whether bytes wait for a waker.
+    pub(crate) fn has_staged(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    /// Takes the staged bytes back, to send them on the subscriber's own
+    /// thread: counted as sent (bytes only; the frames are counted here).
+    pub(crate) fn take_staged(&mut self, stats: &Stats) -> Vec<u8> {
+        stats.sent(std::mem::take(&mut self.outbox_frames), 0);
+        std::mem::take(&mut self.outbox)
     }
 }
 
@@ -138,8 +174,18 @@ impl SubscriberQueue {
     }
 
     /// Lets wakers write to `conn` (open, `chunked` or not) while the
-    /// subscriber sleeps.
-    pub(crate) fn enable_direct(&self, conn: Arc<TcpStream>, chunked: bool, stats: Stats) {
+    /// subscriber sleeps, starting with `opening` (`frames` frames; empty
+    /// when the stream's head is already out). Called on the subscriber's
+    /// thread, which is the one a waker wakes when it cannot send.
+    pub(crate) fn enable_direct(
+        &self,
+        conn: Arc<TcpStream>,
+        chunked: bool,
+        stats: Stats,
+        opening: Vec<u8>,
+        frames: u64,
+    ) {
+        let _ = self.thread.set(std::thread::current());
         let _ = self.direct.set(Direct {
             conn,
             chunked,
@@ -147,6 +193,8 @@ impl SubscriberQueue {
             writer: Mutex::new(Writer {
                 enabled: true,
                 carry: Vec::new(),
+                outbox: opening,
+                outbox_frames: frames,
             }),
             sent_at: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -154,16 +202,23 @@ impl SubscriberQueue {
     }
 
     /// No more writes by wakers (the stream is done following); returns
-    /// what a waker left unsent, which the stream must finish before any
-    /// other byte.
+    /// what a waker left unsent or was never given the chance to send,
+    /// which the stream must finish before any other byte.
     pub(crate) fn disable_direct(&self) -> Vec<u8> {
         match self.writer() {
             Some(mut w) => {
                 w.enabled = false;
-                std::mem::take(&mut w.carry)
+                let mut rest = std::mem::take(&mut w.carry);
+                rest.append(&mut w.outbox);
+                rest
             }
             None => Vec::new(),
         }
+    }
+
+    /// The stats of the socket wakers write to, when they may.
+    pub(crate) fn direct_stats(&self) -> Option<&Stats> {
+        self.direct.get().map(|d| &d.stats)
     }
 
     /// The subscriber's hold on the socket, when wakers may write to it.
@@ -202,8 +257,12 @@ impl SubscriberQueue {
         frames.clear();
         loop {
             self.drain_into(frames, usize::MAX);
-            if !frames.is_empty() {
+            if !frames.is_empty() || !w.outbox.is_empty() {
                 buf.clear();
+                // What the subscriber staged goes first. Its buffer is
+                // freed here, on the waker, like everything sent for it.
+                buf.extend_from_slice(&std::mem::take(&mut w.outbox));
+                let staged = std::mem::take(&mut w.outbox_frames);
                 for f in frames.iter() {
                     if d.chunked {
                         chunk_into(buf, f.as_bytes());
@@ -213,7 +272,7 @@ impl SubscriberQueue {
                 }
                 let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
                 let sent = rustix::net::send(&*d.conn, buf, flags).unwrap_or(0);
-                d.stats.sent(frames.len() as u64, sent as u64);
+                d.stats.sent(frames.len() as u64 + staged, sent as u64);
                 if sent < buf.len() {
                     w.carry.extend_from_slice(&buf[sent..]);
                     return false;
@@ -366,6 +425,18 @@ impl Wakers {
                 wake_all(&e.into_inner());
             }
             list = rest;
+        }
+    }
+}
+
+impl Wakers {
+    /// Has a waker send what the subscriber of `queue` staged in its
+    /// [`Writer`]: false when no waker thread runs, and
+    /// the subscriber must send it itself.
+    pub(crate) fn hand_off(&self, queue: Arc<SubscriberQueue>) -> bool {
+        match self.tx.get_or_init(spawn_wakers) {
+            Some(tx) => tx.send(vec![queue]).is_ok(),
+            None => false,
         }
     }
 }

@@ -41,6 +41,19 @@ pub const RESET_EVENT: &str = "reset";
 pub const MAX_NAME_LEN: usize = 200;
 /// Most frames written per wake-up of a following stream.
 const BATCH: usize = 256;
+/// Most replay bytes handed to a waker with a stream's head (see
+/// `Stream::follow`); a longer replay is written by the stream's thread.
+const OPENING_MAX: usize = 16 * 1024;
+
+/// What one look at a followed queue did.
+enum Step {
+    /// Frames went out: look again.
+    Sent,
+    /// Nothing to do: park.
+    Idle,
+    /// A heartbeat was staged for a waker: hand it over, then park.
+    Staged,
+}
 /// How often a consumer of a Redis mailbox looks without being woken.
 const REMOTE_MAILBOX_POLL: Duration = Duration::from_secs(1);
 
@@ -1270,36 +1283,55 @@ impl Stream {
     #[inline(never)]
     pub fn follow(&mut self, mut sub: Subscription) -> Result<(), StreamError> {
         let backlog = sub.take_backlog();
-        for part in backlog.chunks(BATCH) {
-            self.send_encoded(part)?;
-        }
-        // Open now (a no-op if a frame or the handler already did), so
-        // wakers can write frames while this thread sleeps.
-        self.open()?;
         let queue = Arc::clone(&sub.queue);
-        if let Some((conn, chunked, stats)) = self.direct_parts() {
-            queue.enable_direct(conn, chunked, stats);
+        // An idle stream's thread sends nothing itself: its head, retry
+        // and (short) replay, like its heartbeats and most events, are sent
+        // by a waker thread (see `Stream::take_opening` for why).
+        let mut staged = false;
+        if let Some((opening, frames)) = self.take_opening(&backlog, OPENING_MAX)
+            && let Some((conn, chunked, stats)) = self.direct_parts()
+        {
+            queue.enable_direct(conn, chunked, stats, opening, frames);
+            staged = true;
+        } else {
+            for part in backlog.chunks(BATCH) {
+                self.send_encoded(part)?;
+            }
+            // Open now (a no-op if a frame or the handler already did), so
+            // wakers can write frames while this thread sleeps.
+            self.open()?;
+            if let Some((conn, chunked, stats)) = self.direct_parts() {
+                queue.enable_direct(conn, chunked, stats, Vec::new(), 0);
+            }
         }
-        let result = self.follow_queue(&queue);
+        drop(backlog);
+        let result = self.follow_queue(&sub.hub, &queue, staged);
         // From here on only this thread writes (the final frame, the close).
         let carry = queue.disable_direct();
         if !carry.is_empty() {
-            // A waker began a frame after the last look: finish it, or cut
-            // the connection without another byte.
+            // A waker began a frame after the last look, or was never given
+            // the chance to send what was staged: finish it, or cut the
+            // connection without another byte.
             let _ = self.finish_partial(&carry);
         }
         result
     }
 
-    fn follow_queue(&mut self, queue: &SubscriberQueue) -> Result<(), StreamError> {
+    fn follow_queue(
+        &mut self,
+        hub: &Hub,
+        queue: &Arc<SubscriberQueue>,
+        mut staged: bool,
+    ) -> Result<(), StreamError> {
         let mut batch = Vec::new();
         loop {
             // Held while draining and writing, so a waker never writes in
             // between: frames leave in queue order.
             let mut writer = queue.writer();
             match self.follow_step(queue, writer.as_deref_mut(), &mut batch) {
-                Ok(true) => continue,
-                Ok(false) => {}
+                Ok(Step::Sent) => continue,
+                Ok(Step::Idle) => {}
+                Ok(Step::Staged) => staged = true,
                 Err(e) => {
                     // Still holding the writer: no waker may add frames
                     // after a write that failed halfway.
@@ -1310,6 +1342,11 @@ impl Stream {
                 }
             }
             drop(writer);
+            // Handed over just before parking, with the writer free, so the
+            // waker finds it free.
+            if std::mem::take(&mut staged) && !hub.0.wakers.hand_off(Arc::clone(queue)) {
+                self.send_staged(queue)?;
+            }
             if queue.prepare_park() {
                 self.park();
                 queue.unparked();
@@ -1317,15 +1354,25 @@ impl Stream {
         }
     }
 
-    /// One look at the queue, holding the writer: true when frames went
-    /// out (look again), false when there is nothing to do (park).
+    /// Sends what was staged for a waker on this thread (no waker runs).
+    #[cold]
+    #[inline(never)]
+    fn send_staged(&mut self, queue: &SubscriberQueue) -> Result<(), StreamError> {
+        let bytes = match (queue.writer(), queue.direct_stats()) {
+            (Some(mut w), Some(stats)) => w.take_staged(stats),
+            _ => return Ok(()),
+        };
+        self.finish_partial(&bytes)
+    }
+
+    /// One look at the queue, holding the writer.
     fn follow_step(
         &mut self,
         queue: &SubscriberQueue,
-        writer: Option<&mut Writer>,
+        mut writer: Option<&mut Writer>,
         batch: &mut Vec<EncodedEvent>,
-    ) -> Result<bool, StreamError> {
-        if let Some(w) = writer
+    ) -> Result<Step, StreamError> {
+        if let Some(w) = writer.as_deref_mut()
             && !w.carry.is_empty()
         {
             // The rest of a frame a waker began: it goes out first, even
@@ -1339,12 +1386,20 @@ impl Stream {
         self.check_alive()?;
         queue.drain_into(batch, BATCH);
         if !batch.is_empty() {
+            if let (Some(w), Some(stats)) = (writer.as_deref_mut(), queue.direct_stats())
+                && w.has_staged()
+            {
+                // Bytes staged for a waker that has not sent them yet go
+                // before the frames.
+                let staged = w.take_staged(stats);
+                self.finish_partial(&staged)?;
+            }
             self.send_encoded(batch)?;
             batch.clear();
             if batch.capacity() > 64 {
                 *batch = Vec::new(); // do not hold a burst's buffer while idle
             }
-            return Ok(true);
+            return Ok(Step::Sent);
         }
         if queue.is_closed() {
             let reason = if queue.is_slow() {
@@ -1354,9 +1409,19 @@ impl Stream {
             };
             return Err(self.end_with(reason));
         }
-        // A heartbeat that is due goes out under the same hold.
+        // A heartbeat that is due goes out under the same hold: staged for
+        // a waker when one may write, so this thread never sends while idle.
+        if let Some(w) = writer
+            && w.can_hand_off()
+        {
+            return Ok(if w.stage_with(|out| self.stage_heartbeat(out))? {
+                Step::Staged
+            } else {
+                Step::Idle
+            });
+        }
         self.on_timer()?;
-        Ok(false)
+        Ok(Step::Idle)
     }
 
     /// Consumes the mailbox `key`: each message is sent once as `data:`

@@ -37,6 +37,7 @@ pub(crate) struct Counters {
     pub(crate) accept_errors: AtomicU64,
     pub(crate) head_timeouts: AtomicU64,
     pub(crate) bad_requests: AtomicU64,
+    pub(crate) thread_writes: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -71,6 +72,12 @@ pub struct StatsSnapshot {
     pub head_timeouts: u64,
     /// Requests refused as malformed or over a limit (`400`, `413`, `431`, …).
     pub bad_requests: u64,
+    /// Writes made to a stream's socket by the stream's own thread. What a
+    /// followed hub subscription sends while idle (its head, heartbeats,
+    /// sparse events) goes out from the hub's waker threads instead, and
+    /// is not counted here: a thread that once writes to a TCP socket keeps
+    /// a kernel page fragment for it (32 KiB by default) until it ends.
+    pub thread_writes: u64,
 }
 
 impl StatsSnapshot {
@@ -104,6 +111,7 @@ impl Stats {
             accept_errors: c.accept_errors.load(Relaxed),
             head_timeouts: c.head_timeouts.load(Relaxed),
             bad_requests: c.bad_requests.load(Relaxed),
+            thread_writes: c.thread_writes.load(Relaxed),
         }
     }
 
@@ -113,6 +121,11 @@ impl Stats {
 
     pub(crate) fn disconnect(&self, reason: EndReason) {
         self.0.disconnects[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    /// A write by a stream's own thread (see [`StatsSnapshot::thread_writes`]).
+    pub(crate) fn thread_write(&self) {
+        self.0.thread_writes.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn sent(&self, frames: u64, bytes: u64) {

@@ -106,6 +106,8 @@ pub struct Stream {
     registry: Option<(Arc<Registry>, u64)>,
     stats: Stats,
     ended: Option<EndReason>,
+    /// A `retry:` to send right after the head (see [`Stream::retry_on_open`]).
+    open_retry: Option<Duration>,
 }
 
 impl std::fmt::Debug for Stream {
@@ -147,6 +149,7 @@ impl Stream {
             shutdown,
             stats,
             ended: None,
+            open_retry: None,
         }
     }
 
@@ -284,14 +287,23 @@ impl Stream {
     ///
     /// [`StreamError::Ended`] when the stream is over.
     pub fn retry(&mut self, time: Duration) -> Result<(), StreamError> {
+        self.open_retry = None; // this one says it now
         if time.as_millis() == 0 {
             return Ok(());
         }
-        // `retry: <ms>\n\n`, put together on the stack: see `write_frames`.
-        let ms = Digits::decimal(time.as_millis());
-        let mut frame = [0u8; 48];
-        let len = fill(&mut frame, &[b"retry: ", ms.as_bytes(), b"\n\n"]);
+        let (frame, len) = retry_frame(time);
         self.write_frames(&[&frame[..len]])
+    }
+
+    /// Like [`retry`](Stream::retry), but while the head has not gone out
+    /// the frame waits to go with it, in the same write (which
+    /// [`follow`](Stream::follow) hands to a waker thread).
+    pub(crate) fn retry_on_open(&mut self, time: Duration) -> Result<(), StreamError> {
+        if self.state != State::Pending {
+            return self.retry(time);
+        }
+        self.open_retry = (time.as_millis() > 0).then_some(time);
+        Ok(())
     }
 
     /// Sends `data: [DONE]`, ends the stream cleanly, and returns `Ok` so a
@@ -708,6 +720,9 @@ impl Stream {
     fn write_frames(&mut self, frames: &[&[u8]]) -> Result<(), StreamError> {
         self.check_alive()?;
         let pending = self.state == State::Pending;
+        if pending && self.open_retry.is_some() {
+            return self.write_with_retry(frames);
+        }
         let framing = if self.chunked { CHUNK_FRAMING } else { 0 };
         let payload: usize = frames.iter().map(|f| f.len() + framing).sum();
         if (!pending || self.headers.is_empty()) && STREAM_HEAD_11.len() + payload <= SMALL_WRITE {
@@ -758,6 +773,113 @@ impl Stream {
         self.wrote(&buf[..at], frames.len())
     }
 
+    /// [`write_frames`](Stream::write_frames) with the `retry:` that waits
+    /// for the head first.
+    #[inline(never)]
+    fn write_with_retry(&mut self, frames: &[&[u8]]) -> Result<(), StreamError> {
+        let Some(time) = self.open_retry.take() else {
+            return self.write_frames(frames);
+        };
+        let (retry, len) = retry_frame(time);
+        let mut all: Vec<&[u8]> = Vec::with_capacity(frames.len() + 1);
+        all.push(&retry[..len]);
+        all.extend_from_slice(frames);
+        self.write_frames(&all)
+    }
+
+    /// What this stream's first write would carry (the head, a `retry:`
+    /// from [`retry_on_open`](Stream::retry_on_open), then `frames`) and
+    /// how many frames that is, for a waker thread to send instead of this
+    /// one: from here the stream counts as open and as having just sent.
+    /// `None`, and nothing changes, unless the stream is pending on a
+    /// socket of ours and `frames` come to at most `max` bytes.
+    ///
+    /// Why hand it over: a thread that sends on a TCP socket keeps the
+    /// kernel's page fragment for that (32 KiB by default) until it exits,
+    /// which would more than double an idle stream's memory.
+    #[inline(never)]
+    pub(crate) fn take_opening(
+        &mut self,
+        frames: &[EncodedEvent],
+        max: usize,
+    ) -> Option<(Vec<u8>, u64)> {
+        if !matches!(self.sink, Sink::Tcp(_))
+            || self.state != State::Pending
+            || self.check_alive().is_err()
+            || frames.iter().map(|f| f.as_bytes().len()).sum::<usize>() > max
+        {
+            return None;
+        }
+        let minor = if self.chunked { 1 } else { 0 };
+        let mut out = if self.headers.is_empty() {
+            let head = if self.chunked {
+                STREAM_HEAD_11
+            } else {
+                STREAM_HEAD_10
+            };
+            let mut out = Vec::with_capacity(head.len() + 64);
+            out.extend_from_slice(head);
+            out
+        } else {
+            stream_head(minor, &std::mem::take(&mut self.headers))
+        };
+        let mut count = frames.len() as u64;
+        let push = |out: &mut Vec<u8>, frame: &[u8]| {
+            if self.chunked {
+                chunk_into(out, frame);
+            } else {
+                out.extend_from_slice(frame);
+            }
+        };
+        if let Some(time) = self.open_retry.take() {
+            let (retry, len) = retry_frame(time);
+            push(&mut out, &retry[..len]);
+            count += 1;
+        }
+        for frame in frames {
+            push(&mut out, frame.as_bytes());
+        }
+        self.state = State::Open;
+        self.last_write = Instant::now();
+        self.extend_time();
+        Some((out, count))
+    }
+
+    /// A heartbeat that is due, added to `out` for a waker to send instead
+    /// of written here (see [`take_opening`](Stream::take_opening)); true
+    /// when one was. The stream counts as having just sent: should the
+    /// waker fail, this thread is woken to finish the bytes itself.
+    pub(crate) fn stage_heartbeat(&mut self, out: &mut Vec<u8>) -> Result<bool, StreamError> {
+        self.check_alive()?;
+        let Some(h) = self.config.heartbeat else {
+            return Ok(false);
+        };
+        if self.state != State::Open || self.last_write.elapsed() < h {
+            return Ok(false);
+        }
+        if self.config.heartbeat_event {
+            self.stage_ping(out)?;
+        } else if self.chunked {
+            out.extend_from_slice(HEARTBEAT_CHUNK);
+        } else {
+            out.extend_from_slice(HEARTBEAT_FRAME);
+        }
+        self.last_write = Instant::now();
+        self.extend_time();
+        Ok(true)
+    }
+
+    #[inline(never)]
+    fn stage_ping(&self, out: &mut Vec<u8>) -> Result<(), StreamError> {
+        let frame = ping_event().encode()?;
+        if self.chunked {
+            chunk_into(out, &frame);
+        } else {
+            out.extend_from_slice(&frame);
+        }
+        Ok(())
+    }
+
     /// Writes `bytes` (holding `frames` frames, and the head if it was
     /// pending) and notes the write.
     fn wrote(&mut self, bytes: &[u8], frames: usize) -> Result<(), StreamError> {
@@ -776,6 +898,7 @@ impl Stream {
     fn write_out(&mut self, bytes: &[u8]) -> Result<(), EndReason> {
         let result = match &mut self.sink {
             Sink::Tcp(conn) => {
+                self.stats.thread_write();
                 write_all_timeout(conn, bytes, self.config.write_timeout, &mut self.armed)
             }
             Sink::Writer(w) => w
@@ -833,6 +956,7 @@ impl Stream {
                         // A short deadline: shutdown must not wait on a
                         // client that stopped reading.
                         let timeout = self.config.write_timeout.min(Duration::from_secs(1));
+                        self.stats.thread_write();
                         let _ = write_all_timeout(conn, &out, timeout, &mut self.armed);
                     }
                 }
@@ -857,6 +981,7 @@ impl Stream {
                         out.extend_from_slice(b"0\r\n\r\n");
                     }
                     if let Sink::Tcp(conn) = &self.sink {
+                        self.stats.thread_write();
                         let _ = write_all_timeout(
                             conn,
                             &out,
@@ -907,6 +1032,15 @@ pub(crate) fn ping_event() -> Event {
     Event::new()
         .event("ping")
         .data(format!("{{\"time\":\"{time}\"}}"))
+}
+
+/// `retry: <ms>\n\n`, put together on the stack (see `write_frames`), and
+/// its length.
+fn retry_frame(time: Duration) -> ([u8; 48], usize) {
+    let ms = Digits::decimal(time.as_millis());
+    let mut frame = [0u8; 48];
+    let len = fill(&mut frame, &[b"retry: ", ms.as_bytes(), b"\n\n"]);
+    (frame, len)
 }
 
 /// Copies `parts` one after another to the start of `buf`; returns the

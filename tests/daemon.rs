@@ -57,8 +57,8 @@ fn start_on(listen: &str, toml: &str) -> Running {
 }
 
 impl Running {
-    /// Waits until `topic` has exactly `n` hub subscribers: a stream
-    /// subscribes after writing its head, so a test must not publish before.
+    /// Waits until `topic` has exactly `n` hub subscribers (a stream that
+    /// sent its head is subscribed; one that ended takes a moment to leave).
     fn wait_subscribers(&self, topic: &str, n: usize) {
         assert!(
             wait_until(DEADLINE, || self.hub.subscribers(topic) == n),
@@ -1656,6 +1656,73 @@ fn heartbeat_events_are_pings_with_the_time() {
         let year: u32 = time[..4].parse().expect("a year");
         assert!(year >= 2024, "{time}");
     }
+}
+
+/// An idle subscriber's own thread never writes to its socket: its head,
+/// `retry:`, a short replay, heartbeats and sparse events all go out from
+/// the hub's waker threads. (A thread that once writes to a TCP socket
+/// keeps a kernel page fragment, 32 KiB by default, until it ends: most of
+/// what an idle stream would cost the machine.) The streams still see
+/// everything, in order; once they end, their threads write the close.
+#[test]
+fn idle_subscribers_threads_never_write_themselves() {
+    const STREAMS: usize = 12;
+    let d = start("heartbeat = \"150ms\"");
+    let first = publish(d.addr, "quiet", "before");
+    publish(d.addr, "quiet", "missed");
+    // Half resume after the first event (a replay of one), half are new.
+    let resume = format!("Last-Event-ID: {}", first.id);
+    let mut clients: Vec<Client> = (0..STREAMS)
+        .map(|i| {
+            if i % 2 == 0 {
+                let mut c = subscribe(d.addr, "/events/quiet", &[&resume]);
+                assert_eq!(next_event(&mut c).data, "missed");
+                c
+            } else {
+                subscribe(d.addr, "/events/quiet", &[])
+            }
+        })
+        .collect();
+    // Sparse events, between heartbeats, reach every stream.
+    for n in 0..3 {
+        thread::sleep(Duration::from_millis(120));
+        let data = format!("sparse {n}");
+        publish(d.addr, "quiet", &data);
+        for c in &mut clients {
+            assert_eq!(next_event(c).data, data);
+        }
+    }
+    for c in &mut clients {
+        for _ in 0..2 {
+            assert_eq!(c.next_frame().as_deref(), Some(": keep-alive\n\n"));
+        }
+    }
+    let stats = d.server.stats().snapshot();
+    assert_eq!(stats.streams_open, STREAMS as u64);
+    assert_eq!(
+        stats.thread_writes, 0,
+        "stream threads wrote to their sockets themselves"
+    );
+    assert_eq!(
+        metric(&metrics(d.addr), "ssed_stream_thread_writes_total"),
+        0
+    );
+
+    // Ending: each thread writes its own last frame at shutdown.
+    d.server.shutdown_handle().shutdown();
+    for c in &mut clients {
+        let rest = c.until_end(16);
+        assert!(
+            rest.iter().any(|f| f.contains("server shutting down")),
+            "{rest:?}"
+        );
+    }
+    assert!(
+        wait_until(DEADLINE, || d.server.stats().snapshot().thread_writes
+            == STREAMS as u64),
+        "one last write per stream, by its thread: {}",
+        d.server.stats().snapshot().thread_writes
+    );
 }
 
 #[test]

@@ -254,10 +254,24 @@ fn slowloris_and_idle_connections_cost_no_thread_and_are_cut_at_the_deadline() {
         &dir,
         "listen = \"127.0.0.1:0\"\nrequest_timeout = \"4s\"\nheartbeat = \"0\"\nmax_execution_time = \"0\"\n",
     );
-    // Warm up (the hub, a request thread's keep-alive hand-back), then
-    // take the baseline with no connection open.
-    Publisher::new(addr).publish("warm", "w");
-    wait_open(addr, 0, DEADLINE);
+    // Warm up (the hub and its waker threads, which the first stream
+    // starts; a request thread's keep-alive hand-back), then take the
+    // baseline with no connection open.
+    {
+        let mut warm = Client::new(addr);
+        assert_eq!(warm.get_stream("/events/warm", &[]).status, 200);
+    }
+    // No heartbeats here: publishing is what finds the warm-up client gone
+    // (the first write after a close still succeeds; the next one fails).
+    let mut publisher = Publisher::new(addr);
+    assert!(
+        wait_until(DEADLINE, || {
+            publisher.publish("warm", "w");
+            thread::sleep(Duration::from_millis(10));
+            metric(addr, "ssed_connections_open") == 0
+        }),
+        "the warm-up stream did not end"
+    );
     let (threads0, fds0) = (ssed.threads(), ssed.fds());
     reset_peak_rss(&ssed);
     let rss0 = ssed.status_kib("VmRSS");

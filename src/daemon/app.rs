@@ -290,16 +290,25 @@ impl App {
     // ----- streams ---------------------------------------------------------
 
     /// Common opening of a subscriber stream: CORS, access, cookie, retry.
+    /// The head goes out now, or with `later` it waits for the stream's
+    /// first write (a followed subscription hands that to a waker thread).
     ///
     /// Stream threads keep every stack page they touch for the stream's
     /// life, so the uncommon branches here and in `subscribe` (refusals,
     /// tickets, errors) live in functions of their own, kept out of line:
     /// their locals do not deepen the common path.
-    fn open_stream(&self, req: &Request, stream: &mut Stream) -> Result<bool, StreamError> {
+    fn open_stream(
+        &self,
+        req: &Request,
+        stream: &mut Stream,
+        later: bool,
+    ) -> Result<bool, StreamError> {
         if !self.admit_stream(req, stream)? {
             return Ok(false);
         }
-        if self.config.retry.is_zero() {
+        if later {
+            stream.retry_on_open(self.config.retry)?;
+        } else if self.config.retry.is_zero() {
             stream.open()?;
         } else {
             stream.retry(self.config.retry)?;
@@ -351,11 +360,12 @@ impl App {
         if let Some(refusal) = refuse_topics(&topics) {
             return stream.respond(refusal);
         }
-        if !self.open_stream(req, stream)? {
+        if !self.open_stream(req, stream, true)? {
             return Ok(());
         }
-        // Subscribe only once the head is out: a refused client never holds
-        // a queue in the hub.
+        // Subscribe once admitted (a refused client never holds a queue in
+        // the hub) and before the head goes out: a client that has the head
+        // gets every event published after it.
         let sub = match self.hub.subscribe(&topics, req.last_event_id()) {
             Ok(sub) => sub,
             Err(e) => return subscribe_failed(stream, &e),
@@ -369,7 +379,7 @@ impl App {
         if !valid_name(key) {
             return stream.respond(bad_name("key", key));
         }
-        if !self.open_stream(req, stream)? {
+        if !self.open_stream(req, stream, false)? {
             return Ok(());
         }
         stream.consume(&self.hub, key)
@@ -545,6 +555,12 @@ impl App {
             "gauge",
             "The stream cap.",
             s.streams_max,
+        );
+        metric(
+            "ssed_stream_thread_writes_total",
+            "counter",
+            "Writes by streams' own threads; idle streams' sends go out from waker threads.",
+            s.thread_writes,
         );
         metric(
             "ssed_connections_rejected_total",
