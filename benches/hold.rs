@@ -5,6 +5,7 @@
 //! cargo bench --bench hold -- [--streams N] [--stack BYTES] [--json]
 //!                             [--batch N] [--settle SECS] [--time-limit SECS]
 //!                             [--arena-max N] [--max-connections N] [--detail]
+//!                             [--follow]
 //! ```
 //!
 //! The benchmark starts itself a second time as the server (the environment
@@ -12,6 +13,9 @@
 //! says about the server process is the server's alone. The server has one
 //! stream route, `/hold`, whose handler opens the stream and sleeps (no
 //! execution-time budget, no heartbeat), and an ordinary `/stats` route.
+//! With `--follow` the handler follows a hub subscription instead, as the
+//! daemon's subscribers do: its head goes out from a waker thread, and the
+//! stream's own thread never writes.
 //!
 //! The client (this process) reads the server's `VmRSS`, `Threads` and
 //! mapping count and the machine's `/proc/meminfo`, opens N streams from one
@@ -67,6 +71,7 @@ struct Options {
     arena_max: Option<usize>,
     max_connections: Option<usize>,
     detail: bool,
+    follow: bool,
 }
 
 const USAGE: &str = "\
@@ -75,11 +80,12 @@ usage: cargo bench --bench hold -- [options]
   --streams N         streams to open (default 5000; 100 without --bench)
   --stack BYTES       server thread stack size (default 65536)
   --batch N           connections opened before their heads are read (default 256)
-  --settle SECS       wait after the ramp before measuring (default 2)
+  --settle SECS       wait after the ramp before measuring (default 10; MemAvailable lags)
   --time-limit SECS   stop opening streams after this long (default 120)
   --arena-max N       run the server with MALLOC_ARENA_MAX=N (glibc)
   --max-connections N the server's stream cap (default: what this machine allows)
   --detail            break the server's mappings down (thread stacks, arenas, ...)
+  --follow            the handler follows a hub subscription (as the daemon's do)
   --json              print one JSON object instead of the table
 ";
 
@@ -92,11 +98,14 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         stack: 64 * 1024,
         json: false,
         batch: 256,
-        settle: Duration::from_secs(if bench { 2 } else { 1 }),
+        // MemAvailable takes seconds to show what the streams took: with 2
+        // s a glibc run read 54 KiB per stream where 10 s read 68.
+        settle: Duration::from_secs(if bench { 10 } else { 1 }),
         time_limit: Duration::from_secs(120),
         arena_max: None,
         max_connections: None,
         detail: false,
+        follow: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -119,6 +128,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             "--bench" => {}
             "--json" => o.json = true,
             "--detail" => o.detail = true,
+            "--follow" => o.follow = true,
             "--streams" => o.streams = number(value("a count")?)? as usize,
             "--stack" => o.stack = number(value("a size in bytes")?)? as usize,
             "--batch" => o.batch = (number(value("a count")?)? as usize).max(1),
@@ -171,6 +181,7 @@ fn serve(args: &[String]) -> Result<(), Box<dyn Error>> {
     let mut stack = 64 * 1024;
     let mut lifetime = Duration::from_secs(300);
     let mut cap = None;
+    let mut follow = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let value = it.next().ok_or("missing value")?;
@@ -178,26 +189,40 @@ fn serve(args: &[String]) -> Result<(), Box<dyn Error>> {
             "--stack" => stack = value.parse()?,
             "--lifetime" => lifetime = Duration::from_secs(value.parse()?),
             "--max-connections" => cap = Some(value.parse()?),
+            "--mode" => follow = value == "follow",
             other => return Err(format!("unknown option {other}").into()),
         }
     }
     let stats = ssed::Stats::new();
     let route_stats = stats.clone();
-    let mut builder = ssed::Server::builder();
-    if let Some(n) = cap {
-        builder = builder.max_connections(n);
-    }
-    let server = builder
+    let mut builder = ssed::Server::builder()
         .listen("127.0.0.1:0")
         .max_execution_time(Duration::ZERO)
         .stack_size(stack)
-        .stats(stats)
-        .route("/hold", |_req, stream| {
+        .stats(stats);
+    if let Some(n) = cap {
+        builder = builder.max_connections(n);
+    }
+    // Two handlers, not one with a branch: a stream thread keeps every
+    // stack page it touches, and a closure's frame is sized for its
+    // deepest branch (here sleeping's channel wait).
+    builder = if follow {
+        let hub = ssed::Hub::new(0);
+        builder.route("/hold", move |_req, stream| {
+            let sub = hub
+                .subscribe(&["hold"], None)
+                .map_err(ssed::StreamError::other)?;
+            stream.follow(sub)
+        })
+    } else {
+        builder.route("/hold", |_req, stream| {
             stream.open()?;
             loop {
                 stream.sleep(Duration::from_secs(3600))?;
             }
         })
+    };
+    let server = builder
         .get("/stats", move |_req| {
             let s = route_stats.snapshot();
             ssed::Response::json(
@@ -256,6 +281,7 @@ impl ServerProcess {
         cmd.env(SERVER_ENV, "1")
             .args(["--stack", &o.stack.to_string()])
             .args(["--lifetime", &lifetime.as_secs().to_string()])
+            .args(["--mode", if o.follow { "follow" } else { "sleep" }])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -783,6 +809,7 @@ impl Report<'_> {
         let pair = |x: u64, y: u64| json!({ "before": x, "after": y });
         json!({
             "streams_requested": self.o.streams,
+            "handler": if self.o.follow { "follow" } else { "sleep" },
             "streams_held": self.held(),
             "refused_503": self.ramp.refused,
             "failed": self.ramp.failed,
@@ -824,9 +851,14 @@ impl Report<'_> {
             .arena_max
             .map_or("glibc default".to_owned(), |n| n.to_string());
         let mut out = format!(
-            "ssed hold: {} streams requested, stack {} KiB, MALLOC_ARENA_MAX {arena}\n\
+            "ssed hold: {} streams requested, handler {}, stack {} KiB, MALLOC_ARENA_MAX {arena}\n\
              server cap {} (set by {}); client descriptor limit {}\n\n",
             o.streams,
+            if o.follow {
+                "follows a hub subscription"
+            } else {
+                "opens and sleeps"
+            },
             o.stack / 1024,
             self.server.cap,
             self.server.limited_by,

@@ -13,6 +13,9 @@
 #     --streams N    streams to hold (default 10000)
 #     --set LINE     a line added to the server's config, e.g.
 #                    --set 'heartbeat = "15s"' (repeatable)
+#     --drop-caches  as root: write back and drop the page cache first
+#                    (sync; echo 3 > /proc/sys/vm/drop_caches), so it cannot
+#                    shrink under the measurement and pass for free memory
 #
 # The server runs with heartbeats and the execution-time budget off (unless
 # --set says otherwise), on a free loopback port; the load tester is the same binary. Both are stopped
@@ -26,11 +29,13 @@ cd "$(dirname "$0")/.."
 bin=target/release/ssed
 streams=10000
 extra=()
+drop_caches=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --server) bin=$2; shift 2 ;;
     --streams) streams=$2; shift 2 ;;
     --set) extra+=("$2"); shift 2 ;;
+    --drop-caches) drop_caches=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "idle-memory: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
@@ -78,6 +83,10 @@ streams_open() {
 # Bytes held by each slab cache (its slabs' pages), where readable.
 slabs() { awk 'NR > 2 { print $1, $15 * $6 * 4096 }' /proc/slabinfo 2>/dev/null || true; }
 free_kb() { awk '$1 == "MemFree:" { print $2 }' /proc/meminfo; }
+if (( drop_caches )); then
+  sync
+  echo 3 >/proc/sys/vm/drop_caches || { echo "idle-memory: --drop-caches needs root" >&2; exit 2; }
+fi
 # A previous run's threads and sockets go away lazily (RCU, TIME_WAIT):
 # wait (at most 30 s) until free memory holds still (within 2 MiB) for two
 # seconds, or it flows into the figures below.
@@ -150,6 +159,10 @@ print(f"memory in use          {(used(a) - used(b)) / held:6.2f} KiB per stream 
 print(f"MemAvailable           {-per('MemAvailable'):6.2f} KiB per stream (drop)")
 for k in ("Cached", "AnonPages", "Slab", "SUnreclaim", "SReclaimable", "KernelStack", "PageTables"):
     print(f"  {k:20} {per(k):6.2f} KiB per stream")
+# The kernel's own accounting does not drift with the VM's free memory.
+counted = sum(per(k) for k in ("AnonPages", "Slab", "KernelStack", "PageTables"))
+print(f"accounted              {counted:6.2f} KiB per stream (AnonPages + Slab + KernelStack + PageTables; "
+      f"{counted - per('SReclaimable'):.2f} without reclaimable slab)")
 # The slab caches that grew most, per stream (needs a readable /proc/slabinfo).
 rows = lambda p: {n: int(v) for n, v in (l.split() for l in open(p))}
 sb, sa = rows(slab_before), rows(slab_after)
