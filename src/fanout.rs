@@ -119,12 +119,11 @@ impl Writer {
     pub(crate) fn stage_with<E>(
         &mut self,
         f: impl FnOnce(&mut Vec<u8>) -> Result<bool, E>,
-    ) -> Result<bool, E> {
-        let added = f(&mut self.outbox)?;
-        if added {
+    ) -> Result<(), E> {
+        if f(&mut self.outbox)? {
             self.outbox_frames += 1;
         }
-        Ok(added)
+        Ok(())
     }
 
     /// Whether bytes wait for a waker.

@@ -44,16 +44,6 @@ const BATCH: usize = 256;
 /// Most replay bytes handed to a waker with a stream's head (see
 /// `Stream::follow`); a longer replay is written by the stream's thread.
 const OPENING_MAX: usize = 16 * 1024;
-
-/// What one look at a followed queue did.
-enum Step {
-    /// Frames went out: look again.
-    Sent,
-    /// Nothing to do: park.
-    Idle,
-    /// A heartbeat was staged for a waker: hand it over, then park.
-    Staged,
-}
 /// How often a consumer of a Redis mailbox looks without being woken.
 const REMOTE_MAILBOX_POLL: Duration = Duration::from_secs(1);
 
@@ -1287,12 +1277,15 @@ impl Stream {
         // An idle stream's thread sends nothing itself: its head, retry
         // and (short) replay, like its heartbeats and most events, are sent
         // by a waker thread (see `Stream::take_opening` for why).
-        let mut staged = false;
-        if let Some((opening, frames)) = self.take_opening(&backlog, OPENING_MAX)
-            && let Some((conn, chunked, stats)) = self.direct_parts()
-        {
-            queue.enable_direct(conn, chunked, stats, opening, frames);
-            staged = true;
+        if let Some((opening, frames)) = self.take_opening(&backlog, OPENING_MAX) {
+            match self.direct_parts() {
+                Some((conn, chunked, stats)) => {
+                    queue.enable_direct(conn, chunked, stats, opening, frames);
+                }
+                // Not expected (the opening is only taken on a socket of
+                // ours), but its bytes must not be lost.
+                None => self.finish_partial(&opening)?,
+            }
         } else {
             for part in backlog.chunks(BATCH) {
                 self.send_encoded(part)?;
@@ -1305,7 +1298,7 @@ impl Stream {
             }
         }
         drop(backlog);
-        let result = self.follow_queue(&sub.hub, &queue, staged);
+        let result = self.follow_queue(&sub.hub, &queue);
         // From here on only this thread writes (the final frame, the close).
         let carry = queue.disable_direct();
         if !carry.is_empty() {
@@ -1317,21 +1310,15 @@ impl Stream {
         result
     }
 
-    fn follow_queue(
-        &mut self,
-        hub: &Hub,
-        queue: &Arc<SubscriberQueue>,
-        mut staged: bool,
-    ) -> Result<(), StreamError> {
+    fn follow_queue(&mut self, hub: &Hub, queue: &Arc<SubscriberQueue>) -> Result<(), StreamError> {
         let mut batch = Vec::new();
         loop {
             // Held while draining and writing, so a waker never writes in
             // between: frames leave in queue order.
             let mut writer = queue.writer();
             match self.follow_step(queue, writer.as_deref_mut(), &mut batch) {
-                Ok(Step::Sent) => continue,
-                Ok(Step::Idle) => {}
-                Ok(Step::Staged) => staged = true,
+                Ok(true) => continue,
+                Ok(false) => {}
                 Err(e) => {
                     // Still holding the writer: no waker may add frames
                     // after a write that failed halfway.
@@ -1341,10 +1328,11 @@ impl Stream {
                     return Err(e);
                 }
             }
+            let staged = writer.as_deref().is_some_and(Writer::has_staged);
             drop(writer);
-            // Handed over just before parking, with the writer free, so the
-            // waker finds it free.
-            if std::mem::take(&mut staged) && !hub.0.wakers.hand_off(Arc::clone(queue)) {
+            // Staged bytes (the opening, a heartbeat) are handed over just
+            // before parking, with the writer free for the waker.
+            if staged && !hub.0.wakers.hand_off(Arc::clone(queue)) {
                 self.send_staged(queue)?;
             }
             if queue.prepare_park() {
@@ -1365,13 +1353,14 @@ impl Stream {
         self.finish_partial(&bytes)
     }
 
-    /// One look at the queue, holding the writer.
+    /// One look at the queue, holding the writer: true when frames went
+    /// out (look again), false when there is nothing more to do (park).
     fn follow_step(
         &mut self,
         queue: &SubscriberQueue,
         mut writer: Option<&mut Writer>,
         batch: &mut Vec<EncodedEvent>,
-    ) -> Result<Step, StreamError> {
+    ) -> Result<bool, StreamError> {
         if let Some(w) = writer.as_deref_mut()
             && !w.carry.is_empty()
         {
@@ -1399,7 +1388,7 @@ impl Stream {
             if batch.capacity() > 64 {
                 *batch = Vec::new(); // do not hold a burst's buffer while idle
             }
-            return Ok(Step::Sent);
+            return Ok(true);
         }
         if queue.is_closed() {
             let reason = if queue.is_slow() {
@@ -1414,14 +1403,11 @@ impl Stream {
         if let Some(w) = writer
             && w.can_hand_off()
         {
-            return Ok(if w.stage_with(|out| self.stage_heartbeat(out))? {
-                Step::Staged
-            } else {
-                Step::Idle
-            });
+            w.stage_with(|out| self.stage_heartbeat(out))?;
+            return Ok(false);
         }
         self.on_timer()?;
-        Ok(Step::Idle)
+        Ok(false)
     }
 
     /// Consumes the mailbox `key`: each message is sent once as `data:`
