@@ -202,17 +202,16 @@ impl SubscriberQueue {
 
     /// No more writes by wakers (the stream is done following); returns
     /// what a waker left unsent or was never given the chance to send,
-    /// which the stream must finish before any other byte.
+    /// which the stream must finish before any other byte (staged frames
+    /// are counted here; the bytes when they are written).
     pub(crate) fn disable_direct(&self) -> Vec<u8> {
-        match self.writer() {
-            Some(mut w) => {
-                w.enabled = false;
-                let mut rest = std::mem::take(&mut w.carry);
-                rest.append(&mut w.outbox);
-                rest
-            }
-            None => Vec::new(),
-        }
+        let (Some(d), Some(mut w)) = (self.direct.get(), self.writer()) else {
+            return Vec::new();
+        };
+        w.enabled = false;
+        let mut rest = std::mem::take(&mut w.carry);
+        rest.append(&mut w.take_staged(&d.stats));
+        rest
     }
 
     /// The stats of the socket wakers write to, when they may.
@@ -247,7 +246,10 @@ impl SubscriberQueue {
         };
         let mut w = match d.writer.try_lock() {
             Ok(w) => w,
-            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return false,
+            // As in `writer()`: a panic mid-send leaves at worst a partial
+            // frame in `carry`, which stops direct writes below.
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
         };
         if !w.enabled || !w.carry.is_empty() || self.is_closed() || self.len() > DIRECT_MAX {
             return false;
@@ -399,10 +401,15 @@ pub(crate) struct Wakers {
 }
 
 impl Wakers {
-    pub(crate) fn new() -> Self {
-        Wakers {
+    /// The hub's wakers, started now: the first stream to hand bytes over
+    /// must not start threads itself (a stream thread keeps every stack
+    /// page it touches, and starting a thread takes several).
+    pub(crate) fn started() -> Self {
+        let wakers = Wakers {
             tx: OnceLock::new(),
-        }
+        };
+        let _ = wakers.tx.get_or_init(spawn_wakers);
+        wakers
     }
 
     /// Wakes every queue of `list`.
@@ -432,6 +439,7 @@ impl Wakers {
     /// Has a waker send what the subscriber of `queue` staged in its
     /// [`Writer`]: false when no waker thread runs, and
     /// the subscriber must send it itself.
+    #[inline(never)]
     pub(crate) fn hand_off(&self, queue: Arc<SubscriberQueue>) -> bool {
         match self.tx.get_or_init(spawn_wakers) {
             Some(tx) => tx.send(vec![queue]).is_ok(),

@@ -698,7 +698,7 @@ impl Hub {
             .unwrap_or_else(|| EventId::floor_of(0))
             .max(EventId::floor_of(0));
         Hub(Arc::new(Inner {
-            wakers: Wakers::new(),
+            wakers: Wakers::started(),
             state: Mutex::new(State {
                 last_id,
                 history,
@@ -1346,11 +1346,20 @@ impl Stream {
     #[cold]
     #[inline(never)]
     fn send_staged(&mut self, queue: &SubscriberQueue) -> Result<(), StreamError> {
-        let bytes = match (queue.writer(), queue.direct_stats()) {
-            (Some(mut w), Some(stats)) => w.take_staged(stats),
-            _ => return Ok(()),
+        // Held across the write, as in `follow_queue`: no waker may write
+        // in between, nor after a write that failed halfway.
+        let (Some(mut w), Some(stats)) = (queue.writer(), queue.direct_stats()) else {
+            return Ok(());
         };
-        self.finish_partial(&bytes)
+        let bytes = w.take_staged(stats);
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let result = self.finish_partial(&bytes);
+        if result.is_err() {
+            w.stop();
+        }
+        result
     }
 
     /// One look at the queue, holding the writer: true when frames went

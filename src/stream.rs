@@ -287,10 +287,10 @@ impl Stream {
     ///
     /// [`StreamError::Ended`] when the stream is over.
     pub fn retry(&mut self, time: Duration) -> Result<(), StreamError> {
-        self.open_retry = None; // this one says it now
         if time.as_millis() == 0 {
             return Ok(());
         }
+        self.open_retry = None; // this one says it now
         let (frame, len) = retry_frame(time);
         self.write_frames(&[&frame[..len]])
     }
