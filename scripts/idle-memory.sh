@@ -171,7 +171,7 @@ top = [(kib, n) for kib, n in reversed(grew) if kib >= 0.1][:10]
 if top:
     print("  slab caches: " + ", ".join(f"{n} {kib:.2f}" for kib, n in top) + " (KiB per stream)")
 PY
-echo "server threads         $threads0 -> $threads1 (one per stream, and the waker threads the first stream starts)"
+echo "server threads         $threads0 -> $threads1 (one per stream, besides the hub's waker threads, which start with it)"
 frag=$(cat /proc/sys/net/core/high_order_alloc_disable 2>/dev/null || echo "?")
 echo "net.core.high_order_alloc_disable = $frag (1 makes TCP page fragments 4 KiB instead of 32: deploy/sysctl.d/ssed.conf)"
 grep -o '"held":[0-9]*' "$work/loadtest.json" | sed 's/"held":/load tester held       /' || true

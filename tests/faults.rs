@@ -254,9 +254,8 @@ fn slowloris_and_idle_connections_cost_no_thread_and_are_cut_at_the_deadline() {
         &dir,
         "listen = \"127.0.0.1:0\"\nrequest_timeout = \"4s\"\nheartbeat = \"0\"\nmax_execution_time = \"0\"\n",
     );
-    // Warm up (the hub and its waker threads, which the first stream
-    // starts; a request thread's keep-alive hand-back), then take the
-    // baseline with no connection open.
+    // Warm up (a stream, the hub, a request thread's keep-alive
+    // hand-back), then take the baseline with no connection open.
     {
         let mut warm = Client::new(addr);
         assert_eq!(warm.get_stream("/events/warm", &[]).status, 200);
