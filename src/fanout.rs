@@ -27,7 +27,7 @@ use rustix::net::SendFlags;
 
 use crate::event::EncodedEvent;
 use crate::stats::Stats;
-use crate::stream::chunk_into;
+use crate::stream::frame_into;
 
 /// Subscribers woken inline by the publisher; more go to the waker threads.
 const INLINE_WAKES: usize = 8;
@@ -265,11 +265,7 @@ impl SubscriberQueue {
                 buf.extend_from_slice(&std::mem::take(&mut w.outbox));
                 let staged = std::mem::take(&mut w.outbox_frames);
                 for f in frames.iter() {
-                    if d.chunked {
-                        chunk_into(buf, f.as_bytes());
-                    } else {
-                        buf.extend_from_slice(f.as_bytes());
-                    }
+                    frame_into(buf, f.as_bytes(), d.chunked);
                 }
                 let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
                 let sent = rustix::net::send(&*d.conn, buf, flags).unwrap_or(0);

@@ -1348,18 +1348,27 @@ impl Stream {
     fn send_staged(&mut self, queue: &SubscriberQueue) -> Result<(), StreamError> {
         // Held across the write, as in `follow_queue`: no waker may write
         // in between, nor after a write that failed halfway.
-        let (Some(mut w), Some(stats)) = (queue.writer(), queue.direct_stats()) else {
+        let Some(mut w) = queue.writer() else {
+            return Ok(());
+        };
+        let result = self.write_staged(queue, &mut w);
+        if result.is_err() {
+            w.stop();
+        }
+        result
+    }
+
+    /// Writes, on this thread, what was staged for a waker and not yet
+    /// sent (the caller holds the writer).
+    fn write_staged(&mut self, queue: &SubscriberQueue, w: &mut Writer) -> Result<(), StreamError> {
+        let Some(stats) = queue.direct_stats() else {
             return Ok(());
         };
         let bytes = w.take_staged(stats);
         if bytes.is_empty() {
             return Ok(());
         }
-        let result = self.finish_partial(&bytes);
-        if result.is_err() {
-            w.stop();
-        }
-        result
+        self.finish_partial(&bytes)
     }
 
     /// One look at the queue, holding the writer: true when frames went
@@ -1384,13 +1393,10 @@ impl Stream {
         self.check_alive()?;
         queue.drain_into(batch, BATCH);
         if !batch.is_empty() {
-            if let (Some(w), Some(stats)) = (writer.as_deref_mut(), queue.direct_stats())
-                && w.has_staged()
-            {
+            if let Some(w) = writer.as_deref_mut() {
                 // Bytes staged for a waker that has not sent them yet go
                 // before the frames.
-                let staged = w.take_staged(stats);
-                self.finish_partial(&staged)?;
+                self.write_staged(queue, w)?;
             }
             self.send_encoded(batch)?;
             batch.clear();

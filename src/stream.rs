@@ -737,11 +737,7 @@ impl Stream {
             self.headers = Vec::new();
         }
         for frame in frames {
-            if self.chunked {
-                chunk_into(&mut out, frame);
-            } else {
-                out.extend_from_slice(frame);
-            }
+            frame_into(&mut out, frame, self.chunked);
         }
         self.wrote(&out, frames.len())
     }
@@ -824,20 +820,13 @@ impl Stream {
             stream_head(minor, &std::mem::take(&mut self.headers))
         };
         let mut count = frames.len() as u64;
-        let push = |out: &mut Vec<u8>, frame: &[u8]| {
-            if self.chunked {
-                chunk_into(out, frame);
-            } else {
-                out.extend_from_slice(frame);
-            }
-        };
         if let Some(time) = self.open_retry.take() {
             let (retry, len) = retry_frame(time);
-            push(&mut out, &retry[..len]);
+            frame_into(&mut out, &retry[..len], self.chunked);
             count += 1;
         }
         for frame in frames {
-            push(&mut out, frame.as_bytes());
+            frame_into(&mut out, frame.as_bytes(), self.chunked);
         }
         self.state = State::Open;
         self.last_write = Instant::now();
@@ -872,11 +861,7 @@ impl Stream {
     #[inline(never)]
     fn stage_ping(&self, out: &mut Vec<u8>) -> Result<(), StreamError> {
         let frame = ping_event().encode()?;
-        if self.chunked {
-            chunk_into(out, &frame);
-        } else {
-            out.extend_from_slice(&frame);
-        }
+        frame_into(out, &frame, self.chunked);
         Ok(())
     }
 
@@ -1052,6 +1037,16 @@ fn fill(buf: &mut [u8], parts: &[&[u8]]) -> usize {
         at += part.len();
     }
     at
+}
+
+/// Appends `frame` to `out` as the stream frames it: an HTTP/1.1 chunk when
+/// `chunked`, the bare bytes otherwise (HTTP/1.0).
+pub(crate) fn frame_into(out: &mut Vec<u8>, frame: &[u8], chunked: bool) {
+    if chunked {
+        chunk_into(out, frame);
+    } else {
+        out.extend_from_slice(frame);
+    }
 }
 
 pub(crate) fn chunk_into(out: &mut Vec<u8>, frame: &[u8]) {
