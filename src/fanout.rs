@@ -27,7 +27,7 @@ use rustix::net::SendFlags;
 
 use crate::event::EncodedEvent;
 use crate::stats::Stats;
-use crate::stream::frame_into;
+use crate::wire::frame_into;
 
 /// Subscribers woken inline by the publisher; more go to the waker threads.
 const INLINE_WAKES: usize = 8;
@@ -41,6 +41,13 @@ const INLINE_WAKES: usize = 8;
 /// as slow in one run of 3 (and with one waker and no bound, 3 runs in 5
 /// lost them all).
 const DIRECT_MAX: usize = 16;
+/// Most bytes of frames a waker sends for a sleeping subscriber; larger
+/// frames are written by the subscriber's own thread, without a copy (see
+/// `crate::wire`). A waker copies what it sends into one buffer, and what
+/// the socket does not take waits in the subscriber's `carry`: this keeps
+/// that copy, which a client that stops reading pins for the write
+/// timeout, small whatever the frames.
+pub(crate) const DIRECT_BYTES: usize = 16 * 1024;
 
 /// One subscriber's queue of frames.
 #[derive(Debug)]
@@ -251,13 +258,16 @@ impl SubscriberQueue {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return false,
         };
-        if !w.enabled || !w.carry.is_empty() || self.is_closed() || self.len() > DIRECT_MAX {
+        if !w.enabled || !w.carry.is_empty() || self.is_closed() {
             return false;
         }
         let Scratch { frames, buf } = scratch;
         frames.clear();
         loop {
-            self.drain_into(frames, usize::MAX);
+            if !self.drain_direct(frames) {
+                // Too much for a waker: the subscriber's thread writes it.
+                return false;
+            }
             if !frames.is_empty() || !w.outbox.is_empty() {
                 buf.clear();
                 // What the subscriber staged goes first. Its buffer is
@@ -328,6 +338,20 @@ impl SubscriberQueue {
         if frames.is_empty() && frames.capacity() > 64 {
             frames.shrink_to(8); // do not hold a burst's memory while idle
         }
+    }
+
+    /// Moves every queued frame into `out` if they are few and small
+    /// enough for a waker to send ([`DIRECT_MAX`], [`DIRECT_BYTES`]);
+    /// false, and nothing moves, otherwise.
+    fn drain_direct(&self, out: &mut Vec<EncodedEvent>) -> bool {
+        let mut frames = self.frames();
+        if frames.len() > DIRECT_MAX
+            || frames.iter().map(|f| f.as_bytes().len()).sum::<usize>() > DIRECT_BYTES
+        {
+            return false;
+        }
+        out.extend(frames.drain(..));
+        true
     }
 
     pub(crate) fn try_pop(&self) -> Option<EncodedEvent> {

@@ -76,6 +76,24 @@ impl EventId {
         EventId { ms, seq: 0 }
     }
 
+    /// Above every id.
+    pub(crate) const MAX: EventId = EventId {
+        ms: u64::MAX,
+        seq: u64::MAX,
+    };
+
+    /// The id just below `self` (itself for the smallest).
+    pub(crate) fn pred(self) -> Self {
+        match (self.ms, self.seq) {
+            (ms, seq) if seq > 0 => EventId { ms, seq: seq - 1 },
+            (0, _) => self,
+            (ms, _) => EventId {
+                ms: ms - 1,
+                seq: u64::MAX,
+            },
+        }
+    }
+
     /// The id after `self` at time `now_ms`: the clock's millisecond if it
     /// moved forward, else the same millisecond with the next sequence, so
     /// ids keep increasing even if the clock steps back.
@@ -198,6 +216,19 @@ pub trait History: Send + 'static {
     /// Every retained event of `topic` with an id above `after`.
     fn since(&self, topic: &str, after: EventId) -> Replay;
 
+    /// At most `max` retained events of `topic` with ids above `after` and
+    /// at most `until`, oldest first, with `gap` and `oldest` as for
+    /// [`since`](History::since). A stream replays history a page at a
+    /// time, so what it holds does not grow with the history: override
+    /// this when `since` copies more than the page. Default: `since`,
+    /// trimmed.
+    fn page(&self, topic: &str, after: EventId, until: EventId, max: usize) -> Replay {
+        let mut replay = self.since(topic, after);
+        replay.events.retain(|e| e.id <= until);
+        replay.events.truncate(max);
+        replay
+    }
+
     /// The newest id this store has ever issued or restored, if any; the hub
     /// continues after it.
     fn last_id(&self) -> Option<EventId> {
@@ -287,6 +318,10 @@ impl History for MemoryHistory {
     }
 
     fn since(&self, topic: &str, after: EventId) -> Replay {
+        self.page(topic, after, EventId::MAX, usize::MAX)
+    }
+
+    fn page(&self, topic: &str, after: EventId, until: EventId, max: usize) -> Replay {
         let Some(t) = self.topics.get(topic) else {
             return Replay {
                 gap: after < self.floor,
@@ -295,7 +330,13 @@ impl History for MemoryHistory {
         };
         let start = t.events.partition_point(|e| e.id <= after);
         Replay {
-            events: t.events.range(start..).cloned().collect(),
+            events: t
+                .events
+                .range(start..)
+                .take_while(|e| e.id <= until)
+                .take(max)
+                .cloned()
+                .collect(),
             gap: after < self.floor || t.evicted.is_some_and(|ev| ev > after),
             oldest: t.events.front().map(|e| e.id),
         }
@@ -843,9 +884,9 @@ impl Hub {
         let mut state = self.state();
         let id = state.next_subscriber;
         state.next_subscriber += 1;
-        let backlog = match last_event_id {
-            Some(asked) => replay_local(&state, &names, asked),
-            None => Vec::new(),
+        let replay = match last_event_id {
+            Some(asked) => Replaying::start(&state, &names, asked),
+            None => Replaying::default(),
         };
         for name in &names {
             let slot = SubscriberSlot {
@@ -865,7 +906,7 @@ impl Hub {
         Ok(Subscription {
             hub: self.clone(),
             id,
-            backlog,
+            replay,
             queue,
         })
     }
@@ -906,7 +947,7 @@ impl Hub {
         let mut sub = Subscription {
             hub: self.clone(),
             id,
-            backlog: Vec::new(),
+            replay: Replaying::default(),
             queue,
         };
         if woke {
@@ -950,11 +991,11 @@ impl Hub {
             }
         }
         if gap {
-            sub.backlog.push(reset_frame(asked, oldest));
+            sub.replay.ready.push_back(reset_frame(asked, oldest));
         }
         events.sort_by_key(|(id, _)| *id);
         events.dedup_by_key(|(id, _)| *id);
-        sub.backlog.extend(events.into_iter().map(|(_, f)| f));
+        sub.replay.ready.extend(events.into_iter().map(|(_, f)| f));
         Ok(sub)
     }
 
@@ -1199,15 +1240,141 @@ impl Mailbox {
 pub struct Subscription {
     hub: Hub,
     id: u64,
-    backlog: Vec<EncodedEvent>,
+    replay: Replaying,
     queue: Arc<SubscriberQueue>,
+}
+
+/// What is left of a subscription's replay.
+///
+/// A hub that keeps history itself hands it out a page at a time (see
+/// [`History::page`]): a stream resuming on topics with thousands of
+/// retained events holds one page of shared frames while its client reads,
+/// never the whole history. The events replayed are those published before
+/// the subscription (up to `until`); later ones arrive through its queue.
+struct Replaying {
+    /// Frames read and not yet taken (a reset notice first, if any).
+    ready: VecDeque<EncodedEvent>,
+    /// Per topic of the subscription (in the queue's order): the id its
+    /// replay goes on after. Empty once everything has been read.
+    from: Vec<EventId>,
+    /// The newest id the replay covers.
+    until: EventId,
+    /// The newest id read: a reset notice mid-replay names it.
+    last: Option<EventId>,
+}
+
+impl Default for Replaying {
+    /// Nothing to replay.
+    fn default() -> Self {
+        Replaying {
+            ready: VecDeque::new(),
+            from: Vec::new(),
+            until: EventId::floor_of(0),
+            last: None,
+        }
+    }
+}
+
+impl Replaying {
+    /// The replay of a subscription resuming after `asked` on `topics`,
+    /// with its first page read: called under the hub's lock, with the
+    /// subscription joining its topics in the same hold, so nothing falls
+    /// between the replay and the live frames.
+    // Out of line, so its locals do not deepen `Hub::subscribe` (see
+    // `Stream::follow`).
+    #[inline(never)]
+    fn start(state: &State, topics: &[Box<str>], asked: &str) -> Replaying {
+        // An id this hub cannot place (garbage, or from the future: a
+        // restart with the clock stepped back, another server) replays
+        // everything retained after the reset notice.
+        let placeable = asked
+            .parse::<EventId>()
+            .ok()
+            .filter(|a| *a <= state.last_id);
+        let after = placeable.unwrap_or(EventId::floor_of(0));
+        let mut replay = Replaying {
+            ready: VecDeque::new(),
+            from: vec![after; topics.len()],
+            until: state.last_id,
+            last: None,
+        };
+        replay.read_page(
+            state.history.as_ref(),
+            topics,
+            Some(asked),
+            placeable.is_none(),
+        );
+        replay
+    }
+
+    /// Whether every frame of the replay has been read (some may still
+    /// wait in `ready`).
+    fn complete(&self) -> bool {
+        self.from.is_empty()
+    }
+
+    /// Reads up to `BATCH` more events, in id order, into `ready`; a reset
+    /// notice goes first when some were dropped before they could be read
+    /// (`asked` names the id the client resumed from on the first page).
+    fn read_page(
+        &mut self,
+        history: &dyn History,
+        topics: &[Box<str>],
+        asked: Option<&str>,
+        mut gap: bool,
+    ) {
+        let mut events: Vec<Retained> = Vec::new();
+        let mut oldest: Option<EventId> = None;
+        let mut bound = self.until;
+        let mut more = false;
+        for (name, from) in topics.iter().zip(self.from.iter_mut()) {
+            if *from >= self.until {
+                continue; // nothing of this topic is left
+            }
+            let page = history.page(name, *from, bound, BATCH);
+            if page.gap {
+                gap = true;
+                // The notice covers this topic up to its oldest event:
+                // later pages go on from there, and only a new loss
+                // gives a new notice.
+                *from = page.oldest.map_or(self.until, |o| o.pred().max(*from));
+            }
+            oldest = earliest(oldest, page.oldest);
+            more |= page.events.len() >= BATCH;
+            events.extend(page.events);
+            if events.len() > BATCH {
+                // Later topics need nothing past the page's newest.
+                events.sort_by_key(|e| e.id);
+                events.truncate(BATCH);
+                more = true;
+                bound = events.last().map_or(bound, |e| e.id);
+            }
+        }
+        events.sort_by_key(|e| e.id);
+        if gap {
+            let asked = match (asked, self.last) {
+                (Some(asked), _) => asked.to_owned(),
+                (None, Some(last)) => last.to_string(),
+                (None, None) => String::new(),
+            };
+            self.ready.push_back(reset_frame(&asked, oldest));
+        }
+        if let Some(newest) = events.last() {
+            self.last = Some(newest.id);
+        }
+        match (more, self.last) {
+            (true, Some(last)) => self.from.iter_mut().for_each(|f| *f = (*f).max(last)),
+            _ => self.from = Vec::new(),
+        }
+        self.ready.extend(events.into_iter().map(|e| e.frame));
+    }
 }
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
             .field("topics", &self.queue.topics)
-            .field("backlog", &self.backlog.len())
+            .field("backlog", &self.replay.ready.len())
             .field("queued", &self.queue.len())
             .finish_non_exhaustive()
     }
@@ -1241,8 +1408,36 @@ impl Subscription {
     }
 
     /// The replay frames (a reset notice first, if any), taken once.
+    ///
+    /// This reads the whole replay at once; a stream following the
+    /// subscription ([`Stream::follow`]) reads it a page at a time instead.
     pub fn take_backlog(&mut self) -> Vec<EncodedEvent> {
-        std::mem::take(&mut self.backlog)
+        let mut all = Vec::new();
+        loop {
+            let page = self.next_backlog(usize::MAX);
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page);
+        }
+    }
+
+    /// Up to `max` more frames of the replay, in order; empty once it is
+    /// all taken. Reads the next page from history when none is waiting.
+    #[inline(never)]
+    pub(crate) fn next_backlog(&mut self, max: usize) -> Vec<EncodedEvent> {
+        if self.replay.ready.is_empty() && !self.replay.complete() {
+            let state = self.hub.state();
+            self.replay
+                .read_page(state.history.as_ref(), &self.queue.topics, None, false);
+        }
+        let n = self.replay.ready.len().min(max);
+        self.replay.ready.drain(..n).collect()
+    }
+
+    /// Whether the replay is all taken or waiting in memory.
+    pub(crate) fn backlog_read(&self) -> bool {
+        self.replay.complete()
     }
 
     /// Whether the hub dropped this subscriber for falling behind.
@@ -1272,12 +1467,18 @@ impl Stream {
     // the handler their locals would stack up in one deep frame.
     #[inline(never)]
     pub fn follow(&mut self, mut sub: Subscription) -> Result<(), StreamError> {
-        let backlog = sub.take_backlog();
+        let backlog = sub.next_backlog(BATCH);
         let queue = Arc::clone(&sub.queue);
         // An idle stream's thread sends nothing itself: its head, retry
         // and (short) replay, like its heartbeats and most events, are sent
         // by a waker thread (see `Stream::take_opening` for why).
-        if let Some((opening, frames)) = self.take_opening(&backlog, OPENING_MAX) {
+        let opening = if sub.backlog_read() {
+            self.take_opening(&backlog, OPENING_MAX)
+        } else {
+            None
+        };
+        if let Some((opening, frames)) = opening {
+            drop(backlog);
             match self.direct_parts() {
                 Some((conn, chunked, stats)) => {
                     queue.enable_direct(conn, chunked, stats, opening, frames);
@@ -1287,9 +1488,7 @@ impl Stream {
                 None => self.finish_partial(&opening)?,
             }
         } else {
-            for part in backlog.chunks(BATCH) {
-                self.send_encoded(part)?;
-            }
+            self.send_replay(&mut sub, backlog)?;
             // Open now (a no-op if a frame or the handler already did), so
             // wakers can write frames while this thread sleeps.
             self.open()?;
@@ -1297,7 +1496,6 @@ impl Stream {
                 queue.enable_direct(conn, chunked, stats, Vec::new(), 0);
             }
         }
-        drop(backlog);
         let result = self.follow_queue(&sub.hub, &queue);
         // From here on only this thread writes (the final frame, the close).
         let carry = queue.disable_direct();
@@ -1308,6 +1506,23 @@ impl Stream {
             let _ = self.finish_partial(&carry);
         }
         result
+    }
+
+    /// Writes the replay on this thread, `first` then a page at a time:
+    /// frames are shared and written without a copy, so a client that
+    /// stops reading pins one page of references, whatever the history.
+    #[inline(never)]
+    fn send_replay(
+        &mut self,
+        sub: &mut Subscription,
+        first: Vec<EncodedEvent>,
+    ) -> Result<(), StreamError> {
+        let mut page = first;
+        while !page.is_empty() {
+            self.send_encoded(&page)?;
+            page = sub.next_backlog(BATCH);
+        }
+        Ok(())
     }
 
     fn follow_queue(&mut self, hub: &Hub, queue: &Arc<SubscriberQueue>) -> Result<(), StreamError> {
@@ -1555,36 +1770,6 @@ fn earliest(a: Option<EventId>, b: Option<EventId>) -> Option<EventId> {
     }
 }
 
-/// The replay of a local subscription resuming after `asked`: every
-/// retained event of `names` after it, in id order, after a reset notice
-/// when some may be missing. Out of line, so its locals do not deepen
-/// `Hub::subscribe` (see `Stream::follow`).
-#[inline(never)]
-fn replay_local(state: &State, names: &[Box<str>], asked: &str) -> Vec<EncodedEvent> {
-    let mut backlog = Vec::new();
-    let parsed = asked.parse::<EventId>().ok();
-    // An id this hub cannot place (garbage, or from the future: a restart
-    // with the clock stepped back, another server) replays everything
-    // retained after the reset notice.
-    let placeable = parsed.filter(|a| *a <= state.last_id);
-    let mut gap = placeable.is_none();
-    let after = placeable.unwrap_or(EventId::floor_of(0));
-    let mut events = Vec::new();
-    let mut oldest: Option<EventId> = None;
-    for name in names {
-        let replay = state.history.since(name, after);
-        gap |= replay.gap;
-        oldest = earliest(oldest, replay.oldest);
-        events.extend(replay.events);
-    }
-    if gap {
-        backlog.push(reset_frame(asked, oldest));
-    }
-    events.sort_by_key(|e| e.id);
-    backlog.extend(events.into_iter().map(|e| e.frame));
-    backlog
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1713,6 +1898,114 @@ mod tests {
             .subscribe(&["t"], Some(&hub.last_id().to_string()))
             .expect("valid");
         assert!(sub.take_backlog().is_empty());
+    }
+
+    #[test]
+    fn a_long_replay_is_read_a_page_at_a_time_in_order_without_duplicates() {
+        let hub = Hub::new(2000);
+        let topics = ["a", "b", "c"];
+        let ids: Vec<EventId> = (0..1000)
+            .map(|i| {
+                hub.publish(topics[i % 3], Event::new().data(i.to_string()))
+                    .expect("valid")
+                    .id
+            })
+            .collect();
+        let mut sub = hub
+            .subscribe(&topics, Some(&ids[9].to_string()))
+            .expect("valid");
+        let live = hub.publish("b", Event::new().data("live")).expect("valid");
+        let mut got = Vec::new();
+        let mut pages = 0;
+        loop {
+            assert!(sub.replay.ready.len() <= BATCH, "one page at most");
+            let page = sub.next_backlog(BATCH);
+            if page.is_empty() {
+                break;
+            }
+            pages += 1;
+            got.extend(page.iter().map(text));
+        }
+        let want: Vec<String> = ids[10..]
+            .iter()
+            .zip(10..)
+            .map(|(id, i)| format!("id: {id}\ndata: {i}\n\n"))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(pages, 990usize.div_ceil(BATCH));
+        assert_eq!(
+            text(&sub.try_next().expect("live")),
+            format!("id: {}\ndata: live\n\n", live.id),
+            "what came after the subscription is live, not replayed"
+        );
+        assert!(sub.take_backlog().is_empty());
+    }
+
+    #[test]
+    fn events_dropped_during_a_replay_give_a_reset_naming_the_last_one_read() {
+        let hub = Hub::new(300);
+        let ids: Vec<EventId> = (0..300)
+            .map(|i| {
+                hub.publish("t", Event::new().data(i.to_string()))
+                    .expect("valid")
+                    .id
+            })
+            .collect();
+        let mut sub = hub
+            .subscribe(&["t"], Some(&ids[0].to_string()))
+            .expect("valid");
+        let first = sub.next_backlog(BATCH);
+        assert_eq!(first.len(), BATCH, "no reset: nothing was missing yet");
+        assert!(text(&first[0]).ends_with("data: 1\n\n"));
+        // While the client reads, publishers push the rest out of history.
+        for i in 0..300 {
+            hub.publish("t", Event::new().data(format!("new {i}")))
+                .expect("valid");
+        }
+        let rest: Vec<String> = sub.take_backlog().iter().map(text).collect();
+        assert_eq!(rest.len(), 1, "{rest:?}");
+        assert!(rest[0].starts_with("event: reset\n"), "{}", rest[0]);
+        assert!(
+            rest[0].contains(&format!("\"lastEventId\":\"{}\"", ids[BATCH])),
+            "{}",
+            rest[0]
+        );
+        // The replay stopped where the subscription began; the new events
+        // wait in its queue.
+        assert_eq!(std::iter::from_fn(|| sub.try_next()).count(), 300);
+    }
+
+    #[test]
+    fn a_page_over_many_topics_holds_the_oldest_events_of_all_of_them() {
+        let hub = Hub::new(1000);
+        let names: Vec<String> = (0..64).map(|t| format!("t{t}")).collect();
+        let topics: Vec<&str> = names.iter().map(String::as_str).collect();
+        for round in 0..20 {
+            for t in &topics {
+                hub.publish(t, Event::new().data(format!("{t} {round}")))
+                    .expect("valid");
+            }
+        }
+        let mut sub = hub.subscribe(&topics, Some("0-0")).expect("valid");
+        let mut all: Vec<String> = sub.take_backlog().iter().map(text).collect();
+        assert!(
+            all.remove(0).starts_with("event: reset"),
+            "0-0 is older than the hub"
+        );
+        assert_eq!(all.len(), 64 * 20);
+        let ids: Vec<EventId> = all
+            .iter()
+            .map(|f| {
+                f.lines()
+                    .find_map(|l| l.strip_prefix("id: "))
+                    .and_then(|i| i.parse().ok())
+                    .expect("an id")
+            })
+            .collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "id order, no duplicate"
+        );
     }
 
     #[test]

@@ -149,6 +149,7 @@ mod stream;
 mod time;
 #[cfg(feature = "tiny-http")]
 pub mod tiny_http;
+mod wire;
 
 pub use error::{EndReason, Error, EventError, Report, StreamError};
 pub use event::{EncodedEvent, Event};

@@ -21,6 +21,8 @@ use crate::http::response::{STREAM_HEAD_10, STREAM_HEAD_11, stream_head};
 use crate::server::Registry;
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
+pub(crate) use crate::wire::write_all_timeout;
+use crate::wire::{CHUNK_FRAMING, chunk_into, frame_into, write_frames_timeout, write_frames_to};
 
 /// The data of the message [`Stream::done`] sends.
 pub const DONE: &str = "[DONE]";
@@ -28,9 +30,6 @@ pub const DONE: &str = "[DONE]";
 const HEARTBEAT_FRAME: &[u8] = b": keep-alive\n\n";
 /// [`HEARTBEAT_FRAME`] as an HTTP/1.1 chunk (14 bytes: `E`).
 const HEARTBEAT_CHUNK: &[u8] = b"E\r\n: keep-alive\n\n\r\n";
-/// Bytes an HTTP/1.1 chunk adds around a frame, at most: the size in hex
-/// (16 digits) and two CRLFs.
-const CHUNK_FRAMING: usize = 16 + 4;
 /// Writes up to this size are put together on the stack (see
 /// `Stream::write_frames`); small enough that the frame stays within the
 /// stack pages every stream thread touches anyway.
@@ -728,18 +727,48 @@ impl Stream {
         if (!pending || self.headers.is_empty()) && STREAM_HEAD_11.len() + payload <= SMALL_WRITE {
             return self.write_small(frames);
         }
-        let mut out = Vec::with_capacity(payload + if pending { 256 } else { 0 });
-        if pending {
-            out.extend_from_slice(&stream_head(
+        let head = if pending {
+            stream_head(
                 if self.chunked { 1 } else { 0 },
-                &self.headers,
-            ));
-            self.headers = Vec::new();
+                &std::mem::take(&mut self.headers),
+            )
+        } else {
+            Vec::new()
+        };
+        self.write_large(&head, frames)
+    }
+
+    /// Writes `head` and `frames` without copying the frames (see
+    /// `crate::wire`): what a stream holds of its own while a write waits
+    /// on a client stays bounded however large the frames or the batch.
+    fn write_large(&mut self, head: &[u8], frames: &[&[u8]]) -> Result<(), StreamError> {
+        let result = match &mut self.sink {
+            Sink::Tcp(conn) => {
+                self.stats.thread_write();
+                write_frames_timeout(
+                    conn,
+                    head,
+                    frames,
+                    self.chunked,
+                    self.config.write_timeout,
+                    &mut self.armed,
+                )
+            }
+            Sink::Writer(w) => {
+                write_frames_to(&mut **w, head, frames, self.chunked).map_err(|_| EndReason::Client)
+            }
+        };
+        match result {
+            Ok(0) => Ok(()),
+            Ok(bytes) => {
+                self.state = State::Open;
+                self.stats.sent(frames.len() as u64, bytes);
+                self.last_write = Instant::now();
+                self.extend_time();
+                Ok(())
+            }
+            Err(reason) => Err(StreamError::Ended(self.failed(reason))),
         }
-        for frame in frames {
-            frame_into(&mut out, frame, self.chunked);
-        }
-        self.wrote(&out, frames.len())
     }
 
     /// [`write_frames`](Stream::write_frames) for the usual writes of an
@@ -891,16 +920,19 @@ impl Stream {
                 .and_then(|()| w.flush())
                 .map_err(|_| EndReason::Client),
         };
-        result.map_err(|reason| {
-            // A socket the server force-closed at shutdown fails like a
-            // vanished client; report it as what it is.
-            let reason = if self.shutdown.is_shutdown() {
-                EndReason::Shutdown
-            } else {
-                reason
-            };
-            *self.ended.get_or_insert(reason)
-        })
+        result.map_err(|reason| self.failed(reason))
+    }
+
+    /// Ends the stream after a failed write (the first reason sticks).
+    fn failed(&mut self, reason: EndReason) -> EndReason {
+        // A socket the server force-closed at shutdown fails like a
+        // vanished client; report it as what it is.
+        let reason = if self.shutdown.is_shutdown() {
+            EndReason::Shutdown
+        } else {
+            reason
+        };
+        *self.ended.get_or_insert(reason)
     }
 
     /// Writes the end of the body (the last chunk) and marks the stream
@@ -1037,69 +1069,6 @@ fn fill(buf: &mut [u8], parts: &[&[u8]]) -> usize {
         at += part.len();
     }
     at
-}
-
-/// Appends `frame` to `out` as the stream frames it: an HTTP/1.1 chunk when
-/// `chunked`, the bare bytes otherwise (HTTP/1.0).
-pub(crate) fn frame_into(out: &mut Vec<u8>, frame: &[u8], chunked: bool) {
-    if chunked {
-        chunk_into(out, frame);
-    } else {
-        out.extend_from_slice(frame);
-    }
-}
-
-pub(crate) fn chunk_into(out: &mut Vec<u8>, frame: &[u8]) {
-    crate::digits::push_hex(out, frame.len());
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(frame);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Writes all of `bytes` to `conn` within `timeout`.
-///
-/// `SO_SNDTIMEO` bounds each `write()` call, not the whole operation, so it
-/// is re-armed with the time left before every call after a partial write;
-/// `armed` remembers the value in force to skip the syscall when unchanged.
-pub(crate) fn write_all_timeout(
-    conn: &TcpStream,
-    mut bytes: &[u8],
-    timeout: Duration,
-    armed: &mut Option<Duration>,
-) -> Result<(), EndReason> {
-    let deadline = Instant::now() + timeout;
-    let mut first = true;
-    while !bytes.is_empty() {
-        let left = if first {
-            timeout
-        } else {
-            deadline.saturating_duration_since(Instant::now())
-        };
-        first = false;
-        if left.is_zero() {
-            return Err(EndReason::WriteTimeout);
-        }
-        if *armed != Some(left) {
-            conn.set_write_timeout(Some(left))
-                .map_err(|_| EndReason::Client)?;
-            *armed = Some(left);
-        }
-        match (&*conn).write(bytes) {
-            Ok(0) => return Err(EndReason::Client),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(EndReason::WriteTimeout);
-            }
-            Err(_) => return Err(EndReason::Client),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

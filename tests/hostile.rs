@@ -1,0 +1,173 @@
+#![cfg(feature = "daemon")]
+//! Hostile clients, round two: what a stranger with no credentials can make
+//! the daemon hold, over real sockets against the `ssed` binary, measured
+//! from /proc/PID.
+//!
+//! - subscribers that resume a large history and never read pin a bounded
+//!   amount each, not a copy of the history;
+//!
+//! The tests run one at a time (a static lock): they read the daemon's
+//! memory, and several hold many sockets on a 2-core machine. Every read
+//! has a timeout, every loop is bounded, every child is killed by PID when
+//! its guard drops.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use rustix::net::{AddressFamily, SocketAddrAny, SocketType, sockopt};
+use support::process::Ssed;
+use support::{Client, TempDir, field, metrics, wait_until};
+
+/// The longest a test waits for one thing to happen.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    // A failed test poisons the lock; the next one may still run.
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `ssed --config DIR/ssed.toml` with `toml` as the file.
+fn spawn(dir: &TempDir, toml: &str) -> (Ssed, SocketAddr) {
+    let path = dir.path().join("ssed.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let ssed = Ssed::spawn(&["--config", path.to_str().expect("utf-8 temp path")], &[]);
+    let addr = ssed.listening();
+    (ssed, addr)
+}
+
+fn metric(addr: SocketAddr, series: &str) -> u64 {
+    let m = metrics(addr);
+    *m.get(series)
+        .unwrap_or_else(|| panic!("no {series} in /metrics: {m:?}"))
+}
+
+/// A keep-alive publisher on one connection.
+struct Publisher(Client);
+
+impl Publisher {
+    fn new(addr: SocketAddr) -> Self {
+        Publisher(Client::new(addr))
+    }
+
+    /// POSTs `body` to `path`; the status and the answer's body.
+    fn post(&mut self, path: &str, body: &str) -> (u16, String) {
+        let c = &mut self.0;
+        c.send(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        let (head, text) = c.response();
+        (head.status, text)
+    }
+}
+
+/// A connection whose receive buffer is as small as the kernel allows
+/// (set before connecting, so the window it advertises stays small): a
+/// client that reads slowly or not at all.
+fn small_window(addr: SocketAddr) -> TcpStream {
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
+    sockopt::set_socket_recv_buffer_size(&fd, 4096).expect("SO_RCVBUF");
+    rustix::net::connect(&fd, &SocketAddrAny::from(addr)).expect("connect");
+    let conn = TcpStream::from(fd);
+    conn.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    conn.set_write_timeout(Some(DEADLINE)).expect("timeout");
+    conn
+}
+
+// ---------------------------------------------------------------------------
+// Finding 1: a subscriber that does not read
+// ---------------------------------------------------------------------------
+
+/// What one stream may hold of its own while a write waits on its client,
+/// as the docs state it (docs/operations.md): its thread's touched stack,
+/// its request and queue, a page of the replay (references to shared
+/// frames) and one write's staging (`WRITE_MEMORY_BOUND`, 26 KiB).
+const STREAM_BOUND_KIB: u64 = 64;
+
+#[test]
+fn non_reading_subscribers_resuming_a_large_history_pin_a_bounded_amount_each() {
+    let _serial = serial();
+    let dir = TempDir::new("pin");
+    let (ssed, addr) = spawn(
+        &dir,
+        "heartbeat = \"0\"\nretry = \"0\"\nmax_execution_time = \"0\"\nwrite_timeout = \"20s\"\n",
+    );
+    let body = "x".repeat(64_000);
+    let mut publisher = Publisher::new(addr);
+    for _ in 0..300 {
+        assert_eq!(publisher.post("/publish/big", &body).0, 200);
+    }
+    // One reading subscriber first: the replay arrives whole and intact
+    // (a reset notice for the unknown id, then every event), and the
+    // daemon's allocator has warmed up to a stream's write path.
+    let mut reader = Client::new(addr);
+    let head = reader.get_stream("/events/big", &["Last-Event-ID: junk"]);
+    assert_eq!(head.status, 200);
+    let reset = reader.next_frame().expect("reset notice");
+    assert_eq!(field(&reset, "event"), ["reset"]);
+    for i in 0..300 {
+        let frame = reader.next_frame().unwrap_or_else(|| panic!("event {i}"));
+        assert_eq!(field(&frame, "data"), [body.as_str()], "event {i}");
+    }
+    drop(reader);
+
+    let before = ssed.status_kib("VmRSS");
+    std::fs::write(format!("/proc/{}/clear_refs", ssed.pid()), "5").expect("reset VmHWM");
+    let request = "GET /events/big HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\nLast-Event-ID: junk\r\n\r\n";
+    let stuck: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let mut c = small_window(addr);
+            c.write_all(request.as_bytes()).expect("send request");
+            c
+        })
+        .collect();
+    let mut open = 0;
+    assert!(
+        wait_until(DEADLINE, || {
+            open = metric(addr, "ssed_connections_open");
+            // The reader's stream stays too: with heartbeats off, only a
+            // write would find that its client left.
+            open == 51
+        }),
+        "51 streams should be open, {open} are: {:?}",
+        metrics(addr)
+    );
+    // Each stream writes until its socket is full, then waits in a write
+    // for the rest of write_timeout: let them all get there.
+    let mut last = 0;
+    assert!(
+        wait_until(DEADLINE, || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = metric(addr, "ssed_bytes_sent_total");
+            let still = now == last;
+            last = now;
+            still
+        }),
+        "the writes stall"
+    );
+    let peak = ssed.status_kib("VmHWM");
+    let grew = peak.saturating_sub(before);
+    let bound = 50 * STREAM_BOUND_KIB + 8 * 1024;
+    assert!(
+        grew <= bound,
+        "50 stuck subscribers grew the daemon's RSS by {grew} KiB (peak), over {bound} KiB"
+    );
+    eprintln!(
+        "50 non-reading subscribers resuming 300 x 64 KB: +{grew} KiB peak RSS ({} KiB each)",
+        grew / 50
+    );
+    // They are still being served (not cut), and nothing else broke.
+    let mut buf = [0u8; 16];
+    let mut first = &stuck[0];
+    assert!(first.read(&mut buf).expect("bytes wait") > 0);
+    assert_eq!(Publisher::new(addr).post("/publish/big", "after").0, 200);
+}
