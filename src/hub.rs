@@ -20,16 +20,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{EndReason, EventError, Report, StreamError};
 use crate::event::{EncodedEvent, Event};
 use crate::fanout::{Pushed, SubscriberQueue, Wakers, Writer};
+use crate::history::{History, MemoryHistory, Retained, StorageError};
+use crate::id::{EventId, MAX_NAME_LEN, earliest, now_ms, valid_name};
+use crate::mailbox::{self, MailboxStore, Mailboxes};
 use crate::redis::{Engine, PushError, RedisState};
 use crate::resp::RedisUrl;
 use crate::stream::Stream;
@@ -37,8 +39,6 @@ use crate::stream::Stream;
 /// The event name of the frame sent when a client asks to resume from an id
 /// older than what is retained.
 pub const RESET_EVENT: &str = "reset";
-/// Longest topic or mailbox key name.
-pub const MAX_NAME_LEN: usize = 200;
 /// Most frames written per wake-up of a following stream.
 const BATCH: usize = 256;
 /// Most replay bytes handed to a waker with a stream's head (see
@@ -46,301 +46,28 @@ const BATCH: usize = 256;
 const OPENING_MAX: usize = 16 * 1024;
 /// How often a consumer of a Redis mailbox looks without being woken.
 const REMOTE_MAILBOX_POLL: Duration = Duration::from_secs(1);
+/// How often expired mailbox messages are swept, at most and at least
+/// (within these, the mailbox TTL).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+const SWEEP_MIN: Duration = Duration::from_secs(1);
+/// The longest id line a frame can get (`id: ` and two 20-digit numbers).
+const ID_LINE_MAX: usize = 4 + 20 + 1 + 20 + 1;
 
-/// An event id: `<unix-ms>-<seq>`, increasing in publish order across all
-/// topics and, being time-based, across restarts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct EventId {
-    ms: u64,
-    seq: u64,
-}
-
-impl EventId {
-    /// The id `ms-seq`.
-    pub const fn new(ms: u64, seq: u64) -> Self {
-        EventId { ms, seq }
-    }
-
-    /// Milliseconds since the Unix epoch when it was issued.
-    pub fn millis(self) -> u64 {
-        self.ms
-    }
-
-    /// Its number among the ids of the same millisecond, from 0.
-    pub fn seq(self) -> u64 {
-        self.seq
-    }
-
-    /// The first id of a millisecond.
-    pub(crate) fn floor_of(ms: u64) -> Self {
-        EventId { ms, seq: 0 }
-    }
-
-    /// Above every id.
-    pub(crate) const MAX: EventId = EventId {
-        ms: u64::MAX,
-        seq: u64::MAX,
-    };
-
-    /// The id just below `self` (itself for the smallest).
-    pub(crate) fn pred(self) -> Self {
-        match (self.ms, self.seq) {
-            (ms, seq) if seq > 0 => EventId { ms, seq: seq - 1 },
-            (0, _) => self,
-            (ms, _) => EventId {
-                ms: ms - 1,
-                seq: u64::MAX,
-            },
-        }
-    }
-
-    /// The id after `self` at time `now_ms`: the clock's millisecond if it
-    /// moved forward, else the same millisecond with the next sequence, so
-    /// ids keep increasing even if the clock steps back.
-    fn next(self, now_ms: u64) -> Self {
-        if now_ms > self.ms {
-            EventId { ms: now_ms, seq: 0 }
-        } else {
-            EventId {
-                ms: self.ms,
-                seq: self.seq + 1,
-            }
-        }
-    }
-}
-
-impl fmt::Display for EventId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
-    }
-}
-
-/// An id string that is not `<digits>-<digits>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseIdError;
-
-impl fmt::Display for ParseIdError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("event id is not <unix-ms>-<seq>")
-    }
-}
-
-impl std::error::Error for ParseIdError {}
-
-impl FromStr for EventId {
-    type Err = ParseIdError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (ms, seq) = s.split_once('-').ok_or(ParseIdError)?;
-        let digits =
-            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
-        if !digits(ms) || !digits(seq) {
-            return Err(ParseIdError);
-        }
-        Ok(EventId {
-            ms: ms.parse().map_err(|_| ParseIdError)?,
-            seq: seq.parse().map_err(|_| ParseIdError)?,
-        })
-    }
-}
-
-/// Whether `name` is a valid topic or mailbox key: 1 to 200 characters of
-/// `A-Z a-z 0-9 _ . : -`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
-}
-
-/// An event as kept in history: its id and its encoded frame.
-#[derive(Debug, Clone)]
-pub struct Retained {
-    /// The event's id.
-    pub id: EventId,
-    /// The frame, id line included, as every subscriber receives it.
-    pub frame: EncodedEvent,
-}
-
-/// What a history store returns for a resume request.
-#[derive(Debug, Default)]
-pub struct Replay {
-    /// Retained events after the asked id, oldest first.
-    pub events: Vec<Retained>,
-    /// Whether events after the asked id may be missing (already evicted,
-    /// or from before what this store knows).
-    pub gap: bool,
-    /// The oldest retained id, if any.
-    pub oldest: Option<EventId>,
-}
-
-/// A store could not keep or read what it was given (a disk or database
-/// error); the hub refuses the operation rather than acknowledge it.
-#[derive(Debug)]
-pub struct StorageError(Box<dyn std::error::Error + Send + Sync>);
-
-impl StorageError {
-    /// Wraps the store's own error.
-    pub fn new(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        StorageError(source.into())
-    }
-}
-
-impl fmt::Display for StorageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("storage failed")
-    }
-}
-
-impl std::error::Error for StorageError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(self.0.as_ref())
-    }
-}
-
-/// Where a hub keeps the recent events of each topic.
-///
-/// Called with the hub's lock held, so implementations need no locking of
-/// their own and see appends in id order.
-pub trait History: Send + 'static {
-    /// Keeps `event` as the newest event of `topic`, evicting the oldest
-    /// past the store's bound.
-    ///
-    /// # Errors
-    ///
-    /// When the store cannot keep it: the hub then neither delivers the
-    /// event nor acknowledges it ([`HubError::Storage`]).
-    fn append(&mut self, topic: &str, event: Retained) -> Result<(), StorageError>;
-
-    /// Every retained event of `topic` with an id above `after`.
-    fn since(&self, topic: &str, after: EventId) -> Replay;
-
-    /// At most `max` retained events of `topic` with ids above `after` and
-    /// at most `until`, oldest first, with `gap` and `oldest` as for
-    /// [`since`](History::since). A stream replays history a page at a
-    /// time, so what it holds does not grow with the history: override
-    /// this when `since` copies more than the page. Default: `since`,
-    /// trimmed.
-    fn page(&self, topic: &str, after: EventId, until: EventId, max: usize) -> Replay {
-        let mut replay = self.since(topic, after);
-        replay.events.retain(|e| e.id <= until);
-        replay.events.truncate(max);
-        replay
-    }
-
-    /// The newest id this store has ever issued or restored, if any; the hub
-    /// continues after it.
-    fn last_id(&self) -> Option<EventId> {
-        None
-    }
-}
-
-/// The default [`History`]: the last `capacity` events of each topic in
-/// memory; nothing survives a restart.
-#[derive(Debug)]
-pub struct MemoryHistory {
-    capacity: usize,
-    /// Below this id the store knows nothing (events before the process
-    /// started).
-    floor: EventId,
-    topics: HashMap<Box<str>, TopicHistory>,
-}
-
-#[derive(Debug, Default)]
-struct TopicHistory {
-    events: VecDeque<Retained>,
-    /// The newest id evicted from this topic.
-    evicted: Option<EventId>,
-}
-
-impl MemoryHistory {
-    /// Keeps the last `capacity` events per topic (0 keeps none).
-    pub fn new(capacity: usize) -> Self {
-        MemoryHistory::with_floor(capacity, EventId::floor_of(now_ms()))
-    }
-
-    /// A cache for a store that knows every event from `floor` on (a
-    /// durable store: from its creation), so it signals no gap above it.
-    pub(crate) fn with_floor(capacity: usize, floor: EventId) -> Self {
-        MemoryHistory {
-            capacity,
-            floor,
-            topics: HashMap::new(),
-        }
-    }
-
-    /// The newest id that appending `id` to `topic` would evict (`id`
-    /// itself when nothing is kept): what a durable store must delete in
-    /// the same write.
-    #[cfg(feature = "durable")]
-    pub(crate) fn evicts(&self, topic: &str, id: EventId) -> Option<EventId> {
-        if self.capacity == 0 {
-            return Some(id);
-        }
-        let events = &self.topics.get(topic)?.events;
-        let over = (events.len() + 1).checked_sub(self.capacity)?;
-        events.get(over.checked_sub(1)?).map(|e| e.id)
-    }
-
-    /// Records that `topic` lost its events up to `id` before this cache
-    /// was filled (restored from a store).
-    #[cfg(feature = "durable")]
-    pub(crate) fn note_evicted(&mut self, topic: &str, id: EventId) {
-        let t = self.topics.entry(topic.into()).or_default();
-        t.evicted = t.evicted.max(Some(id));
-    }
-
-    /// Keeps `event` as the newest of `topic` (what [`History::append`]
-    /// does, infallibly).
-    pub(crate) fn push(&mut self, topic: &str, event: Retained) {
-        let t = match self.topics.get_mut(topic) {
-            Some(t) => t,
-            None => self.topics.entry(topic.into()).or_default(),
-        };
-        if self.capacity == 0 {
-            t.evicted = Some(event.id);
-            return;
-        }
-        t.events.push_back(event);
-        while t.events.len() > self.capacity {
-            if let Some(old) = t.events.pop_front() {
-                t.evicted = Some(old.id);
-            }
-        }
-    }
-}
-
-impl History for MemoryHistory {
-    fn append(&mut self, topic: &str, event: Retained) -> Result<(), StorageError> {
-        self.push(topic, event);
-        Ok(())
-    }
-
-    fn since(&self, topic: &str, after: EventId) -> Replay {
-        self.page(topic, after, EventId::MAX, usize::MAX)
-    }
-
-    fn page(&self, topic: &str, after: EventId, until: EventId, max: usize) -> Replay {
-        let Some(t) = self.topics.get(topic) else {
-            return Replay {
-                gap: after < self.floor,
-                ..Replay::default()
-            };
-        };
-        let start = t.events.partition_point(|e| e.id <= after);
-        Replay {
-            events: t
-                .events
-                .range(start..)
-                .take_while(|e| e.id <= until)
-                .take(max)
-                .cloned()
-                .collect(),
-            gap: after < self.floor || t.evicted.is_some_and(|ev| ev > after),
-            oldest: t.events.front().map(|e| e.id),
-        }
-    }
+/// What a hub holds against its retained budget
+/// ([`HubConfig::max_retained_bytes`]), from [`Hub::usage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HubUsage {
+    /// Bytes of retained events in this process (0 when Redis keeps them).
+    pub history_bytes: u64,
+    /// Bytes of waiting mailbox messages in this process.
+    pub mailbox_bytes: u64,
+    /// The budget (0: none).
+    pub max_retained_bytes: u64,
+    /// Retained events dropped to keep within the budget, since start.
+    pub events_evicted: u64,
+    /// Pushes refused because the mailboxes held the whole budget.
+    pub pushes_refused: u64,
 }
 
 /// Settings of a [`Hub`].
@@ -355,6 +82,19 @@ pub struct HubConfig {
     pub mailbox_capacity: usize,
     /// How long an unconsumed mailbox message is kept. Default 1 h.
     pub mailbox_ttl: Duration,
+    /// Bytes of memory that retained events and waiting mailbox messages
+    /// may take together (frames and texts, with their bookkeeping). Past
+    /// it the oldest retained events are dropped, across all topics (a
+    /// resume from before them gets the reset notice, as after any
+    /// eviction), and a push that the mailboxes alone cannot hold is
+    /// refused ([`HubError::OverBudget`]). 0: no budget. Default 0; the
+    /// daemon derives one from the machine's (or its cgroup's) memory.
+    pub max_retained_bytes: u64,
+    /// Largest frame a publish may make, its `data:` prefixes and id line
+    /// included ([`HubError::TooLarge`] past it); bounds what one event
+    /// can cost whatever its text looks like (a body of line breaks
+    /// encodes to about seven times its size). 0: no bound. Default 0.
+    pub max_frame: usize,
 }
 
 impl Default for HubConfig {
@@ -363,6 +103,8 @@ impl Default for HubConfig {
             queue: 512,
             mailbox_capacity: 1000,
             mailbox_ttl: Duration::from_secs(3600),
+            max_retained_bytes: 0,
+            max_frame: 0,
         }
     }
 }
@@ -386,6 +128,19 @@ pub enum HubError {
     /// The hub's store could not keep the event or message, so it was
     /// neither delivered nor queued.
     Storage(StorageError),
+    /// The event's frame would be larger than [`HubConfig::max_frame`].
+    TooLarge {
+        /// The frame's size in bytes.
+        size: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// The mailboxes already hold what [`HubConfig::max_retained_bytes`]
+    /// allows: the message was not queued.
+    OverBudget {
+        /// The budget, in bytes.
+        budget: u64,
+    },
 }
 
 impl fmt::Display for HubError {
@@ -400,6 +155,13 @@ impl fmt::Display for HubError {
                 write!(f, "mailbox {key:?} is full ({capacity} messages waiting)")
             }
             HubError::Storage(_) => f.write_str("storage unavailable"),
+            HubError::TooLarge { size, max } => {
+                write!(f, "event frame of {size} bytes is over the limit of {max}")
+            }
+            HubError::OverBudget { budget } => write!(
+                f,
+                "mailboxes hold the whole retained-memory budget ({budget} bytes)"
+            ),
         }
     }
 }
@@ -429,52 +191,6 @@ pub struct Published {
     pub receivers: usize,
 }
 
-/// A mailbox message as a [`MailboxStore`] keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    /// The mailbox key.
-    pub key: String,
-    /// Its number: unique in the store, increasing in push order.
-    pub seq: u64,
-    /// When it was pushed, in milliseconds since the Unix epoch (its TTL
-    /// runs on across a restart).
-    pub pushed_ms: u64,
-    /// The message.
-    pub text: String,
-}
-
-/// Where a hub keeps its waiting mailbox messages so they survive a
-/// restart (see [`Hub::with_stores`]).
-///
-/// A message is put when pushed and removed once taken (for a consuming
-/// stream: once written to its client), so a crash between the two can
-/// deliver it again but never loses it. `put` is called with the hub's
-/// mailbox lock held, so a store sees pushes in `seq` order; `remove` may
-/// come from any thread, in any order.
-pub trait MailboxStore: Send + 'static {
-    /// Every kept message, in `seq` order.
-    ///
-    /// # Errors
-    ///
-    /// When the store cannot be read.
-    fn load(&mut self) -> Result<Vec<StoredMessage>, StorageError>;
-
-    /// Keeps `message`.
-    ///
-    /// # Errors
-    ///
-    /// When it cannot: the push is refused ([`HubError::Storage`]).
-    fn put(&mut self, message: &StoredMessage) -> Result<(), StorageError>;
-
-    /// Forgets message `seq` (taken, or expired).
-    ///
-    /// # Errors
-    ///
-    /// When it cannot; the hub logs it (the message may come again after a
-    /// restart).
-    fn remove(&mut self, seq: u64) -> Result<(), StorageError>;
-}
-
 /// The engine of the daemon, usable by an embedding app from any thread:
 /// topics (created on first use) with history, and keyed mailboxes.
 ///
@@ -499,14 +215,15 @@ struct Inner {
     config: HubConfig,
     wakers: Wakers,
     state: Mutex<State>,
-    mailboxes: Mutex<HashMap<Box<str>, Mailbox>>,
-    /// Where waiting mailbox messages are also kept, if anywhere. Locked
-    /// inside `mailboxes` (never the other way round).
-    mailbox_store: Option<Mutex<Box<dyn MailboxStore>>>,
-    /// The `seq` of the next mailbox message.
-    next_message: AtomicU64,
+    mailboxes: Mailboxes,
     /// With Redis as the engine: history, ids and mailboxes live there.
     remote: Option<Arc<Engine>>,
+    /// Retained events dropped to keep within the budget.
+    evicted: AtomicU64,
+    /// Pushes refused because the mailboxes held the whole budget.
+    refused: AtomicU64,
+    /// Dropped with the hub: ends the sweeper thread.
+    _sweeper: Option<Sender<()>>,
 }
 
 impl Drop for Inner {
@@ -640,7 +357,12 @@ impl Hub {
 
     /// A hub over any [`History`] store, with mailboxes in memory only.
     pub fn with_history(history: Box<dyn History>, config: HubConfig) -> Self {
-        Hub::assemble(history, None, HashMap::new(), 0, config, None)
+        let mailboxes = Mailboxes::new(
+            config.mailbox_capacity,
+            config.mailbox_ttl,
+            config.max_retained_bytes,
+        );
+        Hub::assemble(history, mailboxes, config, None)
     }
 
     /// A hub whose engine is the Redis at `url` (`redis://[[user]:password@]host[:port][/db]`),
@@ -658,11 +380,10 @@ impl Hub {
         let url = RedisUrl::parse(url)
             .map_err(|m| HubError::Storage(StorageError::new(format!("redis url: {m}"))))?;
         let engine = Arc::new(Engine::new(url, history));
+        let mailboxes = Mailboxes::new(config.mailbox_capacity, config.mailbox_ttl, 0);
         let hub = Hub::assemble(
             Box::new(MemoryHistory::new(0)),
-            None,
-            HashMap::new(),
-            0,
+            mailboxes,
             config,
             Some(Arc::clone(&engine)),
         );
@@ -685,52 +406,21 @@ impl Hub {
     /// When the mailbox store cannot be read.
     pub fn with_stores(
         history: Box<dyn History>,
-        mut mailboxes: Box<dyn MailboxStore>,
+        mailboxes: Box<dyn MailboxStore>,
         config: HubConfig,
     ) -> Result<Self, StorageError> {
-        let stored = mailboxes.load()?;
-        let next_message = stored
-            .iter()
-            .map(|m| m.seq.saturating_add(1))
-            .max()
-            .unwrap_or(0);
-        let (now, now_wall) = (Instant::now(), now_ms());
-        let mut boxes: HashMap<Box<str>, Mailbox> = HashMap::new();
-        for m in stored {
-            let age = Duration::from_millis(now_wall.saturating_sub(m.pushed_ms));
-            let Some(left) = config.mailbox_ttl.checked_sub(age) else {
-                if let Err(e) = mailboxes.remove(m.seq) {
-                    log::warn!("cannot remove an expired mailbox message: {}", Report(&e));
-                }
-                continue;
-            };
-            let message = Message {
-                seq: m.seq,
-                expires: now.checked_add(left),
-                text: m.text,
-            };
-            let key: Box<str> = m.key.into();
-            boxes
-                .entry(key)
-                .or_insert_with(Mailbox::new)
-                .queue
-                .push_back(message);
-        }
-        Ok(Hub::assemble(
-            history,
-            Some(mailboxes),
-            boxes,
-            next_message,
-            config,
-            None,
-        ))
+        let mailboxes = Mailboxes::restore(
+            mailboxes,
+            config.mailbox_capacity,
+            config.mailbox_ttl,
+            config.max_retained_bytes,
+        )?;
+        Ok(Hub::assemble(history, mailboxes, config, None))
     }
 
     fn assemble(
         history: Box<dyn History>,
-        mailbox_store: Option<Box<dyn MailboxStore>>,
-        mailboxes: HashMap<Box<str>, Mailbox>,
-        next_message: u64,
+        mailboxes: Mailboxes,
         config: HubConfig,
         remote: Option<Arc<Engine>>,
     ) -> Self {
@@ -738,7 +428,8 @@ impl Hub {
             .last_id()
             .unwrap_or_else(|| EventId::floor_of(0))
             .max(EventId::floor_of(0));
-        Hub(Arc::new(Inner {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let hub = Hub(Arc::new(Inner {
             wakers: Wakers::started(),
             state: Mutex::new(State {
                 last_id,
@@ -750,11 +441,60 @@ impl Hub {
                 remote: remote.clone(),
             }),
             config,
-            mailboxes: Mutex::new(mailboxes),
-            mailbox_store: mailbox_store.map(Mutex::new),
-            next_message: AtomicU64::new(next_message),
+            mailboxes,
             remote,
-        }))
+            evicted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            _sweeper: Some(stop),
+        }));
+        // A store restored with more than the budget gives the excess up now.
+        hub.shrink_history();
+        hub.start_sweeper(stopped);
+        hub
+    }
+
+    /// Starts the thread that sweeps expired mailbox messages every
+    /// [`SWEEP_EVERY`] (or the TTL, if shorter). It holds the hub weakly
+    /// and ends when the hub is dropped (`stopped` disconnects).
+    fn start_sweeper(&self, stopped: Receiver<()>) {
+        let every = self.0.config.mailbox_ttl.clamp(SWEEP_MIN, SWEEP_EVERY);
+        let weak = Arc::downgrade(&self.0);
+        let spawned = std::thread::Builder::new()
+            .name("ssed-sweeper".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(every)
+                {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let expired = inner.mailboxes.sweep();
+                    if expired > 0 {
+                        log::debug!("{expired} expired mailbox messages swept");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Expiry still happens whenever a mailbox is pushed or read.
+            log::warn!("cannot start the mailbox sweeper: {e}");
+        }
+    }
+
+    /// Drops the oldest retained events until history and mailboxes fit
+    /// the budget together (nothing without a budget).
+    fn shrink_history(&self) {
+        let evicted = self.keep_within_budget(&mut self.state());
+        self.note_evictions(evicted);
+    }
+
+    /// What the hub holds against its budget now.
+    pub fn usage(&self) -> HubUsage {
+        HubUsage {
+            history_bytes: self.state().history.retained_bytes(),
+            mailbox_bytes: self.0.mailboxes.bytes(),
+            max_retained_bytes: self.0.config.max_retained_bytes,
+            events_evicted: self.0.evicted.load(Ordering::Relaxed),
+            pushes_refused: self.0.refused.load(Ordering::Relaxed),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -781,6 +521,7 @@ impl Hub {
             // Redis picks the id; the reader delivers the event here as on
             // every node. `receivers` counts this node's subscribers.
             let (frame, at) = event.encode_around_id()?;
+            self.check_frame(frame.len() + ID_LINE_MAX)?;
             let id = remote
                 .publish(topic, &frame, at)
                 .map_err(HubError::Storage)?;
@@ -792,6 +533,8 @@ impl Hub {
         let mut state = self.state();
         let id = state.last_id.next(now_ms());
         let frame = event.id(id.to_string()).encode_shared()?;
+        // Refused before anything changed: its id is issued again.
+        self.check_frame(frame.as_bytes().len())?;
         // Kept before anyone sees it: an event the store refused reaches no
         // subscriber, and its id is issued again.
         state
@@ -808,15 +551,57 @@ impl Hub {
         state.published += 1;
         let mut out = FanOut::default();
         fan_out(&mut state, topic, id, &frame, &mut out);
+        let evicted = self.keep_within_budget(&mut state);
         drop(state);
         // Waking is the expensive part of fan-out: never under the lock.
         if !out.wake.is_empty() {
             self.0.wakers.wake(out.wake);
         }
+        self.note_evictions(evicted);
         Ok(Published {
             id,
             receivers: out.receivers,
         })
+    }
+
+    /// [`HubError::TooLarge`] for a frame of `size` bytes past the bound.
+    fn check_frame(&self, size: usize) -> Result<(), HubError> {
+        let max = self.0.config.max_frame;
+        if max > 0 && size > max {
+            return Err(HubError::TooLarge { size, max });
+        }
+        Ok(())
+    }
+
+    /// Drops the oldest retained events until history and mailboxes fit
+    /// the budget together; returns how many went.
+    fn keep_within_budget(&self, state: &mut State) -> u64 {
+        let budget = self.0.config.max_retained_bytes;
+        if budget == 0 {
+            return 0;
+        }
+        let room = budget.saturating_sub(self.0.mailboxes.bytes());
+        if state.history.retained_bytes() <= room {
+            return 0;
+        }
+        match state.history.shrink_to(room) {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!(
+                    "cannot drop retained events to keep within max_retained_bytes: {}",
+                    Report(&e)
+                );
+                0
+            }
+        }
+    }
+
+    /// Counts and logs `n` events dropped for the budget.
+    fn note_evictions(&self, n: u64) {
+        if n > 0 {
+            self.0.evicted.fetch_add(n, Ordering::Relaxed);
+            log_budget_evictions(n, self.0.config.max_retained_bytes);
+        }
     }
 
     /// Closes every subscriber of `topic` here as slow (their clients
@@ -1020,62 +805,29 @@ impl Hub {
 
     // ----- mailboxes -------------------------------------------------------
 
-    fn mailboxes(&self) -> MutexGuard<'_, HashMap<Box<str>, Mailbox>> {
-        self.0.mailboxes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs `f` on the mailbox store, if the hub has one.
-    fn with_store<T>(
-        &self,
-        f: impl FnOnce(&mut dyn MailboxStore) -> Result<T, StorageError>,
-    ) -> Option<Result<T, StorageError>> {
-        let store = self.0.mailbox_store.as_ref()?;
-        // A panic inside the store leaves nothing half-done on our side.
-        let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
-        Some(f(store.as_mut()))
-    }
-
-    /// Removes taken or expired message `seq` from the store, if any.
-    fn forget(&self, key: &str, seq: u64) {
-        if let Some(Err(e)) = self.with_store(|s| s.remove(seq)) {
-            log::error!(
-                "mailbox {key:?}: cannot remove a message from the store, it may be delivered again after a restart: {}",
-                Report(&e)
-            );
-        }
-    }
-
-    /// Drops the expired messages at the front of `mailbox`, from the store too.
-    fn expire(&self, key: &str, mailbox: &mut Mailbox) {
-        let now = Instant::now();
-        while mailbox.queue.front().is_some_and(|m| m.expired(now)) {
-            if let Some(m) = mailbox.queue.pop_front() {
-                self.forget(key, m.seq);
-            }
-        }
-    }
-
     /// Queues `message` in the mailbox `key`, for exactly one consumer.
     ///
     /// # Errors
     ///
     /// [`HubError::InvalidName`] for a bad key, [`HubError::MailboxFull`]
     /// when the mailbox holds its maximum (nothing is dropped silently),
-    /// [`HubError::Storage`] when the mailbox store cannot keep it.
+    /// [`HubError::OverBudget`] when the mailboxes hold the whole retained
+    /// budget, [`HubError::Storage`] when the mailbox store cannot keep it.
     pub fn push(&self, key: &str, message: impl Into<String>) -> Result<usize, HubError> {
         if !valid_name(key) {
             return Err(HubError::InvalidName(key.to_owned()));
         }
         let capacity = self.0.config.mailbox_capacity;
+        let full = || HubError::MailboxFull {
+            key: key.to_owned(),
+            capacity,
+        };
         if let Some(remote) = &self.0.remote {
             let message = message.into();
             let queued = remote
                 .push(key, &message, capacity, self.0.config.mailbox_ttl)
                 .map_err(|e| match e {
-                    PushError::Full => HubError::MailboxFull {
-                        key: key.to_owned(),
-                        capacity,
-                    },
+                    PushError::Full => full(),
                     PushError::Storage(e) => HubError::Storage(e),
                 })?;
             // Consumers here need not wait for the announcement to come
@@ -1083,40 +835,23 @@ impl Hub {
             self.notify_mailbox(key);
             return Ok(queued);
         }
-        let mut boxes = self.mailboxes();
-        let mailbox = match boxes.get_mut(key) {
-            Some(m) => m,
-            None => boxes.entry(key.into()).or_insert_with(Mailbox::new),
-        };
-        self.expire(key, mailbox);
-        if mailbox.queue.len() >= capacity {
-            return Err(HubError::MailboxFull {
-                key: key.to_owned(),
-                capacity,
-            });
-        }
-        let message = Message {
-            seq: self.0.next_message.fetch_add(1, Ordering::Relaxed),
-            expires: Instant::now().checked_add(self.0.config.mailbox_ttl),
-            text: message.into(),
-        };
-        // Under the mailbox lock, so the store sees pushes in `seq` order.
-        let stored = self.with_store(|s| {
-            s.put(&StoredMessage {
-                key: key.to_owned(),
-                seq: message.seq,
-                pushed_ms: now_ms(),
-                text: message.text.clone(),
-            })
-        });
-        if let Some(Err(e)) = stored {
-            return Err(HubError::Storage(e));
-        }
-        mailbox.queue.push_back(message);
-        // One token wakes one waiting consumer; a full token channel means
-        // a wake-up is already pending.
-        let _ = mailbox.notify.0.try_send(());
-        Ok(mailbox.queue.len())
+        let queued = self
+            .0
+            .mailboxes
+            .push(key, message.into())
+            .map_err(|e| match e {
+                mailbox::PushError::Full => full(),
+                mailbox::PushError::OverBudget => {
+                    self.0.refused.fetch_add(1, Ordering::Relaxed);
+                    HubError::OverBudget {
+                        budget: self.0.config.max_retained_bytes,
+                    }
+                }
+                mailbox::PushError::Storage(e) => HubError::Storage(e),
+            })?;
+        // The mailboxes fit; with the events they may not.
+        self.shrink_history();
+        Ok(queued)
     }
 
     /// Takes the oldest message of `key` without waiting.
@@ -1129,38 +864,9 @@ impl Hub {
                 .flatten()
                 .map(|t| t.text);
         }
-        let message = self.take(key)?;
-        self.forget(key, message.seq);
+        let message = self.0.mailboxes.take(key)?;
+        self.0.mailboxes.forget(key, message.seq);
         Some(message.text)
-    }
-
-    /// Takes the oldest message of `key` out of memory; it stays in the
-    /// store until [`forget`](Hub::forget) (or comes back with
-    /// [`untake`](Hub::untake)).
-    fn take(&self, key: &str) -> Option<Message> {
-        let mut boxes = self.mailboxes();
-        let mailbox = boxes.get_mut(key)?;
-        self.expire(key, mailbox);
-        let message = mailbox.queue.pop_front();
-        if !mailbox.queue.is_empty() {
-            let _ = mailbox.notify.0.try_send(()); // let another consumer in
-        }
-        if mailbox.queue.is_empty() && mailbox.waiters == 0 {
-            boxes.remove(key);
-        }
-        message
-    }
-
-    /// Puts a message taken by [`take`](Hub::take) back at the front, when
-    /// it could not be delivered.
-    fn untake(&self, key: &str, message: Message) {
-        let mut boxes = self.mailboxes();
-        let mailbox = match boxes.get_mut(key) {
-            Some(m) => m,
-            None => boxes.entry(key.into()).or_insert_with(Mailbox::new),
-        };
-        mailbox.queue.push_front(message);
-        let _ = mailbox.notify.0.try_send(());
     }
 
     /// Messages waiting in `key`.
@@ -1168,71 +874,35 @@ impl Hub {
         if let Some(remote) = &self.0.remote {
             return remote.mailbox_len(key);
         }
-        self.mailboxes().get(key).map_or(0, |m| m.queue.len())
-    }
-
-    /// A receiver that gets a token when `key` may have a message; counts
-    /// the caller as a waiter until [`leave`](Hub::leave_mailbox).
-    fn wait_handle(&self, key: &str) -> Receiver<()> {
-        let mut boxes = self.mailboxes();
-        let mailbox = match boxes.get_mut(key) {
-            Some(m) => m,
-            None => boxes.entry(key.into()).or_insert_with(Mailbox::new),
-        };
-        mailbox.waiters += 1;
-        mailbox.notify.1.clone()
+        self.0.mailboxes.len(key)
     }
 
     /// Wakes a consumer of `key` on this node, if one waits (Redis: a
     /// push was announced).
     pub(crate) fn notify_mailbox(&self, key: &str) {
-        if let Some(m) = self.mailboxes().get(key) {
-            let _ = m.notify.0.try_send(());
-        }
-    }
-
-    fn leave_mailbox(&self, key: &str) {
-        let mut boxes = self.mailboxes();
-        if let Some(m) = boxes.get_mut(key) {
-            m.waiters = m.waiters.saturating_sub(1);
-            if m.waiters == 0 && m.queue.is_empty() {
-                boxes.remove(key);
-            } else if !m.queue.is_empty() {
-                let _ = m.notify.0.try_send(()); // hand the wake-up on
-            }
-        }
+        self.0.mailboxes.notify(key);
     }
 }
 
-/// A waiting mailbox message.
-struct Message {
-    /// Its number in the mailbox store.
-    seq: u64,
-    /// When its TTL runs out; `None`: never (a TTL too long for the clock).
-    expires: Option<Instant>,
-    text: String,
-}
-
-impl Message {
-    fn expired(&self, now: Instant) -> bool {
-        self.expires.is_some_and(|e| now > e)
+/// Logs events dropped for the budget at `warn` (degraded: resumes from
+/// before them get a reset), at most once a minute with a count.
+fn log_budget_evictions(n: u64, budget: u64) {
+    static LAST: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
+    let now = Instant::now();
+    let Ok(mut last) = LAST.lock() else { return };
+    last.1 += n;
+    if last
+        .0
+        .is_some_and(|t| now.duration_since(t) < Duration::from_secs(60))
+    {
+        return;
     }
-}
-
-struct Mailbox {
-    queue: VecDeque<Message>,
-    notify: (Sender<()>, Receiver<()>),
-    waiters: usize,
-}
-
-impl Mailbox {
-    fn new() -> Self {
-        Mailbox {
-            queue: VecDeque::new(),
-            notify: crossbeam_channel::bounded(1),
-            waiters: 0,
-        }
-    }
+    last.0 = Some(now);
+    let total = std::mem::take(&mut last.1);
+    log::warn!(
+        "retained events and mailboxes reached max_retained_bytes ({budget} bytes): \
+         {total} oldest events dropped from history since the last report"
+    );
 }
 
 /// A subscription to one or more topics: the replay backlog, then live
@@ -1652,12 +1322,12 @@ impl Stream {
         if let Some(remote) = &hub.0.remote {
             return self.consume_remote(hub, remote, key);
         }
-        let wake = hub.wait_handle(key);
+        let wake = hub.0.mailboxes.wait_handle(key);
         let result = (|| loop {
             // A consumer whose client already left must not take a message:
             // a write to a socket the peer closed usually still succeeds.
             self.check_connection()?;
-            while let Some(message) = hub.take(key) {
+            while let Some(message) = hub.0.mailboxes.take(key) {
                 let done = message.text == crate::stream::DONE;
                 let sent = if done {
                     self.done()
@@ -1668,13 +1338,13 @@ impl Stream {
                     Ok(()) => {
                         // Out of the store only once written: a crash
                         // before this delivers it again rather than lose it.
-                        hub.forget(key, message.seq);
+                        hub.0.mailboxes.forget(key, message.seq);
                         if done {
                             return Ok(());
                         }
                     }
                     Err(e) => {
-                        hub.untake(key, message);
+                        hub.0.mailboxes.untake(key, message);
                         return Err(e);
                     }
                 }
@@ -1683,7 +1353,7 @@ impl Stream {
                 return Ok(());
             }
         })();
-        hub.leave_mailbox(key);
+        hub.0.mailboxes.leave(key);
         result
     }
 }
@@ -1708,7 +1378,7 @@ impl Stream {
     /// it; one whose write fails goes back to the front.
     fn consume_remote(&mut self, hub: &Hub, remote: &Engine, key: &str) -> Result<(), StreamError> {
         let ttl = hub.0.config.mailbox_ttl;
-        let wake = hub.wait_handle(key);
+        let wake = hub.0.mailboxes.wait_handle(key);
         let result = (|| loop {
             self.check_connection()?;
             // A failed take (Redis down) is logged by the engine; look
@@ -1737,7 +1407,7 @@ impl Stream {
             // the reader reconnects are caught by looking now and then.
             self.recv_within(&wake, REMOTE_MAILBOX_POLL)?;
         })();
-        hub.leave_mailbox(key);
+        hub.0.mailboxes.leave(key);
         result
     }
 }
@@ -1756,62 +1426,14 @@ impl WeakHub {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The earlier of two oldest-retained ids, either of which may be unknown.
-fn earliest(a: Option<EventId>, b: Option<EventId>) -> Option<EventId> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::history::Replay;
+    use crate::mailbox::StoredMessage;
 
     fn text(f: &EncodedEvent) -> String {
         String::from_utf8(f.as_bytes().to_vec()).expect("utf-8")
-    }
-
-    #[test]
-    fn ids_increase_and_parse() {
-        let a = EventId::new(5, 0);
-        assert_eq!(a.next(4), EventId::new(5, 1), "clock stepped back");
-        assert_eq!(a.next(5), EventId::new(5, 1));
-        assert_eq!(a.next(6), EventId::new(6, 0));
-        assert!(EventId::new(5, 9) < EventId::new(6, 0));
-        assert!(
-            EventId::new(5, 10) > EventId::new(5, 9),
-            "numeric, not lexical"
-        );
-        assert_eq!("17-3".parse(), Ok(EventId::new(17, 3)));
-        for bad in [
-            "",
-            "1",
-            "1-",
-            "-1",
-            "a-1",
-            "1-2-3",
-            "1 -2",
-            "+1-2",
-            "99999999999999999999999-1",
-        ] {
-            assert!(bad.parse::<EventId>().is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn names() {
-        assert!(valid_name("a.b:c_d-9"));
-        assert!(valid_name(&"x".repeat(200)));
-        for bad in ["", "a b", "a/b", "é", "a?b", &"x".repeat(201)] {
-            assert!(!valid_name(bad), "{bad:?}");
-        }
     }
 
     #[test]
@@ -2056,50 +1678,13 @@ mod tests {
             hub.push("bad key", "c"),
             Err(HubError::InvalidName(_))
         ));
-        let a = hub.take("k").expect("queued");
+        let a = hub.0.mailboxes.take("k").expect("queued");
         assert_eq!(a.text, "a");
-        hub.untake("k", a);
+        hub.0.mailboxes.untake("k", a);
         assert_eq!(hub.try_take("k").as_deref(), Some("a"));
         assert_eq!(hub.try_take("k").as_deref(), Some("b"));
         assert_eq!(hub.try_take("k"), None);
         assert_eq!(hub.mailbox_len("k"), 0);
-    }
-
-    #[cfg(feature = "durable")]
-    #[test]
-    fn evicts_names_what_an_append_pushes_out() {
-        let id = |i: u64| EventId::new(100 + i, 0);
-        let filled = |capacity: usize, n: u64| {
-            let mut h = MemoryHistory::with_floor(capacity, EventId::floor_of(0));
-            for i in 0..n {
-                h.push(
-                    "t",
-                    Retained {
-                        id: id(i),
-                        frame: Event::new().data("x").encode_shared().expect("valid"),
-                    },
-                );
-            }
-            h
-        };
-        // (capacity, events already kept, what appending id(9) evicts)
-        for (capacity, n, want) in [
-            (0, 0, Some(id(9))),
-            (1, 0, None),
-            (1, 1, Some(id(0))),
-            (3, 2, None),
-            (3, 3, Some(id(0))),
-        ] {
-            assert_eq!(
-                filled(capacity, n).evicts("t", id(9)),
-                want,
-                "capacity {capacity}, {n} kept"
-            );
-        }
-        let mut h = filled(3, 3);
-        h.note_evicted("t", id(0));
-        assert!(h.since("t", EventId::floor_of(50)).gap);
-        assert!(!h.since("t", id(0)).gap, "nothing after id(0) is missing");
     }
 
     /// A history that refuses writes while `fail` is set.
@@ -2221,9 +1806,9 @@ mod tests {
             "put k 8 new",
             "seq continues after the store's"
         );
-        let m = hub.take("k").expect("restored");
+        let m = hub.0.mailboxes.take("k").expect("restored");
         assert_eq!((m.seq, m.text.as_str()), (3, "m3"));
-        hub.untake("k", m);
+        hub.0.mailboxes.untake("k", m);
         assert_eq!(
             taken(&log).len(),
             2,

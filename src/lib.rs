@@ -132,9 +132,12 @@ mod fanout;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod history;
 mod http;
 mod hub;
+mod id;
 mod limits;
+mod mailbox;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod redis;
@@ -153,13 +156,12 @@ mod wire;
 
 pub use error::{EndReason, Error, EventError, Report, StreamError};
 pub use event::{EncodedEvent, Event};
+pub use history::{History, MemoryHistory, Replay, Retained, StorageError};
 pub use http::{Request, Response};
-pub use hub::{
-    EventId, History, Hub, HubConfig, HubError, MailboxStore, MemoryHistory, ParseIdError,
-    Published, RESET_EVENT, Replay, Retained, StorageError, StoredMessage, Subscription,
-    valid_name,
-};
+pub use hub::{Hub, HubConfig, HubError, HubUsage, Published, RESET_EVENT, Subscription};
+pub use id::{EventId, ParseIdError, valid_name};
 pub use limits::{Capacity, raise_fd_limit};
+pub use mailbox::{MailboxStore, StoredMessage};
 pub use server::{MIN_STACK_SIZE, Overload, RunningServer, Server, ServerBuilder};
 pub use shutdown::ShutdownHandle;
 pub use stats::{Stats, StatsSnapshot};

@@ -115,7 +115,7 @@ fn read_u64(path: &str) -> Option<u64> {
 
 /// Available memory: the smaller of the machine's `MemAvailable` and what
 /// the cgroup (v2) still allows.
-fn memory_available() -> Option<u64> {
+pub(crate) fn memory_available() -> Option<u64> {
     let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
     let machine = meminfo.lines().find_map(|l| {
         let kb = l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?;

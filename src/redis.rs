@@ -80,7 +80,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::event::EncodedEvent;
-use crate::hub::{EventId, StorageError, WeakHub};
+use crate::history::StorageError;
+use crate::hub::WeakHub;
+use crate::id::EventId;
 use crate::resp::{Conn, RedisUrl, RespError, Value};
 
 /// Prefix of topic stream keys.

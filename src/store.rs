@@ -38,7 +38,10 @@
 //!   a resume from before it gets `event: reset`;
 //! - `mailbox (seq, key, pushed_ms, message)`: waiting mailbox messages;
 //! - `meta (key, value)`: `floor_ms`, when the store was created; it knows
-//!   every event published since, so an id after it needs no reset.
+//!   every event published since, so an id after it needs no reset;
+//!   `forgotten_ms` and `forgotten_seq`, the newest id deleted from a topic
+//!   that has no event left (such a topic keeps no row in `topics`, so
+//!   topics published once do not accumulate).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -50,10 +53,10 @@ use rusqlite::{Connection, ErrorCode, params};
 
 use crate::error::Report;
 use crate::event::EncodedEvent;
-use crate::hub::{
-    EventId, History, Hub, HubConfig, MailboxStore, MemoryHistory, Replay, Retained, StorageError,
-    StoredMessage,
-};
+use crate::history::{Evicted, History, MemoryHistory, Replay, Retained, StorageError};
+use crate::hub::{Hub, HubConfig};
+use crate::id::EventId;
+use crate::mailbox::{MailboxStore, StoredMessage};
 
 /// The database's file name inside the data directory.
 pub const DB_FILE: &str = "ssed.sqlite3";
@@ -82,6 +85,11 @@ const INSERT_EVENT: &str = "INSERT INTO events (topic, ms, seq, frame) VALUES (?
 const TRIM_EVENTS: &str = "DELETE FROM events WHERE topic = ?1 AND (ms, seq) <= (?2, ?3)";
 const SET_EVICTED: &str = "INSERT INTO topics (topic, ms, seq) VALUES (?1, ?2, ?3) \
      ON CONFLICT (topic) DO UPDATE SET ms = excluded.ms, seq = excluded.seq";
+/// A topic with no event left needs no mark of its own: `forgotten` in
+/// `meta` covers it.
+const DROP_MARK: &str = "DELETE FROM topics WHERE topic = ?1";
+const SET_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
 /// Why a store could not be opened.
 #[derive(Debug)]
@@ -318,15 +326,55 @@ impl DurableHistory {
                 event.frame.as_bytes()
             ])?;
         }
-        if let Some(ev) = trim {
-            let (ms, seq) = (int(ev.millis())?, int(ev.seq())?);
-            tx.prepare_cached(TRIM_EVENTS)?
-                .execute(params![topic, ms, seq])?;
-            tx.prepare_cached(SET_EVICTED)?
-                .execute(params![topic, ms, seq])?;
+        match trim {
+            Some(ev) if self.capacity == 0 => set_forgotten(&tx, ev)?,
+            Some(ev) => {
+                let (ms, seq) = (int(ev.millis())?, int(ev.seq())?);
+                tx.prepare_cached(TRIM_EVENTS)?
+                    .execute(params![topic, ms, seq])?;
+                tx.prepare_cached(SET_EVICTED)?
+                    .execute(params![topic, ms, seq])?;
+            }
+            None => {}
         }
         tx.commit()
     }
+
+    /// Deletes what the cache dropped to keep within the hub's budget: each
+    /// topic's rows up to its newest dropped id, and the mark of a topic
+    /// left with no event (`forgotten` covers it).
+    fn write_drops(&self, dropped: &[Evicted]) -> rusqlite::Result<()> {
+        let mut newest: HashMap<&str, (EventId, bool)> = HashMap::new();
+        for e in dropped {
+            // Drops come oldest first: the last one of a topic is its newest.
+            newest.insert(&e.topic, (e.id, e.forgotten));
+        }
+        let mut conn = self.db.lock();
+        let tx = conn.transaction()?;
+        for (topic, (id, forgotten)) in &newest {
+            let (ms, seq) = (int(id.millis())?, int(id.seq())?);
+            tx.prepare_cached(TRIM_EVENTS)?
+                .execute(params![topic, ms, seq])?;
+            if *forgotten {
+                tx.prepare_cached(DROP_MARK)?.execute(params![topic])?;
+            } else {
+                tx.prepare_cached(SET_EVICTED)?
+                    .execute(params![topic, ms, seq])?;
+            }
+        }
+        if let Some(f) = self.cache.forgotten() {
+            set_forgotten(&tx, f)?;
+        }
+        tx.commit()
+    }
+}
+
+/// Records `id` as the newest deleted from a topic with no event left.
+fn set_forgotten(tx: &rusqlite::Transaction<'_>, id: EventId) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(SET_META)?;
+    stmt.execute(params!["forgotten_ms", int(id.millis())?])?;
+    stmt.execute(params!["forgotten_seq", int(id.seq())?])?;
+    Ok(())
 }
 
 impl History for DurableHistory {
@@ -363,6 +411,36 @@ impl History for DurableHistory {
 
     fn since(&self, topic: &str, after: EventId) -> Replay {
         self.cache.since(topic, after)
+    }
+
+    fn page(&self, topic: &str, after: EventId, until: EventId, max: usize) -> Replay {
+        self.cache.page(topic, after, until, max)
+    }
+
+    fn retained_bytes(&self) -> u64 {
+        self.cache.retained_bytes()
+    }
+
+    fn shrink_to(&mut self, bytes: u64) -> Result<u64, StorageError> {
+        let dropped = self.cache.shrink(bytes);
+        if dropped.is_empty() {
+            return Ok(0);
+        }
+        for e in &dropped {
+            self.untrimmed.remove(&*e.topic);
+        }
+        // Memory is what the budget bounds: the cache has let them go. Rows
+        // left on disk by a failed delete come back at the next start,
+        // which drops them again.
+        self.write_drops(&dropped).map_err(|e| {
+            log::error!(
+                "cannot delete events dropped for max_retained_bytes from {}: {}",
+                self.db.path.display(),
+                Report(&e)
+            );
+            StorageError::new(e)
+        })?;
+        Ok(dropped.len() as u64)
     }
 
     fn last_id(&self) -> Option<EventId> {
@@ -508,6 +586,20 @@ fn load(
         })?;
     let mut cache = MemoryHistory::with_floor(capacity, EventId::floor_of(uint(floor_ms, 0)?));
     let mut last_id: Option<EventId> = None;
+    let meta = |key: &str| -> rusqlite::Result<Option<u64>> {
+        match conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+            r.get::<_, i64>(0)
+        }) {
+            Ok(v) => uint(v, 0).map(Some),
+            Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    if let (Some(ms), Some(seq)) = (meta("forgotten_ms")?, meta("forgotten_seq")?) {
+        let id = EventId::new(ms, seq);
+        cache.note_forgotten(id);
+        last_id = Some(id);
+    }
     let id_at = |row: &rusqlite::Row<'_>, i: usize| -> rusqlite::Result<EventId> {
         Ok(EventId::new(
             uint(row.get(i)?, i)?,
@@ -548,12 +640,21 @@ fn load(
             cache.push(&topic, Retained { id, frame });
         }
     }
-    if !trims.is_empty() {
+    // Topics with a mark and no event (all deleted, or `capacity` 0) are
+    // forgotten: `forgotten` covers them, their rows go.
+    let empty = cache.forget_empty();
+    if !trims.is_empty() || !empty.is_empty() {
         let tx = conn.transaction()?;
         for (topic, ev) in &trims {
             let (ms, seq) = (int(ev.millis())?, int(ev.seq())?);
             tx.execute(TRIM_EVENTS, params![topic, ms, seq])?;
             tx.execute(SET_EVICTED, params![topic, ms, seq])?;
+        }
+        for topic in &empty {
+            tx.execute(DROP_MARK, params![&**topic])?;
+        }
+        if let Some(f) = cache.forgotten() {
+            set_forgotten(&tx, f)?;
         }
         tx.commit()?;
     }

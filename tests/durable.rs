@@ -198,6 +198,76 @@ fn capacity_zero_keeps_nothing_but_remembers_the_last_id() {
     assert!(!h.since("t", id).gap);
 }
 
+/// Rows of `table` in the store of `dir` (opened after the store closed).
+fn rows(dir: &Path, table: &str) -> i64 {
+    let conn = rusqlite::Connection::open(dir.join(store::DB_FILE)).expect("opens");
+    conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+        .expect("counts")
+}
+
+#[test]
+fn the_retained_budget_bounds_the_store_in_memory_and_on_disk() {
+    let dir = TempDir::new("budget");
+    let mut config = HubConfig::default();
+    config.max_retained_bytes = 256 * 1024;
+    let first;
+    {
+        let hub = store::open_hub(dir.path(), 1000, config.clone()).expect("opens");
+        let body = "x".repeat(1000);
+        first = hub
+            .publish("t0", Event::new().data(&body))
+            .expect("stored")
+            .id;
+        for i in 1..2000 {
+            hub.publish(&format!("t{}", i % 100), Event::new().data(&body))
+                .expect("stored");
+        }
+        let usage = hub.usage();
+        assert!(
+            usage.history_bytes <= config.max_retained_bytes,
+            "{usage:?}"
+        );
+        assert!(usage.events_evicted > 1500, "{usage:?}");
+    }
+    // On disk: what memory keeps, and a few not yet trimmed, not 2,000.
+    let on_disk = rows(dir.path(), "events");
+    assert!(on_disk < 400, "{on_disk} rows kept");
+    let hub = store::open_hub(dir.path(), 1000, config.clone()).expect("reopens");
+    assert!(hub.usage().history_bytes <= config.max_retained_bytes);
+    let mut sub = hub
+        .subscribe(&["t0"], Some(&first.to_string()))
+        .expect("valid");
+    let backlog = sub.take_backlog();
+    assert!(
+        String::from_utf8_lossy(backlog[0].as_bytes()).starts_with("event: reset"),
+        "the first events went for the budget: a resume from them is told"
+    );
+}
+
+#[test]
+fn topics_with_nothing_kept_leave_no_row_behind() {
+    let dir = TempDir::new("forgotten");
+    let last;
+    {
+        let hub = store::open_hub(dir.path(), 0, HubConfig::default()).expect("opens");
+        let mut id = None;
+        for i in 0..500 {
+            id = Some(
+                hub.publish(&format!("once-{i}"), Event::new().data("x"))
+                    .expect("stored")
+                    .id,
+            );
+        }
+        last = id.expect("published");
+    }
+    assert_eq!(rows(dir.path(), "topics"), 0);
+    assert_eq!(rows(dir.path(), "events"), 0);
+    let hub = store::open_hub(dir.path(), 0, HubConfig::default()).expect("reopens");
+    assert_eq!(hub.last_id(), last, "ids go on after the newest");
+    let mut sub = hub.subscribe(&["once-3"], Some("1-0")).expect("valid");
+    assert_eq!(sub.take_backlog().len(), 1, "a reset notice, nothing else");
+}
+
 #[test]
 fn ids_keep_increasing_across_reopening_even_behind_the_clock() {
     let dir = TempDir::new("ids");

@@ -5,6 +5,8 @@
 //!
 //! - subscribers that resume a large history and never read pin a bounded
 //!   amount each, not a copy of the history;
+//! - what publishers make the daemon keep (events of any number of topics,
+//!   mailbox messages) stays within `max_retained_bytes`;
 //!
 //! The tests run one at a time (a static lock): they read the daemon's
 //! memory, and several hold many sockets on a 2-core machine. Every read
@@ -170,4 +172,73 @@ fn non_reading_subscribers_resuming_a_large_history_pin_a_bounded_amount_each() 
     let mut first = &stuck[0];
     assert!(first.read(&mut buf).expect("bytes wait") > 0);
     assert_eq!(Publisher::new(addr).post("/publish/big", "after").0, 200);
+}
+
+// ---------------------------------------------------------------------------
+// Finding 3: what publishers make the daemon keep
+// ---------------------------------------------------------------------------
+
+#[test]
+fn retained_events_and_mailboxes_stay_within_the_budget_whatever_is_published() {
+    let _serial = serial();
+    let dir = TempDir::new("budget");
+    let budget: u64 = 16 * 1024 * 1024;
+    let (ssed, addr) = spawn(&dir, &format!("max_retained_bytes = {budget}\n"));
+    let mut publisher = Publisher::new(addr);
+    // A body of line breaks encodes to about seven times its size: past
+    // twice max_body it is refused, saying why.
+    let (status, text) = publisher.post("/publish/nl", &"\n".repeat(65_536));
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("max_body"), "{text}");
+    let before = ssed.status_kib("VmRSS");
+    // 1,000 topics of line-break bodies just under the frame bound (about
+    // 126 KB each as sent): 120 MB through a 16 MiB budget.
+    let body = "\n".repeat(18_000);
+    for t in 0..1000 {
+        let (status, text) = publisher.post(&format!("/publish/t{t}"), &body);
+        assert_eq!(status, 200, "topic {t}: {text}");
+    }
+    let m = metrics(addr);
+    assert!(m["ssed_retained_bytes"] <= budget, "{m:?}");
+    assert_eq!(m["ssed_retained_bytes_max"], budget);
+    assert!(m["ssed_retained_evictions_total"] > 800, "{m:?}");
+    let grew = ssed.status_kib("VmRSS").saturating_sub(before);
+    assert!(
+        grew <= 2 * budget / 1024 + 16 * 1024,
+        "RSS grew {grew} KiB with a {budget}-byte budget"
+    );
+    eprintln!("1,000 topics x 126 KB frames, budget 16 MiB: RSS +{grew} KiB");
+    // The newest are kept, the oldest went: a resume from the first topic
+    // is told (reset), one on the last gets its event.
+    let mut c = Client::new(addr);
+    c.get_stream("/events/t999", &["Last-Event-ID: 1-0"]);
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let frame = c.next_frame().expect("replay");
+        if !field(&frame, "data").is_empty() {
+            events.push(frame);
+        }
+    }
+    assert_eq!(field(&events[0], "event"), ["reset"]);
+    assert_eq!(field(&events[1], "data").len(), 18_001);
+
+    // Mailboxes: pushes that the mailboxes alone cannot hold get 507, and
+    // publishing still works (history makes room as it can).
+    let message = "m".repeat(60_000);
+    let mut refused = None;
+    for i in 0..400 {
+        let (status, text) = publisher.post(&format!("/keys/k{i}"), &message);
+        if status == 507 {
+            assert!(text.contains("max_retained_bytes"), "{text}");
+            refused = Some(i);
+            break;
+        }
+        assert_eq!(status, 200, "push {i}: {text}");
+    }
+    let refused = refused.expect("the budget refuses pushes at some point");
+    assert!(refused > 200, "refused after {refused} pushes of 60 KB");
+    let m = metrics(addr);
+    assert!(m["ssed_retained_bytes"] <= budget, "{m:?}");
+    assert_eq!(m["ssed_retained_refusals_total"], 1);
+    assert_eq!(publisher.post("/publish/t1", "still").0, 200);
 }

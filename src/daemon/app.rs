@@ -54,14 +54,13 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
     // was kept there is back; without, they live in memory only.
     // With Redis, history, ids and mailboxes live there, shared by every
     // node (config refuses it together with data_dir).
+    let hub_config = hub_config(&config);
     let hub = match (&config.redis_url, &config.data_dir) {
-        (Some(url), _) => Hub::with_redis(url, config.history, HubConfig::default())
-            .map_err(crate::Error::Engine)?,
-        (None, Some(dir)) => crate::store::open_hub(dir, config.history, HubConfig::default())?,
-        (None, None) => Hub::with_history(
-            Box::new(MemoryHistory::new(config.history)),
-            HubConfig::default(),
-        ),
+        (Some(url), _) => {
+            Hub::with_redis(url, config.history, hub_config).map_err(crate::Error::Engine)?
+        }
+        (None, Some(dir)) => crate::store::open_hub(dir, config.history, hub_config)?,
+        (None, None) => Hub::with_history(Box::new(MemoryHistory::new(config.history)), hub_config),
     };
     let stats = Stats::new();
     let app = Arc::new(App {
@@ -153,6 +152,41 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
         .collect();
     let _ = app.postgres.set(listeners); // set once, right here
     Ok(Daemon { server, hub })
+}
+
+/// The hub's settings from the daemon's: the retained budget (derived
+/// from memory when not set) and the frame bound.
+fn hub_config(config: &Config) -> HubConfig {
+    HubConfig {
+        max_retained_bytes: config
+            .max_retained_bytes
+            .unwrap_or_else(derived_retained_bytes),
+        max_frame: max_frame(config.max_body),
+        ..HubConfig::default()
+    }
+}
+
+/// How many times `max_body` an event's frame may be: room for a `data: `
+/// per line of ordinary text, not for a body of line breaks (about seven
+/// times its size).
+pub const MAX_FRAME_PER_BODY: usize = 2;
+/// Bytes an event's frame may have besides that: its id line, an event
+/// name and the field names of a short body.
+pub const FRAME_SLACK: usize = 256;
+
+/// The largest frame a publish may make with `max_body`.
+pub fn max_frame(max_body: usize) -> usize {
+    max_body
+        .saturating_mul(MAX_FRAME_PER_BODY)
+        .saturating_add(FRAME_SLACK)
+}
+
+/// The retained budget when `max_retained_bytes` is not set: an eighth of
+/// the memory available at start (the cgroup's, in one), at least
+/// [`MIN_RETAINED_BYTES`](super::config::MIN_RETAINED_BYTES).
+fn derived_retained_bytes() -> u64 {
+    let available = crate::limits::memory_available().unwrap_or(512 * 1024 * 1024);
+    (available / 8).max(super::config::MIN_RETAINED_BYTES)
 }
 
 /// How a subscriber proved itself.
@@ -427,6 +461,13 @@ impl App {
                 &json!({"id": p.id.to_string(), "topic": topic, "receivers": p.receivers}),
             ),
             Err(crate::HubError::Storage(_)) => storage_unavailable("the event"),
+            Err(crate::HubError::TooLarge { size, max }) => Response::text(
+                413,
+                format!(
+                    "the event would be {size} bytes as sent (a `data: ` line per line of the \
+                     body, and its id); the limit is {max} ({MAX_FRAME_PER_BODY} x max_body + {FRAME_SLACK})"
+                ),
+            ),
             Err(e) => Response::text(400, e.to_string()),
         }
     }
@@ -450,6 +491,14 @@ impl App {
             )
             .with_header("Retry-After", "1"),
             Err(crate::HubError::Storage(_)) => storage_unavailable("the message"),
+            Err(crate::HubError::OverBudget { budget }) => Response::text(
+                507,
+                format!(
+                    "mailboxes hold all the memory set aside for them (max_retained_bytes = \
+                     {budget}): the message was not queued; retry once consumers catch up"
+                ),
+            )
+            .with_header("Retry-After", "5"),
             Err(e) => Response::text(400, e.to_string()),
         }
     }
@@ -500,6 +549,9 @@ impl App {
             "limited_by": limited_by,
             "uptime_seconds": self.started.elapsed().as_secs(),
         });
+        let usage = self.hub.usage();
+        body["retained_bytes"] = json!(usage.history_bytes + usage.mailbox_bytes);
+        body["max_retained_bytes"] = json!(usage.max_retained_bytes);
         // A database that is down degrades one source of events, not the
         // server: `status` stays "ok". Errors stay in the log, since this
         // page needs no token.
@@ -585,6 +637,31 @@ impl App {
             "counter",
             "Bytes written on event streams.",
             s.bytes_sent,
+        );
+        let usage = self.hub.usage();
+        metric(
+            "ssed_retained_bytes",
+            "gauge",
+            "Memory held by retained events and waiting mailbox messages, in bytes.",
+            usage.history_bytes + usage.mailbox_bytes,
+        );
+        metric(
+            "ssed_retained_bytes_max",
+            "gauge",
+            "The retained budget (max_retained_bytes), in bytes.",
+            usage.max_retained_bytes,
+        );
+        metric(
+            "ssed_retained_evictions_total",
+            "counter",
+            "Retained events dropped, oldest first, to keep within max_retained_bytes.",
+            usage.events_evicted,
+        );
+        metric(
+            "ssed_retained_refusals_total",
+            "counter",
+            "Mailbox pushes refused (507) because mailboxes held the whole budget.",
+            usage.pushes_refused,
         );
         metric(
             "ssed_requests_total",

@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+/// The smallest `max_retained_bytes` accepted (besides 0, derived): a
+/// budget below it would drop history as soon as it was written.
+pub const MIN_RETAINED_BYTES: u64 = 1024 * 1024;
+
 /// Where the publish token may also come from.
 pub const ENV_PUBLISH_TOKEN: &str = "SSED_PUBLISH_TOKEN";
 /// Where the subscribe token may also come from.
@@ -98,6 +102,13 @@ pub struct Config {
     /// `data_dir`: where history and undelivered mailbox messages are kept
     /// (SQLite); `None` keeps them in memory.
     pub data_dir: Option<PathBuf>,
+    /// `max_retained_bytes`: memory for retained events and mailbox
+    /// messages together; `None` derives it from the machine's (or the
+    /// cgroup's) memory.
+    pub max_retained_bytes: Option<u64>,
+    /// `allowed_hosts`: `Host` names besides IP literals and `localhost`
+    /// that get the loopback privileges when no publish credential is set.
+    pub allowed_hosts: Vec<String>,
     /// `[auth] publish_token`, or `SSED_PUBLISH_TOKEN`.
     pub publish_token: Option<String>,
     /// `[auth] subscribe_token`, or `SSED_SUBSCRIBE_TOKEN`.
@@ -129,6 +140,8 @@ impl fmt::Debug for Config {
             .field("overload_retry", &self.overload_retry)
             .field("ticket_session", &self.ticket_session)
             .field("data_dir", &self.data_dir)
+            .field("max_retained_bytes", &self.max_retained_bytes)
+            .field("allowed_hosts", &self.allowed_hosts)
             .field("publish_token", &redact(&self.publish_token))
             .field("subscribe_token", &redact(&self.subscribe_token))
             .field("redis_url", &self.redis_url)
@@ -156,6 +169,8 @@ impl Default for Config {
             overload_retry: (Duration::from_secs(5), Duration::from_secs(15)),
             ticket_session: Duration::from_secs(3600),
             data_dir: None,
+            max_retained_bytes: None,
+            allowed_hosts: Vec::new(),
             publish_token: None,
             subscribe_token: None,
             redis_url: None,
@@ -330,6 +345,34 @@ impl Config {
                     let s = r.string(key, value)?;
                     c.data_dir = (!s.is_empty()).then(|| PathBuf::from(s));
                 }
+                "max_retained_bytes" => {
+                    let n = r.integer(key, value, 0, i64::MAX)?;
+                    if n > 0 && n < MIN_RETAINED_BYTES as i64 {
+                        return Err(ConfigError::key(
+                            path,
+                            key,
+                            format!(
+                                "{n} bytes is too little to keep anything useful: use 0 (derived) \
+                                 or at least {MIN_RETAINED_BYTES}"
+                            ),
+                        ));
+                    }
+                    c.max_retained_bytes = (n > 0).then_some(n as u64);
+                }
+                "allowed_hosts" => {
+                    let hosts = r.strings(key, value)?;
+                    if let Some(bad) = hosts.iter().find(|h| !valid_host_name(h)) {
+                        return Err(ConfigError::key(
+                            path,
+                            key,
+                            format!(
+                                "{bad:?} is not a host name: list names as clients send them \
+                                 in Host, without port or scheme (\"ssed.example.com\")"
+                            ),
+                        ));
+                    }
+                    c.allowed_hosts = hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect();
+                }
                 "auth" => {
                     let t = r.table(key, value)?;
                     for (k, v) in t {
@@ -473,8 +516,18 @@ fn check_postgres(pg: &PostgresConfig) -> Result<(), (&'static str, String)> {
 fn bad_topic(name: &str) -> String {
     format!(
         "invalid topic name {name:?}: use 1 to {} characters of A-Z a-z 0-9 _ . : -",
-        crate::hub::MAX_NAME_LEN
+        crate::id::MAX_NAME_LEN
     )
+}
+
+/// Whether `name` can be a `Host` name: letters, digits, `-` and `.`, at
+/// most 253 characters, no port.
+fn valid_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 fn check_listen(addr: &str) -> Result<(), String> {

@@ -1,0 +1,521 @@
+//! History: what a hub keeps of each topic for replay, behind the
+//! [`History`] trait, and [`MemoryHistory`], the store in memory.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+
+use crate::event::EncodedEvent;
+use crate::id::{EventId, now_ms};
+
+/// An event as kept in history: its id and its encoded frame.
+#[derive(Debug, Clone)]
+pub struct Retained {
+    /// The event's id.
+    pub id: EventId,
+    /// The frame, id line included, as every subscriber receives it.
+    pub frame: EncodedEvent,
+}
+
+/// What a history store returns for a resume request.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Retained events after the asked id, oldest first.
+    pub events: Vec<Retained>,
+    /// Whether events after the asked id may be missing (already evicted,
+    /// or from before what this store knows).
+    pub gap: bool,
+    /// The oldest retained id, if any.
+    pub oldest: Option<EventId>,
+}
+
+/// A store could not keep or read what it was given (a disk or database
+/// error); the hub refuses the operation rather than acknowledge it.
+#[derive(Debug)]
+pub struct StorageError(Box<dyn std::error::Error + Send + Sync>);
+
+impl StorageError {
+    /// Wraps the store's own error.
+    pub fn new(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        StorageError(source.into())
+    }
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("storage failed")
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+/// Where a hub keeps the recent events of each topic.
+///
+/// Called with the hub's lock held, so implementations need no locking of
+/// their own and see appends in id order.
+pub trait History: Send + 'static {
+    /// Keeps `event` as the newest event of `topic`, evicting the oldest
+    /// past the store's bound.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot keep it: the hub then neither delivers the
+    /// event nor acknowledges it ([`HubError::Storage`](crate::HubError::Storage)).
+    fn append(&mut self, topic: &str, event: Retained) -> Result<(), StorageError>;
+
+    /// Every retained event of `topic` with an id above `after`.
+    fn since(&self, topic: &str, after: EventId) -> Replay;
+
+    /// At most `max` retained events of `topic` with ids above `after` and
+    /// at most `until`, oldest first, with `gap` and `oldest` as for
+    /// [`since`](History::since). A stream replays history a page at a
+    /// time, so what it holds does not grow with the history: override
+    /// this when `since` copies more than the page. Default: `since`,
+    /// trimmed.
+    fn page(&self, topic: &str, after: EventId, until: EventId, max: usize) -> Replay {
+        let mut replay = self.since(topic, after);
+        replay.events.retain(|e| e.id <= until);
+        replay.events.truncate(max);
+        replay
+    }
+
+    /// The newest id this store has ever issued or restored, if any; the hub
+    /// continues after it.
+    fn last_id(&self) -> Option<EventId> {
+        None
+    }
+
+    /// Bytes of memory the retained events take, their bookkeeping
+    /// included: what counts against the hub's budget
+    /// ([`HubConfig::max_retained_bytes`](crate::HubConfig)). Default 0 (a
+    /// store that keeps nothing in this process).
+    fn retained_bytes(&self) -> u64 {
+        0
+    }
+
+    /// Drops the oldest retained events, across all topics, until the
+    /// store holds at most `bytes` ([`retained_bytes`](History::retained_bytes));
+    /// returns how many it dropped. A resume from before a dropped event
+    /// then gets the reset notice, as after any eviction. Default: drops
+    /// nothing.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot drop them (the hub logs it and goes on).
+    fn shrink_to(&mut self, bytes: u64) -> Result<u64, StorageError> {
+        let _ = bytes; // nothing kept here, nothing to drop
+        Ok(0)
+    }
+}
+
+/// Bytes counted for each retained event besides its frame: its place in
+/// the topic's queue and the frame's reference count.
+pub(crate) const EVENT_OVERHEAD: u64 = 64;
+/// Bytes counted for each topic with retained events besides its name:
+/// its map entry, its queue and its place in the eviction order.
+pub(crate) const TOPIC_OVERHEAD: u64 = 160;
+
+/// The default [`History`]: the last `capacity` events of each topic in
+/// memory; nothing survives a restart.
+///
+/// It counts the bytes it holds ([`History::retained_bytes`]) and drops
+/// the globally oldest events first when asked to shrink
+/// ([`History::shrink_to`]). A topic whose last event is gone is forgotten
+/// altogether, so topics published once and never again cost nothing for
+/// long: a resume on a forgotten topic gets the reset notice if it asks
+/// for anything at or before the newest id dropped that way.
+#[derive(Debug)]
+pub struct MemoryHistory {
+    capacity: usize,
+    /// Below this id the store knows nothing (events before the process
+    /// started).
+    floor: EventId,
+    /// The newest id dropped from a topic that was then forgotten: any
+    /// topic not known here may have lost events up to it.
+    forgotten: Option<EventId>,
+    topics: HashMap<Arc<str>, TopicHistory>,
+    /// Each topic's oldest retained id, and the topic: the first entry is
+    /// the oldest event of all, the next to go when the store shrinks.
+    fronts: BTreeMap<EventId, Arc<str>>,
+    /// Bytes held: frames, [`EVENT_OVERHEAD`] per event, names and
+    /// [`TOPIC_OVERHEAD`] per topic.
+    bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct TopicHistory {
+    events: VecDeque<Retained>,
+    /// The newest id evicted from this topic.
+    evicted: Option<EventId>,
+}
+
+fn event_cost(event: &Retained) -> u64 {
+    event.frame.as_bytes().len() as u64 + EVENT_OVERHEAD
+}
+
+fn topic_cost(name: &str) -> u64 {
+    name.len() as u64 + TOPIC_OVERHEAD
+}
+
+/// What one eviction took: the topic, the id, and whether the topic was
+/// forgotten with it (no event left).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Evicted {
+    pub topic: Arc<str>,
+    pub id: EventId,
+    pub forgotten: bool,
+}
+
+impl MemoryHistory {
+    /// Keeps the last `capacity` events per topic (0 keeps none).
+    pub fn new(capacity: usize) -> Self {
+        MemoryHistory::with_floor(capacity, EventId::floor_of(now_ms()))
+    }
+
+    /// A cache for a store that knows every event from `floor` on (a
+    /// durable store: from its creation), so it signals no gap above it.
+    pub(crate) fn with_floor(capacity: usize, floor: EventId) -> Self {
+        MemoryHistory {
+            capacity,
+            floor,
+            forgotten: None,
+            topics: HashMap::new(),
+            fronts: BTreeMap::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The newest id that appending `id` to `topic` would evict (`id`
+    /// itself when nothing is kept): what a durable store must delete in
+    /// the same write.
+    #[cfg(feature = "durable")]
+    pub(crate) fn evicts(&self, topic: &str, id: EventId) -> Option<EventId> {
+        if self.capacity == 0 {
+            return Some(id);
+        }
+        let events = &self.topics.get(topic)?.events;
+        let over = (events.len() + 1).checked_sub(self.capacity)?;
+        events.get(over.checked_sub(1)?).map(|e| e.id)
+    }
+
+    /// Records that `topic` lost its events up to `id` before this cache
+    /// was filled (restored from a store). Call
+    /// [`forget_empty`](MemoryHistory::forget_empty) once filled.
+    #[cfg(feature = "durable")]
+    pub(crate) fn note_evicted(&mut self, topic: &str, id: EventId) {
+        self.ensure_topic(topic);
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.evicted = t.evicted.max(Some(id));
+        }
+    }
+
+    /// Records that topics no longer known lost events up to `id`
+    /// (restored from a store).
+    #[cfg(feature = "durable")]
+    pub(crate) fn note_forgotten(&mut self, id: EventId) {
+        self.forgotten = self.forgotten.max(Some(id));
+    }
+
+    /// The newest id dropped from a forgotten topic, if any.
+    #[cfg(feature = "durable")]
+    pub(crate) fn forgotten(&self) -> Option<EventId> {
+        self.forgotten
+    }
+
+    /// Forgets every topic without events (after a restore); returns their
+    /// names.
+    #[cfg(feature = "durable")]
+    pub(crate) fn forget_empty(&mut self) -> Vec<Arc<str>> {
+        let empty: Vec<Arc<str>> = self
+            .topics
+            .iter()
+            .filter(|(_, t)| t.events.is_empty())
+            .map(|(name, _)| Arc::clone(name))
+            .collect();
+        for name in &empty {
+            self.forget(name);
+        }
+        empty
+    }
+
+    /// Makes `topic`'s entry if it is missing. A new topic starts as having
+    /// lost what forgotten topics lost: it may be one of them.
+    fn ensure_topic(&mut self, topic: &str) {
+        if !self.topics.contains_key(topic) {
+            self.bytes += topic_cost(topic);
+            let entry = TopicHistory {
+                events: VecDeque::new(),
+                evicted: self.forgotten,
+            };
+            self.topics.insert(Arc::from(topic), entry);
+        }
+    }
+
+    /// Drops `topic`'s entry (it holds no event).
+    fn forget(&mut self, topic: &str) {
+        if let Some(t) = self.topics.remove(topic) {
+            self.bytes = self.bytes.saturating_sub(topic_cost(topic));
+            self.forgotten = self.forgotten.max(t.evicted);
+        }
+    }
+
+    /// Removes the oldest event of `topic`; `None` if it has none.
+    fn pop_oldest(&mut self, topic: &Arc<str>) -> Option<Evicted> {
+        let t = self.topics.get_mut(topic)?;
+        let old = t.events.pop_front()?;
+        t.evicted = t.evicted.max(Some(old.id));
+        self.bytes = self.bytes.saturating_sub(event_cost(&old));
+        self.fronts.remove(&old.id);
+        let forgotten = match t.events.front() {
+            Some(next) => {
+                self.fronts.insert(next.id, Arc::clone(topic));
+                false
+            }
+            None => {
+                self.forget(topic);
+                true
+            }
+        };
+        Some(Evicted {
+            topic: Arc::clone(topic),
+            id: old.id,
+            forgotten,
+        })
+    }
+
+    /// Keeps `event` as the newest of `topic` (what [`History::append`]
+    /// does, infallibly).
+    pub(crate) fn push(&mut self, topic: &str, event: Retained) {
+        if self.capacity == 0 {
+            // Nothing is kept: the topic is forgotten at once.
+            self.forgotten = self.forgotten.max(Some(event.id));
+            if let Some(t) = self.topics.get_mut(topic) {
+                t.evicted = t.evicted.max(Some(event.id));
+                if t.events.is_empty() {
+                    self.forget(topic);
+                }
+            }
+            return;
+        }
+        let (id, cost) = (event.id, event_cost(&event));
+        self.ensure_topic(topic);
+        let Some(name) = self.topics.get_key_value(topic).map(|(k, _)| Arc::clone(k)) else {
+            return; // made just above
+        };
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
+        let was_empty = t.events.is_empty();
+        t.events.push_back(event);
+        let mut over = t.events.len().saturating_sub(self.capacity);
+        self.bytes += cost;
+        if was_empty {
+            self.fronts.insert(id, Arc::clone(&name));
+        }
+        while over > 0 && self.pop_oldest(&name).is_some() {
+            over -= 1;
+        }
+    }
+
+    /// Drops the oldest events of all topics until at most `bytes` are
+    /// held; returns what it dropped, oldest first.
+    pub(crate) fn shrink(&mut self, bytes: u64) -> Vec<Evicted> {
+        let mut out = Vec::new();
+        while self.bytes > bytes {
+            let Some(topic) = self.fronts.values().next().cloned() else {
+                break;
+            };
+            match self.pop_oldest(&topic) {
+                Some(e) => out.push(e),
+                None => {
+                    // Not expected: a front without events. Drop the entry
+                    // rather than loop.
+                    self.fronts.retain(|_, t| *t != topic);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl History for MemoryHistory {
+    fn append(&mut self, topic: &str, event: Retained) -> Result<(), StorageError> {
+        self.push(topic, event);
+        Ok(())
+    }
+
+    fn since(&self, topic: &str, after: EventId) -> Replay {
+        self.page(topic, after, EventId::MAX, usize::MAX)
+    }
+
+    fn page(&self, topic: &str, after: EventId, until: EventId, max: usize) -> Replay {
+        let Some(t) = self.topics.get(topic) else {
+            return Replay {
+                gap: after < self.floor || self.forgotten.is_some_and(|f| f > after),
+                ..Replay::default()
+            };
+        };
+        let start = t.events.partition_point(|e| e.id <= after);
+        Replay {
+            events: t
+                .events
+                .range(start..)
+                .take_while(|e| e.id <= until)
+                .take(max)
+                .cloned()
+                .collect(),
+            gap: after < self.floor || t.evicted.is_some_and(|ev| ev > after),
+            oldest: t.events.front().map(|e| e.id),
+        }
+    }
+
+    fn retained_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn shrink_to(&mut self, bytes: u64) -> Result<u64, StorageError> {
+        Ok(self.shrink(bytes).len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    fn event(id: EventId, data: &str) -> Retained {
+        Retained {
+            id,
+            frame: Event::new()
+                .id(id.to_string())
+                .data(data)
+                .encode_shared()
+                .expect("valid"),
+        }
+    }
+
+    #[cfg(feature = "durable")]
+    #[test]
+    fn evicts_names_what_an_append_pushes_out() {
+        let id = |i: u64| EventId::new(100 + i, 0);
+        let filled = |capacity: usize, n: u64| {
+            let mut h = MemoryHistory::with_floor(capacity, EventId::floor_of(0));
+            for i in 0..n {
+                h.push(
+                    "t",
+                    Retained {
+                        id: id(i),
+                        frame: Event::new().data("x").encode_shared().expect("valid"),
+                    },
+                );
+            }
+            h
+        };
+        // (capacity, events already kept, what appending id(9) evicts)
+        for (capacity, n, want) in [
+            (0, 0, Some(id(9))),
+            (1, 0, None),
+            (1, 1, Some(id(0))),
+            (3, 2, None),
+            (3, 3, Some(id(0))),
+        ] {
+            assert_eq!(
+                filled(capacity, n).evicts("t", id(9)),
+                want,
+                "capacity {capacity}, {n} kept"
+            );
+        }
+        let mut h = filled(3, 3);
+        h.note_evicted("t", id(0));
+        assert!(h.since("t", EventId::floor_of(50)).gap);
+        assert!(!h.since("t", id(0)).gap, "nothing after id(0) is missing");
+    }
+
+    #[test]
+    fn bytes_count_frames_names_and_bookkeeping() {
+        let mut h = MemoryHistory::with_floor(10, EventId::floor_of(0));
+        let a = event(EventId::new(1, 0), "aaaa");
+        let b = event(EventId::new(2, 0), "bb");
+        let want = topic_cost("t")
+            + a.frame.as_bytes().len() as u64
+            + b.frame.as_bytes().len() as u64
+            + 2 * EVENT_OVERHEAD;
+        h.push("t", a);
+        h.push("t", b);
+        assert_eq!(h.retained_bytes(), want);
+        assert_eq!(h.shrink(0).len(), 2);
+        assert_eq!(h.retained_bytes(), 0, "the empty topic is forgotten too");
+        assert!(h.topics.is_empty() && h.fronts.is_empty());
+    }
+
+    #[test]
+    fn shrinking_drops_the_oldest_events_of_all_topics_first() {
+        let mut h = MemoryHistory::with_floor(100, EventId::floor_of(0));
+        for i in 0..30 {
+            let topic = ["a", "b", "c"][i % 3];
+            h.push(topic, event(EventId::new(10 + i as u64, 0), "x"));
+        }
+        let one = event(EventId::new(10, 0), "x");
+        let per_event = one.frame.as_bytes().len() as u64 + EVENT_OVERHEAD;
+        let before = h.retained_bytes();
+        let dropped = h.shrink(before - 10 * per_event);
+        let ids: Vec<u64> = dropped.iter().map(|e| e.id.millis()).collect();
+        assert_eq!(
+            ids,
+            (10..20).collect::<Vec<_>>(),
+            "oldest first, across topics"
+        );
+        assert!(h.retained_bytes() <= before - 10 * per_event);
+        // Resuming from before the drop finds the gap; after it, none.
+        assert!(h.since("a", EventId::new(9, 0)).gap);
+        assert!(!h.since("a", EventId::new(19, 0)).gap);
+        assert_eq!(h.since("b", EventId::new(19, 0)).events.len(), 7);
+    }
+
+    #[test]
+    fn topics_that_lose_their_last_event_are_forgotten_but_not_their_gap() {
+        let mut h = MemoryHistory::with_floor(10, EventId::floor_of(0));
+        for i in 0..1000u64 {
+            h.push(&format!("once-{i}"), event(EventId::new(100 + i, 0), "x"));
+        }
+        h.shrink(0);
+        assert!(h.topics.is_empty(), "nothing is kept per forgotten topic");
+        // Any topic it no longer knows may have lost events up to the
+        // newest dropped: resuming from before it gets the notice.
+        assert!(h.since("once-5", EventId::new(99, 0)).gap);
+        assert!(h.since("never", EventId::new(500, 0)).gap);
+        assert!(!h.since("never", EventId::new(1099, 0)).gap);
+        // A topic published again starts knowing that too.
+        h.push("once-5", event(EventId::new(2000, 0), "again"));
+        assert!(h.since("once-5", EventId::new(99, 0)).gap);
+        assert!(!h.since("once-5", EventId::new(1099, 0)).gap);
+    }
+
+    #[test]
+    fn with_nothing_kept_no_topic_is_remembered() {
+        let mut h = MemoryHistory::with_floor(0, EventId::floor_of(0));
+        for i in 0..1000u64 {
+            h.push(&format!("t{i}"), event(EventId::new(100 + i, 0), "x"));
+        }
+        assert_eq!(h.retained_bytes(), 0);
+        assert!(h.topics.is_empty());
+        assert!(h.since("t3", EventId::new(102, 0)).gap);
+    }
+
+    #[test]
+    fn a_page_stops_at_its_bound_and_its_size() {
+        let mut h = MemoryHistory::with_floor(100, EventId::floor_of(0));
+        for i in 0..50u64 {
+            h.push("t", event(EventId::new(i + 1, 0), "x"));
+        }
+        let page = h.page("t", EventId::new(10, 0), EventId::new(40, 0), 5);
+        let ids: Vec<u64> = page.events.iter().map(|e| e.id.millis()).collect();
+        assert_eq!(ids, [11, 12, 13, 14, 15]);
+        let page = h.page("t", EventId::new(38, 0), EventId::new(40, 0), 5);
+        assert_eq!(page.events.len(), 2);
+    }
+}
