@@ -674,6 +674,26 @@ impl App {
                 |st| st.reconnects,
             );
         }
+        // Memory: refusals below the cap, and what is left now (read at
+        // scrape time, as the guard reads it).
+        let _ = write!(
+            out,
+            "# HELP ssed_connections_rejected_memory_total Streams refused below the cap \
+             because memory headroom was below the floor.\n\
+             # TYPE ssed_connections_rejected_memory_total counter\n\
+             ssed_connections_rejected_memory_total {}\n",
+            s.memory_rejected
+        );
+        if let Some(m) = crate::memory_info() {
+            let _ = write!(
+                out,
+                "# HELP ssed_memory_available_bytes Memory left: the smaller of MemAvailable \
+                 and the memory cgroup's limit less its working set.\n\
+                 # TYPE ssed_memory_available_bytes gauge\n\
+                 ssed_memory_available_bytes {}\n",
+                m.available
+            );
+        }
         Response::new(200)
             .with_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             .with_body(out)
