@@ -465,7 +465,9 @@ impl Acceptor {
                     return;
                 }
                 let open = counters.streams_open.load(Relaxed);
-                if open >= config.max_connections as u64 {
+                if open >= config.max_connections as u64
+                    || shared.memory.refuses(open, &shared.stats)
+                {
                     counters.rejected_total.fetch_add(1, Relaxed);
                     self.overload(p, &req, minor, open);
                     return;

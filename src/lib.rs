@@ -14,8 +14,9 @@
 //!   acceptor reads heads on non-blocking sockets), so idle and slow clients
 //!   cost a descriptor, not a thread;
 //! - a hard cap on open streams ([`ServerBuilder::max_connections`], derived
-//!   from the descriptor limit, `vm.max_map_count` and memory by default):
-//!   past it a client gets `503` with `Retry-After` before any thread is spent;
+//!   from the descriptor limit, `vm.max_map_count` and memory by default, a
+//!   memory cgroup's limit included): past it, or while memory runs low, a
+//!   client gets `503` with `Retry-After` before any thread is spent;
 //! - a client that stops reading is dropped after the write timeout, and an
 //!   idle stream ends when its execution-time budget runs out.
 //!
@@ -160,7 +161,7 @@ pub use history::{History, MemoryHistory, Replay, Retained, StorageError};
 pub use http::{Request, Response};
 pub use hub::{Hub, HubConfig, HubError, HubUsage, Published, RESET_EVENT, Subscription};
 pub use id::{EventId, ParseIdError, valid_name};
-pub use limits::{Capacity, raise_fd_limit};
+pub use limits::{Capacity, MemoryInfo, MemorySource, memory_info, raise_fd_limit};
 pub use mailbox::{MailboxStore, StoredMessage};
 pub use server::{MIN_STACK_SIZE, Overload, RunningServer, Server, ServerBuilder};
 pub use shutdown::ShutdownHandle;

@@ -118,14 +118,25 @@ fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = ssed::ShutdownHandle::new();
     let daemon = daemon::build(config, shutdown.clone())?;
     let cap = daemon.server.capacity();
+    // The cgroup's figures, when it has a memory limit, say why "memory
+    // allows" is what it is inside a container.
+    let cgroup = match (cap.cgroup_memory_limit, cap.cgroup_memory_used) {
+        (Some(limit), Some(used)) => format!(
+            "; cgroup memory limit {} MiB, {} MiB in use",
+            limit >> 20,
+            used >> 20
+        ),
+        _ => String::new(),
+    };
     log::info!(
-        "stream cap {} (set by {}): descriptor limit {} allows {}, memory maps allow {}, memory allows {}",
+        "stream cap {} (set by {}): descriptor limit {} allows {}, memory maps allow {}, memory allows {}, threads allow {}{cgroup}",
         cap.max_streams,
         cap.limited_by,
         cap.fd_limit,
         cap.by_fds,
         shown(cap.by_maps),
         shown(cap.by_memory),
+        shown(cap.by_threads),
     );
     ctrlc::set_handler(move || {
         log::info!("signal received: shutting down");

@@ -16,7 +16,7 @@ use rustix::net::{AddressFamily, SocketType, ipproto, sockopt};
 use crate::acceptor::{self, Acceptor, Returned};
 use crate::error::{Error, StreamError};
 use crate::http::{Request, Response};
-use crate::limits::{self, Capacity};
+use crate::limits::{self, Capacity, MemoryGuard};
 use crate::route::{Handler, Router};
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
@@ -73,6 +73,9 @@ pub(crate) struct Shared {
     pub shutdown: ShutdownHandle,
     pub registry: Arc<Registry>,
     pub returned: Sender<Returned>,
+    /// Refuses new streams while memory headroom is low (the cap is
+    /// computed once, memory use keeps moving).
+    pub memory: MemoryGuard,
 }
 
 /// Open stream sockets, so shutdown can unblock a thread stuck in `write`.
@@ -196,6 +199,7 @@ pub struct ServerBuilder {
     overload: Overload,
     retry_after: Duration,
     raise_fd_limit: bool,
+    memory_reserve: u64,
     stats: Stats,
     shutdown: ShutdownHandle,
     router: Router,
@@ -232,6 +236,7 @@ impl Default for ServerBuilder {
             overload: Overload::Reject,
             retry_after: Duration::from_secs(5),
             raise_fd_limit: true,
+            memory_reserve: 0,
             stats: Stats::new(),
             shutdown: ShutdownHandle::new(),
             router: Router::default(),
@@ -250,7 +255,13 @@ impl ServerBuilder {
 
     /// The most streams open at once; past it a new stream gets `503` (or
     /// the [`Overload`] answer) before any thread is spent on it. Default:
-    /// derived from this machine's limits ([`Capacity::detect`]).
+    /// derived from this machine's limits ([`Capacity::detect_with`]),
+    /// a memory cgroup's included.
+    ///
+    /// Either way, a new stream also gets that answer while memory
+    /// headroom (what the memory cgroup's limit leaves, or the machine's
+    /// `MemAvailable`) is below a sixteenth of the limit, kept within 4 to
+    /// 64 MiB: usage can grow after the cap was set.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = Some(n.max(1));
         self
@@ -366,6 +377,19 @@ impl ServerBuilder {
         self
     }
 
+    /// Memory kept out of the streams' share when the cap is derived from
+    /// memory, in bytes: memory this program needs for something else, for
+    /// instance a hub's budget for retained events (see
+    /// [`memory_info`](crate::memory_info) to size it). The memory term
+    /// then allows three quarters of what is left after it at
+    /// [`Capacity::MEMORY_PER_STREAM`] each (see [`Capacity::detect_with`]).
+    /// No effect with [`max_connections`](ServerBuilder::max_connections).
+    /// Default 0.
+    pub fn memory_reserve(mut self, bytes: u64) -> Self {
+        self.memory_reserve = bytes;
+        self
+    }
+
     /// Counters to update (clone the handle first to read it elsewhere).
     /// Default: fresh counters, see [`Server::stats`].
     pub fn stats(mut self, stats: Stats) -> Self {
@@ -442,7 +466,7 @@ impl ServerBuilder {
                 Err(e) => log::warn!("cannot raise the descriptor limit: {e}"),
             }
         }
-        let mut capacity = Capacity::detect(self.max_pending);
+        let mut capacity = Capacity::detect_with(self.max_pending, self.memory_reserve);
         if let Some(n) = self.max_connections {
             capacity.max_streams = n;
             capacity.limited_by = "configured";
@@ -503,6 +527,7 @@ impl ServerBuilder {
             shutdown: self.shutdown,
             registry: Arc::new(Registry::default()),
             returned: returned_tx,
+            memory: MemoryGuard::detect(),
         });
         Ok(Server {
             acceptor: Acceptor::new(Arc::clone(&shared), listener, epoll, returned_rx),

@@ -38,6 +38,7 @@ pub(crate) struct Counters {
     pub(crate) head_timeouts: AtomicU64,
     pub(crate) bad_requests: AtomicU64,
     pub(crate) thread_writes: AtomicU64,
+    pub(crate) memory_rejected: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -78,6 +79,10 @@ pub struct StatsSnapshot {
     /// is not counted here: a thread that once writes to a TCP socket keeps
     /// a kernel page fragment for it (32 KiB by default) until it ends.
     pub thread_writes: u64,
+    /// Streams refused because memory headroom was below the floor
+    /// (a sixteenth of the memory limit, within 4 to 64 MiB), though the
+    /// cap was not reached. Also counted in `rejected_total`.
+    pub memory_rejected: u64,
 }
 
 impl StatsSnapshot {
@@ -112,6 +117,7 @@ impl Stats {
             head_timeouts: c.head_timeouts.load(Relaxed),
             bad_requests: c.bad_requests.load(Relaxed),
             thread_writes: c.thread_writes.load(Relaxed),
+            memory_rejected: c.memory_rejected.load(Relaxed),
         }
     }
 
@@ -126,6 +132,12 @@ impl Stats {
     /// A write by a stream's own thread (see [`StatsSnapshot::thread_writes`]).
     pub(crate) fn thread_write(&self) {
         self.0.thread_writes.fetch_add(1, Relaxed);
+    }
+
+    /// A stream refused for want of memory (see
+    /// [`StatsSnapshot::memory_rejected`]).
+    pub(crate) fn memory_refused(&self) {
+        self.0.memory_rejected.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn sent(&self, frames: u64, bytes: u64) {

@@ -55,6 +55,8 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
     // With Redis, history, ids and mailboxes live there, shared by every
     // node (config refuses it together with data_dir).
     let hub_config = hub_config(&config);
+    // Memory the stream cap must leave alone.
+    let reserve = hub_config.max_retained_bytes;
     let hub = match (&config.redis_url, &config.data_dir) {
         (Some(url), _) => {
             Hub::with_redis(url, config.history, hub_config).map_err(crate::Error::Engine)?
@@ -82,6 +84,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
         .write_timeout(c.write_timeout)
         .max_body(c.max_body)
         .stack_size(c.stack_size)
+        .memory_reserve(reserve)
         .stats(stats)
         .shutdown_handle(shutdown.clone());
     if let Some(n) = c.max_connections {
@@ -155,12 +158,17 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
 }
 
 /// The hub's settings from the daemon's: the retained budget (derived
-/// from memory when not set) and the frame bound.
+/// from memory when not set, none with Redis) and the frame bound.
 fn hub_config(config: &Config) -> HubConfig {
+    // With Redis, events and mailboxes are kept there (its `maxmemory`
+    // bounds them), not in this process.
+    let max_retained_bytes = match (&config.redis_url, config.max_retained_bytes) {
+        (Some(_), _) => 0,
+        (None, Some(n)) => n,
+        (None, None) => derived_retained_bytes(),
+    };
     HubConfig {
-        max_retained_bytes: config
-            .max_retained_bytes
-            .unwrap_or_else(derived_retained_bytes),
+        max_retained_bytes,
         max_frame: max_frame(config.max_body),
         ..HubConfig::default()
     }
@@ -185,7 +193,7 @@ pub fn max_frame(max_body: usize) -> usize {
 /// the memory available at start (the cgroup's, in one), at least
 /// [`MIN_RETAINED_BYTES`](super::config::MIN_RETAINED_BYTES).
 fn derived_retained_bytes() -> u64 {
-    let available = crate::limits::memory_available().unwrap_or(512 * 1024 * 1024);
+    let available = crate::memory_info().map_or(512 * 1024 * 1024, |m| m.available);
     (available / 8).max(super::config::MIN_RETAINED_BYTES)
 }
 
@@ -749,6 +757,26 @@ impl App {
                 "counter",
                 "Times the LISTEN connection was made again after a loss.",
                 |st| st.reconnects,
+            );
+        }
+        // Memory: refusals below the cap, and what is left now (read at
+        // scrape time, as the guard reads it).
+        let _ = write!(
+            out,
+            "# HELP ssed_connections_rejected_memory_total Streams refused below the cap \
+             because memory headroom was below the floor.\n\
+             # TYPE ssed_connections_rejected_memory_total counter\n\
+             ssed_connections_rejected_memory_total {}\n",
+            s.memory_rejected
+        );
+        if let Some(m) = crate::memory_info() {
+            let _ = write!(
+                out,
+                "# HELP ssed_memory_available_bytes Memory left: the smaller of MemAvailable \
+                 and the memory cgroup's limit less its working set.\n\
+                 # TYPE ssed_memory_available_bytes gauge\n\
+                 ssed_memory_available_bytes {}\n",
+                m.available
             );
         }
         Response::new(200)

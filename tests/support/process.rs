@@ -56,7 +56,22 @@ fn drain(
 impl Ssed {
     /// Starts `ssed args…` with a clean environment for its own variables.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Ssed {
-        let mut cmd = Command::new(BIN);
+        Ssed::spawn_via(&[], args, env)
+    }
+
+    /// Starts `wrapper… BIN args…`: a command that prepares the process
+    /// (a shell that moves itself into a cgroup) and then `exec`s the rest
+    /// of its arguments, so the PID is ssed's own. An empty `wrapper` runs
+    /// ssed directly.
+    pub fn spawn_via(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Ssed {
+        let mut cmd = match wrapper {
+            [] => Command::new(BIN),
+            [program, rest @ ..] => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(BIN);
+                cmd
+            }
+        };
         cmd.args(args)
             .env_remove("SSED_PUBLISH_TOKEN")
             .env_remove("SSED_SUBSCRIBE_TOKEN")
