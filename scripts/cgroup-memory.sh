@@ -161,7 +161,7 @@ PY
   head -c $((48 * 1024)) /dev/zero | tr '\0' 'x' >"$work/event"
   for _ in $(seq 64); do
     exec 4<>"/dev/tcp/${addr%:*}/${addr##*:}"
-    printf 'POST /publish/stalled HTTP/1.0\r\nHost: x\r\nContent-Length: %d\r\n\r\n' $((48 * 1024)) >&4
+    printf 'POST /publish/stalled HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n' $((48 * 1024)) >&4
     cat "$work/event" >&4
     cat <&4 >/dev/null
     exec 4<&-

@@ -181,7 +181,7 @@ fn the_example_config_starts_and_sigterm_stops_it() {
     // The example's max_body (64 KiB) is in force, and loopback may publish.
     let (head, body) = request(
         addr,
-        "POST /publish/t HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi",
+        "POST /publish/t HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi",
     );
     assert_eq!(head.status, 200, "{body}");
     ssed.terminate();
@@ -200,7 +200,7 @@ fn the_publish_token_comes_from_the_environment() {
         request(
             addr,
             &format!(
-                "POST /publish/t HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{auth}Content-Length: 1\r\n\r\nx"
+                "POST /publish/t HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}Content-Length: 1\r\n\r\nx"
             ),
         )
     };

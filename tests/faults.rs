@@ -183,7 +183,7 @@ impl Publisher {
     /// Publishes `data` on `topic`; the id and the receivers it reports.
     fn publish(&mut self, topic: &str, data: &str) -> (String, u64) {
         let req = format!(
-            "POST /publish/{topic} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{data}",
+            "POST /publish/{topic} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{data}",
             data.len()
         );
         self.client.send(req.as_bytes());

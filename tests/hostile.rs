@@ -7,6 +7,9 @@
 //!   amount each, not a copy of the history;
 //! - what publishers make the daemon keep (events of any number of topics,
 //!   mailbox messages) stays within `max_retained_bytes`;
+//! - a page that reached the daemon under its own name (DNS rebinding) does
+//!   not get this machine's right to publish, and an `https` page is not
+//!   the same origin as a plain-http daemon;
 //!
 //! The tests run one at a time (a static lock): they read the daemon's
 //! memory, and several hold many sockets on a 2-core machine. Every read
@@ -241,4 +244,67 @@ fn retained_events_and_mailboxes_stay_within_the_budget_whatever_is_published() 
     assert!(m["ssed_retained_bytes"] <= budget, "{m:?}");
     assert_eq!(m["ssed_retained_refusals_total"], 1);
     assert_eq!(publisher.post("/publish/t1", "still").0, 200);
+}
+
+// ---------------------------------------------------------------------------
+// Finding 4: DNS rebinding and the same-origin check
+// ---------------------------------------------------------------------------
+
+/// `POST path` with these extra header lines; the status and body.
+fn post_with(addr: SocketAddr, path: &str, headers: &[&str], body: &str) -> (u16, String) {
+    let mut c = Client::new(addr);
+    let mut raw = format!("POST {path} HTTP/1.1\r\nConnection: close\r\n");
+    for h in headers {
+        raw.push_str(h);
+        raw.push_str("\r\n");
+    }
+    raw.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    c.send(raw.as_bytes());
+    let (head, text) = c.response();
+    (head.status, text)
+}
+
+#[test]
+fn a_rebound_page_gets_no_loopback_privilege_and_https_is_another_origin() {
+    let _serial = serial();
+    let dir = TempDir::new("rebind");
+    let (_ssed, addr) = spawn(&dir, "allowed_hosts = [\"ssed.internal\"]\n");
+    let port = addr.port();
+    // What a page at http://rebind.attacker.example:PORT sends once its
+    // name resolves to 127.0.0.1: its own name, as Host and Origin.
+    let rebound = format!("Host: rebind.attacker.example:{port}");
+    let origin = format!("Origin: http://rebind.attacker.example:{port}");
+    for path in ["/publish/rebind", "/keys/rebind"] {
+        let (status, text) = post_with(addr, path, &[&rebound, &origin], "x");
+        assert_eq!(status, 403, "{path}: {text}");
+        assert!(text.contains("allowed_hosts"), "{text}");
+    }
+    // This machine under names no page can take over: served.
+    for host in [
+        format!("Host: 127.0.0.1:{port}"),
+        format!("Host: localhost:{port}"),
+        format!("Host: [::1]:{port}"),
+        format!("Host: ssed.internal:{port}"),
+    ] {
+        let (status, text) = post_with(addr, "/publish/local", &[&host], "x");
+        assert_eq!(status, 200, "{host}: {text}");
+    }
+    // The same-origin check compares schemes too: an https page is not
+    // this plain-http daemon's origin, even with the same host and port.
+    let host = format!("Host: 127.0.0.1:{port}");
+    let (status, text) = post_with(
+        addr,
+        "/publish/x",
+        &[&host, &format!("Origin: https://127.0.0.1:{port}")],
+        "x",
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("cors_origins"), "{text}");
+    let (status, _) = post_with(
+        addr,
+        "/publish/x",
+        &[&host, &format!("Origin: http://127.0.0.1:{port}")],
+        "x",
+    );
+    assert_eq!(status, 200, "the demo page's own origin");
 }

@@ -555,7 +555,7 @@ fn a_daemon_whose_database_is_down_keeps_serving() {
     let mut c = subscribe(addr, "/events/a", &hub, "a", &[]);
     let (head, _) = support::request(
         addr,
-        "POST /publish/a HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        "POST /publish/a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
     );
     assert_eq!(head.status, 200);
     assert_eq!(next_event(&mut c).1, "hi");

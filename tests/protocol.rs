@@ -557,7 +557,7 @@ fn wrong_method_is_405_with_allow() {
     let addr = server.local_addr();
     let raw = exchange(
         addr,
-        b"POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+        b"POST /s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
     );
     assert_error_answer(&raw, 405);
     assert_eq!(split_head(&raw).0.header("allow"), Some("GET"));
@@ -644,24 +644,24 @@ fn body_over_max_body_is_413_by_length_and_chunked() {
     // Announced too large: refused from the head.
     let raw = exchange(
         addr,
-        b"POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 17\r\n\r\n01234567890123456",
+        b"POST /p HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 17\r\n\r\n01234567890123456",
     );
     assert_error_answer(&raw, 413);
     // Chunked: refused once the chunks add up past the limit.
     let raw = exchange(
         addr,
-        b"POST /p HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n01234567\r\n9\r\n012345678\r\n0\r\n\r\n",
+        b"POST /p HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n01234567\r\n9\r\n012345678\r\n0\r\n\r\n",
     );
     assert_error_answer(&raw, 413);
     // At the limit exactly: accepted, both ways.
     let (head, body) = request(
         addr,
-        "POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 16\r\nConnection: close\r\n\r\n0123456789012345",
+        "POST /p HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 16\r\nConnection: close\r\n\r\n0123456789012345",
     );
     assert_eq!((head.status, body.as_str()), (200, "16 bytes\n"));
     let (head, body) = request(
         addr,
-        "POST /p HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n8\r\n01234567\r\n8\r\n01234567\r\n0\r\n\r\n",
+        "POST /p HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n8\r\n01234567\r\n8\r\n01234567\r\n0\r\n\r\n",
     );
     assert_eq!((head.status, body.as_str()), (200, "16 bytes\n"));
     server.stop().expect("clean stop");
@@ -757,12 +757,12 @@ fn request_body_by_content_length_and_chunked() {
     let addr = server.local_addr();
     let (head, body) = request(
         addr,
-        "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world",
+        "POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world",
     );
     assert_eq!((head.status, body.as_str()), (200, "hello world\n"));
     let (head, body) = request(
         addr,
-        "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+        "POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
          5\r\nhello\r\n1;ext=1\r\n \r\nA\r\nchunked!!!\r\n0\r\nX-Trailer: t\r\n\r\n",
     );
     assert_eq!((head.status, body.as_str()), (200, "hello chunked!!!\n"));
@@ -777,7 +777,7 @@ fn request_body_by_content_length_and_chunked() {
 fn issue6_chunk_size_is_bare_hex_digits() {
     let server = echo_server();
     let addr = server.local_addr();
-    let chunked = "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let chunked = "POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n";
     for size in ["2\x0c", "+2", " 2", "\t2", "2\x0b", "0x2", "2\r"] {
         let raw = format!("{chunked}{size}\r\nab\r\n0\r\n\r\n");
         let answer = exchange(addr, raw.as_bytes());
@@ -790,7 +790,7 @@ fn issue6_chunk_size_is_bare_hex_digits() {
     // Whitespace before an extension, upper-case hex: still a chunk.
     let (head, body) = request(
         addr,
-        "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+        "POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
          2 \t;ext\r\nab\r\nC\r\n0123456789ab\r\n0\r\n\r\n",
     );
     assert_eq!((head.status, body.as_str()), (200, "ab0123456789ab\n"));
@@ -801,7 +801,7 @@ fn issue6_chunk_size_is_bare_hex_digits() {
 fn expect_100_continue_gets_continue_before_the_answer() {
     let server = echo_server();
     let mut c = Client::new(server.local_addr());
-    c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
+    c.send(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
     let interim = c.head();
     assert_eq!(
         (interim.version.as_str(), interim.status),
@@ -829,7 +829,7 @@ fn keep_alive_serves_two_requests_on_one_connection() {
         None,
         "HTTP/1.1 keeps the connection by default"
     );
-    c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc");
+    c.send(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc");
     let (head, body) = c.response();
     assert_eq!((head.status, body.as_str()), (200, "abc\n"));
     assert!(
@@ -878,9 +878,9 @@ fn pipelined_requests_are_answered_in_order() {
     let server = echo_server();
     let mut c = Client::new(server.local_addr());
     c.send(
-        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nfirstGET /hello HTTP/1.1\r\nHost: t\r\n\r\n\
-          POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nchunk\r\n0\r\n\r\n\
-          POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nthird",
+        b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nfirstGET /hello HTTP/1.1\r\nHost: t\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nchunk\r\n0\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nthird",
     );
     let (head, body) = c.response();
     assert_eq!((head.status, body.as_str()), (200, "first\n"));

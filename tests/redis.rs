@@ -145,7 +145,7 @@ impl Node {
         let (head, text) = request(
             self.addr,
             &format!(
-                "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             ),
         );
@@ -283,7 +283,7 @@ fn resuming_while_publishers_run_has_no_gap_and_no_duplicate() {
                 let (head, text) = request(
                     addr,
                     &format!(
-                        "POST /publish/{topic} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{i}",
+                        "POST /publish/{topic} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{i}",
                         i.to_string().len()
                     ),
                 );
@@ -736,7 +736,7 @@ fn a_node_starts_while_redis_is_down_and_serves_once_it_is_up() {
     }));
     let (head, body) = request(
         addr,
-        "POST /publish/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi",
+        "POST /publish/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi",
     );
     assert_eq!(head.status, 200, "{body}");
     let stderr = proc.stderr();

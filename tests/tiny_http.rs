@@ -177,7 +177,7 @@ fn accept_without_event_stream_gets_406() {
 
     let (head, _) = request(
         app.addr,
-        "POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+        "POST /e HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
     );
     assert_eq!(head.status, 405);
     assert_eq!(head.header("allow"), Some("GET"));

@@ -2,7 +2,6 @@
 //! metrics and the demo page, over a [`Hub`].
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -261,8 +260,27 @@ impl App {
             },
             // A reverse proxy on this machine connects from loopback on
             // behalf of anyone: a request it forwarded is not "this
-            // machine" publishing.
-            None if auth::is_loopback(req.peer_addr().ip()) && !proxied(req) => Ok(()),
+            // machine" publishing. Nor is a page in a browser here that
+            // reached us under its own name (DNS rebinding): the Host it
+            // sends is that name.
+            None if auth::is_loopback(req.peer_addr().ip())
+                && !proxied(req)
+                && local_host(req.header("host"), &self.config.allowed_hosts) =>
+            {
+                Ok(())
+            }
+            None if auth::is_loopback(req.peer_addr().ip()) && !proxied(req) => {
+                Err(Response::text(
+                    403,
+                    format!(
+                        "publishing with Host {:?} is refused: with no publish_token set, a \
+                         request from this machine may publish only under an IP address, \
+                         localhost or a name listed in allowed_hosts (a web page that reached \
+                         this server under its own name must not)",
+                        req.header("host").unwrap_or_default()
+                    ),
+                ))
+            }
             None if proxied(req) => Err(Response::text(
                 403,
                 "publishing through a proxy is refused: with no publish_token set, only a direct \
@@ -284,7 +302,7 @@ impl App {
         let Some(origin) = req.header("origin") else {
             return Ok(Vec::new());
         };
-        if same_origin(origin, req.header("host")) {
+        if same_origin(origin, req.header("host"), SCHEME) {
             return Ok(Vec::new());
         }
         let allowed = self
@@ -814,30 +832,63 @@ fn bad_name(what: &str, name: &str) -> Response {
     )
 }
 
-/// Whether `origin` (`scheme://host[:port]`) names the same host and port
-/// as the request's `Host` header.
-fn same_origin(origin: &str, host: Option<&str>) -> bool {
+/// The scheme requests reach this daemon with: it has no TLS of its own
+/// yet (behind a TLS proxy, list the `https://` origin in `cors_origins`).
+const SCHEME: &str = "http";
+
+/// Splits `host[:port]` (a `Host` value, an origin's authority) into its
+/// host, lowercase (an IPv6 literal keeps its brackets), and its port,
+/// `default` when it has none; `None` when it does not parse.
+fn authority(a: &str, default: u16) -> Option<(String, u16)> {
+    let (host, port) = match a.strip_prefix('[') {
+        Some(rest) => {
+            let (inner, after) = rest.split_once(']')?;
+            let port = match after {
+                "" => default,
+                p => p.strip_prefix(':')?.parse().ok()?,
+            };
+            (format!("[{inner}]"), port)
+        }
+        None => match a.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), p.parse().ok()?),
+            None => (a.to_owned(), default),
+        },
+    };
+    (!host.is_empty() && host != "[]").then(|| (host.to_ascii_lowercase(), port))
+}
+
+/// Whether `origin` (`scheme://host[:port]`) is the origin a request with
+/// this `Host` reached us at over `scheme`: same scheme, host and port.
+fn same_origin(origin: &str, host: Option<&str>, scheme: &str) -> bool {
     let Some(host) = host else { return false };
-    let Some((scheme, rest)) = origin.split_once("://") else {
+    let Some(rest) = origin
+        .strip_prefix(scheme)
+        .and_then(|r| r.strip_prefix("://"))
+    else {
         return false;
     };
-    let default_port = match scheme {
-        "http" => "80",
-        "https" => "443",
-        _ => return false,
+    let default = if scheme == "https" { 443 } else { 80 };
+    match (authority(rest, default), authority(host.trim(), default)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Whether a request with this `Host` addressed this machine by a name no
+/// web page can take over: an IP literal, `localhost` (or a name under
+/// it, which browsers resolve to loopback themselves), or one of
+/// `allowed`. A missing `Host` (HTTP/1.0) comes from no browser.
+fn local_host(host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(host) = host else { return true };
+    let Some((name, _)) = authority(host.trim(), 0) else {
+        return false;
     };
-    let with_port = |h: &str| {
-        if h.parse::<SocketAddr>().is_ok()
-            || h.rsplit_once(':')
-                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-                && !h.ends_with(']')
-        {
-            h.to_ascii_lowercase()
-        } else {
-            format!("{}:{default_port}", h.to_ascii_lowercase())
-        }
-    };
-    with_port(rest) == with_port(host)
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = name.trim_end_matches('.');
+    name == "localhost" || name.ends_with(".localhost") || allowed.iter().any(|a| a == name)
 }
 
 /// Why a stream's topic list is refused, if it is (400).
@@ -877,14 +928,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn same_origin_compares_host_and_port() {
-        assert!(same_origin("http://127.0.0.1:8080", Some("127.0.0.1:8080")));
-        assert!(same_origin("http://example.com", Some("example.com:80")));
-        assert!(same_origin("https://Example.com", Some("example.com:443")));
-        assert!(!same_origin("http://evil.com", Some("example.com")));
-        assert!(!same_origin("http://127.0.0.1:9", Some("127.0.0.1:8080")));
-        assert!(!same_origin("null", Some("example.com")));
-        assert!(!same_origin("http://a", None));
+    fn same_origin_compares_scheme_host_and_port() {
+        let http = |o: &str, h: Option<&str>| same_origin(o, h, "http");
+        assert!(http("http://127.0.0.1:8080", Some("127.0.0.1:8080")));
+        assert!(http("http://example.com", Some("example.com:80")));
+        assert!(http("http://example.com:80", Some("Example.com")));
+        assert!(http("http://[::1]:8080", Some("[::1]:8080")));
+        assert!(same_origin(
+            "https://example.com",
+            Some("example.com:443"),
+            "https"
+        ));
+        assert!(
+            !http("https://example.com", Some("example.com")),
+            "an https page is another origin than this plain-http server"
+        );
+        assert!(!http("https://127.0.0.1:8080", Some("127.0.0.1:8080")));
+        assert!(!http("http://evil.com", Some("example.com")));
+        assert!(!http("http://127.0.0.1:9", Some("127.0.0.1:8080")));
+        assert!(!http("null", Some("example.com")));
+        assert!(!http("http://a", None));
+        assert!(!http("http://a:x", Some("a:x")));
+    }
+
+    #[test]
+    fn only_names_no_page_can_take_over_are_local() {
+        let allowed = vec!["ssed.internal".to_owned()];
+        for local in [
+            None,
+            Some("127.0.0.1:8080"),
+            Some("127.0.0.1"),
+            Some("[::1]:8080"),
+            Some("10.1.2.3:80"),
+            Some("localhost:8080"),
+            Some("LOCALHOST"),
+            Some("localhost."),
+            Some("app.localhost:3000"),
+            Some("ssed.internal:8080"),
+        ] {
+            assert!(local_host(local, &allowed), "{local:?}");
+        }
+        for foreign in [
+            Some("rebind.attacker.example:8080"),
+            Some("localhost.attacker.example"),
+            Some("ssed.internal.evil"),
+            Some(""),
+            Some("[::1"),
+        ] {
+            assert!(!local_host(foreign, &allowed), "{foreign:?}");
+        }
     }
 
     #[test]

@@ -307,7 +307,7 @@ pub fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
     let (head, text) = request(
         addr,
         &format!(
-            "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         ),
     );
