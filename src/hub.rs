@@ -1326,8 +1326,13 @@ impl Stream {
         let result = (|| loop {
             // A consumer whose client already left must not take a message:
             // a write to a socket the peer closed usually still succeeds.
-            self.check_connection()?;
-            while let Some(message) = hub.0.mailboxes.take(key) {
+            // Looked at before each message, so a client that closes
+            // mid-mailbox loses only what was already on its way to it
+            // (docs/operations.md has the bound).
+            while let Some(message) = {
+                self.check_connection()?;
+                hub.0.mailboxes.take(key)
+            } {
                 let done = message.text == crate::stream::DONE;
                 let sent = if done {
                     self.done()
@@ -1380,10 +1385,13 @@ impl Stream {
         let ttl = hub.0.config.mailbox_ttl;
         let wake = hub.0.mailboxes.wait_handle(key);
         let result = (|| loop {
-            self.check_connection()?;
             // A failed take (Redis down) is logged by the engine; look
-            // again after the wait.
-            while let Ok(Some(taken)) = remote.take(key, ttl) {
+            // again after the wait. The client is looked at before each
+            // message, as in `consume`.
+            while let Ok(Some(taken)) = {
+                self.check_connection()?;
+                remote.take(key, ttl)
+            } {
                 let done = taken.text == crate::stream::DONE;
                 let sent = if done {
                     self.done()

@@ -33,7 +33,7 @@ const HEARTBEAT_CHUNK: &[u8] = b"E\r\n: keep-alive\n\n\r\n";
 /// Writes up to this size are put together on the stack (see
 /// `Stream::write_frames`); small enough that the frame stays within the
 /// stack pages every stream thread touches anyway.
-const SMALL_WRITE: usize = 192;
+const SMALL_WRITE: usize = 224;
 /// How often a parked stream the server cannot unpark looks for shutdown.
 const UNREGISTERED_POLL: Duration = Duration::from_millis(250);
 /// The comment sent as the last frame when the server shuts down.

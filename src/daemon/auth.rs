@@ -5,7 +5,7 @@
 //! session cookie so the browser's own `EventSource` reconnects (which
 //! repeat the spent ticket's URL) authenticate with the cookie instead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -69,8 +69,53 @@ pub fn random_secret() -> std::io::Result<String> {
 /// Outstanding tickets and live sessions.
 #[derive(Debug, Default)]
 pub struct Tickets {
-    tickets: Mutex<HashMap<String, Instant>>,
-    sessions: Mutex<HashMap<String, Instant>>,
+    tickets: Mutex<Secrets>,
+    sessions: Mutex<Secrets>,
+}
+
+/// Secrets with an expiry, kept in the order they expire: every secret of
+/// one kind lives equally long, so that is the order they were made in.
+/// Expired ones go from the front, in time proportional to how many
+/// expired, never a scan of all; when full, the one nearest its end goes.
+#[derive(Debug, Default)]
+struct Secrets {
+    expiry: HashMap<String, Instant>,
+    /// `(expires, secret)`, oldest first. A secret spent early stays here
+    /// until its time comes or the bound pushes it out, so this holds at
+    /// most twice `MAX_ENTRIES`.
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Secrets {
+    /// Drops what expired by `now`, and past the bound the oldest, so one
+    /// more fits.
+    fn prune(&mut self, now: Instant) {
+        while let Some((exp, _)) = self.order.front() {
+            let full = self.expiry.len() >= MAX_ENTRIES || self.order.len() >= 2 * MAX_ENTRIES;
+            if *exp > now && !full {
+                break;
+            }
+            if let Some((exp, secret)) = self.order.pop_front()
+                && self.expiry.get(&secret) == Some(&exp)
+            {
+                self.expiry.remove(&secret);
+            }
+        }
+    }
+
+    fn insert(&mut self, secret: String, expires: Instant, now: Instant) {
+        self.prune(now);
+        self.order.push_back((expires, secret.clone()));
+        self.expiry.insert(secret, expires);
+    }
+
+    fn remove(&mut self, secret: &str) -> Option<Instant> {
+        self.expiry.remove(secret)
+    }
+
+    fn get(&self, secret: &str) -> Option<Instant> {
+        self.expiry.get(secret).copied()
+    }
 }
 
 impl Tickets {
@@ -81,9 +126,9 @@ impl Tickets {
     /// When no random secret can be made.
     pub fn issue(&self) -> std::io::Result<String> {
         let ticket = random_secret()?;
+        let now = Instant::now();
         let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
-        prune(&mut t);
-        t.insert(ticket.clone(), Instant::now() + TICKET_TTL);
+        t.insert(ticket.clone(), now + TICKET_TTL, now);
         Ok(ticket)
     }
 
@@ -100,28 +145,16 @@ impl Tickets {
     /// When no random secret can be made.
     pub fn open_session(&self, ttl: Duration) -> std::io::Result<String> {
         let secret = random_secret()?;
+        let now = Instant::now();
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        prune(&mut s);
-        s.insert(secret.clone(), Instant::now() + ttl);
+        s.insert(secret.clone(), now + ttl, now);
         Ok(secret)
     }
 
     /// Whether a session secret is live.
     pub fn session_valid(&self, secret: &str) -> bool {
         let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        s.get(secret).is_some_and(|exp| Instant::now() < *exp)
-    }
-}
-
-/// Drops expired entries; past the bound, the soonest to expire too.
-fn prune(map: &mut HashMap<String, Instant>) {
-    let now = Instant::now();
-    map.retain(|_, exp| *exp > now);
-    while map.len() >= MAX_ENTRIES {
-        let Some(oldest) = map.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone()) else {
-            break;
-        };
-        map.remove(&oldest);
+        s.get(secret).is_some_and(|exp| Instant::now() < exp)
     }
 }
 
@@ -171,5 +204,32 @@ mod tests {
         assert!(!t.session_valid("nope"));
         let expired = t.open_session(Duration::ZERO).expect("urandom");
         assert!(!t.session_valid(&expired));
+    }
+
+    #[test]
+    fn a_full_store_lets_the_oldest_go_without_scanning() {
+        let mut s = Secrets::default();
+        let now = Instant::now();
+        let ttl = Duration::from_secs(30);
+        for i in 0..MAX_ENTRIES + 10 {
+            s.insert(format!("s{i}"), now + ttl, now);
+        }
+        assert_eq!(s.expiry.len(), MAX_ENTRIES);
+        assert!(
+            s.get("s0").is_none() && s.get("s9").is_none(),
+            "the oldest went"
+        );
+        assert!(s.get(&format!("s{}", MAX_ENTRIES + 9)).is_some());
+        // Spent secrets do not pile up in the order either.
+        for i in 0..3 * MAX_ENTRIES {
+            let secret = format!("spent{i}");
+            s.insert(secret.clone(), now + ttl, now);
+            s.remove(&secret);
+        }
+        assert!(s.order.len() <= 2 * MAX_ENTRIES, "{}", s.order.len());
+        // Expired ones go as time passes.
+        let later = now + ttl + Duration::from_secs(1);
+        s.insert("new".into(), later + ttl, later);
+        assert_eq!(s.expiry.len(), 1);
     }
 }

@@ -4,14 +4,14 @@ use serde::Serialize;
 
 use crate::digits::push_decimal;
 
-/// Headers every event stream is sent with.
-pub(crate) const STREAM_HEADERS: &str =
-    "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n";
+/// Headers every event stream is sent with. `nosniff`: a stream carries
+/// what publishers sent, which no browser may take for a page or script.
+pub(crate) const STREAM_HEADERS: &str = "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nX-Content-Type-Options: nosniff\r\n";
 
 /// The whole head of an HTTP/1.1 event stream with no extra headers.
-pub(crate) const STREAM_HEAD_11: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n";
+pub(crate) const STREAM_HEAD_11: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nX-Content-Type-Options: nosniff\r\nTransfer-Encoding: chunked\r\n\r\n";
 /// The whole head of an HTTP/1.0 event stream with no extra headers.
-pub(crate) const STREAM_HEAD_10: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: close\r\n\r\n";
+pub(crate) const STREAM_HEAD_10: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n";
 
 /// A complete answer to an ordinary (non-streaming) request.
 ///
@@ -120,6 +120,11 @@ impl Response {
             }
             header_line(&mut out, k, v);
         }
+        // Error answers echo what the client sent (a topic, an origin):
+        // no browser may sniff any answer into a page.
+        if self.header("x-content-type-options").is_none() {
+            out.extend_from_slice(b"X-Content-Type-Options: nosniff\r\n");
+        }
         // 1xx, 204 and 304 have no body and no Content-Length (RFC 9110 8.6).
         let bodyless = self.status < 200 || self.status == 204 || self.status == 304;
         if !bodyless {
@@ -202,6 +207,7 @@ pub(crate) fn reason(status: u16) -> &'static str {
         415 => "Unsupported Media Type",
         422 => "Unprocessable Content",
         429 => "Too Many Requests",
+        507 => "Insufficient Storage",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
@@ -230,15 +236,15 @@ mod tests {
         let r = Response::text(404, "nope").with_header("X-A", "b\r\nInjected: 1");
         assert_eq!(
             text(r.encode(1, false, false)),
-            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nX-A: b  Injected: 1\r\nContent-Length: 5\r\n\r\nnope\n"
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nX-A: b  Injected: 1\r\nX-Content-Type-Options: nosniff\r\nContent-Length: 5\r\n\r\nnope\n"
         );
         assert_eq!(
             text(Response::no_content().encode(1, false, true)),
-            "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+            "HTTP/1.1 204 No Content\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
         );
         assert_eq!(
             text(Response::html("<p>").encode(0, true, false)),
-            "HTTP/1.0 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n"
+            "HTTP/1.0 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n"
         );
     }
 
@@ -248,7 +254,7 @@ mod tests {
         assert!(h.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"));
         assert!(h.ends_with("Set-Cookie: a=b\r\nTransfer-Encoding: chunked\r\n\r\n"));
         let h = text(stream_head(0, &[]));
-        assert!(h.ends_with("X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"));
+        assert!(h.ends_with("nosniff\r\nConnection: close\r\n\r\n"));
         assert_eq!(stream_head(0, &[]), STREAM_HEAD_10);
         assert_eq!(stream_head(1, &[]), STREAM_HEAD_11);
     }
