@@ -67,7 +67,7 @@ pub(crate) struct SubscriberQueue {
     /// may then write its frames themselves.
     direct: OnceLock<Direct>,
     /// The topics followed.
-    pub(crate) topics: Vec<Box<str>>,
+    pub(crate) topics: Box<[Arc<str>]>,
 }
 
 /// What a waker needs to write a sleeping subscriber's frames itself.
@@ -162,11 +162,11 @@ impl SubscriberQueue {
     /// stack before it moves to the heap, and a subscribing stream thread
     /// should not carry those bytes in its own frame (see `Stream::follow`).
     #[inline(never)]
-    pub(crate) fn shared(capacity: usize, topics: Vec<Box<str>>) -> Arc<Self> {
+    pub(crate) fn shared(capacity: usize, topics: Box<[Arc<str>]>) -> Arc<Self> {
         Arc::new(Self::new(capacity, topics))
     }
 
-    pub(crate) fn new(capacity: usize, topics: Vec<Box<str>>) -> Self {
+    pub(crate) fn new(capacity: usize, topics: Box<[Arc<str>]>) -> Self {
         SubscriberQueue {
             frames: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),

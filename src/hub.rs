@@ -237,7 +237,9 @@ impl Drop for Inner {
 struct State {
     last_id: EventId,
     history: Box<dyn History>,
-    subscribers: HashMap<Box<str>, Vec<SubscriberSlot>>,
+    /// Each topic's subscribers here; its key is shared with the topic
+    /// lists of the subscribers' queues.
+    subscribers: HashMap<Arc<str>, Vec<SubscriberSlot>>,
     next_subscriber: u64,
     published: u64,
     /// Frames a subscriber may have waiting (its queue, or its pending
@@ -256,14 +258,23 @@ impl State {
     }
 }
 
+/// A subscriber in one topic's list. Small: a stream of many topics has
+/// one per topic (24 bytes; what only a resuming Redis subscriber needs
+/// is boxed apart).
 struct SubscriberSlot {
     id: u64,
     queue: Arc<SubscriberQueue>,
-    /// While a Redis-backed subscription reads its replay: the live frames
-    /// that arrived meanwhile, sorted out against the replay once it is in.
+    resume: Option<Box<RemoteResume>>,
+}
+
+/// A Redis-backed subscription resuming from an id: its replay is read
+/// from Redis while the reader already delivers live frames.
+struct RemoteResume {
+    /// While the replay is read: the live frames that arrived meanwhile,
+    /// sorted out against the replay once it is in.
     pending: Option<Vec<(EventId, EncodedEvent)>>,
-    /// Frames up to this id are skipped: the replay had them (the Redis
-    /// reader may deliver an event after the replay already read it).
+    /// Frames up to this id are skipped: the replay had them (the reader
+    /// may deliver an event after the replay already read it).
     seen: EventId,
 }
 
@@ -281,10 +292,11 @@ fn fan_out(state: &mut State, topic: &str, id: EventId, frame: &EncodedEvent, ou
     let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
     if let Some(subs) = state.subscribers.get_mut(topic) {
         subs.retain_mut(|s| {
-            if id <= s.seen {
+            if s.resume.as_ref().is_some_and(|r| id <= r.seen) {
                 return true;
             }
-            let pushed = match &mut s.pending {
+            let pending = s.resume.as_mut().and_then(|r| r.pending.as_mut());
+            let pushed = match pending {
                 Some(pending) if pending.len() < limit => {
                     pending.push((id, frame.clone()));
                     Pushed::Queued
@@ -328,8 +340,49 @@ fn fan_out(state: &mut State, topic: &str, id: EventId, frame: &EncodedEvent, ou
     }
 }
 
+/// Sorts topic names and drops repeats. A stream's thread runs this and
+/// keeps every stack page it touches: a short list (a stream takes at
+/// most 64 in the daemon) is sorted in place, where the standard sort
+/// would put a 4 KiB scratch buffer on the stack.
+fn sort_names(names: &mut Vec<&str>) {
+    if names.len() <= 64 {
+        for i in 1..names.len() {
+            let mut j = i;
+            while j > 0 && names[j - 1] > names[j] {
+                names.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+    } else {
+        names.sort_unstable();
+    }
+    names.dedup();
+}
+
+/// Makes the queue of a subscriber of `names` (sorted, distinct), whose
+/// topic list shares the names `state.subscribers` keeps: a topic gets an
+/// (empty) list of subscribers if it had none. Also says which were new.
+fn join(state: &mut State, names: &[&str], capacity: usize) -> (Arc<SubscriberQueue>, Vec<bool>) {
+    let mut topics = Vec::with_capacity(names.len());
+    let mut new = Vec::with_capacity(names.len());
+    for name in names {
+        let key = match state.subscribers.get_key_value(*name) {
+            Some((k, _)) => Arc::clone(k),
+            None => {
+                let k: Arc<str> = Arc::from(*name);
+                state.subscribers.insert(Arc::clone(&k), Vec::new());
+                k
+            }
+        };
+        new.push(state.subscribers.get(&key).is_some_and(Vec::is_empty));
+        topics.push(key);
+    }
+    let queue = SubscriberQueue::shared(capacity, topics.into_boxed_slice());
+    (queue, new)
+}
+
 /// Removes subscriber `id` from each of `topics`.
-fn remove_subscriber(state: &mut State, id: u64, topics: &[Box<str>]) {
+fn remove_subscriber(state: &mut State, id: u64, topics: &[Arc<str>]) {
     for topic in topics {
         if let Some(subs) = state.subscribers.get_mut(topic) {
             subs.retain(|s| s.id != id);
@@ -659,32 +712,26 @@ impl Hub {
         if let Some(bad) = topics.iter().find(|t| !valid_name(t)) {
             return Err(HubError::InvalidName((*bad).to_owned()));
         }
-        let mut names: Vec<Box<str>> = topics.iter().map(|t| Box::from(*t)).collect();
-        names.sort();
-        names.dedup();
-        let queue = SubscriberQueue::shared(self.0.config.queue, names.clone());
+        let mut names: Vec<&str> = topics.to_vec();
+        sort_names(&mut names);
         if let Some(remote) = &self.0.remote {
-            return self.subscribe_remote(remote, names, queue, last_event_id);
+            return self.subscribe_remote(remote, &names, last_event_id);
         }
         let mut state = self.state();
         let id = state.next_subscriber;
         state.next_subscriber += 1;
+        let (queue, _) = join(&mut state, &names, self.0.config.queue);
         let replay = match last_event_id {
-            Some(asked) => Replaying::start(&state, &names, asked),
+            Some(asked) => Replaying::start(&state, &queue.topics, asked),
             None => Replaying::default(),
         };
-        for name in &names {
-            let slot = SubscriberSlot {
-                id,
-                queue: Arc::clone(&queue),
-                pending: None,
-                seen: EventId::floor_of(0),
-            };
-            match state.subscribers.get_mut(name) {
-                Some(v) => v.push(slot),
-                None => {
-                    state.subscribers.insert(name.clone(), vec![slot]);
-                }
+        for name in queue.topics.iter() {
+            if let Some(v) = state.subscribers.get_mut(name) {
+                v.push(SubscriberSlot {
+                    id,
+                    queue: Arc::clone(&queue),
+                    resume: None,
+                });
             }
         }
         drop(state);
@@ -704,31 +751,36 @@ impl Hub {
     fn subscribe_remote(
         &self,
         remote: &Arc<Engine>,
-        names: Vec<Box<str>>,
-        queue: Arc<SubscriberQueue>,
+        names: &[&str],
         last_event_id: Option<&str>,
     ) -> Result<Subscription, HubError> {
-        let (newest, seqs) = remote.position(&names).map_err(HubError::Storage)?;
+        let (newest, seqs) = remote.position(names).map_err(HubError::Storage)?;
         let mut woke = false;
         let mut state = self.state();
         let id = state.next_subscriber;
         state.next_subscriber += 1;
-        for (name, seq) in names.iter().zip(seqs.iter().chain(std::iter::repeat(&0))) {
-            let slot = SubscriberSlot {
-                id,
-                queue: Arc::clone(&queue),
-                pending: last_event_id.map(|_| Vec::new()),
-                seen: EventId::floor_of(0),
-            };
-            match state.subscribers.get_mut(name) {
-                Some(v) => v.push(slot),
-                None => {
-                    state.subscribers.insert(name.clone(), vec![slot]);
-                    woke |= remote.want(name, newest, *seq);
-                }
+        let (queue, new) = join(&mut state, names, self.0.config.queue);
+        let seqs = seqs.iter().chain(std::iter::repeat(&0));
+        for ((name, seq), new) in queue.topics.iter().zip(seqs).zip(new) {
+            if new {
+                woke |= remote.want(name, newest, *seq);
+            }
+            if let Some(v) = state.subscribers.get_mut(name) {
+                v.push(SubscriberSlot {
+                    id,
+                    queue: Arc::clone(&queue),
+                    resume: last_event_id.map(|_| {
+                        Box::new(RemoteResume {
+                            pending: Some(Vec::new()),
+                            seen: EventId::floor_of(0),
+                        })
+                    }),
+                });
             }
         }
         drop(state);
+        let topics = Arc::clone(&queue);
+        let names = &topics.topics;
         let mut sub = Subscription {
             hub: self.clone(),
             id,
@@ -746,7 +798,7 @@ impl Hub {
         let placeable = asked.parse::<EventId>().ok().filter(|a| *a <= newest);
         let after = placeable.unwrap_or(EventId::floor_of(0));
         // On failure `sub` drops here and leaves its topics.
-        let replays = remote.replay(&names, after).map_err(HubError::Storage)?;
+        let replays = remote.replay(names, after).map_err(HubError::Storage)?;
         let mut gap = placeable.is_none();
         let mut oldest: Option<EventId> = None;
         let mut events: Vec<(EventId, EncodedEvent)> = Vec::new();
@@ -760,7 +812,7 @@ impl Hub {
         }
         {
             let mut state = self.state();
-            for name in &names {
+            for name in names.iter() {
                 let Some(slot) = state
                     .subscribers
                     .get_mut(name)
@@ -769,16 +821,22 @@ impl Hub {
                     continue; // dropped as slow meanwhile
                 };
                 let limit = horizon.get(name.as_ref()).copied().unwrap_or(after);
-                if let Some(pending) = slot.pending.take() {
+                let resume = slot.resume.get_or_insert_with(|| {
+                    Box::new(RemoteResume {
+                        pending: None,
+                        seen: limit,
+                    })
+                });
+                if let Some(pending) = resume.pending.take() {
                     events.extend(pending.into_iter().filter(|(i, _)| *i > limit));
                 }
-                slot.seen = limit;
+                resume.seen = limit;
             }
         }
         if gap {
             sub.replay.ready.push_back(reset_frame(asked, oldest));
         }
-        events.sort_by_key(|(id, _)| *id);
+        events.sort_unstable_by_key(|(id, _)| *id);
         events.dedup_by_key(|(id, _)| *id);
         sub.replay.ready.extend(events.into_iter().map(|(_, f)| f));
         Ok(sub)
@@ -799,7 +857,7 @@ impl Hub {
         self.state().last_id
     }
 
-    fn unsubscribe(&self, id: u64, topics: &[Box<str>]) {
+    fn unsubscribe(&self, id: u64, topics: &[Arc<str>]) {
         remove_subscriber(&mut self.state(), id, topics);
     }
 
@@ -953,7 +1011,7 @@ impl Replaying {
     // Out of line, so its locals do not deepen `Hub::subscribe` (see
     // `Stream::follow`).
     #[inline(never)]
-    fn start(state: &State, topics: &[Box<str>], asked: &str) -> Replaying {
+    fn start(state: &State, topics: &[Arc<str>], asked: &str) -> Replaying {
         // An id this hub cannot place (garbage, or from the future: a
         // restart with the clock stepped back, another server) replays
         // everything retained after the reset notice.
@@ -989,7 +1047,7 @@ impl Replaying {
     fn read_page(
         &mut self,
         history: &dyn History,
-        topics: &[Box<str>],
+        topics: &[Arc<str>],
         asked: Option<&str>,
         mut gap: bool,
     ) {
@@ -1014,13 +1072,13 @@ impl Replaying {
             events.extend(page.events);
             if events.len() > BATCH {
                 // Later topics need nothing past the page's newest.
-                events.sort_by_key(|e| e.id);
+                events.sort_unstable_by_key(|e| e.id);
                 events.truncate(BATCH);
                 more = true;
                 bound = events.last().map_or(bound, |e| e.id);
             }
         }
-        events.sort_by_key(|e| e.id);
+        events.sort_unstable_by_key(|e| e.id);
         if gap {
             let asked = match (asked, self.last) {
                 (Some(asked), _) => asked.to_owned(),

@@ -591,11 +591,11 @@ impl Engine {
     /// The newest id issued in Redis (`0-0` before the first) and, read
     /// in the same instant, each of `topics`' count of published events:
     /// where the reader starts on a topic it did not follow yet.
-    pub(crate) fn position(
+    pub(crate) fn position<T: AsRef<str>>(
         &self,
-        topics: &[Box<str>],
+        topics: &[T],
     ) -> Result<(EventId, Vec<u64>), StorageError> {
-        let keys: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t)).collect();
+        let keys: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t.as_ref())).collect();
         let mut hmget: Vec<&[u8]> = vec![b"HMGET", SEQ_KEY.as_bytes()];
         hmget.extend(keys.iter().map(Vec::as_slice));
         let commands: Vec<Vec<&[u8]>> = vec![
@@ -667,12 +667,12 @@ impl Engine {
 
     /// Every retained event of each of `topics` after `after`, newest
     /// `history` at most per topic.
-    pub(crate) fn replay(
+    pub(crate) fn replay<T: AsRef<str>>(
         &self,
-        topics: &[Box<str>],
+        topics: &[T],
         after: EventId,
     ) -> Result<Vec<RemoteReplay>, StorageError> {
-        let keys: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t)).collect();
+        let keys: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t.as_ref())).collect();
         let start = format!("({after}");
         let count = (self.history + 1).to_string();
         let mut commands: Vec<Vec<&[u8]>> = Vec::with_capacity(keys.len() * 2);
