@@ -29,7 +29,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::error::{EndReason, EventError, Report, StreamError};
 use crate::event::{EncodedEvent, Event};
 use crate::fanout::{Pushed, SubscriberQueue, Wakers, Writer};
-use crate::history::{History, MemoryHistory, Retained, StorageError};
+use crate::history::{History, MemoryHistory, Replay, Retained, StorageError};
 use crate::id::{EventId, MAX_NAME_LEN, earliest, now_ms, valid_name};
 use crate::mailbox::{self, MailboxStore, Mailboxes};
 use crate::redis::{Engine, PushError, RedisState};
@@ -41,6 +41,14 @@ use crate::stream::Stream;
 pub const RESET_EVENT: &str = "reset";
 /// Most frames written per wake-up of a following stream.
 const BATCH: usize = 256;
+/// How soon a stream whose replay could not be read asks its client to
+/// come back.
+const REPLAY_RETRY: Duration = Duration::from_secs(2);
+/// Bytes of frames a page of a Redis replay aims at: its frames are the
+/// stream's own copy, unlike shared frames in memory.
+const REMOTE_PAGE_BYTES: usize = 32 * 1024;
+/// Events in the first page of a Redis replay, before frame sizes are known.
+const REMOTE_PAGE_FIRST: usize = 2;
 /// Most replay bytes handed to a waker with a stream's head (see
 /// `Stream::follow`); a longer replay is written by the stream's thread.
 const OPENING_MAX: usize = 16 * 1024;
@@ -793,25 +801,15 @@ impl Hub {
         let Some(asked) = last_event_id else {
             return Ok(sub);
         };
-        // An id Redis cannot place (garbage, or newer than anything issued)
-        // replays everything retained after the reset notice.
-        let placeable = asked.parse::<EventId>().ok().filter(|a| *a <= newest);
-        let after = placeable.unwrap_or(EventId::floor_of(0));
+        // The replay covers what Redis has up to `until`, read now that the
+        // subscription is in: what the reader delivers meanwhile waits
+        // beside it, and goes to its queue only if newer. So nothing
+        // published around the subscription is missed or doubled.
         // On failure `sub` drops here and leaves its topics.
-        let replays = remote.replay(names, after).map_err(HubError::Storage)?;
-        let mut gap = placeable.is_none();
-        let mut oldest: Option<EventId> = None;
-        let mut events: Vec<(EventId, EncodedEvent)> = Vec::new();
-        let mut horizon: HashMap<&str, EventId> = HashMap::new();
-        for (name, replay) in names.iter().zip(replays) {
-            gap |= replay.gap;
-            oldest = earliest(oldest, replay.oldest);
-            let newest_replayed = replay.events.last().map_or(after, |(id, _)| *id);
-            horizon.insert(name, newest_replayed.max(after));
-            events.extend(replay.events);
-        }
+        let (until, _) = remote.position(names).map_err(HubError::Storage)?;
         {
             let mut state = self.state();
+            let mut later: Vec<(EventId, EncodedEvent)> = Vec::new();
             for name in names.iter() {
                 let Some(slot) = state
                     .subscribers
@@ -820,25 +818,44 @@ impl Hub {
                 else {
                     continue; // dropped as slow meanwhile
                 };
-                let limit = horizon.get(name.as_ref()).copied().unwrap_or(after);
                 let resume = slot.resume.get_or_insert_with(|| {
                     Box::new(RemoteResume {
                         pending: None,
-                        seen: limit,
+                        seen: until,
                     })
                 });
                 if let Some(pending) = resume.pending.take() {
-                    events.extend(pending.into_iter().filter(|(i, _)| *i > limit));
+                    later.extend(pending.into_iter().filter(|(i, _)| *i > until));
                 }
-                resume.seen = limit;
+                resume.seen = until;
+            }
+            later.sort_unstable_by_key(|(id, _)| *id);
+            later.dedup_by_key(|(id, _)| *id);
+            for (_, frame) in &later {
+                if matches!(sub.queue.push(frame), Pushed::Slow) {
+                    break; // it drains what it has, then ends as slow
+                }
             }
         }
-        if gap {
-            sub.replay.ready.push_back(reset_frame(asked, oldest));
-        }
-        events.sort_unstable_by_key(|(id, _)| *id);
-        events.dedup_by_key(|(id, _)| *id);
-        sub.replay.ready.extend(events.into_iter().map(|(_, f)| f));
+        // An id Redis cannot place (garbage, or newer than anything issued)
+        // replays everything retained after the reset notice.
+        let placeable = asked.parse::<EventId>().ok().filter(|a| *a <= newest);
+        let after = placeable.unwrap_or(EventId::floor_of(0));
+        sub.replay = Replaying {
+            ready: VecDeque::new(),
+            from: vec![after; names.len()],
+            until,
+            last: None,
+            count: REMOTE_PAGE_FIRST,
+        };
+        sub.replay
+            .read_page(
+                names,
+                &mut |t, a, u, m| remote.page(t, a, u, m),
+                Some(asked),
+                placeable.is_none(),
+            )
+            .map_err(HubError::Storage)?;
         Ok(sub)
     }
 
@@ -972,6 +989,10 @@ pub struct Subscription {
     queue: Arc<SubscriberQueue>,
 }
 
+/// Reads one topic's page of a replay: `(topic, after, until, max)`, as
+/// [`History::page`] does.
+type PageFn<'a> = dyn FnMut(&str, EventId, EventId, usize) -> Result<Replay, StorageError> + 'a;
+
 /// What is left of a subscription's replay.
 ///
 /// A hub that keeps history itself hands it out a page at a time (see
@@ -989,6 +1010,10 @@ struct Replaying {
     until: EventId,
     /// The newest id read: a reset notice mid-replay names it.
     last: Option<EventId>,
+    /// Events to read per page. With Redis, a page is this stream's own
+    /// copy of the frames, so it is sized to about [`REMOTE_PAGE_BYTES`]
+    /// from the frames seen so far; in memory they are shared.
+    count: usize,
 }
 
 impl Default for Replaying {
@@ -999,6 +1024,7 @@ impl Default for Replaying {
             from: Vec::new(),
             until: EventId::floor_of(0),
             last: None,
+            count: BATCH,
         }
     }
 }
@@ -1025,10 +1051,13 @@ impl Replaying {
             from: vec![after; topics.len()],
             until: state.last_id,
             last: None,
+            count: BATCH,
         };
-        replay.read_page(
-            state.history.as_ref(),
+        let history = state.history.as_ref();
+        // Reading memory cannot fail.
+        let _ = replay.read_page(
             topics,
+            &mut |t, a, u, m| Ok(history.page(t, a, u, m)),
             Some(asked),
             placeable.is_none(),
         );
@@ -1046,11 +1075,12 @@ impl Replaying {
     /// (`asked` names the id the client resumed from on the first page).
     fn read_page(
         &mut self,
-        history: &dyn History,
         topics: &[Arc<str>],
+        page: &mut PageFn<'_>,
         asked: Option<&str>,
         mut gap: bool,
-    ) {
+    ) -> Result<(), StorageError> {
+        let max = self.count;
         let mut events: Vec<Retained> = Vec::new();
         let mut oldest: Option<EventId> = None;
         let mut bound = self.until;
@@ -1059,7 +1089,7 @@ impl Replaying {
             if *from >= self.until {
                 continue; // nothing of this topic is left
             }
-            let page = history.page(name, *from, bound, BATCH);
+            let page = page(name, *from, bound, max)?;
             if page.gap {
                 gap = true;
                 // The notice covers this topic up to its oldest event:
@@ -1068,12 +1098,12 @@ impl Replaying {
                 *from = page.oldest.map_or(self.until, |o| o.pred().max(*from));
             }
             oldest = earliest(oldest, page.oldest);
-            more |= page.events.len() >= BATCH;
+            more |= page.events.len() >= max;
             events.extend(page.events);
-            if events.len() > BATCH {
+            if events.len() > max {
                 // Later topics need nothing past the page's newest.
                 events.sort_unstable_by_key(|e| e.id);
-                events.truncate(BATCH);
+                events.truncate(max);
                 more = true;
                 bound = events.last().map_or(bound, |e| e.id);
             }
@@ -1094,7 +1124,17 @@ impl Replaying {
             (true, Some(last)) => self.from.iter_mut().for_each(|f| *f = (*f).max(last)),
             _ => self.from = Vec::new(),
         }
+        if let Some(bytes) = events
+            .iter()
+            .map(|e| e.frame.as_bytes().len())
+            .sum::<usize>()
+            .checked_div(events.len())
+            && self.count < BATCH
+        {
+            self.count = (REMOTE_PAGE_BYTES / bytes.max(1)).clamp(1, BATCH);
+        }
         self.ready.extend(events.into_iter().map(|e| e.frame));
+        Ok(())
     }
 }
 
@@ -1142,25 +1182,52 @@ impl Subscription {
     pub fn take_backlog(&mut self) -> Vec<EncodedEvent> {
         let mut all = Vec::new();
         loop {
-            let page = self.next_backlog(usize::MAX);
-            if page.is_empty() {
-                return all;
+            match self.next_backlog(usize::MAX) {
+                Ok(page) if page.is_empty() => return all,
+                Ok(page) => all.extend(page),
+                Err(e) => {
+                    log::warn!("replay cut short: {}", Report(&e));
+                    return all;
+                }
             }
-            all.extend(page);
         }
     }
 
     /// Up to `max` more frames of the replay, in order; empty once it is
     /// all taken. Reads the next page from history when none is waiting.
+    ///
+    /// # Errors
+    ///
+    /// When Redis, the engine, cannot be read: the replay stops there.
     #[inline(never)]
-    pub(crate) fn next_backlog(&mut self, max: usize) -> Vec<EncodedEvent> {
+    pub(crate) fn next_backlog(&mut self, max: usize) -> Result<Vec<EncodedEvent>, StorageError> {
         if self.replay.ready.is_empty() && !self.replay.complete() {
-            let state = self.hub.state();
-            self.replay
-                .read_page(state.history.as_ref(), &self.queue.topics, None, false);
+            let topics = &self.queue.topics;
+            let read = match &self.hub.0.remote {
+                Some(remote) => self.replay.read_page(
+                    topics,
+                    &mut |t, a, u, m| remote.page(t, a, u, m),
+                    None,
+                    false,
+                ),
+                None => {
+                    let state = self.hub.state();
+                    let history = state.history.as_ref();
+                    self.replay.read_page(
+                        topics,
+                        &mut |t, a, u, m| Ok(history.page(t, a, u, m)),
+                        None,
+                        false,
+                    )
+                }
+            };
+            if let Err(e) = read {
+                self.replay.from = Vec::new(); // nothing more to read
+                return Err(e);
+            }
         }
         let n = self.replay.ready.len().min(max);
-        self.replay.ready.drain(..n).collect()
+        Ok(self.replay.ready.drain(..n).collect())
     }
 
     /// Whether the replay is all taken or waiting in memory.
@@ -1195,7 +1262,10 @@ impl Stream {
     // the handler their locals would stack up in one deep frame.
     #[inline(never)]
     pub fn follow(&mut self, mut sub: Subscription) -> Result<(), StreamError> {
-        let backlog = sub.next_backlog(BATCH);
+        let backlog = match sub.next_backlog(BATCH) {
+            Ok(page) => page,
+            Err(e) => return self.replay_failed(&e),
+        };
         let queue = Arc::clone(&sub.queue);
         // An idle stream's thread sends nothing itself: its head, retry
         // and (short) replay, like its heartbeats and most events, are sent
@@ -1216,7 +1286,9 @@ impl Stream {
                 None => self.finish_partial(&opening)?,
             }
         } else {
-            self.send_replay(&mut sub, backlog)?;
+            if !self.send_replay(&mut sub, backlog)? {
+                return Ok(());
+            }
             // Open now (a no-op if a frame or the handler already did), so
             // wakers can write frames while this thread sleeps.
             self.open()?;
@@ -1244,13 +1316,29 @@ impl Stream {
         &mut self,
         sub: &mut Subscription,
         first: Vec<EncodedEvent>,
-    ) -> Result<(), StreamError> {
+    ) -> Result<bool, StreamError> {
         let mut page = first;
         while !page.is_empty() {
             self.send_encoded(&page)?;
-            page = sub.next_backlog(BATCH);
+            page = match sub.next_backlog(BATCH) {
+                Ok(page) => page,
+                Err(e) => {
+                    self.replay_failed(&e)?;
+                    return Ok(false);
+                }
+            };
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Ends a stream whose replay could not be read (Redis down): its
+    /// client is told to come back soon, with the id it got to.
+    #[cold]
+    #[inline(never)]
+    fn replay_failed(&mut self, e: &StorageError) -> Result<(), StreamError> {
+        log::warn!("replay cut short: {}", Report(e));
+        self.retry(REPLAY_RETRY)?;
+        self.comment("storage unavailable; reconnect later")
     }
 
     fn follow_queue(&mut self, hub: &Hub, queue: &Arc<SubscriberQueue>) -> Result<(), StreamError> {
@@ -1607,7 +1695,7 @@ mod tests {
         let mut pages = 0;
         loop {
             assert!(sub.replay.ready.len() <= BATCH, "one page at most");
-            let page = sub.next_backlog(BATCH);
+            let page = sub.next_backlog(BATCH).expect("in memory");
             if page.is_empty() {
                 break;
             }
@@ -1642,7 +1730,7 @@ mod tests {
         let mut sub = hub
             .subscribe(&["t"], Some(&ids[0].to_string()))
             .expect("valid");
-        let first = sub.next_backlog(BATCH);
+        let first = sub.next_backlog(BATCH).expect("in memory");
         assert_eq!(first.len(), BATCH, "no reset: nothing was missing yet");
         assert!(text(&first[0]).ends_with("data: 1\n\n"));
         // While the client reads, publishers push the rest out of history.

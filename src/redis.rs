@@ -80,7 +80,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::event::EncodedEvent;
-use crate::history::StorageError;
+use crate::history::{Replay, Retained, StorageError};
 use crate::hub::WeakHub;
 use crate::id::EventId;
 use crate::resp::{Conn, RedisUrl, RespError, Value};
@@ -135,6 +135,23 @@ local n = redis.call('HINCRBY', KEYS[3], KEYS[1], 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], id, 'f', ARGV[2], 'o', ARGV[3], 'n', n)
 redis.call('SET', KEYS[2], id)
 return id
+";
+
+/// One page of a topic's replay: `{first id or false, trimmed (1 or 0),
+/// entries}`, where `trimmed` says whether the stream lost entries (it
+/// holds fewer than were published to it) and the entries are those in
+/// `(ARGV[1]`, `ARGV[2]]`, at most `ARGV[3]`. One round trip, and only the
+/// page's frames cross the wire (`XINFO STREAM` would bring the first and
+/// last entries' frames too).
+/// KEYS: the topic's stream, the count hash.
+const PAGE: &str = r"
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local f = false
+if first[1] then f = first[1][1] end
+local added = tonumber(redis.call('HGET', KEYS[2], KEYS[1]) or '0')
+local trimmed = 0
+if added > redis.call('XLEN', KEYS[1]) then trimmed = 1 end
+return {f, trimmed, redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])}
 ";
 
 /// Drops expired messages at the head, refuses a full mailbox (-1), else
@@ -376,16 +393,6 @@ struct Follow {
     fresh: bool,
 }
 
-/// A topic's replay as Redis holds it.
-pub(crate) struct RemoteReplay {
-    /// Retained events after the asked id, oldest first.
-    pub events: Vec<(EventId, EncodedEvent)>,
-    /// Whether events after the asked id may be missing.
-    pub gap: bool,
-    /// The oldest id the topic retains.
-    pub oldest: Option<EventId>,
-}
-
 /// A taken mailbox message: its text and the stored form that puts it
 /// back.
 pub(crate) struct Taken {
@@ -417,6 +424,7 @@ pub(crate) struct Engine {
     push: Script,
     take: Script,
     untake: Script,
+    page: Script,
     reader: OnceLock<std::thread::Thread>,
 }
 
@@ -467,6 +475,7 @@ impl Engine {
             push: Script::new(PUSH),
             take: Script::new(TAKE),
             untake: Script::new(UNTAKE),
+            page: Script::new(PAGE),
             reader: OnceLock::new(),
         }
     }
@@ -665,68 +674,46 @@ impl Engine {
         });
     }
 
-    /// Every retained event of each of `topics` after `after`, newest
-    /// `history` at most per topic.
-    pub(crate) fn replay<T: AsRef<str>>(
+    /// At most `count` retained events of `topic` with ids above `after`
+    /// and at most `until`, oldest first; with whether events after `after`
+    /// may be missing (Redis trimmed the stream past it) and the oldest id
+    /// the topic retains. A stream replays a page at a time: what Redis
+    /// returns is this stream's own copy, so a page is kept small.
+    pub(crate) fn page(
         &self,
-        topics: &[T],
+        topic: &str,
         after: EventId,
-    ) -> Result<Vec<RemoteReplay>, StorageError> {
-        let keys: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t.as_ref())).collect();
+        until: EventId,
+        count: usize,
+    ) -> Result<Replay, StorageError> {
+        let key = topic_key(topic);
         let start = format!("({after}");
-        let count = (self.history + 1).to_string();
-        let mut commands: Vec<Vec<&[u8]>> = Vec::with_capacity(keys.len() * 2);
-        for key in &keys {
-            commands.push(vec![b"XINFO", b"STREAM", key]);
-            commands.push(vec![
-                b"XREVRANGE",
-                key,
-                b"+",
-                start.as_bytes(),
-                b"COUNT",
-                count.as_bytes(),
-            ]);
-        }
-        let replies = self.with_conn_retry("replay", |c| c.pipeline(&commands))?;
-        let mut out = Vec::with_capacity(topics.len());
-        for pair in replies.chunks(2) {
-            let [info, range] = pair else {
-                return Err(storage("redis replay: replies missing"));
-            };
-            let info = match info {
-                Ok(v) => StreamInfo::parse(v),
-                // No such key: nothing was ever published on the topic.
-                Err(RespError::Server(m)) if m.contains("no such key") => StreamInfo::default(),
-                Err(e) => return Err(storage(format!("redis replay: {e}"))),
-            };
-            let range = match range {
-                Ok(v) => v,
-                Err(e) => return Err(storage(format!("redis replay: {e}"))),
-            };
-            let mut events: Vec<(EventId, EncodedEvent)> = range
-                .items()
-                .unwrap_or_default()
-                .iter()
-                .filter_map(entry_frame)
-                .collect();
-            events.reverse();
-            // One more than `history` came back: older ones are cut off.
-            let mut gap = false;
-            if events.len() > self.history {
-                let cut = events.len() - self.history;
-                events.drain(..cut);
-                gap = true;
-            }
-            if info.trimmed && info.first.is_some_and(|first| after < first) {
-                gap = true;
-            }
-            out.push(RemoteReplay {
-                events,
-                gap,
-                oldest: info.first,
-            });
-        }
-        Ok(out)
+        let end = until.to_string();
+        let count = count.max(1).to_string();
+        let reply = self.with_conn_retry("replay", |c| {
+            self.page.run(
+                c,
+                &[&key, SEQ_KEY.as_bytes()],
+                &[start.as_bytes(), end.as_bytes(), count.as_bytes()],
+            )
+        })?;
+        let [first, trimmed, entries] = reply.items().unwrap_or_default() else {
+            return Err(storage(format!("redis replay: odd reply {reply:?}")));
+        };
+        let first = parse_id(first);
+        let trimmed = int(trimmed) == Some(1);
+        let events = entries
+            .items()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(entry_frame)
+            .map(|(id, frame)| Retained { id, frame })
+            .collect();
+        Ok(Replay {
+            events,
+            gap: trimmed && first.is_some_and(|first| after < first),
+            oldest: first,
+        })
     }
 
     /// Queues `text` in mailbox `key`; the mailbox's length after it.
@@ -821,43 +808,6 @@ impl Engine {
         if let Some(t) = self.reader.get() {
             t.unpark();
         }
-    }
-}
-
-/// What `XINFO STREAM` says about trimming.
-#[derive(Default)]
-struct StreamInfo {
-    first: Option<EventId>,
-    /// Whether entries were ever removed from the stream.
-    trimmed: bool,
-}
-
-impl StreamInfo {
-    fn parse(v: &Value) -> Self {
-        let items = v.items().unwrap_or_default();
-        let mut info = StreamInfo::default();
-        let (mut length, mut added, mut max_deleted) = (None, None, None);
-        for pair in items.chunks(2) {
-            let [name, value] = pair else { break };
-            match name.as_str() {
-                Some("length") => length = int(value),
-                Some("entries-added") => added = int(value),
-                Some("max-deleted-entry-id") => max_deleted = parse_id(value),
-                Some("first-entry") => {
-                    info.first = value.items().and_then(|e| e.first()).and_then(parse_id);
-                }
-                _ => {}
-            }
-        }
-        info.trimmed = match (length, added) {
-            // Redis 7: exact.
-            (Some(len), Some(added)) => {
-                added > len || max_deleted.is_some_and(|d| d > EventId::new(0, 0))
-            }
-            // Older: assume trimming once the stream holds anything.
-            _ => length.unwrap_or(0) > 0,
-        };
-        info
     }
 }
 

@@ -69,17 +69,44 @@ fn redis(test: &str) -> Option<&'static str> {
     }
 }
 
+thread_local! {
+    /// The names this thread's test made, whose keys it deletes at the end.
+    static NAMES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A name no other test (or earlier run) uses.
 fn unique(what: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    format!(
+    let name = format!(
         "t_{what}_{}_{nanos}_{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    );
+    NAMES.with(|n| n.borrow_mut().push(name.clone()));
+    name
+}
+
+/// Deletes from the machine's Redis, when the test ends (passed or not),
+/// what its topics and mailboxes left there: each name's stream, list and
+/// entry count. `ssed:last` and the control stream are shared by every
+/// node and stay.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let names = NAMES.with(|n| std::mem::take(&mut *n.borrow_mut()));
+        if names.is_empty() || !pings(REDIS) {
+            return;
+        }
+        for name in names {
+            let (stream, list) = (format!("ssed:t:{name}"), format!("ssed:k:{name}"));
+            redis_command(REDIS, &["DEL", &stream, &list]);
+            redis_command(REDIS, &["HDEL", "ssed:seq", &stream]);
+        }
+    }
 }
 
 /// A config file of its own, removed on drop.
@@ -201,6 +228,7 @@ fn id_key(id: &str) -> (u64, u64) {
 
 #[test]
 fn an_event_published_on_one_node_reaches_subscribers_on_the_other() {
+    let _cleanup = Cleanup;
     let Some(redis) = redis("an_event_published_on_one_node_reaches_subscribers_on_the_other")
     else {
         return;
@@ -227,6 +255,7 @@ fn an_event_published_on_one_node_reaches_subscribers_on_the_other() {
 
 #[test]
 fn a_client_moves_to_another_node_and_resumes_exactly_once() {
+    let _cleanup = Cleanup;
     let Some(redis) = redis("a_client_moves_to_another_node_and_resumes_exactly_once") else {
         return;
     };
@@ -268,6 +297,7 @@ fn a_client_moves_to_another_node_and_resumes_exactly_once() {
 
 #[test]
 fn resuming_while_publishers_run_has_no_gap_and_no_duplicate() {
+    let _cleanup = Cleanup;
     let Some(redis) = redis("resuming_while_publishers_run_has_no_gap_and_no_duplicate") else {
         return;
     };
@@ -314,6 +344,7 @@ fn resuming_while_publishers_run_has_no_gap_and_no_duplicate() {
 
 #[test]
 fn several_topics_interleave_in_id_order() {
+    let _cleanup = Cleanup;
     let Some(redis) = redis("several_topics_interleave_in_id_order") else {
         return;
     };
@@ -332,6 +363,7 @@ fn several_topics_interleave_in_id_order() {
 
 #[test]
 fn replay_past_what_redis_keeps_starts_with_a_reset() {
+    let _cleanup = Cleanup;
     let Some(redis) = redis("replay_past_what_redis_keeps_starts_with_a_reset") else {
         return;
     };
@@ -382,6 +414,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn an_entry_that_is_not_an_event_is_skipped_not_read_forever() {
+    let _cleanup = Cleanup;
     let Some(redis) = redis("an_entry_that_is_not_an_event_is_skipped_not_read_forever") else {
         return;
     };
@@ -414,6 +447,7 @@ fn an_entry_that_is_not_an_event_is_skipped_not_read_forever() {
 
 #[test]
 fn mailbox_messages_reach_exactly_one_consumer_across_nodes() {
+    let _cleanup = Cleanup;
     let Some(redis) = redis("mailbox_messages_reach_exactly_one_consumer_across_nodes") else {
         return;
     };
@@ -474,6 +508,7 @@ fn mailbox_messages_reach_exactly_one_consumer_across_nodes() {
 
 #[test]
 fn a_full_mailbox_refuses_pushes_on_every_node() {
+    let _cleanup = Cleanup;
     let Some(redis) = redis("a_full_mailbox_refuses_pushes_on_every_node") else {
         return;
     };
@@ -566,6 +601,7 @@ impl Drop for PrivateRedis {
 
 #[test]
 fn while_redis_is_down_publishes_get_503_and_streams_wait_for_it() {
+    let _cleanup = Cleanup;
     let test = "while_redis_is_down_publishes_get_503_and_streams_wait_for_it";
     let Some(mut redis) = PrivateRedis::start(test) else {
         return;
@@ -637,6 +673,7 @@ fn while_redis_is_down_publishes_get_503_and_streams_wait_for_it() {
 
 #[test]
 fn events_trimmed_while_a_reader_was_away_end_its_streams_for_replay() {
+    let _cleanup = Cleanup;
     let test = "events_trimmed_while_a_reader_was_away_end_its_streams_for_replay";
     let Some(redis) = PrivateRedis::start(test) else {
         return;
@@ -710,6 +747,7 @@ fn events_trimmed_while_a_reader_was_away_end_its_streams_for_replay() {
 
 #[test]
 fn a_node_starts_while_redis_is_down_and_serves_once_it_is_up() {
+    let _cleanup = Cleanup;
     let test = "a_node_starts_while_redis_is_down_and_serves_once_it_is_up";
     let Some(mut redis) = PrivateRedis::start(test) else {
         return;
@@ -744,4 +782,71 @@ fn a_node_starts_while_redis_is_down_and_serves_once_it_is_up() {
         stderr.contains("reader connect"),
         "the outage is logged: {stderr}"
     );
+}
+
+#[test]
+fn subscribers_resuming_a_large_history_and_not_reading_pin_a_page_each() {
+    let _cleanup = Cleanup;
+    let Some(redis) = redis("large replay") else {
+        return;
+    };
+    let topic = unique("big");
+    let node = Node::start(redis, "retry = \"0\"\nwrite_timeout = \"20s\"");
+    let body = "x".repeat(64_000);
+    for _ in 0..300 {
+        node.publish(&topic, &body);
+    }
+    // A reader gets the whole replay, intact and in order.
+    let mut reader = node.subscribe(&format!("/events/{topic}"), Some("junk"));
+    let reset = next_event(&mut reader);
+    assert_eq!(field(&reset, "event"), ["reset"]);
+    let mut last = (0, 0);
+    for i in 0..300 {
+        let f = next_event(&mut reader);
+        assert_eq!(field(&f, "data"), [body.as_str()], "event {i}");
+        let id = id_key(&field(&f, "id").concat());
+        assert!(id > last, "in order, once");
+        last = id;
+    }
+    drop(reader);
+    let pid = node.proc.pid();
+    let before = support::process::status_kib_of(pid, "VmRSS");
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset VmHWM");
+    // Clients with a small window that never read: each holds the page it
+    // is being written, not a copy of the 19 MB history.
+    let stuck: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let fd = rustix::net::socket(
+                rustix::net::AddressFamily::INET,
+                rustix::net::SocketType::STREAM,
+                None,
+            )
+            .expect("socket");
+            rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 4096).expect("SO_RCVBUF");
+            rustix::net::connect(&fd, &rustix::net::SocketAddrAny::from(node.addr))
+                .expect("connect");
+            let mut c = TcpStream::from(fd);
+            c.write_all(
+                format!(
+                    "GET /events/{topic} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\nLast-Event-ID: junk\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .expect("send request");
+            c
+        })
+        .collect();
+    assert!(
+        wait_until(DEADLINE, || node.healthz()["streams_open"].as_u64()
+            >= Some(20)),
+        "the stuck streams open"
+    );
+    thread::sleep(Duration::from_secs(2)); // every write blocks on its client
+    let grew = support::process::status_kib_of(pid, "VmHWM").saturating_sub(before);
+    assert!(
+        grew <= 20 * 512 + 8 * 1024,
+        "20 stuck subscribers grew the node by {grew} KiB"
+    );
+    eprintln!("20 non-reading subscribers resuming 300 x 64 KB from Redis: +{grew} KiB");
+    drop(stuck);
 }
