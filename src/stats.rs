@@ -38,6 +38,7 @@ pub(crate) struct Counters {
     pub(crate) head_timeouts: AtomicU64,
     pub(crate) bad_requests: AtomicU64,
     pub(crate) thread_writes: AtomicU64,
+    pub(crate) bodies_evicted: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -68,7 +69,8 @@ pub struct StatsSnapshot {
     pub handler_panics: u64,
     /// Failed `accept` calls (descriptor exhaustion and the like).
     pub accept_errors: u64,
-    /// Connections cut because their head did not arrive in time.
+    /// Connections cut because their request did not arrive in time (the
+    /// head, or on ordinary routes the body, within `request_timeout`).
     pub head_timeouts: u64,
     /// Requests refused as malformed or over a limit (`400`, `413`, `431`, …).
     pub bad_requests: u64,
@@ -78,6 +80,10 @@ pub struct StatsSnapshot {
     /// is not counted here: a thread that once writes to a TCP socket keeps
     /// a kernel page fragment for it (32 KiB by default) until it ends.
     pub thread_writes: u64,
+    /// Connections cut while sending a request body, to keep what the
+    /// bodies still arriving hold within its bound (the one nearest its
+    /// deadline goes first).
+    pub bodies_evicted: u64,
 }
 
 impl StatsSnapshot {
@@ -112,6 +118,7 @@ impl Stats {
             head_timeouts: c.head_timeouts.load(Relaxed),
             bad_requests: c.bad_requests.load(Relaxed),
             thread_writes: c.thread_writes.load(Relaxed),
+            bodies_evicted: c.bodies_evicted.load(Relaxed),
         }
     }
 
