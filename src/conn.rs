@@ -115,11 +115,7 @@ fn run_stream(
     req: &Request,
     handler: &StreamFn,
 ) {
-    if shared.config.send_buffer > 0 {
-        // A small send buffer bounds what a stalled reader pins in the
-        // kernel; failure only means the kernel default stays.
-        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&conn, shared.config.send_buffer);
-    }
+    // The acceptor gave the socket its small send buffer at accept time.
     let conn = Arc::new(conn);
     let id = shared.registry.insert(Arc::clone(&conn));
     let opened = Instant::now();

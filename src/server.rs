@@ -323,8 +323,10 @@ impl ServerBuilder {
         self
     }
 
-    /// `SO_SNDBUF` of stream sockets, bounding what a stalled reader pins in
-    /// the kernel; `0` keeps the kernel's default. Default 64 KiB.
+    /// `SO_SNDBUF` of every connection (set when it is accepted), bounding
+    /// what a client that stops reading, a stream's or one pipelining
+    /// ordinary requests, pins in the kernel; `0` keeps the kernel's
+    /// default. Default 64 KiB.
     pub fn send_buffer(mut self, bytes: usize) -> Self {
         self.send_buffer = bytes;
         self
