@@ -510,9 +510,13 @@ impl Acceptor {
             p.peer,
             self.body_budget
         );
+        let minor = match &p.phase {
+            Phase::Body(w) => w.job.minor,
+            _ => 1,
+        };
         let r = Response::text(503, "too many request bodies arriving at once; retry")
             .with_header("Retry-After", "1");
-        self.answer_conn(p, 1, r);
+        self.answer_conn(p, minor, r);
     }
 
     // ----- routing -------------------------------------------------------------
