@@ -1,14 +1,19 @@
 //! The accept loop: the one thread that owns every connection until its
-//! request head is complete. This is ssed's main loop.
+//! request is in, and again between requests. This is ssed's main loop.
 //!
 //! New connections are non-blocking and watched with epoll, so a thousand
 //! idle or trickling clients cost a descriptor and a few bytes each, never a
 //! thread. When a head is complete the acceptor routes it and either answers
 //! at once (`400`, `404`, `405`, `406`, `413`, `431`, `503`: no thread spent)
-//! or spawns the connection's one thread. Every head must arrive within
-//! `request_timeout` of the connection's first moment (a deadline, not a
-//! per-read timeout). Keep-alive connections come back here between
-//! requests, so an idle keep-alive connection holds no thread either.
+//! or spawns the connection's one thread: a stream's at once, an ordinary
+//! request's once its body is in too. Head and body must arrive within
+//! `request_timeout` of the request's first byte (a deadline, not a
+//! per-read timeout), and the bodies waiting here share one bound on the
+//! memory they hold. A thread never waits on its client: what of a response
+//! the client does not take at once comes back here to be sent, and
+//! keep-alive connections come back here between requests, so an idle,
+//! slow or non-reading client holds no thread. The states a waiting
+//! connection goes through live in `crate::pending`.
 //!
 //! Errors of `accept` (descriptor exhaustion above all) never end the loop:
 //! they are counted, logged at most once a second, and retried after a short
@@ -26,9 +31,11 @@ use rustix::event::epoll;
 use rustix::fd::{AsFd, OwnedFd};
 
 use crate::conn::{self, Job};
-use crate::http::head::{self, BodyKind, Parse};
+use crate::http::body::{self, BodyDecoder, BodyError, Feed};
+use crate::http::head::{self, MAX_HEAD, Parse};
 use crate::http::{Request, Response};
-use crate::route::{Handler, Match};
+use crate::pending::{Flush, Outgoing, Pending, Phase, Returned, Table, Waiting, send_now};
+use crate::route::{Handler, Match, PlainFn};
 use crate::server::{Overload, Shared};
 
 const LISTENER: u64 = u64::MAX;
@@ -44,46 +51,43 @@ const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 64 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Bytes read at a time: a 64 KiB body in four reads.
+const READ_CHUNK: usize = 16 * 1024;
+/// The floor of the bound on waiting bodies (see [`body_budget`]).
+const BODY_BUDGET_MIN: usize = 4 * 1024 * 1024;
+/// The interim answer to `Expect: 100-continue` (RFC 9110 section 10.1.1).
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// A connection handed back after a keep-alive response.
-#[derive(Debug)]
-pub(crate) struct Returned {
-    pub conn: TcpStream,
-    pub peer: SocketAddr,
-    pub leftover: Vec<u8>,
+/// The most memory the bodies waiting in the acceptor may hold together.
+///
+/// The threads already hold up to `max_requests × max_body` of bodies being
+/// handled; as much again for bodies still arriving keeps the worst case
+/// at twice what a full server holds anyway, instead of `max_pending ×
+/// max_body` (256 MiB by default). The 4 MiB floor keeps room for a few
+/// dozen ordinary publishes when `max_requests × max_body` is small. Past
+/// the bound the waiting body nearest its deadline is cut: the one that has
+/// had the most time, so a fast client behind slow ones still gets in.
+fn body_budget(max_requests: usize, max_body: usize) -> usize {
+    max_requests.saturating_mul(max_body).max(BODY_BUDGET_MIN)
 }
 
-struct Pending {
-    conn: TcpStream,
-    peer: SocketAddr,
-    buf: Vec<u8>,
-    deadline: Instant,
-    /// When the first byte of this request arrived (or the connection was
-    /// accepted); the body deadline counts from it.
-    started: Instant,
-    state: PendingState,
-    /// Bytes thrown away while lingering.
-    drained: usize,
+/// An ordinary request whose body is arriving: what its thread will need.
+struct PlainJob {
+    req: Request,
+    handler: Arc<PlainFn>,
+    head_only: bool,
+    minor: u8,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum PendingState {
-    /// Waiting for (the rest of) a head.
-    Head,
-    /// A keep-alive connection between requests.
-    Idle,
-    /// Answered with an error; draining until the client closes.
-    Linger,
-}
+type Conn = Pending<PlainJob>;
 
 pub(crate) struct Acceptor {
     shared: Arc<Shared>,
     listener: TcpListener,
-    epoll: OwnedFd,
+    table: Table<PlainJob>,
     returned: Receiver<Returned>,
-    slots: Vec<Option<Pending>>,
-    free: Vec<usize>,
-    live: usize,
+    /// See [`body_budget`].
+    body_budget: usize,
     listening: bool,
     backoff: Duration,
     resume_at: Option<Instant>,
@@ -102,14 +106,13 @@ impl Acceptor {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9E37_79B9_7F4A_7C15, |d| d.as_nanos() as u64);
+        let body_budget = body_budget(shared.config.max_requests, shared.config.max_body);
         Acceptor {
+            table: Table::new(epoll, shared.stats.clone()),
             shared,
             listener,
-            epoll,
             returned,
-            slots: Vec::new(),
-            free: Vec::new(),
-            live: 0,
+            body_budget,
             listening: true,
             backoff: BACKOFF_MIN,
             resume_at: None,
@@ -122,7 +125,7 @@ impl Acceptor {
     /// Runs until shutdown.
     pub(crate) fn run(mut self) -> io::Result<()> {
         epoll::add(
-            &self.epoll,
+            self.table.poller(),
             &self.listener,
             epoll::EventData::new_u64(LISTENER),
             epoll::EventFlags::IN,
@@ -141,7 +144,7 @@ impl Acceptor {
                 tv_nsec: wait.as_nanos() as i64,
             };
             match epoll::wait(
-                &self.epoll,
+                self.table.poller(),
                 rustix::buffer::spare_capacity(&mut events),
                 Some(&timeout),
             ) {
@@ -158,7 +161,7 @@ impl Acceptor {
                 match token {
                     LISTENER => self.accept_burst(),
                     WAKER => self.on_wake(),
-                    idx => self.on_readable(idx as usize),
+                    idx => self.on_ready(idx as usize),
                 }
             }
             let now = Instant::now();
@@ -181,7 +184,8 @@ impl Acceptor {
             match self.listener.accept() {
                 Ok((conn, peer)) => {
                     self.backoff = BACKOFF_MIN;
-                    self.admit(conn, peer, Vec::new(), PendingState::Head);
+                    self.limit_send_buffer(&conn);
+                    self.admit(conn, peer, Vec::new(), false);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
@@ -222,7 +226,7 @@ impl Acceptor {
             log::warn!(
                 "accept failed: {e}{also}; retrying in {:?} with {} connections waiting for their head",
                 self.backoff,
-                self.live
+                self.table.live()
             );
             self.last_error_log = Some(now);
             self.suppressed_errors = 0;
@@ -240,7 +244,7 @@ impl Acceptor {
         }
         // Nothing to free: level-triggered epoll would report the listener
         // again at once, so stop watching it until the backoff is over.
-        if self.listening && epoll::delete(&self.epoll, &self.listener).is_ok() {
+        if self.listening && epoll::delete(self.table.poller(), &self.listener).is_ok() {
             self.listening = false;
         }
         self.resume_at = Some(now + self.backoff);
@@ -253,7 +257,7 @@ impl Acceptor {
             return;
         }
         match epoll::add(
-            &self.epoll,
+            self.table.poller(),
             &self.listener,
             epoll::EventData::new_u64(LISTENER),
             epoll::EventFlags::IN,
@@ -269,89 +273,68 @@ impl Acceptor {
         }
     }
 
-    /// Takes a connection in: registers it with the poller (cutting the
-    /// oldest waiting one when the table is full) and reads what it has.
-    fn admit(&mut self, conn: TcpStream, peer: SocketAddr, buf: Vec<u8>, state: PendingState) {
-        if self.live >= self.shared.config.max_pending {
-            self.evict_oldest();
+    /// Gives every connection the small send buffer of streams: a client
+    /// that pipelines requests and never reads the answers then pins that
+    /// much kernel memory, not the megabytes the kernel's autotuning grants
+    /// (on loopback about 1.3 MB), before the acceptor holds the rest of a
+    /// response and cuts it at the write timeout.
+    fn limit_send_buffer(&self, conn: &TcpStream) {
+        let size = self.shared.config.send_buffer;
+        if size > 0 {
+            // Failure only means the kernel default stays.
+            let _ = rustix::net::sockopt::set_socket_send_buffer_size(conn, size);
         }
+    }
+
+    /// Takes a connection in, fresh or back from a thread (`idle`):
+    /// registers it (cutting the waiting connection nearest its deadline
+    /// when the table is full) and goes on with what it already sent.
+    fn admit(&mut self, conn: TcpStream, peer: SocketAddr, buf: Vec<u8>, idle: bool) {
+        self.make_room();
         if conn.set_nonblocking(true).is_err() {
             return;
         }
         // Frames are small and latency matters more than packet count.
         let _ = conn.set_nodelay(true); // an optimisation only
         let now = Instant::now();
-        let timeout = match state {
-            PendingState::Idle if buf.is_empty() => self.shared.config.keep_alive_timeout,
-            _ => self.shared.config.request_timeout,
-        };
-        let state = if buf.is_empty() {
-            state
+        let config = &self.shared.config;
+        let (phase, timeout) = if idle && buf.is_empty() {
+            (Phase::Idle, config.keep_alive_timeout)
         } else {
-            PendingState::Head
+            (Phase::Head(buf), config.request_timeout)
         };
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        };
-        if let Err(e) = epoll::add(
-            &self.epoll,
-            &conn,
-            epoll::EventData::new_u64(idx as u64),
-            epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
-        ) {
-            log::warn!("cannot watch a connection from {peer}: {e}");
-            self.free.push(idx);
-            return;
-        }
-        self.slots[idx] = Some(Pending {
+        let p = Pending {
             conn,
             peer,
-            buf,
             deadline: now + timeout,
             started: now,
-            state,
-            drained: 0,
-        });
-        self.live += 1;
-        self.publish_pending();
+            phase,
+        };
         // A returned keep-alive connection may already hold the next head.
-        if self.slots[idx].as_ref().is_some_and(|p| !p.buf.is_empty()) {
+        let has_bytes = matches!(&p.phase, Phase::Head(buf) if !buf.is_empty());
+        if let Some(idx) = self.table.insert(p)
+            && has_bytes
+        {
             self.try_head(idx);
         }
     }
 
-    fn remove(&mut self, idx: usize) -> Option<Pending> {
-        let p = self.slots.get_mut(idx)?.take()?;
-        let _ = epoll::delete(&self.epoll, &p.conn); // closing removes it anyway
-        self.free.push(idx);
-        self.live -= 1;
-        self.publish_pending();
-        Some(p)
-    }
-
-    fn publish_pending(&self) {
-        self.shared
-            .stats
-            .counters()
-            .pending
-            .store(self.live as u64, Relaxed);
+    /// Cuts the waiting connection nearest its deadline if the table is
+    /// full.
+    fn make_room(&mut self) {
+        if self.table.live() >= self.shared.config.max_pending {
+            self.evict_oldest();
+        }
     }
 
     /// Cuts the waiting connection nearest its deadline (a lingering or
     /// idle keep-alive one before a head in progress); false if none.
     fn evict_oldest(&mut self) -> bool {
-        let oldest = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.as_ref().map(|p| (i, p.deadline)))
-            .min_by_key(|&(_, d)| d)
-            .map(|(i, _)| i);
-        match oldest.and_then(|idx| self.remove(idx)) {
+        match self
+            .table
+            .nearest(|_| true)
+            .and_then(|idx| self.table.remove(idx))
+        {
             Some(p) => {
                 log::debug!("cut waiting connection from {} to make room", p.peer);
                 true
@@ -360,44 +343,68 @@ impl Acceptor {
         }
     }
 
-    // ----- reading heads -----------------------------------------------------
+    // ----- reading heads and bodies ----------------------------------------------
+
+    fn on_ready(&mut self, idx: usize) {
+        match self.table.get(idx).map(|p| &p.phase) {
+            Some(Phase::Write(_)) => self.on_writable(idx),
+            Some(_) => self.on_readable(idx),
+            None => {}
+        }
+    }
 
     fn on_readable(&mut self, idx: usize) {
-        let mut scratch = [0u8; 4096];
+        let mut scratch = [0u8; READ_CHUNK];
         loop {
-            let Some(p) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            let Some(p) = self.table.get_mut(idx) else {
                 return;
             };
-            match (&p.conn).read(&mut scratch) {
+            // A head is read no further than its limit, so a waiting head
+            // holds at most 8 KiB whatever the client sends after it.
+            let want = match &p.phase {
+                Phase::Head(buf) => MAX_HEAD.saturating_sub(buf.len()).clamp(1, READ_CHUNK),
+                Phase::Idle => MAX_HEAD,
+                Phase::Write(_) => return, // not read until the response is out
+                Phase::Body(_) | Phase::Linger(_) => READ_CHUNK,
+            };
+            let n = match (&p.conn).read(&mut scratch[..want]) {
                 Ok(0) => {
-                    self.remove(idx);
+                    self.table.remove(idx);
                     return;
                 }
-                Ok(n) => {
-                    if p.state == PendingState::Linger {
-                        p.drained += n;
-                        if p.drained > LINGER_BYTES {
-                            self.remove(idx);
-                            return;
-                        }
-                        continue;
-                    }
-                    if p.state == PendingState::Idle {
-                        p.state = PendingState::Head;
-                        p.started = Instant::now();
-                        p.deadline = p.started + self.shared.config.request_timeout;
-                    }
-                    p.buf.extend_from_slice(&scratch[..n]);
-                    if !self.try_head(idx) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.table.remove(idx);
+                    return;
+                }
+            };
+            let bytes = &scratch[..n];
+            let waiting = match &mut p.phase {
+                Phase::Linger(drained) => {
+                    *drained += n;
+                    if *drained > LINGER_BYTES {
+                        self.table.remove(idx);
                         return;
                     }
+                    true
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.remove(idx);
-                    return;
+                Phase::Idle => {
+                    p.phase = Phase::Head(bytes.to_vec());
+                    p.started = Instant::now();
+                    p.deadline = p.started + self.shared.config.request_timeout;
+                    self.try_head(idx)
                 }
+                Phase::Head(buf) => {
+                    buf.extend_from_slice(bytes);
+                    self.try_head(idx)
+                }
+                Phase::Body(_) => self.feed_body(idx, bytes),
+                Phase::Write(_) => false,
+            };
+            if !waiting {
+                return;
             }
         }
     }
@@ -405,10 +412,10 @@ impl Acceptor {
     /// Parses what `idx` has received. Returns true while the connection
     /// stays here waiting for more bytes.
     fn try_head(&mut self, idx: usize) -> bool {
-        let Some(p) = self.slots.get(idx).and_then(Option::as_ref) else {
+        let Some(Phase::Head(buf)) = self.table.get(idx).map(|p| &p.phase) else {
             return false;
         };
-        match head::parse(&p.buf) {
+        match head::parse(buf) {
             Parse::Partial => true,
             Parse::Error(e) => {
                 self.shared
@@ -421,21 +428,100 @@ impl Acceptor {
                 false
             }
             Parse::Complete(head, len) => {
-                let Some(mut p) = self.remove(idx) else {
+                let Some(mut p) = self.table.remove(idx) else {
                     return false;
                 };
-                let leftover = p.buf.split_off(len);
+                let Phase::Head(mut buf) = std::mem::replace(&mut p.phase, Phase::Idle) else {
+                    return false;
+                };
+                let leftover = buf.split_off(len);
                 let minor = head.minor;
-                let req = Request::from_head(head, p.peer, p.started);
+                let req = Request::from_head(head, p.peer);
                 self.dispatch(p, req, leftover, minor);
                 false
             }
         }
     }
 
+    /// Feeds bytes of `idx`'s body to its decoder, within the bound on
+    /// waiting bodies; spawns the request's thread once the body is in.
+    /// Returns true while the connection stays here waiting for more.
+    fn feed_body(&mut self, idx: usize, bytes: &[u8]) -> bool {
+        let Some(Phase::Body(w)) = self.table.get(idx).map(|p| &p.phase) else {
+            return false;
+        };
+        let before = w.decoder.held();
+        let after = w.decoder.held_after(bytes.len());
+        while self.table.body_bytes() - before + after > self.body_budget {
+            let Some(victim) = self.table.nearest(|p| matches!(p.phase, Phase::Body(_))) else {
+                break;
+            };
+            self.cut_body(victim);
+            if victim == idx {
+                return false;
+            }
+        }
+        let Some(p) = self.table.get_mut(idx) else {
+            return false;
+        };
+        let Phase::Body(w) = &mut p.phase else {
+            return false;
+        };
+        let fed = w.decoder.feed(bytes);
+        let held = w.decoder.held();
+        self.table.body_resized(before, held);
+        match fed {
+            Ok(Feed::More) => true,
+            Ok(Feed::Done(used)) => {
+                let Some(mut p) = self.table.remove(idx) else {
+                    return false;
+                };
+                let Phase::Body(w) = std::mem::replace(&mut p.phase, Phase::Idle) else {
+                    return false;
+                };
+                let Waiting { decoder, mut job } = *w;
+                job.req.set_body(decoder.into_body());
+                self.start_plain(p, job, bytes[used..].to_vec());
+                false
+            }
+            Err(e) => {
+                if let Some(mut p) = self.table.remove(idx)
+                    && let Phase::Body(w) = std::mem::replace(&mut p.phase, Phase::Idle)
+                {
+                    self.refuse_body(p, w.job.minor, e);
+                }
+                false
+            }
+        }
+    }
+
+    /// Cuts a waiting body to keep the waiting bodies within their bound.
+    fn cut_body(&mut self, idx: usize) {
+        let Some(p) = self.table.remove(idx) else {
+            return;
+        };
+        self.shared
+            .stats
+            .counters()
+            .bodies_evicted
+            .fetch_add(1, Relaxed);
+        log::debug!(
+            "cut the request body from {} to keep waiting bodies within {} bytes",
+            p.peer,
+            self.body_budget
+        );
+        let minor = match &p.phase {
+            Phase::Body(w) => w.job.minor,
+            _ => 1,
+        };
+        let r = Response::text(503, "too many request bodies arriving at once; retry")
+            .with_header("Retry-After", "1");
+        self.answer_conn(p, minor, r);
+    }
+
     // ----- routing -------------------------------------------------------------
 
-    fn dispatch(&mut self, p: Pending, mut req: Request, leftover: Vec<u8>, minor: u8) {
+    fn dispatch(&mut self, p: Conn, mut req: Request, leftover: Vec<u8>, minor: u8) {
         let shared = Arc::clone(&self.shared);
         let config = &shared.config;
         let counters = shared.stats.counters();
@@ -478,39 +564,116 @@ impl Acceptor {
                 self.spawn(p, Job::Stream { req, handler }, minor);
             }
             Match::Handler(Handler::Plain(handler), params, head_only) => {
-                if let BodyKind::Length(n) = req.body_kind
-                    && n > config.max_body as u64
-                {
-                    counters.bad_requests.fetch_add(1, Relaxed);
-                    let msg = format!("request body too large (limit: {} bytes)", config.max_body);
-                    self.answer_conn(p, minor, Response::text(413, msg));
-                    return;
-                }
-                let active = counters.requests_active.load(Relaxed);
-                if active >= config.max_requests as u64 {
-                    counters.rejected_total.fetch_add(1, Relaxed);
-                    let r = Response::text(503, "too many requests in progress")
-                        .with_header("Retry-After", "1");
-                    self.answer_conn(p, minor, r);
-                    return;
-                }
                 req.set_params(params);
-                counters.requests_active.fetch_add(1, Relaxed);
-                self.spawn(
-                    p,
-                    Job::Plain {
-                        req,
-                        handler,
-                        head_only,
-                        leftover,
-                    },
+                let job = PlainJob {
+                    req,
+                    handler,
+                    head_only,
                     minor,
-                );
+                };
+                self.receive_body(p, job, leftover);
             }
         }
     }
 
-    fn overload(&mut self, p: Pending, req: &Request, minor: u8, open: u64) {
+    /// Starts receiving an ordinary request's body: its thread at once if
+    /// the body came with the head, else the connection waits here.
+    fn receive_body(&mut self, p: Conn, mut job: PlainJob, mut leftover: Vec<u8>) {
+        let max = self.shared.config.max_body;
+        let kind = job.req.body_kind;
+        match body::decode(kind, max, &leftover) {
+            Ok(Some((body, used))) => {
+                job.req.set_body(body);
+                leftover.drain(..used);
+                self.start_plain(p, job, leftover);
+            }
+            Err(e) => self.refuse_body(p, job.minor, e),
+            Ok(None) => {
+                // The client may wait for this before sending the body;
+                // one that cannot take 19 bytes now is not worth waiting for.
+                if job.minor == 1
+                    && job.req.header_has_token("expect", "100-continue")
+                    && !matches!(send_now(&p.conn, CONTINUE), Ok(n) if n == CONTINUE.len())
+                {
+                    return;
+                }
+                let Ok(decoder) = BodyDecoder::new(kind, max) else {
+                    return; // decode above said it fits
+                };
+                self.make_room();
+                let deadline = p.started + self.shared.config.request_timeout;
+                let p = Pending {
+                    deadline,
+                    phase: Phase::Body(Box::new(Waiting { decoder, job })),
+                    ..p
+                };
+                if let Some(idx) = self.table.insert(p) {
+                    self.feed_body(idx, &leftover);
+                }
+            }
+        }
+    }
+
+    fn refuse_body(&mut self, p: Conn, minor: u8, e: BodyError) {
+        self.shared
+            .stats
+            .counters()
+            .bad_requests
+            .fetch_add(1, Relaxed);
+        let r = match e {
+            BodyError::TooLarge => Response::text(
+                413,
+                format!(
+                    "request body too large (limit: {} bytes)",
+                    self.shared.config.max_body
+                ),
+            ),
+            BodyError::Malformed(_) => {
+                let (status, msg) = e.status();
+                Response::text(status, msg)
+            }
+        };
+        self.answer_conn(p, minor, r);
+    }
+
+    /// Spawns the thread of an ordinary request whose body is in, unless
+    /// the server is at its cap of requests in progress.
+    fn start_plain(&mut self, p: Conn, job: PlainJob, leftover: Vec<u8>) {
+        let counters = self.shared.stats.counters();
+        let minor = job.minor;
+        if self.shared.shutdown.is_shutdown() {
+            let r = Response::text(503, "server shutting down").with_header("Retry-After", "1");
+            self.answer_conn(p, minor, r);
+            return;
+        }
+        let active = counters.requests_active.load(Relaxed);
+        if active >= self.shared.config.max_requests as u64 {
+            counters.rejected_total.fetch_add(1, Relaxed);
+            let r = Response::text(503, "too many requests in progress")
+                .with_header("Retry-After", "1");
+            self.answer_conn(p, minor, r);
+            return;
+        }
+        counters.requests_active.fetch_add(1, Relaxed);
+        let PlainJob {
+            req,
+            handler,
+            head_only,
+            minor,
+        } = job;
+        self.spawn(
+            p,
+            Job::Plain {
+                req,
+                handler,
+                head_only,
+                leftover,
+            },
+            minor,
+        );
+    }
+
+    fn overload(&mut self, p: Conn, req: &Request, minor: u8, open: u64) {
         let wants_stream = req.is_event_source();
         match self.shared.config.overload {
             Overload::Retry { min, max } if wants_stream => {
@@ -554,7 +717,7 @@ impl Acceptor {
         min + Duration::from_millis(self.rng % (span + 1))
     }
 
-    fn spawn(&mut self, p: Pending, job: Job, minor: u8) {
+    fn spawn(&mut self, p: Conn, job: Job, minor: u8) {
         let Pending { conn, peer, .. } = p;
         if conn.set_nonblocking(false).is_err() {
             job.abandon(&self.shared);
@@ -586,24 +749,23 @@ impl Acceptor {
             if let Some(conn) = slot.lock().ok().and_then(|mut s| s.take()) {
                 let r = Response::text(503, "server cannot start a thread right now")
                     .with_header("Retry-After", "1");
+                let now = Instant::now();
                 let p = Pending {
                     conn,
                     peer,
-                    buf: Vec::new(),
-                    deadline: Instant::now(),
-                    started: Instant::now(),
-                    state: PendingState::Head,
-                    drained: 0,
+                    deadline: now,
+                    started: now,
+                    phase: Phase::Idle,
                 };
                 self.answer_conn(p, minor, r);
             }
         }
     }
 
-    // ----- answering without a thread --------------------------------------------
+    // ----- answering and writing without a thread ------------------------------------
 
     fn answer(&mut self, idx: usize, minor: u8, r: Response) {
-        if let Some(p) = self.remove(idx) {
+        if let Some(p) = self.table.remove(idx) {
             self.answer_conn(p, minor, r);
         }
     }
@@ -611,7 +773,7 @@ impl Acceptor {
     /// Writes a short answer without blocking, half-closes, and keeps
     /// draining the connection for a moment so the client reads the answer
     /// rather than a reset.
-    fn answer_conn(&mut self, p: Pending, minor: u8, r: Response) {
+    fn answer_conn(&mut self, p: Conn, minor: u8, r: Response) {
         let bytes = r.encode(minor, false, true);
         if p.conn.set_nonblocking(true).is_err() {
             return;
@@ -621,73 +783,92 @@ impl Acceptor {
         if (&p.conn).write_all(&bytes).is_err() {
             return;
         }
-        let _ = p.conn.shutdown(Shutdown::Write); // the peer may be gone already
-        let mut p = p;
-        p.state = PendingState::Linger;
-        p.buf = Vec::new();
-        let deadline = Instant::now() + LINGER;
-        self.admit_linger(p, deadline);
+        self.linger(p);
     }
 
-    fn admit_linger(&mut self, mut p: Pending, deadline: Instant) {
-        if self.live >= self.shared.config.max_pending {
+    /// Half-closes `p` and drains it until the client closes, for at most
+    /// [`LINGER`]; with the table full, closes it now.
+    fn linger(&mut self, p: Conn) {
+        let _ = p.conn.shutdown(Shutdown::Write); // the peer may be gone already
+        if self.table.live() >= self.shared.config.max_pending {
             return; // no room: close now
         }
-        p.deadline = deadline;
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
+        let p = Pending {
+            deadline: Instant::now() + LINGER,
+            phase: Phase::Linger(0),
+            ..p
         };
-        if epoll::add(
-            &self.epoll,
-            &p.conn,
-            epoll::EventData::new_u64(idx as u64),
-            epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
-        )
-        .is_err()
-        {
-            self.free.push(idx);
+        self.table.insert(p);
+    }
+
+    /// Sends more of a response a thread handed back.
+    fn on_writable(&mut self, idx: usize) {
+        let Some(p) = self.table.get_mut(idx) else {
             return;
+        };
+        let Phase::Write(out) = &mut p.phase else {
+            return;
+        };
+        match out.flush(&p.conn) {
+            Flush::Blocked => {}
+            Flush::Gone => {
+                self.table.remove(idx);
+            }
+            Flush::Done => {
+                let Some(mut p) = self.table.remove(idx) else {
+                    return;
+                };
+                let Phase::Write(out) = std::mem::replace(&mut p.phase, Phase::Idle) else {
+                    return;
+                };
+                let Outgoing {
+                    close, leftover, ..
+                } = *out;
+                if close {
+                    self.linger(p);
+                } else {
+                    self.admit(p.conn, p.peer, leftover, true);
+                }
+            }
         }
-        self.slots[idx] = Some(p);
-        self.live += 1;
-        self.publish_pending();
     }
 
     // ----- timers and wake-ups -------------------------------------------------------
 
     fn sweep(&mut self, now: Instant) {
-        let expired: Vec<usize> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.as_ref().filter(|p| now >= p.deadline).map(|_| i))
-            .collect();
-        for idx in expired {
-            let Some(p) = self.remove(idx) else { continue };
-            match p.state {
-                PendingState::Head if !p.buf.is_empty() => {
-                    self.shared
-                        .stats
-                        .counters()
-                        .head_timeouts
-                        .fetch_add(1, Relaxed);
-                    log::debug!("request head from {} not complete in time", p.peer);
-                    let r = Response::text(408, "request head not received in time");
-                    self.answer_conn(p, 1, r);
-                }
-                PendingState::Head => {
-                    self.shared
-                        .stats
-                        .counters()
-                        .head_timeouts
-                        .fetch_add(1, Relaxed);
+        let shared = Arc::clone(&self.shared);
+        let counters = shared.stats.counters();
+        for idx in self.table.expired(now) {
+            let Some(p) = self.table.remove(idx) else {
+                continue;
+            };
+            let answer = match &p.phase {
+                Phase::Head(buf) if buf.is_empty() => {
+                    counters.head_timeouts.fetch_add(1, Relaxed);
                     log::debug!("connection from {} sent nothing in time", p.peer);
+                    None
                 }
-                PendingState::Idle | PendingState::Linger => {}
+                Phase::Head(_) => {
+                    counters.head_timeouts.fetch_add(1, Relaxed);
+                    log::debug!("request head from {} not complete in time", p.peer);
+                    Some((1, "request head not received in time"))
+                }
+                Phase::Body(w) => {
+                    counters.head_timeouts.fetch_add(1, Relaxed);
+                    log::debug!("request body from {} not complete in time", p.peer);
+                    Some((w.job.minor, "request body not received in time"))
+                }
+                Phase::Write(_) => {
+                    log::debug!(
+                        "response to {} not taken within the write timeout; closing",
+                        p.peer
+                    );
+                    None
+                }
+                Phase::Idle | Phase::Linger(_) => None,
+            };
+            if let Some((minor, msg)) = answer {
+                self.answer_conn(p, minor, Response::text(408, msg));
             }
         }
     }
@@ -701,15 +882,58 @@ impl Acceptor {
             if self.shared.shutdown.is_shutdown() {
                 continue; // dropped: closes
             }
-            self.admit(r.conn, r.peer, r.leftover, PendingState::Idle);
+            self.take_back(r);
         }
     }
 
-    fn close_all(&mut self) {
-        for idx in 0..self.slots.len() {
-            self.remove(idx);
+    /// Takes back a connection from a thread: sends the rest of its
+    /// response, then waits for its next request or lets it close.
+    fn take_back(&mut self, r: Returned) {
+        let Returned {
+            conn,
+            peer,
+            unsent,
+            close,
+            leftover,
+            at,
+        } = r;
+        if unsent.is_empty() {
+            if close {
+                let now = Instant::now();
+                let p = Pending {
+                    conn,
+                    peer,
+                    deadline: now,
+                    started: now,
+                    phase: Phase::Idle,
+                };
+                if p.conn.set_nonblocking(true).is_ok() {
+                    self.linger(p);
+                }
+            } else {
+                self.admit(conn, peer, leftover, true);
+            }
+            return;
         }
-        let _ = epoll::delete(&self.epoll, &self.listener); // dropped next anyway
+        self.make_room();
+        if conn.set_nonblocking(true).is_err() {
+            return;
+        }
+        let p = Pending {
+            conn,
+            peer,
+            deadline: at + self.shared.config.write_timeout,
+            started: at,
+            phase: Phase::Write(Box::new(Outgoing::new(unsent, close, leftover))),
+        };
+        self.table.insert(p);
+    }
+
+    fn close_all(&mut self) {
+        for idx in self.table.occupied() {
+            self.table.remove(idx);
+        }
+        let _ = epoll::delete(self.table.poller(), &self.listener); // dropped next anyway
     }
 }
 

@@ -1,27 +1,33 @@
 //! A connection's one thread: runs a stream handler for as long as the
-//! stream lives, or answers one ordinary request and hands a keep-alive
-//! connection back to the acceptor.
+//! stream lives, or answers an ordinary request and hands the connection
+//! back to the acceptor.
+//!
+//! An ordinary request's thread never waits on its client: its body is in
+//! before the thread starts (the acceptor received it), and its response
+//! goes out with one non-blocking send, the rest handed back to the
+//! acceptor with the connection. A client that never reads its answers
+//! thus costs a descriptor in the acceptor, not a thread.
 //!
 //! A panic in a handler is caught here, at the thread boundary: it ends that
 //! connection only, is logged at `error` and counted.
 
 use std::any::Any;
 use std::io::Read;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::acceptor::Returned;
 use crate::error::{EndReason, Report, StreamError};
-use crate::http::body::BodyReader;
-use crate::http::head::{self, BodyKind, Parse};
+use crate::http::body;
+use crate::http::head::{self, Parse};
 use crate::http::{Request, Response};
+use crate::pending::{Returned, send_now};
 use crate::route::{Handler, Match, PlainFn, StreamFn};
 use crate::server::Shared;
-use crate::stream::{Outcome, Sink, Stream, write_all_timeout};
+use crate::stream::{Outcome, Sink, Stream};
 
 /// What a connection thread is to do.
 pub(crate) enum Job {
@@ -109,11 +115,7 @@ fn run_stream(
     req: &Request,
     handler: &StreamFn,
 ) {
-    if shared.config.send_buffer > 0 {
-        // A small send buffer bounds what a stalled reader pins in the
-        // kernel; failure only means the kernel default stays.
-        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&conn, shared.config.send_buffer);
-    }
+    // The acceptor gave the socket its small send buffer at accept time.
     let conn = Arc::new(conn);
     let id = shared.registry.insert(Arc::clone(&conn));
     let opened = Instant::now();
@@ -226,12 +228,30 @@ const SLOW_LOG_EVERY: Duration = Duration::from_secs(10);
 /// the thread only this long.
 const KEEP_ALIVE_LINGER: Duration = Duration::from_millis(10);
 
-/// One ordinary request ready to be served on this thread.
+/// One ordinary request ready to be served on this thread, body included.
 struct Next {
     req: Request,
     handler: Arc<PlainFn>,
     head_only: bool,
     leftover: Vec<u8>,
+}
+
+/// What became of a connection after a response.
+enum After {
+    /// The response is out and the connection stays open; the bytes
+    /// received past the request.
+    KeepAlive(Vec<u8>),
+    /// The acceptor takes it over.
+    HandBack {
+        /// The response bytes the client did not take at once.
+        unsent: Vec<u8>,
+        /// Whether the connection closes once they are out.
+        close: bool,
+        /// The bytes received past the request.
+        leftover: Vec<u8>,
+    },
+    /// The client is gone.
+    Gone,
 }
 
 // Not inlined into `run`: its locals would widen the first frame of every
@@ -253,61 +273,55 @@ fn run_plain(
         leftover,
     };
     loop {
-        let Some(leftover) = serve_plain(shared, &conn, peer, next) else {
-            return;
+        let leftover = match serve_plain(shared, &conn, peer, next) {
+            After::KeepAlive(leftover) => leftover,
+            After::HandBack {
+                unsent,
+                close,
+                leftover,
+            } => {
+                let r = Returned {
+                    conn,
+                    peer,
+                    unsent,
+                    close,
+                    leftover,
+                    at: Instant::now(),
+                };
+                return hand_back(shared, r);
+            }
+            After::Gone => return,
         };
         match next_request(shared, &conn, peer, leftover) {
             Linger::Serve(n) => next = *n,
-            Linger::HandBack(leftover) => return hand_back(shared, conn, peer, leftover),
+            Linger::HandBack(leftover) => {
+                let r = Returned {
+                    conn,
+                    peer,
+                    unsent: Vec::new(),
+                    close: false,
+                    leftover,
+                    at: Instant::now(),
+                };
+                return hand_back(shared, r);
+            }
             Linger::Close => return,
         }
     }
 }
 
-/// Serves one request; returns the bytes received past it when the
-/// connection stays open, `None` when it closes.
-fn serve_plain(shared: &Shared, conn: &TcpStream, peer: SocketAddr, next: Next) -> Option<Vec<u8>> {
+/// Serves one request whose body is in, sending the response with one
+/// non-blocking send.
+fn serve_plain(shared: &Shared, conn: &TcpStream, peer: SocketAddr, next: Next) -> After {
     let Next {
-        mut req,
+        req,
         handler,
         head_only,
         leftover,
     } = next;
-    let config = &shared.config;
     let counters = shared.stats.counters();
     counters.requests_total.fetch_add(1, Relaxed);
     let minor = if req.is_http10() { 0 } else { 1 };
-    let mut armed = None;
-    let write = |bytes: &[u8], armed: &mut Option<_>| {
-        write_all_timeout(conn, bytes, config.write_timeout, armed).is_ok()
-    };
-
-    // The body, under the request's deadline.
-    let deadline = req.started + config.request_timeout;
-    let needs_body = req.body_kind != BodyKind::None;
-    if needs_body
-        && !req.is_http10()
-        && req.header_has_token("expect", "100-continue")
-        && !body_is_buffered(req.body_kind, &leftover)
-        && !write(b"HTTP/1.1 100 Continue\r\n\r\n", &mut armed)
-    {
-        return None;
-    }
-    let mut reader = BodyReader::new(conn, leftover, deadline);
-    match reader.read_body(req.body_kind, config.max_body) {
-        Ok(body) => req.set_body(body),
-        Err(e) => {
-            if let Some((status, msg)) = e.status() {
-                counters.bad_requests.fetch_add(1, Relaxed);
-                let bytes = Response::text(status, msg).encode(minor, false, true);
-                let _ = write(&bytes, &mut armed); // closing next anyway
-            }
-            let _ = conn.shutdown(Shutdown::Write);
-            return None;
-        }
-    }
-    let leftover = reader.into_leftover();
-
     let response = match catch_unwind(AssertUnwindSafe(|| handler(&req))) {
         Ok(r) => r,
         Err(panic) => {
@@ -326,54 +340,71 @@ fn serve_plain(shared: &Shared, conn: &TcpStream, peer: SocketAddr, next: Next) 
         || response
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-    let bytes = response.encode(minor, head_only, close);
+    let mut bytes = response.encode(minor, head_only, close);
     log::debug!(
         "{peer} {} {} -> {}",
         req.method(),
         req.path(),
         response.status()
     );
-    if !write(&bytes, &mut armed) || close {
-        let _ = conn.shutdown(Shutdown::Write); // the peer may be gone already
-        return None;
+    let Ok(sent) = send_now(conn, &bytes) else {
+        return After::Gone;
+    };
+    if sent == bytes.len() && !close {
+        return After::KeepAlive(leftover);
     }
-    Some(leftover)
+    // The rest waits on the client: the acceptor sends it, and closes
+    // (after a linger, so the client reads the answer, not a reset).
+    bytes.drain(..sent);
+    After::HandBack {
+        unsent: bytes,
+        close,
+        leftover,
+    }
 }
 
 enum Linger {
-    /// The next request is an ordinary one: serve it here.
+    /// The next request is an ordinary one with its body in: serve it here.
     Serve(Box<Next>),
-    /// Anything else (nothing yet, a stream, an error to answer): the
-    /// acceptor takes over with the bytes received so far.
+    /// Anything else (nothing yet, a body still arriving, a stream, an
+    /// error to answer): the acceptor takes over with the bytes received
+    /// so far.
     HandBack(Vec<u8>),
     Close,
 }
 
-/// Waits briefly for the next request on a keep-alive connection.
+/// Waits briefly for the next request on a keep-alive connection. It is
+/// served here only if its body is among the bytes received: this thread
+/// never waits on a body.
 fn next_request(shared: &Shared, conn: &TcpStream, peer: SocketAddr, mut buf: Vec<u8>) -> Linger {
     let linger_end = Instant::now() + KEEP_ALIVE_LINGER;
-    let mut started = Instant::now();
     loop {
         if !buf.is_empty() {
             match head::parse(&buf) {
                 Parse::Complete(head, len) => {
-                    return match shared.router.find(&head.method, head_path(&head.target)) {
-                        Match::Handler(Handler::Plain(handler), params, head_only)
-                            if !shared.shutdown.is_shutdown()
-                                && fits(head.body, shared.config.max_body) =>
-                        {
-                            let leftover = buf.split_off(len);
-                            let mut req = Request::from_head(head, peer, started);
-                            req.set_params(params);
-                            Linger::Serve(Box::new(Next {
-                                req,
-                                handler,
-                                head_only,
-                                leftover,
-                            }))
-                        }
-                        _ => Linger::HandBack(buf),
+                    let Match::Handler(Handler::Plain(handler), params, head_only) =
+                        shared.router.find(&head.method, head_path(&head.target))
+                    else {
+                        return Linger::HandBack(buf);
                     };
+                    if shared.shutdown.is_shutdown() {
+                        return Linger::HandBack(buf);
+                    }
+                    let Ok(Some((body, used))) =
+                        body::decode(head.body, shared.config.max_body, &buf[len..])
+                    else {
+                        return Linger::HandBack(buf);
+                    };
+                    let leftover = buf.split_off(len + used);
+                    let mut req = Request::from_head(head, peer);
+                    req.set_params(params);
+                    req.set_body(body);
+                    return Linger::Serve(Box::new(Next {
+                        req,
+                        handler,
+                        head_only,
+                        leftover,
+                    }));
                 }
                 Parse::Partial => {}
                 Parse::Error(_) => return Linger::HandBack(buf),
@@ -386,12 +417,7 @@ fn next_request(shared: &Shared, conn: &TcpStream, peer: SocketAddr, mut buf: Ve
         let mut chunk = [0u8; 4096];
         match (&*conn).read(&mut chunk) {
             Ok(0) => return Linger::Close,
-            Ok(n) => {
-                if buf.is_empty() {
-                    started = Instant::now();
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e)
                 if matches!(
@@ -410,38 +436,15 @@ fn head_path(target: &str) -> &str {
     target.split_once('?').map_or(target, |(p, _)| p)
 }
 
-fn fits(body: BodyKind, max: usize) -> bool {
-    match body {
-        BodyKind::Length(n) => n <= max as u64,
-        BodyKind::None | BodyKind::Chunked => true,
-    }
-}
-
-/// Hands a keep-alive connection back to the acceptor, which waits for the
-/// next head without a thread. If the acceptor is gone (shutdown) this
-/// drops it, closing the connection.
-fn hand_back(shared: &Shared, conn: TcpStream, peer: SocketAddr, leftover: Vec<u8>) {
-    if conn.set_write_timeout(None).is_err() || conn.set_read_timeout(None).is_err() {
+/// Hands a connection back to the acceptor, which sends what is left of
+/// the response and waits for the next head, without a thread. If the
+/// acceptor is gone (shutdown) this drops it, closing the connection.
+fn hand_back(shared: &Shared, r: Returned) {
+    if r.conn.set_read_timeout(None).is_err() {
         return;
     }
-    if shared
-        .returned
-        .send(Returned {
-            conn,
-            peer,
-            leftover,
-        })
-        .is_ok()
-    {
+    if shared.returned.send(r).is_ok() {
         shared.shutdown.wake();
-    }
-}
-
-fn body_is_buffered(kind: BodyKind, leftover: &[u8]) -> bool {
-    match kind {
-        BodyKind::None => true,
-        BodyKind::Length(n) => leftover.len() as u64 >= n,
-        BodyKind::Chunked => false,
     }
 }
 

@@ -2,18 +2,16 @@
 //!
 //! Not a stable API: it exposes the request-head parser as it is, and
 //! [`Offline`], which takes a request from raw bytes to a handler's
-//! [`Response`] the way the accept loop and a connection thread do, minus
-//! the socket, so a fuzzer can drive the daemon's publish path millions of
-//! times without threads or timing.
+//! [`Response`] the way the accept loop does, minus the socket, so a
+//! fuzzer can drive the daemon's publish path millions of times without
+//! threads or timing.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::OnceLock;
-use std::time::Instant;
+use std::net::SocketAddr;
 
 pub use crate::http::head::{BodyKind, Head, HeadError, MAX_HEAD, MAX_HEADERS, Parse, parse};
 
-use crate::http::body::BodyReader;
+use crate::http::body;
 use crate::route::{Handler, Match};
 use crate::{Request, Response, Server};
 
@@ -35,15 +33,12 @@ pub enum Served {
 }
 
 /// A built [`Server`] whose ordinary routes answer raw request bytes
-/// in-process: head parsing, routing, body reading under `max_body`, then
+/// in-process: head parsing, routing, body decoding under `max_body`, then
 /// the handler, as on a connection whose client sent those bytes and
 /// stopped.
 #[derive(Debug)]
 pub struct Offline {
     server: Server,
-    /// A loopback connection whose peer has closed: what the body reader
-    /// finds once it has used up the bytes given.
-    closed: &'static TcpStream,
 }
 
 impl Offline {
@@ -51,21 +46,10 @@ impl Offline {
     ///
     /// # Errors
     ///
-    /// When the loopback connection standing for the client cannot be made.
+    /// None today: the body decoder needs no socket any more. The `Result`
+    /// stays so the fuzz targets need not change with it.
     pub fn new(server: Server) -> io::Result<Self> {
-        // One per process: a connection per request would leave a socket in
-        // TIME_WAIT each, until binding port 0 crawls.
-        static CLOSED: OnceLock<TcpStream> = OnceLock::new();
-        let closed = match CLOSED.get() {
-            Some(closed) => closed,
-            None => {
-                let listener = TcpListener::bind(("127.0.0.1", 0))?;
-                let closed = TcpStream::connect(listener.local_addr()?)?;
-                drop(listener.accept()?);
-                CLOSED.get_or_init(|| closed)
-            }
-        };
-        Ok(Offline { server, closed })
+        Ok(Offline { server })
     }
 
     /// Serves one request from `bytes`, as sent by `peer`; bytes past the
@@ -77,8 +61,7 @@ impl Offline {
             Parse::Error(e) => return Served::Refused(Response::text(e.status(), e.message())),
             Parse::Complete(head, len) => (head, len),
         };
-        let started = Instant::now();
-        let mut req = Request::from_head(head, peer, started);
+        let mut req = Request::from_head(head, peer);
         let (handler, params) = match shared.router.find(req.method(), req.path()) {
             Match::NotFound => return Served::Refused(Response::text(404, "no route")),
             Match::MethodNotAllowed(allow) => return Served::Refused(Response::text(405, allow)),
@@ -89,14 +72,12 @@ impl Offline {
             Match::Handler(Handler::Plain(handler), params, _) => (handler, params),
         };
         req.set_params(params);
-        let deadline = started + shared.config.request_timeout;
-        let mut reader = BodyReader::new(self.closed, bytes[len..].to_vec(), deadline);
-        match reader.read_body(req.body_kind, shared.config.max_body) {
-            Ok(body) => req.set_body(body),
+        match body::decode(req.body_kind, shared.config.max_body, &bytes[len..]) {
+            Ok(Some((body, _))) => req.set_body(body),
+            Ok(None) => return Served::Incomplete,
             Err(e) => {
-                return e.status().map_or(Served::Incomplete, |(status, message)| {
-                    Served::Refused(Response::text(status, message))
-                });
+                let (status, message) = e.status();
+                return Served::Refused(Response::text(status, message));
             }
         }
         let response = handler(&req);

@@ -10,9 +10,11 @@
 //! and nothing to `.await`. What makes this affordable on a 512 MB VM:
 //!
 //! - each thread gets a small stack (64 KiB by default, 32 KiB at least);
-//! - a connection holds no thread until its request head is complete (the
-//!   acceptor reads heads on non-blocking sockets), so idle and slow clients
-//!   cost a descriptor, not a thread;
+//! - a connection holds no thread until its request is in (the acceptor
+//!   reads heads, and the bodies of ordinary requests, on non-blocking
+//!   sockets), and an ordinary request's thread never waits on its client
+//!   (the acceptor sends what the client does not take at once), so idle,
+//!   slow and non-reading clients cost a descriptor, not a thread;
 //! - a hard cap on open streams ([`ServerBuilder::max_connections`], derived
 //!   from the descriptor limit, `vm.max_map_count` and memory by default, a
 //!   memory cgroup's limit included): past it, or while memory runs low, a
@@ -139,6 +141,7 @@ mod hub;
 mod id;
 mod limits;
 mod mailbox;
+mod pending;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod redis;

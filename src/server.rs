@@ -13,10 +13,11 @@ use crossbeam_channel::Sender;
 use rustix::event::{EventfdFlags, epoll, eventfd};
 use rustix::net::{AddressFamily, SocketType, ipproto, sockopt};
 
-use crate::acceptor::{self, Acceptor, Returned};
+use crate::acceptor::{self, Acceptor};
 use crate::error::{Error, StreamError};
 use crate::http::{Request, Response};
 use crate::limits::{self, Capacity, MemoryGuard};
+use crate::pending::Returned;
 use crate::route::{Handler, Router};
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
@@ -267,15 +268,20 @@ impl ServerBuilder {
         self
     }
 
-    /// The most ordinary (non-stream) requests handled at once; past it,
-    /// `503`. Default 64.
+    /// The most ordinary (non-stream) requests handled at once, each on a
+    /// thread of its own; past it, `503`. A request counts from when its
+    /// body is in: one still arriving waits in the acceptor, without a
+    /// thread. Default 64.
     pub fn max_requests(mut self, n: usize) -> Self {
         self.max_requests = n.max(1);
         self
     }
 
-    /// The most connections waiting for their request head (they hold no
-    /// thread, only a descriptor); when full, the oldest is cut. Default 4096.
+    /// The most connections waiting without a thread (each holds only a
+    /// descriptor and its buffers): for a request head or an ordinary
+    /// request's body, between keep-alive requests, or for the client to
+    /// take the rest of a response. When full, the one nearest its deadline
+    /// is cut. Default 4096.
     pub fn max_pending(mut self, n: usize) -> Self {
         self.max_pending = n.max(1);
         self
@@ -307,6 +313,8 @@ impl ServerBuilder {
 
     /// Time one write may block before the client is dropped as not
     /// reading ([`EndReason::WriteTimeout`](crate::EndReason::WriteTimeout)).
+    /// An ordinary response's thread never blocks: what the client does not
+    /// take at once is sent by the acceptor, which allows it this long.
     /// Default 10 s.
     pub fn write_timeout(mut self, d: Duration) -> Self {
         self.write_timeout = d.max(Duration::from_millis(1));
@@ -326,8 +334,10 @@ impl ServerBuilder {
         self
     }
 
-    /// `SO_SNDBUF` of stream sockets, bounding what a stalled reader pins in
-    /// the kernel; `0` keeps the kernel's default. Default 64 KiB.
+    /// `SO_SNDBUF` of every connection (set when it is accepted), bounding
+    /// what a client that stops reading, a stream's or one pipelining
+    /// ordinary requests, pins in the kernel; `0` keeps the kernel's
+    /// default. Default 64 KiB.
     pub fn send_buffer(mut self, bytes: usize) -> Self {
         self.send_buffer = bytes;
         self

@@ -39,6 +39,7 @@ pub(crate) struct Counters {
     pub(crate) bad_requests: AtomicU64,
     pub(crate) thread_writes: AtomicU64,
     pub(crate) memory_rejected: AtomicU64,
+    pub(crate) bodies_evicted: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -69,7 +70,8 @@ pub struct StatsSnapshot {
     pub handler_panics: u64,
     /// Failed `accept` calls (descriptor exhaustion and the like).
     pub accept_errors: u64,
-    /// Connections cut because their head did not arrive in time.
+    /// Connections cut because their request did not arrive in time (the
+    /// head, or on ordinary routes the body, within `request_timeout`).
     pub head_timeouts: u64,
     /// Requests refused as malformed or over a limit (`400`, `413`, `431`, …).
     pub bad_requests: u64,
@@ -83,6 +85,10 @@ pub struct StatsSnapshot {
     /// (a sixteenth of the memory limit, within 4 to 64 MiB), though the
     /// cap was not reached. Also counted in `rejected_total`.
     pub memory_rejected: u64,
+    /// Connections cut while sending a request body, to keep what the
+    /// bodies still arriving hold within its bound (the one nearest its
+    /// deadline goes first).
+    pub bodies_evicted: u64,
 }
 
 impl StatsSnapshot {
@@ -118,6 +124,7 @@ impl Stats {
             bad_requests: c.bad_requests.load(Relaxed),
             thread_writes: c.thread_writes.load(Relaxed),
             memory_rejected: c.memory_rejected.load(Relaxed),
+            bodies_evicted: c.bodies_evicted.load(Relaxed),
         }
     }
 

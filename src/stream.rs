@@ -21,7 +21,7 @@ use crate::http::response::{STREAM_HEAD_10, STREAM_HEAD_11, stream_head};
 use crate::server::Registry;
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
-pub(crate) use crate::wire::write_all_timeout;
+use crate::wire::write_all_timeout;
 use crate::wire::{CHUNK_FRAMING, chunk_into, frame_into, write_frames_timeout, write_frames_to};
 
 /// The data of the message [`Stream::done`] sends.

@@ -365,7 +365,7 @@ fn convert(request: &::tiny_http::Request) -> Request {
         body: BodyKind::None,
     };
     let peer = request.remote_addr().copied().unwrap_or(UNKNOWN_PEER);
-    Request::from_head(head, peer, Instant::now())
+    Request::from_head(head, peer)
 }
 
 /// An ordinary answer instead of a stream.

@@ -318,39 +318,65 @@ fn reference_body(kind: BodyKind, rest: &[u8]) -> Body {
     }
 }
 
-/// Splits off one line ending in LF (a CR before it dropped); `Err` with
-/// the verdict when there is none yet.
+/// Splits off one line ending in CRLF (the CRLF dropped); `Err` with the
+/// verdict when there is none yet. A bare LF, or a CR not followed by LF,
+/// is malformed: a proxy in front may end the line elsewhere.
 fn line(rest: &[u8]) -> Result<(&[u8], &[u8]), Body> {
+    let lone_cr = |text: &[u8]| text.windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n');
     let Some(end) = rest.iter().position(|&b| b == b'\n') else {
         // The server refuses a long line before its end arrives.
         return Err(if rest.len() >= MAX_LINE {
             Body::Unchecked
+        } else if lone_cr(rest) {
+            Body::Malformed
         } else {
             Body::Incomplete
         });
     };
-    let text = &rest[..end];
     if end >= MAX_LINE {
         return Err(Body::Unchecked);
     }
-    Ok((text.strip_suffix(b"\r").unwrap_or(text), &rest[end + 1..]))
+    match rest[..end].strip_suffix(b"\r") {
+        Some(text) if !text.contains(&b'\r') => Ok((text, &rest[end + 1..])),
+        _ => Err(Body::Malformed),
+    }
+}
+
+/// Whether `text` (a chunk-size line without its CRLF, or the start of
+/// one) is or can still become a valid one: hex digits that fit a `usize`,
+/// then only SP or HTAB before an optional `;` and extensions.
+fn size_prefix_ok(text: &[u8]) -> bool {
+    let size = text.split(|&b| b == b';').next().unwrap_or_default();
+    let hex_end = size.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if hex_end == 0 {
+        return text.is_empty();
+    }
+    let hex = std::str::from_utf8(&size[..hex_end]).expect("hex digits are ASCII");
+    usize::from_str_radix(hex, 16).is_ok()
+        && size[hex_end..].iter().all(|&b| b == b' ' || b == b'\t')
 }
 
 /// A strict chunked decoder after RFC 9112 section 7.1: `chunk-size` is
 /// hex digits, optionally followed by whitespace (SP or HTAB) and
-/// extensions after `;`; each chunk's data is followed by a line end.
+/// extensions after `;`; each chunk's data is followed by CRLF, and every
+/// line ends with CRLF.
 fn dechunk(mut rest: &[u8]) -> Body {
     let mut body = Vec::new();
     loop {
         let (size_line, after) = match line(rest) {
             Ok(split) => split,
+            // The server refuses a size line as soon as what came of it
+            // cannot start a valid one.
+            Err(Body::Incomplete) if !size_prefix_ok(rest.strip_suffix(b"\r").unwrap_or(rest)) => {
+                return Body::Malformed;
+            }
             Err(verdict) => return verdict,
         };
-        let size = size_line.split(|&b| b == b';').next().unwrap_or_default();
-        let hex_end = size.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-        if hex_end == 0 || !size[hex_end..].iter().all(|&b| b == b' ' || b == b'\t') {
+        if size_line.is_empty() || !size_prefix_ok(size_line) {
             return Body::Malformed;
         }
+        let size = size_line.split(|&b| b == b';').next().unwrap_or_default();
+        let hex_end = size.iter().take_while(|b| b.is_ascii_hexdigit()).count();
         let text = std::str::from_utf8(&size[..hex_end]).expect("hex digits are ASCII");
         let Ok(size) = usize::from_str_radix(text, 16) else {
             return Body::Malformed;
@@ -372,7 +398,7 @@ fn dechunk(mut rest: &[u8]) -> Body {
         body.extend_from_slice(&rest[..size]);
         rest = &rest[size..];
         rest = match rest {
-            [b'\r', b'\n', after @ ..] | [b'\n', after @ ..] => after,
+            [b'\r', b'\n', after @ ..] => after,
             [] | [b'\r'] => return Body::Incomplete,
             _ => return Body::Malformed,
         };

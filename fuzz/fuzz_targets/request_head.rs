@@ -2,8 +2,9 @@
 //!
 //! Checks: it never panics; it never waits past the 8 KiB limit nor accepts
 //! a head over it or over 64 headers; an accepted head is what the bytes
-//! say (an origin-form target, HTTP/1.0 or 1.1, header values with no line
-//! break to reflect into a response) with unambiguous body framing; and the
+//! say (CRLF line ends only, an origin-form target, HTTP/1.0 or 1.1, one
+//! Host and none missing on HTTP/1.1, header values with no line break to
+//! reflect into a response) with unambiguous body framing; and the
 //! verdict does not depend on how the bytes were split across reads (the
 //! acceptor re-parses everything received so far after every read).
 #![no_main]
@@ -33,11 +34,13 @@ fuzz_target!(|data: &[u8]| {
 fn check_head(data: &[u8], head: &Head, len: usize) {
     assert!(len <= data.len() && len <= MAX_HEAD, "head of {len} bytes");
     assert!(head.headers.iter().count() <= MAX_HEADERS);
-    // The head ends with an empty line (CRLF or bare LF line ends).
+    // The head ends with an empty line, and every line with CRLF: a bare
+    // LF is where a proxy in front may see a different head.
     let raw = &data[..len];
-    let before_end = raw.strip_suffix(b"\n").expect("a head ends with LF");
-    let before_end = before_end.strip_suffix(b"\r").unwrap_or(before_end);
-    assert!(before_end.ends_with(b"\n"), "no empty line ends {raw:?}");
+    assert!(raw.ends_with(b"\r\n\r\n"), "no empty line ends {raw:?}");
+    for (i, &b) in raw.iter().enumerate() {
+        assert!(b != b'\n' || raw[..i].ends_with(b"\r"), "bare LF in {raw:?}");
+    }
 
     assert!(head.minor <= 1);
     assert!(head.target.starts_with('/'), "target {:?}", head.target);
@@ -59,6 +62,14 @@ fn check_head(data: &[u8], head: &Head, len: usize) {
         assert_eq!(value.trim(), value, "header values are trimmed");
     }
     check_framing(head);
+    // RFC 9112 section 3.2: one Host, required on HTTP/1.1.
+    let hosts = head
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .count();
+    assert!(hosts <= 1, "{hosts} Host headers: {head:?}");
+    assert!(hosts == 1 || head.minor == 0, "HTTP/1.1 without Host: {head:?}");
 }
 
 /// The framing the parser chose is the only reading of the headers: a

@@ -100,6 +100,13 @@ pub fn parse(buf: &[u8]) -> Parse {
     if len > MAX_HEAD {
         return Parse::Error(HeadError::TooLarge);
     }
+    // httparse takes a bare LF as a line end; a proxy in front may not, and
+    // then the two disagree on where the head (and the request) ends.
+    if has_bare_lf(&buf[..len]) {
+        return Parse::Error(HeadError::Malformed(
+            "request lines must end with CRLF, not a bare LF",
+        ));
+    }
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Parse::Error(HeadError::Malformed("malformed request line"));
     };
@@ -119,6 +126,9 @@ pub fn parse(buf: &[u8]) -> Parse {
             return Parse::Error(HeadError::Malformed("header value is not UTF-8"));
         };
         out.push(h.name, value.trim());
+    }
+    if let Err(e) = check_host(&out, minor) {
+        return Parse::Error(e);
     }
     match framing(&out, minor) {
         Ok(body) => Parse::Complete(
@@ -178,6 +188,30 @@ impl Fields {
             let (a, b, c) = (a as usize, b as usize, c as usize);
             (&self.text[a..b], &self.text[b..c])
         })
+    }
+}
+
+/// Whether a LF in `head` comes without the CR before it.
+fn has_bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request without `Host`, or any
+/// request with two, is a `400`. Two would let whatever reads the first
+/// (CORS, logs) and a proxy that reads the last disagree on the origin.
+fn check_host(headers: &Fields, minor: u8) -> Result<(), HeadError> {
+    let hosts = headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("host"))
+        .count();
+    match hosts {
+        0 if minor >= 1 => Err(HeadError::Malformed(
+            "an HTTP/1.1 request needs a Host header",
+        )),
+        0 | 1 => Ok(()),
+        _ => Err(HeadError::Malformed("more than one Host header")),
     }
 }
 
@@ -274,17 +308,17 @@ mod tests {
 
         let (h, _) = complete("POST /p HTTP/1.0\r\nContent-Length: 5\r\n\r\n");
         assert_eq!((h.minor, h.body), (0, BodyKind::Length(5)));
-        let (h, _) = complete("POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let (h, _) = complete("POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(h.body, BodyKind::Chunked);
         for te in ["chunked,", ", chunked", " ,chunked , ", "chunked,\t,"] {
             let (h, _) = complete(&format!(
-                "POST /p HTTP/1.1\r\nTransfer-Encoding: {te}\r\n\r\n"
+                "POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n"
             ));
             assert_eq!(h.body, BodyKind::Chunked, "{te:?}");
         }
-        let (h, _) = complete("POST /p HTTP/1.1\r\nContent-Length: 7, 7\r\n\r\n");
+        let (h, _) = complete("POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 7, 7\r\n\r\n");
         assert_eq!(h.body, BodyKind::Length(7));
-        let (h, _) = complete("\r\nGET / HTTP/1.1\r\n\r\n");
+        let (h, _) = complete("\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(h.target, "/");
     }
 
@@ -305,33 +339,33 @@ mod tests {
         let table: &[(&[u8], u16)] = &[
             (b"GET / HTTP/2.0\r\n\r\n", 505),
             (b"GET / FTP/1.1\r\n\r\n", 505),
-            (b"G\x01T / HTTP/1.1\r\n\r\n", 400),
-            (b"GET http://x/ HTTP/1.1\r\n\r\n", 400),
-            (b"GET * HTTP/1.1\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+            (b"G\x01T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET http://x/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
             (
-                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
                 400,
             ),
             (
-                b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n",
                 400,
             ),
             (
-                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
                 400,
             ),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
             (
-                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
                 501,
             ),
             (
                 b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
                 400,
             ),
-            (b"GET / HTTP/1.1\r\nX: \xff\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX: \xff\r\n\r\n", 400),
         ];
         for (raw, status) in table {
             assert_eq!(
@@ -344,12 +378,60 @@ mod tests {
     }
 
     #[test]
+    fn host_and_line_ends() {
+        let table: &[(&[u8], Option<&str>)] = &[
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", None),
+            (b"GET / HTTP/1.1\r\nhOST:\r\n\r\n", None),
+            (b"GET / HTTP/1.0\r\n\r\n", None),
+            (b"GET / HTTP/1.0\r\nHost: a\r\n\r\n", None),
+            (
+                b"GET / HTTP/1.1\r\n\r\n",
+                Some("an HTTP/1.1 request needs a Host header"),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+                Some("more than one Host header"),
+            ),
+            (
+                b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+                Some("more than one Host header"),
+            ),
+            (
+                b"GET / HTTP/1.1\nHost: a\n\n",
+                Some("request lines must end with CRLF, not a bare LF"),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+                Some("request lines must end with CRLF, not a bare LF"),
+            ),
+            (
+                b"GET / HTTP/1.0\r\n\n",
+                Some("request lines must end with CRLF, not a bare LF"),
+            ),
+            (
+                b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+                Some("request lines must end with CRLF, not a bare LF"),
+            ),
+        ];
+        for (raw, want) in table {
+            let shown = String::from_utf8_lossy(raw);
+            match (parse(raw), want) {
+                (Parse::Complete(..), None) => {}
+                (Parse::Error(e), Some(msg)) => {
+                    assert_eq!((e.status(), e.message()), (400, *msg), "{shown:?}");
+                }
+                (got, _) => panic!("{shown:?}: {got:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn enforces_limits() {
-        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        let mut big = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
         big.resize(MAX_HEAD, b'a');
         assert_eq!(error(&big), HeadError::TooLarge);
 
-        let mut many = String::from("GET / HTTP/1.1\r\n");
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
         for i in 0..=MAX_HEADERS {
             many.push_str(&format!("X{i}: y\r\n"));
         }

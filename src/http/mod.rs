@@ -5,10 +5,12 @@
 //! - [`request`] is the public [`Request`] a handler sees, built from a head;
 //! - [`response`] is the public [`Response`] of ordinary routes and the
 //!   status lines and headers the server writes itself;
-//! - [`body`] reads a request body under a deadline and a size bound.
+//! - [`body`] decodes a request body (length or chunked) incrementally,
+//!   under a size bound.
 //!
-//! The acceptor (`crate::acceptor`) feeds bytes to [`head::parse`] without a
-//! thread; a connection thread only ever sees complete heads.
+//! The acceptor (`crate::acceptor`) feeds bytes to [`head::parse`] and to a
+//! body decoder without a thread; a connection thread only ever sees
+//! complete requests.
 
 pub(crate) mod body;
 pub(crate) mod head;

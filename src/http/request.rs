@@ -1,7 +1,6 @@
 //! The [`Request`] a handler sees.
 
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use super::head::{BodyKind, Fields, Head};
 
@@ -22,11 +21,10 @@ pub struct Request {
     minor: u8,
     body: Vec<u8>,
     pub(crate) body_kind: BodyKind,
-    pub(crate) started: Instant,
 }
 
 impl Request {
-    pub(crate) fn from_head(head: Head, peer: SocketAddr, started: Instant) -> Self {
+    pub(crate) fn from_head(head: Head, peer: SocketAddr) -> Self {
         let (path, query) = match head.target.split_once('?') {
             Some((p, q)) => (p.to_owned(), parse_query(q)),
             None => (head.target, Vec::new()),
@@ -41,7 +39,6 @@ impl Request {
             minor: head.minor,
             body: Vec::new(),
             body_kind: head.body,
-            started,
         }
     }
 
@@ -56,7 +53,7 @@ impl Request {
             headers: Fields::default(),
             body: BodyKind::None,
         };
-        Request::from_head(head, peer, Instant::now())
+        Request::from_head(head, peer)
     }
 
     /// Adds a header (builder style, for requests built with [`Request::new`]).
