@@ -234,6 +234,15 @@ fn finding2_stalled_bodies_take_no_thread_and_no_slot() {
         assert_eq!(body, "request body not received in time\n");
     }
     eprintln!("all stalled bodies answered 408 by {:?}", started.elapsed());
+    let m = metrics(addr);
+    assert!(
+        m["ssed_request_timeouts_total"] >= stalled.len() as u64,
+        "every 408 counted: {m:?}"
+    );
+    assert_eq!(
+        m["ssed_request_bodies_cut_total"], 0,
+        "none cut for the bound"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -696,6 +696,18 @@ impl App {
             s.requests_total,
         );
         metric(
+            "ssed_request_timeouts_total",
+            "counter",
+            "Connections cut for not sending their request head or body within request_timeout.",
+            s.head_timeouts,
+        );
+        metric(
+            "ssed_request_bodies_cut_total",
+            "counter",
+            "Connections cut while sending a body, to keep the bodies still arriving within their bound.",
+            s.bodies_evicted,
+        );
+        metric(
             "ssed_pending_connections",
             "gauge",
             "Connections waiting for their request head.",
