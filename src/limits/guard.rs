@@ -237,11 +237,12 @@ mod tests {
     #[test]
     fn streams_admitted_since_the_reading_count_at_their_budget() {
         let stats = Stats::new();
-        // 20 MiB left at the reading, floor 16: 4 MiB is 64 streams' budget.
+        // 20 MiB left at the reading, floor 16: 4 MiB is 53 streams'
+        // budget (76 KiB each).
         let (g, reads) = guard(vec![Some(20 * MIB)]);
         assert!(!g.refuses(1000, &stats));
-        assert!(!g.refuses(1063, &stats));
-        assert!(g.refuses(1065, &stats), "past the floor by the estimate");
+        assert!(!g.refuses(1053, &stats));
+        assert!(g.refuses(1054, &stats), "past the floor by the estimate");
         assert!(!g.refuses(900, &stats), "streams that closed give it back");
         assert_eq!(
             *reads.lock().expect("lock"),

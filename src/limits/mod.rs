@@ -40,19 +40,21 @@ const FDS_RESERVED: u64 = 64;
 /// (5.6 KiB of RSS against 10.9). Outside a cgroup, `MemAvailable` drops
 /// by 35-41 KiB per loopback stream, both ends included.
 const STREAM_IDLE_COST: u64 = 36 * 1024;
-/// Room per stream for data in flight: a stream whose client reads slowly
-/// holds queued frames and staged bytes in user memory, a send buffer in
-/// the kernel (up to about 120 KiB per stalled stream with the 64 KiB
-/// `SO_SNDBUF`: cgroup v2 charges it to the cgroup, v1 only when
-/// `memory.kmem.tcp` is limited), and its thread keeps a 32 KiB page
-/// fragment once it writes. Not every stream is busy at once: this is the
-/// average the cap leaves for it, and the quarter of memory left out of
-/// the streams' share covers bursts. Measured on 2026-12-04 with 64 events
-/// of 48 KiB published to 500 subscribers that never read, each pinned
-/// 888 KiB of user memory and 119 KiB of send buffer: bounding the user
-/// part to a few tens of KiB is under way, after which this figure can be
-/// revisited.
-const STREAM_IN_FLIGHT: u64 = 28 * 1024;
+/// Room per stream for data in flight: what one stream can pin of its own
+/// while its client does not read, whatever the history holds (frames are
+/// shared and written without a copy, a replay is read a page at a time,
+/// one write stages at most 16 KiB). Measured on 2026-12-04 with clients
+/// with a 4 KiB window resuming 300 events of 64 KB: 41-47 KiB of RSS per
+/// stuck stream with the release and static builds (50 and 500 streams),
+/// of which an idle stream holds 5.6; 19 KiB per stalled stream as a v1
+/// cgroup counts it (`scripts/cgroup-memory.sh --stalled 500`). Besides,
+/// the kernel keeps such a stream's send buffer (up to about 124 KiB with
+/// the 64 KiB `SO_SNDBUF`: cgroup v2 charges it to the cgroup, v1 only
+/// when `memory.kmem.tcp` is limited) and, once its thread writes, a 32
+/// KiB page fragment: not every stream is stuck at once, and the quarter
+/// of memory left out of the streams' share and the memory guard cover
+/// those.
+const STREAM_IN_FLIGHT: u64 = 40 * 1024;
 /// Threads kept for everything else on the machine.
 const THREADS_RESERVED: u64 = 1024;
 /// Tasks kept for the server's own threads (acceptor, wakers, listeners)
@@ -169,9 +171,9 @@ struct Inputs {
 impl Capacity {
     /// Memory budgeted per stream by the memory term: what an idle stream
     /// costs as measured inside a memory cgroup (36 KiB, kernel included),
-    /// plus 28 KiB of room for data in flight. Streams get three quarters
-    /// of the available memory (after any reserve) at this much each:
-    /// 12,288 per GiB.
+    /// plus 40 KiB, what one stream can pin of its own while its client does
+    /// not read. Streams get three quarters of the available memory (after
+    /// any reserve) at this much each: 10,347 per GiB.
     pub const MEMORY_PER_STREAM: u64 = STREAM_IDLE_COST + STREAM_IN_FLIGHT;
 
     /// Reads the machine's limits and derives the cap, keeping
@@ -401,21 +403,21 @@ mod tests {
         );
         let c = derive(inputs(memory, Some(cg.clone())));
         assert_eq!(c.limited_by, "cgroup memory");
-        // 254 MiB * 3/4 / 64 KiB.
-        assert_eq!(c.max_streams, 3048);
-        assert_eq!(c.by_memory, Some(3048));
+        // 254 MiB * 3/4 / 76 KiB.
+        assert_eq!(c.max_streams, 2566);
+        assert_eq!(c.by_memory, Some(2566));
         assert_eq!(c.by_fds, 15_840);
         assert_eq!(
             (c.cgroup_memory_limit, c.cgroup_memory_used),
             (Some(256 * MIB), Some(2 * MIB))
         );
-        // At the cap, idle streams take 3048 * 36 KiB = 107 MiB of the 256.
+        // At the cap, idle streams take 2566 * 36 KiB = 90 MiB of the 256.
         assert!(c.max_streams as u64 * STREAM_IDLE_COST < cg.limit / 2);
 
         // A reserve comes out before the streams' share.
         let mut i = inputs(memory, Some(cg.clone()));
         i.reserved_bytes = 54 * MIB;
-        assert_eq!(derive(i).max_streams, 2400); // 200 MiB * 3/4 / 64 KiB
+        assert_eq!(derive(i).max_streams, 2021); // 200 MiB * 3/4 / 76 KiB
 
         // A machine with less free than the cgroup allows: the machine's
         // memory sets it, and the cgroup's limit is still shown.
@@ -426,7 +428,7 @@ mod tests {
         let memory = combine(Some(tight), Some(&cg));
         assert_eq!(memory.map(|m| m.source), Some(MemorySource::Machine));
         let c = derive(inputs(memory, Some(cg)));
-        assert_eq!((c.limited_by, c.max_streams), ("memory", 1200));
+        assert_eq!((c.limited_by, c.max_streams), ("memory", 1010)); // 100 MiB * 3/4 / 76 KiB
         assert_eq!(c.cgroup_memory_limit, Some(256 * MIB));
     }
 
@@ -438,7 +440,10 @@ mod tests {
         };
         let memory = combine(Some(machine), None);
         let c = derive(inputs(memory, None));
-        assert_eq!(c.by_memory, Some(22 * 12_288));
+        assert_eq!(
+            c.by_memory,
+            Some((22u64 << 30) / 4 * 3 / Capacity::MEMORY_PER_STREAM)
+        );
         assert_eq!((c.limited_by, c.max_streams), ("file descriptors", 15_840));
         assert_eq!(c.cgroup_memory_limit, None);
         let c = derive(inputs(None, None));
