@@ -749,15 +749,7 @@ impl Acceptor {
             if let Some(conn) = slot.lock().ok().and_then(|mut s| s.take()) {
                 let r = Response::text(503, "server cannot start a thread right now")
                     .with_header("Retry-After", "1");
-                let now = Instant::now();
-                let p = Pending {
-                    conn,
-                    peer,
-                    deadline: now,
-                    started: now,
-                    phase: Phase::Idle,
-                };
-                self.answer_conn(p, minor, r);
+                self.answer_conn(Pending::fresh(conn, peer), minor, r);
             }
         }
     }
@@ -899,14 +891,7 @@ impl Acceptor {
         } = r;
         if unsent.is_empty() {
             if close {
-                let now = Instant::now();
-                let p = Pending {
-                    conn,
-                    peer,
-                    deadline: now,
-                    started: now,
-                    phase: Phase::Idle,
-                };
+                let p = Pending::fresh(conn, peer);
                 if p.conn.set_nonblocking(true).is_ok() {
                     self.linger(p);
                 }

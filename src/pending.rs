@@ -52,6 +52,21 @@ pub(crate) struct Pending<W> {
     pub phase: Phase<W>,
 }
 
+impl<W> Pending<W> {
+    /// A connection taken in now with nothing read yet from it: due at
+    /// once (to be answered and closed, or given a deadline of its own).
+    pub(crate) fn fresh(conn: TcpStream, peer: SocketAddr) -> Self {
+        let now = Instant::now();
+        Pending {
+            conn,
+            peer,
+            deadline: now,
+            started: now,
+            phase: Phase::Idle,
+        }
+    }
+}
+
 /// What a waiting connection waits for. `W` is what the acceptor keeps
 /// about a request whose body is arriving.
 pub(crate) enum Phase<W> {

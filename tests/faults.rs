@@ -24,42 +24,22 @@ mod support;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError};
+use std::sync::{Arc, Once};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use ssed::{EndReason, Response, Stats};
-use support::process::{Ssed, fds_of, threads_of};
-use support::{Client, TempDir, field, metrics, read_to_close, request, still_open, wait_until};
+use support::process::{Ssed, fds_of, spawn_config, threads_of};
+use support::{
+    Client, TempDir, field, metric, read_to_close, request, serial, still_open, wait_until,
+};
 
 /// The longest a test waits for one thing to happen.
 const DEADLINE: Duration = Duration::from_secs(5);
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    // A failed test poisons the lock; the next one may still run.
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 // ---------------------------------------------------------------------------
 // A daemon child and what it costs
 // ---------------------------------------------------------------------------
-
-/// `ssed --config DIR/ssed.toml` with `toml` as the file.
-fn spawn(dir: &TempDir, toml: &str) -> (Ssed, SocketAddr) {
-    let path = dir.path().join("ssed.toml");
-    std::fs::write(&path, toml).expect("write config");
-    let ssed = Ssed::spawn(&["--config", path.to_str().expect("utf-8 temp path")], &[]);
-    let addr = ssed.listening();
-    (ssed, addr)
-}
-
-fn metric(addr: SocketAddr, series: &str) -> u64 {
-    let m = metrics(addr);
-    *m.get(series)
-        .unwrap_or_else(|| panic!("no {series} in /metrics: {m:?}"))
-}
 
 fn disconnects(addr: SocketAddr, reason: &str) -> u64 {
     metric(
@@ -250,7 +230,7 @@ fn slowloris_and_idle_connections_cost_no_thread_and_are_cut_at_the_deadline() {
     let _ = ssed::raise_fd_limit(); // this process holds 5,000 sockets
     let request_timeout = Duration::from_secs(4);
     let dir = TempDir::new("slowloris");
-    let (ssed, addr) = spawn(
+    let (ssed, addr) = spawn_config(
         &dir,
         "listen = \"127.0.0.1:0\"\nrequest_timeout = \"4s\"\nheartbeat = \"0\"\nmax_execution_time = \"0\"\n",
     );
@@ -453,7 +433,7 @@ fn vanishing_subscriber(addr: SocketAddr, path: &str) -> TcpStream {
 fn clients_that_vanish_without_fin_are_cut_at_the_write_timeout_and_free_their_slots() {
     let _serial = serial();
     let dir = TempDir::new("vanish");
-    let (_ssed, addr) = spawn(
+    let (_ssed, addr) = spawn_config(
         &dir,
         "listen = \"127.0.0.1:0\"\nmax_connections = 2\nwrite_timeout = \"500ms\"\n\
          heartbeat = \"0\"\nmax_execution_time = \"0\"\n",
@@ -552,7 +532,7 @@ fn a_reconnect_storm_after_a_restart_respects_the_cap_and_replays_exactly() {
             data.to_str().expect("utf-8 temp path")
         )
     };
-    let (mut first, addr) = spawn(&dir, &config("127.0.0.1:0"));
+    let (mut first, addr) = spawn_config(&dir, &config("127.0.0.1:0"));
     let mut publisher = Publisher::new(addr);
     let events: Vec<(String, String)> = (0..STORM_EVENTS)
         .map(|n| {
@@ -565,7 +545,7 @@ fn a_reconnect_storm_after_a_restart_respects_the_cap_and_replays_exactly() {
     let status = first.wait_exit(DEADLINE).expect("exits after SIGTERM");
     assert!(status.success(), "{status:?}; log:\n{}", first.stderr());
 
-    let (ssed, again) = spawn(&dir, &config(&addr.to_string()));
+    let (ssed, again) = spawn_config(&dir, &config(&addr.to_string()));
     assert_eq!(again, addr, "restarted on the same address");
     let threads0 = ssed.threads();
     let sampler = Sampler::start(ssed.pid());
@@ -775,7 +755,7 @@ impl FrameReader {
 fn a_flooding_publisher_drops_slow_subscribers_and_memory_stays_bounded() {
     let _serial = serial();
     let dir = TempDir::new("flood");
-    let (ssed, addr) = spawn(
+    let (ssed, addr) = spawn_config(
         &dir,
         "listen = \"127.0.0.1:0\"\nhistory = 100\nwrite_timeout = \"60s\"\nheartbeat = \"0\"\n\
          max_execution_time = \"0\"\n",
@@ -1105,7 +1085,7 @@ fn sigterm_with_5000_open_streams_exits_0_in_the_grace_period_with_a_last_frame_
     let _serial = serial();
     let _ = ssed::raise_fd_limit(); // this process holds 5,000 sockets
     let dir = TempDir::new("sigterm");
-    let (mut ssed, addr) = spawn(
+    let (mut ssed, addr) = spawn_config(
         &dir,
         "listen = \"127.0.0.1:0\"\nmax_connections = 6000\nheartbeat = \"0\"\n\
          max_execution_time = \"0\"\n",

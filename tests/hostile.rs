@@ -22,37 +22,14 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use rustix::net::{AddressFamily, SocketAddrAny, SocketType, sockopt};
-use support::process::Ssed;
-use support::{Client, TempDir, field, metrics, wait_until};
+use support::process::spawn_config;
+use support::{Client, TempDir, field, metric, metrics, serial, wait_until};
 
 /// The longest a test waits for one thing to happen.
 const DEADLINE: Duration = Duration::from_secs(10);
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    // A failed test poisons the lock; the next one may still run.
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// `ssed --config DIR/ssed.toml` with `toml` as the file.
-fn spawn(dir: &TempDir, toml: &str) -> (Ssed, SocketAddr) {
-    let path = dir.path().join("ssed.toml");
-    std::fs::write(&path, toml).expect("write config");
-    let ssed = Ssed::spawn(&["--config", path.to_str().expect("utf-8 temp path")], &[]);
-    let addr = ssed.listening();
-    (ssed, addr)
-}
-
-fn metric(addr: SocketAddr, series: &str) -> u64 {
-    let m = metrics(addr);
-    *m.get(series)
-        .unwrap_or_else(|| panic!("no {series} in /metrics: {m:?}"))
-}
 
 /// A keep-alive publisher on one connection.
 struct Publisher(Client);
@@ -104,7 +81,7 @@ const STREAM_BOUND_KIB: u64 = 64;
 fn non_reading_subscribers_resuming_a_large_history_pin_a_bounded_amount_each() {
     let _serial = serial();
     let dir = TempDir::new("pin");
-    let (ssed, addr) = spawn(
+    let (ssed, addr) = spawn_config(
         &dir,
         "heartbeat = \"0\"\nretry = \"0\"\nmax_execution_time = \"0\"\nwrite_timeout = \"20s\"\n",
     );
@@ -188,7 +165,7 @@ fn retained_events_and_mailboxes_stay_within_the_budget_whatever_is_published() 
     let _serial = serial();
     let dir = TempDir::new("budget");
     let budget: u64 = 16 * 1024 * 1024;
-    let (ssed, addr) = spawn(&dir, &format!("max_retained_bytes = {budget}\n"));
+    let (ssed, addr) = spawn_config(&dir, &format!("max_retained_bytes = {budget}\n"));
     let mut publisher = Publisher::new(addr);
     // A body of line breaks encodes to about seven times its size: past
     // twice max_body it is refused, saying why.
@@ -270,7 +247,7 @@ fn post_with(addr: SocketAddr, path: &str, headers: &[&str], body: &str) -> (u16
 fn a_rebound_page_gets_no_loopback_privilege_and_https_is_another_origin() {
     let _serial = serial();
     let dir = TempDir::new("rebind");
-    let (_ssed, addr) = spawn(&dir, "allowed_hosts = [\"ssed.internal\"]\n");
+    let (_ssed, addr) = spawn_config(&dir, "allowed_hosts = [\"ssed.internal\"]\n");
     let port = addr.port();
     // What a page at http://rebind.attacker.example:PORT sends once its
     // name resolves to 127.0.0.1: its own name, as Host and Origin.
@@ -337,7 +314,7 @@ fn complete_events(bytes: &[u8]) -> Vec<String> {
 fn a_consumer_that_leaves_mid_mailbox_loses_only_what_was_on_its_way() {
     let _serial = serial();
     let dir = TempDir::new("mailbox-loss");
-    let (_ssed, addr) = spawn(&dir, "retry = \"0\"\nheartbeat = \"0\"\n");
+    let (_ssed, addr) = spawn_config(&dir, "retry = \"0\"\nheartbeat = \"0\"\n");
     let mut publisher = Publisher::new(addr);
     let pad = "p".repeat(64_000);
     for i in 0..300 {
@@ -397,7 +374,7 @@ fn a_consumer_that_leaves_mid_mailbox_loses_only_what_was_on_its_way() {
 fn answers_that_echo_input_are_never_sniffed() {
     let _serial = serial();
     let dir = TempDir::new("nosniff");
-    let (_ssed, addr) = spawn(&dir, "");
+    let (_ssed, addr) = spawn_config(&dir, "");
     let mut c = Client::new(addr);
     c.send(b"GET /events/%3Cscript%3E HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n");
     let (head, body) = c.response();

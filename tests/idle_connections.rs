@@ -12,10 +12,11 @@ mod support;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use support::{Client, field, read_to_close, request, start, still_open, thread_count, wait_until};
+use support::{
+    Client, field, read_to_close, request, serial, start, still_open, thread_count, wait_until,
+};
 
 /// Connections that send nothing.
 const SILENT: usize = 2_000;
@@ -27,13 +28,6 @@ const PARTIAL_HEAD: &[u8] = b"GET /s HTTP/1.1\r\nHost: x\r\nAccept: text/event-s
 /// request thread, and the test harness starting or ending a test thread.
 const THREAD_SLACK: usize = 5;
 const GET_PING: &str = "GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    // A failed test poisons the lock; the next one may still run.
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A stream route that sends one event and then waits (until shutdown), and
 /// an ordinary route.

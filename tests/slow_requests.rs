@@ -20,14 +20,16 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use ssed::Response;
 use support::process::{Ssed, threads_of};
-use support::{Client, TempDir, field, metrics, read_to_close, request, still_open, wait_until};
+use support::{
+    Client, TempDir, field, metrics, read_to_close, request, serial, still_open, wait_until,
+};
 
 /// The longest a test waits for one thing to happen.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -36,13 +38,6 @@ const TOKEN: &str = "slow-requests-subscribe-token";
 /// Threads a daemon may gain over its idle count while the hostile clients
 /// are connected: the real requests' own short-lived threads.
 const THREAD_SLACK: usize = 4;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    // A failed test poisons the lock; the next one may still run.
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// `ssed --config DIR/ssed.toml` with `toml` (plus a subscribe token).
 fn spawn(dir: &TempDir, toml: &str) -> (Ssed, SocketAddr) {

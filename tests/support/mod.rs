@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long any single read may block before the test fails.
@@ -434,4 +435,20 @@ impl Drop for TempDir {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Runs the tests of one binary that take it one at a time: they count
+/// threads, descriptors or memory, or hold thousands of sockets.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    // A failed test poisons the lock; the next one may still run.
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One series of a daemon's `/metrics` (labels included); fails the test
+/// when it is missing.
+pub fn metric(addr: SocketAddr, series: &str) -> u64 {
+    let m = metrics(addr);
+    *m.get(series)
+        .unwrap_or_else(|| panic!("no {series} in /metrics: {m:?}"))
 }

@@ -191,6 +191,16 @@ impl Ssed {
     }
 }
 
+/// `ssed --config DIR/ssed.toml` with `toml` as the file, and the address
+/// it listens on.
+pub fn spawn_config(dir: &super::TempDir, toml: &str) -> (Ssed, SocketAddr) {
+    let path = dir.path().join("ssed.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let ssed = Ssed::spawn(&["--config", path.to_str().expect("utf-8 temp path")], &[]);
+    let addr = ssed.listening();
+    (ssed, addr)
+}
+
 /// Threads of process `pid`, from /proc/PID/task (0 once it is gone).
 pub fn threads_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
