@@ -52,8 +52,12 @@ pub(crate) const DIRECT_BYTES: usize = 16 * 1024;
 /// One subscriber's queue of frames.
 #[derive(Debug)]
 pub(crate) struct SubscriberQueue {
-    frames: Mutex<VecDeque<EncodedEvent>>,
+    frames: Mutex<Frames>,
     capacity: usize,
+    /// Most bytes of frames it may hold before the subscriber is dropped as
+    /// slow (one frame at least): a subscriber that does not read keeps
+    /// what waits here alive even after history lets it go.
+    max_bytes: usize,
     /// Set by the subscriber just before it parks; whoever pushes a frame
     /// and finds it set owes the subscriber a wake-up.
     waiting: AtomicBool,
@@ -146,6 +150,21 @@ impl Writer {
     }
 }
 
+/// A subscriber's waiting frames and their size.
+#[derive(Debug, Default)]
+struct Frames {
+    queue: VecDeque<EncodedEvent>,
+    bytes: usize,
+}
+
+impl Frames {
+    fn pop(&mut self) -> Option<EncodedEvent> {
+        let frame = self.queue.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(frame.as_bytes().len());
+        Some(frame)
+    }
+}
+
 /// What a push did.
 pub(crate) enum Pushed {
     /// Queued; the subscriber is awake (or will look before parking).
@@ -162,14 +181,15 @@ impl SubscriberQueue {
     /// stack before it moves to the heap, and a subscribing stream thread
     /// should not carry those bytes in its own frame (see `Stream::follow`).
     #[inline(never)]
-    pub(crate) fn shared(capacity: usize, topics: Box<[Arc<str>]>) -> Arc<Self> {
-        Arc::new(Self::new(capacity, topics))
+    pub(crate) fn shared(capacity: usize, max_bytes: usize, topics: Box<[Arc<str>]>) -> Arc<Self> {
+        Arc::new(Self::new(capacity, max_bytes, topics))
     }
 
-    pub(crate) fn new(capacity: usize, topics: Box<[Arc<str>]>) -> Self {
+    pub(crate) fn new(capacity: usize, max_bytes: usize, topics: Box<[Arc<str>]>) -> Self {
         SubscriberQueue {
-            frames: Mutex::new(VecDeque::new()),
+            frames: Mutex::new(Frames::default()),
             capacity: capacity.max(1),
+            max_bytes,
             waiting: AtomicBool::new(false),
             slow: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -298,7 +318,7 @@ impl SubscriberQueue {
         }
     }
 
-    fn frames(&self) -> MutexGuard<'_, VecDeque<EncodedEvent>> {
+    fn frames(&self) -> MutexGuard<'_, Frames> {
         // Every critical section is a push or a drain: a panic cannot leave
         // the queue half-changed.
         self.frames.lock().unwrap_or_else(|p| p.into_inner())
@@ -308,13 +328,17 @@ impl SubscriberQueue {
     pub(crate) fn push(&self, frame: &EncodedEvent) -> Pushed {
         {
             let mut frames = self.frames();
-            if frames.len() >= self.capacity {
+            let size = frame.as_bytes().len();
+            if frames.queue.len() >= self.capacity
+                || (!frames.queue.is_empty() && frames.bytes + size > self.max_bytes)
+            {
                 drop(frames);
                 self.slow.store(true, Ordering::SeqCst);
                 self.closed.store(true, Ordering::SeqCst);
                 return Pushed::Slow;
             }
-            frames.push_back(frame.clone());
+            frames.queue.push_back(frame.clone());
+            frames.bytes += size;
         }
         if self.waiting.swap(false, Ordering::SeqCst) {
             Pushed::QueuedWake
@@ -330,13 +354,26 @@ impl SubscriberQueue {
         self.closed.store(true, Ordering::SeqCst);
     }
 
-    /// Moves up to `max` frames into `out` (subscriber side).
-    pub(crate) fn drain_into(&self, out: &mut Vec<EncodedEvent>, max: usize) {
+    /// Moves up to `max` frames and `max_bytes` of them (one at least) into
+    /// `out` (subscriber side).
+    pub(crate) fn drain_into(&self, out: &mut Vec<EncodedEvent>, max: usize, max_bytes: usize) {
         let mut frames = self.frames();
-        let n = frames.len().min(max);
-        out.extend(frames.drain(..n));
-        if frames.is_empty() && frames.capacity() > 64 {
-            frames.shrink_to(8); // do not hold a burst's memory while idle
+        let mut bytes = 0;
+        for taken in 0..max {
+            let Some(next) = frames.queue.front() else {
+                break;
+            };
+            let size = next.as_bytes().len();
+            if taken > 0 && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            if let Some(f) = frames.pop() {
+                out.push(f);
+            }
+        }
+        if frames.queue.is_empty() && frames.queue.capacity() > 64 {
+            frames.queue.shrink_to(8); // do not hold a burst's memory while idle
         }
     }
 
@@ -345,21 +382,20 @@ impl SubscriberQueue {
     /// false, and nothing moves, otherwise.
     fn drain_direct(&self, out: &mut Vec<EncodedEvent>) -> bool {
         let mut frames = self.frames();
-        if frames.len() > DIRECT_MAX
-            || frames.iter().map(|f| f.as_bytes().len()).sum::<usize>() > DIRECT_BYTES
-        {
+        if frames.queue.len() > DIRECT_MAX || frames.bytes > DIRECT_BYTES {
             return false;
         }
-        out.extend(frames.drain(..));
+        out.extend(frames.queue.drain(..));
+        frames.bytes = 0;
         true
     }
 
     pub(crate) fn try_pop(&self) -> Option<EncodedEvent> {
-        self.frames().pop_front()
+        self.frames().pop()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.frames().len()
+        self.frames().queue.len()
     }
 
     pub(crate) fn is_slow(&self) -> bool {

@@ -112,9 +112,10 @@ pub trait History: Send + 'static {
     }
 }
 
-/// Bytes counted for each retained event besides its frame: its place in
-/// the topic's queue and the frame's reference count.
-pub(crate) const EVENT_OVERHEAD: u64 = 64;
+/// Bytes counted for each retained event besides its frame: the frame's
+/// reference counts and its allocation's header. Its place in the topic's
+/// queue is counted with the queue's capacity (see [`SLOT`]).
+pub(crate) const EVENT_OVERHEAD: u64 = 32;
 /// Bytes counted for each topic with retained events besides its name:
 /// its map entry, its queue and its place in the eviction order.
 pub(crate) const TOPIC_OVERHEAD: u64 = 160;
@@ -152,6 +153,10 @@ struct TopicHistory {
     /// The newest id evicted from this topic.
     evicted: Option<EventId>,
 }
+
+/// Bytes of one place in a topic's queue, counted for every place the
+/// queue has, used or not.
+const SLOT: u64 = std::mem::size_of::<Retained>() as u64;
 
 fn event_cost(event: &Retained) -> u64 {
     event.frame.as_bytes().len() as u64 + EVENT_OVERHEAD
@@ -258,9 +263,16 @@ impl MemoryHistory {
     /// Drops `topic`'s entry (it holds no event).
     fn forget(&mut self, topic: &str) {
         if let Some(t) = self.topics.remove(topic) {
-            self.bytes = self.bytes.saturating_sub(topic_cost(topic));
+            let slots = t.events.capacity() as u64 * SLOT;
+            self.bytes = self.bytes.saturating_sub(topic_cost(topic) + slots);
             self.forgotten = self.forgotten.max(t.evicted);
         }
+    }
+
+    /// Counts a change of a topic's queue capacity from `before` places.
+    fn resized(&mut self, before: usize, after: usize) {
+        let (before, after) = (before as u64 * SLOT, after as u64 * SLOT);
+        self.bytes = (self.bytes + after).saturating_sub(before);
     }
 
     /// Removes the oldest event of `topic`; `None` if it has none.
@@ -268,11 +280,20 @@ impl MemoryHistory {
         let t = self.topics.get_mut(topic)?;
         let old = t.events.pop_front()?;
         t.evicted = t.evicted.max(Some(old.id));
+        // A queue that shrank well below its capacity gives the rest back:
+        // a topic whose history the budget cut keeps no room for it.
+        let cap = t.events.capacity();
+        if cap > 16 && t.events.len() < cap / 4 {
+            t.events.shrink_to(t.events.len() * 2);
+        }
+        let now = t.events.capacity();
+        let next = t.events.front().map(|e| e.id);
+        self.resized(cap, now);
         self.bytes = self.bytes.saturating_sub(event_cost(&old));
         self.fronts.remove(&old.id);
-        let forgotten = match t.events.front() {
+        let forgotten = match next {
             Some(next) => {
-                self.fronts.insert(next.id, Arc::clone(topic));
+                self.fronts.insert(next, Arc::clone(topic));
                 false
             }
             None => {
@@ -310,9 +331,12 @@ impl MemoryHistory {
             return;
         };
         let was_empty = t.events.is_empty();
+        let cap = t.events.capacity();
         t.events.push_back(event);
+        let now = t.events.capacity();
         let mut over = t.events.len().saturating_sub(self.capacity);
         self.bytes += cost;
+        self.resized(cap, now);
         if was_empty {
             self.fronts.insert(id, Arc::clone(&name));
         }
@@ -446,10 +470,30 @@ mod tests {
             + 2 * EVENT_OVERHEAD;
         h.push("t", a);
         h.push("t", b);
-        assert_eq!(h.retained_bytes(), want);
+        let slots = h.topics["t"].events.capacity() as u64 * SLOT;
+        assert_eq!(h.retained_bytes(), want + slots);
         assert_eq!(h.shrink(0).len(), 2);
         assert_eq!(h.retained_bytes(), 0, "the empty topic is forgotten too");
         assert!(h.topics.is_empty() && h.fronts.is_empty());
+    }
+
+    #[test]
+    fn a_topic_cut_down_gives_back_its_queue_and_counts_what_it_keeps() {
+        let mut h = MemoryHistory::with_floor(1000, EventId::floor_of(0));
+        for i in 0..1000u64 {
+            h.push("t", event(EventId::new(i + 1, 0), "x"));
+        }
+        let full = h.topics["t"].events.capacity();
+        assert!(full >= 1000);
+        let one = h.retained_bytes() / 1000;
+        h.shrink(one * 10);
+        let t = &h.topics["t"];
+        assert!(t.events.capacity() < 64, "capacity {}", t.events.capacity());
+        // What is counted is what is held: the frames, the names and every
+        // place of the queue, used or not.
+        let frames: u64 = t.events.iter().map(event_cost).sum();
+        let slots = t.events.capacity() as u64 * SLOT;
+        assert_eq!(h.retained_bytes(), frames + slots + topic_cost("t"));
     }
 
     #[test]

@@ -44,11 +44,11 @@ const BATCH: usize = 256;
 /// How soon a stream whose replay could not be read asks its client to
 /// come back.
 const REPLAY_RETRY: Duration = Duration::from_secs(2);
-/// Bytes of frames a page of a Redis replay aims at: its frames are the
-/// stream's own copy, unlike shared frames in memory.
-const REMOTE_PAGE_BYTES: usize = 32 * 1024;
-/// Events in the first page of a Redis replay, before frame sizes are known.
-const REMOTE_PAGE_FIRST: usize = 2;
+/// Most bytes of frames in a page of a replay (one frame at least), and in
+/// one write of queued frames: what a stream holds of its own while its
+/// client does not read. Frames read from Redis are the stream's own copy;
+/// frames in memory are shared with history, until history lets them go.
+pub(crate) const PAGE_BYTES: usize = 64 * 1024;
 /// Most replay bytes handed to a waker with a stream's head (see
 /// `Stream::follow`); a longer replay is written by the stream's thread.
 const OPENING_MAX: usize = 16 * 1024;
@@ -86,6 +86,10 @@ pub struct HubConfig {
     /// Default 512 (the queue grows only as frames wait, so idle subscribers
     /// hold none of it).
     pub queue: usize,
+    /// Bytes of frames a subscriber may have queued (one frame at least)
+    /// before it is dropped as slow: what a subscriber that stops reading
+    /// keeps alive, even after history lets it go. Default 1 MiB.
+    pub queue_bytes: usize,
     /// Messages a mailbox holds before a push is refused. Default 1000.
     pub mailbox_capacity: usize,
     /// How long an unconsumed mailbox message is kept. Default 1 h.
@@ -109,6 +113,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
             queue: 512,
+            queue_bytes: 1024 * 1024,
             mailbox_capacity: 1000,
             mailbox_ttl: Duration::from_secs(3600),
             max_retained_bytes: 0,
@@ -370,7 +375,12 @@ fn sort_names(names: &mut Vec<&str>) {
 /// Makes the queue of a subscriber of `names` (sorted, distinct), whose
 /// topic list shares the names `state.subscribers` keeps: a topic gets an
 /// (empty) list of subscribers if it had none. Also says which were new.
-fn join(state: &mut State, names: &[&str], capacity: usize) -> (Arc<SubscriberQueue>, Vec<bool>) {
+fn join(
+    state: &mut State,
+    names: &[&str],
+    capacity: usize,
+    max_bytes: usize,
+) -> (Arc<SubscriberQueue>, Vec<bool>) {
     let mut topics = Vec::with_capacity(names.len());
     let mut new = Vec::with_capacity(names.len());
     for name in names {
@@ -385,7 +395,7 @@ fn join(state: &mut State, names: &[&str], capacity: usize) -> (Arc<SubscriberQu
         new.push(state.subscribers.get(&key).is_some_and(Vec::is_empty));
         topics.push(key);
     }
-    let queue = SubscriberQueue::shared(capacity, topics.into_boxed_slice());
+    let queue = SubscriberQueue::shared(capacity, max_bytes, topics.into_boxed_slice());
     (queue, new)
 }
 
@@ -728,7 +738,12 @@ impl Hub {
         let mut state = self.state();
         let id = state.next_subscriber;
         state.next_subscriber += 1;
-        let (queue, _) = join(&mut state, &names, self.0.config.queue);
+        let (queue, _) = join(
+            &mut state,
+            &names,
+            self.0.config.queue,
+            self.0.config.queue_bytes,
+        );
         let replay = match last_event_id {
             Some(asked) => Replaying::start(&state, &queue.topics, asked),
             None => Replaying::default(),
@@ -767,7 +782,12 @@ impl Hub {
         let mut state = self.state();
         let id = state.next_subscriber;
         state.next_subscriber += 1;
-        let (queue, new) = join(&mut state, names, self.0.config.queue);
+        let (queue, new) = join(
+            &mut state,
+            names,
+            self.0.config.queue,
+            self.0.config.queue_bytes,
+        );
         let seqs = seqs.iter().chain(std::iter::repeat(&0));
         for ((name, seq), new) in queue.topics.iter().zip(seqs).zip(new) {
             if new {
@@ -846,7 +866,6 @@ impl Hub {
             from: vec![after; names.len()],
             until,
             last: None,
-            count: REMOTE_PAGE_FIRST,
         };
         sub.replay
             .read_page(
@@ -990,8 +1009,10 @@ pub struct Subscription {
 }
 
 /// Reads one topic's page of a replay: `(topic, after, until, max)`, as
-/// [`History::page`] does.
-type PageFn<'a> = dyn FnMut(&str, EventId, EventId, usize) -> Result<Replay, StorageError> + 'a;
+/// [`History::page`] does, and whether a bound of the source's own (bytes)
+/// left events out.
+type PageFn<'a> =
+    dyn FnMut(&str, EventId, EventId, usize) -> Result<(Replay, bool), StorageError> + 'a;
 
 /// What is left of a subscription's replay.
 ///
@@ -1010,10 +1031,6 @@ struct Replaying {
     until: EventId,
     /// The newest id read: a reset notice mid-replay names it.
     last: Option<EventId>,
-    /// Events to read per page. With Redis, a page is this stream's own
-    /// copy of the frames, so it is sized to about [`REMOTE_PAGE_BYTES`]
-    /// from the frames seen so far; in memory they are shared.
-    count: usize,
 }
 
 impl Default for Replaying {
@@ -1024,7 +1041,6 @@ impl Default for Replaying {
             from: Vec::new(),
             until: EventId::floor_of(0),
             last: None,
-            count: BATCH,
         }
     }
 }
@@ -1051,13 +1067,12 @@ impl Replaying {
             from: vec![after; topics.len()],
             until: state.last_id,
             last: None,
-            count: BATCH,
         };
         let history = state.history.as_ref();
         // Reading memory cannot fail.
         let _ = replay.read_page(
             topics,
-            &mut |t, a, u, m| Ok(history.page(t, a, u, m)),
+            &mut |t, a, u, m| Ok((history.page(t, a, u, m), false)),
             Some(asked),
             placeable.is_none(),
         );
@@ -1080,7 +1095,6 @@ impl Replaying {
         asked: Option<&str>,
         mut gap: bool,
     ) -> Result<(), StorageError> {
-        let max = self.count;
         let mut events: Vec<Retained> = Vec::new();
         let mut oldest: Option<EventId> = None;
         let mut bound = self.until;
@@ -1089,7 +1103,7 @@ impl Replaying {
             if *from >= self.until {
                 continue; // nothing of this topic is left
             }
-            let page = page(name, *from, bound, max)?;
+            let (page, cut) = page(name, *from, bound, BATCH)?;
             if page.gap {
                 gap = true;
                 // The notice covers this topic up to its oldest event:
@@ -1098,12 +1112,12 @@ impl Replaying {
                 *from = page.oldest.map_or(self.until, |o| o.pred().max(*from));
             }
             oldest = earliest(oldest, page.oldest);
-            more |= page.events.len() >= max;
+            // A page that came back full, by count or by the source's own
+            // bound, may have more behind it.
+            more |= cut || page.events.len() >= BATCH;
             events.extend(page.events);
-            if events.len() > max {
+            if cut_page(&mut events) {
                 // Later topics need nothing past the page's newest.
-                events.sort_unstable_by_key(|e| e.id);
-                events.truncate(max);
                 more = true;
                 bound = events.last().map_or(bound, |e| e.id);
             }
@@ -1124,18 +1138,28 @@ impl Replaying {
             (true, Some(last)) => self.from.iter_mut().for_each(|f| *f = (*f).max(last)),
             _ => self.from = Vec::new(),
         }
-        if let Some(bytes) = events
-            .iter()
-            .map(|e| e.frame.as_bytes().len())
-            .sum::<usize>()
-            .checked_div(events.len())
-            && self.count < BATCH
-        {
-            self.count = (REMOTE_PAGE_BYTES / bytes.max(1)).clamp(1, BATCH);
-        }
         self.ready.extend(events.into_iter().map(|e| e.frame));
         Ok(())
     }
+}
+
+/// Sorts `events` by id and keeps the oldest that fit one page: at most
+/// [`BATCH`] events and [`PAGE_BYTES`] of frames, one at least. True when
+/// some were cut.
+fn cut_page(events: &mut Vec<Retained>) -> bool {
+    events.sort_unstable_by_key(|e| e.id);
+    let (mut keep, mut bytes) = (0, 0);
+    for e in events.iter() {
+        let size = e.frame.as_bytes().len();
+        if keep > 0 && (keep >= BATCH || bytes + size > PAGE_BYTES) {
+            break;
+        }
+        keep += 1;
+        bytes += size;
+    }
+    let cut = keep < events.len();
+    events.truncate(keep);
+    cut
 }
 
 impl fmt::Debug for Subscription {
@@ -1179,6 +1203,8 @@ impl Subscription {
     ///
     /// This reads the whole replay at once; a stream following the
     /// subscription ([`Stream::follow`]) reads it a page at a time instead.
+    /// If Redis fails part way, the backlog ends with a reset notice (the
+    /// rest may be missing) and the failure is logged.
     pub fn take_backlog(&mut self) -> Vec<EncodedEvent> {
         let mut all = Vec::new();
         loop {
@@ -1186,7 +1212,11 @@ impl Subscription {
                 Ok(page) if page.is_empty() => return all,
                 Ok(page) => all.extend(page),
                 Err(e) => {
+                    // What the replay could not read may be missing: say
+                    // so, as for any loss, after the last event read.
                     log::warn!("replay cut short: {}", Report(&e));
+                    let last = self.replay.last.map(|id| id.to_string());
+                    all.push(reset_frame(&last.unwrap_or_default(), None));
                     return all;
                 }
             }
@@ -1215,7 +1245,7 @@ impl Subscription {
                     let history = state.history.as_ref();
                     self.replay.read_page(
                         topics,
-                        &mut |t, a, u, m| Ok(history.page(t, a, u, m)),
+                        &mut |t, a, u, m| Ok((history.page(t, a, u, m), false)),
                         None,
                         false,
                     )
@@ -1422,7 +1452,9 @@ impl Stream {
             self.note_sent(at);
         }
         self.check_alive()?;
-        queue.drain_into(batch, BATCH);
+        // Bounded by bytes too: a write to a client that does not read
+        // holds these frames until it gives up.
+        queue.drain_into(batch, BATCH, PAGE_BYTES);
         if !batch.is_empty() {
             if let Some(w) = writer.as_deref_mut() {
                 // Bytes staged for a waker that has not sent them yet go

@@ -21,9 +21,13 @@ use crate::error::Report;
 use crate::history::StorageError;
 use crate::id::now_ms;
 
-/// Bytes counted for each waiting message besides its text: its place in
-/// the mailbox's queue.
-const MESSAGE_OVERHEAD: u64 = 64;
+/// Bytes counted for each waiting message besides its text: its text's
+/// allocation header. Its place in the mailbox's queue is counted with the
+/// queue's capacity (see [`SLOT`]).
+const MESSAGE_OVERHEAD: u64 = 16;
+/// Bytes of one place in a mailbox's queue, counted for every place the
+/// queue has, used or not.
+const SLOT: u64 = std::mem::size_of::<Message>() as u64;
 /// Bytes counted for each mailbox besides its key: its map entry and queue.
 const MAILBOX_OVERHEAD: u64 = 160;
 
@@ -72,6 +76,16 @@ pub trait MailboxStore: Send + 'static {
     /// When it cannot; the hub logs it (the message may come again after a
     /// restart).
     fn remove(&mut self, seq: u64) -> Result<(), StorageError>;
+
+    /// Forgets every message of `seqs` (expired), at once where the store
+    /// can. Default: [`remove`](MailboxStore::remove) each.
+    ///
+    /// # Errors
+    ///
+    /// As for `remove`.
+    fn remove_many(&mut self, seqs: &[u64]) -> Result<(), StorageError> {
+        seqs.iter().try_for_each(|&seq| self.remove(seq))
+    }
 }
 
 /// Why a push was refused.
@@ -260,6 +274,43 @@ impl Mailboxes {
         }
     }
 
+    /// Removes expired messages from the store, if any, in one go. Called
+    /// with the mailboxes unlocked: the store may be slow (a disk).
+    fn forget_expired(&self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        if let Some(Err(e)) = self.with_store(|s| s.remove_many(seqs)) {
+            log::error!(
+                "cannot remove {} expired mailbox messages from the store, they may come back after a restart: {}",
+                seqs.len(),
+                Report(&e)
+            );
+        }
+    }
+
+    /// Runs `f` on `mailbox`'s queue, counting any change of its capacity;
+    /// a queue left well below its capacity gives the rest back.
+    fn with_queue<R>(
+        &self,
+        mailbox: &mut Mailbox,
+        f: impl FnOnce(&mut VecDeque<Message>) -> R,
+    ) -> R {
+        let before = mailbox.queue.capacity();
+        let r = f(&mut mailbox.queue);
+        let q = &mut mailbox.queue;
+        if q.capacity() > 16 && q.len() < q.capacity() / 4 {
+            q.shrink_to(q.len() * 2);
+        }
+        let (before, after) = (before as u64 * SLOT, q.capacity() as u64 * SLOT);
+        if after > before {
+            self.bytes.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.bytes.fetch_sub(before - after, Ordering::Relaxed);
+        }
+        r
+    }
+
     /// The mailbox `key`, made (and counted) if missing.
     fn entry<'m>(&self, boxes: &'m mut HashMap<Box<str>, Mailbox>, key: &str) -> &'m mut Mailbox {
         if !boxes.contains_key(key) {
@@ -270,9 +321,12 @@ impl Mailboxes {
 
     /// Removes `key` if nothing waits in it and nobody waits on it.
     fn remove_if_idle(&self, boxes: &mut HashMap<Box<str>, Mailbox>, key: &str) {
-        if boxes.get(key).is_some_and(Mailbox::idle) {
-            boxes.remove(key);
-            self.bytes.fetch_sub(mailbox_cost(key), Ordering::Relaxed);
+        if boxes.get(key).is_some_and(Mailbox::idle)
+            && let Some(m) = boxes.remove(key)
+        {
+            let slots = m.queue.capacity() as u64 * SLOT;
+            self.bytes
+                .fetch_sub(mailbox_cost(key) + slots, Ordering::Relaxed);
         }
     }
 
@@ -281,18 +335,21 @@ impl Mailboxes {
         self.bytes.fetch_sub(message.cost(), Ordering::Relaxed);
     }
 
-    /// Drops the expired messages at the front of `mailbox`, from the store
-    /// too; returns how many.
-    fn expire(&self, key: &str, mailbox: &mut Mailbox, now: Instant) -> usize {
-        let mut n = 0;
-        while mailbox.queue.front().is_some_and(|m| m.expired(now)) {
-            if let Some(m) = mailbox.queue.pop_front() {
-                self.uncount(&m);
-                self.forget(key, m.seq);
-                n += 1;
+    /// Drops the expired messages at the front of `mailbox`, adding their
+    /// numbers to `expired` for the store (see
+    /// [`forget_expired`](Mailboxes::forget_expired)).
+    fn expire(&self, mailbox: &mut Mailbox, now: Instant, expired: &mut Vec<u64>) {
+        let gone = self.with_queue(mailbox, |q| {
+            let mut gone = Vec::new();
+            while q.front().is_some_and(|m| m.expired(now)) {
+                gone.extend(q.pop_front());
             }
+            gone
+        });
+        for m in gone {
+            self.uncount(&m);
+            expired.push(m.seq);
         }
-        n
     }
 
     /// Queues `text` in `key` for exactly one consumer; returns how many
@@ -306,9 +363,12 @@ impl Mailboxes {
             } else {
                 mailbox_cost(key)
             };
+        let mut expired = Vec::new();
         if let Some(mailbox) = boxes.get_mut(key) {
-            self.expire(key, mailbox, Instant::now());
+            self.expire(mailbox, Instant::now(), &mut expired);
             if mailbox.queue.len() >= self.capacity {
+                drop(boxes);
+                self.forget_expired(&expired);
                 return Err(PushError::Full);
             }
         }
@@ -334,9 +394,12 @@ impl Mailboxes {
         }
         self.bytes.fetch_add(message.cost(), Ordering::Relaxed);
         let mailbox = self.entry(&mut boxes, key);
-        mailbox.queue.push_back(message);
+        self.with_queue(mailbox, |q| q.push_back(message));
         mailbox.wake_one();
-        Ok(mailbox.queue.len())
+        let queued = mailbox.queue.len();
+        drop(boxes);
+        self.forget_expired(&expired);
+        Ok(queued)
     }
 
     /// Takes the oldest message of `key` out of memory; it stays in the
@@ -345,8 +408,9 @@ impl Mailboxes {
     pub(crate) fn take(&self, key: &str) -> Option<Message> {
         let mut boxes = self.lock();
         let mailbox = boxes.get_mut(key)?;
-        self.expire(key, mailbox, Instant::now());
-        let message = mailbox.queue.pop_front();
+        let mut expired = Vec::new();
+        self.expire(mailbox, Instant::now(), &mut expired);
+        let message = self.with_queue(mailbox, VecDeque::pop_front);
         if !mailbox.queue.is_empty() {
             mailbox.wake_one(); // let another consumer in
         }
@@ -354,6 +418,8 @@ impl Mailboxes {
             self.uncount(m);
         }
         self.remove_if_idle(&mut boxes, key);
+        drop(boxes);
+        self.forget_expired(&expired);
         message
     }
 
@@ -363,7 +429,7 @@ impl Mailboxes {
         let mut boxes = self.lock();
         self.bytes.fetch_add(message.cost(), Ordering::Relaxed);
         let mailbox = self.entry(&mut boxes, key);
-        mailbox.queue.push_front(message);
+        self.with_queue(mailbox, |q| q.push_front(message));
         mailbox.wake_one();
     }
 
@@ -417,14 +483,17 @@ impl Mailboxes {
             .filter(|(_, m)| m.idle() || m.queue.front().is_some_and(|f| f.expired(now)))
             .map(|(k, _)| k.clone())
             .collect();
-        let mut expired = 0;
+        let mut expired = Vec::new();
         for key in keys {
             if let Some(mailbox) = boxes.get_mut(&key) {
-                expired += self.expire(&key, mailbox, now);
+                self.expire(mailbox, now, &mut expired);
             }
             self.remove_if_idle(&mut boxes, &key);
         }
-        expired
+        drop(boxes);
+        // One write for all of them, with the mailboxes free meanwhile.
+        self.forget_expired(&expired);
+        expired.len()
     }
 }
 
@@ -437,7 +506,12 @@ mod tests {
         let m = Mailboxes::new(10, Duration::from_secs(60), 0);
         m.push("k", "abc".into()).expect("room");
         m.push("k", "defg".into()).expect("room");
-        let want = mailbox_cost("k") + 3 + 4 + 2 * MESSAGE_OVERHEAD;
+        let slots = |m: &Mailboxes, k: &str| {
+            m.lock()
+                .get(k)
+                .map_or(0, |b| b.queue.capacity() as u64 * SLOT)
+        };
+        let want = mailbox_cost("k") + 3 + 4 + 2 * MESSAGE_OVERHEAD + slots(&m, "k");
         assert_eq!(m.bytes(), want);
         let a = m.take("k").expect("queued");
         m.untake("k", a);
@@ -454,7 +528,9 @@ mod tests {
 
     #[test]
     fn the_budget_refuses_what_the_mailboxes_cannot_hold() {
-        let budget = 2 * (MAILBOX_OVERHEAD + MESSAGE_OVERHEAD + 110);
+        // Two mailboxes of one 100-byte message each, with their queues'
+        // first places (a queue grows by four).
+        let budget = 2 * (MAILBOX_OVERHEAD + MESSAGE_OVERHEAD + 110 + 4 * SLOT);
         let m = Mailboxes::new(10, Duration::from_secs(60), budget);
         m.push("a", "x".repeat(100)).expect("room");
         m.push("b", "x".repeat(100)).expect("room");
@@ -468,6 +544,33 @@ mod tests {
     }
 
     #[test]
+    fn a_mailbox_emptied_gives_back_its_queue() {
+        let m = Mailboxes::new(1000, Duration::from_secs(60), 0);
+        for i in 0..1000 {
+            m.push("k", format!("{i}")).expect("room");
+        }
+        m.push("other", "x".into()).expect("room");
+        for _ in 0..990 {
+            m.take("k").expect("queued");
+        }
+        let boxes = m.lock();
+        assert!(
+            boxes["k"].queue.capacity() < 64,
+            "{}",
+            boxes["k"].queue.capacity()
+        );
+        let held: u64 = boxes
+            .iter()
+            .map(|(k, b)| {
+                mailbox_cost(k)
+                    + b.queue.capacity() as u64 * SLOT
+                    + b.queue.iter().map(Message::cost).sum::<u64>()
+            })
+            .sum();
+        assert_eq!(m.bytes(), held, "counted as held");
+    }
+
+    #[test]
     fn the_sweep_drops_expired_messages_and_idle_mailboxes() {
         let m = Mailboxes::new(10, Duration::from_millis(20), 0);
         for i in 0..100 {
@@ -477,6 +580,10 @@ mod tests {
         m.push("fresh", "new".into()).expect("room");
         assert_eq!(m.sweep(), 100);
         assert_eq!(m.lock().len(), 1, "only the fresh mailbox is left");
-        assert_eq!(m.bytes(), mailbox_cost("fresh") + 3 + MESSAGE_OVERHEAD);
+        let slots = m.lock()["fresh"].queue.capacity() as u64 * SLOT;
+        assert_eq!(
+            m.bytes(),
+            mailbox_cost("fresh") + 3 + MESSAGE_OVERHEAD + slots
+        );
     }
 }

@@ -81,7 +81,7 @@ use std::time::{Duration, Instant};
 
 use crate::event::EncodedEvent;
 use crate::history::{Replay, Retained, StorageError};
-use crate::hub::WeakHub;
+use crate::hub::{PAGE_BYTES, WeakHub};
 use crate::id::EventId;
 use crate::resp::{Conn, RedisUrl, RespError, Value};
 
@@ -138,11 +138,13 @@ return id
 ";
 
 /// One page of a topic's replay: `{first id or false, trimmed (1 or 0),
-/// entries}`, where `trimmed` says whether the stream lost entries (it
+/// entries, newest id ever added or false, cut (1 when the byte bound left
+/// entries out)}`, where `trimmed` says whether the stream lost entries (it
 /// holds fewer than were published to it) and the entries are those in
-/// `(ARGV[1]`, `ARGV[2]]`, at most `ARGV[3]`. One round trip, and only the
-/// page's frames cross the wire (`XINFO STREAM` would bring the first and
-/// last entries' frames too).
+/// `(ARGV[1]`, `ARGV[2]]`, at most `ARGV[3]` and, past the first, at most
+/// `ARGV[4]` bytes of fields. One round trip, and only the page's frames
+/// cross the wire (`XINFO STREAM` would bring the first and last entries'
+/// frames too).
 /// KEYS: the topic's stream, the count hash.
 const PAGE: &str = r"
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
@@ -151,7 +153,37 @@ if first[1] then f = first[1][1] end
 local added = tonumber(redis.call('HGET', KEYS[2], KEYS[1]) or '0')
 local trimmed = 0
 if added > redis.call('XLEN', KEYS[1]) then trimmed = 1 end
-return {f, trimmed, redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])}
+local want = tonumber(ARGV[3])
+local budget = tonumber(ARGV[4])
+local page = {}
+local bytes = 0
+local cut = 0
+local start = ARGV[1]
+-- Read in small steps, so a page of large entries makes Redis read
+-- little past it.
+while cut == 0 and #page < want do
+  local step = redis.call('XRANGE', KEYS[1], start, ARGV[2], 'COUNT', math.min(16, want - #page))
+  for _, e in ipairs(step) do
+    local size = 0
+    for j = 2, #e[2], 2 do size = size + #e[2][j] end
+    if #page > 0 and bytes + size > budget then
+      cut = 1
+      break
+    end
+    bytes = bytes + size
+    page[#page + 1] = e
+    start = '(' .. e[1]
+  end
+  if #step < 16 then break end
+end
+local last = false
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+  end
+end
+return {f, trimmed, page, last, cut}
 ";
 
 /// Drops expired messages at the head, refuses a full mailbox (-1), else
@@ -675,7 +707,9 @@ impl Engine {
     }
 
     /// At most `count` retained events of `topic` with ids above `after`
-    /// and at most `until`, oldest first; with whether events after `after`
+    /// and at most `until`, oldest first, and past the first no more than
+    /// [`PAGE_BYTES`] of frames (true beside it when that bound left some
+    /// out); with whether events after `after`
     /// may be missing (Redis trimmed the stream past it) and the oldest id
     /// the topic retains. A stream replays a page at a time: what Redis
     /// returns is this stream's own copy, so a page is kept small.
@@ -685,19 +719,25 @@ impl Engine {
         after: EventId,
         until: EventId,
         count: usize,
-    ) -> Result<Replay, StorageError> {
+    ) -> Result<(Replay, bool), StorageError> {
         let key = topic_key(topic);
         let start = format!("({after}");
         let end = until.to_string();
         let count = count.max(1).to_string();
+        let budget = PAGE_BYTES.to_string();
         let reply = self.with_conn_retry("replay", |c| {
             self.page.run(
                 c,
                 &[&key, SEQ_KEY.as_bytes()],
-                &[start.as_bytes(), end.as_bytes(), count.as_bytes()],
+                &[
+                    start.as_bytes(),
+                    end.as_bytes(),
+                    count.as_bytes(),
+                    budget.as_bytes(),
+                ],
             )
         })?;
-        let [first, trimmed, entries] = reply.items().unwrap_or_default() else {
+        let [first, trimmed, entries, newest, cut] = reply.items().unwrap_or_default() else {
             return Err(storage(format!("redis replay: odd reply {reply:?}")));
         };
         let first = parse_id(first);
@@ -709,11 +749,22 @@ impl Engine {
             .filter_map(entry_frame)
             .map(|(id, frame)| Retained { id, frame })
             .collect();
-        Ok(Replay {
+        // Trimmed entries are all older than the first one left: one of
+        // them can be newer than `after` only if `after` is below the id
+        // just before it. A trimmed stream with nothing left lost up to its
+        // newest id; one whose key is gone (Redis evicted it), everything.
+        let gap = trimmed
+            && match (first, parse_id(newest)) {
+                (Some(first), _) => after < first.pred(),
+                (None, Some(newest)) => after < newest,
+                (None, None) => true,
+            };
+        let page = Replay {
             events,
-            gap: trimmed && first.is_some_and(|first| after < first),
+            gap,
             oldest: first,
-        })
+        };
+        Ok((page, int(cut) == Some(1)))
     }
 
     /// Queues `text` in mailbox `key`; the mailbox's length after it.

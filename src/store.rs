@@ -517,6 +517,23 @@ impl MailboxStore for DurableMailboxes {
         // The hub logs a failure, naming the mailbox.
         r.map(drop).map_err(StorageError::new)
     }
+
+    fn remove_many(&mut self, seqs: &[u64]) -> Result<(), StorageError> {
+        // One transaction: expiring a hundred thousand messages is one
+        // commit, not a hundred thousand.
+        let r = (|| {
+            let mut conn = self.db.lock();
+            let tx = conn.transaction()?;
+            {
+                let mut delete = tx.prepare_cached("DELETE FROM mailbox WHERE seq = ?1")?;
+                for &seq in seqs {
+                    delete.execute([int(seq)?])?;
+                }
+            }
+            tx.commit()
+        })();
+        r.map_err(StorageError::new)
+    }
 }
 
 /// Takes the exclusive lock, sets the journal up and creates or checks

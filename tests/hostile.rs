@@ -288,6 +288,43 @@ fn a_rebound_page_gets_no_loopback_privilege_and_https_is_another_origin() {
     assert_eq!(status, 200, "the demo page's own origin");
 }
 
+#[test]
+fn a_rebound_page_cannot_take_mailbox_messages_nor_publish_through_cors_star() {
+    let _serial = serial();
+    let dir = TempDir::new("rebind-more");
+    let (_ssed, addr) = spawn_config(&dir, "cors_origins = [\"*\"]\nretry = \"0\"\n");
+    let port = addr.port();
+    let mut publisher = Publisher::new(addr);
+    assert_eq!(publisher.post("/keys/secret", "m1").0, 200);
+    // A rebound page consuming the mailbox: refused, the message stays.
+    let mut c = Client::new(addr);
+    c.send(
+        format!(
+            "GET /keys/secret HTTP/1.1\r\nHost: rebind.attacker.example:{port}\r\n\
+             Accept: text/event-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let (head, body) = c.response();
+    assert_eq!(head.status, 403, "{body}");
+    assert!(body.contains("allowed_hosts"), "{body}");
+    let mut local = Client::new(addr);
+    local.get_stream("/keys/secret", &[]);
+    let frame = local.frame_matching(8, |f| !field(f, "data").is_empty());
+    assert_eq!(field(&frame, "data"), ["m1"], "the message was not taken");
+    // With cors_origins = ["*"], any page may subscribe, but a page of
+    // another origin may not publish with this machine's right.
+    let host = format!("Host: 127.0.0.1:{port}");
+    let (status, text) = post_with(
+        addr,
+        "/publish/x",
+        &[&host, "Origin: https://evil.example"],
+        "x",
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("cors_origins"), "{text}");
+}
+
 // ---------------------------------------------------------------------------
 // Finding 6: smaller ones
 // ---------------------------------------------------------------------------

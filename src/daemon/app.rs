@@ -267,7 +267,25 @@ impl App {
                 && !proxied(req)
                 && local_host(req.header("host"), &self.config.allowed_hosts) =>
             {
-                Ok(())
+                // A page of another origin in a browser here is not this
+                // machine either, unless cors_origins names it: `*` lets
+                // any page subscribe, not publish with this machine's right.
+                match req.header("origin") {
+                    Some(origin)
+                        if !same_origin(origin, req.header("host"), SCHEME)
+                            && !self.cors_lists(origin) =>
+                    {
+                        Err(Response::text(
+                            403,
+                            format!(
+                                "publishing from a page of {origin} is refused: with no \
+                                 publish_token set, only this machine's own pages, or origins \
+                                 listed by name in cors_origins, may publish"
+                            ),
+                        ))
+                    }
+                    _ => Ok(()),
+                }
             }
             None if auth::is_loopback(req.peer_addr().ip()) && !proxied(req) => {
                 Err(Response::text(
@@ -294,6 +312,14 @@ impl App {
                 ),
             )),
         }
+    }
+
+    /// Whether `origin` is listed by name in `cors_origins` (not by `*`).
+    fn cors_lists(&self, origin: &str) -> bool {
+        self.config
+            .cors_origins
+            .iter()
+            .any(|o| o.trim_end_matches('/') == origin)
     }
 
     /// CORS headers for an allowed cross-origin request; `Err(403)` for a
@@ -439,10 +465,38 @@ impl App {
         if !valid_name(key) {
             return stream.respond(bad_name("key", key));
         }
+        if let Some(refusal) = self.refuse_rebound_consumer(req) {
+            return stream.respond(refusal);
+        }
         if !self.open_stream(req, stream, false)? {
             return Ok(());
         }
         stream.consume(&self.hub, key)
+    }
+
+    /// With no subscribe token, consuming a mailbox (which takes its
+    /// messages) from this machine needs what publishing does: a direct
+    /// connection under a Host no web page can take over, or a proxy's. A
+    /// page that reached the daemon under its own name (DNS rebinding)
+    /// would otherwise take a local program's messages.
+    #[cold]
+    #[inline(never)]
+    fn refuse_rebound_consumer(&self, req: &Request) -> Option<Response> {
+        let rebound = self.config.subscribe_token.is_none()
+            && auth::is_loopback(req.peer_addr().ip())
+            && !proxied(req)
+            && !local_host(req.header("host"), &self.config.allowed_hosts);
+        rebound.then(|| {
+            Response::text(
+                403,
+                format!(
+                    "consuming a mailbox with Host {:?} is refused: with no subscribe_token set, \
+                     a request from this machine may consume only under an IP address, \
+                     localhost or a name listed in allowed_hosts",
+                    req.header("host").unwrap_or_default()
+                ),
+            )
+        })
     }
 
     // ----- ordinary requests -------------------------------------------------

@@ -95,7 +95,8 @@ impl Client {
 
     /// Sends `GET path` for an event stream, with extra header lines.
     pub fn get_stream(&mut self, path: &str, extra: &[&str]) -> Head {
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n");
+        let mut req =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n");
         for h in extra {
             req.push_str(h);
             req.push_str("\r\n");
