@@ -283,11 +283,13 @@ impl SubscriberQueue {
         }
         let Scratch { frames, buf } = scratch;
         frames.clear();
+        let mut first = true;
         loop {
-            if !self.drain_direct(frames) {
+            if !self.drain_direct(frames, first) {
                 // Too much for a waker: the subscriber's thread writes it.
                 return false;
             }
+            first = false;
             if !frames.is_empty() || !w.outbox.is_empty() {
                 buf.clear();
                 // What the subscriber staged goes first. Its buffer is
@@ -377,16 +379,38 @@ impl SubscriberQueue {
         }
     }
 
-    /// Moves every queued frame into `out` if they are few and small
-    /// enough for a waker to send ([`DIRECT_MAX`], [`DIRECT_BYTES`]);
-    /// false, and nothing moves, otherwise.
-    fn drain_direct(&self, out: &mut Vec<EncodedEvent>) -> bool {
+    /// Moves queued frames into `out` for a waker to send; false, and
+    /// nothing moves, when they are the subscriber's thread's to write.
+    /// On a waker's `first` look, every frame, if they are few and small
+    /// ([`DIRECT_MAX`], [`DIRECT_BYTES`]): a deeper queue means the
+    /// publisher outruns the wakers. Once it is sending, as many as fit
+    /// [`DIRECT_BYTES`], so it keeps up with a fast publisher without its
+    /// buffer (and what it may leave in `carry`) growing.
+    fn drain_direct(&self, out: &mut Vec<EncodedEvent>, first: bool) -> bool {
         let mut frames = self.frames();
-        if frames.queue.len() > DIRECT_MAX || frames.bytes > DIRECT_BYTES {
+        if first {
+            if frames.queue.len() > DIRECT_MAX || frames.bytes > DIRECT_BYTES {
+                return false;
+            }
+            out.extend(frames.queue.drain(..));
+            frames.bytes = 0;
+            return true;
+        }
+        if frames
+            .queue
+            .front()
+            .is_some_and(|f| f.as_bytes().len() > DIRECT_BYTES)
+        {
             return false;
         }
-        out.extend(frames.queue.drain(..));
-        frames.bytes = 0;
+        let mut bytes = 0;
+        while let Some(next) = frames.queue.front() {
+            bytes += next.as_bytes().len();
+            if bytes > DIRECT_BYTES {
+                break;
+            }
+            out.extend(frames.pop());
+        }
         true
     }
 

@@ -43,10 +43,10 @@ const STREAM_IDLE_COST: u64 = 36 * 1024;
 /// Room per stream for data in flight: what one stream can pin of its own
 /// while its client does not read, whatever the history holds (frames are
 /// shared and written without a copy, a replay is read a page at a time,
-/// one write stages at most 16 KiB). Measured on 2026-12-04 with clients
+/// one write stages at most 32 KiB). Measured on 2026-12-04 with clients
 /// with a 4 KiB window resuming 300 events of 64 KB
-/// (`scripts/stuck-readers.py`): 16.5-20.6 KiB of RSS per stuck stream
-/// with the static build, 33-42 KiB with glibc (500 and 50 streams), of
+/// (`scripts/stuck-readers.py`): 18.6-22.3 KiB of RSS per stuck stream
+/// with the static build, 29-30 KiB with glibc (500 and 50 streams), of
 /// which an idle stream holds 5.6 and 10.9; 19 KiB per stalled stream as a v1
 /// cgroup counts it (`scripts/cgroup-memory.sh --stalled 500`). Besides,
 /// the kernel keeps such a stream's send buffer (up to about 124 KiB with
