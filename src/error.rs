@@ -10,6 +10,7 @@
 //! - [`StreamError`]: what a stream handler's `?` propagates; it carries the
 //!   [`EndReason`] when the stream is over.
 
+use std::any::Any;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -43,12 +44,6 @@ pub enum Error {
     /// The operating system refused a resource the server needs to run
     /// (the readiness poller, its wake-up descriptor).
     Io(io::Error),
-    /// The durable store (the daemon's `data_dir`) could not be opened.
-    #[cfg(feature = "durable")]
-    Store(crate::store::StoreError),
-    /// The hub's engine could not be set up (a Redis URL that does not
-    /// parse, a reader thread that cannot start).
-    Engine(crate::HubError),
 }
 
 impl fmt::Display for Error {
@@ -58,9 +53,6 @@ impl fmt::Display for Error {
             Error::Bind { addr, .. } => write!(f, "cannot listen on {addr}"),
             Error::Route { pattern, reason } => write!(f, "invalid route {pattern:?}: {reason}"),
             Error::Io(_) => f.write_str("server i/o setup failed"),
-            #[cfg(feature = "durable")]
-            Error::Store(_) => f.write_str("durable store unavailable"),
-            Error::Engine(_) => f.write_str("event engine unavailable"),
         }
     }
 }
@@ -72,9 +64,6 @@ impl std::error::Error for Error {
                 Some(source)
             }
             Error::Route { .. } => None,
-            #[cfg(feature = "durable")]
-            Error::Store(e) => Some(e),
-            Error::Engine(e) => Some(e),
         }
     }
 }
@@ -82,13 +71,6 @@ impl std::error::Error for Error {
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::Io(e)
-    }
-}
-
-#[cfg(feature = "durable")]
-impl From<crate::store::StoreError> for Error {
-    fn from(e: crate::store::StoreError) -> Self {
-        Error::Store(e)
     }
 }
 
@@ -306,6 +288,15 @@ impl fmt::Display for Report<'_> {
         }
         Ok(())
     }
+}
+
+/// The message of a caught panic, for the log.
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)")
 }
 
 #[cfg(test)]

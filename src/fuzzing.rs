@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 pub use crate::http::head::{BodyKind, Head, HeadError, MAX_HEAD, MAX_HEADERS, Parse, parse};
 
 use crate::http::body;
-use crate::route::{Handler, Match};
+use crate::server::route::{Handler, Match};
 use crate::{Request, Response, Server};
 
 /// What [`Offline::serve`] made of a request.

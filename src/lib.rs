@@ -91,6 +91,22 @@
 //! handler ends only its own connection: it is caught, logged at `error` and
 //! counted ([`StatsSnapshot::handler_panics`]).
 //!
+//! # How the source is laid out
+//!
+//! Imports run one way, from the bottom up; no module uses one that uses it
+//! back.
+//!
+//! | layer | where | what |
+//! | --- | --- | --- |
+//! | errors, events | `error.rs`, `event.rs`, `digits.rs`, `time.rs`, `stats.rs`, `shutdown.rs` | [`Error`], [`StreamError`], [`Event`] and its encoding, counters, the shutdown handle |
+//! | HTTP | `http/` | request heads and bodies (with their limits), responses, chunked framing |
+//! | streams | `stream/` | [`Stream`]: sending, waiting, the budget; `write.rs` is the write path (vectored, with a deadline), `registry.rs` the open streams shutdown reaches |
+//! | server | `server/` | [`Server`] and [`ServerBuilder`]; `acceptor.rs` is the main loop (one thread, epoll: heads, bodies, answers without a thread), `conn.rs` a connection's thread, `pending.rs` what waits in the acceptor, `route.rs`, `limits/` (the cap, cgroups, the memory guard) |
+//! | hub | `hub/` | [`Hub`]: topics, ids, history and replay (`history.rs`, pages in `mod.rs`), mailboxes (`mailbox.rs`), fan-out and the waker threads (`fanout.rs`); engines: memory, SQLite (`store.rs`), Redis (`redis/`) |
+//! | bridges | `bridge/` | PostgreSQL `LISTEN`/`NOTIFY` into topics, the `tiny_http` adapter |
+//! | daemon | `daemon/` | the `ssed` daemon's config, routes, auth, metrics and demo page (not a stable API) |
+//! | binary | `main.rs` | the CLI, `ssed loadtest` |
+//!
 //! # Features
 //!
 //! - `daemon` (default): the `ssed` binary and its dependencies (logger,
@@ -124,48 +140,39 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-mod acceptor;
-mod conn;
+mod bridge;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 mod digits;
 mod error;
 mod event;
-mod fanout;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
-mod history;
 mod http;
 mod hub;
-mod id;
-mod limits;
-mod mailbox;
-mod pending;
-#[cfg(feature = "postgres")]
-pub mod postgres;
-pub mod redis;
-mod resp;
-mod route;
 mod server;
 mod shutdown;
 mod stats;
-#[cfg(feature = "durable")]
-pub mod store;
 mod stream;
 mod time;
+
+#[cfg(feature = "postgres")]
+pub use bridge::postgres;
 #[cfg(feature = "tiny-http")]
-pub mod tiny_http;
-mod wire;
+pub use bridge::tiny_http;
+pub use hub::redis;
+#[cfg(feature = "durable")]
+pub use hub::store;
 
 pub use error::{EndReason, Error, EventError, Report, StreamError};
 pub use event::{EncodedEvent, Event};
-pub use history::{History, MemoryHistory, Replay, Retained, StorageError};
 pub use http::{Request, Response};
+pub use hub::history::{History, MemoryHistory, Replay, Retained, StorageError};
+pub use hub::id::{EventId, ParseIdError, valid_name};
+pub use hub::mailbox::{MailboxStore, StoredMessage};
 pub use hub::{Hub, HubConfig, HubError, HubUsage, Published, RESET_EVENT, Subscription};
-pub use id::{EventId, ParseIdError, valid_name};
-pub use limits::{Capacity, MemoryInfo, MemorySource, memory_info, raise_fd_limit};
-pub use mailbox::{MailboxStore, StoredMessage};
+pub use server::limits::{Capacity, MemoryInfo, MemorySource, memory_info, raise_fd_limit};
 pub use server::{MIN_STACK_SIZE, Overload, RunningServer, Server, ServerBuilder};
 pub use shutdown::ShutdownHandle;
 pub use stats::{Stats, StatsSnapshot};

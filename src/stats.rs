@@ -152,3 +152,12 @@ impl Stats {
         self.0.bytes_sent.fetch_add(bytes, Relaxed);
     }
 }
+
+/// Decrements a gauge when the thread ends, however it ends.
+pub(crate) struct Gauge<'a>(pub(crate) &'a AtomicU64);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}

@@ -9,7 +9,8 @@ use serde_json::json;
 
 use super::auth::{self, SESSION_COOKIE, TICKET_TTL, Tickets};
 use super::config::{Config, OverloadMode};
-use crate::postgres::{Listener, ListenerState};
+use super::error::SetupError;
+use crate::bridge::postgres::{Listener, ListenerState};
 use crate::{
     Capacity, EndReason, Event, Hub, HubConfig, MemoryHistory, Overload, Request, Response, Server,
     ShutdownHandle, Stats, Stream, StreamError, valid_name,
@@ -47,8 +48,9 @@ pub struct Daemon {
 /// # Errors
 ///
 /// When the listen address cannot be bound or resolved, or the store in
-/// `data_dir` cannot be opened ([`crate::Error::Store`]).
-pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::Error> {
+/// `data_dir` cannot be opened ([`SetupError::Store`]), or the Redis engine
+/// cannot be set up ([`SetupError::Engine`]).
+pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupError> {
     // With a data_dir, history and mailboxes are kept on disk too, and what
     // was kept there is back; without, they live in memory only.
     // With Redis, history, ids and mailboxes live there, shared by every
@@ -58,9 +60,9 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, crate::
     let reserve = hub_config.max_retained_bytes;
     let hub = match (&config.redis_url, &config.data_dir) {
         (Some(url), _) => {
-            Hub::with_redis(url, config.history, hub_config).map_err(crate::Error::Engine)?
+            Hub::with_redis(url, config.history, hub_config).map_err(SetupError::Engine)?
         }
-        (None, Some(dir)) => crate::store::open_hub(dir, config.history, hub_config)?,
+        (None, Some(dir)) => crate::hub::store::open_hub(dir, config.history, hub_config)?,
         (None, None) => Hub::with_history(Box::new(MemoryHistory::new(config.history)), hub_config),
     };
     let stats = Stats::new();

@@ -41,7 +41,7 @@ pub struct PostgresConfig {
 }
 
 impl PostgresConfig {
-    /// `(channel, topic)` pairs, as [`Listener::start`](crate::postgres::Listener::start) takes them.
+    /// `(channel, topic)` pairs, as [`Listener::start`](crate::bridge::postgres::Listener::start) takes them.
     pub fn routes(&self) -> Vec<(String, String)> {
         self.channels
             .iter()
@@ -55,7 +55,7 @@ impl fmt::Debug for PostgresConfig {
         // The URL may hold a password: show only where it points.
         let url = self.url.parse::<postgres::Config>().map_or_else(
             |_| "<invalid>".to_owned(),
-            |c| crate::postgres::describe(&c),
+            |c| crate::bridge::postgres::describe(&c),
         );
         f.debug_struct("PostgresConfig")
             .field("url", &url)
@@ -394,7 +394,7 @@ impl Config {
                             "url" => {
                                 let url = r.string(&full, v)?;
                                 if !url.is_empty() {
-                                    crate::resp::RedisUrl::parse(&url)
+                                    crate::hub::redis::resp::RedisUrl::parse(&url)
                                         .map_err(|m| r.err(&full, m))?;
                                 }
                                 c.redis_url = (!url.is_empty()).then_some(url);
@@ -482,7 +482,7 @@ impl Config {
 /// that parses, at least one channel, and channels that are valid topic
 /// names when no `topic` is given. `Err((key, message))`.
 fn check_postgres(pg: &PostgresConfig) -> Result<(), (&'static str, String)> {
-    use crate::postgres::{MAX_CHANNEL_LEN, valid_channel};
+    use crate::bridge::postgres::{MAX_CHANNEL_LEN, valid_channel};
     if pg.url.is_empty() {
         return Err(("url", "missing".to_owned()));
     }
@@ -516,7 +516,7 @@ fn check_postgres(pg: &PostgresConfig) -> Result<(), (&'static str, String)> {
 fn bad_topic(name: &str) -> String {
     format!(
         "invalid topic name {name:?}: use 1 to {} characters of A-Z a-z 0-9 _ . : -",
-        crate::id::MAX_NAME_LEN
+        crate::hub::id::MAX_NAME_LEN
     )
 }
 

@@ -10,7 +10,9 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+mod error;
 pub mod loadtest;
 
 pub use app::{Daemon, build};
 pub use config::{Config, ConfigError};
+pub use error::SetupError;

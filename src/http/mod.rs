@@ -8,11 +8,12 @@
 //! - [`body`] decodes a request body (length or chunked) incrementally,
 //!   under a size bound.
 //!
-//! The acceptor (`crate::acceptor`) feeds bytes to [`head::parse`] and to a
+//! The acceptor (`crate::server`) feeds bytes to [`head::parse`] and to a
 //! body decoder without a thread; a connection thread only ever sees
 //! complete requests.
 
 pub(crate) mod body;
+pub(crate) mod chunked;
 pub(crate) mod head;
 pub(crate) mod request;
 pub(crate) mod response;

@@ -53,10 +53,10 @@ use rusqlite::{Connection, ErrorCode, params};
 
 use crate::error::Report;
 use crate::event::EncodedEvent;
-use crate::history::{Evicted, History, MemoryHistory, Replay, Retained, StorageError};
+use crate::hub::history::{Evicted, History, MemoryHistory, Replay, Retained, StorageError};
+use crate::hub::id::EventId;
+use crate::hub::mailbox::{MailboxStore, StoredMessage};
 use crate::hub::{Hub, HubConfig};
-use crate::id::EventId;
-use crate::mailbox::{MailboxStore, StoredMessage};
 
 /// The database's file name inside the data directory.
 pub const DB_FILE: &str = "ssed.sqlite3";

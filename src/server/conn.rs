@@ -11,22 +11,21 @@
 //! A panic in a handler is caught here, at the thread boundary: it ends that
 //! connection only, is logged at `error` and counted.
 
-use std::any::Any;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::error::{EndReason, Report, StreamError};
+use crate::error::{EndReason, Report, StreamError, panic_message};
 use crate::http::body;
 use crate::http::head::{self, Parse};
 use crate::http::{Request, Response};
-use crate::pending::{Returned, send_now};
-use crate::route::{Handler, Match, PlainFn, StreamFn};
 use crate::server::Shared;
+use crate::server::pending::{Returned, send_now};
+use crate::server::route::{Handler, Match, PlainFn, StreamFn};
+use crate::stats::Gauge;
 use crate::stream::{Outcome, Sink, Stream};
 
 /// What a connection thread is to do.
@@ -51,15 +50,6 @@ impl Job {
             Job::Stream { .. } => counters.streams_open.fetch_sub(1, Relaxed),
             Job::Plain { .. } => counters.requests_active.fetch_sub(1, Relaxed),
         };
-    }
-}
-
-/// Decrements a gauge when the thread ends, however it ends.
-pub(crate) struct Gauge<'a>(pub(crate) &'a AtomicU64);
-
-impl Drop for Gauge<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -446,12 +436,4 @@ fn hand_back(shared: &Shared, r: Returned) {
     if shared.returned.send(r).is_ok() {
         shared.shutdown.wake();
     }
-}
-
-pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(non-string panic payload)")
 }

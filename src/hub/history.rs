@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::event::EncodedEvent;
-use crate::id::{EventId, now_ms};
+use crate::hub::id::{EventId, now_ms};
 
 /// An event as kept in history: its id and its encoded frame.
 #[derive(Debug, Clone)]

@@ -1,11 +1,24 @@
 //! [`Server`] and [`ServerBuilder`]: configuration, binding, the run loop
-//! and shutdown. The accept loop itself lives in `acceptor.rs`; a
-//! connection's thread in `conn.rs`.
+//! and shutdown.
+//!
+//! How the parts fit: the accept loop lives in `acceptor.rs` (one thread:
+//! it owns every connection until its request is in, answers refusals
+//! without a thread, and finishes answers a client is slow to take); what
+//! waits there, and in what phase, is `pending.rs`; a connection's one
+//! thread is `conn.rs` (a stream's handler, or one ordinary request);
+//! `route.rs` maps a request to its handler; `limits/` derives the stream
+//! cap from the machine (descriptors, maps, memory and its cgroup,
+//! threads) and guards memory at admission.
 
-use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+pub(crate) mod acceptor;
+pub(crate) mod conn;
+pub(crate) mod limits;
+pub(crate) mod pending;
+pub(crate) mod route;
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -13,14 +26,15 @@ use crossbeam_channel::Sender;
 use rustix::event::{EventfdFlags, epoll, eventfd};
 use rustix::net::{AddressFamily, SocketType, ipproto, sockopt};
 
-use crate::acceptor::{self, Acceptor};
 use crate::error::{Error, StreamError};
 use crate::http::{Request, Response};
-use crate::limits::{self, Capacity, MemoryGuard};
-use crate::pending::Returned;
-use crate::route::{Handler, Router};
+use crate::server::acceptor::Acceptor;
+use crate::server::limits::{Capacity, MemoryGuard};
+use crate::server::pending::Returned;
+use crate::server::route::{Handler, Router};
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
+use crate::stream::registry::Registry;
 use crate::stream::{Stream, StreamConfig};
 
 /// Smallest stack a connection thread gets: below it a handler panic can
@@ -77,90 +91,6 @@ pub(crate) struct Shared {
     /// Refuses new streams while memory headroom is low (the cap is
     /// computed once, memory use keeps moving).
     pub memory: MemoryGuard,
-}
-
-/// Open stream sockets, so shutdown can unblock a thread stuck in `write`.
-/// Holds a reference to the same socket (no second descriptor).
-#[derive(Default)]
-pub(crate) struct Registry {
-    next: AtomicU64,
-    conns: Mutex<HashMap<u64, Entry>>,
-}
-
-struct Entry {
-    conn: Arc<TcpStream>,
-    /// The stream's thread, unparked at shutdown.
-    thread: std::thread::Thread,
-    /// Dropped at shutdown: disconnects the stream's own wake-up channel.
-    wake: Option<Sender<()>>,
-}
-
-impl Registry {
-    /// Registers a stream's socket and its thread (the caller), which
-    /// shutdown unparks. Out of line, as is `remove`: stream threads keep
-    /// every stack page they touch (see `Stream::follow`).
-    #[inline(never)]
-    pub(crate) fn insert(&self, conn: Arc<TcpStream>) -> u64 {
-        let id = self.next.fetch_add(1, Relaxed);
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.insert(
-                id,
-                Entry {
-                    conn,
-                    thread: std::thread::current(),
-                    wake: None,
-                },
-            );
-        }
-        id
-    }
-
-    /// Gives stream `id` a wake-up channel of its own, which shutdown
-    /// disconnects; the stream makes it when it first waits on a channel
-    /// (most streams never do: they park). If shutdown already began, the
-    /// sender is dropped at once.
-    pub(crate) fn set_wake(&self, id: u64, wake: Sender<()>, shutdown: &ShutdownHandle) {
-        if let Ok(mut conns) = self.conns.lock()
-            // Checked under the lock `wake_all` takes, so a stream
-            // registering while shutdown begins cannot miss its wake-up.
-            && !shutdown.is_shutdown()
-            && let Some(entry) = conns.get_mut(&id)
-        {
-            entry.wake = Some(wake);
-        }
-    }
-
-    /// Wakes every registered stream by disconnecting its wake-up channel.
-    fn wake_all(&self) {
-        let (senders, threads): (Vec<Option<Sender<()>>>, Vec<std::thread::Thread>) =
-            match self.conns.lock() {
-                Ok(mut c) => c
-                    .values_mut()
-                    .map(|e| (e.wake.take(), e.thread.clone()))
-                    .unzip(),
-                Err(_) => return,
-            };
-        drop(senders); // outside the lock
-        threads.iter().for_each(std::thread::Thread::unpark);
-    }
-
-    #[inline(never)]
-    pub(crate) fn remove(&self, id: u64) {
-        let removed = self.conns.lock().ok().and_then(|mut c| c.remove(&id));
-        drop(removed); // outside the lock: may close the socket
-    }
-
-    /// Shuts every registered socket down, failing any blocked write.
-    fn shutdown_all(&self) -> usize {
-        let conns: Vec<Arc<TcpStream>> = match self.conns.lock() {
-            Ok(c) => c.values().map(|e| Arc::clone(&e.conn)).collect(),
-            Err(_) => return 0,
-        };
-        for c in &conns {
-            let _ = c.shutdown(std::net::Shutdown::Both); // may be closed already
-        }
-        conns.len()
-    }
 }
 
 /// Builds a [`Server`]; every setter takes and returns the builder.

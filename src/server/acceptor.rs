@@ -13,7 +13,7 @@
 //! the client does not take at once comes back here to be sent, and
 //! keep-alive connections come back here between requests, so an idle,
 //! slow or non-reading client holds no thread. The states a waiting
-//! connection goes through live in `crate::pending`.
+//! connection goes through live in `crate::server::pending`.
 //!
 //! Errors of `accept` (descriptor exhaustion above all) never end the loop:
 //! they are counted, logged at most once a second, and retried after a short
@@ -30,12 +30,12 @@ use crossbeam_channel::Receiver;
 use rustix::event::epoll;
 use rustix::fd::{AsFd, OwnedFd};
 
-use crate::conn::{self, Job};
 use crate::http::body::{self, BodyDecoder, BodyError, Feed};
 use crate::http::head::{self, MAX_HEAD, Parse};
 use crate::http::{Request, Response};
-use crate::pending::{Flush, Outgoing, Pending, Phase, Returned, Table, Waiting, send_now};
-use crate::route::{Handler, Match, PlainFn};
+use crate::server::conn::{self, Job};
+use crate::server::pending::{Flush, Outgoing, Pending, Phase, Returned, Table, Waiting, send_now};
+use crate::server::route::{Handler, Match, PlainFn};
 use crate::server::{Overload, Shared};
 
 const LISTENER: u64 = u64::MAX;

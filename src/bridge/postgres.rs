@@ -54,7 +54,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use crate::error::Report;
 use crate::event::Event;
 use crate::hub::Hub;
-use crate::id::valid_name;
+use crate::hub::id::valid_name;
 use crate::shutdown::ShutdownHandle;
 
 /// Longest channel name PostgreSQL keeps (`NAMEDATALEN - 1` bytes); a

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::Report;
-use crate::history::StorageError;
-use crate::id::now_ms;
+use crate::hub::history::StorageError;
+use crate::hub::id::now_ms;
 
 /// Bytes counted for each waiting message besides its text: its text's
 /// allocation header. Its place in the mailbox's queue is counted with the

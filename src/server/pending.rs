@@ -9,8 +9,8 @@
 //! token and counts the bytes the waiting bodies hold, which the acceptor
 //! keeps under one bound for all of them.
 //!
-//! Nothing here routes or spawns: the acceptor (`crate::acceptor`) decides
-//! what a state change means. A connection thread (`crate::conn`) only
+//! Nothing here routes or spawns: the acceptor (`crate::server::acceptor`) decides
+//! what a state change means. A connection thread (`crate::server::conn`) only
 //! hands connections back, as [`Returned`].
 
 use std::io;

@@ -17,6 +17,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::error::EndReason;
+use crate::http::chunked::{CHUNK_FRAMING, frame_into};
 
 /// Most bytes of small frames and chunk framing copied together before a
 /// vectored write: room for a batch of queued frames of ordinary size in
@@ -30,27 +31,6 @@ pub(crate) const STAGE_MAX: usize = 32 * 1024;
 const BY_REFERENCE: usize = 512;
 /// Most slices in one vectored write (Linux allows 1,024).
 const MAX_SLICES: usize = 256;
-/// Bytes an HTTP/1.1 chunk adds around a frame, at most: the size in hex
-/// (16 digits) and two CRLFs.
-pub(crate) const CHUNK_FRAMING: usize = 16 + 4;
-
-/// Appends `frame` to `out` as the stream frames it: an HTTP/1.1 chunk when
-/// `chunked`, the bare bytes otherwise (HTTP/1.0).
-pub(crate) fn frame_into(out: &mut Vec<u8>, frame: &[u8], chunked: bool) {
-    if chunked {
-        chunk_into(out, frame);
-    } else {
-        out.extend_from_slice(frame);
-    }
-}
-
-/// Appends `frame` to `out` as one HTTP/1.1 chunk.
-pub(crate) fn chunk_into(out: &mut Vec<u8>, frame: &[u8]) {
-    crate::digits::push_hex(out, frame.len());
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(frame);
-    out.extend_from_slice(b"\r\n");
-}
 
 /// Writes all of `bytes` to `conn` within `timeout`.
 ///

@@ -69,7 +69,8 @@
 //!   for keep-alive; with `Connection: keep-alive` the client sees the
 //!   stream stop but not end.
 
-use crate::conn::{Gauge, panic_message};
+use crate::error::panic_message;
+use crate::stats::Gauge;
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::panic::{AssertUnwindSafe, catch_unwind};

@@ -26,8 +26,8 @@ use crossbeam_channel::Sender;
 use rustix::net::SendFlags;
 
 use crate::event::EncodedEvent;
+use crate::http::chunked::frame_into;
 use crate::stats::Stats;
-use crate::wire::frame_into;
 
 /// Subscribers woken inline by the publisher; more go to the waker threads.
 const INLINE_WAKES: usize = 8;
@@ -43,7 +43,7 @@ const INLINE_WAKES: usize = 8;
 const DIRECT_MAX: usize = 16;
 /// Most bytes of frames a waker sends for a sleeping subscriber; larger
 /// frames are written by the subscriber's own thread, without a copy (see
-/// `crate::wire`). A waker copies what it sends into one buffer, and what
+/// `crate::stream::write`). A waker copies what it sends into one buffer, and what
 /// the socket does not take waits in the subscriber's `carry`: this keeps
 /// that copy, which a client that stops reading pins for the write
 /// timeout, small whatever the frames.

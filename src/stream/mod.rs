@@ -4,6 +4,13 @@
 //! flushed before it returns; a failed or timed-out write ends the stream;
 //! every blocking call (`send`, `sleep`, `recv`, `poll`, `forward`) is bounded
 //! by the execution-time budget and by shutdown.
+//!
+//! `write.rs` puts frames on the socket within the write timeout, without
+//! copying large ones; `registry.rs` keeps the open streams' sockets and
+//! threads for shutdown to reach.
+
+pub(crate) mod registry;
+pub(crate) mod write;
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -17,12 +24,12 @@ use crate::digits::Digits;
 use crate::error::{EndReason, EventError, StreamError};
 use crate::event::{EncodedEvent, Event};
 use crate::http::Response;
+use crate::http::chunked::{CHUNK_FRAMING, chunk_into, frame_into};
 use crate::http::response::{STREAM_HEAD_10, STREAM_HEAD_11, stream_head};
-use crate::server::Registry;
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
-use crate::wire::write_all_timeout;
-use crate::wire::{CHUNK_FRAMING, chunk_into, frame_into, write_frames_timeout, write_frames_to};
+use crate::stream::registry::Registry;
+use crate::stream::write::{write_all_timeout, write_frames_timeout, write_frames_to};
 
 /// The data of the message [`Stream::done`] sends.
 pub const DONE: &str = "[DONE]";
@@ -297,6 +304,8 @@ impl Stream {
     /// Like [`retry`](Stream::retry), but while the head has not gone out
     /// the frame waits to go with it, in the same write (which
     /// [`follow`](Stream::follow) hands to a waker thread).
+    // Only the daemon defers its `retry:` this way.
+    #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
     pub(crate) fn retry_on_open(&mut self, time: Duration) -> Result<(), StreamError> {
         if self.state != State::Pending {
             return self.retry(time);
@@ -739,7 +748,7 @@ impl Stream {
     }
 
     /// Writes `head` and `frames` without copying the frames (see
-    /// `crate::wire`): what a stream holds of its own while a write waits
+    /// `crate::stream::write`): what a stream holds of its own while a write waits
     /// on a client stays bounded however large the frames or the batch.
     fn write_large(&mut self, head: &[u8], frames: &[&[u8]]) -> Result<(), StreamError> {
         let result = match &mut self.sink {

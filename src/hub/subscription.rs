@@ -1,0 +1,485 @@
+//! A [`Subscription`]: its queue of live frames, and its replay, read from
+//! the engine a page at a time ([`Replaying`]).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::Report;
+use crate::event::{EncodedEvent, Event};
+use crate::hub::fanout::SubscriberQueue;
+use crate::hub::history::{Replay, Retained, StorageError};
+use crate::hub::id::{EventId, earliest};
+use crate::hub::{BATCH, Hub, PAGE_BYTES, RESET_EVENT, State};
+
+/// A subscription to one or more topics: the replay backlog, then live
+/// frames. Dropping it unsubscribes.
+pub struct Subscription {
+    pub(crate) hub: Hub,
+    pub(crate) id: u64,
+    pub(crate) replay: Replaying,
+    pub(crate) queue: Arc<SubscriberQueue>,
+}
+
+/// Reads one topic's page of a replay: `(topic, after, until, max)`, as
+/// [`History::page`] does, and whether a bound of the source's own (bytes)
+/// left events out.
+type PageFn<'a> =
+    dyn FnMut(&str, EventId, EventId, usize) -> Result<(Replay, bool), StorageError> + 'a;
+
+/// What is left of a subscription's replay.
+///
+/// A hub that keeps history itself hands it out a page at a time (see
+/// [`History::page`]): a stream resuming on topics with thousands of
+/// retained events holds one page of shared frames while its client reads,
+/// never the whole history. The events replayed are those published before
+/// the subscription (up to `until`); later ones arrive through its queue.
+pub(crate) struct Replaying {
+    /// Frames read and not yet taken (a reset notice first, if any).
+    pub(crate) ready: VecDeque<EncodedEvent>,
+    /// Per topic of the subscription (in the queue's order): the id its
+    /// replay goes on after. Empty once everything has been read.
+    pub(crate) from: Vec<EventId>,
+    /// The newest id the replay covers.
+    pub(crate) until: EventId,
+    /// The newest id read: a reset notice mid-replay names it.
+    pub(crate) last: Option<EventId>,
+}
+
+impl Default for Replaying {
+    /// Nothing to replay.
+    fn default() -> Self {
+        Replaying {
+            ready: VecDeque::new(),
+            from: Vec::new(),
+            until: EventId::floor_of(0),
+            last: None,
+        }
+    }
+}
+
+impl Replaying {
+    /// The replay of a subscription resuming after `asked` on `topics`,
+    /// with its first page read: called under the hub's lock, with the
+    /// subscription joining its topics in the same hold, so nothing falls
+    /// between the replay and the live frames.
+    // Out of line, so its locals do not deepen `Hub::subscribe` (see
+    // `Stream::follow`).
+    #[inline(never)]
+    pub(super) fn start(state: &State, topics: &[Arc<str>], asked: &str) -> Replaying {
+        // An id this hub cannot place (garbage, or from the future: a
+        // restart with the clock stepped back, another server) replays
+        // everything retained after the reset notice.
+        let placeable = asked
+            .parse::<EventId>()
+            .ok()
+            .filter(|a| *a <= state.last_id);
+        let after = placeable.unwrap_or(EventId::floor_of(0));
+        let mut replay = Replaying {
+            ready: VecDeque::new(),
+            from: vec![after; topics.len()],
+            until: state.last_id,
+            last: None,
+        };
+        let history = state.history.as_ref();
+        // Reading memory cannot fail.
+        let _ = replay.read_page(
+            topics,
+            &mut |t, a, u, m| Ok((history.page(t, a, u, m), false)),
+            Some(asked),
+            placeable.is_none(),
+        );
+        replay
+    }
+
+    /// Whether every frame of the replay has been read (some may still
+    /// wait in `ready`).
+    pub(crate) fn complete(&self) -> bool {
+        self.from.is_empty()
+    }
+
+    /// Reads up to `BATCH` more events, in id order, into `ready`; a reset
+    /// notice goes first when some were dropped before they could be read
+    /// (`asked` names the id the client resumed from on the first page).
+    pub(crate) fn read_page(
+        &mut self,
+        topics: &[Arc<str>],
+        page: &mut PageFn<'_>,
+        asked: Option<&str>,
+        mut gap: bool,
+    ) -> Result<(), StorageError> {
+        let mut events: Vec<Retained> = Vec::new();
+        let mut oldest: Option<EventId> = None;
+        let mut bound = self.until;
+        let mut more = false;
+        for (name, from) in topics.iter().zip(self.from.iter_mut()) {
+            if *from >= self.until {
+                continue; // nothing of this topic is left
+            }
+            let (page, cut) = page(name, *from, bound, BATCH)?;
+            if page.gap {
+                gap = true;
+                // The notice covers this topic up to its oldest event:
+                // later pages go on from there, and only a new loss
+                // gives a new notice.
+                *from = page.oldest.map_or(self.until, |o| o.pred().max(*from));
+            }
+            oldest = earliest(oldest, page.oldest);
+            // A page that came back full, by count or by the source's own
+            // bound, may have more behind it.
+            more |= cut || page.events.len() >= BATCH;
+            events.extend(page.events);
+            if cut_page(&mut events) {
+                // Later topics need nothing past the page's newest.
+                more = true;
+                bound = events.last().map_or(bound, |e| e.id);
+            }
+        }
+        events.sort_unstable_by_key(|e| e.id);
+        if gap {
+            let asked = match (asked, self.last) {
+                (Some(asked), _) => asked.to_owned(),
+                (None, Some(last)) => last.to_string(),
+                (None, None) => String::new(),
+            };
+            self.ready.push_back(reset_frame(&asked, oldest));
+        }
+        if let Some(newest) = events.last() {
+            self.last = Some(newest.id);
+        }
+        match (more, self.last) {
+            (true, Some(last)) => self.from.iter_mut().for_each(|f| *f = (*f).max(last)),
+            _ => self.from = Vec::new(),
+        }
+        self.ready.extend(events.into_iter().map(|e| e.frame));
+        Ok(())
+    }
+}
+
+/// Sorts `events` by id and keeps the oldest that fit one page: at most
+/// [`BATCH`] events and [`PAGE_BYTES`] of frames, one at least. True when
+/// some were cut.
+fn cut_page(events: &mut Vec<Retained>) -> bool {
+    events.sort_unstable_by_key(|e| e.id);
+    let (mut keep, mut bytes) = (0, 0);
+    for e in events.iter() {
+        let size = e.frame.as_bytes().len();
+        if keep > 0 && (keep >= BATCH || bytes + size > PAGE_BYTES) {
+            break;
+        }
+        keep += 1;
+        bytes += size;
+    }
+    let cut = keep < events.len();
+    events.truncate(keep);
+    cut
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("topics", &self.queue.topics)
+            .field("backlog", &self.replay.ready.len())
+            .field("queued", &self.queue.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// The next live frame without waiting (the replay backlog is taken
+    /// separately with [`take_backlog`](Subscription::take_backlog)).
+    pub fn try_next(&self) -> Option<EncodedEvent> {
+        self.queue.try_pop()
+    }
+
+    /// Waits up to `timeout` for the next live frame; `None` on timeout or
+    /// when the hub dropped the subscriber (see
+    /// [`is_slow`](Subscription::is_slow)) and its queue is empty.
+    pub fn next_timeout(&self, timeout: Duration) -> Option<EncodedEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(frame) = self.queue.try_pop() {
+                return Some(frame);
+            }
+            let now = Instant::now();
+            if self.queue.is_closed() || now >= deadline {
+                return None;
+            }
+            if self.queue.prepare_park() {
+                std::thread::park_timeout(deadline - now);
+                self.queue.unparked();
+            }
+        }
+    }
+
+    /// The replay frames (a reset notice first, if any), taken once.
+    ///
+    /// This reads the whole replay at once; a stream following the
+    /// subscription ([`Stream::follow`](crate::Stream::follow)) reads it a page at a time instead.
+    /// If Redis fails part way, the backlog ends with a reset notice (the
+    /// rest may be missing) and the failure is logged.
+    pub fn take_backlog(&mut self) -> Vec<EncodedEvent> {
+        let mut all = Vec::new();
+        loop {
+            match self.next_backlog(usize::MAX) {
+                Ok(page) if page.is_empty() => return all,
+                Ok(page) => all.extend(page),
+                Err(e) => {
+                    // What the replay could not read may be missing: say
+                    // so, as for any loss, after the last event read.
+                    log::warn!("replay cut short: {}", Report(&e));
+                    let last = self.replay.last.map(|id| id.to_string());
+                    all.push(reset_frame(&last.unwrap_or_default(), None));
+                    return all;
+                }
+            }
+        }
+    }
+
+    /// Up to `max` more frames of the replay, in order; empty once it is
+    /// all taken. Reads the next page from history when none is waiting.
+    ///
+    /// # Errors
+    ///
+    /// When Redis, the engine, cannot be read: the replay stops there.
+    #[inline(never)]
+    pub(crate) fn next_backlog(&mut self, max: usize) -> Result<Vec<EncodedEvent>, StorageError> {
+        if self.replay.ready.is_empty() && !self.replay.complete() {
+            let topics = &self.queue.topics;
+            let read = match &self.hub.0.remote {
+                Some(remote) => self.replay.read_page(
+                    topics,
+                    &mut |t, a, u, m| remote.page(t, a, u, m),
+                    None,
+                    false,
+                ),
+                None => {
+                    let state = self.hub.state();
+                    let history = state.history.as_ref();
+                    self.replay.read_page(
+                        topics,
+                        &mut |t, a, u, m| Ok((history.page(t, a, u, m), false)),
+                        None,
+                        false,
+                    )
+                }
+            };
+            if let Err(e) = read {
+                self.replay.from = Vec::new(); // nothing more to read
+                return Err(e);
+            }
+        }
+        let n = self.replay.ready.len().min(max);
+        Ok(self.replay.ready.drain(..n).collect())
+    }
+
+    /// Whether the replay is all taken or waiting in memory.
+    pub(crate) fn backlog_read(&self) -> bool {
+        self.replay.complete()
+    }
+
+    /// Whether the hub dropped this subscriber for falling behind.
+    pub fn is_slow(&self) -> bool {
+        self.queue.is_slow()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.unsubscribe(self.id, &self.queue.topics);
+    }
+}
+
+/// The `event: reset` frame telling a client that resumes from `asked`
+/// that events may be missing.
+pub(crate) fn reset_frame(asked: &str, oldest: Option<EventId>) -> EncodedEvent {
+    let data = serde_json::json!({
+        "lastEventId": asked,
+        "oldest": oldest.map(|o| o.to_string()).unwrap_or_default(),
+    });
+    let reset = Event::new().event(RESET_EVENT).data(data.to_string());
+    // A fixed event name and a JSON line cannot fail to encode.
+    reset
+        .encode_shared()
+        .unwrap_or_else(|_| EncodedEvent::from_parts(b"event: reset\ndata: {}\n\n".to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(f: &EncodedEvent) -> String {
+        String::from_utf8(f.as_bytes().to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn replay_has_no_gap_and_no_duplicate() {
+        let hub = Hub::new(100);
+        let ids: Vec<EventId> = (0..5)
+            .map(|i| {
+                hub.publish(
+                    if i % 2 == 0 { "a" } else { "b" },
+                    Event::new().data(i.to_string()),
+                )
+                .expect("valid")
+                .id
+            })
+            .collect();
+        let mut sub = hub
+            .subscribe(&["a", "b"], Some(&ids[1].to_string()))
+            .expect("valid");
+        let live = hub.publish("a", Event::new().data("live")).expect("valid");
+        let backlog: Vec<String> = sub.take_backlog().iter().map(text).collect();
+        let want: Vec<String> = ids[2..]
+            .iter()
+            .zip(2..)
+            .map(|(id, i)| format!("id: {id}\ndata: {i}\n\n"))
+            .collect();
+        assert_eq!(backlog, want);
+        assert_eq!(
+            text(&sub.try_next().expect("live")),
+            format!("id: {}\ndata: live\n\n", live.id)
+        );
+    }
+
+    #[test]
+    fn reset_when_history_was_evicted_or_id_unknown() {
+        let hub = Hub::new(2);
+        let first = hub.publish("t", Event::new().data("0")).expect("valid").id;
+        for i in 1..4 {
+            hub.publish("t", Event::new().data(i.to_string()))
+                .expect("valid");
+        }
+        let mut sub = hub
+            .subscribe(&["t"], Some(&first.to_string()))
+            .expect("valid");
+        let backlog: Vec<String> = sub.take_backlog().iter().map(text).collect();
+        assert_eq!(backlog.len(), 3, "{backlog:?}");
+        assert!(
+            backlog[0].starts_with("event: reset\ndata: {"),
+            "{}",
+            backlog[0]
+        );
+        assert!(backlog[0].contains(&format!("\"lastEventId\":\"{first}\"")));
+        assert!(backlog[2].ends_with("data: 3\n\n"));
+        for unknown in ["garbage", "99999999999999-0"] {
+            let mut sub = hub.subscribe(&["t"], Some(unknown)).expect("valid");
+            let b = sub.take_backlog();
+            assert!(text(&b[0]).starts_with("event: reset"), "{unknown}");
+        }
+        // Up to date: nothing to replay, no reset.
+        let mut sub = hub
+            .subscribe(&["t"], Some(&hub.last_id().to_string()))
+            .expect("valid");
+        assert!(sub.take_backlog().is_empty());
+    }
+
+    #[test]
+    fn a_long_replay_is_read_a_page_at_a_time_in_order_without_duplicates() {
+        let hub = Hub::new(2000);
+        let topics = ["a", "b", "c"];
+        let ids: Vec<EventId> = (0..1000)
+            .map(|i| {
+                hub.publish(topics[i % 3], Event::new().data(i.to_string()))
+                    .expect("valid")
+                    .id
+            })
+            .collect();
+        let mut sub = hub
+            .subscribe(&topics, Some(&ids[9].to_string()))
+            .expect("valid");
+        let live = hub.publish("b", Event::new().data("live")).expect("valid");
+        let mut got = Vec::new();
+        let mut pages = 0;
+        loop {
+            assert!(sub.replay.ready.len() <= BATCH, "one page at most");
+            let page = sub.next_backlog(BATCH).expect("in memory");
+            if page.is_empty() {
+                break;
+            }
+            pages += 1;
+            got.extend(page.iter().map(text));
+        }
+        let want: Vec<String> = ids[10..]
+            .iter()
+            .zip(10..)
+            .map(|(id, i)| format!("id: {id}\ndata: {i}\n\n"))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(pages, 990usize.div_ceil(BATCH));
+        assert_eq!(
+            text(&sub.try_next().expect("live")),
+            format!("id: {}\ndata: live\n\n", live.id),
+            "what came after the subscription is live, not replayed"
+        );
+        assert!(sub.take_backlog().is_empty());
+    }
+
+    #[test]
+    fn events_dropped_during_a_replay_give_a_reset_naming_the_last_one_read() {
+        let hub = Hub::new(300);
+        let ids: Vec<EventId> = (0..300)
+            .map(|i| {
+                hub.publish("t", Event::new().data(i.to_string()))
+                    .expect("valid")
+                    .id
+            })
+            .collect();
+        let mut sub = hub
+            .subscribe(&["t"], Some(&ids[0].to_string()))
+            .expect("valid");
+        let first = sub.next_backlog(BATCH).expect("in memory");
+        assert_eq!(first.len(), BATCH, "no reset: nothing was missing yet");
+        assert!(text(&first[0]).ends_with("data: 1\n\n"));
+        // While the client reads, publishers push the rest out of history.
+        for i in 0..300 {
+            hub.publish("t", Event::new().data(format!("new {i}")))
+                .expect("valid");
+        }
+        let rest: Vec<String> = sub.take_backlog().iter().map(text).collect();
+        assert_eq!(rest.len(), 1, "{rest:?}");
+        assert!(rest[0].starts_with("event: reset\n"), "{}", rest[0]);
+        assert!(
+            rest[0].contains(&format!("\"lastEventId\":\"{}\"", ids[BATCH])),
+            "{}",
+            rest[0]
+        );
+        // The replay stopped where the subscription began; the new events
+        // wait in its queue.
+        assert_eq!(std::iter::from_fn(|| sub.try_next()).count(), 300);
+    }
+
+    #[test]
+    fn a_page_over_many_topics_holds_the_oldest_events_of_all_of_them() {
+        let hub = Hub::new(1000);
+        let names: Vec<String> = (0..64).map(|t| format!("t{t}")).collect();
+        let topics: Vec<&str> = names.iter().map(String::as_str).collect();
+        for round in 0..20 {
+            for t in &topics {
+                hub.publish(t, Event::new().data(format!("{t} {round}")))
+                    .expect("valid");
+            }
+        }
+        let mut sub = hub.subscribe(&topics, Some("0-0")).expect("valid");
+        let mut all: Vec<String> = sub.take_backlog().iter().map(text).collect();
+        assert!(
+            all.remove(0).starts_with("event: reset"),
+            "0-0 is older than the hub"
+        );
+        assert_eq!(all.len(), 64 * 20);
+        let ids: Vec<EventId> = all
+            .iter()
+            .map(|f| {
+                f.lines()
+                    .find_map(|l| l.strip_prefix("id: "))
+                    .and_then(|i| i.parse().ok())
+                    .expect("an id")
+            })
+            .collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "id order, no duplicate"
+        );
+    }
+}

@@ -1,0 +1,231 @@
+//! The hub's own tests: publish, fan-out, slow subscribers, storage
+//! failures and mailboxes (the replay's are in `subscription.rs`).
+
+use super::*;
+use crate::hub::history::Replay;
+use crate::hub::mailbox::StoredMessage;
+
+fn text(f: &EncodedEvent) -> String {
+    String::from_utf8(f.as_bytes().to_vec()).expect("utf-8")
+}
+
+#[test]
+fn publish_fans_out_shared_bytes_in_id_order() {
+    let hub = Hub::new(10);
+    let a = hub.subscribe(&["a"], None).expect("valid");
+    let ab = hub.subscribe(&["a", "b"], None).expect("valid");
+    let p1 = hub.publish("a", Event::new().data("1")).expect("valid");
+    let p2 = hub
+        .publish("b", Event::new().event("x").data("2"))
+        .expect("valid");
+    assert!(p2.id > p1.id);
+    assert_eq!((p1.receivers, p2.receivers), (2, 1));
+    let fa = a.try_next().expect("queued");
+    let fab = ab.try_next().expect("queued");
+    assert!(std::ptr::eq(fa.as_bytes(), fab.as_bytes()), "encoded once");
+    assert_eq!(text(&fab), format!("id: {}\ndata: 1\n\n", p1.id));
+    assert_eq!(
+        text(&ab.try_next().expect("queued")),
+        format!("event: x\nid: {}\ndata: 2\n\n", p2.id)
+    );
+    assert!(a.try_next().is_none());
+    drop(a);
+    assert_eq!(hub.subscribers("a"), 1);
+}
+
+#[test]
+fn a_full_queue_drops_only_that_subscriber() {
+    let hub = Hub::with_history(
+        Box::new(MemoryHistory::new(10)),
+        HubConfig {
+            queue: 2,
+            ..HubConfig::default()
+        },
+    );
+    let slow = hub.subscribe(&["t"], None).expect("valid");
+    let fast = hub.subscribe(&["t"], None).expect("valid");
+    for i in 0..3 {
+        hub.publish("t", Event::new().data(i.to_string()))
+            .expect("valid");
+        while fast.try_next().is_some() {}
+    }
+    assert!(slow.is_slow());
+    assert!(!fast.is_slow());
+    assert_eq!(hub.subscribers("t"), 1);
+    // The slow one drains what it had, then sees the disconnect.
+    assert!(slow.try_next().is_some());
+    assert!(slow.try_next().is_some());
+    assert!(slow.try_next().is_none());
+    assert!(
+        slow.next_timeout(Duration::from_secs(5)).is_none(),
+        "closed: no wait"
+    );
+}
+
+#[test]
+fn mailboxes_are_fifo_bounded_and_single_delivery() {
+    let hub = Hub::with_history(
+        Box::new(MemoryHistory::new(0)),
+        HubConfig {
+            mailbox_capacity: 2,
+            ..HubConfig::default()
+        },
+    );
+    assert_eq!(hub.push("k", "a").expect("room"), 1);
+    assert_eq!(hub.push("k", "b").expect("room"), 2);
+    assert!(matches!(
+        hub.push("k", "c"),
+        Err(HubError::MailboxFull { capacity: 2, .. })
+    ));
+    assert!(matches!(
+        hub.push("bad key", "c"),
+        Err(HubError::InvalidName(_))
+    ));
+    let a = hub.0.mailboxes.take("k").expect("queued");
+    assert_eq!(a.text, "a");
+    hub.0.mailboxes.untake("k", a);
+    assert_eq!(hub.try_take("k").as_deref(), Some("a"));
+    assert_eq!(hub.try_take("k").as_deref(), Some("b"));
+    assert_eq!(hub.try_take("k"), None);
+    assert_eq!(hub.mailbox_len("k"), 0);
+}
+
+/// A history that refuses writes while `fail` is set.
+struct Flaky {
+    inner: MemoryHistory,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl History for Flaky {
+    fn append(&mut self, topic: &str, event: Retained) -> Result<(), StorageError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StorageError::new("disk full"));
+        }
+        self.inner.append(topic, event)
+    }
+
+    fn since(&self, topic: &str, after: EventId) -> Replay {
+        self.inner.since(topic, after)
+    }
+}
+
+#[test]
+fn a_refused_write_is_neither_delivered_nor_acknowledged() {
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hub = Hub::with_history(
+        Box::new(Flaky {
+            inner: MemoryHistory::new(10),
+            fail: Arc::clone(&fail),
+        }),
+        HubConfig::default(),
+    );
+    let sub = hub.subscribe(&["t"], None).expect("valid");
+    let first = hub.publish("t", Event::new().data("1")).expect("stored");
+    fail.store(true, Ordering::SeqCst);
+    let err = hub
+        .publish("t", Event::new().data("2"))
+        .expect_err("refused");
+    assert!(matches!(err, HubError::Storage(_)), "{err:?}");
+    assert_eq!(
+        Report(&err).to_string(),
+        "storage unavailable: storage failed: disk full"
+    );
+    assert_eq!(hub.published(), 1);
+    assert_eq!(hub.last_id(), first.id, "no id spent");
+    fail.store(false, Ordering::SeqCst);
+    let third = hub.publish("t", Event::new().data("3")).expect("stored");
+    let got: Vec<String> = std::iter::from_fn(|| sub.try_next())
+        .map(|f| text(&f))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            format!("id: {}\ndata: 1\n\n", first.id),
+            format!("id: {}\ndata: 3\n\n", third.id),
+        ]
+    );
+}
+
+/// A mailbox store that records what it is asked and can refuse puts.
+#[derive(Default, Clone)]
+struct Recorder {
+    log: Arc<Mutex<Vec<String>>>,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+    kept: Vec<StoredMessage>,
+}
+
+impl MailboxStore for Recorder {
+    fn load(&mut self) -> Result<Vec<StoredMessage>, StorageError> {
+        Ok(std::mem::take(&mut self.kept))
+    }
+
+    fn put(&mut self, m: &StoredMessage) -> Result<(), StorageError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StorageError::new("disk full"));
+        }
+        let mut log = self.log.lock().expect("not poisoned");
+        log.push(format!("put {} {} {}", m.key, m.seq, m.text));
+        Ok(())
+    }
+
+    fn remove(&mut self, seq: u64) -> Result<(), StorageError> {
+        let mut log = self.log.lock().expect("not poisoned");
+        log.push(format!("remove {seq}"));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_mailbox_store_sees_puts_and_removals_and_restores_in_order() {
+    let now = now_ms();
+    let kept = |seq: u64, key: &str, age_ms: u64| StoredMessage {
+        key: key.into(),
+        seq,
+        pushed_ms: now - age_ms,
+        text: format!("m{seq}"),
+    };
+    let store = Recorder {
+        kept: vec![
+            kept(3, "k", 10),
+            kept(5, "k", 10),
+            kept(7, "old", 7_200_000),
+        ],
+        ..Recorder::default()
+    };
+    let log = Arc::clone(&store.log);
+    let fail = Arc::clone(&store.fail);
+    let hub = Hub::with_stores(
+        Box::new(MemoryHistory::new(0)),
+        Box::new(store),
+        HubConfig::default(),
+    )
+    .expect("loads");
+    let taken = |log: &Arc<Mutex<Vec<String>>>| log.lock().expect("not poisoned").clone();
+    assert_eq!(taken(&log), ["remove 7"], "older than the TTL: dropped");
+    assert_eq!(hub.mailbox_len("old"), 0);
+    hub.push("k", "new").expect("room");
+    assert_eq!(
+        taken(&log)[1],
+        "put k 8 new",
+        "seq continues after the store's"
+    );
+    let m = hub.0.mailboxes.take("k").expect("restored");
+    assert_eq!((m.seq, m.text.as_str()), (3, "m3"));
+    hub.0.mailboxes.untake("k", m);
+    assert_eq!(
+        taken(&log).len(),
+        2,
+        "taken and given back: the store keeps it"
+    );
+    assert_eq!(hub.try_take("k").as_deref(), Some("m3"));
+    assert_eq!(taken(&log)[2], "remove 3");
+    fail.store(true, Ordering::SeqCst);
+    assert!(matches!(hub.push("k", "lost?"), Err(HubError::Storage(_))));
+    assert_eq!(hub.mailbox_len("k"), 2, "a refused push is not queued");
+}
+
+#[test]
+fn hub_is_a_cheap_shared_handle() {
+    fn assert_traits<T: Send + Sync + Clone>() {}
+    assert_traits::<Hub>();
+}
