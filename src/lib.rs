@@ -140,6 +140,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+mod backoff;
 mod bridge;
 #[cfg(feature = "daemon")]
 pub mod daemon;

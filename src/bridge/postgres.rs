@@ -39,18 +39,18 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fmt::Write as _;
-use std::hash::{BuildHasher, RandomState};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ::postgres::config::Host;
 use ::postgres::fallible_iterator::FallibleIterator;
 use ::postgres::{Client, Config, NoTls, Notification};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use crate::backoff::Backoff;
 use crate::error::Report;
 use crate::event::Event;
 use crate::hub::Hub;
@@ -264,7 +264,7 @@ impl Listener {
             target: target.clone(),
             stop: stop_rx,
             shutdown,
-            rng: seed(),
+            backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
         };
         let spawned = thread::Builder::new()
             .name("ssed-postgres".into())
@@ -382,17 +382,6 @@ pub(crate) fn describe(config: &Config) -> String {
     out
 }
 
-/// A seed for the backoff jitter: listeners started together (after a
-/// deploy) must not retry in lockstep.
-fn seed() -> u64 {
-    // `RandomState` carries random keys (different for each instance):
-    // hashing the clock with them gives a seed without a dependency.
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    RandomState::new().hash_one(nanos) | 1 // xorshift must not start at 0
-}
-
 /// Why a connection ended.
 enum Ended {
     /// `stop`, drop or shutdown.
@@ -412,12 +401,11 @@ struct Worker {
     target: String,
     stop: Receiver<()>,
     shutdown: ShutdownHandle,
-    rng: u64,
+    backoff: Backoff,
 }
 
 impl Worker {
     fn run(mut self) {
-        let mut delay = BACKOFF_MIN;
         let mut was_up = false;
         loop {
             if self.stopping() {
@@ -449,9 +437,9 @@ impl Worker {
                         }
                         Ended::Lost(error) => {
                             if since.elapsed() >= STABLE {
-                                delay = BACKOFF_MIN;
+                                self.backoff.reset();
                             }
-                            let wait = self.jitter(delay);
+                            let wait = self.backoff.next_wait();
                             log::warn!(
                                 "postgres {}: connection lost ({error}); reconnecting in {wait:?}",
                                 self.target
@@ -461,18 +449,16 @@ impl Worker {
                             if !self.sleep(wait) {
                                 return;
                             }
-                            delay = (delay * 2).min(BACKOFF_MAX);
                         }
                     }
                 }
                 Err(error) => {
-                    let wait = self.jitter(delay);
+                    let wait = self.backoff.next_wait();
                     log::warn!("postgres {}: {error}; retrying in {wait:?}", self.target);
                     self.shared.set_error(error);
                     if !self.sleep(wait) {
                         return;
                     }
-                    delay = (delay * 2).min(BACKOFF_MAX);
                 }
             }
         }
@@ -575,16 +561,6 @@ impl Worker {
             default(d) => !self.stopping(),
         }
     }
-
-    /// `base` less up to half of it, at random ("equal jitter").
-    fn jitter(&mut self, base: Duration) -> Duration {
-        // xorshift64: enough to spread retries, no dependency needed.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let half = base.as_millis() as u64 / 2;
-        base - Duration::from_millis(self.rng % (half + 1))
-    }
 }
 
 #[cfg(test)]
@@ -639,27 +615,6 @@ mod tests {
             let got = describe(&config);
             assert_eq!(got, want, "{url}");
             assert!(!got.contains("s3cret"));
-        }
-    }
-
-    #[test]
-    fn backoff_jitter_stays_within_half() {
-        let mut w = Worker {
-            hub: Hub::new(0),
-            config: Config::new(),
-            routes: HashMap::new(),
-            listen_sql: String::new(),
-            shared: Arc::default(),
-            target: String::new(),
-            stop: crossbeam_channel::never(),
-            shutdown: ShutdownHandle::new(),
-            rng: seed(),
-        };
-        for base in [BACKOFF_MIN, Duration::from_secs(1), BACKOFF_MAX] {
-            for _ in 0..1000 {
-                let d = w.jitter(base);
-                assert!(d <= base && d >= base / 2, "{d:?} for {base:?}");
-            }
         }
     }
 

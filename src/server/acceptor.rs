@@ -30,6 +30,7 @@ use crossbeam_channel::Receiver;
 use rustix::event::epoll;
 use rustix::fd::{AsFd, OwnedFd};
 
+use crate::backoff::{Backoff, Jitter};
 use crate::http::body::{self, BodyDecoder, BodyError, Feed};
 use crate::http::head::{self, MAX_HEAD, Parse};
 use crate::http::{Request, Response};
@@ -89,11 +90,11 @@ pub(crate) struct Acceptor {
     /// See [`body_budget`].
     body_budget: usize,
     listening: bool,
-    backoff: Duration,
+    backoff: Backoff,
     resume_at: Option<Instant>,
     last_error_log: Option<Instant>,
     suppressed_errors: u64,
-    rng: u64,
+    jitter: Jitter,
 }
 
 impl Acceptor {
@@ -103,9 +104,6 @@ impl Acceptor {
         epoll: OwnedFd,
         returned: Receiver<Returned>,
     ) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0x9E37_79B9_7F4A_7C15, |d| d.as_nanos() as u64);
         let body_budget = body_budget(shared.config.max_requests, shared.config.max_body);
         Acceptor {
             table: Table::new(epoll, shared.stats.clone()),
@@ -114,11 +112,11 @@ impl Acceptor {
             returned,
             body_budget,
             listening: true,
-            backoff: BACKOFF_MIN,
+            backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
             resume_at: None,
             last_error_log: None,
             suppressed_errors: 0,
-            rng: seed | 1,
+            jitter: Jitter::new(),
         }
     }
 
@@ -183,7 +181,7 @@ impl Acceptor {
         for _ in 0..ACCEPT_BURST {
             match self.listener.accept() {
                 Ok((conn, peer)) => {
-                    self.backoff = BACKOFF_MIN;
+                    self.backoff.reset();
                     self.limit_send_buffer(&conn);
                     self.admit(conn, peer, Vec::new(), false);
                 }
@@ -224,8 +222,8 @@ impl Acceptor {
                 String::new()
             };
             log::warn!(
-                "accept failed: {e}{also}; retrying in {:?} with {} connections waiting for their head",
-                self.backoff,
+                "accept failed: {e}{also}; retrying in at most {:?} with {} connections waiting for their head",
+                self.backoff.delay(),
                 self.table.live()
             );
             self.last_error_log = Some(now);
@@ -247,8 +245,7 @@ impl Acceptor {
         if self.listening && epoll::delete(self.table.poller(), &self.listener).is_ok() {
             self.listening = false;
         }
-        self.resume_at = Some(now + self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.resume_at = Some(now + self.backoff.next_wait());
         false
     }
 
@@ -677,7 +674,7 @@ impl Acceptor {
         let wants_stream = req.is_event_source();
         match self.shared.config.overload {
             Overload::Retry { min, max } if wants_stream => {
-                let retry = self.jitter(min, max);
+                let retry = self.jitter.between(min, max);
                 let body = format!(": server at capacity\nretry: {}\n\n", retry.as_millis());
                 let r = Response::new(200)
                     .with_header("Content-Type", "text/event-stream")
@@ -703,18 +700,6 @@ impl Acceptor {
         if open > 0 {
             log_cap_reached(open);
         }
-    }
-
-    fn jitter(&mut self, min: Duration, max: Duration) -> Duration {
-        // xorshift64: enough to spread reconnects, no dependency needed.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let span = max.saturating_sub(min).as_millis() as u64;
-        if span == 0 {
-            return min;
-        }
-        min + Duration::from_millis(self.rng % (span + 1))
     }
 
     fn spawn(&mut self, p: Conn, job: Job, minor: u8) {

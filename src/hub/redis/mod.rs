@@ -84,6 +84,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::event::EncodedEvent;
 use crate::hub::history::{Replay, Retained, StorageError};
 use crate::hub::id::EventId;
@@ -782,7 +783,7 @@ fn pause(engine: &Engine, time: Duration) -> bool {
 
 fn reader(engine: &Engine, hub: &WeakHub) {
     let url = engine.pool.url.clone();
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut ctl: Option<String> = None;
     let mut was_up = false;
     let mut stalled_since: Option<Instant> = None;
@@ -797,10 +798,9 @@ fn reader(engine: &Engine, hub: &WeakHub) {
             Err(e) => {
                 engine.connected.store(false, Ordering::Relaxed);
                 engine.failed("reader connect", &e);
-                if !pause(engine, jitter(backoff)) {
+                if !pause(engine, backoff.next_wait()) {
                     return;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
@@ -819,7 +819,7 @@ fn reader(engine: &Engine, hub: &WeakHub) {
                 }
                 Err(e) => {
                     engine.failed("reader start", &e);
-                    if !pause(engine, jitter(backoff)) {
+                    if !pause(engine, backoff.next_wait()) {
                         return;
                     }
                     continue;
@@ -848,12 +848,11 @@ fn reader(engine: &Engine, hub: &WeakHub) {
         engine.pool.clear_idle();
         engine.failed("reader", &e);
         if connected_at.elapsed() > Duration::from_secs(10) {
-            backoff = BACKOFF_MIN;
+            backoff.reset();
         }
-        if !pause(engine, jitter(backoff)) {
+        if !pause(engine, backoff.next_wait()) {
             return;
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -1029,17 +1028,6 @@ fn read_loop(
     }
 }
 
-/// `d` give or take a quarter, so nodes do not retry in step.
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos())
-        ^ std::process::id();
-    let spread = d / 4;
-    let offset = spread.mul_f64(f64::from(nanos % 1000) / 500.0);
-    d - spread + offset
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1071,13 +1059,5 @@ mod tests {
             ]),
         ]);
         assert!(entry_frame(&bad).is_none());
-    }
-
-    #[test]
-    fn jitter_stays_within_a_quarter() {
-        for _ in 0..100 {
-            let j = jitter(Duration::from_millis(400));
-            assert!(j >= Duration::from_millis(300) && j <= Duration::from_millis(500));
-        }
     }
 }
