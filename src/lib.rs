@@ -177,4 +177,4 @@ pub use server::limits::{Capacity, MemoryInfo, MemorySource, memory_info, raise_
 pub use server::{MIN_STACK_SIZE, Overload, RunningServer, Server, ServerBuilder};
 pub use shutdown::ShutdownHandle;
 pub use stats::{Stats, StatsSnapshot};
-pub use stream::Stream;
+pub use stream::{Stream, StreamOptions};

@@ -69,8 +69,6 @@
 //!   for keep-alive; with `Connection: keep-alive` the client sees the
 //!   stream stop but not end.
 
-use crate::error::panic_message;
-use crate::stats::Gauge;
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -78,14 +76,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::error::{EndReason, StreamError};
+use crate::error::{EndReason, StreamError, panic_message};
 use crate::event::Event;
 use crate::http::Request;
 use crate::http::head::{BodyKind, Fields, Head};
 use crate::http::response::{Response, stream_head};
-use crate::shutdown::ShutdownHandle;
-use crate::stats::Stats;
-use crate::stream::{Outcome, SHUTDOWN_COMMENT, Sink, Stream, StreamConfig};
+use crate::stats::Gauge;
+pub use crate::stream::StreamOptions;
+use crate::stream::{Outcome, SHUTDOWN_COMMENT, Sink, Stream};
 
 /// The body of the `406` a client gets when its `Accept` rules out an
 /// event stream (the same text as ssed's own server).
@@ -97,121 +95,6 @@ const UNKNOWN_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSP
 /// Not applied: a stream over a writer has no write deadline (see the
 /// module docs), but its settings carry one.
 const UNUSED_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Settings of the streams [`stream`] runs, builder style.
-///
-/// Clone it, or share it in an `Arc`, across the threads that serve
-/// streams: clones share the shutdown handle and the counters.
-///
-/// # Examples
-///
-/// ```
-/// use std::time::Duration;
-/// use ssed::tiny_http::StreamOptions;
-///
-/// let shutdown = ssed::ShutdownHandle::new();
-/// let stats = ssed::Stats::new();
-/// let options = StreamOptions::new()
-///     .max_execution_time(Duration::from_secs(60))
-///     .heartbeat(Duration::from_secs(15))
-///     .shutdown_handle(shutdown.clone()) // keep a clone to end the streams
-///     .stats(stats.clone());             // keep a clone to read the counters
-/// assert_eq!(options.heartbeat_interval(), Some(Duration::from_secs(15)));
-/// ```
-#[derive(Debug, Clone)]
-#[must_use = "options do nothing until passed to `stream`"]
-pub struct StreamOptions {
-    max_execution_time: Duration,
-    heartbeat: Duration,
-    heartbeat_event: bool,
-    shutdown: ShutdownHandle,
-    stats: Stats,
-}
-
-impl Default for StreamOptions {
-    fn default() -> Self {
-        StreamOptions {
-            max_execution_time: Duration::from_secs(30),
-            heartbeat: Duration::ZERO,
-            heartbeat_event: false,
-            shutdown: ShutdownHandle::new(),
-            stats: Stats::new(),
-        }
-    }
-}
-
-impl StreamOptions {
-    /// Options with every default.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// A stream's execution-time budget, restarted by every successful
-    /// send; when it runs out the stream's blocking calls fail with
-    /// [`EndReason::Budget`] and the response ends. `Duration::ZERO` means
-    /// unlimited. Default 30 s.
-    pub fn max_execution_time(mut self, d: Duration) -> Self {
-        self.max_execution_time = d;
-        self
-    }
-
-    /// Interval of keep-alive frames on an otherwise silent stream, sent
-    /// while a handler waits in [`Stream::sleep`], [`Stream::recv`] and the
-    /// helpers built on them. A heartbeat is a send: it restarts the
-    /// budget. `Duration::ZERO` turns them off. Default off.
-    pub fn heartbeat(mut self, d: Duration) -> Self {
-        self.heartbeat = d;
-        self
-    }
-
-    /// Send heartbeats as `event: ping` with `{"time": "<ISO-8601>"}`
-    /// instead of a comment. Default false.
-    pub fn heartbeat_event(mut self, on: bool) -> Self {
-        self.heartbeat_event = on;
-        self
-    }
-
-    /// A shutdown handle the streams obey: once it is triggered, their
-    /// blocking calls return [`EndReason::Shutdown`], each open stream gets
-    /// a last frame (`: server shutting down`) and its end, and new streams
-    /// get `503` with `Retry-After`. It does not stop tiny_http itself.
-    /// Default: a fresh handle (keep a clone of your own to use it).
-    pub fn shutdown_handle(mut self, handle: ShutdownHandle) -> Self {
-        self.shutdown = handle;
-        self
-    }
-
-    /// Counters to update: streams open and opened, frames and bytes sent,
-    /// disconnects per reason, handler panics. Default: fresh counters
-    /// (keep a clone of your own to read them).
-    pub fn stats(mut self, stats: Stats) -> Self {
-        self.stats = stats;
-        self
-    }
-
-    /// The budget in force (`None`: unlimited).
-    pub fn budget(&self) -> Option<Duration> {
-        nonzero(self.max_execution_time)
-    }
-
-    /// The heartbeat interval in force (`None`: off).
-    pub fn heartbeat_interval(&self) -> Option<Duration> {
-        nonzero(self.heartbeat)
-    }
-
-    fn stream_config(&self) -> StreamConfig {
-        StreamConfig {
-            budget: self.budget(),
-            write_timeout: UNUSED_WRITE_TIMEOUT,
-            heartbeat: self.heartbeat_interval(),
-            heartbeat_event: self.heartbeat_event,
-        }
-    }
-}
-
-fn nonzero(d: Duration) -> Option<Duration> {
-    (!d.is_zero()).then_some(d)
-}
 
 /// How [`stream`] served a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,7 +175,7 @@ where
     let mut stream = Stream::new(
         Sink::Writer(Box::new(writer.clone())),
         req.is_http10(),
-        options.stream_config(),
+        options.stream_config(UNUSED_WRITE_TIMEOUT),
         req.last_event_id().map(str::to_owned),
         options.shutdown.clone(),
         options.stats.clone(),

@@ -35,7 +35,7 @@ use crate::server::route::{Handler, Router};
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
 use crate::stream::registry::Registry;
-use crate::stream::{Stream, StreamConfig};
+use crate::stream::{Stream, StreamConfig, StreamOptions};
 
 /// Smallest stack a connection thread gets: below it a handler panic can
 /// overflow the stack while unwinding (measured: 16 KiB aborts with
@@ -117,22 +117,18 @@ pub struct ServerBuilder {
     max_connections: Option<usize>,
     max_requests: usize,
     max_pending: usize,
-    max_execution_time: Duration,
     request_timeout: Duration,
     keep_alive_timeout: Duration,
     write_timeout: Duration,
     max_body: usize,
     stack_size: usize,
     send_buffer: usize,
-    heartbeat: Duration,
-    heartbeat_event: bool,
     grace: Duration,
     overload: Overload,
     retry_after: Duration,
     raise_fd_limit: bool,
     memory_reserve: u64,
-    stats: Stats,
-    shutdown: ShutdownHandle,
+    stream: StreamOptions,
     router: Router,
     route_error: Option<Error>,
 }
@@ -154,22 +150,18 @@ impl Default for ServerBuilder {
             max_connections: None,
             max_requests: 64,
             max_pending: 4096,
-            max_execution_time: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             max_body: 64 * 1024,
             stack_size: 64 * 1024,
             send_buffer: 64 * 1024,
-            heartbeat: Duration::ZERO,
-            heartbeat_event: false,
             grace: Duration::from_secs(5),
             overload: Overload::Reject,
             retry_after: Duration::from_secs(5),
             raise_fd_limit: true,
             memory_reserve: 0,
-            stats: Stats::new(),
-            shutdown: ShutdownHandle::new(),
+            stream: StreamOptions::new(),
             router: Router::default(),
             route_error: None,
         }
@@ -217,12 +209,18 @@ impl ServerBuilder {
         self
     }
 
-    /// A stream's execution-time budget, restarted by every successful
-    /// send; when it runs out the stream's blocking calls fail with
-    /// [`EndReason::Budget`](crate::EndReason::Budget) and it closes.
-    /// `Duration::ZERO` means unlimited. Default 30 s.
+    /// Every stream setting at once (budget, heartbeats, the shutdown
+    /// handle, the counters), replacing what the setters for them set.
+    /// Default: [`StreamOptions::new`].
+    pub fn stream_options(mut self, options: StreamOptions) -> Self {
+        self.stream = options;
+        self
+    }
+
+    /// A stream's execution-time budget: see
+    /// [`StreamOptions::max_execution_time`]. Default 30 s.
     pub fn max_execution_time(mut self, d: Duration) -> Self {
-        self.max_execution_time = d;
+        self.stream = self.stream.max_execution_time(d);
         self
     }
 
@@ -273,19 +271,17 @@ impl ServerBuilder {
         self
     }
 
-    /// Interval of keep-alive frames on an otherwise silent stream, sent
-    /// while a handler waits in [`Stream::sleep`], [`Stream::recv`] and the
-    /// helpers built on them. A heartbeat is a send: it restarts the
-    /// budget. `Duration::ZERO` turns them off. Default off.
+    /// Keep-alive frames on a silent stream: see
+    /// [`StreamOptions::heartbeat`]. Default off.
     pub fn heartbeat(mut self, d: Duration) -> Self {
-        self.heartbeat = d;
+        self.stream = self.stream.heartbeat(d);
         self
     }
 
-    /// Send heartbeats as `event: ping` with `{"time": "<ISO-8601>"}`
-    /// instead of a comment. Default false.
+    /// Heartbeats as `event: ping`: see [`StreamOptions::heartbeat_event`].
+    /// Default false.
     pub fn heartbeat_event(mut self, on: bool) -> Self {
-        self.heartbeat_event = on;
+        self.stream = self.stream.heartbeat_event(on);
         self
     }
 
@@ -330,17 +326,19 @@ impl ServerBuilder {
         self
     }
 
-    /// Counters to update (clone the handle first to read it elsewhere).
-    /// Default: fresh counters, see [`Server::stats`].
+    /// Counters to update (clone the handle first to read it elsewhere):
+    /// see [`StreamOptions::stats`]. Default: fresh counters, see
+    /// [`Server::stats`].
     pub fn stats(mut self, stats: Stats) -> Self {
-        self.stats = stats;
+        self.stream = self.stream.stats(stats);
         self
     }
 
     /// A shutdown handle to obey (one created elsewhere, for instance by a
-    /// signal handler). Default: a fresh one, see [`Server::shutdown_handle`].
+    /// signal handler): see [`StreamOptions::shutdown_handle`]. Default: a
+    /// fresh one, see [`Server::shutdown_handle`].
     pub fn shutdown_handle(mut self, handle: ShutdownHandle) -> Self {
-        self.shutdown = handle;
+        self.stream = self.stream.shutdown_handle(handle);
         self
     }
 
@@ -420,7 +418,7 @@ impl ServerBuilder {
         let waker = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(std::io::Error::from)?;
         acceptor::register_waker(&epoll, &waker)?;
-        if !self.shutdown.set_wake(waker) {
+        if !self.stream.shutdown.set_wake(waker) {
             return Err(Error::Io(std::io::Error::other(
                 "this shutdown handle already belongs to another server",
             )));
@@ -434,7 +432,6 @@ impl ServerBuilder {
         } else {
             self.stack_size
         };
-        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         let config = Config {
             max_connections: capacity.max_streams,
             max_requests: self.max_requests,
@@ -448,14 +445,10 @@ impl ServerBuilder {
             grace: self.grace,
             overload: self.overload,
             retry_after: self.retry_after,
-            stream: StreamConfig {
-                budget: nonzero(self.max_execution_time),
-                write_timeout: self.write_timeout,
-                heartbeat: nonzero(self.heartbeat),
-                heartbeat_event: self.heartbeat_event,
-            },
+            stream: self.stream.stream_config(self.write_timeout),
         };
-        self.stats
+        self.stream
+            .stats
             .counters()
             .streams_max
             .store(capacity.max_streams as u64, Relaxed);
@@ -463,8 +456,8 @@ impl ServerBuilder {
         let shared = Arc::new(Shared {
             config,
             router: self.router,
-            stats: self.stats,
-            shutdown: self.shutdown,
+            stats: self.stream.stats,
+            shutdown: self.stream.shutdown,
             registry: Arc::new(Registry::default()),
             returned: returned_tx,
             memory: MemoryGuard::detect(),

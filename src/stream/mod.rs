@@ -9,16 +9,19 @@
 //! copying large ones; `registry.rs` keeps the open streams' sockets and
 //! threads for shutdown to reach.
 
+mod options;
 pub(crate) mod registry;
 pub(crate) mod write;
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::Serialize;
+
+pub use options::StreamOptions;
 
 use crate::digits::Digits;
 use crate::error::{EndReason, EventError, StreamError};
@@ -1023,19 +1026,6 @@ impl Stream {
 
     pub(crate) fn ended(&self) -> Option<EndReason> {
         self.ended
-    }
-
-    /// Drains anything the client sent after the head (keeps the receive
-    /// queue from holding memory). Not used on the hot path.
-    #[allow(dead_code)]
-    fn discard_input(&mut self) {
-        if let Sink::Tcp(conn) = &self.sink {
-            let mut buf = [0u8; 256];
-            if conn.set_nonblocking(true).is_ok() {
-                while matches!((&**conn).read(&mut buf), Ok(n) if n > 0) {}
-                let _ = conn.set_nonblocking(false);
-            }
-        }
     }
 }
 
