@@ -7,7 +7,7 @@
 //!
 //! 1. The store alone: a [`Hub`] with `history = 1000` over ten topics,
 //!    already full (so every publish also trims), publishes 20,000 events
-//!    of 200 bytes, in memory and then with `ssed::store` in a temporary
+//!    of 200 bytes, in memory and then with `ssed::hub::store` in a temporary
 //!    directory; the time of each `publish` call, which for the durable hub
 //!    includes its SQLite transaction (WAL, `synchronous = NORMAL`).
 //! 2. The daemon: the real `ssed` (`CARGO_BIN_EXE_ssed`) started without
@@ -62,7 +62,7 @@ fn run(full: bool) -> Result<(), Box<dyn Error>> {
     let dir = TempDir::new("lib")?;
     for durable in [false, true] {
         let hub = if durable {
-            ssed::store::open_hub(&dir.0, HISTORY, HubConfig::default())?
+            ssed::hub::store::open_hub(&dir.0, HISTORY, HubConfig::default())?
         } else {
             Hub::new(HISTORY)
         };

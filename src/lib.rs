@@ -114,13 +114,13 @@
 //!   `default-features = false`.
 //! - `tiny-http`: `ssed::tiny_http`, a [`Stream`] over a `tiny_http::Request`
 //!   for apps already serving HTTP with tiny_http.
-//! - `durable` (part of `daemon`): `ssed::store`, history and mailboxes kept
+//! - `durable` (part of `daemon`): `ssed::hub::store`, history and mailboxes kept
 //!   in an embedded SQLite database so they survive restarts.
 //! - `postgres` (part of `daemon`): `ssed::postgres`, a listener that
 //!   publishes PostgreSQL `NOTIFY` payloads into a [`Hub`]'s topics.
 //! - `fuzzing`: internals for the fuzz targets in `fuzz/`; not a stable API.
 //!
-//! Always there, with no dependency: [`Hub::with_redis`] (see [`redis`]),
+//! Always there, with no dependency: [`Hub::with_redis`] (see [`hub::redis`]),
 //! a hub whose topics, ids, history and mailboxes live in Redis, shared by
 //! several nodes.
 
@@ -151,7 +151,7 @@ mod event;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;
-mod hub;
+pub mod hub;
 mod server;
 mod shutdown;
 mod stats;
@@ -162,17 +162,11 @@ mod time;
 pub use bridge::postgres;
 #[cfg(feature = "tiny-http")]
 pub use bridge::tiny_http;
-pub use hub::redis;
-#[cfg(feature = "durable")]
-pub use hub::store;
 
 pub use error::{EndReason, Error, EventError, Report, StreamError};
 pub use event::{EncodedEvent, Event};
 pub use http::{Request, Response};
-pub use hub::history::{History, MemoryHistory, Replay, Retained, StorageError};
-pub use hub::id::{EventId, ParseIdError, valid_name};
-pub use hub::mailbox::{MailboxStore, StoredMessage};
-pub use hub::{Hub, HubConfig, HubError, HubUsage, Published, RESET_EVENT, Subscription};
+pub use hub::{EventId, Hub, HubConfig, HubError, Published, Subscription};
 pub use server::limits::{Capacity, MemoryInfo, MemorySource, memory_info, raise_fd_limit};
 pub use server::{MIN_STACK_SIZE, Overload, RunningServer, Server, ServerBuilder};
 pub use shutdown::ShutdownHandle;

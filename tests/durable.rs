@@ -1,5 +1,5 @@
 #![cfg(all(feature = "daemon", feature = "durable"))]
-//! Durable history and mailboxes (`data_dir`, `ssed::store`): what is kept
+//! Durable history and mailboxes (`data_dir`, `ssed::hub::store`): what is kept
 //! survives closing the store and `kill -9` of the real daemon, ids keep
 //! increasing, trimming and TTLs hold, and a store opens once at a time.
 //!
@@ -13,8 +13,9 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
-use ssed::store::{self, DurableHistory, StoreError};
-use ssed::{Event, EventId, History, HubConfig, HubError, Retained};
+use ssed::hub::store::{self, DurableHistory, StoreError};
+use ssed::hub::{History, Retained};
+use ssed::{Event, EventId, HubConfig, HubError};
 use support::process::Ssed;
 use support::{Client, TempDir, field, post};
 

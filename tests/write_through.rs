@@ -10,7 +10,8 @@ mod support;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ssed::{EndReason, Event, Hub, HubConfig, MemoryHistory, Server, StreamError};
+use ssed::hub::MemoryHistory;
+use ssed::{EndReason, Event, Hub, HubConfig, Server, StreamError};
 use support::{Client, field, start, wait_until};
 
 /// A server whose `/t/{topic}` follows `hub`.

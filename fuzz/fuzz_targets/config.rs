@@ -140,7 +140,7 @@ fn check_ranges(c: &Config) {
     for pg in &c.postgres {
         assert!(!pg.url.is_empty() && !pg.channels.is_empty());
         for (_, topic) in pg.routes() {
-            assert!(ssed::valid_name(&topic), "topic {topic:?}");
+            assert!(ssed::hub::valid_name(&topic), "topic {topic:?}");
         }
     }
     let is_set = |t: &Option<String>| t.as_ref().is_none_or(|t| !t.is_empty());

@@ -23,7 +23,8 @@ use std::net::SocketAddr;
 use libfuzzer_sys::fuzz_target;
 use ssed::daemon::{Config, Daemon, auth};
 use ssed::fuzzing::{BodyKind, Offline, Parse, Served, parse};
-use ssed::{Hub, Request, Response, ShutdownHandle, valid_name};
+use ssed::hub::valid_name;
+use ssed::{Hub, Request, Response, ShutdownHandle};
 
 #[path = "../../tests/support/event_stream.rs"]
 #[allow(dead_code)]

@@ -51,7 +51,7 @@
 //!   connection and gives each a thread, idle ones included; nothing here
 //!   answers `503` past a limit. (You can refuse streams yourself before
 //!   spawning, reading [`StatsSnapshot::streams_open`](crate::StatsSnapshot)
-//!   from the [`Stats`] in your options.)
+//!   from the [`Stats`](crate::Stats) in your options.)
 //! - **No write timeout.** A client that stops reading blocks the handler
 //!   inside `send` until TCP gives up on the connection, which takes
 //!   minutes; the execution-time budget cannot interrupt a write.

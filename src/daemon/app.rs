@@ -11,9 +11,10 @@ use super::auth::{self, SESSION_COOKIE, TICKET_TTL, Tickets};
 use super::config::{Config, OverloadMode};
 use super::error::SetupError;
 use crate::bridge::postgres::{Listener, ListenerState};
+use crate::hub::{MemoryHistory, valid_name};
 use crate::{
-    Capacity, EndReason, Event, Hub, HubConfig, MemoryHistory, Overload, Request, Response, Server,
-    ShutdownHandle, Stats, Stream, StreamError, valid_name,
+    Capacity, EndReason, Event, Hub, HubConfig, Overload, Request, Response, Server,
+    ShutdownHandle, Stats, Stream, StreamError,
 };
 
 /// The demo page served at `/`.

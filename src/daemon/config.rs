@@ -426,7 +426,7 @@ impl Config {
                                 "channels" => pg.channels = r.strings(&full, v)?,
                                 "topic" => {
                                     let topic = r.string(&full, v)?;
-                                    if !crate::valid_name(&topic) {
+                                    if !crate::hub::valid_name(&topic) {
                                         return Err(r.err(&full, bad_topic(&topic)));
                                     }
                                     pg.topic = Some(topic);
@@ -500,7 +500,7 @@ fn check_postgres(pg: &PostgresConfig) -> Result<(), (&'static str, String)> {
                 format!("invalid channel {channel:?}: use 1 to {MAX_CHANNEL_LEN} bytes, no NUL"),
             ));
         }
-        if pg.topic.is_none() && !crate::valid_name(channel) {
+        if pg.topic.is_none() && !crate::hub::valid_name(channel) {
             return Err((
                 "channels",
                 format!(

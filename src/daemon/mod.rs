@@ -1,6 +1,10 @@
 //! The `ssed` daemon (feature `daemon`): configuration, the HTTP routes over
 //! a [`Hub`](crate::Hub), authentication, metrics and the demo page.
 //!
+//! **Not a stable API.** It is public so the `ssed` binary, the tests and
+//! the fuzz targets can build the daemon; embed the library instead
+//! ([`Server`](crate::Server), [`Hub`](crate::Hub)), whose surface is kept.
+//!
 //! How the parts fit: [`config`] turns the TOML file, the environment and
 //! the command line into a [`Config`]; [`app::build`] makes
 //! a [`Server`](crate::Server) whose routes publish into and subscribe to a

@@ -6,7 +6,7 @@ use super::head::{BodyKind, Fields, Head};
 
 /// Name of the query parameter an `EventSource` can use on its first
 /// connection, when it cannot set headers, in place of `Last-Event-ID`.
-pub const LAST_EVENT_ID_QUERY: &str = "lastEventId";
+pub(crate) const LAST_EVENT_ID_QUERY: &str = "lastEventId";
 
 /// An HTTP request whose head is complete (and, on ordinary routes, whose
 /// body has been read).

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest topic or mailbox key name.
-pub const MAX_NAME_LEN: usize = 200;
+pub(crate) const MAX_NAME_LEN: usize = 200;
 
 /// An event id: `<unix-ms>-<seq>`, increasing in publish order across all
 /// topics and, being time-based, across restarts.

@@ -1,5 +1,19 @@
 //! [`Hub`]: topics, history and replay, keyed mailboxes.
 //!
+//! An embedding program uses [`Hub`] and [`Subscription`] (also at the
+//! crate root). What else is public here is for those who give a hub a
+//! store of their own: the [`History`] and [`MailboxStore`] traits and
+//! their types, and the two engines ssed ships besides memory, [`store`]
+//! (SQLite, feature `durable`) and [`redis`].
+//!
+//! How the parts fit: this file holds the hub, its one lock and what it
+//! orders (publish, subscribe, fan-out under the lock, waking after it);
+//! `id.rs` event ids and names; `history.rs` the [`History`] trait and
+//! [`MemoryHistory`]; `mailbox.rs` the mailboxes; `subscription.rs` a
+//! subscription and its replay, read a page at a time; `follow.rs` a
+//! [`Stream`](crate::Stream) following a subscription or consuming a
+//! mailbox; `fanout.rs` the subscribers' queues and the waker threads.
+//!
 //! One lock orders everything that must be ordered: a publish takes it to
 //! assign the next id, append to history and offer the encoded frame to
 //! every subscriber's queue; a subscribe takes it to join its topics and copy
@@ -8,7 +22,7 @@
 //! several topics interleave in id order. Fan-out under the lock is a
 //! `try_send` of a reference-counted frame per subscriber: a publish never
 //! blocks on a subscriber, and a subscriber whose queue is full is dropped
-//! with [`EndReason::Slow`] (its client reconnects with `Last-Event-ID` and
+//! with [`EndReason::Slow`](crate::EndReason::Slow) (its client reconnects with `Last-Event-ID` and
 //! replays what it missed from history).
 //!
 //! History sits behind the [`History`] trait so other stores (an embedded
@@ -28,6 +42,9 @@ pub mod redis;
 pub mod store;
 mod subscription;
 
+pub use history::{History, MemoryHistory, Replay, Retained, StorageError};
+pub use id::{EventId, ParseIdError, valid_name};
+pub use mailbox::{MailboxStore, StoredMessage};
 use subscription::Replaying;
 pub use subscription::Subscription;
 
@@ -42,9 +59,8 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::error::{EventError, Report};
 use crate::event::{EncodedEvent, Event};
 use crate::hub::fanout::{Pushed, SubscriberQueue, Wakers};
-use crate::hub::history::{History, MemoryHistory, Retained, StorageError};
-use crate::hub::id::{EventId, MAX_NAME_LEN, now_ms, valid_name};
-use crate::hub::mailbox::{MailboxStore, Mailboxes};
+use crate::hub::id::{MAX_NAME_LEN, now_ms};
+use crate::hub::mailbox::Mailboxes;
 use crate::hub::redis::resp::RedisUrl;
 use crate::hub::redis::{Engine, PushError, RedisState};
 

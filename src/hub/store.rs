@@ -195,11 +195,11 @@ impl std::error::Error for StoreError {
 ///
 /// ```
 /// # let dir = std::env::temp_dir().join(format!("ssed-doc-{}", std::process::id()));
-/// let hub = ssed::store::open_hub(&dir, 1000, ssed::HubConfig::default())?;
+/// let hub = ssed::hub::store::open_hub(&dir, 1000, ssed::HubConfig::default())?;
 /// let first = hub.publish("news", ssed::Event::new().data("kept"))?.id;
 /// drop(hub);
 ///
-/// let hub = ssed::store::open_hub(&dir, 1000, ssed::HubConfig::default())?;
+/// let hub = ssed::hub::store::open_hub(&dir, 1000, ssed::HubConfig::default())?;
 /// assert!(hub.publish("news", ssed::Event::new().data("next"))?.id > first);
 /// # drop(hub);
 /// # std::fs::remove_dir_all(&dir)?;

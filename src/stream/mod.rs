@@ -35,7 +35,7 @@ use crate::stream::registry::Registry;
 use crate::stream::write::{write_all_timeout, write_frames_timeout, write_frames_to};
 
 /// The data of the message [`Stream::done`] sends.
-pub const DONE: &str = "[DONE]";
+pub(crate) const DONE: &str = "[DONE]";
 /// The comment sent as a heartbeat.
 const HEARTBEAT_FRAME: &[u8] = b": keep-alive\n\n";
 /// [`HEARTBEAT_FRAME`] as an HTTP/1.1 chunk (14 bytes: `E`).
@@ -47,7 +47,7 @@ const SMALL_WRITE: usize = 224;
 /// How often a parked stream the server cannot unpark looks for shutdown.
 const UNREGISTERED_POLL: Duration = Duration::from_millis(250);
 /// The comment sent as the last frame when the server shuts down.
-pub const SHUTDOWN_COMMENT: &str = "server shutting down";
+pub(crate) const SHUTDOWN_COMMENT: &str = "server shutting down";
 
 /// Where a stream's bytes go.
 pub(crate) enum Sink {

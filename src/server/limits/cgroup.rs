@@ -59,7 +59,7 @@ pub(crate) struct Memory {
 
 impl Memory {
     /// What the cgroup can still take before its limit.
-    pub fn headroom(&self) -> u64 {
+    pub(crate) fn headroom(&self) -> u64 {
         self.limit.saturating_sub(self.working_set)
     }
 }
