@@ -105,7 +105,7 @@
 //! | hub | `hub/` | [`Hub`]: topics, ids, history and replay (`history.rs`, pages in `mod.rs`), mailboxes (`mailbox.rs`), fan-out and the waker threads (`fanout.rs`); engines: memory, SQLite (`store.rs`), Redis (`redis/`) |
 //! | bridges | `bridge/` | PostgreSQL `LISTEN`/`NOTIFY` into topics, the `tiny_http` adapter |
 //! | daemon | `daemon/` | the `ssed` daemon's config, routes, auth, metrics and demo page (not a stable API) |
-//! | binary | `main.rs` | the CLI, `ssed loadtest` |
+//! | binary | `bin/ssed/` | `main.rs` the CLI; `loadtest/` is `ssed loadtest`, a client that measures a server (arguments, histogram, stream decoding, streams, publisher, report) |
 //!
 //! # Features
 //!

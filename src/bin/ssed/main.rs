@@ -1,4 +1,11 @@
 //! `ssed`: arguments -> config -> logger -> signals -> run -> exit code.
+//!
+//! `ssed loadtest` is a client, not the daemon: it lives in [`loadtest`],
+//! here in the binary, and takes from the library only
+//! `ssed::raise_fd_limit` and the config file's duration syntax
+//! (`ssed::daemon::config::parse_duration`).
+
+mod loadtest;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,7 +83,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let mut argv = std::env::args_os().skip(1);
     if argv.next().is_some_and(|a| a == "loadtest") {
-        return daemon::loadtest::main(argv.collect());
+        return loadtest::main(argv.collect());
     }
     let args = match parse_args() {
         Ok(Parsed::Run(args)) => args,

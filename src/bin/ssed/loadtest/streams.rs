@@ -1,0 +1,423 @@
+//! The streams: every subscriber connection, driven by one thread.
+//!
+//! The sockets are non-blocking and watched with epoll, so holding 19,000
+//! streams costs 19,000 descriptors and a few hundred bytes each, never a
+//! thread. A connection goes from connecting (the request being written),
+//! to waiting for the response head, to held (its body fed to a
+//! [`Body`] decoder); [`Counts`] keeps what happened to each.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use rustix::event::epoll;
+use rustix::fd::OwnedFd;
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+use super::args::Target;
+use super::decode::{Body, BodyEnd, Tally, unix_ns};
+
+/// Time from starting a connect to a complete response head.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often connect and head deadlines are checked.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// Largest response head accepted.
+pub(super) const MAX_HEAD: usize = 16 * 1024;
+/// Reads from one stream per readiness report (level-triggered: the rest
+/// is reported again).
+const READS_PER_WAKE: usize = 8;
+
+#[derive(Debug)]
+enum Phase {
+    /// Connect in progress, or the request partly written.
+    Connecting { sent: u32 },
+    /// Waiting for the response head.
+    Head { buf: Vec<u8> },
+    /// A held stream.
+    Streaming(Box<Body>),
+}
+
+#[derive(Debug)]
+struct Conn {
+    sock: TcpStream,
+    started: Instant,
+    phase: Phase,
+}
+
+/// How a response head was classified.
+enum Answer {
+    Held { chunked: bool },
+    Refused,
+    Other(u16),
+}
+
+/// Counts of what happened to the streams.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Counts {
+    pub(super) attempted: u64,
+    /// Open streams that answered 200.
+    pub(super) held: u64,
+    pub(super) peak_held: u64,
+    /// Every 200 seen.
+    pub(super) accepted: u64,
+    pub(super) refused: u64,
+    pub(super) other: u64,
+    pub(super) other_statuses: BTreeMap<u16, u64>,
+    pub(super) failed: u64,
+    pub(super) failures: BTreeMap<String, u64>,
+    pub(super) dropped: u64,
+    pub(super) malformed: u64,
+}
+
+/// Every stream of the run, watched by one epoll instance.
+pub(super) struct Streams {
+    epoll: OwnedFd,
+    addr: SocketAddr,
+    request: Vec<u8>,
+    slots: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    /// Slots closed during the current batch of readiness reports, freed
+    /// after it so a stale report never reaches a new connection.
+    closed: Vec<usize>,
+    /// Connecting or waiting for a head.
+    pub(super) in_flight: u64,
+    pub(super) counts: Counts,
+    pub(super) tally: Tally,
+}
+
+impl Streams {
+    pub(super) fn new(target: &Target, token: Option<&str>) -> io::Result<Self> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let mut request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: ssed-loadtest/{}\r\n",
+            target.path,
+            target.host,
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Some(t) = token {
+            request.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        request.push_str("\r\n");
+        Ok(Streams {
+            epoll,
+            addr: target.addr,
+            request: request.into_bytes(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            closed: Vec::new(),
+            in_flight: 0,
+            counts: Counts::default(),
+            tally: Tally::new(),
+        })
+    }
+
+    fn fail(&mut self, reason: impl Into<String>) {
+        self.counts.failed += 1;
+        *self.counts.failures.entry(reason.into()).or_default() += 1;
+    }
+
+    /// Starts one non-blocking connect.
+    pub(super) fn open(&mut self) {
+        self.counts.attempted += 1;
+        let family = if self.addr.is_ipv4() {
+            AddressFamily::INET
+        } else {
+            AddressFamily::INET6
+        };
+        let fd = match rustix::net::socket_with(
+            family,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => return self.fail(format!("socket: {}", io::Error::from(e))),
+        };
+        match rustix::net::connect(&fd, &self.addr) {
+            Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+            Err(e) => return self.fail(format!("connect: {}", io::Error::from(e))),
+        }
+        let sock = TcpStream::from(fd);
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        if let Err(e) = epoll::add(
+            &self.epoll,
+            &sock,
+            epoll::EventData::new_u64(idx as u64),
+            epoll::EventFlags::OUT,
+        ) {
+            self.free.push(idx);
+            return self.fail(format!("epoll: {}", io::Error::from(e)));
+        }
+        self.slots[idx] = Some(Conn {
+            sock,
+            started: Instant::now(),
+            phase: Phase::Connecting { sent: 0 },
+        });
+        self.in_flight += 1;
+    }
+
+    /// Closes slot `idx`; its descriptor leaves the poller as it closes.
+    fn close(&mut self, idx: usize) -> Option<Conn> {
+        let conn = self.slots.get_mut(idx)?.take()?;
+        if !matches!(conn.phase, Phase::Streaming(_)) {
+            self.in_flight -= 1;
+        }
+        self.closed.push(idx);
+        Some(conn)
+    }
+
+    fn release_closed(&mut self) {
+        self.free.append(&mut self.closed);
+    }
+
+    fn on_ready(&mut self, idx: usize, scratch: &mut [u8]) {
+        let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        match conn.phase {
+            Phase::Connecting { sent } => self.on_writable(idx, sent),
+            Phase::Head { .. } | Phase::Streaming(_) => self.on_readable(idx, scratch),
+        }
+    }
+
+    fn on_writable(&mut self, idx: usize, mut sent: u32) {
+        let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        match conn.sock.take_error() {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => {
+                self.close(idx);
+                return self.fail(format!("connect: {e}"));
+            }
+        }
+        while (sent as usize) < self.request.len() {
+            match (&conn.sock).write(&self.request[sent as usize..]) {
+                Ok(n) => sent += n as u32,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.phase = Phase::Connecting { sent };
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.close(idx);
+                    return self.fail(format!("send request: {e}"));
+                }
+            }
+        }
+        conn.phase = Phase::Head { buf: Vec::new() };
+        if let Err(e) = epoll::modify(
+            &self.epoll,
+            &conn.sock,
+            epoll::EventData::new_u64(idx as u64),
+            epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+        ) {
+            self.close(idx);
+            self.fail(format!("epoll: {}", io::Error::from(e)));
+        }
+    }
+
+    fn on_readable(&mut self, idx: usize, scratch: &mut [u8]) {
+        for _ in 0..READS_PER_WAKE {
+            let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+                return;
+            };
+            let n = match (&conn.sock).read(scratch) {
+                Ok(0) => return self.on_closed(idx, None),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.on_closed(idx, Some(e)),
+            };
+            // A short read drained the socket: epoll is level-triggered and
+            // reports it again when more arrives, so skip the read that
+            // would only say EAGAIN (half the client's syscalls per event).
+            let drained = n < scratch.len();
+            let data = &scratch[..n];
+            match &mut conn.phase {
+                Phase::Streaming(body) => {
+                    self.tally.now_ns = unix_ns();
+                    if let Err(end) = body.feed(data, &mut self.tally) {
+                        if end == BodyEnd::Malformed {
+                            self.counts.malformed += 1;
+                        }
+                        return self.on_closed(idx, None);
+                    }
+                }
+                Phase::Head { buf } => {
+                    buf.extend_from_slice(data);
+                    if !self.on_head(idx) {
+                        return;
+                    }
+                }
+                Phase::Connecting { .. } => return,
+            }
+            if drained {
+                return;
+            }
+        }
+    }
+
+    /// Parses the head received so far; returns true while the stream is
+    /// still open and streaming.
+    fn on_head(&mut self, idx: usize) -> bool {
+        let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            return false;
+        };
+        let Phase::Head { buf } = &mut conn.phase else {
+            return false;
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        let (answer, len) = match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => (classify(&response), len),
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return false,
+            Ok(httparse::Status::Partial) => {
+                self.close(idx);
+                self.fail("response head too large");
+                return false;
+            }
+            Err(e) => {
+                self.close(idx);
+                self.fail(format!("bad response head: {e}"));
+                return false;
+            }
+        };
+        match answer {
+            Answer::Held { chunked } => {
+                let rest = buf.split_off(len);
+                let mut body = Box::new(Body::new(chunked));
+                self.in_flight -= 1;
+                self.counts.accepted += 1;
+                self.counts.held += 1;
+                self.counts.peak_held = self.counts.peak_held.max(self.counts.held);
+                self.tally.now_ns = unix_ns();
+                let fed = body.feed(&rest, &mut self.tally);
+                conn.phase = Phase::Streaming(body);
+                match fed {
+                    Ok(()) => true,
+                    Err(end) => {
+                        if end == BodyEnd::Malformed {
+                            self.counts.malformed += 1;
+                        }
+                        self.on_closed(idx, None);
+                        false
+                    }
+                }
+            }
+            Answer::Refused => {
+                self.close(idx);
+                self.counts.refused += 1;
+                false
+            }
+            Answer::Other(status) => {
+                self.close(idx);
+                self.counts.other += 1;
+                *self.counts.other_statuses.entry(status).or_default() += 1;
+                false
+            }
+        }
+    }
+
+    /// The server closed `idx` (or the connection failed).
+    fn on_closed(&mut self, idx: usize, error: Option<io::Error>) {
+        let Some(conn) = self.close(idx) else { return };
+        match conn.phase {
+            Phase::Streaming(_) => {
+                self.counts.held -= 1;
+                self.counts.dropped += 1;
+            }
+            Phase::Head { .. } | Phase::Connecting { .. } => match error {
+                Some(e) => self.fail(format!("before a response: {e}")),
+                None => self.fail("closed before a response"),
+            },
+        }
+    }
+
+    /// Fails connections whose connect or head took too long.
+    pub(super) fn sweep(&mut self, now: Instant) {
+        if self.in_flight == 0 {
+            return;
+        }
+        let late: Vec<(usize, bool)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let c = c.as_ref()?;
+                let waiting = !matches!(c.phase, Phase::Streaming(_));
+                (waiting && now.duration_since(c.started) >= CONNECT_TIMEOUT)
+                    .then_some((i, matches!(c.phase, Phase::Connecting { .. })))
+            })
+            .collect();
+        for (idx, connecting) in late {
+            self.close(idx);
+            self.fail(if connecting {
+                "connect timed out"
+            } else {
+                "response head timed out"
+            });
+        }
+        self.release_closed();
+    }
+
+    /// Waits up to `timeout` for readiness and handles it.
+    pub(super) fn turn(
+        &mut self,
+        events: &mut Vec<epoll::Event>,
+        scratch: &mut [u8],
+        timeout: Duration,
+    ) -> io::Result<()> {
+        events.clear();
+        let timeout = rustix::event::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        match epoll::wait(
+            &self.epoll,
+            rustix::buffer::spare_capacity(events),
+            Some(&timeout),
+        ) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        for ev in events.iter() {
+            self.on_ready(ev.data.u64() as usize, scratch);
+        }
+        self.release_closed();
+        Ok(())
+    }
+}
+
+/// The first header `name` of a parsed response, as text.
+pub(super) fn header_value(response: &httparse::Response<'_, '_>, name: &str) -> Option<String> {
+    response
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+}
+
+fn classify(response: &httparse::Response<'_, '_>) -> Answer {
+    let status = response.code.unwrap_or(0);
+    let header = |name: &str| header_value(response, name).map(|v| v.to_ascii_lowercase());
+    let event_stream = header("content-type").is_some_and(|t| t.starts_with("text/event-stream"));
+    match status {
+        // A sized event stream is ssed's `overload = "retry"` answer past
+        // the cap: a `retry:` and a close, never a stream.
+        200 if event_stream && header("content-length").is_some() => Answer::Refused,
+        200 if event_stream => Answer::Held {
+            chunked: header("transfer-encoding").is_some_and(|t| t.contains("chunked")),
+        },
+        503 => Answer::Refused,
+        s => Answer::Other(s),
+    }
+}
