@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR=never
 seconds=${FUZZ_SECONDS:-10}
-all_targets=(request_head event_roundtrip config publish_query)
+all_targets=(request_head event_roundtrip config publish_query resp_reply)
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
 if ! nightly=$(rustup run nightly rustc --version 2>&1); then
@@ -43,6 +43,7 @@ dict_for() {
   case "$1" in
     request_head | publish_query) echo "-dict=fuzz/dict/http.dict" ;;
     config) echo "-dict=fuzz/dict/config.dict" ;;
+    resp_reply) echo "-dict=fuzz/dict/resp.dict" ;;
   esac
 }
 

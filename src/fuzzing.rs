@@ -1,15 +1,19 @@
 //! Internals for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`).
 //!
-//! Not a stable API: it exposes the request-head parser as it is, and
-//! [`Offline`], which takes a request from raw bytes to a handler's
-//! [`Response`] the way the accept loop does, minus the socket, so a
-//! fuzzer can drive the daemon's publish path millions of times without
-//! threads or timing.
+//! Not a stable API: it exposes the request-head parser and the Redis
+//! client's RESP2 reply reader ([`read_reply`], over any `BufRead`) as they
+//! are, and [`Offline`], which takes a request from raw bytes to a
+//! handler's [`Response`] the way the accept loop does, minus the socket,
+//! so a fuzzer can drive the daemon's publish path millions of times
+//! without threads or timing.
 
 use std::io;
 use std::net::SocketAddr;
 
 pub use crate::http::head::{BodyKind, Head, HeadError, MAX_HEAD, MAX_HEADERS, Parse, parse};
+pub use crate::hub::redis::resp::{
+    MAX_ARRAY, MAX_BULK, MAX_DEPTH, MAX_LINE, Malformed, RespError, Value, read_reply,
+};
 
 use crate::http::body;
 use crate::server::route::{Handler, Match};
