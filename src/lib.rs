@@ -135,6 +135,7 @@
     )
 )]
 #![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

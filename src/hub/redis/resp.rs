@@ -42,7 +42,7 @@ const ARRAY_RESERVE: usize = 1024;
 
 /// A Redis server as a `redis://` URL names it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct RedisUrl {
+pub(crate) struct RedisUrl {
     /// `host:port` as given (a name is resolved at each connect).
     pub host: String,
     /// TCP port (default 6379).
@@ -86,7 +86,7 @@ impl RedisUrl {
     /// # Errors
     ///
     /// A message saying what is wrong (without the password).
-    pub fn parse(url: &str) -> Result<Self, String> {
+    pub(crate) fn parse(url: &str) -> Result<Self, String> {
         let rest = url
             .strip_prefix("redis://")
             .ok_or_else(|| "a Redis URL starts with redis:// (TLS is not supported)".to_owned())?;
@@ -427,7 +427,7 @@ fn read_value<R: BufRead + ?Sized>(reader: &mut R, depth: usize) -> Result<Value
 
 /// One connection.
 #[derive(Debug)]
-pub struct Conn {
+pub(crate) struct Conn {
     reader: BufReader<TcpStream>,
     out: Vec<u8>,
     timeout: Duration,
@@ -441,7 +441,11 @@ impl Conn {
     /// # Errors
     ///
     /// When no address of the host accepts, or AUTH / SELECT fail.
-    pub fn connect(url: &RedisUrl, name: &str, timeout: Duration) -> Result<Conn, RespError> {
+    pub(crate) fn connect(
+        url: &RedisUrl,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Conn, RespError> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
         let mut stream = None;
         for addr in url.addrs()? {
@@ -484,7 +488,7 @@ impl Conn {
     /// # Errors
     ///
     /// [`RespError::Server`] for an error reply, else a broken connection.
-    pub fn command(&mut self, args: &[&[u8]]) -> Result<Value, RespError> {
+    pub(crate) fn command(&mut self, args: &[&[u8]]) -> Result<Value, RespError> {
         self.out.clear();
         encode(&mut self.out, args);
         self.reader.get_mut().write_all(&self.out)?;
@@ -496,7 +500,7 @@ impl Conn {
     /// # Errors
     ///
     /// A broken connection; error replies come back in the vector.
-    pub fn pipeline(
+    pub(crate) fn pipeline(
         &mut self,
         commands: &[Vec<&[u8]>],
     ) -> Result<Vec<Result<Value, RespError>>, RespError> {
@@ -517,7 +521,7 @@ impl Conn {
 
     /// Whether the server has closed this (idle) connection, or sent
     /// something nobody asked for: either way it must not be used.
-    pub fn is_dead(&self) -> bool {
+    pub(crate) fn is_dead(&self) -> bool {
         if !self.reader.buffer().is_empty() {
             return true;
         }
@@ -536,7 +540,7 @@ impl Conn {
     /// # Errors
     ///
     /// Those of `f`, or failing to set the timeout.
-    pub fn with_read_timeout<T>(
+    pub(crate) fn with_read_timeout<T>(
         &mut self,
         timeout: Duration,
         f: impl FnOnce(&mut Conn) -> Result<T, RespError>,
