@@ -8,10 +8,7 @@ use crate::error::{EndReason, Report, StreamError};
 use crate::event::{EncodedEvent, Event};
 use crate::hub::fanout::{SubscriberQueue, Writer};
 use crate::hub::history::StorageError;
-use crate::hub::redis::Engine;
-use crate::hub::{
-    BATCH, Hub, OPENING_MAX, PAGE_BYTES, REMOTE_MAILBOX_POLL, REPLAY_RETRY, Subscription,
-};
+use crate::hub::{BATCH, Hub, OPENING_MAX, PAGE_BYTES, REPLAY_RETRY, Subscription};
 use crate::stream::Stream;
 
 impl Stream {
@@ -130,7 +127,7 @@ impl Stream {
             drop(writer);
             // Staged bytes (the opening, a heartbeat) are handed over just
             // before parking, with the writer free for the waker.
-            if staged && !hub.0.wakers.hand_off(Arc::clone(queue)) {
+            if staged && !hub.0.node.wakers.hand_off(Arc::clone(queue)) {
                 self.send_staged(queue)?;
             }
             if queue.prepare_park() {
@@ -234,64 +231,18 @@ impl Stream {
     ///
     /// [`StreamError::Ended`] when the stream ends first.
     pub fn consume(&mut self, hub: &Hub, key: &str) -> Result<(), StreamError> {
-        if let Some(remote) = &hub.0.remote {
-            return self.consume_remote(hub, remote, key);
-        }
-        let wake = hub.0.mailboxes.wait_handle(key);
+        let (node, engine) = (&*hub.0.node, &*hub.0.engine);
+        let wake = node.mailboxes.wait_handle(key);
+        let poll = engine.mailbox_poll();
         let result = (|| loop {
             // A consumer whose client already left must not take a message:
             // a write to a socket the peer closed usually still succeeds.
             // Looked at before each message, so a client that closes
             // mid-mailbox loses only what was already on its way to it
             // (docs/operations.md has the bound).
-            while let Some(message) = {
+            while let Some(taken) = {
                 self.check_connection()?;
-                hub.0.mailboxes.take(key)
-            } {
-                let done = message.text == crate::stream::DONE;
-                let sent = if done {
-                    self.done()
-                } else {
-                    self.send_event(&Event::new().data(message.text.as_str()))
-                };
-                match sent {
-                    Ok(()) => {
-                        // Out of the store only once written: a crash
-                        // before this delivers it again rather than lose it.
-                        hub.0.mailboxes.forget(key, message.seq);
-                        if done {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => {
-                        hub.0.mailboxes.untake(key, message);
-                        return Err(e);
-                    }
-                }
-            }
-            if self.recv(&wake)?.is_none() {
-                return Ok(());
-            }
-        })();
-        hub.0.mailboxes.leave(key);
-        result
-    }
-}
-
-impl Stream {
-    /// [`consume`](Stream::consume) with the messages in Redis: each is
-    /// taken with an atomic pop, so exactly one consumer on any node gets
-    /// it; one whose write fails goes back to the front.
-    fn consume_remote(&mut self, hub: &Hub, remote: &Engine, key: &str) -> Result<(), StreamError> {
-        let ttl = hub.0.config.mailbox_ttl;
-        let wake = hub.0.mailboxes.wait_handle(key);
-        let result = (|| loop {
-            // A failed take (Redis down) is logged by the engine; look
-            // again after the wait. The client is looked at before each
-            // message, as in `consume`.
-            while let Ok(Some(taken)) = {
-                self.check_connection()?;
-                remote.take(key, ttl)
+                engine.take(node, key)
             } {
                 let done = taken.text == crate::stream::DONE;
                 let sent = if done {
@@ -299,24 +250,36 @@ impl Stream {
                 } else {
                     self.send_event(&Event::new().data(taken.text.as_str()))
                 };
-                if let Err(e) = sent {
-                    if let Err(lost) = remote.untake(key, &taken.stored, ttl) {
-                        log::error!(
-                            "mailbox {key:?}: a message could not be delivered nor put back: {}",
-                            Report(&lost)
-                        );
+                match sent {
+                    Ok(()) => {
+                        // Gone for good only once written: a crash before
+                        // this delivers it again rather than lose it.
+                        engine.delivered(node, key, taken);
+                        if done {
+                            return Ok(());
+                        }
                     }
-                    return Err(e);
-                }
-                if done {
-                    return Ok(());
+                    Err(e) => {
+                        engine.put_back(node, key, taken);
+                        return Err(e);
+                    }
                 }
             }
-            // Woken when a push is announced; announcements missed while
-            // the reader reconnects are caught by looking now and then.
-            self.recv_within(&wake, REMOTE_MAILBOX_POLL)?;
+            match poll {
+                None => {
+                    if self.recv(&wake)?.is_none() {
+                        return Ok(());
+                    }
+                }
+                // Woken when a push is announced; announcements missed
+                // while the engine's reader reconnects are caught by
+                // looking now and then.
+                Some(every) => {
+                    self.recv_within(&wake, every)?;
+                }
+            }
         })();
-        hub.0.mailboxes.leave(key);
+        node.mailboxes.leave(key);
         result
     }
 }

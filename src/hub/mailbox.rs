@@ -102,10 +102,10 @@ pub(crate) enum PushError {
 /// A waiting message.
 pub(crate) struct Message {
     /// Its number in the mailbox store.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// When its TTL runs out; `None`: never (a TTL too long for the clock).
-    expires: Option<Instant>,
-    pub text: String,
+    pub(crate) expires: Option<Instant>,
+    pub(crate) text: String,
 }
 
 impl Message {

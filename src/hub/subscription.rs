@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use crate::error::Report;
 use crate::event::{EncodedEvent, Event};
 use crate::hub::fanout::SubscriberQueue;
-use crate::hub::history::{Replay, Retained, StorageError};
+use crate::hub::history::{History, Replay, Retained, StorageError};
 use crate::hub::id::{EventId, earliest};
-use crate::hub::{BATCH, Hub, PAGE_BYTES, RESET_EVENT, State};
+use crate::hub::{BATCH, Hub, PAGE_BYTES, RESET_EVENT};
 
 /// A subscription to one or more topics: the replay backlog, then live
 /// frames. Dropping it unsubscribes.
@@ -61,28 +61,30 @@ impl Default for Replaying {
 
 impl Replaying {
     /// The replay of a subscription resuming after `asked` on `topics`,
-    /// with its first page read: called under the hub's lock, with the
+    /// with its first page read from `history`, whose newest id is
+    /// `last_id`: called under the local engine's lock, with the
     /// subscription joining its topics in the same hold, so nothing falls
     /// between the replay and the live frames.
     // Out of line, so its locals do not deepen `Hub::subscribe` (see
     // `Stream::follow`).
     #[inline(never)]
-    pub(super) fn start(state: &State, topics: &[Arc<str>], asked: &str) -> Replaying {
+    pub(super) fn start(
+        last_id: EventId,
+        history: &dyn History,
+        topics: &[Arc<str>],
+        asked: &str,
+    ) -> Replaying {
         // An id this hub cannot place (garbage, or from the future: a
         // restart with the clock stepped back, another server) replays
         // everything retained after the reset notice.
-        let placeable = asked
-            .parse::<EventId>()
-            .ok()
-            .filter(|a| *a <= state.last_id);
+        let placeable = asked.parse::<EventId>().ok().filter(|a| *a <= last_id);
         let after = placeable.unwrap_or(EventId::floor_of(0));
         let mut replay = Replaying {
             ready: VecDeque::new(),
             from: vec![after; topics.len()],
-            until: state.last_id,
+            until: last_id,
             last: None,
         };
-        let history = state.history.as_ref();
         // Reading memory cannot fail.
         let _ = replay.read_page(
             topics,
@@ -246,25 +248,10 @@ impl Subscription {
     #[inline(never)]
     pub(crate) fn next_backlog(&mut self, max: usize) -> Result<Vec<EncodedEvent>, StorageError> {
         if self.replay.ready.is_empty() && !self.replay.complete() {
-            let topics = &self.queue.topics;
-            let read = match &self.hub.0.remote {
-                Some(remote) => self.replay.read_page(
-                    topics,
-                    &mut |t, a, u, m| remote.page(t, a, u, m),
-                    None,
-                    false,
-                ),
-                None => {
-                    let state = self.hub.state();
-                    let history = state.history.as_ref();
-                    self.replay.read_page(
-                        topics,
-                        &mut |t, a, u, m| Ok((history.page(t, a, u, m), false)),
-                        None,
-                        false,
-                    )
-                }
-            };
+            let hub = &self.hub.0;
+            let read = hub
+                .engine
+                .read_page(&hub.node, &mut self.replay, &self.queue.topics);
             if let Err(e) = read {
                 self.replay.from = Vec::new(); // nothing more to read
                 return Err(e);
@@ -287,7 +274,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.hub.unsubscribe(self.id, &self.queue.topics);
+        self.hub.0.node.unsubscribe(self.id, &self.queue.topics);
     }
 }
 

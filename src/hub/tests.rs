@@ -1,8 +1,14 @@
 //! The hub's own tests: publish, fan-out, slow subscribers, storage
 //! failures and mailboxes (the replay's are in `subscription.rs`).
 
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+
 use super::*;
+use crate::error::Report;
+use crate::event::EncodedEvent;
 use crate::hub::history::Replay;
+use crate::hub::id::now_ms;
 use crate::hub::mailbox::StoredMessage;
 
 fn text(f: &EncodedEvent) -> String {
@@ -81,9 +87,9 @@ fn mailboxes_are_fifo_bounded_and_single_delivery() {
         hub.push("bad key", "c"),
         Err(HubError::InvalidName(_))
     ));
-    let a = hub.0.mailboxes.take("k").expect("queued");
+    let a = hub.0.node.mailboxes.take("k").expect("queued");
     assert_eq!(a.text, "a");
-    hub.0.mailboxes.untake("k", a);
+    hub.0.node.mailboxes.untake("k", a);
     assert_eq!(hub.try_take("k").as_deref(), Some("a"));
     assert_eq!(hub.try_take("k").as_deref(), Some("b"));
     assert_eq!(hub.try_take("k"), None);
@@ -209,9 +215,9 @@ fn a_mailbox_store_sees_puts_and_removals_and_restores_in_order() {
         "put k 8 new",
         "seq continues after the store's"
     );
-    let m = hub.0.mailboxes.take("k").expect("restored");
+    let m = hub.0.node.mailboxes.take("k").expect("restored");
     assert_eq!((m.seq, m.text.as_str()), (3, "m3"));
-    hub.0.mailboxes.untake("k", m);
+    hub.0.node.mailboxes.untake("k", m);
     assert_eq!(
         taken(&log).len(),
         2,

@@ -73,23 +73,28 @@
 //! [`Hub::with_redis`]: crate::Hub::with_redis
 //! [`Hub::redis_state`]: crate::Hub::redis_state
 
+pub(crate) mod engine;
+mod pool;
+mod reader;
 pub(crate) mod resp;
 mod scripts;
 
+pub(crate) use reader::start_reader;
 use scripts::{PAGE, PUBLISH, PUSH, Script, TAKE, UNTAKE};
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::backoff::Backoff;
 use crate::event::EncodedEvent;
+use crate::hub::PAGE_BYTES;
 use crate::hub::history::{Replay, Retained, StorageError};
 use crate::hub::id::EventId;
+use crate::hub::node::Follower;
+use crate::hub::redis::pool::{Pool, lock};
 use crate::hub::redis::resp::{Conn, RedisUrl, RespError, Value};
-use crate::hub::{PAGE_BYTES, WeakHub};
 
 /// Prefix of topic stream keys.
 const TOPIC_PREFIX: &str = "ssed:t:";
@@ -105,25 +110,7 @@ const CTL_KEY: &str = "ssed:ctl";
 const CTL_LEN: &str = "1000";
 
 /// Connect timeout, and the timeout of every ordinary command.
-const TIMEOUT: Duration = Duration::from_secs(2);
-/// How long one blocking `XREAD` waits (the reader checks whether its hub
-/// still exists between two).
-const BLOCK: Duration = Duration::from_secs(2);
-/// Most entries taken from one stream per `XREAD`.
-const READ_COUNT: usize = 1000;
-/// Most command connections a node opens.
-const POOL_MAX: usize = 16;
-/// After a failed connect, commands fail at once for this long instead of
-/// each waiting for its own connect.
-const FAIL_FAST: Duration = Duration::from_millis(200);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every value behind these locks is replaced whole: a panic elsewhere
-    // cannot leave one half-written.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where a node's Redis connection stands, as [`Hub::redis_state`]
 /// reports it.
@@ -142,115 +129,6 @@ pub struct RedisState {
     pub last_error: Option<String>,
 }
 
-/// A command connection pool: up to [`POOL_MAX`] connections, idle ones
-/// kept for the next command.
-struct Pool {
-    url: RedisUrl,
-    idle: Mutex<Vec<Conn>>,
-    open: Mutex<usize>,
-    freed: Condvar,
-    /// Until when commands fail at once, and why.
-    down: Mutex<Option<(Instant, String)>>,
-}
-
-impl Pool {
-    /// An idle connection that is still alive, if any. One that Redis
-    /// closed while it sat here (a restart, Redis's idle `timeout`) is
-    /// dropped: a command sent on it could not tell whether it ran.
-    fn idle_alive(&self) -> Option<Conn> {
-        loop {
-            let conn = lock(&self.idle).pop()?;
-            if !conn.is_dead() {
-                return Some(conn);
-            }
-            self.release();
-        }
-    }
-
-    /// A connection: an idle one still alive, or a new one.
-    fn get(&self) -> Result<Conn, RespError> {
-        if let Some(conn) = self.idle_alive() {
-            return Ok(conn);
-        }
-        if let Some((until, why)) = lock(&self.down).as_ref()
-            && Instant::now() < *until
-        {
-            return Err(RespError::Io(std::io::Error::other(why.clone())));
-        }
-        {
-            let deadline = Instant::now() + TIMEOUT;
-            let mut open = lock(&self.open);
-            while *open >= POOL_MAX {
-                let idle = lock(&self.idle).pop();
-                if let Some(conn) = idle {
-                    if !conn.is_dead() {
-                        return Ok(conn);
-                    }
-                    *open = open.saturating_sub(1); // dropped: room for a new one
-                    continue;
-                }
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(RespError::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "all Redis connections are busy",
-                    )));
-                }
-                open = self
-                    .freed
-                    .wait_timeout(open, left)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            *open += 1;
-        }
-        match Conn::connect(&self.url, "ssed", TIMEOUT) {
-            Ok(conn) => {
-                *lock(&self.down) = None;
-                Ok(conn)
-            }
-            Err(e) => {
-                // A refused connect fails at once anyway; one that timed out
-                // (a host gone silent) should not make every request wait.
-                if let RespError::Io(io) = &e
-                    && matches!(
-                        io.kind(),
-                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-                    )
-                {
-                    *lock(&self.down) = Some((Instant::now() + FAIL_FAST, e.to_string()));
-                }
-                self.release();
-                Err(e)
-            }
-        }
-    }
-
-    /// Closes every idle connection (Redis went away: they are most likely
-    /// dead).
-    fn clear_idle(&self) {
-        let idle = std::mem::take(&mut *lock(&self.idle));
-        let mut open = lock(&self.open);
-        *open = open.saturating_sub(idle.len());
-        self.freed.notify_all();
-    }
-
-    fn put(&self, conn: Conn) {
-        lock(&self.idle).push(conn);
-        // Under `open`, which a waiter holds from finding no idle
-        // connection until it sleeps: the notice cannot fall in between.
-        let _open = lock(&self.open);
-        self.freed.notify_one();
-    }
-
-    /// One connection fewer (it broke, or never opened).
-    fn release(&self) {
-        let mut open = lock(&self.open);
-        *open = open.saturating_sub(1);
-        self.freed.notify_one();
-    }
-}
-
 /// Where the reader is in a topic this node follows.
 #[derive(Debug, Clone, Copy)]
 struct Follow {
@@ -262,13 +140,6 @@ struct Follow {
     fresh: bool,
 }
 
-/// A taken mailbox message: its text and the stored form that puts it
-/// back.
-pub(crate) struct Taken {
-    pub text: String,
-    pub stored: Vec<u8>,
-}
-
 /// A push refused or failed.
 pub(crate) enum PushError {
     Full,
@@ -276,7 +147,7 @@ pub(crate) enum PushError {
 }
 
 /// The Redis side of a hub.
-pub(crate) struct Engine {
+pub(crate) struct Redis {
     pool: Pool,
     history: usize,
     /// Topics this node's subscribers follow, each with the id the reader
@@ -297,9 +168,9 @@ pub(crate) struct Engine {
     reader: OnceLock<std::thread::Thread>,
 }
 
-impl fmt::Debug for Engine {
+impl fmt::Debug for Redis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Engine")
+        f.debug_struct("Redis")
             .field("url", &self.pool.url)
             .field("history", &self.history)
             .finish_non_exhaustive()
@@ -322,16 +193,16 @@ fn parse_id(v: &Value) -> Option<EventId> {
     v.as_str()?.parse().ok()
 }
 
-impl Engine {
+impl Follower for Redis {
+    fn unfollow(&self, topic: &str) {
+        self.unwant(topic);
+    }
+}
+
+impl Redis {
     pub(crate) fn new(url: RedisUrl, history: usize) -> Self {
-        Engine {
-            pool: Pool {
-                url,
-                idle: Mutex::new(Vec::new()),
-                open: Mutex::new(0),
-                freed: Condvar::new(),
-                down: Mutex::new(None),
-            },
+        Redis {
+            pool: Pool::new(url),
             history,
             wanted: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(false),
@@ -415,7 +286,7 @@ impl Engine {
         })
     }
 
-    /// [`Engine::with_conn`] for commands that are safe to run twice
+    /// [`Redis::with_conn`] for commands that are safe to run twice
     /// (reads, wake-ups): a pooled connection that broke under the command
     /// (Redis restarted, or killed the client, after the liveness check)
     /// gets one more try on another connection, so one dead socket does not
@@ -465,7 +336,6 @@ impl Engine {
         parse_id(&reply).ok_or_else(|| storage(format!("redis publish: odd reply {reply:?}")))
     }
 
-    /// The newest id issued in Redis (`0-0` before the first).
     /// The newest id issued in Redis (`0-0` before the first) and, read
     /// in the same instant, each of `topics`' count of published events:
     /// where the reader starts on a topic it did not follow yet.
@@ -639,8 +509,13 @@ impl Engine {
         }
     }
 
-    /// Takes the oldest live message of `key`, if any.
-    pub(crate) fn take(&self, key: &str, ttl: Duration) -> Result<Option<Taken>, StorageError> {
+    /// Takes the oldest live message of `key`, if any: its text, and the
+    /// stored form that puts it back.
+    pub(crate) fn take(
+        &self,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<Option<(String, Vec<u8>)>, StorageError> {
         let list = mailbox_key(key);
         let ttl = ttl.as_millis().clamp(1, i64::MAX as u128).to_string();
         let reply = self.with_conn("take", |c| self.take.run(c, &[&list], &[ttl.as_bytes()]))?;
@@ -654,7 +529,7 @@ impl Engine {
             .and_then(|c| std::str::from_utf8(&stored[c + 1..]).ok())
             .map(str::to_owned);
         match text {
-            Some(text) => Ok(Some(Taken { text, stored })),
+            Some(text) => Ok(Some((text, stored))),
             None => {
                 log::warn!("mailbox {key:?}: skipped a malformed message in Redis");
                 Ok(None)
@@ -750,282 +625,6 @@ fn entry_frame(entry: &Value) -> Option<(EventId, EncodedEvent)> {
     bytes.push(b'\n');
     bytes.extend_from_slice(&frame[at..]);
     Some((id, EncodedEvent::from_parts(bytes)))
-}
-
-/// Starts the reader thread of `engine` for `hub`.
-pub(crate) fn start_reader(engine: Arc<Engine>, hub: WeakHub) -> std::io::Result<()> {
-    let e = Arc::clone(&engine);
-    let handle = std::thread::Builder::new()
-        .name("ssed-redis".into())
-        .spawn(move || {
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader(&e, &hub)));
-            if run.is_err() {
-                e.connected.store(false, Ordering::Relaxed);
-                log::error!("the Redis reader panicked; events from Redis stop on this node");
-            }
-        })?;
-    let _ = engine.reader.set(handle.thread().clone());
-    Ok(())
-}
-
-/// Sleeps `time` unless told to stop; false when told to stop.
-fn pause(engine: &Engine, time: Duration) -> bool {
-    let until = Instant::now() + time;
-    while !engine.stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now >= until {
-            return true;
-        }
-        std::thread::park_timeout(until - now);
-    }
-    false
-}
-
-fn reader(engine: &Engine, hub: &WeakHub) {
-    let url = engine.pool.url.clone();
-    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
-    let mut ctl: Option<String> = None;
-    let mut was_up = false;
-    let mut stalled_since: Option<Instant> = None;
-    // The entry number last read per followed topic.
-    let mut seqs: HashMap<Box<str>, u64> = HashMap::new();
-    loop {
-        if engine.stop.load(Ordering::Relaxed) || !hub.alive() {
-            return;
-        }
-        let mut conn = match Conn::connect(&url, "ssed-reader", TIMEOUT) {
-            Ok(c) => c,
-            Err(e) => {
-                engine.connected.store(false, Ordering::Relaxed);
-                engine.failed("reader connect", &e);
-                if !pause(engine, backoff.next_wait()) {
-                    return;
-                }
-                continue;
-            }
-        };
-        // The control stream is followed from its newest entry at the
-        // first connect, and from where the reader was after a reconnect.
-        if ctl.is_none() {
-            match conn.command(&[b"XREVRANGE", CTL_KEY.as_bytes(), b"+", b"-", b"COUNT", b"1"]) {
-                Ok(v) => {
-                    let newest = v.items().and_then(|e| e.first()).and_then(|e| {
-                        e.items()
-                            .and_then(|p| p.first())
-                            .and_then(Value::as_str)
-                            .map(str::to_owned)
-                    });
-                    ctl = Some(newest.unwrap_or_else(|| "0-0".to_owned()));
-                }
-                Err(e) => {
-                    engine.failed("reader start", &e);
-                    if !pause(engine, backoff.next_wait()) {
-                        return;
-                    }
-                    continue;
-                }
-            }
-        }
-        if was_up {
-            engine.reconnects.fetch_add(1, Ordering::Relaxed);
-            log::info!("redis {url}: reader connected again");
-        } else {
-            log::info!("redis {url}: reader connected");
-        }
-        was_up = true;
-        engine.connected.store(true, Ordering::Relaxed);
-        let connected_at = Instant::now();
-        let error = read_loop(
-            engine,
-            hub,
-            &mut conn,
-            &mut ctl,
-            &mut stalled_since,
-            &mut seqs,
-        );
-        engine.connected.store(false, Ordering::Relaxed);
-        let Some(e) = error else { return };
-        engine.pool.clear_idle();
-        engine.failed("reader", &e);
-        if connected_at.elapsed() > Duration::from_secs(10) {
-            backoff.reset();
-        }
-        if !pause(engine, backoff.next_wait()) {
-            return;
-        }
-    }
-}
-
-/// Reads and delivers until the connection fails (`Some(error)`) or the
-/// reader must stop (`None`).
-fn read_loop(
-    engine: &Engine,
-    hub: &WeakHub,
-    conn: &mut Conn,
-    ctl: &mut Option<String>,
-    stalled_since: &mut Option<Instant>,
-    seqs: &mut HashMap<Box<str>, u64>,
-) -> Option<RespError> {
-    let block = BLOCK.as_millis().to_string();
-    let count = READ_COUNT.to_string();
-    loop {
-        if engine.stop.load(Ordering::Relaxed) || !hub.alive() {
-            return None;
-        }
-        let followed: Vec<(Box<str>, EventId)> = lock(&engine.wanted)
-            .iter_mut()
-            .map(|(t, f)| {
-                if std::mem::take(&mut f.fresh) {
-                    seqs.insert(t.clone(), f.seq); // (followed again:) a new start
-                }
-                (t.clone(), f.cursor)
-            })
-            .collect();
-        let keys: Vec<Vec<u8>> = followed.iter().map(|(t, _)| topic_key(t)).collect();
-        let cursors: Vec<String> = followed.iter().map(|(_, c)| c.to_string()).collect();
-        let ctl_cursor = ctl.clone().unwrap_or_else(|| "$".to_owned());
-        let mut cmd: Vec<&[u8]> = vec![
-            b"XREAD",
-            b"COUNT",
-            count.as_bytes(),
-            b"BLOCK",
-            block.as_bytes(),
-            b"STREAMS",
-            CTL_KEY.as_bytes(),
-        ];
-        cmd.extend(keys.iter().map(Vec::as_slice));
-        cmd.push(ctl_cursor.as_bytes());
-        cmd.extend(cursors.iter().map(String::as_bytes));
-        let reply = conn.with_read_timeout(BLOCK + TIMEOUT, |c| c.command(&cmd));
-        let reply = match reply {
-            Ok(v) => {
-                *stalled_since = None;
-                v
-            }
-            Err(e @ RespError::Server(_)) => {
-                // A key of the wrong type, say: keep the connection, tell
-                // the operator, do not spin.
-                if stalled_since.is_none_or(|s| s.elapsed() > Duration::from_secs(10)) {
-                    engine.failed("reader XREAD", &e);
-                    *stalled_since = Some(Instant::now());
-                }
-                if !pause(engine, Duration::from_secs(1)) {
-                    return None;
-                }
-                continue;
-            }
-            Err(e) => return Some(e),
-        };
-        // The hub is gone: stop (`None`), like a stop request.
-        let hub = hub.upgrade()?;
-        let mut batch: Vec<(Box<str>, EventId, EncodedEvent)> = Vec::new();
-        let mut read: Vec<(Box<str>, EventId)> = Vec::new();
-        let mut trimmed: Vec<Box<str>> = Vec::new();
-        let mut bound: Option<EventId> = None;
-        let mut mailboxes: Vec<String> = Vec::new();
-        for stream in reply.items().unwrap_or_default() {
-            let Some([key, entries]) = stream.items() else {
-                continue;
-            };
-            let (Some(key), Some(entries)) = (key.as_str(), entries.items()) else {
-                continue;
-            };
-            if key == CTL_KEY {
-                for entry in entries {
-                    let Some([id, fields]) = entry.items() else {
-                        continue;
-                    };
-                    if let Some(id) = id.as_str() {
-                        *ctl = Some(id.to_owned());
-                    }
-                    for pair in fields.items().unwrap_or_default().chunks(2) {
-                        if let [name, value] = pair
-                            && name.as_bytes() == Some(b"k")
-                            && let Some(k) = value.as_str()
-                        {
-                            mailboxes.push(k.to_owned());
-                        }
-                    }
-                }
-                continue;
-            }
-            let Some(topic) = key.strip_prefix(TOPIC_PREFIX) else {
-                continue;
-            };
-            // How far this read went, counting entries that are not ssed's
-            // frames (skipped, or the reader would read them forever).
-            let Some(read_to) = entries.last().and_then(entry_id) else {
-                continue;
-            };
-            let frames: Vec<(EventId, EncodedEvent)> =
-                entries.iter().filter_map(entry_frame).collect();
-            if frames.len() < entries.len() {
-                engine.failed(
-                    "reader",
-                    &RespError::Protocol(format!(
-                        "{} entries of {key} are not ssed events; skipped",
-                        entries.len() - frames.len()
-                    )),
-                );
-            }
-            if entries.len() >= READ_COUNT {
-                // Cut short: later entries of other topics wait until this
-                // one has caught up, so delivery stays in id order; and
-                // Redis may trim what this one has not read yet.
-                bound = Some(bound.map_or(read_to, |b| b.min(read_to)));
-            }
-            let topic: Box<str> = topic.into();
-            read.push((topic.clone(), read_to));
-            // Entry numbers run 1, 2, 3 per topic: one skipped means Redis
-            // trimmed events before this node read them (it was away, or
-            // slow). Its subscribers cannot get them live: they are closed
-            // as slow, reconnect with Last-Event-ID and get the replay with
-            // its reset notice, and nothing of this topic after the gap is
-            // delivered, so their last id stays before it.
-            let mut gap = false;
-            for n in entries.iter().filter_map(entry_seq) {
-                // A smaller number: Redis lost its data (a restart without
-                // persistence) and counts afresh; nothing to tell from it.
-                if seqs.get(&topic).is_some_and(|prev| n > prev + 1) {
-                    gap = true;
-                }
-                seqs.insert(topic.clone(), n);
-            }
-            if gap {
-                log::warn!(
-                    "redis: events of topic {topic:?} were trimmed before this node read them; its subscribers reconnect to replay"
-                );
-                trimmed.push(topic);
-                continue;
-            }
-            batch.extend(frames.into_iter().map(|(id, f)| (topic.clone(), id, f)));
-        }
-        if let Some(b) = bound {
-            batch.retain(|(_, id, _)| *id <= b);
-        }
-        batch.sort_by_key(|(_, id, _)| *id);
-        {
-            let mut wanted = lock(&engine.wanted);
-            for (topic, read_to) in &read {
-                if let Some(f) = wanted.get_mut(topic) {
-                    f.cursor = f.cursor.max(bound.map_or(*read_to, |b| b.min(*read_to)));
-                }
-            }
-        }
-        for topic in &trimmed {
-            hub.drop_subscribers(topic);
-        }
-        if !batch.is_empty() {
-            hub.deliver_remote(batch);
-        }
-        for key in mailboxes {
-            hub.notify_mailbox(&key);
-        }
-        // Topics no subscriber here follows any more start afresh.
-        if seqs.len() > followed.len() {
-            seqs.retain(|t, _| followed.iter().any(|(f, _)| f == t));
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,102 @@
+//! The one interface through which a [`Hub`](crate::Hub) reaches where its
+//! events and messages are kept.
+//!
+//! Two engines implement it: [`Local`](crate::hub::local::Local), whose
+//! history and mailboxes are in this process (in memory, or in any store
+//! behind the [`History`](crate::hub::History) and
+//! [`MailboxStore`](crate::hub::MailboxStore) traits, such as SQLite), and
+//! the Redis engine (`crate::hub::redis`), shared by every node that uses
+//! the same Redis. The hub checks names and events, then hands every
+//! operation to its engine; both engines deliver what they keep through
+//! the [`Node`], the part of the hub they share.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::event::Event;
+use crate::hub::history::StorageError;
+use crate::hub::node::Node;
+use crate::hub::subscription::Replaying;
+use crate::hub::{HubError, HubUsage, Published, fanout::SubscriberQueue};
+
+/// A subscriber joined to its topics, with its replay started.
+pub(crate) struct Joined {
+    pub(crate) id: u64,
+    pub(crate) queue: Arc<SubscriberQueue>,
+    pub(crate) replay: Replaying,
+}
+
+/// A mailbox message taken for one consumer: once written, the engine
+/// [forgets](Engine::delivered) it; if the write fails, it is
+/// [put back](Engine::put_back) for the next consumer.
+pub(crate) struct Taken {
+    pub(crate) text: String,
+    pub(crate) receipt: Receipt,
+}
+
+/// What an engine needs to forget a taken message or put it back.
+pub(crate) enum Receipt {
+    /// Kept in this process: its number in the store, and when it expires.
+    Local { seq: u64, expires: Option<Instant> },
+    /// Kept in Redis: its stored form.
+    Redis(Vec<u8>),
+}
+
+/// Where a hub keeps its events and messages, and how it orders them.
+///
+/// Every method gets the hub's [`Node`]: its settings, its subscribers and
+/// its waiting consumers. Names are checked by the hub before any call.
+pub(crate) trait Engine: Send + Sync {
+    /// Keeps `event` on `topic` under the next id and offers it to this
+    /// node's subscribers (at once, or through the engine's reader).
+    fn publish(&self, node: &Node, topic: &str, event: Event) -> Result<Published, HubError>;
+
+    /// Joins a subscriber to `names` (sorted, distinct) and starts its
+    /// replay after `last_event_id`, with no gap and no repeat between the
+    /// replay and the live frames.
+    fn subscribe(
+        &self,
+        node: &Node,
+        names: &[&str],
+        last_event_id: Option<&str>,
+    ) -> Result<Joined, HubError>;
+
+    /// Reads the next page of `replay` (of `topics`, the subscription's).
+    fn read_page(
+        &self,
+        node: &Node,
+        replay: &mut Replaying,
+        topics: &[Arc<str>],
+    ) -> Result<(), StorageError>;
+
+    /// Queues `text` in mailbox `key`; the mailbox's length after it.
+    fn push(&self, node: &Node, key: &str, text: String) -> Result<usize, HubError>;
+
+    /// Takes the oldest message of `key`, if any (a failure is logged and
+    /// counted by the engine, and reads as none).
+    fn take(&self, node: &Node, key: &str) -> Option<Taken>;
+
+    /// A taken message was written to its consumer: it is gone for good.
+    fn delivered(&self, node: &Node, key: &str, taken: Taken);
+
+    /// A taken message could not be written: it goes back to the front.
+    fn put_back(&self, node: &Node, key: &str, taken: Taken);
+
+    /// Messages waiting in `key`.
+    fn mailbox_len(&self, node: &Node, key: &str) -> usize;
+
+    /// How often a waiting consumer looks without being woken; `None` when
+    /// every push here wakes it.
+    fn mailbox_poll(&self) -> Option<Duration>;
+
+    /// What the hub holds against its retained budget.
+    fn usage(&self, node: &Node) -> HubUsage;
+
+    /// Where the engine's Redis connection stands, if it has one.
+    fn redis_state(&self) -> Option<crate::hub::redis::RedisState> {
+        None
+    }
+
+    /// The hub is going away: stop the engine's threads.
+    fn stop(&self) {}
+}

@@ -1,0 +1,352 @@
+//! What every engine shares on this node: the subscribers of each topic
+//! and the lock that orders fan-out, the waker threads, the mailboxes'
+//! waiting consumers, and the hub's settings.
+//!
+//! An engine (see `engine.rs`) decides where events and messages are kept
+//! and which id an event gets; it hands each event it keeps to the
+//! [`Node`] ([`Node::fan_out`], or [`Node::deliver`] from the Redis
+//! reader), which offers the shared frame to every subscriber's queue
+//! under its lock and wakes them after it. The node knows no engine: the
+//! one thing it tells one is that a topic has no subscriber left
+//! ([`Follower`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::event::EncodedEvent;
+use crate::hub::HubConfig;
+use crate::hub::fanout::{Pushed, SubscriberQueue, Wakers};
+use crate::hub::id::EventId;
+use crate::hub::mailbox::Mailboxes;
+
+/// An engine that must know when no subscriber of this node is left on a
+/// topic (the Redis reader stops following it). Told under the node's
+/// lock, so it never crosses a subscriber joining the topic.
+pub(crate) trait Follower: Send + Sync {
+    /// No subscriber of this node follows `topic` any more.
+    fn unfollow(&self, topic: &str);
+}
+
+/// This node's subscribers, waiting consumers and settings.
+pub(crate) struct Node {
+    pub(crate) config: HubConfig,
+    pub(crate) wakers: Wakers,
+    /// Waiting consumers, and, with a local engine, the messages.
+    pub(crate) mailboxes: Mailboxes,
+    state: Mutex<State>,
+    /// Events published since the hub was created.
+    published: AtomicU64,
+}
+
+struct State {
+    /// Each topic's subscribers here; its key is shared with the topic
+    /// lists of the subscribers' queues.
+    subscribers: HashMap<Arc<str>, Vec<SubscriberSlot>>,
+    next_subscriber: u64,
+    /// The newest id handed to this node's subscribers (or restored).
+    last_id: EventId,
+    follower: Option<Arc<dyn Follower>>,
+}
+
+/// A subscriber in one topic's list. Small: a stream of many topics has
+/// one per topic (24 bytes; what only a resuming subscriber whose replay
+/// is read outside the lock needs is boxed apart).
+struct SubscriberSlot {
+    id: u64,
+    queue: Arc<SubscriberQueue>,
+    resume: Option<Box<Resume>>,
+}
+
+/// A subscription whose replay is read outside the node's lock (from
+/// Redis) while live frames already arrive: they wait here until the
+/// replay's end is known, and are kept only if newer.
+struct Resume {
+    /// While the replay is read: the live frames that arrived meanwhile,
+    /// sorted out against the replay once it is in.
+    pending: Option<Vec<(EventId, EncodedEvent)>>,
+    /// Frames up to this id are skipped: the replay had them (the reader
+    /// may deliver an event after the replay already read it).
+    seen: EventId,
+}
+
+/// Frames handed out by one fan-out: who took them, who needs waking.
+#[derive(Default)]
+pub(crate) struct FanOut {
+    pub(crate) receivers: usize,
+    wake: Vec<Arc<SubscriberQueue>>,
+}
+
+impl Node {
+    pub(crate) fn new(
+        config: HubConfig,
+        mailboxes: Mailboxes,
+        last_id: EventId,
+        follower: Option<Arc<dyn Follower>>,
+    ) -> Self {
+        Node {
+            config,
+            wakers: Wakers::started(),
+            mailboxes,
+            state: Mutex::new(State {
+                subscribers: HashMap::new(),
+                next_subscriber: 0,
+                last_id,
+                follower,
+            }),
+            published: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every
+        // mutation is a single push or remove), so keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a publish.
+    pub(crate) fn note_published(&self) {
+        self.published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Events published since the hub was created.
+    pub(crate) fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// The newest id handed to subscribers here, or restored at start.
+    pub(crate) fn last_id(&self) -> EventId {
+        self.state().last_id
+    }
+
+    /// Subscribers of `topic` now.
+    pub(crate) fn subscribers(&self, topic: &str) -> usize {
+        self.state().subscribers.get(topic).map_or(0, Vec::len)
+    }
+
+    /// Offers `frame` (id `id`) to every subscriber of `topic`; waking
+    /// them is left to [`Node::wake`], after the caller's own lock.
+    pub(crate) fn fan_out(&self, topic: &str, id: EventId, frame: &EncodedEvent) -> FanOut {
+        let mut out = FanOut::default();
+        let mut state = self.state();
+        state.fan_out(topic, id, frame, self.config.queue, &mut out);
+        state.last_id = state.last_id.max(id);
+        out
+    }
+
+    /// Wakes the subscribers a fan-out left to wake: the expensive part of
+    /// fan-out, never under a lock.
+    pub(crate) fn wake(&self, out: FanOut) {
+        if !out.wake.is_empty() {
+            self.wakers.wake(out.wake);
+        }
+    }
+
+    /// Delivers events the Redis reader read, in id order.
+    pub(crate) fn deliver(&self, batch: Vec<(Box<str>, EventId, EncodedEvent)>) {
+        let mut out = FanOut::default();
+        let mut state = self.state();
+        for (topic, id, frame) in &batch {
+            state.fan_out(topic, *id, frame, self.config.queue, &mut out);
+            state.last_id = state.last_id.max(*id);
+        }
+        drop(state);
+        drop(batch);
+        self.wake(out);
+    }
+
+    /// Closes every subscriber of `topic` here as slow (their clients
+    /// reconnect and replay from history).
+    pub(crate) fn drop_subscribers(&self, topic: &str) {
+        let mut state = self.state();
+        let Some(subs) = state.subscribers.remove(topic) else {
+            return;
+        };
+        state.forget_topic(topic);
+        let mut wake = Vec::with_capacity(subs.len());
+        for s in subs {
+            s.queue.close_slow();
+            if s.queue.topics.len() > 1 {
+                state.remove_subscriber(s.id, &s.queue.topics);
+            }
+            wake.push(s.queue);
+        }
+        drop(state);
+        self.wakers.wake(wake);
+    }
+
+    /// Joins a new subscriber to `names` (sorted, distinct); returns its
+    /// number and queue. `on_new(i, name)` is told, under the lock, of each
+    /// topic that had no subscriber here. With `resume`, live frames wait
+    /// beside the subscriber until [`Node::resume_live`].
+    pub(crate) fn join(
+        &self,
+        names: &[&str],
+        resume: bool,
+        on_new: &mut dyn FnMut(usize, &str),
+    ) -> (u64, Arc<SubscriberQueue>) {
+        let mut state = self.state();
+        let id = state.next_subscriber;
+        state.next_subscriber += 1;
+        let mut topics = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let key = match state.subscribers.get_key_value(*name) {
+                Some((k, _)) => Arc::clone(k),
+                None => {
+                    let k: Arc<str> = Arc::from(*name);
+                    state.subscribers.insert(Arc::clone(&k), Vec::new());
+                    k
+                }
+            };
+            if state.subscribers.get(&key).is_some_and(Vec::is_empty) {
+                on_new(i, name);
+            }
+            topics.push(key);
+        }
+        let queue = SubscriberQueue::shared(
+            self.config.queue,
+            self.config.queue_bytes,
+            topics.into_boxed_slice(),
+        );
+        for name in queue.topics.iter() {
+            if let Some(v) = state.subscribers.get_mut(name) {
+                v.push(SubscriberSlot {
+                    id,
+                    queue: Arc::clone(&queue),
+                    resume: resume.then(|| {
+                        Box::new(Resume {
+                            pending: Some(Vec::new()),
+                            seen: EventId::floor_of(0),
+                        })
+                    }),
+                });
+            }
+        }
+        (id, queue)
+    }
+
+    /// Ends the wait of a resuming subscriber whose replay covers up to
+    /// `until`: the live frames that arrived meanwhile go to its queue if
+    /// newer, in id order, and later ones up to `until` are skipped. Under
+    /// the lock, so no live frame can pass them.
+    pub(crate) fn resume_live(&self, id: u64, queue: &SubscriberQueue, until: EventId) {
+        let mut state = self.state();
+        let mut later: Vec<(EventId, EncodedEvent)> = Vec::new();
+        for name in queue.topics.iter() {
+            let Some(slot) = state
+                .subscribers
+                .get_mut(name)
+                .and_then(|v| v.iter_mut().find(|s| s.id == id))
+            else {
+                continue; // dropped as slow meanwhile
+            };
+            let resume = slot.resume.get_or_insert_with(|| {
+                Box::new(Resume {
+                    pending: None,
+                    seen: until,
+                })
+            });
+            if let Some(pending) = resume.pending.take() {
+                later.extend(pending.into_iter().filter(|(i, _)| *i > until));
+            }
+            resume.seen = until;
+        }
+        later.sort_unstable_by_key(|(id, _)| *id);
+        later.dedup_by_key(|(id, _)| *id);
+        for (_, frame) in &later {
+            if matches!(queue.push(frame), Pushed::Slow) {
+                break; // it drains what it has, then ends as slow
+            }
+        }
+    }
+
+    /// Removes subscriber `id` from each of `topics`.
+    pub(crate) fn unsubscribe(&self, id: u64, topics: &[Arc<str>]) {
+        self.state().remove_subscriber(id, topics);
+    }
+}
+
+impl State {
+    /// `topic` has no subscriber here any more.
+    fn forget_topic(&self, topic: &str) {
+        if let Some(f) = &self.follower {
+            f.unfollow(topic);
+        }
+    }
+
+    /// Offers `frame` (id `id`) to every subscriber of `topic`; a
+    /// subscriber whose queue is full is closed as slow and leaves all its
+    /// topics.
+    fn fan_out(
+        &mut self,
+        topic: &str,
+        id: EventId,
+        frame: &EncodedEvent,
+        limit: usize,
+        out: &mut FanOut,
+    ) {
+        let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
+        if let Some(subs) = self.subscribers.get_mut(topic) {
+            subs.retain_mut(|s| {
+                if s.resume.as_ref().is_some_and(|r| id <= r.seen) {
+                    return true;
+                }
+                let pending = s.resume.as_mut().and_then(|r| r.pending.as_mut());
+                let pushed = match pending {
+                    Some(pending) if pending.len() < limit => {
+                        pending.push((id, frame.clone()));
+                        Pushed::Queued
+                    }
+                    Some(_) => {
+                        s.queue.close_slow();
+                        Pushed::Slow
+                    }
+                    None => s.queue.push(frame),
+                };
+                match pushed {
+                    Pushed::Queued => {
+                        out.receivers += 1;
+                        true
+                    }
+                    Pushed::QueuedWake => {
+                        out.receivers += 1;
+                        out.wake.push(Arc::clone(&s.queue));
+                        true
+                    }
+                    Pushed::Slow => {
+                        // Closed: it drains what it has, then ends as slow
+                        // and its client resumes from history.
+                        out.wake.push(Arc::clone(&s.queue));
+                        if s.queue.topics.len() > 1 {
+                            dropped.push((s.id, Arc::clone(&s.queue)));
+                        }
+                        false
+                    }
+                }
+            });
+            if subs.is_empty() {
+                self.subscribers.remove(topic);
+                self.forget_topic(topic);
+            }
+        }
+        // A slow subscriber of several topics leaves all of them, or it
+        // would silently miss this topic's events while the others kept it
+        // connected.
+        for (id, queue) in dropped {
+            self.remove_subscriber(id, &queue.topics);
+        }
+    }
+
+    /// Removes subscriber `id` from each of `topics`.
+    fn remove_subscriber(&mut self, id: u64, topics: &[Arc<str>]) {
+        for topic in topics {
+            if let Some(subs) = self.subscribers.get_mut(topic) {
+                subs.retain(|s| s.id != id);
+                if subs.is_empty() {
+                    self.subscribers.remove(topic);
+                    self.forget_topic(topic);
+                }
+            }
+        }
+    }
+}
