@@ -102,7 +102,7 @@
 //! | HTTP | `http/` | request heads and bodies (with their limits), responses, chunked framing |
 //! | streams | `stream/` | [`Stream`]: sending, waiting, the budget; `write.rs` is the write path (vectored, with a deadline), `registry.rs` the open streams shutdown reaches |
 //! | server | `server/` | [`Server`] and [`ServerBuilder`]; `acceptor.rs` is the main loop (one thread, epoll: heads, bodies, answers without a thread), `conn.rs` a connection's thread, `pending.rs` what waits in the acceptor, `route.rs`, `limits/` (the cap, cgroups, the memory guard) |
-//! | hub | `hub/` | [`Hub`]: topics, ids, history and replay (`history.rs`, pages in `mod.rs`), mailboxes (`mailbox.rs`), fan-out and the waker threads (`fanout.rs`); engines: memory, SQLite (`store.rs`), Redis (`redis/`) |
+//! | hub | `hub/` | [`Hub`] (`mod.rs`) over one engine interface (`engine.rs`) with two engines: `local.rs` (memory, or SQLite in `store.rs`, behind the [`hub::History`] and [`hub::MailboxStore`] traits) and `redis/` (pool, scripts, the reader thread, RESP); `node.rs` each topic's subscribers and the lock that orders fan-out, `fanout.rs` their queues and the waker threads, `replay.rs` replay a page at a time, `mailbox.rs`, `follow.rs` (a [`Stream`] following a subscription) |
 //! | bridges | `bridge/` | PostgreSQL `LISTEN`/`NOTIFY` into topics, the `tiny_http` adapter |
 //! | daemon | `daemon/` | the `ssed` daemon's config, routes, auth, metrics and demo page (not a stable API) |
 //! | binary | `bin/ssed/` | `main.rs` the CLI; `loadtest/` is `ssed loadtest`, a client that measures a server (arguments, histogram, stream decoding, streams, publisher, report) |

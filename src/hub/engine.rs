@@ -1,7 +1,7 @@
 //! The one interface through which a [`Hub`](crate::Hub) reaches where its
 //! events and messages are kept.
 //!
-//! Two engines implement it: [`Local`](crate::hub::local::Local), whose
+//! Two engines implement it: the local engine (`local.rs`), whose
 //! history and mailboxes are in this process (in memory, or in any store
 //! behind the [`History`](crate::hub::History) and
 //! [`MailboxStore`](crate::hub::MailboxStore) traits, such as SQLite), and
@@ -13,11 +13,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Sender;
+
 use crate::event::Event;
+use crate::hub::config::{HubError, HubUsage, Published, RedisState};
+use crate::hub::fanout::SubscriberQueue;
 use crate::hub::history::StorageError;
 use crate::hub::node::Node;
-use crate::hub::subscription::Replaying;
-use crate::hub::{HubError, HubUsage, Published, fanout::SubscriberQueue};
+use crate::hub::replay::Replaying;
 
 /// A subscriber joined to its topics, with its replay started.
 pub(crate) struct Joined {
@@ -93,10 +96,26 @@ pub(crate) trait Engine: Send + Sync {
     fn usage(&self, node: &Node) -> HubUsage;
 
     /// Where the engine's Redis connection stands, if it has one.
-    fn redis_state(&self) -> Option<crate::hub::redis::RedisState> {
+    fn redis_state(&self) -> Option<RedisState> {
         None
     }
 
     /// The hub is going away: stop the engine's threads.
     fn stop(&self) {}
+}
+
+/// A hub's node and engine, shared by its handles and its subscriptions:
+/// a subscription keeps them alive, and the last one to go stops the
+/// engine's threads.
+pub(crate) struct Shared {
+    pub(crate) node: Arc<Node>,
+    pub(crate) engine: Box<dyn Engine>,
+    /// Dropped with the hub: ends the sweeper thread.
+    pub(crate) _sweeper: Option<Sender<()>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.engine.stop();
+    }
 }

@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use crate::error::{EndReason, Report, StreamError};
 use crate::event::{EncodedEvent, Event};
+use crate::hub::config::{BATCH, OPENING_MAX, PAGE_BYTES, REPLAY_RETRY};
 use crate::hub::fanout::{SubscriberQueue, Writer};
 use crate::hub::history::StorageError;
-use crate::hub::{BATCH, Hub, OPENING_MAX, PAGE_BYTES, REPLAY_RETRY, Subscription};
+use crate::hub::node::Node;
+use crate::hub::{Hub, Subscription};
 use crate::stream::Stream;
 
 impl Stream {
@@ -60,7 +62,7 @@ impl Stream {
                 queue.enable_direct(conn, chunked, stats, Vec::new(), 0);
             }
         }
-        let result = self.follow_queue(&sub.hub, &queue);
+        let result = self.follow_queue(&sub.shared.node, &queue);
         // From here on only this thread writes (the final frame, the close).
         let carry = queue.disable_direct();
         if !carry.is_empty() {
@@ -105,7 +107,11 @@ impl Stream {
         self.comment("storage unavailable; reconnect later")
     }
 
-    fn follow_queue(&mut self, hub: &Hub, queue: &Arc<SubscriberQueue>) -> Result<(), StreamError> {
+    fn follow_queue(
+        &mut self,
+        node: &Node,
+        queue: &Arc<SubscriberQueue>,
+    ) -> Result<(), StreamError> {
         let mut batch = Vec::new();
         loop {
             // Held while draining and writing, so a waker never writes in
@@ -127,7 +133,7 @@ impl Stream {
             drop(writer);
             // Staged bytes (the opening, a heartbeat) are handed over just
             // before parking, with the writer free for the waker.
-            if staged && !hub.0.node.wakers.hand_off(Arc::clone(queue)) {
+            if staged && !node.wakers.hand_off(Arc::clone(queue)) {
                 self.send_staged(queue)?;
             }
             if queue.prepare_park() {

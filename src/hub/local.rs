@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use crate::error::Report;
 use crate::event::Event;
+use crate::hub::config::{HubError, HubUsage, Published};
 use crate::hub::engine::{Engine, Joined, Receipt, Taken};
 use crate::hub::history::{History, Retained, StorageError};
 use crate::hub::id::{EventId, now_ms};
 use crate::hub::mailbox::{self, Message};
 use crate::hub::node::Node;
-use crate::hub::subscription::Replaying;
-use crate::hub::{HubError, HubUsage, Published};
+use crate::hub::replay::Replaying;
 
 /// History and mailboxes in this process.
 pub(crate) struct Local {

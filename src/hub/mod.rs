@@ -9,14 +9,15 @@
 //! How the parts fit, each file using only those listed before it:
 //! `id.rs` event ids and names; `history.rs` the [`History`] trait and
 //! [`MemoryHistory`]; `mailbox.rs` the mailboxes; `fanout.rs` the
-//! subscribers' queues and the waker threads; `node.rs` what every engine
-//! shares on this node (each topic's subscribers under the lock that
-//! orders fan-out); `subscription.rs` a subscription and its replay, read
-//! a page at a time; `engine.rs` the one interface to where events and
-//! messages are kept, with its two engines, `local.rs` (memory, or any
-//! store behind the traits: SQLite in `store.rs`) and `redis/`; this file
-//! the [`Hub`], which checks names and events and hands every operation to
-//! its engine; `follow.rs` a [`Stream`](crate::Stream) following a
+//! subscribers' queues and the waker threads; `config.rs` the settings,
+//! results and errors; `node.rs` what every engine shares on this node
+//! (each topic's subscribers, under the lock that orders fan-out);
+//! `replay.rs` a replay, read a page at a time; `engine.rs` the one
+//! interface to where events and messages are kept, and its two engines,
+//! `local.rs` (memory, or any store behind the traits) and `redis/`;
+//! `subscription.rs` a [`Subscription`]; this file the [`Hub`], which checks
+//! names and events and hands every operation to its engine; `store.rs`
+//! the SQLite store; `follow.rs` a [`Stream`](crate::Stream) following a
 //! subscription or consuming a mailbox.
 //!
 //! Ordering: the local engine holds its lock to assign the next id, append
@@ -40,6 +41,7 @@
 //! restart. A store that fails a write fails the operation
 //! ([`HubError::Storage`]): nothing is acknowledged that was not kept.
 
+mod config;
 mod engine;
 pub(crate) mod fanout;
 mod follow;
@@ -49,10 +51,12 @@ mod local;
 pub(crate) mod mailbox;
 mod node;
 pub mod redis;
+mod replay;
 #[cfg(feature = "durable")]
 pub mod store;
 mod subscription;
 
+pub use config::{HubConfig, HubError, HubUsage, Published, RESET_EVENT};
 pub use history::{History, MemoryHistory, Replay, Retained, StorageError};
 pub use id::{EventId, ParseIdError, valid_name};
 pub use mailbox::{MailboxStore, StoredMessage};
@@ -62,196 +66,21 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 
-use crate::error::EventError;
 use crate::event::Event;
-use crate::hub::engine::{Engine, Joined};
-use crate::hub::id::MAX_NAME_LEN;
+use crate::hub::config::RedisState;
+use crate::hub::engine::{Engine, Joined, Shared};
 use crate::hub::local::Local;
 use crate::hub::mailbox::Mailboxes;
 use crate::hub::node::Node;
-use crate::hub::redis::RedisState;
 use crate::hub::redis::engine::RedisEngine;
 use crate::hub::redis::resp::RedisUrl;
 
-/// The event name of the frame sent when a client asks to resume from an id
-/// older than what is retained.
-pub const RESET_EVENT: &str = "reset";
-/// Most frames written per wake-up of a following stream.
-const BATCH: usize = 256;
-/// How soon a stream whose replay could not be read asks its client to
-/// come back.
-const REPLAY_RETRY: Duration = Duration::from_secs(2);
-/// Most bytes of frames in a page of a replay (one frame at least), and in
-/// one write of queued frames: what a stream holds of its own while its
-/// client does not read. Frames read from Redis are the stream's own copy;
-/// frames in memory are shared with history, until history lets them go.
-pub(crate) const PAGE_BYTES: usize = 64 * 1024;
-/// Most replay bytes handed to a waker with a stream's head (see
-/// `Stream::follow`); a longer replay is written by the stream's thread.
-const OPENING_MAX: usize = 16 * 1024;
 /// How often expired mailbox messages are swept, at most and at least
 /// (within these, the mailbox TTL).
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 const SWEEP_MIN: Duration = Duration::from_secs(1);
-/// The longest id line a frame can get (`id: ` and two 20-digit numbers).
-pub(crate) const ID_LINE_MAX: usize = 4 + 20 + 1 + 20 + 1;
-
-/// What a hub holds against its retained budget
-/// ([`HubConfig::max_retained_bytes`]), from [`Hub::usage`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HubUsage {
-    /// Bytes of retained events in this process (0 when Redis keeps them).
-    pub history_bytes: u64,
-    /// Bytes of waiting mailbox messages in this process.
-    pub mailbox_bytes: u64,
-    /// The budget (0: none).
-    pub max_retained_bytes: u64,
-    /// Retained events dropped to keep within the budget, since start.
-    pub events_evicted: u64,
-    /// Pushes refused because the mailboxes held the whole budget.
-    pub pushes_refused: u64,
-}
-
-/// Settings of a [`Hub`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct HubConfig {
-    /// Frames a subscriber may have queued before it is dropped as slow.
-    /// Default 512 (the queue grows only as frames wait, so idle subscribers
-    /// hold none of it).
-    pub queue: usize,
-    /// Bytes of frames a subscriber may have queued (one frame at least)
-    /// before it is dropped as slow: what a subscriber that stops reading
-    /// keeps alive, even after history lets it go. Default 1 MiB.
-    pub queue_bytes: usize,
-    /// Messages a mailbox holds before a push is refused. Default 1000.
-    pub mailbox_capacity: usize,
-    /// How long an unconsumed mailbox message is kept. Default 1 h.
-    pub mailbox_ttl: Duration,
-    /// Bytes of memory that retained events and waiting mailbox messages
-    /// may take together (frames and texts, with their bookkeeping). Past
-    /// it the oldest retained events are dropped, across all topics (a
-    /// resume from before them gets the reset notice, as after any
-    /// eviction), and a push that the mailboxes alone cannot hold is
-    /// refused ([`HubError::OverBudget`]). 0: no budget. Default 0; the
-    /// daemon derives one from the machine's (or its cgroup's) memory.
-    pub max_retained_bytes: u64,
-    /// Largest frame a publish may make, its `data:` prefixes and id line
-    /// included ([`HubError::TooLarge`] past it); bounds what one event
-    /// can cost whatever its text looks like (a body of line breaks
-    /// encodes to about seven times its size). 0: no bound. Default 0.
-    pub max_frame: usize,
-}
-
-impl Default for HubConfig {
-    fn default() -> Self {
-        HubConfig {
-            queue: 512,
-            queue_bytes: 1024 * 1024,
-            mailbox_capacity: 1000,
-            mailbox_ttl: Duration::from_secs(3600),
-            max_retained_bytes: 0,
-            max_frame: 0,
-        }
-    }
-}
-
-impl HubConfig {
-    /// [`HubError::TooLarge`] for a frame of `size` bytes past
-    /// [`max_frame`](HubConfig::max_frame).
-    pub(crate) fn check_frame(&self, size: usize) -> Result<(), HubError> {
-        let max = self.max_frame;
-        if max > 0 && size > max {
-            return Err(HubError::TooLarge { size, max });
-        }
-        Ok(())
-    }
-}
-
-/// Why a hub operation was refused.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum HubError {
-    /// A topic or key name that is empty, too long or has a character other
-    /// than `A-Z a-z 0-9 _ . : -`.
-    InvalidName(String),
-    /// The event could not be encoded.
-    Event(EventError),
-    /// The mailbox already holds its maximum of messages.
-    MailboxFull {
-        /// The mailbox key.
-        key: String,
-        /// Its capacity.
-        capacity: usize,
-    },
-    /// The hub's store could not keep the event or message, so it was
-    /// neither delivered nor queued.
-    Storage(StorageError),
-    /// The event's frame would be larger than [`HubConfig::max_frame`].
-    TooLarge {
-        /// The frame's size in bytes.
-        size: usize,
-        /// The bound.
-        max: usize,
-    },
-    /// The mailboxes already hold what [`HubConfig::max_retained_bytes`]
-    /// allows: the message was not queued.
-    OverBudget {
-        /// The budget, in bytes.
-        budget: u64,
-    },
-}
-
-impl fmt::Display for HubError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HubError::InvalidName(n) => write!(
-                f,
-                "invalid name {n:?}: use 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . : -"
-            ),
-            HubError::Event(_) => f.write_str("invalid event"),
-            HubError::MailboxFull { key, capacity } => {
-                write!(f, "mailbox {key:?} is full ({capacity} messages waiting)")
-            }
-            HubError::Storage(_) => f.write_str("storage unavailable"),
-            HubError::TooLarge { size, max } => {
-                write!(f, "event frame of {size} bytes is over the limit of {max}")
-            }
-            HubError::OverBudget { budget } => write!(
-                f,
-                "mailboxes hold the whole retained-memory budget ({budget} bytes)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for HubError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            HubError::Event(e) => Some(e),
-            HubError::Storage(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<EventError> for HubError {
-    fn from(e: EventError) -> Self {
-        HubError::Event(e)
-    }
-}
-
-/// What a publish did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
-    /// The id the event got.
-    pub id: EventId,
-    /// Subscribers whose queue took the event.
-    pub receivers: usize,
-}
 
 /// The engine of the daemon, usable by an embedding app from any thread:
 /// topics (created on first use) with history, and keyed mailboxes.
@@ -271,20 +100,7 @@ pub struct Published {
 /// # Ok::<(), ssed::HubError>(())
 /// ```
 #[derive(Clone)]
-pub struct Hub(Arc<Inner>);
-
-struct Inner {
-    node: Arc<Node>,
-    engine: Box<dyn Engine>,
-    /// Dropped with the hub: ends the sweeper thread.
-    _sweeper: Option<Sender<()>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.engine.stop();
-    }
-}
+pub struct Hub(Arc<Shared>);
 
 /// Sorts topic names and drops repeats. A stream's thread runs this and
 /// keeps every stack page it touches: a short list (a stream takes at
@@ -352,7 +168,7 @@ impl Hub {
             Some(Arc::clone(&redis) as Arc<dyn node::Follower>),
         ));
         let hub = Hub::assemble(Arc::clone(&node), Box::new(RedisEngine(Arc::clone(&redis))));
-        redis::start_reader(redis, Arc::downgrade(&node))
+        redis::reader::start_reader(redis, Arc::downgrade(&node))
             .map_err(|e| HubError::Storage(StorageError::new(e)))?;
         Ok(hub)
     }
@@ -395,7 +211,7 @@ impl Hub {
     fn assemble(node: Arc<Node>, engine: Box<dyn Engine>) -> Self {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         start_sweeper(&node, stopped);
-        Hub(Arc::new(Inner {
+        Hub(Arc::new(Shared {
             node,
             engine,
             _sweeper: Some(stop),
@@ -451,7 +267,7 @@ impl Hub {
                 .engine
                 .subscribe(&self.0.node, &names, last_event_id)?;
         Ok(Subscription {
-            hub: self.clone(),
+            shared: Arc::clone(&self.0),
             id,
             replay,
             queue,

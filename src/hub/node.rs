@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::event::EncodedEvent;
-use crate::hub::HubConfig;
+use crate::hub::config::HubConfig;
 use crate::hub::fanout::{Pushed, SubscriberQueue, Wakers};
 use crate::hub::id::EventId;
 use crate::hub::mailbox::Mailboxes;

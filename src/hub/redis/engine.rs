@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::event::Event;
+use crate::hub::config::{HubError, HubUsage, ID_LINE_MAX, Published};
 use crate::hub::engine::{Engine, Joined, Receipt, Taken};
 use crate::hub::history::StorageError;
 use crate::hub::id::EventId;
 use crate::hub::node::Node;
 use crate::hub::redis::{PushError, Redis, RedisState};
-use crate::hub::subscription::Replaying;
-use crate::hub::{HubError, HubUsage, ID_LINE_MAX, Published};
+use crate::hub::replay::Replaying;
 
 /// How often a consumer of a Redis mailbox looks without being woken.
 const MAILBOX_POLL: Duration = Duration::from_secs(1);

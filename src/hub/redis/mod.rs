@@ -75,11 +75,10 @@
 
 pub(crate) mod engine;
 mod pool;
-mod reader;
+pub(crate) mod reader;
 pub(crate) mod resp;
 mod scripts;
 
-pub(crate) use reader::start_reader;
 use scripts::{PAGE, PUBLISH, PUSH, Script, TAKE, UNTAKE};
 
 use std::collections::HashMap;
@@ -89,7 +88,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::event::EncodedEvent;
-use crate::hub::PAGE_BYTES;
+use crate::hub::config::PAGE_BYTES;
+pub use crate::hub::config::RedisState;
 use crate::hub::history::{Replay, Retained, StorageError};
 use crate::hub::id::EventId;
 use crate::hub::node::Follower;
@@ -108,26 +108,6 @@ const SEQ_KEY: &str = "ssed:seq";
 const CTL_KEY: &str = "ssed:ctl";
 /// Entries the control stream keeps (approximately).
 const CTL_LEN: &str = "1000";
-
-/// Connect timeout, and the timeout of every ordinary command.
-pub(crate) const TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Where a node's Redis connection stands, as [`Hub::redis_state`]
-/// reports it.
-///
-/// [`Hub::redis_state`]: crate::Hub::redis_state
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RedisState {
-    /// Whether the reader is connected (events from other nodes flow).
-    pub connected: bool,
-    /// Times the reader connected again after losing its connection.
-    pub reconnects: u64,
-    /// Failed commands and connects (publishes, pushes, replays, reads).
-    pub errors: u64,
-    /// The most recent error, without the password.
-    pub last_error: Option<String>,
-}
 
 /// Where the reader is in a topic this node follows.
 #[derive(Debug, Clone, Copy)]

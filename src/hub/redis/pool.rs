@@ -3,9 +3,10 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::hub::redis::TIMEOUT;
 use crate::hub::redis::resp::{Conn, RedisUrl, RespError};
 
+/// Connect timeout, and the timeout of every ordinary command.
+pub(super) const TIMEOUT: Duration = Duration::from_secs(2);
 /// Most command connections a node opens.
 const POOL_MAX: usize = 16;
 /// After a failed connect, commands fail at once for this long instead of

@@ -12,10 +12,10 @@ use crate::backoff::Backoff;
 use crate::event::EncodedEvent;
 use crate::hub::id::EventId;
 use crate::hub::node::Node;
-use crate::hub::redis::pool::lock;
+use crate::hub::redis::pool::{TIMEOUT, lock};
 use crate::hub::redis::resp::{Conn, RespError, Value};
 use crate::hub::redis::{
-    CTL_KEY, Redis, TIMEOUT, TOPIC_PREFIX, entry_frame, entry_id, entry_seq, topic_key,
+    CTL_KEY, Redis, TOPIC_PREFIX, entry_frame, entry_id, entry_seq, topic_key,
 };
 
 /// How long one blocking `XREAD` waits (the reader checks whether its hub
