@@ -26,7 +26,8 @@ use crate::hub::replay::Replaying;
 pub(crate) struct Joined {
     pub(crate) id: u64,
     pub(crate) queue: Arc<SubscriberQueue>,
-    pub(crate) replay: Replaying,
+    /// `None` when it does not resume.
+    pub(crate) replay: Option<Box<Replaying>>,
 }
 
 /// A mailbox message taken for one consumer: once written, the engine

@@ -140,10 +140,14 @@ impl Engine for Local {
     ) -> Result<Joined, HubError> {
         let state = self.state();
         let (id, queue) = node.join(names, false, &mut |_, _| {});
-        let replay = match last_event_id {
-            Some(asked) => Replaying::start(state.last_id, &*state.history, &queue.topics, asked),
-            None => Replaying::default(),
-        };
+        let replay = last_event_id.map(|asked| {
+            Box::new(Replaying::start(
+                state.last_id,
+                &*state.history,
+                &queue.topics,
+                asked,
+            ))
+        });
         drop(state);
         Ok(Joined { id, queue, replay })
     }

@@ -167,7 +167,8 @@ impl Hub {
             EventId::floor_of(0),
             Some(Arc::clone(&redis) as Arc<dyn node::Follower>),
         ));
-        let hub = Hub::assemble(Arc::clone(&node), Box::new(RedisEngine(Arc::clone(&redis))));
+        let engine = RedisEngine::new(Arc::clone(&redis), Arc::clone(&node));
+        let hub = Hub::assemble(Arc::clone(&node), Box::new(engine));
         redis::reader::start_reader(redis, Arc::downgrade(&node))
             .map_err(|e| HubError::Storage(StorageError::new(e)))?;
         Ok(hub)

@@ -17,7 +17,10 @@ pub struct Subscription {
     /// The hub's node and engine: a subscription keeps them alive.
     pub(crate) shared: Arc<Shared>,
     pub(crate) id: u64,
-    pub(crate) replay: Replaying,
+    /// What is left of its replay; `None` for a subscription that does
+    /// not resume (kept apart: a stream's thread keeps the stack pages a
+    /// subscription passes through, and most never replay).
+    pub(crate) replay: Option<Box<Replaying>>,
     pub(crate) queue: Arc<SubscriberQueue>,
 }
 
@@ -25,7 +28,10 @@ impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
             .field("topics", &self.queue.topics)
-            .field("backlog", &self.replay.ready.len())
+            .field(
+                "backlog",
+                &self.replay.as_ref().map_or(0, |r| r.ready.len()),
+            )
             .field("queued", &self.queue.len())
             .finish_non_exhaustive()
     }
@@ -74,7 +80,11 @@ impl Subscription {
                     // What the replay could not read may be missing: say
                     // so, as for any loss, after the last event read.
                     log::warn!("replay cut short: {}", Report(&e));
-                    let last = self.replay.last.map(|id| id.to_string());
+                    let last = self
+                        .replay
+                        .as_ref()
+                        .and_then(|r| r.last)
+                        .map(|id| id.to_string());
                     all.push(reset_frame(&last.unwrap_or_default(), None));
                     return all;
                 }
@@ -90,23 +100,26 @@ impl Subscription {
     /// When Redis, the engine, cannot be read: the replay stops there.
     #[inline(never)]
     pub(crate) fn next_backlog(&mut self, max: usize) -> Result<Vec<EncodedEvent>, StorageError> {
-        if self.replay.ready.is_empty() && !self.replay.complete() {
+        let Some(replay) = self.replay.as_deref_mut() else {
+            return Ok(Vec::new());
+        };
+        if replay.ready.is_empty() && !replay.complete() {
             let shared = &self.shared;
             let read = shared
                 .engine
-                .read_page(&shared.node, &mut self.replay, &self.queue.topics);
+                .read_page(&shared.node, replay, &self.queue.topics);
             if let Err(e) = read {
-                self.replay.from = Vec::new(); // nothing more to read
+                replay.from = Vec::new(); // nothing more to read
                 return Err(e);
             }
         }
-        let n = self.replay.ready.len().min(max);
-        Ok(self.replay.ready.drain(..n).collect())
+        let n = replay.ready.len().min(max);
+        Ok(replay.ready.drain(..n).collect())
     }
 
     /// Whether the replay is all taken or waiting in memory.
     pub(crate) fn backlog_read(&self) -> bool {
-        self.replay.complete()
+        self.replay.as_ref().is_none_or(|r| r.complete())
     }
 
     /// Whether the hub dropped this subscriber for falling behind.
@@ -213,7 +226,10 @@ mod tests {
         let mut got = Vec::new();
         let mut pages = 0;
         loop {
-            assert!(sub.replay.ready.len() <= BATCH, "one page at most");
+            assert!(
+                sub.replay.as_ref().map_or(0, |r| r.ready.len()) <= BATCH,
+                "one page at most"
+            );
             let page = sub.next_backlog(BATCH).expect("in memory");
             if page.is_empty() {
                 break;

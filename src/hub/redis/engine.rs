@@ -11,6 +11,7 @@ use crate::hub::engine::{Engine, Joined, Receipt, Taken};
 use crate::hub::history::StorageError;
 use crate::hub::id::EventId;
 use crate::hub::node::Node;
+use crate::hub::redis::worker::Workers;
 use crate::hub::redis::{PushError, Redis, RedisState};
 use crate::hub::replay::Replaying;
 
@@ -18,45 +19,89 @@ use crate::hub::replay::Replaying;
 const MAILBOX_POLL: Duration = Duration::from_secs(1);
 
 /// The hub's engine when Redis keeps everything.
-pub(crate) struct RedisEngine(pub(crate) Arc<Redis>);
+///
+/// What a stream's thread asks of it (subscribe, replay pages, mailbox
+/// takes) runs on the engine's [`Workers`]: see `worker.rs` for why.
+pub(crate) struct RedisEngine {
+    redis: Arc<Redis>,
+    node: Arc<Node>,
+    workers: Workers,
+}
 
 impl RedisEngine {
-    /// [`Engine::subscribe`] for a subscriber resuming after `asked`: the
-    /// replay covers what Redis has up to `until`, read now that the
-    /// subscriber is in; what the reader delivers meanwhile waits beside
-    /// it, and goes to its queue only if newer. So nothing published
-    /// around the subscription is missed or doubled.
-    // Out of line, so a subscriber that does not resume never has its
-    // locals on the stack (see `Stream::follow`).
-    #[inline(never)]
-    fn start_replay(
-        &self,
-        node: &Node,
-        joined: &mut Joined,
-        asked: &str,
-        newest: EventId,
-    ) -> Result<(), StorageError> {
-        let redis = &self.0;
-        let names = &joined.queue.topics;
-        let (until, _) = redis.position(names)?;
-        node.resume_live(joined.id, &joined.queue, until);
-        // An id Redis cannot place (garbage, or newer than anything issued)
-        // replays everything retained after the reset notice.
-        let placeable = asked.parse::<EventId>().ok().filter(|a| *a <= newest);
-        let after = placeable.unwrap_or(EventId::floor_of(0));
-        joined.replay = Replaying {
-            ready: VecDeque::new(),
-            from: vec![after; names.len()],
-            until,
-            last: None,
-        };
-        joined.replay.read_page(
-            names,
-            &mut |t, a, u, m| redis.page(t, a, u, m),
-            Some(asked),
-            placeable.is_none(),
-        )
+    /// The engine over `redis` for `node`, its workers started.
+    pub(crate) fn new(redis: Arc<Redis>, node: Arc<Node>) -> Self {
+        RedisEngine {
+            redis,
+            node,
+            workers: Workers::started(),
+        }
     }
+}
+
+/// [`Engine::subscribe`], on a worker: joins the topics (the reader
+/// follows each from the newest id at least), then, for a subscriber that
+/// resumes, reads the replay from Redis (see [`start_replay`]).
+fn subscribe(
+    redis: &Redis,
+    node: &Node,
+    names: &[&str],
+    last_event_id: Option<&str>,
+) -> Result<Joined, HubError> {
+    let (newest, seqs) = redis.position(names).map_err(HubError::Storage)?;
+    let mut woke = false;
+    let (id, queue) = node.join(names, last_event_id.is_some(), &mut |i, name| {
+        let seq = seqs.get(i).copied().unwrap_or(0);
+        woke |= redis.want(name, newest, seq);
+    });
+    if woke {
+        redis.wake_readers();
+    }
+    let mut joined = Joined {
+        id,
+        queue,
+        replay: None,
+    };
+    if let Some(asked) = last_event_id
+        && let Err(e) = start_replay(redis, node, &mut joined, asked, newest)
+    {
+        node.unsubscribe(joined.id, &joined.queue.topics);
+        return Err(HubError::Storage(e));
+    }
+    Ok(joined)
+}
+
+/// The replay of a subscriber resuming after `asked`: it covers what Redis
+/// has up to `until`, read now that the subscriber is in; what the reader
+/// delivers meanwhile waits beside it, and goes to its queue only if
+/// newer. So nothing published around the subscription is missed or
+/// doubled.
+fn start_replay(
+    redis: &Redis,
+    node: &Node,
+    joined: &mut Joined,
+    asked: &str,
+    newest: EventId,
+) -> Result<(), StorageError> {
+    let names = &joined.queue.topics;
+    let (until, _) = redis.position(names)?;
+    node.resume_live(joined.id, &joined.queue, until);
+    // An id Redis cannot place (garbage, or newer than anything issued)
+    // replays everything retained after the reset notice.
+    let placeable = asked.parse::<EventId>().ok().filter(|a| *a <= newest);
+    let after = placeable.unwrap_or(EventId::floor_of(0));
+    let replay = joined.replay.insert(Box::new(Replaying {
+        ready: VecDeque::new(),
+        from: vec![after; names.len()],
+        until,
+        last: None,
+    }));
+    replay.read_page(
+        names,
+        &mut |t, a, u, m| redis.page(t, a, u, m),
+        Some(asked),
+        placeable.is_none(),
+    )
 }
 
 impl Engine for RedisEngine {
@@ -66,7 +111,7 @@ impl Engine for RedisEngine {
         let (frame, at) = event.encode_around_id()?;
         node.config.check_frame(frame.len() + ID_LINE_MAX)?;
         let id = self
-            .0
+            .redis
             .publish(topic, &frame, at)
             .map_err(HubError::Storage)?;
         node.note_published();
@@ -76,37 +121,21 @@ impl Engine for RedisEngine {
         })
     }
 
-    /// Joins the topics (the reader follows each from the newest id at
-    /// least), then, for a subscriber that resumes, reads the replay from
-    /// Redis (see [`RedisEngine::start_replay`]).
     fn subscribe(
         &self,
-        node: &Node,
+        _node: &Node,
         names: &[&str],
         last_event_id: Option<&str>,
     ) -> Result<Joined, HubError> {
-        let redis = &self.0;
-        let (newest, seqs) = redis.position(names).map_err(HubError::Storage)?;
-        let mut woke = false;
-        let (id, queue) = node.join(names, last_event_id.is_some(), &mut |i, name| {
-            let seq = seqs.get(i).copied().unwrap_or(0);
-            woke |= redis.want(name, newest, seq);
-        });
-        if woke {
-            redis.wake_readers();
-        }
-        let mut joined = Joined {
-            id,
-            queue,
-            replay: Replaying::default(),
-        };
-        if let Some(asked) = last_event_id
-            && let Err(e) = self.start_replay(node, &mut joined, asked, newest)
-        {
-            node.unsubscribe(joined.id, &joined.queue.topics);
-            return Err(HubError::Storage(e));
-        }
-        Ok(joined)
+        let (redis, node) = (Arc::clone(&self.redis), Arc::clone(&self.node));
+        let names: Vec<Box<str>> = names.iter().map(|n| Box::from(*n)).collect();
+        let last_event_id = last_event_id.map(str::to_owned);
+        self.workers
+            .run(move || {
+                let names: Vec<&str> = names.iter().map(|n| &**n).collect();
+                subscribe(&redis, &node, &names, last_event_id.as_deref())
+            })
+            .map_err(HubError::Storage)?
     }
 
     fn read_page(
@@ -115,19 +144,26 @@ impl Engine for RedisEngine {
         replay: &mut Replaying,
         topics: &[Arc<str>],
     ) -> Result<(), StorageError> {
-        let redis = &self.0;
-        replay.read_page(
-            topics,
-            &mut |t, a, u, m| redis.page(t, a, u, m),
-            None,
-            false,
-        )
+        let redis = Arc::clone(&self.redis);
+        let topics = topics.to_vec();
+        let mut page = std::mem::take(replay);
+        let (page, read) = self.workers.run(move || {
+            let read = page.read_page(
+                &topics,
+                &mut |t, a, u, m| redis.page(t, a, u, m),
+                None,
+                false,
+            );
+            (page, read)
+        })?;
+        *replay = page;
+        read
     }
 
     fn push(&self, node: &Node, key: &str, text: String) -> Result<usize, HubError> {
         let capacity = node.config.mailbox_capacity;
         let queued = self
-            .0
+            .redis
             .push(key, &text, capacity, node.config.mailbox_ttl)
             .map_err(|e| match e {
                 PushError::Full => HubError::MailboxFull {
@@ -143,8 +179,17 @@ impl Engine for RedisEngine {
     }
 
     fn take(&self, node: &Node, key: &str) -> Option<Taken> {
+        let (redis, key, ttl) = (
+            Arc::clone(&self.redis),
+            key.to_owned(),
+            node.config.mailbox_ttl,
+        );
         // A failure is logged and counted by the engine.
-        let (text, stored) = self.0.take(key, node.config.mailbox_ttl).ok()??;
+        let (text, stored) = self
+            .workers
+            .run(move || redis.take(&key, ttl))
+            .ok()?
+            .ok()??;
         Some(Taken {
             text,
             receipt: Receipt::Redis(stored),
@@ -159,7 +204,13 @@ impl Engine for RedisEngine {
         let Receipt::Redis(stored) = taken.receipt else {
             return;
         };
-        if let Err(lost) = self.0.untake(key, &stored, node.config.mailbox_ttl) {
+        let (redis, owned, ttl) = (
+            Arc::clone(&self.redis),
+            key.to_owned(),
+            node.config.mailbox_ttl,
+        );
+        let put = self.workers.run(move || redis.untake(&owned, &stored, ttl));
+        if let Err(lost) = put.and_then(|r| r) {
             log::error!(
                 "mailbox {key:?}: a message could not be delivered nor put back: {}",
                 crate::error::Report(&lost)
@@ -168,7 +219,7 @@ impl Engine for RedisEngine {
     }
 
     fn mailbox_len(&self, _node: &Node, key: &str) -> usize {
-        self.0.mailbox_len(key)
+        self.redis.mailbox_len(key)
     }
 
     /// Announcements missed while the reader reconnects are caught by
@@ -188,10 +239,10 @@ impl Engine for RedisEngine {
     }
 
     fn redis_state(&self) -> Option<RedisState> {
-        Some(self.0.state())
+        Some(self.redis.state())
     }
 
     fn stop(&self) {
-        self.0.stop();
+        self.redis.stop();
     }
 }

@@ -78,6 +78,7 @@ mod pool;
 pub(crate) mod reader;
 pub(crate) mod resp;
 mod scripts;
+mod worker;
 
 use scripts::{PAGE, PUBLISH, PUSH, Script, TAKE, UNTAKE};
 

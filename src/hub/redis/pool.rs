@@ -8,7 +8,7 @@ use crate::hub::redis::resp::{Conn, RedisUrl, RespError};
 /// Connect timeout, and the timeout of every ordinary command.
 pub(super) const TIMEOUT: Duration = Duration::from_secs(2);
 /// Most command connections a node opens.
-const POOL_MAX: usize = 16;
+pub(super) const POOL_MAX: usize = 16;
 /// After a failed connect, commands fail at once for this long instead of
 /// each waiting for its own connect.
 const FAIL_FAST: Duration = Duration::from_millis(200);
