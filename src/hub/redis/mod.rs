@@ -15,6 +15,9 @@
 //!   on the topics its subscribers follow (not one per subscriber) and fans
 //!   each entry out to them. A publish returns once Redis has the event; its
 //!   local subscribers get it from the reader like everyone else's.
+//! - **Worker threads**, one per pooled connection, make the round trips a
+//!   stream needs (subscribe, replay pages, mailbox takes): a stream's own
+//!   thread keeps every stack page it touches, and a round trip goes deep.
 //! - **Replay** reads the topics' streams after the asked id, with a reset
 //!   notice when Redis has trimmed events the client may not have seen.
 //! - **Mailboxes** are Redis lists (`ssed:k:{key}`): a push appends (refused
