@@ -857,3 +857,49 @@ fn subscribers_resuming_a_large_history_and_not_reading_pin_a_page_each() {
     eprintln!("20 non-reading subscribers resuming 300 x 64 KB from Redis: +{grew} KiB");
     drop(stuck);
 }
+
+/// This process's threads whose name starts `ssed-redis` (the reader and
+/// the workers of every Redis hub in it).
+fn redis_threads() -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|name| name.starts_with("ssed-redis"))
+        .count()
+}
+
+#[test]
+fn dropping_a_redis_hub_ends_its_reader_and_worker_threads() {
+    let Some(addr) = redis("dropping_a_redis_hub_ends_its_reader_and_worker_threads") else {
+        return;
+    };
+    let _cleanup = Cleanup;
+    // The only in-process Redis hub of this test binary: the other tests
+    // run `ssed` processes.
+    let before = redis_threads();
+    let hub = ssed::Hub::with_redis(&format!("redis://{addr}"), 10, ssed::HubConfig::default())
+        .expect("a Redis hub");
+    let topic = unique("drop");
+    // Made on a worker thread, with its replay read there too.
+    let mut sub = hub.subscribe(&[&topic], Some("0-0")).expect("subscribe");
+    assert!(sub.take_backlog().is_empty(), "nothing published yet");
+    let published = hub
+        .publish(&topic, ssed::Event::new().data("x"))
+        .expect("publish");
+    let frame = sub.next_timeout(DEADLINE).expect("the reader delivers it");
+    assert!(
+        String::from_utf8_lossy(frame.as_bytes()).contains(&published.id.to_string()),
+        "the frame carries its id"
+    );
+    assert_eq!(redis_threads(), before + 17, "the reader and 16 workers");
+    drop(sub);
+    drop(hub);
+    assert!(
+        wait_until(DEADLINE, || redis_threads() == before),
+        "{} Redis threads left after the hub was dropped",
+        redis_threads() - before
+    );
+}

@@ -1,6 +1,6 @@
 //! The hub's settings, what its operations return and why they fail, and
-//! the bounds every part of it shares. The lowest file of the hub: it
-//! names no other.
+//! the bounds every part of it shares. It uses only ids and the storage
+//! error, below it; everything else in the hub uses it.
 
 use std::fmt;
 use std::time::Duration;

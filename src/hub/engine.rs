@@ -7,9 +7,11 @@
 //! [`MailboxStore`](crate::hub::MailboxStore) traits, such as SQLite), and
 //! the Redis engine (`crate::hub::redis`), shared by every node that uses
 //! the same Redis. The hub checks names and events, then hands every
-//! operation to its engine; both engines deliver what they keep through
-//! the [`Node`], the part of the hub they share.
+//! operation on events and messages to its engine; both engines deliver
+//! what they keep through the [`Node`], the part of the hub they share
+//! (which also counts subscribers and publishes).
 
+use std::panic::{RefUnwindSafe, UnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,7 +52,7 @@ pub(crate) enum Receipt {
 ///
 /// Every method gets the hub's [`Node`]: its settings, its subscribers and
 /// its waiting consumers. Names are checked by the hub before any call.
-pub(crate) trait Engine: Send + Sync {
+pub(crate) trait Engine: Send + Sync + UnwindSafe + RefUnwindSafe {
     /// Keeps `event` on `topic` under the next id and offers it to this
     /// node's subscribers (at once, or through the engine's reader).
     fn publish(&self, node: &Node, topic: &str, event: Event) -> Result<Published, HubError>;
@@ -80,8 +82,9 @@ pub(crate) trait Engine: Send + Sync {
     /// counted by the engine, and reads as none).
     fn take(&self, node: &Node, key: &str) -> Option<Taken>;
 
-    /// A taken message was written to its consumer: it is gone for good.
-    fn delivered(&self, node: &Node, key: &str, taken: Taken);
+    /// A taken message (its `receipt`) was written to its consumer: it is
+    /// gone for good.
+    fn delivered(&self, node: &Node, key: &str, receipt: Receipt);
 
     /// A taken message could not be written: it goes back to the front.
     fn put_back(&self, node: &Node, key: &str, taken: Taken);
@@ -101,7 +104,8 @@ pub(crate) trait Engine: Send + Sync {
         None
     }
 
-    /// The hub is going away: stop the engine's threads.
+    /// The hub is going away: stop the engine's threads that do not end
+    /// by themselves when it is dropped (the Redis reader).
     fn stop(&self) {}
 }
 

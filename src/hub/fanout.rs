@@ -5,7 +5,7 @@
 //! publisher's back and let events batch:
 //!
 //! - a publish only pushes the shared frame onto each queue and notes which
-//!   subscribers are parked; waking them happens after the hub's lock is
+//!   subscribers are parked; waking them happens after the hub's locks are
 //!   released, on a waker thread when there are many, so a publisher is back
 //!   to its next event in microseconds;
 //! - a subscriber drains everything queued in one write per wake-up, and is

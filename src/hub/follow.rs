@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::error::{EndReason, Report, StreamError};
 use crate::event::{EncodedEvent, Event};
 use crate::hub::config::{BATCH, OPENING_MAX, PAGE_BYTES, REPLAY_RETRY};
+use crate::hub::engine::Taken;
 use crate::hub::fanout::{SubscriberQueue, Writer};
 use crate::hub::history::StorageError;
 use crate::hub::node::Node;
@@ -246,27 +247,29 @@ impl Stream {
             // Looked at before each message, so a client that closes
             // mid-mailbox loses only what was already on its way to it
             // (docs/operations.md has the bound).
-            while let Some(taken) = {
+            while let Some(Taken { text, receipt }) = {
                 self.check_connection()?;
                 engine.take(node, key)
             } {
-                let done = taken.text == crate::stream::DONE;
+                let done = text == crate::stream::DONE;
                 let sent = if done {
                     self.done()
                 } else {
-                    self.send_event(&Event::new().data(taken.text.as_str()))
+                    self.send_event(&Event::new().data(text.as_str()))
                 };
                 match sent {
                     Ok(()) => {
-                        // Gone for good only once written: a crash before
-                        // this delivers it again rather than lose it.
-                        engine.delivered(node, key, taken);
+                        // Out of a local store only once written: a crash
+                        // before this delivers it again rather than lose
+                        // it. (Redis popped it when it was taken: at most
+                        // once across a crash.)
+                        engine.delivered(node, key, receipt);
                         if done {
                             return Ok(());
                         }
                     }
                     Err(e) => {
-                        engine.put_back(node, key, taken);
+                        engine.put_back(node, key, Taken { text, receipt });
                         return Err(e);
                     }
                 }

@@ -55,8 +55,8 @@ impl std::error::Error for StorageError {
 
 /// Where a hub keeps the recent events of each topic.
 ///
-/// Called with the hub's lock held, so implementations need no locking of
-/// their own and see appends in id order.
+/// Called with the local engine's lock held, so implementations need no
+/// locking of their own and see appends in id order.
 pub trait History: Send + 'static {
     /// Keeps `event` as the newest event of `topic`, evicting the oldest
     /// past the store's bound.

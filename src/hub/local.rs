@@ -198,10 +198,10 @@ impl Engine for Local {
         })
     }
 
-    fn delivered(&self, node: &Node, key: &str, taken: Taken) {
+    fn delivered(&self, node: &Node, key: &str, receipt: Receipt) {
         // Out of the store only once written: a crash before this delivers
         // it again rather than lose it.
-        if let Receipt::Local { seq, .. } = taken.receipt {
+        if let Receipt::Local { seq, .. } = receipt {
             node.mailboxes.forget(key, seq);
         }
     }

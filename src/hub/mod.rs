@@ -16,7 +16,8 @@
 //! interface to where events and messages are kept, and its two engines,
 //! `local.rs` (memory, or any store behind the traits) and `redis/`;
 //! `subscription.rs` a [`Subscription`]; this file the [`Hub`], which checks
-//! names and events and hands every operation to its engine; `store.rs`
+//! names and events and hands every operation on events and messages to
+//! its engine; `store.rs`
 //! the SQLite store; `follow.rs` a [`Stream`](crate::Stream) following a
 //! subscription or consuming a mailbox.
 //!
@@ -27,7 +28,8 @@
 //! once, in id order, with no gap between replay and live events, and
 //! events of several topics interleave in id order. With Redis the ids come
 //! from Redis and the node's reader delivers them in id order; a resuming
-//! subscriber's live frames wait beside it until its replay is read. Fan-out
+//! subscriber's live frames wait beside it until its replay's end is fixed,
+//! and are kept only if newer. Fan-out
 //! under the lock is a `try_send` of a reference-counted frame per
 //! subscriber: a publish never blocks on a subscriber, and a subscriber
 //! whose queue is full is dropped with
@@ -70,7 +72,7 @@ use crossbeam_channel::Receiver;
 
 use crate::event::Event;
 use crate::hub::config::RedisState;
-use crate::hub::engine::{Engine, Joined, Shared};
+use crate::hub::engine::{Engine, Joined, Shared, Taken};
 use crate::hub::local::Local;
 use crate::hub::mailbox::Mailboxes;
 use crate::hub::node::Node;
@@ -148,8 +150,10 @@ impl Hub {
     /// A hub whose engine is the Redis at `url` (`redis://[[user]:password@]host[:port][/db]`),
     /// shared with every other node that uses it: see [`crate::hub::redis`].
     /// Each topic keeps its last `history` events there. Starts this node's
-    /// reader thread; Redis may be down at start (the reader keeps trying,
-    /// see [`Hub::redis_state`]).
+    /// reader thread and 16 worker threads that make the round trips a
+    /// stream needs (a worker that cannot start is logged; with none, each
+    /// stream makes its own); Redis may be down at start (the reader keeps
+    /// trying, see [`Hub::redis_state`]).
     ///
     /// # Errors
     ///
@@ -309,9 +313,8 @@ impl Hub {
 
     /// Takes the oldest message of `key` without waiting.
     pub fn try_take(&self, key: &str) -> Option<String> {
-        let taken = self.0.engine.take(&self.0.node, key)?;
-        let text = taken.text.clone();
-        self.0.engine.delivered(&self.0.node, key, taken);
+        let Taken { text, receipt } = self.0.engine.take(&self.0.node, key)?;
+        self.0.engine.delivered(&self.0.node, key, receipt);
         Some(text)
     }
 

@@ -26,7 +26,7 @@
 //!
 //! [`DurableHistory`] keeps what it retains in a [`MemoryHistory`] too
 //! (filled on open), so a resume never reads the disk. Only writes go to the
-//! database, under the hub's lock, in id order.
+//! database, under the local engine's lock, in id order.
 //!
 //! # Tables
 //!

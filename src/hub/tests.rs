@@ -235,3 +235,13 @@ fn hub_is_a_cheap_shared_handle() {
     fn assert_traits<T: Send + Sync + Clone>() {}
     assert_traits::<Hub>();
 }
+
+#[test]
+fn a_hub_and_its_subscriptions_can_cross_catch_unwind() {
+    // An embedder may call the hub inside `catch_unwind`; the engine
+    // behind the hub must not take that away.
+    fn unwind_safe<T: std::panic::UnwindSafe + std::panic::RefUnwindSafe + Send + Sync>() {}
+    unwind_safe::<Hub>();
+    fn sendable<T: Send + std::panic::UnwindSafe>() {}
+    sendable::<Subscription>();
+}

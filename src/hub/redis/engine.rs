@@ -57,18 +57,38 @@ fn subscribe(
     if woke {
         redis.wake_readers();
     }
-    let mut joined = Joined {
-        id,
-        queue,
-        replay: None,
+    // Joined: whatever ends this early (a failure, a panic) leaves the
+    // topics again.
+    let mut joined = Leave {
+        node,
+        joined: Some(Joined {
+            id,
+            queue,
+            replay: None,
+        }),
     };
-    if let Some(asked) = last_event_id
-        && let Err(e) = start_replay(redis, node, &mut joined, asked, newest)
-    {
-        node.unsubscribe(joined.id, &joined.queue.topics);
-        return Err(HubError::Storage(e));
+    if let (Some(asked), Some(j)) = (last_event_id, joined.joined.as_mut()) {
+        start_replay(redis, node, j, asked, newest).map_err(HubError::Storage)?;
     }
-    Ok(joined)
+    joined
+        .joined
+        .take()
+        .ok_or_else(|| HubError::Storage(StorageError::new("redis subscribe: no subscription")))
+}
+
+/// A subscriber joined to its topics whose subscribe has not finished:
+/// dropped before, it leaves them.
+struct Leave<'a> {
+    node: &'a Node,
+    joined: Option<Joined>,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        if let Some(j) = &self.joined {
+            self.node.unsubscribe(j.id, &j.queue.topics);
+        }
+    }
 }
 
 /// The replay of a subscriber resuming after `asked`: it covers what Redis
@@ -121,6 +141,8 @@ impl Engine for RedisEngine {
         })
     }
 
+    /// On a worker, with the engine's own handle on the node (the same one
+    /// the hub holds: a job needs it owned).
     fn subscribe(
         &self,
         _node: &Node,
@@ -196,7 +218,7 @@ impl Engine for RedisEngine {
         })
     }
 
-    fn delivered(&self, _node: &Node, _key: &str, _taken: Taken) {
+    fn delivered(&self, _node: &Node, _key: &str, _receipt: Receipt) {
         // Popped for good when it was taken.
     }
 

@@ -18,7 +18,7 @@ use crate::hub::redis::{
     CTL_KEY, Redis, TOPIC_PREFIX, entry_frame, entry_id, entry_seq, topic_key,
 };
 
-/// How long one blocking `XREAD` waits (the reader checks whether its hub
+/// How long one blocking `XREAD` waits (the reader checks whether its node
 /// still exists between two).
 const BLOCK: Duration = Duration::from_secs(2);
 /// Most entries taken from one stream per `XREAD`.

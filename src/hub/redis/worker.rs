@@ -7,30 +7,72 @@
 //! than on the memory engine. So the stream's thread hands the work to one
 //! of these threads and parks until the answer is in: what it touches
 //! itself is a box, a channel send and a park.
+//!
+//! A job that waited longer than a command may take fails unrun, as a
+//! command waiting for a pooled connection did on the stream's own
+//! thread: an overloaded or silent Redis answers `busy` in seconds rather
+//! than queueing streams for minutes.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
 use crate::hub::history::StorageError;
-use crate::hub::redis::pool::{POOL_MAX, lock};
+use crate::hub::redis::pool::{POOL_MAX, TIMEOUT, lock};
 
 /// Stack of a worker thread: a connect resolves a host name.
 const STACK: usize = 256 * 1024;
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A job and when it was queued; run with `true` when it waited too long
+/// and must only answer that.
+struct Job {
+    queued: Instant,
+    run: Box<dyn FnOnce(bool) + Send>,
+}
 
 /// The worker threads of one Redis engine; they end when it is dropped.
 pub(crate) struct Workers {
     tx: Option<Sender<Job>>,
 }
 
+/// Why a job gave no answer.
+#[derive(Debug, Clone, Copy)]
+enum Failed {
+    Panicked,
+    Busy,
+    Dropped,
+}
+
 /// Where a worker leaves its answer for the thread that waits.
 struct Reply<T> {
-    value: Mutex<Option<Option<T>>>,
+    value: Mutex<Option<Result<T, Failed>>>,
     waiter: Thread,
+}
+
+/// Answers a job's caller exactly once: with its result, or, if the job
+/// is dropped unanswered (a worker thread that died), that it was.
+struct Answer<T> {
+    reply: Arc<Reply<T>>,
+    sent: bool,
+}
+
+impl<T> Answer<T> {
+    fn send(&mut self, value: Result<T, Failed>) {
+        *lock(&self.reply.value) = Some(value);
+        self.sent = true;
+        self.reply.waiter.unpark();
+    }
+}
+
+impl<T> Drop for Answer<T> {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.send(Err(Failed::Dropped));
+        }
+    }
 }
 
 impl Workers {
@@ -43,11 +85,11 @@ impl Workers {
         for i in 0..POOL_MAX {
             let rx = rx.clone();
             let spawned = std::thread::Builder::new()
-                .name(format!("ssed-redis-{i}"))
+                .name(format!("ssed-redis-w{i}"))
                 .stack_size(STACK)
                 .spawn(move || {
                     for job in rx {
-                        job();
+                        (job.run)(job.queued.elapsed() > TIMEOUT);
                     }
                 });
             match spawned {
@@ -68,7 +110,8 @@ impl Workers {
     ///
     /// # Errors
     ///
-    /// When `f` panicked (the worker goes on).
+    /// When the job waited longer than a command may take (Redis is slow
+    /// or overloaded), or `f` panicked (the worker goes on).
     pub(crate) fn run<T, F>(&self, f: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
@@ -78,26 +121,40 @@ impl Workers {
             value: Mutex::new(None),
             waiter: std::thread::current(),
         });
-        let answer = Arc::clone(&reply);
-        let job: Job = Box::new(move || {
-            let out = catch_unwind(AssertUnwindSafe(f)).ok();
-            if out.is_none() {
-                log::error!("a Redis command panicked");
-            }
-            *lock(&answer.value) = Some(out);
-            answer.waiter.unpark();
-        });
+        let mut answer = Answer {
+            reply: Arc::clone(&reply),
+            sent: false,
+        };
+        let job = Job {
+            queued: Instant::now(),
+            run: Box::new(move |late| {
+                if late {
+                    answer.send(Err(Failed::Busy));
+                    return;
+                }
+                let out = catch_unwind(AssertUnwindSafe(f)).map_err(|_| Failed::Panicked);
+                answer.send(out);
+            }),
+        };
         match &self.tx {
             Some(tx) => {
                 if let Err(e) = tx.send(job) {
-                    (e.into_inner())();
+                    let job = e.into_inner();
+                    (job.run)(false);
                 }
             }
-            None => job(),
+            None => (job.run)(false),
         }
         loop {
             if let Some(out) = lock(&reply.value).take() {
-                return out.ok_or_else(|| StorageError::new("a Redis command panicked"));
+                return out.map_err(|why| match why {
+                    Failed::Busy => StorageError::new("all Redis connections are busy"),
+                    Failed::Panicked => {
+                        log::error!("a Redis command panicked");
+                        StorageError::new("a Redis command panicked")
+                    }
+                    Failed::Dropped => StorageError::new("a Redis worker thread ended"),
+                });
             }
             // Woken by the worker; any other wake-up looks again.
             std::thread::park();
