@@ -226,18 +226,59 @@ fn expected_status(config: &Config, req: &Request, name: &str, event_ok: bool) -
     if req.header("origin").is_some() {
         return None;
     }
-    let loopback = req.peer_addr().ip().is_loopback();
     Some(if !valid_name(name) {
         400
     } else if config.publish_token.is_some() && auth::bearer(req) != Some(TOKEN) {
         401
-    } else if config.publish_token.is_none() && !loopback {
+    } else if config.publish_token.is_none() && !tokenless_allowed(config, req)? {
         403
     } else if std::str::from_utf8(req.body()).is_err() || !event_ok {
         400
     } else {
         200
     })
+}
+
+/// Whether the daemon lets this request publish or push without a token,
+/// judged apart from its code: only a direct connection from this machine
+/// (no proxy's forwarding header) under a Host that names this machine (an
+/// IPv4 address, `localhost`, a `.localhost` name or one of
+/// `allowed_hosts`), so a page that reached the server under its own name
+/// cannot. `None` for a Host too odd to judge here (brackets, characters a
+/// host name does not have, a port that is not a number).
+fn tokenless_allowed(config: &Config, req: &Request) -> Option<bool> {
+    if !req.peer_addr().ip().is_loopback()
+        || ["forwarded", "x-forwarded-for", "x-real-ip"]
+            .iter()
+            .any(|h| req.header(h).is_some())
+    {
+        return Some(false);
+    }
+    let Some(host) = req.header("host") else {
+        return Some(true);
+    };
+    let host = host.trim().to_ascii_lowercase();
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host.as_str(), None),
+    };
+    let simple = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port.is_none_or(|p| p.parse::<u16>().is_ok());
+    if !simple {
+        return None;
+    }
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Some(true);
+    }
+    let name = name.trim_end_matches('.');
+    Some(
+        name == "localhost"
+            || name.ends_with(".localhost")
+            || config.allowed_hosts.iter().any(|a| a == name),
+    )
 }
 
 fn json(r: &Response) -> serde_json::Value {
