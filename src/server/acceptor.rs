@@ -38,6 +38,7 @@ use crate::server::conn::{self, Job};
 use crate::server::pending::{Flush, Outgoing, Pending, Phase, Returned, Table, Waiting, send_now};
 use crate::server::route::{Handler, Match, PlainFn};
 use crate::server::{Overload, Shared};
+use crate::stream::registry::STREAM_TAG;
 
 const LISTENER: u64 = u64::MAX;
 const WAKER: u64 = u64::MAX - 1;
@@ -159,6 +160,7 @@ impl Acceptor {
                 match token {
                     LISTENER => self.accept_burst(),
                     WAKER => self.on_wake(),
+                    t if t & STREAM_TAG != 0 => self.shared.registry.hang_up(t & !STREAM_TAG),
                     idx => self.on_ready(idx as usize),
                 }
             }
@@ -709,6 +711,9 @@ impl Acceptor {
             return;
         }
         let is_stream = matches!(job, Job::Stream { .. });
+        if is_stream {
+            detect_dead_peer(&conn, &self.shared.config.stream);
+        }
         // Boxed, so the request stays on the heap and the thread's first
         // frames stay small: see `conn::run`.
         let job = Box::new(job);
@@ -926,4 +931,41 @@ pub(crate) fn register_waker(epoll_fd: &OwnedFd, waker: impl AsFd) -> io::Result
         epoll::EventFlags::IN,
     )?;
     Ok(())
+}
+
+/// Keepalive probes start after this long without traffic when the stream
+/// sends no heartbeat.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+
+/// Has the kernel give a stream's connection up when its peer vanished
+/// without a word (a phone that lost its network: no FIN, no RST): without
+/// this the connection lives until `tcp_retries2` runs out, about 15
+/// minutes, holding the stream's thread and slot.
+///
+/// - `TCP_USER_TIMEOUT` = the write timeout: data (a heartbeat, an event)
+///   unacknowledged for that long ends the connection;
+/// - keepalive, for a stream that sends nothing: probes after the
+///   heartbeat interval (or 15 s) of silence, and the same user timeout
+///   ends the connection when they go unanswered.
+///
+/// The kernel then reports an error on the socket, which the acceptor's
+/// poller hears (the registry watches every stream): the stream ends at
+/// once, with [`EndReason::WriteTimeout`](crate::EndReason::WriteTimeout).
+/// A stream with a heartbeat `h` and write timeout `w` is free within
+/// about `h + w` of its peer vanishing. Failures only leave the kernel's
+/// defaults.
+fn detect_dead_peer(conn: &TcpStream, config: &crate::stream::StreamConfig) {
+    use rustix::net::sockopt;
+    let timeout = config.write_timeout.max(Duration::from_millis(1));
+    let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    let _ = sockopt::set_tcp_user_timeout(conn, ms);
+    let idle = config
+        .heartbeat
+        .unwrap_or(KEEPALIVE_IDLE)
+        .clamp(Duration::from_secs(1), Duration::from_secs(7200));
+    let interval = (timeout / 3).clamp(Duration::from_secs(1), Duration::from_secs(75));
+    let _ = sockopt::set_tcp_keepidle(conn, idle);
+    let _ = sockopt::set_tcp_keepintvl(conn, interval);
+    let _ = sockopt::set_tcp_keepcnt(conn, 3);
+    let _ = sockopt::set_socket_keepalive(conn, true);
 }

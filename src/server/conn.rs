@@ -107,7 +107,7 @@ fn run_stream(
 ) {
     // The acceptor gave the socket its small send buffer at accept time.
     let conn = Arc::new(conn);
-    let id = shared.registry.insert(Arc::clone(&conn));
+    let (id, hang_up) = shared.registry.insert(Arc::clone(&conn));
     let opened = Instant::now();
     log_open(peer, req);
     let mut stream = Stream::new(
@@ -118,7 +118,7 @@ fn run_stream(
         shared.shutdown.clone(),
         shared.stats.clone(),
     );
-    stream.set_registry(Arc::clone(&shared.registry), id);
+    stream.set_registry(Arc::clone(&shared.registry), id, hang_up);
     let result = catch_unwind(AssertUnwindSafe(|| handler(req, &mut stream)));
     end_stream(shared, peer, req, &mut stream, result, opened, id);
 }

@@ -453,12 +453,15 @@ impl ServerBuilder {
             .streams_max
             .store(capacity.max_streams as u64, Relaxed);
         let (returned_tx, returned_rx) = crossbeam_channel::unbounded();
+        // The acceptor's poller also hears a stream's connection die.
+        let registry = Registry::default();
+        registry.watch_with(epoll.try_clone()?);
         let shared = Arc::new(Shared {
             config,
             router: self.router,
             stats: self.stream.stats,
             shutdown: self.stream.shutdown,
-            registry: Arc::new(Registry::default()),
+            registry: Arc::new(registry),
             returned: returned_tx,
             memory: MemoryGuard::detect(),
         });

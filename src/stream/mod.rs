@@ -31,7 +31,7 @@ use crate::http::chunked::{CHUNK_FRAMING, chunk_into, frame_into};
 use crate::http::response::{STREAM_HEAD_10, STREAM_HEAD_11, stream_head};
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
-use crate::stream::registry::Registry;
+use crate::stream::registry::{HUNG_UP_NOT, HUNG_UP_TIMEOUT, HangUp, Registry};
 use crate::stream::write::{write_all_timeout, write_frames_timeout, write_frames_to};
 
 /// The data of the message [`Stream::done`] sends.
@@ -113,6 +113,9 @@ pub struct Stream {
     /// Where to register a wake-up channel of this stream's own, until it
     /// has one: see [`Stream::own_wake`].
     registry: Option<(Arc<Registry>, u64)>,
+    /// Set when the server's poller saw this stream's connection die (see
+    /// [`Registry::hang_up`]).
+    hang_up: Option<HangUp>,
     stats: Stats,
     ended: Option<EndReason>,
     /// A `retry:` to send right after the head (see [`Stream::retry_on_open`]).
@@ -155,6 +158,7 @@ impl Stream {
             wake: shutdown.receiver().clone(),
             registered: false,
             registry: None,
+            hang_up: None,
             shutdown,
             stats,
             ended: None,
@@ -163,10 +167,11 @@ impl Stream {
     }
 
     /// Records that the server registered this stream as `id`: shutdown
-    /// unparks its thread, and [`Stream::own_wake`] can give it a wake-up
-    /// channel of its own.
-    pub(crate) fn set_registry(&mut self, registry: Arc<Registry>, id: u64) {
+    /// unparks its thread, [`Stream::own_wake`] can give it a wake-up
+    /// channel of its own, and `hang_up` tells it its connection died.
+    pub(crate) fn set_registry(&mut self, registry: Arc<Registry>, id: u64, hang_up: HangUp) {
         self.registry = Some((registry, id));
+        self.hang_up = Some(hang_up);
         self.registered = true;
     }
 
@@ -542,7 +547,9 @@ impl Stream {
             let wake = self.next_wake(until);
             match self.wake.recv_deadline(wake) {
                 Err(RecvTimeoutError::Timeout) => self.on_timer()?,
+                // Shutdown, or the connection died (which says so first).
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                    self.check_alive()?;
                     return Err(self.end(EndReason::Shutdown));
                 }
             }
@@ -592,7 +599,11 @@ impl Stream {
             let wake = self.next_wake(until.unwrap_or(now + Duration::from_secs(3600)));
             crossbeam_channel::select! {
                 recv(rx) -> msg => return Ok(msg.ok()),
-                recv(self.wake) -> _ => return Err(self.end(EndReason::Shutdown)),
+                recv(self.wake) -> _ => {
+                    // Shutdown, or the connection died (which says so first).
+                    self.check_alive()?;
+                    return Err(self.end(EndReason::Shutdown));
+                }
                 default(wake.saturating_duration_since(Instant::now())) => self.on_timer()?,
             }
         }
@@ -676,6 +687,14 @@ impl Stream {
         }
         if self.shutdown.is_shutdown() {
             return Err(self.end(EndReason::Shutdown));
+        }
+        if let Some(h) = &self.hang_up {
+            match h.load(std::sync::atomic::Ordering::Relaxed) {
+                HUNG_UP_NOT => {}
+                // A peer that vanished: what a write that never ends is.
+                HUNG_UP_TIMEOUT => return Err(self.end(EndReason::WriteTimeout)),
+                _ => return Err(self.end(EndReason::Client)),
+            }
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(self.end(EndReason::Budget));

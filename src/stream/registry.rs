@@ -1,14 +1,31 @@
 //! The open streams, so shutdown can reach them: their sockets (to fail a
-//! write that blocks) and their threads (to wake one that waits).
+//! write that blocks) and their threads (to wake one that waits); and so
+//! a stream whose connection died can be told at once (see
+//! [`Registry::hang_up`]).
 
 use std::collections::HashMap;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::Sender;
+use rustix::event::epoll;
 
 use crate::shutdown::ShutdownHandle;
+
+/// The bit that marks a watched stream in the poller's event data (the
+/// rest is its id in the registry); the acceptor's own entries never set
+/// it.
+pub(crate) const STREAM_TAG: u64 = 1 << 62;
+
+/// What [`Registry::hang_up`] found: still up.
+pub(crate) const HUNG_UP_NOT: u8 = 0;
+/// The peer closed or reset the connection.
+pub(crate) const HUNG_UP_CLIENT: u8 = 1;
+/// The kernel gave the connection up: data or keepalive probes went
+/// unacknowledged past `TCP_USER_TIMEOUT` (a peer that vanished).
+pub(crate) const HUNG_UP_TIMEOUT: u8 = 2;
 
 /// Open stream sockets, so shutdown can unblock a thread stuck in `write`.
 /// Holds a reference to the same socket (no second descriptor).
@@ -16,10 +33,18 @@ use crate::shutdown::ShutdownHandle;
 pub(crate) struct Registry {
     next: AtomicU64,
     conns: Mutex<HashMap<u64, Entry>>,
+    /// The poller that reports a stream's connection dying (the acceptor's,
+    /// which calls [`Registry::hang_up`]); none: nobody watches.
+    watch: OnceLock<OwnedFd>,
 }
+
+/// What a stream learns when its connection dies while it waits: one of
+/// the `HUNG_UP_*` values, set by [`Registry::hang_up`].
+pub(crate) type HangUp = Arc<AtomicU8>;
 
 struct Entry {
     conn: Arc<TcpStream>,
+    hang_up: HangUp,
     /// The stream's thread, unparked at shutdown.
     thread: std::thread::Thread,
     /// Dropped at shutdown: disconnects the stream's own wake-up channel.
@@ -30,20 +55,72 @@ impl Registry {
     /// Registers a stream's socket and its thread (the caller), which
     /// shutdown unparks. Out of line, as is `remove`: stream threads keep
     /// every stack page they touch (see `Stream::follow`).
+    ///
+    /// With a poller to [watch](Registry::watch_with), the socket is
+    /// watched for an error or hang-up (once): see [`Registry::hang_up`].
     #[inline(never)]
-    pub(crate) fn insert(&self, conn: Arc<TcpStream>) -> u64 {
+    pub(crate) fn insert(&self, conn: Arc<TcpStream>) -> (u64, HangUp) {
         let id = self.next.fetch_add(1, Relaxed);
+        let hang_up = HangUp::default();
+        if let Some(poller) = self.watch.get() {
+            // Only errors and hang-ups, which epoll always reports; once,
+            // then the stream ends anyway. Failing, the stream is found
+            // dead by its next write, as without a poller.
+            let _ = epoll::add(
+                poller,
+                &*conn,
+                epoll::EventData::new_u64(STREAM_TAG | id),
+                epoll::EventFlags::ONESHOT,
+            );
+        }
         if let Ok(mut conns) = self.conns.lock() {
             conns.insert(
                 id,
                 Entry {
                     conn,
+                    hang_up: Arc::clone(&hang_up),
                     thread: std::thread::current(),
                     wake: None,
                 },
             );
         }
-        id
+        (id, hang_up)
+    }
+
+    /// Has `poller` watch every stream registered from now on: when one's
+    /// connection fails, its owner calls [`Registry::hang_up`] with the
+    /// event's data less [`STREAM_TAG`].
+    pub(crate) fn watch_with(&self, poller: OwnedFd) {
+        let _ = self.watch.set(poller);
+    }
+
+    /// Stream `id`'s connection failed or hung up (its poller said so):
+    /// tells the stream why and wakes it, so a stream that waits (parked,
+    /// or asleep on a channel) ends now rather than at its next write.
+    /// A peer that vanished without a word is given up by the kernel after
+    /// `TCP_USER_TIMEOUT` of unacknowledged data (a heartbeat) or keepalive
+    /// probes: that is [`HUNG_UP_TIMEOUT`].
+    pub(crate) fn hang_up(&self, id: u64) {
+        let woken = match self.conns.lock() {
+            Ok(mut conns) => conns.get_mut(&id).map(|e| {
+                let timed_out = matches!(
+                    rustix::net::sockopt::socket_error(&*e.conn),
+                    Ok(Err(rustix::io::Errno::TIMEDOUT))
+                );
+                let why = if timed_out {
+                    HUNG_UP_TIMEOUT
+                } else {
+                    HUNG_UP_CLIENT
+                };
+                e.hang_up.store(why, Relaxed);
+                (e.wake.take(), e.thread.clone())
+            }),
+            Err(_) => None,
+        };
+        if let Some((wake, thread)) = woken {
+            drop(wake); // outside the lock
+            thread.unpark();
+        }
     }
 
     /// Gives stream `id` a wake-up channel of its own, which shutdown
@@ -78,6 +155,10 @@ impl Registry {
     #[inline(never)]
     pub(crate) fn remove(&self, id: u64) {
         let removed = self.conns.lock().ok().and_then(|mut c| c.remove(&id));
+        if let (Some(poller), Some(e)) = (self.watch.get(), &removed) {
+            // Already gone if it fired, or if the socket closed.
+            let _ = epoll::delete(poller, &*e.conn);
+        }
         drop(removed); // outside the lock: may close the socket
     }
 

@@ -1,0 +1,268 @@
+#![cfg(feature = "daemon")]
+//! Subscribers that vanish without a word: a phone that loses its network
+//! sends no FIN and no RST. Before, such a stream held its thread and its
+//! slot until the kernel's retransmissions ran out (`tcp_retries2`, about
+//! 15 minutes); now `TCP_USER_TIMEOUT` (the write timeout) and keepalive
+//! end the connection and the acceptor's poller ends the stream at once,
+//! within `heartbeat + write_timeout` and a little.
+//!
+//! Each test makes a network namespace of its own joined to this one by a
+//! veth pair on addresses of its own (10.233.N.0/30), runs the daemon on
+//! this side and a subscriber (`ssed loadtest`, one stream) inside the
+//! namespace, then cuts the subscriber off: its link goes down, or its
+//! packets to the server are dropped while the link stays up. It removes
+//! the namespace (and with it the veth pair) and stops both processes by
+//! PID at the end, on failure too. Without root or `ip` a test says why
+//! and passes, except with `CI=true`, where it fails.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::process::{Ssed, spawn_config};
+use support::{Client, TempDir, metrics, request, wait_until};
+
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// What the bound allows beyond `heartbeat + write_timeout`: the kernel's
+/// retransmission timer rounds the user timeout up a little.
+const SLACK: Duration = Duration::from_secs(4);
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Runs `ip args…`; its error output when it fails.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A network namespace with a veth pair to this one: this side has
+/// `10.233.N.1/30`, the namespace's side `10.233.N.2/30`. Removed on drop.
+struct Netns {
+    name: String,
+    outer: String,
+    inner: String,
+    server: String,
+}
+
+impl Netns {
+    fn make(n: u8) -> Result<Netns, String> {
+        if !rustix::process::geteuid().is_root() {
+            return Err("not root: cannot make a network namespace".into());
+        }
+        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let ns = Netns {
+            name: format!("ssed-dp-{tag}"),
+            outer: format!("sdpa{tag}"),
+            inner: format!("sdpb{tag}"),
+            server: format!("10.233.{n}.1"),
+        };
+        let client = format!("10.233.{n}.2/30");
+        ip(&["netns", "add", &ns.name])?;
+        // From here on, drop removes what was made.
+        ip(&[
+            "link", "add", &ns.outer, "type", "veth", "peer", "name", &ns.inner, "netns", &ns.name,
+        ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.server),
+            "dev",
+            &ns.outer,
+        ])?;
+        ip(&["link", "set", &ns.outer, "up"])?;
+        ns.exec(&["ip", "addr", "add", &client, "dev", &ns.inner])?;
+        ns.exec(&["ip", "link", "set", &ns.inner, "up"])?;
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs `args…` inside the namespace.
+    fn exec(&self, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys the veth pair with it.
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+        let _ = ip(&["link", "del", &self.outer]);
+    }
+}
+
+/// The namespace numbered `n`, or `None` after saying why not (a failure
+/// under CI).
+fn netns(test: &str, n: u8) -> Option<Netns> {
+    match Netns::make(n) {
+        Ok(ns) => Some(ns),
+        Err(why) if in_ci() => panic!("{test}: {why} (CI=true: this test must run)"),
+        Err(why) => {
+            eprintln!("skipping {test}: {why}");
+            None
+        }
+    }
+}
+
+fn streams_open(addr: SocketAddr) -> u64 {
+    let (head, body) = request(
+        addr,
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(head.status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    v["streams_open"].as_u64().expect("streams_open")
+}
+
+fn disconnects(addr: SocketAddr, reason: &str) -> u64 {
+    metrics(addr)
+        .get(&format!("ssed_disconnects_total{{reason=\"{reason}\"}}"))
+        .copied()
+        .unwrap_or(0)
+}
+
+fn write_timeouts(addr: SocketAddr) -> u64 {
+    disconnects(addr, "write_timeout")
+}
+
+/// Runs the daemon on the namespace's server address, a subscriber inside
+/// the namespace, then `cut` (a command run inside the namespace): the
+/// stream must be gone within the bound, counted as a write timeout.
+fn vanished_subscriber_is_freed(test: &str, n: u8, cut: &[&str]) {
+    let Some(ns) = netns(test, n) else { return };
+    let dir = TempDir::new(test);
+    let config = dir.path().join("ssed.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{}:0\"\nheartbeat = \"{}s\"\nwrite_timeout = \"{}s\"\nmax_execution_time = \"0\"\n",
+            ns.server,
+            HEARTBEAT.as_secs(),
+            WRITE_TIMEOUT.as_secs()
+        ),
+    )
+    .expect("write config");
+    let server = Ssed::spawn(&["--config", config.to_str().expect("utf-8 path")], &[]);
+    let addr = server.listening();
+    let url = format!("http://{addr}/events/{test}");
+    let _client = Ssed::spawn_via(
+        &["ip", "netns", "exec", &ns.name],
+        &[
+            "loadtest",
+            "--url",
+            &url,
+            "--connections",
+            "1",
+            "--duration",
+            "60s",
+        ],
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || streams_open(addr) == 1),
+        "the subscriber in the namespace never got its stream"
+    );
+    // A heartbeat or two goes through first: the connection is alive.
+    std::thread::sleep(HEARTBEAT + Duration::from_millis(500));
+    assert_eq!(
+        streams_open(addr),
+        1,
+        "the stream holds while the peer answers"
+    );
+    let before = write_timeouts(addr);
+    ns.exec(cut).expect("cut the subscriber off");
+    let cut_at = Instant::now();
+    let bound = HEARTBEAT + WRITE_TIMEOUT + SLACK;
+    assert!(
+        wait_until(bound + Duration::from_secs(5), || streams_open(addr) == 0),
+        "the stream of a vanished subscriber is still open {:?} after the cut",
+        cut_at.elapsed()
+    );
+    let took = cut_at.elapsed();
+    assert!(
+        took <= bound,
+        "freed {took:?} after the cut; the bound is heartbeat + write_timeout + {SLACK:?} = {bound:?}"
+    );
+    assert_eq!(
+        write_timeouts(addr),
+        before + 1,
+        "counted under ssed_disconnects_total{{reason=\"write_timeout\"}}"
+    );
+    eprintln!("{test}: freed {took:?} after the cut (bound {bound:?})");
+}
+
+#[test]
+fn a_subscriber_whose_link_goes_down_is_freed_within_heartbeat_plus_write_timeout() {
+    vanished_subscriber_is_freed(
+        "dead_peer_link_down",
+        1,
+        // `ns.inner` is not known here: every link but lo goes down.
+        &[
+            "sh",
+            "-c",
+            "for l in $(ls /sys/class/net); do [ $l = lo ] || ip link set $l down; done",
+        ],
+    );
+}
+
+#[test]
+fn a_subscriber_that_stops_acknowledging_is_freed_within_heartbeat_plus_write_timeout() {
+    // The link stays up and data still arrives; the subscriber's packets
+    // to the server (its ACKs) are dropped on the way out.
+    vanished_subscriber_is_freed(
+        "dead_peer_no_acks",
+        2,
+        &["ip", "route", "add", "blackhole", "10.233.2.1/32"],
+    );
+}
+
+#[test]
+fn a_reset_connection_ends_its_idle_stream_at_once_not_at_its_next_write() {
+    // No heartbeat and no budget: before, nothing would ever write to this
+    // stream again, and a connection the peer reset held its thread and
+    // slot until the server stopped. The acceptor's poller hears the reset.
+    let dir = TempDir::new("dead_peer_reset");
+    let (_server, addr) = spawn_config(
+        &dir,
+        "listen = \"127.0.0.1:0\"\nheartbeat = \"0\"\nmax_execution_time = \"0\"\n",
+    );
+    let mut client = Client::new(addr);
+    let head = client.get_stream("/events/dead_peer_reset", &[]);
+    assert_eq!(head.status, 200);
+    assert!(wait_until(Duration::from_secs(5), || streams_open(addr) == 1));
+    let before = disconnects(addr, "client");
+    // Linger 0: close sends RST, not FIN.
+    rustix::net::sockopt::set_socket_linger(&client.conn, Some(Duration::ZERO)).expect("SO_LINGER");
+    drop(client);
+    let reset_at = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(3), || streams_open(addr) == 0),
+        "a reset idle stream is still open {:?} later",
+        reset_at.elapsed()
+    );
+    assert_eq!(
+        disconnects(addr, "client"),
+        before + 1,
+        "counted as the client's"
+    );
+}
