@@ -168,9 +168,11 @@ pub use bridge::tiny_http;
 
 pub use error::{EndReason, Error, EventError, Report, StreamError};
 pub use event::{EncodedEvent, Event};
-pub use http::{Request, Response};
+pub use http::{IpNet, IpNetError, Request, Response};
 pub use hub::{EventId, Hub, HubConfig, HubError, Published, Subscription};
-pub use server::limits::{Capacity, MemoryInfo, MemorySource, memory_info, raise_fd_limit};
+pub use server::limits::{
+    Capacity, MemoryInfo, MemorySource, Rate, RateError, memory_info, raise_fd_limit,
+};
 pub use server::{MIN_STACK_SIZE, Overload, RunningServer, Server, ServerBuilder};
 pub use shutdown::ShutdownHandle;
 pub use stats::{Stats, StatsSnapshot};

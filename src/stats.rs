@@ -40,6 +40,8 @@ pub(crate) struct Counters {
     pub(crate) thread_writes: AtomicU64,
     pub(crate) memory_rejected: AtomicU64,
     pub(crate) bodies_evicted: AtomicU64,
+    pub(crate) client_limited: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -89,6 +91,13 @@ pub struct StatsSnapshot {
     /// bodies still arriving hold within its bound (the one nearest its
     /// deadline goes first).
     pub bodies_evicted: u64,
+    /// Streams refused with `429` because their client already held
+    /// [`max_streams_per_client`](crate::ServerBuilder::max_streams_per_client)
+    /// streams (not counted in `rejected_total`).
+    pub client_limited: u64,
+    /// Requests refused with `429` by a rate limit (the daemon's
+    /// `publish_rate`).
+    pub rate_limited: u64,
 }
 
 impl StatsSnapshot {
@@ -125,6 +134,8 @@ impl Stats {
             thread_writes: c.thread_writes.load(Relaxed),
             memory_rejected: c.memory_rejected.load(Relaxed),
             bodies_evicted: c.bodies_evicted.load(Relaxed),
+            client_limited: c.client_limited.load(Relaxed),
+            rate_limited: c.rate_limited.load(Relaxed),
         }
     }
 

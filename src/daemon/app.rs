@@ -2,6 +2,7 @@
 //! metrics and the demo page, over a [`Hub`].
 
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use super::config::{Config, OverloadMode};
 use super::error::SetupError;
 use crate::bridge::postgres::{Listener, ListenerState};
 use crate::hub::{MemoryHistory, valid_name};
+use crate::server::limits::rate::{RateLimiter, retry_after_secs};
 use crate::{
     Capacity, EndReason, Event, Hub, HubConfig, Overload, Request, Response, Server,
     ShutdownHandle, Stats, Stream, StreamError,
@@ -30,6 +32,8 @@ struct App {
     tickets: Tickets,
     started: Instant,
     capacity: OnceLock<Capacity>,
+    /// `publish_rate`, per publisher credential else address.
+    publish_limit: Option<RateLimiter>,
     /// One per `[[postgres]]` table, started once the server is bound; they
     /// stop when the routes (and so this state) are dropped, or at shutdown.
     postgres: OnceLock<Vec<Listener>>,
@@ -74,6 +78,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         started: Instant::now(),
         capacity: OnceLock::new(),
         postgres: OnceLock::new(),
+        publish_limit: config.publish_rate.map(RateLimiter::new),
         config,
     });
     let c = &app.config;
@@ -87,6 +92,8 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         .max_body(c.max_body)
         .stack_size(c.stack_size)
         .memory_reserve(reserve)
+        .max_streams_per_client(c.max_streams_per_client)
+        .trusted_proxies(c.trusted_proxies.iter().copied())
         .stats(stats)
         .shutdown_handle(shutdown.clone());
     if let Some(n) = c.max_connections {
@@ -331,7 +338,7 @@ impl App {
         let Some(origin) = req.header("origin") else {
             return Ok(Vec::new());
         };
-        if same_origin(origin, req.header("host"), SCHEME) {
+        if same_origin(origin, req.header("host"), req.scheme()) {
             return Ok(Vec::new());
         }
         let allowed = self
@@ -429,8 +436,17 @@ impl App {
         if access == Access::Ticket {
             match self.tickets.open_session(self.config.ticket_session) {
                 Ok(secret) => {
+                    // `Secure` when the client is on https (as a trusted
+                    // proxy says): the browser then never sends the cookie
+                    // over plain http.
+                    let secure = if req.scheme() == "https" {
+                        "; Secure"
+                    } else {
+                        ""
+                    };
                     let cookie = format!(
-                        "{SESSION_COOKIE}={secret}; Max-Age={}; Path=/; HttpOnly; SameSite=Strict",
+                        "{SESSION_COOKIE}={secret}; Max-Age={}; Path=/; HttpOnly; \
+                         SameSite=Strict{secure}",
                         self.config.ticket_session.as_secs()
                     );
                     stream.header("Set-Cookie", &cookie)?;
@@ -522,8 +538,39 @@ impl App {
             return Err(bad_name(what, name));
         }
         self.cors(req).and_then(|_| self.authorize_publish(req))?;
+        self.limit_publish_rate(req)?;
         req.body_str()
             .map_err(|_| Response::text(400, "the body must be UTF-8 text"))
+    }
+
+    /// `publish_rate`: counts this publish against its publisher's
+    /// allowance, `429` when spent. A publisher is the credential it
+    /// authorized with (every holder of the publish token shares one
+    /// allowance), else its address.
+    fn limit_publish_rate(&self, req: &Request) -> Result<(), Response> {
+        let Some(limit) = &self.publish_limit else {
+            return Ok(());
+        };
+        let key = match self.config.publish_token.as_deref() {
+            Some(token) => limit.credential(token),
+            None => limit.address(req.client_ip()),
+        };
+        let Err(wait) = limit.check(key, Instant::now()) else {
+            return Ok(());
+        };
+        self.stats.counters().rate_limited.fetch_add(1, Relaxed);
+        log::debug!(
+            "publish from {} refused: over publish_rate",
+            req.client_ip()
+        );
+        Err(Response::text(
+            429,
+            format!(
+                "publishing too fast: at most {} per publisher (publish_rate)",
+                limit.rate()
+            ),
+        )
+        .with_header("Retry-After", &retry_after_secs(wait).to_string()))
     }
 
     fn publish_inner(&self, req: &Request, topic: &str) -> Response {
@@ -818,6 +865,15 @@ impl App {
                 s.disconnects(reason)
             );
         }
+        let _ = write!(
+            out,
+            "# HELP ssed_client_limited_total Requests refused with 429 by a per-client limit: \
+             streams past max_streams_per_client, publishes past publish_rate.\n\
+             # TYPE ssed_client_limited_total counter\n\
+             ssed_client_limited_total{{limit=\"streams\"}} {}\n\
+             ssed_client_limited_total{{limit=\"publish_rate\"}} {}\n",
+            s.client_limited, s.rate_limited
+        );
         let states: Vec<ListenerState> = self.postgres().iter().map(Listener::state).collect();
         if !states.is_empty() {
             let mut series =
@@ -886,11 +942,21 @@ fn storage_unavailable(what: &str) -> Response {
     .with_header("Retry-After", "1")
 }
 
-/// Whether a proxy forwarded `req` (it names the client it came from).
+/// Whether a proxy forwarded `req`: it carries a header only proxies add.
+/// Whoever sent it, trusted or not: a request a proxy forwarded is never
+/// "this machine", and a client that adds such a header itself only loses
+/// by it.
 fn proxied(req: &Request) -> bool {
-    ["forwarded", "x-forwarded-for", "x-real-ip"]
-        .iter()
-        .any(|h| req.header(h).is_some())
+    [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "via",
+    ]
+    .iter()
+    .any(|h| req.header(h).is_some())
 }
 
 fn bad_name(what: &str, name: &str) -> Response {
@@ -901,8 +967,9 @@ fn bad_name(what: &str, name: &str) -> Response {
     )
 }
 
-/// The scheme requests reach this daemon with: it has no TLS of its own
-/// yet (behind a TLS proxy, list the `https://` origin in `cors_origins`).
+/// The scheme a direct connection reaches this daemon with: it has no TLS
+/// of its own yet (behind a TLS proxy, [`Request::scheme`] says what the
+/// proxy heard, when it is trusted).
 const SCHEME: &str = "http";
 
 /// Splits `host[:port]` (a `Host` value, an origin's authority) into its

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use crate::{IpNet, IpNetError, Rate, RateError};
+
 /// The smallest `max_retained_bytes` accepted (besides 0, derived): a
 /// budget below it would drop history as soon as it was written.
 pub const MIN_RETAINED_BYTES: u64 = 1024 * 1024;
@@ -109,6 +111,15 @@ pub struct Config {
     /// `allowed_hosts`: `Host` names besides IP literals and `localhost`
     /// that get the loopback privileges when no publish credential is set.
     pub allowed_hosts: Vec<String>,
+    /// `max_streams_per_client`: streams one client (its address) may hold
+    /// at once; 0 = no limit. Default 0.
+    pub max_streams_per_client: usize,
+    /// `publish_rate`: publishes (and mailbox pushes) per publisher
+    /// credential, else per address; `None` = no limit. Default none.
+    pub publish_rate: Option<Rate>,
+    /// `trusted_proxies`: peers whose forwarded headers are believed for
+    /// the client's address and scheme. Default none.
+    pub trusted_proxies: Vec<IpNet>,
     /// `[auth] publish_token`, or `SSED_PUBLISH_TOKEN`.
     pub publish_token: Option<String>,
     /// `[auth] subscribe_token`, or `SSED_SUBSCRIBE_TOKEN`.
@@ -142,6 +153,9 @@ impl fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("max_retained_bytes", &self.max_retained_bytes)
             .field("allowed_hosts", &self.allowed_hosts)
+            .field("max_streams_per_client", &self.max_streams_per_client)
+            .field("publish_rate", &self.publish_rate)
+            .field("trusted_proxies", &self.trusted_proxies)
             .field("publish_token", &redact(&self.publish_token))
             .field("subscribe_token", &redact(&self.subscribe_token))
             .field("redis_url", &self.redis_url)
@@ -171,6 +185,9 @@ impl Default for Config {
             data_dir: None,
             max_retained_bytes: None,
             allowed_hosts: Vec::new(),
+            max_streams_per_client: 0,
+            publish_rate: None,
+            trusted_proxies: Vec::new(),
             publish_token: None,
             subscribe_token: None,
             redis_url: None,
@@ -372,6 +389,28 @@ impl Config {
                         ));
                     }
                     c.allowed_hosts = hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect();
+                }
+                "max_streams_per_client" => {
+                    c.max_streams_per_client = r.integer(key, value, 0, u32::MAX as i64)? as usize;
+                }
+                "publish_rate" => {
+                    let s = r.string(key, value)?;
+                    c.publish_rate =
+                        if s.trim().is_empty() {
+                            None
+                        } else {
+                            Some(s.parse().map_err(|e: RateError| {
+                                ConfigError::key(path, key, e.to_string())
+                            })?)
+                        };
+                }
+                "trusted_proxies" => {
+                    c.trusted_proxies = r
+                        .strings(key, value)?
+                        .iter()
+                        .map(|s| s.parse())
+                        .collect::<Result<_, IpNetError>>()
+                        .map_err(|e| ConfigError::key(path, key, e.to_string()))?;
                 }
                 "auth" => {
                     let t = r.table(key, value)?;
@@ -754,6 +793,26 @@ mod tests {
                 "key `overload`: expected \"503\" or \"retry\"",
             ),
             (
+                "max_streams_per_client = -3",
+                "key `max_streams_per_client`: -3 is out of range",
+            ),
+            (
+                "publish_rate = \"fast\"",
+                "key `publish_rate`: \"fast\" is not a rate",
+            ),
+            (
+                "publish_rate = \"0/s\"",
+                "key `publish_rate`: \"0/s\": a rate of 0 would refuse everything",
+            ),
+            (
+                "trusted_proxies = [\"10.0.0.0/40\"]",
+                "key `trusted_proxies`: \"10.0.0.0/40\" is not an IP address or network",
+            ),
+            (
+                "trusted_proxies = \"127.0.0.1\"",
+                "key `trusted_proxies`: expected an array of strings",
+            ),
+            (
                 "overload_retry = [\"5s\"]",
                 "key `overload_retry`: expected two durations",
             ),
@@ -903,6 +962,9 @@ mod example_file {
             "overload_retry",
             "ticket_session",
             "data_dir",
+            "max_streams_per_client",
+            "publish_rate",
+            "trusted_proxies",
             "publish_token",
             "subscribe_token",
             "[redis]",

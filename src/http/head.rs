@@ -183,7 +183,7 @@ impl Fields {
     }
 
     /// The fields, `(name, value)`, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + Clone + '_ {
         self.spans.iter().map(|&(a, b, c)| {
             let (a, b, c) = (a as usize, b as usize, c as usize);
             (&self.text[a..b], &self.text[b..c])

@@ -5,6 +5,8 @@
 //! - [`request`] is the public [`Request`] a handler sees, built from a head;
 //! - [`response`] is the public [`Response`] of ordinary routes and the
 //!   status lines and headers the server writes itself;
+//! - [`forwarded`] reads the client's address and scheme from the headers
+//!   a trusted proxy adds;
 //! - [`body`] decodes a request body (length or chunked) incrementally,
 //!   under a size bound.
 //!
@@ -14,9 +16,11 @@
 
 pub(crate) mod body;
 pub(crate) mod chunked;
+pub(crate) mod forwarded;
 pub(crate) mod head;
 pub(crate) mod request;
 pub(crate) mod response;
 
+pub use forwarded::{IpNet, IpNetError};
 pub use request::Request;
 pub use response::Response;

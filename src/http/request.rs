@@ -1,7 +1,8 @@
 //! The [`Request`] a handler sees.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
+use super::forwarded::Origin;
 use super::head::{BodyKind, Fields, Head};
 
 /// Name of the query parameter an `EventSource` can use on its first
@@ -18,6 +19,7 @@ pub struct Request {
     headers: Fields,
     params: Vec<(String, String)>,
     peer: SocketAddr,
+    origin: Origin,
     minor: u8,
     body: Vec<u8>,
     pub(crate) body_kind: BodyKind,
@@ -36,6 +38,10 @@ impl Request {
             headers: head.headers,
             params: Vec::new(),
             peer,
+            origin: Origin {
+                client: peer.ip().to_canonical(),
+                https: false,
+            },
             minor: head.minor,
             body: Vec::new(),
             body_kind: head.body,
@@ -116,13 +122,34 @@ impl Request {
     }
 
     /// All headers, in the order received.
-    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
         self.headers.iter()
     }
 
-    /// The client's address (the TCP peer; behind a proxy, the proxy's).
+    /// The TCP peer's address: behind a proxy, the proxy's. See
+    /// [`client_ip`](Request::client_ip) for the client's.
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The client's address: the TCP peer's, or, when the peer is one of
+    /// the server's [trusted proxies](crate::ServerBuilder::trusted_proxies),
+    /// the address it forwarded the request for (`Forwarded`,
+    /// `X-Forwarded-For`). Forwarded headers from anyone else are ignored.
+    pub fn client_ip(&self) -> IpAddr {
+        self.origin.client
+    }
+
+    /// `"https"` when a trusted proxy says the client reached it over
+    /// HTTPS (`Forwarded: proto=https`, `X-Forwarded-Proto: https`), else
+    /// `"http"`.
+    pub fn scheme(&self) -> &'static str {
+        if self.origin.https { "https" } else { "http" }
+    }
+
+    /// Sets what the trusted proxies said of the client.
+    pub(crate) fn set_origin(&mut self, origin: Origin) {
+        self.origin = origin;
     }
 
     /// Whether the request came as HTTP/1.0 (its streams are close-delimited).

@@ -32,6 +32,7 @@ use rustix::fd::{AsFd, OwnedFd};
 
 use crate::backoff::{Backoff, Jitter};
 use crate::http::body::{self, BodyDecoder, BodyError, Feed};
+use crate::http::forwarded;
 use crate::http::head::{self, MAX_HEAD, Parse};
 use crate::http::{Request, Response};
 use crate::server::conn::{self, Job};
@@ -524,6 +525,13 @@ impl Acceptor {
         let shared = Arc::clone(&self.shared);
         let config = &shared.config;
         let counters = shared.stats.counters();
+        if !config.trusted_proxies.is_empty() {
+            req.set_origin(forwarded::origin(
+                p.peer.ip(),
+                req.headers(),
+                &config.trusted_proxies,
+            ));
+        }
         match shared.router.find(req.method(), req.path()) {
             Match::NotFound => {
                 let msg = format!("no route for {}", req.path());
@@ -549,6 +557,11 @@ impl Acceptor {
                     self.answer_conn(p, minor, r);
                     return;
                 }
+                let Some(client) = shared.clients.acquire(req.client_ip()) else {
+                    counters.client_limited.fetch_add(1, Relaxed);
+                    self.too_many_from(p, &req, minor);
+                    return;
+                };
                 let open = counters.streams_open.load(Relaxed);
                 if open >= config.max_connections as u64
                     || shared.memory.refuses(open, &shared.stats)
@@ -560,7 +573,12 @@ impl Acceptor {
                 req.set_params(params);
                 counters.streams_open.fetch_add(1, Relaxed);
                 counters.streams_total.fetch_add(1, Relaxed);
-                self.spawn(p, Job::Stream { req, handler }, minor);
+                let job = Job::Stream {
+                    req,
+                    handler,
+                    client,
+                };
+                self.spawn(p, job, minor);
             }
             Match::Handler(Handler::Plain(handler), params, head_only) => {
                 req.set_params(params);
@@ -669,6 +687,26 @@ impl Acceptor {
                 leftover,
             },
             minor,
+        );
+    }
+
+    /// Refuses a stream of a client that holds `max_streams_per_client`
+    /// already. `429`, also to an `EventSource`: unlike a full server, this
+    /// client will not get a stream by retrying until it closes one, and a
+    /// browser gives up on a `429` where it would retry a `retry:`.
+    #[cold]
+    fn too_many_from(&mut self, p: Conn, req: &Request, minor: u8) {
+        let max = self.shared.clients.max();
+        let client = req.client_ip();
+        log::debug!("stream from {client} refused: it holds {max} streams already");
+        let secs = self.shared.config.retry_after.as_secs().max(1).to_string();
+        let msg = format!(
+            "too many streams from {client}: at most {max} at once per client; close one first"
+        );
+        self.answer_conn(
+            p,
+            minor,
+            Response::text(429, msg).with_header("Retry-After", &secs),
         );
     }
 

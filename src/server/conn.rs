@@ -23,6 +23,7 @@ use crate::http::body;
 use crate::http::head::{self, Parse};
 use crate::http::{Request, Response};
 use crate::server::Shared;
+use crate::server::limits::clients::ClientSlot;
 use crate::server::pending::{Returned, send_now};
 use crate::server::route::{Handler, Match, PlainFn, StreamFn};
 use crate::stats::Gauge;
@@ -33,6 +34,10 @@ pub(crate) enum Job {
     Stream {
         req: Request,
         handler: Arc<StreamFn>,
+        /// The client's place under `max_streams_per_client`, given back
+        /// when the job (and so the stream) ends.
+        #[expect(dead_code, reason = "held for its Drop, which gives the place back")]
+        client: Option<ClientSlot>,
     },
     Plain {
         req: Request,
@@ -75,7 +80,7 @@ pub(crate) fn run(
     // onto this thread's stack it would deepen every frame of a stream
     // that lives for hours, and the deepest stack page a stream thread
     // touches stays resident for its whole life.
-    if let Job::Stream { req, handler } = &*job {
+    if let Job::Stream { req, handler, .. } = &*job {
         run_stream(&shared, conn, peer, req, &**handler);
         return;
     }
@@ -127,7 +132,7 @@ fn run_stream(
 /// would otherwise sit under every stream's handler.
 #[inline(never)]
 fn log_open(peer: SocketAddr, req: &Request) {
-    log::debug!("stream open: {peer} {}", req.path());
+    log::debug!("stream open: {} {}", Who(peer, req), req.path());
 }
 
 /// Counts, closes and logs a stream whose handler returned (or panicked).
@@ -171,20 +176,36 @@ fn end_stream(
     stream.close(outcome);
     let why = stream.ended().map_or("finished", EndReason::reason);
     if stream.ended() == Some(EndReason::Slow) {
-        log_slow_drop(peer, req.path());
+        log_slow_drop(Who(peer, req), req.path());
     }
     log::debug!(
-        "stream closed: {peer} {} after {:.1?} ({why})",
+        "stream closed: {} {} after {:.1?} ({why})",
+        Who(peer, req),
         req.path(),
         opened.elapsed()
     );
     shared.registry.remove(id);
 }
 
+/// Who a request came from, for logs: the peer, and the client a trusted
+/// proxy named when it is another address.
+struct Who<'a>(SocketAddr, &'a Request);
+
+impl std::fmt::Display for Who<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Who(peer, req) = self;
+        if req.client_ip() == peer.ip().to_canonical() {
+            write!(f, "{peer}")
+        } else {
+            write!(f, "{} via {peer}", req.client_ip())
+        }
+    }
+}
+
 /// Logs a slow subscriber's drop at `warn` (degraded, still serving), at
 /// most once every ten seconds with a count of the others, so a publisher
 /// outrunning thousands of streams cannot flood the log as well.
-fn log_slow_drop(peer: SocketAddr, path: &str) {
+fn log_slow_drop(peer: Who<'_>, path: &str) {
     static LAST: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
     let now = Instant::now();
     let more = {
@@ -332,7 +353,8 @@ fn serve_plain(shared: &Shared, conn: &TcpStream, peer: SocketAddr, next: Next) 
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
     let mut bytes = response.encode(minor, head_only, close);
     log::debug!(
-        "{peer} {} {} -> {}",
+        "{} {} {} -> {}",
+        Who(peer, &req),
         req.method(),
         req.path(),
         response.status()

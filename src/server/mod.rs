@@ -27,8 +27,9 @@ use rustix::event::{EventfdFlags, epoll, eventfd};
 use rustix::net::{AddressFamily, SocketType, ipproto, sockopt};
 
 use crate::error::{Error, StreamError};
-use crate::http::{Request, Response};
+use crate::http::{IpNet, Request, Response};
 use crate::server::acceptor::Acceptor;
+use crate::server::limits::clients::ClientStreams;
 use crate::server::limits::{Capacity, MemoryGuard};
 use crate::server::pending::Returned;
 use crate::server::route::{Handler, Router};
@@ -77,6 +78,7 @@ pub(crate) struct Config {
     pub grace: Duration,
     pub overload: Overload,
     pub retry_after: Duration,
+    pub trusted_proxies: Vec<IpNet>,
     pub stream: StreamConfig,
 }
 
@@ -87,6 +89,8 @@ pub(crate) struct Shared {
     pub stats: Stats,
     pub shutdown: ShutdownHandle,
     pub registry: Arc<Registry>,
+    /// Streams each client holds, against `max_streams_per_client`.
+    pub clients: Arc<ClientStreams>,
     pub returned: Sender<Returned>,
     /// Refuses new streams while memory headroom is low (the cap is
     /// computed once, memory use keeps moving).
@@ -126,6 +130,8 @@ pub struct ServerBuilder {
     grace: Duration,
     overload: Overload,
     retry_after: Duration,
+    max_streams_per_client: usize,
+    trusted_proxies: Vec<IpNet>,
     raise_fd_limit: bool,
     memory_reserve: u64,
     stream: StreamOptions,
@@ -159,6 +165,8 @@ impl Default for ServerBuilder {
             grace: Duration::from_secs(5),
             overload: Overload::Reject,
             retry_after: Duration::from_secs(5),
+            max_streams_per_client: 0,
+            trusted_proxies: Vec::new(),
             raise_fd_limit: true,
             memory_reserve: 0,
             stream: StreamOptions::new(),
@@ -305,6 +313,33 @@ impl ServerBuilder {
         self
     }
 
+    /// Streams one client may hold at once; past it a new stream gets
+    /// `429 Too Many Requests` + `Retry-After` (no thread is started). A
+    /// client is its address ([`Request::client_ip`]; an IPv6 client is
+    /// its /64). Default 0: no limit but the cap.
+    pub fn max_streams_per_client(mut self, n: usize) -> Self {
+        self.max_streams_per_client = n;
+        self
+    }
+
+    /// Peers whose `Forwarded`, `X-Forwarded-For` and `X-Forwarded-Proto`
+    /// headers are believed for the client's address and scheme
+    /// ([`Request::client_ip`], [`Request::scheme`]): the reverse proxies
+    /// in front of this server. From any other peer those headers change
+    /// nothing. Default: none.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = ssed::Server::builder()
+    ///     .trusted_proxies(["127.0.0.1".parse()?, "10.0.0.0/8".parse()?]);
+    /// # Ok::<(), ssed::IpNetError>(())
+    /// ```
+    pub fn trusted_proxies(mut self, proxies: impl IntoIterator<Item = IpNet>) -> Self {
+        self.trusted_proxies = proxies.into_iter().collect();
+        self
+    }
+
     /// Whether [`build`](ServerBuilder::build) raises the soft descriptor
     /// limit to the hard one (see [`raise_fd_limit`](crate::raise_fd_limit)).
     /// Default true.
@@ -445,6 +480,7 @@ impl ServerBuilder {
             grace: self.grace,
             overload: self.overload,
             retry_after: self.retry_after,
+            trusted_proxies: self.trusted_proxies,
             stream: self.stream.stream_config(self.write_timeout),
         };
         self.stream
@@ -462,6 +498,7 @@ impl ServerBuilder {
             stats: self.stream.stats,
             shutdown: self.stream.shutdown,
             registry: Arc::new(registry),
+            clients: Arc::new(ClientStreams::new(self.max_streams_per_client)),
             returned: returned_tx,
             memory: MemoryGuard::detect(),
         });

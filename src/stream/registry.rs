@@ -21,7 +21,7 @@ pub(crate) const STREAM_TAG: u64 = 1 << 62;
 
 /// What [`Registry::hang_up`] found: still up.
 pub(crate) const HUNG_UP_NOT: u8 = 0;
-/// The peer closed or reset the connection.
+/// The peer closed (its side, at least) or reset the connection.
 pub(crate) const HUNG_UP_CLIENT: u8 = 1;
 /// The kernel gave the connection up: data or keepalive probes went
 /// unacknowledged past `TCP_USER_TIMEOUT` (a peer that vanished).
@@ -63,14 +63,18 @@ impl Registry {
         let id = self.next.fetch_add(1, Relaxed);
         let hang_up = HangUp::default();
         if let Some(poller) = self.watch.get() {
-            // Only errors and hang-ups, which epoll always reports; once,
-            // then the stream ends anyway. Failing, the stream is found
-            // dead by its next write, as without a poller.
+            // Errors and hang-ups (which epoll always reports), and the
+            // peer closing its side: an event stream's client sends
+            // nothing after its request and closes only to leave (a
+            // browser's `EventSource.close()`, a closed tab), as nginx
+            // also takes a client's FIN for an abort. Once: then the
+            // stream ends anyway. Failing, the stream is found dead by
+            // its next write, as without a poller.
             let _ = epoll::add(
                 poller,
                 &*conn,
                 epoll::EventData::new_u64(STREAM_TAG | id),
-                epoll::EventFlags::ONESHOT,
+                epoll::EventFlags::RDHUP | epoll::EventFlags::ONESHOT,
             );
         }
         if let Ok(mut conns) = self.conns.lock() {

@@ -14,7 +14,9 @@
 //! cgroup).
 
 mod cgroup;
+pub(crate) mod clients;
 mod guard;
+pub(crate) mod rate;
 
 use std::fs;
 use std::io;
@@ -22,6 +24,7 @@ use std::io;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 pub(crate) use guard::MemoryGuard;
+pub use rate::{Rate, RateError};
 
 /// Memory mappings one stream thread costs.
 const MAPS_PER_THREAD: u64 = 4;
