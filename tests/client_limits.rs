@@ -7,29 +7,12 @@
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::process::{Ssed, spawn_config};
-use support::{Client, Head, TempDir, metric, request, wait_until};
-
-/// A connection to `server` from the local address `from`.
-fn connect_from(from: &str, server: SocketAddr) -> TcpStream {
-    let from: IpAddr = from.parse().expect("an address");
-    let fd = rustix::net::socket(
-        rustix::net::AddressFamily::INET,
-        rustix::net::SocketType::STREAM,
-        None,
-    )
-    .expect("socket");
-    rustix::net::bind(&fd, &SocketAddr::new(from, 0)).expect("bind the client's address");
-    rustix::net::connect(&fd, &server).expect("connect");
-    let conn = TcpStream::from(fd);
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    conn
-}
+use support::{Client, Head, TempDir, connect_from, metric, request, wait_until};
 
 /// Opens `path` as an event stream from `from`, with extra header lines;
 /// the client (to keep the stream open) and the answer's head.

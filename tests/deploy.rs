@@ -263,6 +263,50 @@ fn events_pass_through_the_nginx_example_unbuffered() {
     );
 }
 
+/// Behind the example nginx with `trusted_proxies = ["127.0.0.1"]`, ssed
+/// sees each client's own address (from the X-Forwarded-For the file
+/// sets): `max_streams_per_client` holds per client, not for the proxy as
+/// a whole.
+#[test]
+fn behind_the_nginx_example_limits_follow_the_client_address() {
+    let Some(binary) = nginx_binary() else {
+        return;
+    };
+    let dir = TempDir::new("nginx-limits");
+    let config = dir.path().join("ssed.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nmax_streams_per_client = 2\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    )
+    .expect("write ssed.toml");
+    let ssed = Ssed::spawn(&["--config", config.to_str().expect("utf-8")], &[]);
+    let port = free_port();
+    let nginx = Nginx::start(&binary, dir.path(), ssed.listening(), port);
+    let front = SocketAddr::from(([127, 0, 0, 1], port));
+    let open = |from: &str| {
+        let mut c = Client::from_conn(support::connect_from(from, front));
+        let head = c.get_stream("/events/t", &[]);
+        (c, head.status)
+    };
+    let a1 = open("127.0.0.2");
+    let a2 = open("127.0.0.2");
+    assert_eq!((a1.1, a2.1), (200, 200), "nginx: {}", nginx.error_log());
+    let (_, third) = open("127.0.0.2");
+    assert_eq!(third, 429, "the third stream of 127.0.0.2");
+    // Another client through the same proxy has its own two.
+    let b1 = open("127.0.0.3");
+    let b2 = open("127.0.0.3");
+    assert_eq!((b1.1, b2.1), (200, 200));
+    // A header the client sends itself is not believed: nginx appends
+    // the real address after it.
+    let mut c = Client::from_conn(support::connect_from("127.0.0.2", front));
+    let head = c.get_stream("/events/t", &["X-Forwarded-For: 192.0.2.1"]);
+    assert_eq!(
+        head.status, 429,
+        "a forged X-Forwarded-For made a new client"
+    );
+}
+
 /// `systemd-analyze` with `args`, or `None` where it is not installed.
 fn systemd_analyze(args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
     match Command::new("systemd-analyze")

@@ -60,6 +60,24 @@ impl Head {
     }
 }
 
+/// A connection to `server` from the local address `from` (any of
+/// 127/8 on loopback: a client with an address of its own).
+pub fn connect_from(from: &str, server: SocketAddr) -> TcpStream {
+    let from: std::net::IpAddr = from.parse().expect("an address");
+    let fd = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .expect("socket");
+    rustix::net::bind(&fd, &SocketAddr::new(from, 0)).expect("bind the client's address");
+    rustix::net::connect(&fd, &server).expect("connect");
+    let conn = TcpStream::from(fd);
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn
+}
+
 /// A client connection that reads a response head, then either a sized
 /// body or an event stream (chunked or close-delimited).
 pub struct Client {
