@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crossbeam_channel::Sender;
 use rustix::event::epoll;
 
+use crate::error::EndReason;
 use crate::shutdown::ShutdownHandle;
+use crate::stream::write::failure_reason;
 
 /// The bit that marks a watched stream in the poller's event data (the
 /// rest is its id in the registry); the acceptor's own entries never set
@@ -107,14 +109,13 @@ impl Registry {
     pub(crate) fn hang_up(&self, id: u64) {
         let woken = match self.conns.lock() {
             Ok(mut conns) => conns.get_mut(&id).map(|e| {
-                let timed_out = matches!(
-                    rustix::net::sockopt::socket_error(&*e.conn),
-                    Ok(Err(rustix::io::Errno::TIMEDOUT))
-                );
-                let why = if timed_out {
-                    HUNG_UP_TIMEOUT
-                } else {
-                    HUNG_UP_CLIENT
+                let why = match rustix::net::sockopt::socket_error(&*e.conn) {
+                    Ok(Err(errno))
+                        if failure_reason(&errno.into()) == EndReason::WriteTimeout =>
+                    {
+                        HUNG_UP_TIMEOUT
+                    }
+                    _ => HUNG_UP_CLIENT,
                 };
                 e.hang_up.store(why, Relaxed);
                 (e.wake.take(), e.thread.clone())

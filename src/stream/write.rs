@@ -37,6 +37,25 @@ const MAX_SLICES: usize = 256;
 /// `SO_SNDTIMEO` bounds each `write()` call, not the whole operation, so it
 /// is re-armed with the time left before every call after a partial write;
 /// `armed` remembers the value in force to skip the syscall when unchanged.
+/// Why a stream's connection failed, from the error a write (or the
+/// socket's pending error) gave: a peer that vanished, which the kernel
+/// gave up on (`TCP_USER_TIMEOUT`, or an unreachable route learned while
+/// retransmitting, which the kernel reports in place of the timeout), is a
+/// [`EndReason::WriteTimeout`]; a peer that closed or reset, a
+/// [`EndReason::Client`].
+pub(crate) fn failure_reason(e: &io::Error) -> EndReason {
+    use io::ErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::HostUnreachable | K::NetworkUnreachable | K::NetworkDown => {
+            EndReason::WriteTimeout
+        }
+        _ if e.raw_os_error() == Some(rustix::io::Errno::HOSTDOWN.raw_os_error()) => {
+            EndReason::WriteTimeout
+        }
+        _ => EndReason::Client,
+    }
+}
+
 pub(crate) fn write_all_timeout(
     conn: &TcpStream,
     bytes: &[u8],
@@ -213,15 +232,10 @@ impl Deadline {
                 Ok(0) => return Err(EndReason::Client),
                 Ok(n) => IoSlice::advance_slices(&mut slices, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Err(EndReason::WriteTimeout);
                 }
-                Err(_) => return Err(EndReason::Client),
+                Err(e) => return Err(failure_reason(&e)),
             }
         }
         Ok(())
