@@ -99,9 +99,9 @@
 //! | layer | where | what |
 //! | --- | --- | --- |
 //! | errors, events | `error.rs`, `event.rs`, `digits.rs`, `time.rs`, `stats.rs`, `shutdown.rs` | [`Error`], [`StreamError`], [`Event`] and its encoding, counters, the shutdown handle |
-//! | HTTP | `http/` | request heads and bodies (with their limits), responses, chunked framing |
+//! | HTTP | `http/` | request heads and bodies (with their limits), responses, chunked framing, forwarded headers (`forwarded.rs`: the client behind a trusted proxy) |
 //! | streams | `stream/` | [`Stream`]: sending, waiting, the budget; `write.rs` is the write path (vectored, with a deadline), `registry.rs` the open streams shutdown reaches |
-//! | server | `server/` | [`Server`] and [`ServerBuilder`]; `acceptor.rs` is the main loop (one thread, epoll: heads, bodies, answers without a thread), `conn.rs` a connection's thread, `pending.rs` what waits in the acceptor, `route.rs`, `limits/` (the cap, cgroups, the memory guard) |
+//! | server | `server/` | [`Server`] and [`ServerBuilder`]; `acceptor.rs` is the main loop (one thread, epoll: heads, bodies, answers without a thread), `conn.rs` a connection's thread, `pending.rs` what waits in the acceptor, `route.rs`, `limits/` (the cap, cgroups, the memory guard, streams per client, publish rate) |
 //! | hub | `hub/` | [`Hub`] (`mod.rs`) over one engine interface (`engine.rs`) with two engines: `local.rs` (memory, or SQLite in `store.rs`, behind the [`hub::History`] and [`hub::MailboxStore`] traits) and `redis/` (pool, scripts, the reader thread, the worker threads that make a stream's round trips, RESP); `node.rs` each topic's subscribers and the lock that orders fan-out, `fanout.rs` their queues and the waker threads, `replay.rs` replay a page at a time, `mailbox.rs`, `follow.rs` (a [`Stream`] following a subscription) |
 //! | bridges | `bridge/` | PostgreSQL `LISTEN`/`NOTIFY` into topics, the `tiny_http` adapter |
 //! | daemon | `daemon/` | the `ssed` daemon's config, routes, auth, metrics and demo page (not a stable API) |

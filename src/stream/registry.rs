@@ -110,9 +110,7 @@ impl Registry {
         let woken = match self.conns.lock() {
             Ok(mut conns) => conns.get_mut(&id).map(|e| {
                 let why = match rustix::net::sockopt::socket_error(&*e.conn) {
-                    Ok(Err(errno))
-                        if failure_reason(&errno.into()) == EndReason::WriteTimeout =>
-                    {
+                    Ok(Err(errno)) if failure_reason(&errno.into()) == EndReason::WriteTimeout => {
                         HUNG_UP_TIMEOUT
                     }
                     _ => HUNG_UP_CLIENT,

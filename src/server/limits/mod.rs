@@ -12,6 +12,10 @@
 //! streams while memory headroom is below a floor, for what grows after
 //! start (socket buffers, retained events, another process in the same
 //! cgroup).
+//!
+//! Within the cap, [`clients`] keeps one client from taking every slot
+//! (`max_streams_per_client`), and [`rate`] one publisher from flooding
+//! (`publish_rate`).
 
 mod cgroup;
 pub(crate) mod clients;
