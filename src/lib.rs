@@ -171,7 +171,8 @@ pub use event::{EncodedEvent, Event};
 pub use http::{IpNet, IpNetError, Request, Response};
 pub use hub::{EventId, Hub, HubConfig, HubError, Published, Subscription};
 pub use server::limits::{
-    Capacity, MemoryInfo, MemorySource, Rate, RateError, memory_info, raise_fd_limit,
+    Capacity, MemoryInfo, MemorySource, Rate, RateError, RateKey, RateLimiter, memory_info,
+    raise_fd_limit,
 };
 pub use server::{MIN_STACK_SIZE, Overload, RunningServer, Server, ServerBuilder};
 pub use shutdown::ShutdownHandle;

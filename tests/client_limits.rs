@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::process::{Ssed, spawn_config};
-use support::{Client, Head, TempDir, connect_from, metric, request, wait_until};
+use support::{Client, Head, TempDir, connect_from, metric, streams_open, wait_until};
 
 /// Opens `path` as an event stream from `from`, with extra header lines;
 /// the client (to keep the stream open) and the answer's head.
@@ -48,16 +48,6 @@ fn post_from(
     req.push_str(body);
     c.send(req.as_bytes());
     c.response()
-}
-
-fn streams_open(addr: SocketAddr) -> u64 {
-    let (head, body) = request(
-        addr,
-        "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-    );
-    assert_eq!(head.status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).expect("JSON");
-    v["streams_open"].as_u64().expect("streams_open")
 }
 
 fn limited(addr: SocketAddr, limit: &str) -> u64 {

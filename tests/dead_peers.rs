@@ -21,9 +21,8 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use support::process::{Ssed, spawn_config};
-use support::{Client, TempDir, metrics, request, wait_until};
+use support::{Client, TempDir, metrics, streams_open, wait_until};
 
 const HEARTBEAT: Duration = Duration::from_secs(2);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -122,16 +121,6 @@ fn netns(test: &str, n: u8) -> Option<Netns> {
             None
         }
     }
-}
-
-fn streams_open(addr: SocketAddr) -> u64 {
-    let (head, body) = request(
-        addr,
-        "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-    );
-    assert_eq!(head.status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).expect("JSON");
-    v["streams_open"].as_u64().expect("streams_open")
 }
 
 fn disconnects(addr: SocketAddr, reason: &str) -> u64 {

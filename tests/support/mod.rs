@@ -427,6 +427,17 @@ pub fn metrics(addr: SocketAddr) -> HashMap<String, u64> {
         .collect()
 }
 
+/// `streams_open` of a daemon's `/healthz`.
+pub fn streams_open(addr: SocketAddr) -> u64 {
+    let (head, body) = request(
+        addr,
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(head.status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    v["streams_open"].as_u64().expect("streams_open")
+}
+
 /// A directory of its own for one test, removed on drop.
 pub struct TempDir(PathBuf);
 

@@ -28,7 +28,7 @@ use std::io;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 pub(crate) use guard::MemoryGuard;
-pub use rate::{Rate, RateError};
+pub use rate::{Rate, RateError, RateKey, RateLimiter};
 
 /// Memory mappings one stream thread costs.
 const MAPS_PER_THREAD: u64 = 4;

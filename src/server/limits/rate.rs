@@ -94,9 +94,10 @@ impl fmt::Display for Rate {
     }
 }
 
-/// Who is counted: a credential, or a client address.
+/// Who is counted: a credential, or a client address (see
+/// [`RateLimiter::credential`], [`RateLimiter::address`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct RateKey(u64);
+pub struct RateKey(u64);
 
 #[derive(Debug)]
 struct Table {
@@ -108,9 +109,26 @@ struct Table {
     crowded_until: Option<Instant>,
 }
 
-/// Limits requests per key to a [`Rate`].
+/// Limits requests per key to a [`Rate`]: the daemon's `publish_rate`, and
+/// for an embedding app's own routes. Bounded in memory whatever keys
+/// arrive (see the module's notes: at most 4,096 keys, then a shared
+/// allowance). Thread-safe.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Instant;
+/// let limit = ssed::RateLimiter::new("2/s".parse()?);
+/// let key = limit.address("192.0.2.1".parse()?);
+/// let now = Instant::now();
+/// assert!(limit.check(key, now).is_ok());
+/// assert!(limit.check(key, now).is_ok());
+/// let wait = limit.check(key, now).unwrap_err(); // past the burst
+/// assert_eq!(wait.as_millis(), 500);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
-pub(crate) struct RateLimiter {
+pub struct RateLimiter {
     rate: Rate,
     interval: Duration,
     /// How far ahead of now a key's due instant may run (the burst).
@@ -120,7 +138,8 @@ pub(crate) struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub(crate) fn new(rate: Rate) -> Self {
+    /// A limiter allowing `rate` per key.
+    pub fn new(rate: Rate) -> Self {
         let interval = rate.interval();
         RateLimiter {
             rate,
@@ -136,24 +155,28 @@ impl RateLimiter {
     }
 
     /// The rate enforced.
-    pub(crate) fn rate(&self) -> Rate {
+    pub fn rate(&self) -> Rate {
         self.rate
     }
 
     /// The key of a credential (a token, a subject): everyone presenting
     /// it shares one allowance, from whatever address.
-    pub(crate) fn credential(&self, credential: &str) -> RateKey {
+    pub fn credential(&self, credential: &str) -> RateKey {
         RateKey(self.hasher.hash_one((0u8, credential)))
     }
 
     /// The key of a client address (an IPv6 client is its /64).
-    pub(crate) fn address(&self, ip: IpAddr) -> RateKey {
+    pub fn address(&self, ip: IpAddr) -> RateKey {
         RateKey(self.hasher.hash_one((1u8, clients::key(ip))))
     }
 
     /// Counts one request of `key` at `now`: `Err(wait)` when it comes too
     /// soon, `wait` being how long until one would be allowed.
-    pub(crate) fn check(&self, key: RateKey, now: Instant) -> Result<(), Duration> {
+    ///
+    /// # Errors
+    ///
+    /// The wait, when the key's allowance is spent.
+    pub fn check(&self, key: RateKey, now: Instant) -> Result<(), Duration> {
         let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         let t = &mut *t;
         let slot = if let Some(due) = t.due.get_mut(&key) {
@@ -199,6 +222,7 @@ impl RateLimiter {
 }
 
 /// `Retry-After` seconds for a wait: rounded up, at least 1.
+#[cfg(any(feature = "daemon", test))]
 pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
     u64::try_from(wait.as_nanos().div_ceil(1_000_000_000))
         .unwrap_or(u64::MAX)
