@@ -307,3 +307,27 @@ fn bad_limit_settings_are_refused_naming_the_key() {
         );
     }
 }
+
+/// A proxy keeps its connections to ssed open (nginx's upstream
+/// `keepalive`): every request on one, not only the first, is read for
+/// the client's scheme and address.
+#[test]
+fn every_request_of_a_kept_alive_proxy_connection_is_read_for_its_client() {
+    let (_dir, _ssed, addr) = daemon(
+        "keepalive",
+        "trusted_proxies = [\"127.0.0.9\"]\n[auth]\nsubscribe_token = \"st\"\n",
+    );
+    let mut c = Client::from_conn(connect_from("127.0.0.9", addr));
+    for i in 0..3 {
+        // An https page of this host, through the proxy: same-origin, so
+        // no cors_origins entry is needed.
+        let req = format!(
+            "POST /tickets HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer st\r\n\
+             Origin: https://localhost\r\nX-Forwarded-For: 203.0.113.{i}\r\n\
+             X-Forwarded-Proto: https\r\nContent-Length: 0\r\n\r\n"
+        );
+        c.send(req.as_bytes());
+        let (head, body) = c.response();
+        assert_eq!(head.status, 200, "request {i} on the connection: {body}");
+    }
+}

@@ -299,12 +299,11 @@ fn behind_the_nginx_example_limits_follow_the_client_address() {
     assert_eq!((b1.1, b2.1), (200, 200));
     // A header the client sends itself is not believed: nginx appends
     // the real address after it.
-    let mut c = Client::from_conn(support::connect_from("127.0.0.2", front));
-    let head = c.get_stream("/events/t", &["X-Forwarded-For: 192.0.2.1"]);
-    assert_eq!(
-        head.status, 429,
-        "a forged X-Forwarded-For made a new client"
-    );
+    for forged in ["X-Forwarded-For: 192.0.2.1", "Forwarded: for=192.0.2.2"] {
+        let mut c = Client::from_conn(support::connect_from("127.0.0.2", front));
+        let head = c.get_stream("/events/t", &[forged]);
+        assert_eq!(head.status, 429, "a forged {forged:?} made a new client");
+    }
 }
 
 /// `systemd-analyze` with `args`, or `None` where it is not installed.

@@ -1,6 +1,13 @@
 //! Who a request came from when a proxy forwarded it: the client's address
-//! and scheme from `Forwarded` (RFC 7239) or `X-Forwarded-For` /
-//! `X-Forwarded-Proto`, believed only from peers listed as trusted.
+//! and scheme from `X-Forwarded-For` / `X-Forwarded-Proto`, or, when a
+//! request has no `X-Forwarded-For`, from `Forwarded` (RFC 7239), believed
+//! only from peers listed as trusted.
+//!
+//! `X-Forwarded-For` comes first because it is what proxies set (nginx,
+//! HAProxy, Caddy, Traefik, Envoy), and most of them pass a `Forwarded`
+//! header a client sent through untouched: read first, that one would let
+//! the client name its own address. A proxy that sets only `Forwarded`
+//! must drop a client's `X-Forwarded-For`.
 //!
 //! The chain is read from the right, the hop nearest us first: each hop a
 //! trusted proxy appended names the client it heard from; the first address
@@ -139,7 +146,9 @@ pub(crate) fn origin<'a>(
             .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
     };
-    let (hops, mut https) = if lines("forwarded").next().is_some() {
+    let use_forwarded =
+        lines("x-forwarded-for").next().is_none() && lines("forwarded").next().is_some();
+    let (hops, mut https) = if use_forwarded {
         (lines("forwarded").flat_map(forwarded_hops).collect(), None)
     } else {
         let addrs: Vec<Option<IpAddr>> = lines("x-forwarded-for")
@@ -196,9 +205,10 @@ fn forwarded_hops(line: &str) -> Vec<Hop> {
     split_quoted(line, ',')
         .into_iter()
         .map(|element| {
+            // A hop that does not say its scheme is not known to be https.
             let mut hop = Hop {
                 addr: None,
-                https: None,
+                https: Some(false),
             };
             for pair in split_quoted(element, ';') {
                 let Some((k, v)) = pair.split_once('=') else {
@@ -350,22 +360,36 @@ mod tests {
         assert_eq!(of("127.0.0.1", &h, &t), ("2001:db8::1".into(), false));
         // Nothing forwarded: the proxy itself.
         assert_eq!(of("127.0.0.1", &[], &t), ("127.0.0.1".into(), false));
+        // Only the scheme.
+        let h = [("X-Forwarded-Proto", "https")];
+        assert_eq!(of("127.0.0.1", &h, &t), ("127.0.0.1".into(), true));
         // Garbage: stop at the last address known.
         let h = [("X-Forwarded-For", "not-an-address")];
         assert_eq!(of("127.0.0.1", &h, &t), ("127.0.0.1".into(), false));
     }
 
     #[test]
-    fn the_forwarded_header_takes_precedence_and_is_parsed_as_rfc_7239() {
+    fn forwarded_is_read_without_x_forwarded_for_as_rfc_7239_says() {
         let t = ["127.0.0.1"];
+        // A client's own `Forwarded`, passed through by a proxy that set
+        // `X-Forwarded-For`: not believed.
         let h = [
+            ("Forwarded", "for=6.6.6.6;proto=https"),
             ("X-Forwarded-For", "9.9.9.9"),
-            (
-                "Forwarded",
-                r#"for="[2001:db8:cafe::17]:4711";proto=https, for=192.0.2.60;proto=http;by=203.0.113.43"#,
-            ),
         ];
+        assert_eq!(of("127.0.0.1", &h, &t), ("9.9.9.9".into(), false));
+        let h = [(
+            "Forwarded",
+            r#"for="[2001:db8:cafe::17]:4711";proto=https, for=192.0.2.60;proto=http;by=203.0.113.43"#,
+        )];
         assert_eq!(of("127.0.0.1", &h, &t), ("192.0.2.60".into(), false));
+        // The client's hop says nothing of its scheme: not https, whatever
+        // a nearer hop says.
+        let h = [("Forwarded", "for=192.0.2.60, for=10.0.0.2;proto=https")];
+        assert_eq!(
+            of("127.0.0.1", &h, &["127.0.0.1", "10.0.0.0/8"]),
+            ("192.0.2.60".into(), false)
+        );
         let h = [("Forwarded", r#"For="[2001:db8:cafe::17]:4711";Proto=HTTPS"#)];
         assert_eq!(of("127.0.0.1", &h, &t), ("2001:db8:cafe::17".into(), true));
         let h = [("Forwarded", "for=unknown;proto=https")];

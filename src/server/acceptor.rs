@@ -32,7 +32,6 @@ use rustix::fd::{AsFd, OwnedFd};
 
 use crate::backoff::{Backoff, Jitter};
 use crate::http::body::{self, BodyDecoder, BodyError, Feed};
-use crate::http::forwarded;
 use crate::http::head::{self, MAX_HEAD, Parse};
 use crate::http::{Request, Response};
 use crate::server::conn::{self, Job};
@@ -525,13 +524,7 @@ impl Acceptor {
         let shared = Arc::clone(&self.shared);
         let config = &shared.config;
         let counters = shared.stats.counters();
-        if !config.trusted_proxies.is_empty() {
-            req.set_origin(forwarded::origin(
-                p.peer.ip(),
-                req.headers(),
-                &config.trusted_proxies,
-            ));
-        }
+        shared.resolve_origin(&mut req, p.peer);
         match shared.router.find(req.method(), req.path()) {
             Match::NotFound => {
                 let msg = format!("no route for {}", req.path());
@@ -974,36 +967,45 @@ pub(crate) fn register_waker(epoll_fd: &OwnedFd, waker: impl AsFd) -> io::Result
 /// Keepalive probes start after this long without traffic when the stream
 /// sends no heartbeat.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+/// Unanswered keepalive probes before the connection is given up.
+const KEEPALIVE_PROBES: u32 = 3;
 
 /// Has the kernel give a stream's connection up when its peer vanished
 /// without a word (a phone that lost its network: no FIN, no RST): without
 /// this the connection lives until `tcp_retries2` runs out, about 15
 /// minutes, holding the stream's thread and slot.
 ///
-/// - `TCP_USER_TIMEOUT` = the write timeout: data (a heartbeat, an event)
-///   unacknowledged for that long ends the connection;
-/// - keepalive, for a stream that sends nothing: probes after the
-///   heartbeat interval (or 15 s) of silence, and the same user timeout
-///   ends the connection when they go unanswered.
+/// - with a heartbeat `h`: `TCP_USER_TIMEOUT` = the write timeout `w`, so
+///   a heartbeat (or an event) unacknowledged for `w` ends the
+///   connection: free within about `h + w`. Keepalive only backs it up,
+///   after `h + w` of silence, so its probes never race the heartbeats;
+/// - without: keepalive probes after 15 s of silence, every `w / 3` (1 to
+///   75 s), and a user timeout of 15 s + three probes' time, so that one
+///   lost probe does not end a live stream (Linux ends the connection at
+///   the first unanswered probe once the user timeout has passed since
+///   the last acknowledgement): free within about 15 s + `w`.
 ///
 /// The kernel then reports an error on the socket, which the acceptor's
 /// poller hears (the registry watches every stream): the stream ends at
 /// once, with [`EndReason::WriteTimeout`](crate::EndReason::WriteTimeout).
-/// A stream with a heartbeat `h` and write timeout `w` is free within
-/// about `h + w` of its peer vanishing. Failures only leave the kernel's
-/// defaults.
+/// A client that keeps a zero window that long is ended the same way (it
+/// does not read). Failures only leave the kernel's defaults.
 fn detect_dead_peer(conn: &TcpStream, config: &crate::stream::StreamConfig) {
     use rustix::net::sockopt;
-    let timeout = config.write_timeout.max(Duration::from_millis(1));
-    let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    let w = config.write_timeout.max(Duration::from_millis(1));
+    let interval = (w / 3).clamp(Duration::from_secs(1), Duration::from_secs(75));
+    let (idle, user_timeout) = match config.heartbeat {
+        Some(h) => (h + w, w),
+        None => (
+            KEEPALIVE_IDLE,
+            w.max(KEEPALIVE_IDLE + interval * KEEPALIVE_PROBES),
+        ),
+    };
+    let ms = u32::try_from(user_timeout.as_millis()).unwrap_or(u32::MAX);
     let _ = sockopt::set_tcp_user_timeout(conn, ms);
-    let idle = config
-        .heartbeat
-        .unwrap_or(KEEPALIVE_IDLE)
-        .clamp(Duration::from_secs(1), Duration::from_secs(7200));
-    let interval = (timeout / 3).clamp(Duration::from_secs(1), Duration::from_secs(75));
+    let idle = idle.clamp(Duration::from_secs(1), Duration::from_secs(7200));
     let _ = sockopt::set_tcp_keepidle(conn, idle);
     let _ = sockopt::set_tcp_keepintvl(conn, interval);
-    let _ = sockopt::set_tcp_keepcnt(conn, 3);
+    let _ = sockopt::set_tcp_keepcnt(conn, KEEPALIVE_PROBES);
     let _ = sockopt::set_socket_keepalive(conn, true);
 }

@@ -82,6 +82,9 @@ pub(crate) fn run(
     // touches stays resident for its whole life.
     if let Job::Stream { req, handler, .. } = &*job {
         run_stream(&shared, conn, peer, req, &**handler);
+        // The client's place goes back before the stream stops counting
+        // as open: whoever sees it closed may open another at once.
+        drop(job);
         return;
     }
     run_plain_job(&shared, conn, peer, job);
@@ -409,6 +412,7 @@ fn next_request(shared: &Shared, conn: &TcpStream, peer: SocketAddr, mut buf: Ve
                     };
                     let leftover = buf.split_off(len + used);
                     let mut req = Request::from_head(head, peer);
+                    shared.resolve_origin(&mut req, peer);
                     req.set_params(params);
                     req.set_body(body);
                     return Linger::Serve(Box::new(Next {

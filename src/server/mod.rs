@@ -27,7 +27,7 @@ use rustix::event::{EventfdFlags, epoll, eventfd};
 use rustix::net::{AddressFamily, SocketType, ipproto, sockopt};
 
 use crate::error::{Error, StreamError};
-use crate::http::{IpNet, Request, Response};
+use crate::http::{IpNet, Request, Response, forwarded};
 use crate::server::acceptor::Acceptor;
 use crate::server::limits::clients::ClientStreams;
 use crate::server::limits::{Capacity, MemoryGuard};
@@ -95,6 +95,19 @@ pub(crate) struct Shared {
     /// Refuses new streams while memory headroom is low (the cap is
     /// computed once, memory use keeps moving).
     pub memory: MemoryGuard,
+}
+
+impl Shared {
+    /// Sets on `req` the client and scheme its trusted proxy names, if
+    /// `peer` is one (see [`ServerBuilder::trusted_proxies`]). Every
+    /// request of a connection, the first and those after it on a
+    /// kept-alive connection alike.
+    pub(crate) fn resolve_origin(&self, req: &mut Request, peer: SocketAddr) {
+        let trusted = &self.config.trusted_proxies;
+        if !trusted.is_empty() {
+            req.set_origin(forwarded::origin(peer.ip(), req.headers(), trusted));
+        }
+    }
 }
 
 /// Builds a [`Server`]; every setter takes and returns the builder.

@@ -960,6 +960,15 @@ impl Stream {
         // vanished client; report it as what it is.
         let reason = if self.shutdown.is_shutdown() {
             EndReason::Shutdown
+        } else if reason == EndReason::Client
+            && self
+                .hang_up
+                .as_ref()
+                .is_some_and(|h| h.load(std::sync::atomic::Ordering::Relaxed) == HUNG_UP_TIMEOUT)
+        {
+            // The acceptor read the kernel's timeout off the socket first
+            // (which clears it); the write then saw only a broken pipe.
+            EndReason::WriteTimeout
         } else {
             reason
         };
@@ -1098,6 +1107,35 @@ mod tests {
         let mut out = Vec::new();
         chunk_into(&mut out, HEARTBEAT_FRAME);
         assert_eq!(out, HEARTBEAT_CHUNK);
+    }
+
+    /// Without the acceptor's watch (no registry, as under an adapter),
+    /// `check_connection` still finds a closed peer by itself.
+    #[test]
+    fn check_connection_alone_sees_a_closed_peer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        let config = StreamOptions::new().stream_config(Duration::from_secs(1));
+        let mut stream = Stream::new(
+            Sink::Tcp(Arc::new(conn)),
+            false,
+            config,
+            None,
+            ShutdownHandle::new(),
+            Stats::new(),
+        );
+        assert!(stream.check_connection().is_ok(), "the peer is there");
+        drop(client);
+        let mut ended = None;
+        for _ in 0..100 {
+            if let Err(e) = stream.check_connection() {
+                ended = e.end_reason();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(ended, Some(EndReason::Client));
     }
 
     #[test]

@@ -64,6 +64,19 @@ impl Registry {
     pub(crate) fn insert(&self, conn: Arc<TcpStream>) -> (u64, HangUp) {
         let id = self.next.fetch_add(1, Relaxed);
         let hang_up = HangUp::default();
+        // In the table before the poller may report it: a connection that
+        // died already reports at once, and only once.
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.insert(
+                id,
+                Entry {
+                    conn: Arc::clone(&conn),
+                    hang_up: Arc::clone(&hang_up),
+                    thread: std::thread::current(),
+                    wake: None,
+                },
+            );
+        }
         if let Some(poller) = self.watch.get() {
             // Errors and hang-ups (which epoll always reports), and the
             // peer closing its side: an event stream's client sends
@@ -77,17 +90,6 @@ impl Registry {
                 &*conn,
                 epoll::EventData::new_u64(STREAM_TAG | id),
                 epoll::EventFlags::RDHUP | epoll::EventFlags::ONESHOT,
-            );
-        }
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.insert(
-                id,
-                Entry {
-                    conn,
-                    hang_up: Arc::clone(&hang_up),
-                    thread: std::thread::current(),
-                    wake: None,
-                },
             );
         }
         (id, hang_up)

@@ -202,13 +202,13 @@ impl RateLimiter {
             return false;
         }
         t.due.retain(|_, due| *due > now);
-        if t.due.len() < MAX_KEYS {
-            t.crowded_until = None;
-            return true;
-        }
-        // Every key is active: none can expire before a full burst passes.
-        t.crowded_until = Some(now + (self.tolerance + self.interval).min(Duration::from_secs(1)));
-        false
+        let room = t.due.len() < MAX_KEYS;
+        // Freed little: the keys are active, and sweeping again for each
+        // new one would scan the table every time. Sweep again only after
+        // a while (what a key's allowance takes to refill, at most 1 s).
+        t.crowded_until = (t.due.len() > MAX_KEYS - MAX_KEYS / 8)
+            .then(|| now + (self.tolerance + self.interval).min(Duration::from_secs(1)));
+        room
     }
 
     #[cfg(test)]
