@@ -47,6 +47,7 @@ mod config;
 mod engine;
 pub(crate) mod fanout;
 mod follow;
+pub mod grant;
 pub(crate) mod history;
 pub(crate) mod id;
 mod local;

@@ -1,0 +1,445 @@
+//! Grants: which topics (and mailbox keys) a client may subscribe to and
+//! publish to, as lists of [`Selector`]s.
+//!
+//! Topics and keys share one namespace here: a subscribe grant that covers
+//! `user:42:updates` opens the topic and consumes the mailbox of that name.
+//! A selector is `*`, an exact topic, or a URI template (RFC 6570) that
+//! matches every topic it could expand to (`user:{id}:updates`,
+//! `https://example.com/books/{id}`), as Mercure uses them. A template is
+//! compiled once into a regular expression of the `regex-lite` engine,
+//! which matches in time linear in the topic whatever the template: no
+//! selector can make matching blow up.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Most bytes of one selector.
+pub const MAX_SELECTOR_LEN: usize = 2048;
+/// Most selectors in one list (a token's `subscribe` or `publish`, a
+/// ticket's `subscribe`).
+pub const MAX_SELECTORS: usize = 256;
+/// Most expressions (`{…}`) in one URI template.
+const MAX_EXPRESSIONS: usize = 32;
+
+/// One topic selector.
+#[derive(Clone)]
+pub enum Selector {
+    /// `*`: every topic.
+    All,
+    /// One topic, exactly.
+    Exact(Box<str>),
+    /// A URI template: every topic it could expand to.
+    Template(Template),
+}
+
+/// A compiled URI template.
+#[derive(Clone)]
+pub struct Template {
+    text: Box<str>,
+    re: regex_lite::Regex,
+}
+
+/// Why a selector was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectorError(String);
+
+impl fmt::Display for SelectorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SelectorError {}
+
+impl Selector {
+    /// Parses a selector: `*`, a URI template (it has a `{`), or an exact
+    /// topic.
+    ///
+    /// # Errors
+    ///
+    /// Empty, too long (over [`MAX_SELECTOR_LEN`] bytes), with a control
+    /// character, or a malformed template (an unbalanced brace, a bad
+    /// variable name, more than 32 expressions).
+    pub fn parse(s: &str) -> Result<Selector, SelectorError> {
+        let shown = || s.chars().take(64).collect::<String>();
+        if s.is_empty() {
+            return Err(SelectorError("an empty topic selector".into()));
+        }
+        if s.len() > MAX_SELECTOR_LEN {
+            return Err(SelectorError(format!(
+                "topic selector {:?}… is over {MAX_SELECTOR_LEN} bytes",
+                shown()
+            )));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(SelectorError(format!(
+                "topic selector {:?} holds a control character",
+                shown()
+            )));
+        }
+        if s == "*" {
+            return Ok(Selector::All);
+        }
+        if s.contains(['{', '}']) {
+            let re = compile(s).map_err(|why| {
+                SelectorError(format!("topic selector {:?} is not a URI template: {why}", shown()))
+            })?;
+            return Ok(Selector::Template(Template {
+                text: s.into(),
+                re,
+            }));
+        }
+        Ok(Selector::Exact(s.into()))
+    }
+
+    /// Whether `topic` is one this selector selects.
+    pub fn matches(&self, topic: &str) -> bool {
+        match self {
+            Selector::All => true,
+            Selector::Exact(t) => **t == *topic,
+            Selector::Template(t) => t.re.is_match(topic),
+        }
+    }
+
+    /// The selector as written.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Selector::All => "*",
+            Selector::Exact(t) => t,
+            Selector::Template(t) => &t.text,
+        }
+    }
+}
+
+impl fmt::Debug for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Template({:?})", self.text)
+    }
+}
+
+impl fmt::Debug for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Selector({:?})", self.as_str())
+    }
+}
+
+impl PartialEq for Selector {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Selector {}
+
+/// Parses a list of selectors.
+///
+/// # Errors
+///
+/// More than [`MAX_SELECTORS`], or one that does not parse.
+pub fn parse_selectors<'a>(
+    list: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<Selector>, SelectorError> {
+    let mut out = Vec::new();
+    for s in list {
+        if out.len() == MAX_SELECTORS {
+            return Err(SelectorError(format!(
+                "more than {MAX_SELECTORS} topic selectors"
+            )));
+        }
+        out.push(Selector::parse(s)?);
+    }
+    Ok(out)
+}
+
+/// What a client may subscribe to and publish to. Cheap to clone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    subscribe: Arc<[Selector]>,
+    publish: Arc<[Selector]>,
+}
+
+impl Grant {
+    /// A grant of these selectors.
+    pub fn new(subscribe: Vec<Selector>, publish: Vec<Selector>) -> Grant {
+        Grant {
+            subscribe: subscribe.into(),
+            publish: publish.into(),
+        }
+    }
+
+    /// Nothing at all.
+    pub fn none() -> Grant {
+        Grant::default()
+    }
+
+    /// Subscribe to everything (the subscribe token).
+    pub fn subscribe_all() -> Grant {
+        Grant::new(vec![Selector::All], Vec::new())
+    }
+
+    /// Publish to everything (the publish token, this machine).
+    pub fn publish_all() -> Grant {
+        Grant::new(Vec::new(), vec![Selector::All])
+    }
+
+    /// Whether this grant lets its holder subscribe to `topic` (or
+    /// consume the mailbox `topic`).
+    pub fn can_subscribe(&self, topic: &str) -> bool {
+        self.subscribe.iter().any(|s| s.matches(topic))
+    }
+
+    /// Whether this grant lets its holder publish to `topic` (or push
+    /// into the mailbox `topic`).
+    pub fn can_publish(&self, topic: &str) -> bool {
+        self.publish.iter().any(|s| s.matches(topic))
+    }
+
+    /// The subscribe selectors.
+    pub fn subscribe(&self) -> &[Selector] {
+        &self.subscribe
+    }
+
+    /// The publish selectors.
+    pub fn publish(&self) -> &[Selector] {
+        &self.publish
+    }
+
+    /// A grant to subscribe to `wanted` only, if this grant holds them:
+    /// with `*`, any list; otherwise each selector of `wanted` must be one
+    /// this grant lists (as written). Publishing is not carried over.
+    ///
+    /// # Errors
+    ///
+    /// The first selector of `wanted` this grant does not hold.
+    pub fn narrow_subscribe(&self, wanted: Vec<Selector>) -> Result<Grant, Selector> {
+        let all = self.subscribe.iter().any(|s| matches!(s, Selector::All));
+        if !all && let Some(missing) = wanted.iter().find(|w| !self.subscribe.contains(w)) {
+            return Err(missing.clone());
+        }
+        Ok(Grant::new(wanted, Vec::new()))
+    }
+}
+
+/// The characters a value may hold in simple (and label, path, parameter)
+/// expansion: unreserved, or percent-encoded.
+const UNRESERVED: &str = r"[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2}";
+/// In reserved (`+`) and fragment (`#`) expansion: reserved characters too.
+const RESERVED: &str = r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2}";
+
+/// Compiles a URI template into a regular expression that matches every
+/// string the template can expand to (RFC 6570, levels 1 to 4: each
+/// expression may also expand to nothing, as with undefined variables).
+fn compile(template: &str) -> Result<regex_lite::Regex, String> {
+    let mut re = String::from("^");
+    let mut rest = template;
+    let mut expressions = 0;
+    while !rest.is_empty() {
+        let Some(open) = rest.find(['{', '}']) else {
+            re.push_str(&regex_lite::escape(rest));
+            break;
+        };
+        if rest.as_bytes()[open] == b'}' {
+            return Err("a `}` without its `{`".into());
+        }
+        re.push_str(&regex_lite::escape(&rest[..open]));
+        let after = &rest[open + 1..];
+        let close = after
+            .find(['{', '}'])
+            .filter(|&i| after.as_bytes()[i] == b'}')
+            .ok_or("a `{` without its `}`")?;
+        expressions += 1;
+        if expressions > MAX_EXPRESSIONS {
+            return Err(format!("more than {MAX_EXPRESSIONS} expressions"));
+        }
+        re.push_str(&expression(&after[..close])?);
+        rest = &after[close + 1..];
+    }
+    re.push('$');
+    regex_lite::Regex::new(&re).map_err(|e| e.to_string())
+}
+
+/// The regular expression of one `{…}`.
+fn expression(body: &str) -> Result<String, String> {
+    let (op, vars) = match body.chars().next() {
+        Some(c @ ('+' | '#' | '.' | '/' | ';' | '?' | '&')) => (Some(c), &body[1..]),
+        Some('=' | ',' | '!' | '@' | '|') => {
+            return Err(format!("`{{{body}}}` uses a reserved operator"));
+        }
+        _ => (None, body),
+    };
+    for var in vars.split(',') {
+        check_varspec(var).map_err(|why| format!("`{{{body}}}`: {why}"))?;
+    }
+    let (first, sep, named, allow) = match op {
+        None => ("", ",", false, UNRESERVED),
+        Some('+') => ("", ",", false, RESERVED),
+        Some('#') => ("#", ",", false, RESERVED),
+        Some('.') => (".", ".", false, UNRESERVED),
+        Some('/') => ("/", "/", false, UNRESERVED),
+        Some(';') => (";", ";", true, UNRESERVED),
+        Some('?') => (r"\?", "&", true, UNRESERVED),
+        _ => ("&", "&", true, UNRESERVED),
+    };
+    // A value: allowed characters, and the commas that join a list.
+    let value = format!("(?:{allow}|,)*");
+    let item = if named {
+        format!("(?:{UNRESERVED})+(?:={value})?")
+    } else {
+        value
+    };
+    let sep = regex_lite::escape(sep);
+    let first = if first == r"\?" {
+        first.to_owned()
+    } else {
+        regex_lite::escape(first)
+    };
+    Ok(format!("(?:{first}{item}(?:{sep}{item})*)?"))
+}
+
+/// A variable name with an optional `:N` prefix or `*` explode modifier.
+fn check_varspec(var: &str) -> Result<(), String> {
+    let name = match var.split_once(':') {
+        Some((name, len)) => {
+            let ok = !len.is_empty()
+                && len.len() <= 4
+                && len.bytes().all(|b| b.is_ascii_digit())
+                && !len.starts_with('0');
+            if !ok {
+                return Err(format!("bad prefix length in {var:?}"));
+            }
+            name
+        }
+        None => var.strip_suffix('*').unwrap_or(var),
+    };
+    let valid = !name.is_empty()
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'%');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("bad variable name {var:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(s: &str) -> Selector {
+        Selector::parse(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))
+    }
+
+    #[test]
+    fn exact_and_all() {
+        assert!(sel("*").matches("anything at all"));
+        assert!(sel("user:42:updates").matches("user:42:updates"));
+        assert!(!sel("user:42:updates").matches("user:43:updates"));
+        assert!(!sel("user:42:updates").matches("user:42:updates2"));
+        assert!(matches!(sel("*"), Selector::All));
+    }
+
+    #[test]
+    fn templates_match_what_they_could_expand_to() {
+        let t = sel("user:{id}:updates");
+        assert!(t.matches("user:42:updates"));
+        assert!(t.matches("user:abc-DEF_9.~:updates"));
+        assert!(!t.matches("user:42:other"));
+        // A simple value cannot hold a reserved character: one user's
+        // template does not reach into another namespace.
+        assert!(!t.matches("user:42:x:updates"));
+        assert!(!t.matches("user:4/2:updates"));
+        assert!(t.matches("user:4%2F2:updates"));
+        let books = sel("https://example.com/books/{id}");
+        assert!(books.matches("https://example.com/books/1"));
+        assert!(!books.matches("https://example.com/books/1/reviews"));
+        assert!(!books.matches("https://example.com/authors/1"));
+        // Reserved expansion crosses slashes.
+        assert!(sel("https://example.com/{+path}").matches("https://example.com/a/b?c=d"));
+        // Query expansion, as Mercure's draft-07 example uses it.
+        let q = sel("https://example.com/users/foo/{?topic}");
+        assert!(q.matches("https://example.com/users/foo/?topic=https%3A%2F%2Fexample.com%2Fbooks%2F1"));
+        assert!(q.matches("https://example.com/users/foo/"));
+        assert!(!q.matches("https://example.com/users/bar/?topic=x"));
+        // Path segments, labels, fragments, several variables.
+        assert!(sel("/api{/v,id}").matches("/api/v1/42"));
+        assert!(sel("x{.ext}").matches("x.json"));
+        assert!(sel("page{#frag}").matches("page#a/b"));
+        assert!(sel("{a}-{b}").matches("1-2"));
+        // Regular-expression characters in literals are literals.
+        assert!(sel("a.b{x}").matches("a.bc"));
+        assert!(!sel("a.b{x}").matches("aXbc"));
+    }
+
+    #[test]
+    fn malformed_selectors_are_refused() {
+        for bad in [
+            "",
+            "{",
+            "}",
+            "a{b",
+            "a}b{c}",
+            "{}",
+            "{a,}",
+            "{=x}",
+            "{a:0}",
+            "{a:12345}",
+            "{.a.}",
+            "{a b}",
+            "line\nbreak",
+        ] {
+            assert!(Selector::parse(bad).is_err(), "{bad:?}");
+        }
+        let long = "x".repeat(MAX_SELECTOR_LEN + 1);
+        assert!(Selector::parse(&long).is_err());
+        let many = "{a}".repeat(MAX_EXPRESSIONS + 1);
+        assert!(Selector::parse(&many).is_err());
+        let list: Vec<String> = (0..=MAX_SELECTORS).map(|i| format!("t{i}")).collect();
+        assert!(parse_selectors(list.iter().map(String::as_str)).is_err());
+    }
+
+    #[test]
+    fn matching_stays_linear_on_hostile_templates() {
+        // A template of many adjacent expressions against a long topic that
+        // almost matches: a backtracking matcher would take exponential time.
+        let t = sel(&format!("{}!", "{a}".repeat(MAX_EXPRESSIONS)));
+        let topic = "a".repeat(MAX_SELECTOR_LEN);
+        let started = std::time::Instant::now();
+        assert!(!t.matches(&topic));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn grants_cover_and_narrow() {
+        let g = Grant::new(
+            vec![sel("user:42:updates"), sel("news:{id}")],
+            vec![sel("user:42:in")],
+        );
+        assert!(g.can_subscribe("user:42:updates"));
+        assert!(g.can_subscribe("news:1"));
+        assert!(!g.can_subscribe("user:43:updates"));
+        assert!(g.can_publish("user:42:in"));
+        assert!(!g.can_publish("user:42:updates"));
+        let narrow = g.narrow_subscribe(vec![sel("user:42:updates")]).unwrap();
+        assert!(narrow.can_subscribe("user:42:updates"));
+        assert!(!narrow.can_subscribe("news:1"));
+        assert!(!narrow.can_publish("user:42:in"));
+        // Only selectors held, as written: a template does not grant what
+        // it could match as a selector of its own.
+        assert_eq!(
+            g.narrow_subscribe(vec![sel("news:1")]).unwrap_err(),
+            sel("news:1")
+        );
+        let all = Grant::subscribe_all();
+        assert!(all.narrow_subscribe(vec![sel("anything:{x}")]).is_ok());
+        assert!(!Grant::none().can_subscribe("x"));
+        assert!(Grant::publish_all().can_publish("x"));
+    }
+}
