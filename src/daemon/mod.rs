@@ -8,13 +8,14 @@
 //! How the parts fit: [`config`] turns the TOML file, the environment and
 //! the command line into a [`Config`]; [`app::build`] makes
 //! a [`Server`](crate::Server) whose routes publish into and subscribe to a
-//! hub, checking access with [`auth`]; `src/bin/ssed/main.rs` wires signals
+//! hub, checking access with [`auth`] and [`jwt`]; `src/bin/ssed/main.rs` wires signals
 //! and runs it. Library code never reaches in here.
 
 pub mod app;
 pub mod auth;
 pub mod config;
 mod error;
+pub mod jwt;
 
 pub use app::{Daemon, build};
 pub use config::{Config, ConfigError};

@@ -92,6 +92,22 @@ impl Selector {
         Ok(Selector::Exact(s.into()))
     }
 
+    /// A selector of one topic exactly, braces and all (`*` still means
+    /// every topic), as Mercure draft-08's `exact` matcher type reads.
+    ///
+    /// # Errors
+    ///
+    /// Empty, too long, or with a control character.
+    pub fn exact(s: &str) -> Result<Selector, SelectorError> {
+        if s.contains(['{', '}']) {
+            // Checked as any selector would be, then kept as written.
+            let plain = s.replace(['{', '}'], "_");
+            Selector::parse(&plain)?;
+            return Ok(Selector::Exact(s.into()));
+        }
+        Selector::parse(s)
+    }
+
     /// Whether `topic` is one this selector selects.
     pub fn matches(&self, topic: &str) -> bool {
         match self {
