@@ -1,9 +1,10 @@
 //! Tokens, single-use stream tickets and the session cookie a ticket sets.
 //!
 //! Tokens are compared in constant time and never logged. A ticket is a
-//! random secret valid once, for 30 seconds; the stream it opens sets a
-//! session cookie so the browser's own `EventSource` reconnects (which
-//! repeat the spent ticket's URL) authenticate with the cookie instead.
+//! random secret valid once, for 30 seconds, carrying the subscribe grant
+//! it was issued with; the stream it opens sets a session cookie with the
+//! same grant so the browser's own `EventSource` reconnects (which repeat
+//! the spent ticket's URL) authenticate with the cookie instead.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
@@ -12,6 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::Request;
+use crate::hub::grant::Grant;
 
 /// How long a ticket is valid.
 pub const TICKET_TTL: Duration = Duration::from_secs(30);
@@ -19,6 +21,10 @@ pub const TICKET_TTL: Duration = Duration::from_secs(30);
 pub const SESSION_COOKIE: &str = "ssed_session";
 /// Most tickets and sessions kept at once; past it the oldest go first.
 const MAX_ENTRIES: usize = 100_000;
+/// Most bytes of grants (their selectors) the tickets, or the sessions,
+/// hold together; past it the oldest go first. A grant shared by many (the
+/// subscribe token's `*`) is counted once per holder, as a few bytes.
+const MAX_GRANT_BYTES: usize = 32 << 20;
 
 /// Compares two secrets in time that depends only on their lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -79,7 +85,9 @@ pub struct Tickets {
 /// expired, never a scan of all; when full, the one nearest its end goes.
 #[derive(Debug, Default)]
 struct Secrets {
-    expiry: HashMap<String, Instant>,
+    expiry: HashMap<String, (Instant, Grant)>,
+    /// What the grants held take, by [`Grant::footprint`].
+    bytes: usize,
     /// `(expires, secret)`, oldest first. A secret spent early stays here
     /// until its time comes or the bound pushes it out, so this holds at
     /// most twice `MAX_ENTRIES`.
@@ -91,51 +99,60 @@ impl Secrets {
     /// more fits.
     fn prune(&mut self, now: Instant) {
         while let Some((exp, _)) = self.order.front() {
-            let full = self.expiry.len() >= MAX_ENTRIES || self.order.len() >= 2 * MAX_ENTRIES;
+            let full = self.expiry.len() >= MAX_ENTRIES
+                || self.order.len() >= 2 * MAX_ENTRIES
+                || self.bytes > MAX_GRANT_BYTES;
             if *exp > now && !full {
                 break;
             }
             if let Some((exp, secret)) = self.order.pop_front()
-                && self.expiry.get(&secret) == Some(&exp)
+                && self.expiry.get(&secret).is_some_and(|(e, _)| *e == exp)
             {
-                self.expiry.remove(&secret);
+                self.remove(&secret);
             }
         }
     }
 
-    fn insert(&mut self, secret: String, expires: Instant, now: Instant) {
+    fn insert(&mut self, secret: String, expires: Instant, grant: Grant, now: Instant) {
+        self.bytes += grant.footprint();
         self.prune(now);
         self.order.push_back((expires, secret.clone()));
-        self.expiry.insert(secret, expires);
+        self.expiry.insert(secret, (expires, grant));
     }
 
-    fn remove(&mut self, secret: &str) -> Option<Instant> {
-        self.expiry.remove(secret)
+    fn remove(&mut self, secret: &str) -> Option<(Instant, Grant)> {
+        let removed = self.expiry.remove(secret);
+        if let Some((_, g)) = &removed {
+            self.bytes = self.bytes.saturating_sub(g.footprint());
+        }
+        removed
     }
 
-    fn get(&self, secret: &str) -> Option<Instant> {
-        self.expiry.get(secret).copied()
+    fn get(&self, secret: &str) -> Option<&(Instant, Grant)> {
+        self.expiry.get(secret)
     }
 }
 
 impl Tickets {
-    /// Issues a ticket valid for [`TICKET_TTL`].
+    /// Issues a ticket valid for [`TICKET_TTL`], carrying `grant`.
     ///
     /// # Errors
     ///
     /// When no random secret can be made.
-    pub fn issue(&self) -> std::io::Result<String> {
+    pub fn issue(&self, grant: Grant) -> std::io::Result<String> {
         let ticket = random_secret()?;
         let now = Instant::now();
         let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
-        t.insert(ticket.clone(), now + TICKET_TTL, now);
+        t.insert(ticket.clone(), now + TICKET_TTL, grant, now);
         Ok(ticket)
     }
 
-    /// Spends a ticket: true once, if it exists and has not expired.
-    pub fn redeem(&self, ticket: &str) -> bool {
+    /// Spends a ticket: its grant, once, if it exists and has not expired.
+    pub fn redeem(&self, ticket: &str) -> Option<Grant> {
         let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
-        t.remove(ticket).is_some_and(|exp| Instant::now() < exp)
+        t.remove(ticket)
+            .filter(|(exp, _)| Instant::now() < *exp)
+            .map(|(_, g)| g)
     }
 
     /// Opens a session valid for `ttl`; returns its secret.
@@ -143,18 +160,20 @@ impl Tickets {
     /// # Errors
     ///
     /// When no random secret can be made.
-    pub fn open_session(&self, ttl: Duration) -> std::io::Result<String> {
+    pub fn open_session(&self, ttl: Duration, grant: Grant) -> std::io::Result<String> {
         let secret = random_secret()?;
         let now = Instant::now();
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        s.insert(secret.clone(), now + ttl, now);
+        s.insert(secret.clone(), now + ttl, grant, now);
         Ok(secret)
     }
 
-    /// Whether a session secret is live.
-    pub fn session_valid(&self, secret: &str) -> bool {
+    /// A live session's grant.
+    pub fn session(&self, secret: &str) -> Option<Grant> {
         let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        s.get(secret).is_some_and(|exp| Instant::now() < exp)
+        s.get(secret)
+            .filter(|(exp, _)| Instant::now() < *exp)
+            .map(|(_, g)| g.clone())
     }
 }
 
@@ -194,16 +213,20 @@ mod tests {
     #[test]
     fn tickets_are_single_use() {
         let t = Tickets::default();
-        let a = t.issue().expect("urandom");
+        let a = t.issue(Grant::subscribe_all()).expect("urandom");
         assert_eq!(a.len(), 32);
-        assert!(t.redeem(&a));
-        assert!(!t.redeem(&a), "single use");
-        assert!(!t.redeem("unknown"));
-        let s = t.open_session(Duration::from_secs(60)).expect("urandom");
-        assert!(t.session_valid(&s));
-        assert!(!t.session_valid("nope"));
-        let expired = t.open_session(Duration::ZERO).expect("urandom");
-        assert!(!t.session_valid(&expired));
+        assert_eq!(t.redeem(&a), Some(Grant::subscribe_all()));
+        assert!(t.redeem(&a).is_none(), "single use");
+        assert!(t.redeem("unknown").is_none());
+        let s = t
+            .open_session(Duration::from_secs(60), Grant::subscribe_all())
+            .expect("urandom");
+        assert!(t.session(&s).is_some());
+        assert!(t.session("nope").is_none());
+        let expired = t
+            .open_session(Duration::ZERO, Grant::none())
+            .expect("urandom");
+        assert!(t.session(&expired).is_none());
     }
 
     #[test]
@@ -212,7 +235,7 @@ mod tests {
         let now = Instant::now();
         let ttl = Duration::from_secs(30);
         for i in 0..MAX_ENTRIES + 10 {
-            s.insert(format!("s{i}"), now + ttl, now);
+            s.insert(format!("s{i}"), now + ttl, Grant::none(), now);
         }
         assert_eq!(s.expiry.len(), MAX_ENTRIES);
         assert!(
@@ -223,13 +246,32 @@ mod tests {
         // Spent secrets do not pile up in the order either.
         for i in 0..3 * MAX_ENTRIES {
             let secret = format!("spent{i}");
-            s.insert(secret.clone(), now + ttl, now);
+            s.insert(secret.clone(), now + ttl, Grant::none(), now);
             s.remove(&secret);
         }
         assert!(s.order.len() <= 2 * MAX_ENTRIES, "{}", s.order.len());
         // Expired ones go as time passes.
         let later = now + ttl + Duration::from_secs(1);
-        s.insert("new".into(), later + ttl, later);
+        s.insert("new".into(), later + ttl, Grant::none(), later);
         assert_eq!(s.expiry.len(), 1);
+    }
+
+    #[test]
+    fn large_grants_are_bounded_in_bytes() {
+        use crate::hub::grant::Selector;
+        let mut s = Secrets::default();
+        let now = Instant::now();
+        let big: Vec<Selector> = (0..100)
+            .map(|i| Selector::parse(&format!("{i:0>2000}")).expect("selector"))
+            .collect();
+        let grant = Grant::new(big, Vec::new());
+        let each = grant.footprint();
+        assert!(each >= 200_000, "{each}");
+        for i in 0..400 {
+            s.insert(format!("s{i}"), now + Duration::from_secs(30), grant.clone(), now);
+        }
+        assert!(s.bytes <= MAX_GRANT_BYTES + each, "{}", s.bytes);
+        assert!(s.get("s0").is_none(), "the oldest went");
+        assert!(s.get("s399").is_some());
     }
 }

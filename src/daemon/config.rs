@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use super::jwt::{Alg, JwtVerifier, PublicKey};
 use crate::{IpNet, IpNetError, Rate, RateError};
 
 /// The smallest `max_retained_bytes` accepted (besides 0, derived): a
@@ -20,6 +21,10 @@ pub const MIN_RETAINED_BYTES: u64 = 1024 * 1024;
 pub const ENV_PUBLISH_TOKEN: &str = "SSED_PUBLISH_TOKEN";
 /// Where the subscribe token may also come from.
 pub const ENV_SUBSCRIBE_TOKEN: &str = "SSED_SUBSCRIBE_TOKEN";
+/// Environment variable that sets `[auth] jwt_secret`.
+pub const ENV_JWT_SECRET: &str = "SSED_JWT_SECRET";
+/// The default of `[auth] jwt_cookie`, Mercure's cookie name.
+pub const DEFAULT_JWT_COOKIE: &str = "mercureAuthorization";
 
 /// What a stream past the cap gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +129,26 @@ pub struct Config {
     pub publish_token: Option<String>,
     /// `[auth] subscribe_token`, or `SSED_SUBSCRIBE_TOKEN`.
     pub subscribe_token: Option<String>,
+    /// `[auth] anonymous`: whether a subscriber with no credential may
+    /// subscribe (to public updates of topics). `None`: yes unless a
+    /// subscriber credential (subscribe token, JWT key) is configured.
+    pub anonymous: Option<bool>,
+    /// `[auth] jwt_secret`, or `SSED_JWT_SECRET`: the HMAC key of HS256,
+    /// HS384 and HS512 tokens.
+    pub jwt_secret: Option<String>,
+    /// `[auth] jwt_public_key`: the PEM file of the key that verifies
+    /// ES256, RS256 or EdDSA tokens, and the key read from it.
+    pub jwt_public_key: Option<(PathBuf, PublicKey)>,
+    /// `[auth] jwt_algorithms`: the algorithms accepted; empty: what the
+    /// configured keys verify.
+    pub jwt_algorithms: Vec<Alg>,
+    /// `[auth] jwt_issuer`: the `iss` an `at+jwt` token must carry.
+    pub jwt_issuer: Option<String>,
+    /// `[auth] jwt_audience`: this hub's identifier, required in an
+    /// `at+jwt` token's `aud`.
+    pub jwt_audience: Option<String>,
+    /// `[auth] jwt_cookie`: the cookie a browser's JWT comes in.
+    pub jwt_cookie: String,
     /// `[redis] url`.
     pub redis_url: Option<String>,
     /// `[[postgres]]` tables.
@@ -158,6 +183,13 @@ impl fmt::Debug for Config {
             .field("trusted_proxies", &self.trusted_proxies)
             .field("publish_token", &redact(&self.publish_token))
             .field("subscribe_token", &redact(&self.subscribe_token))
+            .field("anonymous", &self.anonymous)
+            .field("jwt_secret", &redact(&self.jwt_secret))
+            .field("jwt_public_key", &self.jwt_public_key.as_ref().map(|(p, _)| p))
+            .field("jwt_algorithms", &self.jwt_algorithms)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_cookie", &self.jwt_cookie)
             .field("redis_url", &self.redis_url)
             .field("postgres", &self.postgres)
             .finish()
@@ -190,6 +222,13 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             publish_token: None,
             subscribe_token: None,
+            anonymous: None,
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_algorithms: Vec::new(),
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_cookie: DEFAULT_JWT_COOKIE.into(),
             redis_url: None,
             postgres: Vec::new(),
         }
@@ -416,14 +455,59 @@ impl Config {
                     let t = r.table(key, value)?;
                     for (k, v) in t {
                         let full = format!("auth.{k}");
-                        let token = r.string(&full, v)?;
-                        let token = (!token.is_empty()).then_some(token);
+                        let text = |r: &Reader<'_>| -> Result<Option<String>, ConfigError> {
+                            let s = r.string(&full, v)?;
+                            Ok((!s.is_empty()).then_some(s))
+                        };
                         match k.as_str() {
-                            "publish_token" => c.publish_token = token,
-                            "subscribe_token" => c.subscribe_token = token,
+                            "publish_token" => c.publish_token = text(&r)?,
+                            "subscribe_token" => c.subscribe_token = text(&r)?,
+                            "anonymous" => c.anonymous = Some(r.boolean(&full, v)?),
+                            "jwt_secret" => c.jwt_secret = text(&r)?,
+                            "jwt_public_key" => {
+                                c.jwt_public_key = match text(&r)? {
+                                    None => None,
+                                    Some(p) => Some(read_public_key(Path::new(&p)).map_err(
+                                        |m| ConfigError::key(path, &full, m),
+                                    )?),
+                                };
+                            }
+                            "jwt_algorithms" => {
+                                c.jwt_algorithms = r
+                                    .strings(&full, v)?
+                                    .iter()
+                                    .map(|name| {
+                                        Alg::from_name(name).ok_or_else(|| {
+                                            ConfigError::key(
+                                                path,
+                                                &full,
+                                                format!(
+                                                    "unknown algorithm {name:?}: use HS256, \
+                                                     HS384, HS512, ES256, RS256 or EdDSA"
+                                                ),
+                                            )
+                                        })
+                                    })
+                                    .collect::<Result<_, _>>()?;
+                            }
+                            "jwt_issuer" => c.jwt_issuer = text(&r)?,
+                            "jwt_audience" => c.jwt_audience = text(&r)?,
+                            "jwt_cookie" => {
+                                let name = r.string(&full, v)?;
+                                if !valid_cookie_name(&name) {
+                                    return Err(ConfigError::key(
+                                        path,
+                                        &full,
+                                        format!("{name:?} is not a cookie name"),
+                                    ));
+                                }
+                                c.jwt_cookie = name;
+                            }
                             _ => return Err(r.unknown(&full)),
                         }
                     }
+                    c.check_jwt(false)
+                        .map_err(|(key, m)| ConfigError::key(path, key, m))?;
                 }
                 "redis" => {
                     let t = r.table(key, value)?;
@@ -490,9 +574,90 @@ impl Config {
     }
 
     /// Takes the tokens from `SSED_PUBLISH_TOKEN` / `SSED_SUBSCRIBE_TOKEN`
-    /// when they are set and not empty (they override the file).
+    /// and the JWT secret from `SSED_JWT_SECRET` when they are set and not
+    /// empty (they override the file).
     pub fn apply_env(&mut self) {
         self.apply_env_from(|k| std::env::var(k).ok());
+    }
+
+    /// Checks what can only be checked once the environment is in (a JWT
+    /// secret may come from `SSED_JWT_SECRET`): that the listed JWT
+    /// algorithms have a key. `path`: the file, for the message.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Key`] naming the `[auth]` key at fault.
+    pub fn check(&self, path: Option<&Path>) -> Result<(), ConfigError> {
+        self.check_jwt(true)
+            .map_err(|(key, m)| ConfigError::key(path, key, m))
+    }
+
+    /// The JWT verifier the `[auth]` keys make; `None` with no JWT key.
+    ///
+    /// # Errors
+    ///
+    /// The key at fault and why (algorithms no key verifies).
+    pub fn jwt_verifier(&self) -> Result<Option<JwtVerifier>, (&'static str, String)> {
+        if self.jwt_secret.is_none() && self.jwt_public_key.is_none() {
+            if !self.jwt_algorithms.is_empty() {
+                return Err((
+                    "auth.jwt_algorithms",
+                    "no key to verify tokens with: set jwt_secret (or SSED_JWT_SECRET) or \
+                     jwt_public_key"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        }
+        JwtVerifier::new(
+            self.jwt_secret.as_ref().map(|s| s.as_bytes().to_vec()),
+            self.jwt_public_key.as_ref().map(|(_, k)| k.clone()),
+            self.jwt_algorithms.clone(),
+            self.jwt_issuer.clone(),
+            self.jwt_audience.clone(),
+        )
+        .map(Some)
+        .map_err(|m| ("auth.jwt_algorithms", m))
+    }
+
+    /// `full`: the environment is in; before it, an HMAC algorithm may
+    /// still get its secret from `SSED_JWT_SECRET`.
+    fn check_jwt(&self, full: bool) -> Result<(), (&'static str, String)> {
+        if full || self.jwt_secret.is_some() {
+            return self.jwt_verifier().map(|_| ());
+        }
+        let mut without_hmac = self.clone();
+        without_hmac
+            .jwt_algorithms
+            .retain(|a| !matches!(a, Alg::HS256 | Alg::HS384 | Alg::HS512));
+        if without_hmac.jwt_algorithms.is_empty() && !self.jwt_algorithms.is_empty() {
+            return Ok(());
+        }
+        without_hmac.jwt_verifier().map(|_| ())
+    }
+
+    /// Whether a subscriber credential is configured (the subscribe
+    /// token, a JWT key).
+    pub fn subscriber_credentials(&self) -> bool {
+        self.subscribe_token.is_some() || self.jwt_keys()
+    }
+
+    /// Whether a publisher credential is configured (the publish token, a
+    /// JWT key): then this machine has no right to publish without one.
+    pub fn publisher_credentials(&self) -> bool {
+        self.publish_token.is_some() || self.jwt_keys()
+    }
+
+    /// Whether a JWT key is configured.
+    pub fn jwt_keys(&self) -> bool {
+        self.jwt_secret.is_some() || self.jwt_public_key.is_some()
+    }
+
+    /// Whether subscribers with no credential are let in (to public
+    /// updates of topics): `anonymous`, by default true unless a
+    /// subscriber credential is configured.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.anonymous.unwrap_or(!self.subscriber_credentials())
     }
 
     /// [`apply_env`](Config::apply_env) with a custom lookup (for tests).
@@ -502,6 +667,9 @@ impl Config {
         }
         if let Some(t) = get(ENV_SUBSCRIBE_TOKEN).filter(|t| !t.is_empty()) {
             self.subscribe_token = Some(t);
+        }
+        if let Some(t) = get(ENV_JWT_SECRET).filter(|t| !t.is_empty()) {
+            self.jwt_secret = Some(t);
         }
     }
 
@@ -520,6 +688,22 @@ impl Config {
 /// What a `[[postgres]]` table must hold besides well-typed keys: a URL
 /// that parses, at least one channel, and channels that are valid topic
 /// names when no `topic` is given. `Err((key, message))`.
+/// Reads the PEM public key file of `jwt_public_key`.
+fn read_public_key(path: &Path) -> Result<(PathBuf, PublicKey), String> {
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let key = PublicKey::from_pem(&pem).map_err(|m| format!("{}: {m}", path.display()))?;
+    Ok((path.to_path_buf(), key))
+}
+
+/// A cookie name (RFC 6265 token): printable ASCII but separators.
+fn valid_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
 fn check_postgres(pg: &PostgresConfig) -> Result<(), (&'static str, String)> {
     use crate::bridge::postgres::{MAX_CHANNEL_LEN, valid_channel};
     if pg.url.is_empty() {

@@ -183,6 +183,16 @@ impl Grant {
         }
     }
 
+    /// About what this grant's selectors take in memory, in bytes (a
+    /// shared grant counts in full for each holder).
+    pub fn footprint(&self) -> usize {
+        self.subscribe
+            .iter()
+            .chain(self.publish.iter())
+            .map(|s| s.as_str().len() * if matches!(s, Selector::Template(_)) { 8 } else { 1 } + 64)
+            .sum()
+    }
+
     /// Nothing at all.
     pub fn none() -> Grant {
         Grant::default()

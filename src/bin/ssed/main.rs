@@ -115,6 +115,7 @@ fn load_config(args: &Args) -> Result<Config, ConfigError> {
         None => Config::default(),
     };
     config.apply_env();
+    config.check(args.config.as_deref())?;
     if let Some(listen) = &args.listen {
         config.set_listen(listen)?;
     }
