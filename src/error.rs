@@ -137,16 +137,20 @@ pub enum EndReason {
     /// The subscriber fell behind its queue and was dropped so that it cannot
     /// hold back publishers or other subscribers.
     Slow,
+    /// The credential the stream was opened with expired (a JWT's `exp`;
+    /// see [`Stream::end_at`](crate::Stream::end_at)).
+    Expired,
 }
 
 impl EndReason {
     /// Every reason, in the order of [`EndReason::index`].
-    pub const ALL: [EndReason; 5] = [
+    pub const ALL: [EndReason; 6] = [
         EndReason::Client,
         EndReason::WriteTimeout,
         EndReason::Budget,
         EndReason::Shutdown,
         EndReason::Slow,
+        EndReason::Expired,
     ];
 
     /// The short name used as the `reason` label and in logs.
@@ -157,10 +161,11 @@ impl EndReason {
             EndReason::Budget => "budget",
             EndReason::Shutdown => "shutdown",
             EndReason::Slow => "slow",
+            EndReason::Expired => "expired",
         }
     }
 
-    /// A dense index (0..5) for counters kept per reason.
+    /// A dense index (0..6) for counters kept per reason.
     pub fn index(self) -> usize {
         match self {
             EndReason::Client => 0,
@@ -168,6 +173,7 @@ impl EndReason {
             EndReason::Budget => 2,
             EndReason::Shutdown => 3,
             EndReason::Slow => 4,
+            EndReason::Expired => 5,
         }
     }
 }
@@ -180,6 +186,7 @@ impl fmt::Display for EndReason {
             EndReason::Budget => "execution time budget exhausted",
             EndReason::Shutdown => "server shutting down",
             EndReason::Slow => "subscriber too slow",
+            EndReason::Expired => "credential expired",
         };
         f.write_str(text)
     }

@@ -32,7 +32,7 @@ pub(crate) struct Counters {
     pub(crate) pending: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
-    pub(crate) disconnects: [AtomicU64; 5],
+    pub(crate) disconnects: [AtomicU64; 6],
     pub(crate) handler_panics: AtomicU64,
     pub(crate) accept_errors: AtomicU64,
     pub(crate) head_timeouts: AtomicU64,
@@ -67,7 +67,7 @@ pub struct StatsSnapshot {
     /// Bytes written on event streams (framing included).
     pub bytes_sent: u64,
     /// Streams ended early, per [`EndReason`], indexed by [`EndReason::index`].
-    pub disconnects: [u64; 5],
+    pub disconnects: [u64; 6],
     /// Handler panics caught.
     pub handler_panics: u64,
     /// Failed `accept` calls (descriptor exhaustion and the like).

@@ -4,14 +4,16 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 
 use super::auth::{self, SESSION_COOKIE, TICKET_TTL, Tickets};
 use super::config::{Config, OverloadMode};
 use super::error::SetupError;
+use super::jwt::{Claims, JwtVerifier};
 use crate::bridge::postgres::{Listener, ListenerState};
+use crate::hub::grant::{Grant, Selector, parse_selectors};
 use crate::hub::{MemoryHistory, valid_name};
 use crate::server::limits::rate::{RateLimiter, retry_after_secs};
 use crate::{
@@ -34,6 +36,8 @@ struct App {
     capacity: OnceLock<Capacity>,
     /// `publish_rate`, per publisher credential else address.
     publish_limit: Option<RateLimiter>,
+    /// Verifies JWTs, when `[auth]` has a JWT key.
+    jwt: Option<JwtVerifier>,
     /// One per `[[postgres]]` table, started once the server is bound; they
     /// stop when the routes (and so this state) are dropped, or at shutdown.
     postgres: OnceLock<Vec<Listener>>,
@@ -70,6 +74,9 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         (None, Some(dir)) => crate::hub::store::open_hub(dir, config.history, hub_config)?,
         (None, None) => Hub::with_history(Box::new(MemoryHistory::new(config.history)), hub_config),
     };
+    let jwt = config
+        .jwt_verifier()
+        .map_err(|(key, message)| SetupError::Auth { key, message })?;
     let stats = Stats::new();
     let app = Arc::new(App {
         hub: hub.clone(),
@@ -79,6 +86,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         capacity: OnceLock::new(),
         postgres: OnceLock::new(),
         publish_limit: config.publish_rate.map(RateLimiter::new),
+        jwt,
         config,
     });
     let c = &app.config;
@@ -206,13 +214,53 @@ fn derived_retained_bytes() -> u64 {
     (available / 8).max(super::config::MIN_RETAINED_BYTES)
 }
 
-/// How a subscriber proved itself.
+/// How a request proved itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Open,
+enum How {
+    /// No credential (let in where `anonymous` allows).
+    Anonymous,
+    /// A static token.
     Token,
+    /// A ticket, spent now: its stream sets the session cookie.
     Ticket,
+    /// A ticket's session cookie.
     Session,
+    /// A JWT.
+    Jwt,
+}
+
+/// What a request's credential grants.
+#[derive(Debug, Clone)]
+struct Credential {
+    how: How,
+    grant: Grant,
+    /// When the credential expires (a JWT's `exp`): its stream ends then.
+    expires: Option<SystemTime>,
+}
+
+impl Credential {
+    fn new(how: How, grant: Grant) -> Credential {
+        Credential {
+            how,
+            grant,
+            expires: None,
+        }
+    }
+
+    fn jwt(claims: Claims) -> Credential {
+        Credential {
+            how: How::Jwt,
+            grant: claims.grant,
+            expires: claims.expires,
+        }
+    }
+}
+
+/// What a stream is opened for: the grant must cover it.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    Topics(&'a [&'a str]),
+    Mailbox(&'a str),
 }
 
 impl App {
@@ -222,106 +270,226 @@ impl App {
         Response::text(401, message).with_header("WWW-Authenticate", "Bearer realm=\"ssed\"")
     }
 
+    fn invalid_token() -> Response {
+        Response::text(401, "invalid token").with_header(
+            "WWW-Authenticate",
+            "Bearer realm=\"ssed\", error=\"invalid_token\"",
+        )
+    }
+
+    fn forbidden(what: &str, name: &str) -> Response {
+        let shown: String = name.chars().take(64).collect();
+        Response::text(
+            403,
+            format!("your credential does not cover {what} {shown:?}"),
+        )
+        .with_header(
+            "WWW-Authenticate",
+            "Bearer realm=\"ssed\", error=\"insufficient_scope\"",
+        )
+    }
+
     fn token_matches(configured: &str, given: Option<&str>) -> bool {
         given.is_some_and(|g| auth::constant_time_eq(g.as_bytes(), configured.as_bytes()))
     }
 
-    fn authorize_subscribe(&self, req: &Request) -> Result<Access, Response> {
-        let Some(token) = self.config.subscribe_token.as_deref() else {
-            return Ok(Access::Open);
-        };
-        if Self::token_matches(token, auth::bearer(req))
-            || Self::token_matches(token, req.query("token"))
-        {
-            return Ok(Access::Token);
+    /// Verifies `token` as a JWT, when JWT keys are configured and it
+    /// looks like one; `None` when it is not a JWT to us.
+    fn jwt(&self, token: &str) -> Option<Result<Claims, Response>> {
+        let verifier = self.jwt.as_ref()?;
+        JwtVerifier::looks_like_jwt(token).then(|| {
+            verifier
+                .verify(token, SystemTime::now())
+                .map_err(|_| Self::invalid_token())
+        })
+    }
+
+    /// The JWT of the `jwt_cookie` cookie, if one came and keys are set.
+    fn jwt_cookie(&self, req: &Request) -> Option<Result<Claims, Response>> {
+        self.jwt.as_ref()?;
+        let token = auth::cookie(req, &self.config.jwt_cookie)?;
+        self.jwt(token).or_else(|| Some(Err(Self::invalid_token())))
+    }
+
+    /// Who a subscriber is: a Bearer token (the subscribe token, a JWT),
+    /// `?token=`, a ticket, its session cookie, a JWT cookie, or nobody
+    /// (where `anonymous` lets it in).
+    fn authorize_subscribe(&self, req: &Request) -> Result<Credential, Response> {
+        let token = self.config.subscribe_token.as_deref();
+        let credentials = self.config.subscriber_credentials();
+        if let Some(given) = auth::bearer(req).filter(|_| credentials) {
+            if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
+                return Ok(Credential::new(How::Token, Grant::subscribe_all()));
+            }
+            return match self.jwt(given) {
+                Some(claims) => claims.map(Credential::jwt),
+                None => Err(Self::unauthorized("wrong subscribe token")),
+            };
         }
+        if let Some(given) = req.query("token").filter(|_| credentials) {
+            if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
+                return Ok(Credential::new(How::Token, Grant::subscribe_all()));
+            }
+            return Err(Self::unauthorized("wrong subscribe token"));
+        }
+        let session = || auth::cookie(req, SESSION_COOKIE).and_then(|s| self.tickets.session(s));
         if let Some(ticket) = req.query("ticket") {
-            if self.tickets.redeem(ticket) {
-                return Ok(Access::Ticket);
+            if let Some(grant) = self.tickets.redeem(ticket) {
+                return Ok(Credential::new(How::Ticket, grant));
             }
             // A spent ticket may still come with a live session cookie
             // (the browser reconnecting with the same URL).
-            if auth::cookie(req, SESSION_COOKIE).is_some_and(|s| self.tickets.session_valid(s)) {
-                return Ok(Access::Session);
+            if let Some(grant) = session() {
+                return Ok(Credential::new(How::Session, grant));
             }
             return Err(Self::unauthorized(
                 "ticket invalid, spent or expired: get a new one with POST /tickets",
             ));
         }
-        if auth::cookie(req, SESSION_COOKIE).is_some_and(|s| self.tickets.session_valid(s)) {
-            return Ok(Access::Session);
+        if let Some(grant) = session() {
+            return Ok(Credential::new(How::Session, grant));
         }
-        if auth::bearer(req).is_some() || req.query("token").is_some() {
-            return Err(Self::unauthorized("wrong subscribe token"));
+        if let Some(claims) = self.jwt_cookie(req) {
+            return claims.map(Credential::jwt);
+        }
+        if self.config.anonymous_allowed() {
+            return Ok(Credential::new(How::Anonymous, Grant::none()));
         }
         Err(Self::unauthorized(
-            "subscribing needs the subscribe token (Bearer or ?token=) or a ticket (?ticket=)",
+            "subscribing needs a credential: the subscribe token (Bearer or ?token=), a ticket \
+             (?ticket=) or a JWT (Bearer or cookie)",
         ))
     }
 
-    fn authorize_publish(&self, req: &Request) -> Result<(), Response> {
-        match self.config.publish_token.as_deref() {
-            Some(token) => match auth::bearer(req) {
-                Some(given) if auth::constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(()),
-                Some(_) => Err(Self::unauthorized("wrong publish token")),
-                None => Err(Self::unauthorized(
-                    "publishing needs Authorization: Bearer <publish_token>",
-                )),
-            },
-            // A reverse proxy on this machine connects from loopback on
-            // behalf of anyone: a request it forwarded is not "this
-            // machine" publishing. Nor is a page in a browser here that
-            // reached us under its own name (DNS rebinding): the Host it
-            // sends is that name.
-            None if auth::is_loopback(req.peer_addr().ip())
-                && !proxied(req)
-                && local_host(req.header("host"), &self.config.allowed_hosts) =>
+    /// Whether `cred` may open a stream of `target`: `None` if so, else
+    /// the refusal. Anonymous subscribers follow any topic (its public
+    /// updates); a mailbox always needs a grant covering its key, except
+    /// from this machine when no subscriber credential is configured.
+    fn refuse_target(
+        &self,
+        req: &Request,
+        cred: &Credential,
+        target: Target<'_>,
+    ) -> Option<Response> {
+        match (cred.how, target) {
+            (How::Anonymous, Target::Topics(_)) => None,
+            (How::Anonymous, Target::Mailbox(_))
+                if !self.config.subscriber_credentials()
+                    && auth::is_loopback(req.peer_addr().ip())
+                    && !proxied(req) =>
             {
-                // A page of another origin in a browser here is not this
-                // machine either, unless cors_origins names it: `*` lets
-                // any page subscribe, not publish with this machine's right.
-                match req.header("origin") {
-                    Some(origin)
-                        if !same_origin(origin, req.header("host"), SCHEME)
-                            && !self.cors_lists(origin) =>
-                    {
-                        Err(Response::text(
-                            403,
-                            format!(
-                                "publishing from a page of {origin} is refused: with no \
-                                 publish_token set, only this machine's own pages, or origins \
-                                 listed by name in cors_origins, may publish"
-                            ),
-                        ))
-                    }
-                    _ => Ok(()),
-                }
+                None
             }
-            None if auth::is_loopback(req.peer_addr().ip()) && !proxied(req) => {
-                Err(Response::text(
-                    403,
-                    format!(
-                        "publishing with Host {:?} is refused: with no publish_token set, a \
-                         request from this machine may publish only under an IP address, \
-                         localhost or a name listed in allowed_hosts (a web page that reached \
-                         this server under its own name must not)",
-                        req.header("host").unwrap_or_default()
-                    ),
-                ))
+            (How::Anonymous, Target::Mailbox(key)) => Some(Self::unauthorized(&format!(
+                "consuming mailbox {key:?} needs a credential whose subscribe grant covers it \
+                 (a scoped ticket from POST /tickets, a JWT, the subscribe token)"
+            ))),
+            (_, Target::Topics(topics)) => topics
+                .iter()
+                .find(|t| !cred.grant.can_subscribe(t))
+                .map(|t| Self::forbidden("topic", t)),
+            (_, Target::Mailbox(key)) => {
+                (!cred.grant.can_subscribe(key)).then(|| Self::forbidden("mailbox", key))
             }
-            None if proxied(req) => Err(Response::text(
-                403,
-                "publishing through a proxy is refused: with no publish_token set, only a direct \
-                 connection from this machine may publish",
-            )),
-            None => Err(Response::text(
-                403,
-                format!(
-                    "publishing from {} is refused: with no publish_token set, only this machine may publish",
-                    req.peer_addr().ip()
-                ),
-            )),
         }
+    }
+
+    /// Whether this request may publish to (or push into) `name`. `Ok`
+    /// carries the credential publishes are counted against for
+    /// `publish_rate` (`None`: this machine, counted by address).
+    fn authorize_publish(&self, req: &Request, name: &str) -> Result<Option<String>, Response> {
+        let token = self.config.publish_token.as_deref();
+        let bearer = auth::bearer(req);
+        if let Some(given) = bearer {
+            if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
+                return Ok(Some(given.to_owned()));
+            }
+            if let Some(claims) = self.jwt(given) {
+                let claims = claims?;
+                if !claims.grant.can_publish(name) {
+                    return Err(Self::forbidden("topic", name));
+                }
+                return Ok(Some(claims.subject.unwrap_or_else(|| given.to_owned())));
+            }
+        }
+        // A browser publishing with its JWT cookie: the CORS check before
+        // this keeps other sites' pages out.
+        if bearer.is_none()
+            && let Some(claims) = self.jwt_cookie(req)
+        {
+            let claims = claims?;
+            if !claims.grant.can_publish(name) {
+                return Err(Self::forbidden("topic", name));
+            }
+            let key = claims
+                .subject
+                .unwrap_or_else(|| self.config.jwt_cookie.clone());
+            return Ok(Some(key));
+        }
+        if self.config.publisher_credentials() {
+            return Err(match bearer {
+                Some(_) => Self::unauthorized("wrong publish token"),
+                None => Self::unauthorized(
+                    "publishing needs Authorization: Bearer <publish_token or a JWT>",
+                ),
+            });
+        }
+        self.authorize_this_machine(req).map(|()| None)
+    }
+
+    /// With no publisher credential configured, this machine may publish:
+    /// a direct loopback connection under a Host no web page can take
+    /// over, from no page of another origin.
+    fn authorize_this_machine(&self, req: &Request) -> Result<(), Response> {
+        let direct = auth::is_loopback(req.peer_addr().ip()) && !proxied(req);
+        // A reverse proxy on this machine connects from loopback on
+        // behalf of anyone: a request it forwarded is not "this machine"
+        // publishing. Nor is a page in a browser here that reached us
+        // under its own name (DNS rebinding): the Host it sends is that
+        // name.
+        if direct && local_host(req.header("host"), &self.config.allowed_hosts) {
+            // A page of another origin in a browser here is not this
+            // machine either, unless cors_origins names it: `*` lets any
+            // page subscribe, not publish with this machine's right.
+            return match req.header("origin") {
+                Some(origin)
+                    if !same_origin(origin, req.header("host"), SCHEME)
+                        && !self.cors_lists(origin) =>
+                {
+                    Err(Response::text(
+                        403,
+                        format!(
+                            "publishing from a page of {origin} is refused: with no publish \
+                             credential set, only this machine's own pages, or origins listed \
+                             by name in cors_origins, may publish"
+                        ),
+                    ))
+                }
+                _ => Ok(()),
+            };
+        }
+        Err(Response::text(
+            403,
+            if direct {
+                format!(
+                    "publishing with Host {:?} is refused: with no publish credential set, a \
+                     request from this machine may publish only under an IP address, \
+                     localhost or a name listed in allowed_hosts (a web page that reached \
+                     this server under its own name must not)",
+                    req.header("host").unwrap_or_default()
+                )
+            } else if proxied(req) {
+                "publishing through a proxy is refused: with no publish credential set, only \
+                 a direct connection from this machine may publish"
+                    .to_owned()
+            } else {
+                format!(
+                    "publishing from {} is refused: with no publish credential set, only this \
+                     machine may publish",
+                    req.peer_addr().ip()
+                )
+            },
+        ))
     }
 
     /// Whether `origin` is listed by name in `cors_origins` (not by `*`).
@@ -398,8 +566,9 @@ impl App {
         req: &Request,
         stream: &mut Stream,
         later: bool,
+        target: Target<'_>,
     ) -> Result<bool, StreamError> {
-        if !self.admit_stream(req, stream)? {
+        if !self.admit_stream(req, stream, target)? {
             return Ok(false);
         }
         if later {
@@ -415,7 +584,12 @@ impl App {
     /// CORS and access for a new stream: sets the headers they call for
     /// and answers a refused one (false).
     #[inline(never)]
-    fn admit_stream(&self, req: &Request, stream: &mut Stream) -> Result<bool, StreamError> {
+    fn admit_stream(
+        &self,
+        req: &Request,
+        stream: &mut Stream,
+        target: Target<'_>,
+    ) -> Result<bool, StreamError> {
         let cors = match self.cors(req) {
             Ok(h) => h,
             Err(r) => {
@@ -423,18 +597,30 @@ impl App {
                 return Ok(false);
             }
         };
-        let access = match self.authorize_subscribe(req) {
+        let cred = match self.authorize_subscribe(req) {
             Ok(a) => a,
             Err(r) => {
                 stream.respond(self.with_cors(req, r))?;
                 return Ok(false);
             }
         };
+        if let Some(r) = self.refuse_target(req, &cred, target) {
+            stream.respond(self.with_cors(req, r))?;
+            return Ok(false);
+        }
+        if let Some(exp) = cred.expires {
+            // The stream ends when its token does.
+            let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
+            stream.end_at(Instant::now() + left);
+        }
         for (k, v) in &cors {
             stream.header(k, v)?;
         }
-        if access == Access::Ticket {
-            match self.tickets.open_session(self.config.ticket_session) {
+        if cred.how == How::Ticket {
+            match self
+                .tickets
+                .open_session(self.config.ticket_session, cred.grant)
+            {
                 Ok(secret) => {
                     // `Secure` when the client is on https (as a trusted
                     // proxy says): the browser then never sends the cookie
@@ -465,7 +651,7 @@ impl App {
         if let Some(refusal) = refuse_topics(&topics) {
             return stream.respond(refusal);
         }
-        if !self.open_stream(req, stream, true)? {
+        if !self.open_stream(req, stream, true, Target::Topics(&topics))? {
             return Ok(());
         }
         // Subscribe once admitted (a refused client never holds a queue in
@@ -487,21 +673,21 @@ impl App {
         if let Some(refusal) = self.refuse_rebound_consumer(req) {
             return stream.respond(refusal);
         }
-        if !self.open_stream(req, stream, false)? {
+        if !self.open_stream(req, stream, false, Target::Mailbox(key))? {
             return Ok(());
         }
         stream.consume(&self.hub, key)
     }
 
-    /// With no subscribe token, consuming a mailbox (which takes its
-    /// messages) from this machine needs what publishing does: a direct
-    /// connection under a Host no web page can take over, or a proxy's. A
+    /// With no subscriber credential configured, consuming a mailbox
+    /// (which takes its messages) from this machine needs what publishing
+    /// does: a direct connection under a Host no web page can take over. A
     /// page that reached the daemon under its own name (DNS rebinding)
     /// would otherwise take a local program's messages.
     #[cold]
     #[inline(never)]
     fn refuse_rebound_consumer(&self, req: &Request) -> Option<Response> {
-        let rebound = self.config.subscribe_token.is_none()
+        let rebound = !self.config.subscriber_credentials()
             && auth::is_loopback(req.peer_addr().ip())
             && !proxied(req)
             && !local_host(req.header("host"), &self.config.allowed_hosts);
@@ -509,7 +695,7 @@ impl App {
             Response::text(
                 403,
                 format!(
-                    "consuming a mailbox with Host {:?} is refused: with no subscribe_token set, \
+                    "consuming a mailbox with Host {:?} is refused: with no subscriber credential set, \
                      a request from this machine may consume only under an IP address, \
                      localhost or a name listed in allowed_hosts",
                     req.header("host").unwrap_or_default()
@@ -537,8 +723,9 @@ impl App {
         if !valid_name(name) {
             return Err(bad_name(what, name));
         }
-        self.cors(req).and_then(|_| self.authorize_publish(req))?;
-        self.limit_publish_rate(req)?;
+        self.cors(req)?;
+        let publisher = self.authorize_publish(req, name)?;
+        self.limit_publish_rate(req, publisher.as_deref())?;
         req.body_str()
             .map_err(|_| Response::text(400, "the body must be UTF-8 text"))
     }
@@ -546,13 +733,14 @@ impl App {
     /// `publish_rate`: counts this publish against its publisher's
     /// allowance, `429` when spent. A publisher is the credential it
     /// authorized with (every holder of the publish token shares one
-    /// allowance), else its address.
-    fn limit_publish_rate(&self, req: &Request) -> Result<(), Response> {
+    /// allowance; a JWT's subject shares one whatever token it comes
+    /// with), else its address.
+    fn limit_publish_rate(&self, req: &Request, publisher: Option<&str>) -> Result<(), Response> {
         let Some(limit) = &self.publish_limit else {
             return Ok(());
         };
-        let key = match self.config.publish_token.as_deref() {
-            Some(token) => limit.credential(token),
+        let key = match publisher {
+            Some(credential) => limit.credential(credential),
             None => limit.address(req.client_ip()),
         };
         let Err(wait) = limit.check(key, Instant::now()) else {
@@ -642,25 +830,51 @@ impl App {
         if let Err(r) = self.cors(req) {
             return r;
         }
-        let Some(token) = self.config.subscribe_token.as_deref() else {
+        if !self.config.subscriber_credentials() {
             return Response::text(
                 404,
-                "no subscribe_token is set: subscribing is open and needs no ticket",
+                "no subscriber credential is set (subscribe_token, a JWT key): subscribing is \
+                 open and needs no ticket",
             );
-        };
-        match auth::bearer(req) {
-            Some(given) if auth::constant_time_eq(given.as_bytes(), token.as_bytes()) => {}
-            Some(_) => return Self::unauthorized("wrong subscribe token"),
-            None => {
-                return Self::unauthorized("tickets need Authorization: Bearer <subscribe_token>");
-            }
         }
-        match self.tickets.issue() {
-            Ok(ticket) => Response::json(
-                200,
-                &json!({"ticket": ticket, "expires_in": TICKET_TTL.as_secs()}),
-            )
-            .with_header("Cache-Control", "no-store"),
+        // The caller's own subscribe grant: the subscribe token's `*`, or
+        // a JWT's.
+        let token = self.config.subscribe_token.as_deref();
+        let grant = match auth::bearer(req) {
+            Some(given) if token.is_some_and(|t| Self::token_matches(t, Some(given))) => {
+                Grant::subscribe_all()
+            }
+            Some(given) => match self.jwt(given) {
+                Some(Ok(claims)) => claims.grant,
+                Some(Err(r)) => return r,
+                None => return Self::unauthorized("wrong subscribe token"),
+            },
+            None => {
+                return Self::unauthorized(
+                    "tickets need Authorization: Bearer <subscribe_token or a JWT>",
+                );
+            }
+        };
+        // `{"subscribe": [selectors]}` narrows it.
+        let grant = match ticket_selectors(req.body()) {
+            Ok(None) => grant,
+            Ok(Some(wanted)) => match grant.narrow_subscribe(wanted) {
+                Ok(narrow) => narrow,
+                Err(missing) => return Self::forbidden("selector", missing.as_str()),
+            },
+            Err(r) => return r,
+        };
+        let subscribe: Vec<&str> = grant.subscribe().iter().map(Selector::as_str).collect();
+        let body = json!({
+            "expires_in": TICKET_TTL.as_secs(),
+            "subscribe": subscribe,
+        });
+        match self.tickets.issue(grant.clone()) {
+            Ok(ticket) => {
+                let mut body = body;
+                body["ticket"] = json!(ticket);
+                Response::json(200, &body).with_header("Cache-Control", "no-store")
+            }
             Err(e) => {
                 log::error!("cannot issue a ticket: {e}");
                 Response::text(500, "cannot issue a ticket")
@@ -933,6 +1147,28 @@ impl App {
 /// How soon a stream refused for want of storage (Redis down) asks its
 /// client to come back.
 const STORAGE_RETRY: Duration = Duration::from_secs(2);
+
+/// The selectors of a ticket request's body, `{"subscribe": [...]}`;
+/// `None` for an empty body (the caller's whole grant).
+fn ticket_selectors(body: &[u8]) -> Result<Option<Vec<Selector>>, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Wanted {
+        subscribe: Vec<String>,
+    }
+    let wanted: Wanted = serde_json::from_slice(body).map_err(|e| {
+        Response::text(
+            400,
+            format!("the body must be {{\"subscribe\": [topic selectors]}}: {e}"),
+        )
+    })?;
+    let selectors = parse_selectors(wanted.subscribe.iter().map(String::as_str))
+        .map_err(|e| Response::text(400, e.to_string()))?;
+    Ok(Some(selectors))
+}
 
 fn storage_unavailable(what: &str) -> Response {
     Response::text(

@@ -268,7 +268,12 @@ mod tests {
         let each = grant.footprint();
         assert!(each >= 200_000, "{each}");
         for i in 0..400 {
-            s.insert(format!("s{i}"), now + Duration::from_secs(30), grant.clone(), now);
+            s.insert(
+                format!("s{i}"),
+                now + Duration::from_secs(30),
+                grant.clone(),
+                now,
+            );
         }
         assert!(s.bytes <= MAX_GRANT_BYTES + each, "{}", s.bytes);
         assert!(s.get("s0").is_none(), "the oldest went");

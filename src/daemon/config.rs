@@ -185,7 +185,10 @@ impl fmt::Debug for Config {
             .field("subscribe_token", &redact(&self.subscribe_token))
             .field("anonymous", &self.anonymous)
             .field("jwt_secret", &redact(&self.jwt_secret))
-            .field("jwt_public_key", &self.jwt_public_key.as_ref().map(|(p, _)| p))
+            .field(
+                "jwt_public_key",
+                &self.jwt_public_key.as_ref().map(|(p, _)| p),
+            )
             .field("jwt_algorithms", &self.jwt_algorithms)
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
@@ -467,9 +470,10 @@ impl Config {
                             "jwt_public_key" => {
                                 c.jwt_public_key = match text(&r)? {
                                     None => None,
-                                    Some(p) => Some(read_public_key(Path::new(&p)).map_err(
-                                        |m| ConfigError::key(path, &full, m),
-                                    )?),
+                                    Some(p) => Some(
+                                        read_public_key(Path::new(&p))
+                                            .map_err(|m| ConfigError::key(path, &full, m))?,
+                                    ),
                                 };
                             }
                             "jwt_algorithms" => {

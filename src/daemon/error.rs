@@ -15,6 +15,14 @@ pub enum SetupError {
     /// The hub's engine could not be set up (a Redis URL that does not
     /// parse, a reader thread that cannot start).
     Engine(crate::HubError),
+    /// The `[auth]` keys do not fit together (a JWT algorithm no key
+    /// verifies).
+    Auth {
+        /// The key at fault, dotted (`auth.jwt_algorithms`).
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl fmt::Display for SetupError {
@@ -24,6 +32,7 @@ impl fmt::Display for SetupError {
             SetupError::Server(e) => fmt::Display::fmt(e, f),
             SetupError::Store(_) => f.write_str("durable store unavailable"),
             SetupError::Engine(_) => f.write_str("event engine unavailable"),
+            SetupError::Auth { key, message } => write!(f, "key `{key}`: {message}"),
         }
     }
 }
@@ -34,6 +43,7 @@ impl std::error::Error for SetupError {
             SetupError::Server(e) => e.source(),
             SetupError::Store(e) => Some(e),
             SetupError::Engine(e) => Some(e),
+            SetupError::Auth { .. } => None,
         }
     }
 }

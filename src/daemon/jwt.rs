@@ -422,7 +422,9 @@ fn der(input: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
         if n == 0 || n > 4 || rest.len() < n {
             return Err(bad());
         }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
         rest = &rest[n..];
         len
     };
@@ -513,7 +515,10 @@ mod tests {
         assert!(!c.grant.can_subscribe("user:43:updates"));
         assert!(c.grant.can_publish("anything"));
         assert_eq!(c.subject.as_deref(), Some("42"));
-        assert_eq!(c.expires, Some(UNIX_EPOCH + Duration::from_secs(1_800_000_060)));
+        assert_eq!(
+            c.expires,
+            Some(UNIX_EPOCH + Duration::from_secs(1_800_000_060))
+        );
     }
 
     #[test]
@@ -528,7 +533,9 @@ mod tests {
             "iss": "https://issuer.example", "aud": ["x", "https://hub.example/.well-known/mercure"],
             "exp": 1_800_000_060, "sub": "s", "authorization_details": detail,
         });
-        let c = verifier().verify(&hs256(b"secret", &header, &good), now()).unwrap();
+        let c = verifier()
+            .verify(&hs256(b"secret", &header, &good), now())
+            .unwrap();
         assert!(c.grant.can_subscribe("https://example.com/books/1"));
         // `exact` is exact, braces and all.
         assert!(c.grant.can_subscribe("u:{id}"));
@@ -546,7 +553,9 @@ mod tests {
                 bad[field] = value;
             }
             assert_eq!(
-                verifier().verify(&hs256(b"secret", &header, &bad), now()).unwrap_err(),
+                verifier()
+                    .verify(&hs256(b"secret", &header, &bad), now())
+                    .unwrap_err(),
                 JwtError,
                 "{field}"
             );
@@ -554,7 +563,11 @@ mod tests {
         // A matcher type not supported rejects the whole token.
         let mut pattern = good.clone();
         pattern["authorization_details"][0]["topics"][1]["match_type"] = "urlpattern".into();
-        assert!(verifier().verify(&hs256(b"secret", &header, &pattern), now()).is_err());
+        assert!(
+            verifier()
+                .verify(&hs256(b"secret", &header, &pattern), now())
+                .is_err()
+        );
     }
 
     #[test]
@@ -581,12 +594,22 @@ mod tests {
             serde_json::json!({"alg": "RS256"}),
             serde_json::json!({"alg": "HS256", "crit": ["exp"]}),
         ] {
-            assert!(v.verify(&hs256(b"secret", &h, &claims), now()).is_err(), "{h}");
+            assert!(
+                v.verify(&hs256(b"secret", &h, &claims), now()).is_err(),
+                "{h}"
+            );
         }
-        let only_384 = JwtVerifier::new(Some(b"secret".to_vec()), None, vec![Alg::HS384], None, None).unwrap();
+        let only_384 =
+            JwtVerifier::new(Some(b"secret".to_vec()), None, vec![Alg::HS384], None, None).unwrap();
         assert!(only_384.verify(&good, now()).is_err());
         // Garbage, oversized, bad selectors, wrong claim types.
-        for junk in ["", "a.b", "a.b.c.d", "!!.??.**", &"a".repeat(MAX_TOKEN_LEN + 1)] {
+        for junk in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "!!.??.**",
+            &"a".repeat(MAX_TOKEN_LEN + 1),
+        ] {
             assert!(v.verify(junk, now()).is_err(), "{junk:.20}");
         }
         for c in [
@@ -595,17 +618,23 @@ mod tests {
             serde_json::json!({"mercure": {"subscribe": [1]}}),
             serde_json::json!({"exp": "soon"}),
         ] {
-            assert!(v.verify(&hs256(b"secret", &header, &c), now()).is_err(), "{c}");
+            assert!(
+                v.verify(&hs256(b"secret", &header, &c), now()).is_err(),
+                "{c}"
+            );
         }
         // No mercure claim: valid, grants nothing.
-        let empty = v.verify(&hs256(b"secret", &header, &serde_json::json!({})), now()).unwrap();
+        let empty = v
+            .verify(&hs256(b"secret", &header, &serde_json::json!({})), now())
+            .unwrap();
         assert!(!empty.grant.can_subscribe("x") && !empty.grant.can_publish("x"));
     }
 
     #[test]
     fn config_refuses_algorithms_without_a_key() {
         assert!(JwtVerifier::new(None, None, Vec::new(), None, None).is_err());
-        let e = JwtVerifier::new(Some(b"s".to_vec()), None, vec![Alg::RS256], None, None).unwrap_err();
+        let e =
+            JwtVerifier::new(Some(b"s".to_vec()), None, vec![Alg::RS256], None, None).unwrap_err();
         assert!(e.contains("RS256"), "{e}");
         let v = JwtVerifier::new(Some(b"s".to_vec()), None, Vec::new(), None, None).unwrap();
         assert_eq!(v.algorithms(), [Alg::HS256, Alg::HS384, Alg::HS512]);
@@ -647,7 +676,11 @@ mod tests {
         assert!(c.grant.can_subscribe("t"));
         // The same token signed as HMAC with the public key as secret (the
         // classic confusion) is refused: HS256 is not on this list.
-        let confused = hs256(&spki, &serde_json::json!({"alg": "HS256"}), &serde_json::json!({}));
+        let confused = hs256(
+            &spki,
+            &serde_json::json!({"alg": "HS256"}),
+            &serde_json::json!({}),
+        );
         assert!(v.verify(&confused, now()).is_err());
         let mut bad = token.into_bytes();
         let last = bad.len() - 2;
@@ -663,7 +696,9 @@ mod tests {
         let ed = signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
         public_key_round_trip(
             Alg::EdDSA,
-            &[0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00],
+            &[
+                0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+            ],
             ed.public_key().as_ref(),
             |m| ed.sign(m).as_ref().to_vec(),
         );
@@ -673,8 +708,8 @@ mod tests {
         public_key_round_trip(
             Alg::ES256,
             &[
-                0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
-                0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+                0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+                0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
             ],
             ec.public_key().as_ref(),
             |m| ec.sign(&rng, m).unwrap().as_ref().to_vec(),

@@ -82,12 +82,12 @@ impl Selector {
         }
         if s.contains(['{', '}']) {
             let re = compile(s).map_err(|why| {
-                SelectorError(format!("topic selector {:?} is not a URI template: {why}", shown()))
+                SelectorError(format!(
+                    "topic selector {:?} is not a URI template: {why}",
+                    shown()
+                ))
             })?;
-            return Ok(Selector::Template(Template {
-                text: s.into(),
-                re,
-            }));
+            return Ok(Selector::Template(Template { text: s.into(), re }));
         }
         Ok(Selector::Exact(s.into()))
     }
@@ -189,7 +189,15 @@ impl Grant {
         self.subscribe
             .iter()
             .chain(self.publish.iter())
-            .map(|s| s.as_str().len() * if matches!(s, Selector::Template(_)) { 8 } else { 1 } + 64)
+            .map(|s| {
+                s.as_str().len()
+                    * if matches!(s, Selector::Template(_)) {
+                        8
+                    } else {
+                        1
+                    }
+                    + 64
+            })
             .sum()
     }
 
@@ -387,7 +395,9 @@ mod tests {
         assert!(sel("https://example.com/{+path}").matches("https://example.com/a/b?c=d"));
         // Query expansion, as Mercure's draft-07 example uses it.
         let q = sel("https://example.com/users/foo/{?topic}");
-        assert!(q.matches("https://example.com/users/foo/?topic=https%3A%2F%2Fexample.com%2Fbooks%2F1"));
+        assert!(
+            q.matches("https://example.com/users/foo/?topic=https%3A%2F%2Fexample.com%2Fbooks%2F1")
+        );
         assert!(q.matches("https://example.com/users/foo/"));
         assert!(!q.matches("https://example.com/users/bar/?topic=x"));
         // Path segments, labels, fragments, several variables.

@@ -98,6 +98,8 @@ pub struct Stream {
     config: StreamConfig,
     /// When the budget runs out, if there is one.
     deadline: Option<Instant>,
+    /// When the stream must end whatever happens (its credential expires).
+    expires: Option<Instant>,
     last_write: Instant,
     /// The write timeout `SO_SNDTIMEO` is currently armed with.
     armed: Option<Duration>,
@@ -150,6 +152,7 @@ impl Stream {
             state: State::Pending,
             headers: Vec::new(),
             deadline: config.budget.map(|b| now + b),
+            expires: None,
             config,
             last_write: now,
             armed: None,
@@ -514,6 +517,14 @@ impl Stream {
         self.deadline = self.config.budget.map(|b| Instant::now() + b);
     }
 
+    /// Ends the stream at `at` whatever it is doing then (asleep,
+    /// following, between sends), with [`EndReason::Expired`]: for a
+    /// credential that expires, such as a JWT with `exp`. Sends do not
+    /// move it; a later call does.
+    pub fn end_at(&mut self, at: Instant) {
+        self.expires = Some(at);
+    }
+
     /// Time left in the execution-time budget (`None`: unlimited).
     pub fn time_left(&self) -> Option<Duration> {
         self.deadline
@@ -699,6 +710,9 @@ impl Stream {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(self.end(EndReason::Budget));
         }
+        if self.expires.is_some_and(|e| Instant::now() >= e) {
+            return Err(self.end(EndReason::Expired));
+        }
         Ok(())
     }
 
@@ -707,6 +721,9 @@ impl Stream {
         let mut wake = until;
         if let Some(d) = self.deadline {
             wake = wake.min(d);
+        }
+        if let Some(e) = self.expires {
+            wake = wake.min(e);
         }
         if let Some(h) = self.config.heartbeat {
             wake = wake.min(self.last_write + h);
