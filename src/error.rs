@@ -317,7 +317,7 @@ mod tests {
         }
         let names: std::collections::HashSet<_> =
             EndReason::ALL.iter().map(|r| r.reason()).collect();
-        assert_eq!(names.len(), 5);
+        assert_eq!(names.len(), EndReason::ALL.len());
     }
 
     #[test]

@@ -18,9 +18,9 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::netns::netns;
 use support::process::{Ssed, spawn_config};
 use support::{Client, TempDir, metrics, streams_open, wait_until};
 
@@ -29,99 +29,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the bound allows beyond `heartbeat + write_timeout`: the kernel's
 /// retransmission timer rounds the user timeout up a little.
 const SLACK: Duration = Duration::from_secs(4);
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Runs `ip args…`; its error output when it fails.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A network namespace with a veth pair to this one: this side has
-/// `10.233.N.1/30`, the namespace's side `10.233.N.2/30`. Removed on drop.
-struct Netns {
-    name: String,
-    outer: String,
-    inner: String,
-    server: String,
-}
-
-impl Netns {
-    fn make(n: u8) -> Result<Netns, String> {
-        if !rustix::process::geteuid().is_root() {
-            return Err("not root: cannot make a network namespace".into());
-        }
-        let tag = format!("{}{n}", std::process::id() % 100_000);
-        let ns = Netns {
-            name: format!("ssed-dp-{tag}"),
-            outer: format!("sdpa{tag}"),
-            inner: format!("sdpb{tag}"),
-            server: format!("10.233.{n}.1"),
-        };
-        let client = format!("10.233.{n}.2/30");
-        ip(&["netns", "add", &ns.name])?;
-        // From here on, drop removes what was made.
-        ip(&[
-            "link", "add", &ns.outer, "type", "veth", "peer", "name", &ns.inner, "netns", &ns.name,
-        ])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/30", ns.server),
-            "dev",
-            &ns.outer,
-        ])?;
-        ip(&["link", "set", &ns.outer, "up"])?;
-        ns.exec(&["ip", "addr", "add", &client, "dev", &ns.inner])?;
-        ns.exec(&["ip", "link", "set", &ns.inner, "up"])?;
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// Runs `args…` inside the namespace.
-    fn exec(&self, args: &[&str]) -> Result<(), String> {
-        let mut all = vec!["netns", "exec", &self.name];
-        all.extend_from_slice(args);
-        ip(&all)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting the namespace destroys the veth pair with it.
-        if let Err(e) = ip(&["netns", "del", &self.name]) {
-            eprintln!("cleanup: {e}");
-        }
-        let _ = ip(&["link", "del", &self.outer]);
-    }
-}
-
-/// The namespace numbered `n`, or `None` after saying why not (a failure
-/// under CI).
-fn netns(test: &str, n: u8) -> Option<Netns> {
-    match Netns::make(n) {
-        Ok(ns) => Some(ns),
-        Err(why) if in_ci() => panic!("{test}: {why} (CI=true: this test must run)"),
-        Err(why) => {
-            eprintln!("skipping {test}: {why}");
-            None
-        }
-    }
-}
 
 fn disconnects(addr: SocketAddr, reason: &str) -> u64 {
     metrics(addr)

@@ -1,0 +1,492 @@
+#![cfg(feature = "daemon")]
+//! Who may read what: grants from tokens, scoped tickets and JWTs, over
+//! real sockets against the daemon.
+//!
+//! JWTs are minted here: HS256 with ring's HMAC, RS256 with the `openssl`
+//! command (the daemon reads the public key from a PEM file, as a user
+//! configures it).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Value, json};
+use support::process::{Ssed, spawn_config};
+use support::{Client, Head, TempDir, field, metric, streams_open, wait_until};
+
+const SECRET: &str = "a-long-and-random-jwt-secret";
+
+fn b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// An HS256 JWT of `claims`, signed with `secret`.
+fn hs256(secret: &str, header: &Value, claims: &Value) -> String {
+    let signing = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, signing.as_bytes());
+    format!("{signing}.{}", b64(tag.as_ref()))
+}
+
+/// A draft-07 token granting `subscribe` and `publish`.
+fn token(subscribe: &[&str], publish: &[&str]) -> String {
+    hs256(
+        SECRET,
+        &json!({"alg": "HS256", "typ": "JWT"}),
+        &json!({"mercure": {"subscribe": subscribe, "publish": publish}, "sub": "user-42"}),
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+struct Daemon {
+    addr: SocketAddr,
+    _ssed: Ssed,
+    _dir: TempDir,
+}
+
+fn daemon(test: &str, toml: &str) -> Daemon {
+    let dir = TempDir::new(test);
+    let (ssed, addr) = spawn_config(&dir, &format!("listen = \"127.0.0.1:0\"\n{toml}"));
+    Daemon {
+        addr,
+        _ssed: ssed,
+        _dir: dir,
+    }
+}
+
+/// Opens `path` as an event stream with extra header lines.
+fn open(addr: SocketAddr, path: &str, headers: &[&str]) -> (Client, Head) {
+    let mut c = Client::new(addr);
+    let head = c.get_stream(path, headers);
+    (c, head)
+}
+
+fn status(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
+    let (mut c, head) = open(addr, path, headers);
+    let body = if head.status == 200 {
+        String::new()
+    } else {
+        String::from_utf8(c.body(&head)).expect("utf-8")
+    };
+    (head.status, body)
+}
+
+/// `POST path` with extra headers and a body: status, headers, body.
+fn post(addr: SocketAddr, path: &str, headers: &[&str], body: &str) -> (Head, String) {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    let mut c = Client::new(addr);
+    c.send(req.as_bytes());
+    c.response()
+}
+
+/// A ticket for `body` (`""`: the caller's whole grant).
+fn ticket(addr: SocketAddr, bearer: &str, body: &str) -> (u16, Value) {
+    let auth = format!("Authorization: Bearer {bearer}");
+    let (head, text) = post(addr, "/tickets", &[&auth], body);
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (head.status, v)
+}
+
+fn next_data(c: &mut Client) -> String {
+    let frame = c.frame_matching(10, |f| !field(f, "data").is_empty());
+    field(&frame, "data").join("\n")
+}
+
+#[test]
+fn a_scoped_ticket_consumes_its_own_mailbox_and_no_other() {
+    let d = daemon(
+        "scoped",
+        "[auth]\npublish_token = \"pt\"\nsubscribe_token = \"st\"\n",
+    );
+    let pt = ["Authorization: Bearer pt"];
+    for key in ["user:42:updates", "user:43:updates"] {
+        let (head, body) = post(d.addr, &format!("/keys/{key}"), &pt, "for you");
+        assert_eq!(head.status, 200, "{body}");
+    }
+    // The backend, holding the subscribe token, mints user 42's ticket.
+    let (code, v) = ticket(d.addr, "st", r#"{"subscribe": ["user:42:updates"]}"#);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["subscribe"], json!(["user:42:updates"]));
+    let t42 = v["ticket"].as_str().expect("a ticket").to_owned();
+
+    // User 43's key with it: 403, and nothing is taken.
+    let (code, body) = status(d.addr, &format!("/keys/user:43:updates?ticket={t42}"), &[]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("user:43:updates"), "{body}");
+    // A refused attempt spent it: a fresh one for the right key.
+    let (_, v) = ticket(d.addr, "st", r#"{"subscribe": ["user:42:updates"]}"#);
+    let t42 = v["ticket"].as_str().expect("a ticket").to_owned();
+    let (mut c, head) = open(d.addr, &format!("/keys/user:42:updates?ticket={t42}"), &[]);
+    assert_eq!(head.status, 200, "{head:?}");
+    assert_eq!(next_data(&mut c), "for you");
+    let cookie = head.header("set-cookie").expect("a session cookie");
+    let session = cookie.split(';').next().expect("name=value").to_owned();
+    drop(c);
+    // The session the ticket started is scoped the same way.
+    let with_session = format!("Cookie: {session}");
+    let (code, _) = status(d.addr, "/keys/user:43:updates", &[&with_session]);
+    assert_eq!(code, 403);
+    let (code, _) = status(d.addr, "/events/user:43:updates", &[&with_session]);
+    assert_eq!(code, 403);
+    let (code, _) = status(d.addr, "/events/user:42:updates", &[&with_session]);
+    assert_eq!(code, 200);
+    // User 43's message is still there for its owner.
+    let (_, v) = ticket(d.addr, "st", r#"{"subscribe": ["user:43:updates"]}"#);
+    let t43 = v["ticket"].as_str().expect("a ticket").to_owned();
+    let (mut c, head) = open(d.addr, &format!("/keys/user:43:updates?ticket={t43}"), &[]);
+    assert_eq!(head.status, 200);
+    assert_eq!(next_data(&mut c), "for you");
+}
+
+#[test]
+fn ticket_requests_are_checked() {
+    let d = daemon(
+        "tickets",
+        &format!("[auth]\nsubscribe_token = \"st\"\njwt_secret = \"{SECRET}\"\n"),
+    );
+    for (body, want) in [
+        ("not json", 400),
+        (r#"{"subscribe": "user:1"}"#, 400),
+        (r#"{"subscribe": ["{"]}"#, 400),
+        (r#"{"subscribe": ["a"], "publish": ["a"]}"#, 400),
+    ] {
+        let (code, v) = ticket(d.addr, "st", body);
+        assert_eq!(code, want, "{body}: {v}");
+    }
+    // A JWT holder may narrow only to selectors it holds, as written.
+    let jwt = token(&["user:42:{x}", "news"], &[]);
+    let (code, v) = ticket(d.addr, &jwt, r#"{"subscribe": ["news"]}"#);
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = ticket(d.addr, &jwt, r#"{"subscribe": ["user:43:{x}"]}"#);
+    assert_eq!(code, 403, "{v}");
+    let (code, v) = ticket(d.addr, &jwt, "");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["subscribe"], json!(["user:42:{x}", "news"]));
+    let (code, _) = ticket(d.addr, "nope", "");
+    assert_eq!(code, 401);
+}
+
+#[test]
+fn a_jwt_grants_its_topics_by_header_and_by_cookie() {
+    let d = daemon("jwt", &format!("[auth]\njwt_secret = \"{SECRET}\"\n"));
+    let jwt = token(&["news:{id}"], &["news:{id}"]);
+    let bearer = format!("Authorization: Bearer {jwt}");
+    let cookie = format!("Cookie: theme=dark; mercureAuthorization={jwt}");
+    for how in [&bearer, &cookie] {
+        let (code, body) = status(d.addr, "/events/news:1", &[how]);
+        assert_eq!(code, 200, "{how}: {body}");
+        let (code, body) = status(d.addr, "/events?topic=news:1&topic=sports:1", &[how]);
+        assert_eq!(code, 403, "{how}: {body}");
+        assert!(body.contains("sports:1"), "{body}");
+    }
+    // With a JWT key set, anonymous subscribers are out by default.
+    let (code, _) = status(d.addr, "/events/news:1", &[]);
+    assert_eq!(code, 401);
+    // Bad tokens: 401 with error="invalid_token", saying no more.
+    let expired = hs256(
+        SECRET,
+        &json!({"alg": "HS256"}),
+        &json!({"mercure": {"subscribe": ["*"]}, "exp": unix_now() - 10}),
+    );
+    let forged = hs256(
+        "another-secret",
+        &json!({"alg": "HS256"}),
+        &json!({"mercure": {"subscribe": ["*"]}}),
+    );
+    let none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none"}"#),
+        b64(br#"{"mercure":{"subscribe":["*"]}}"#)
+    );
+    for bad in [&expired, &forged, &none, &"x.y.z".to_owned()] {
+        let (mut c, head) = open(
+            d.addr,
+            "/events/news:1",
+            &[&format!("Authorization: Bearer {bad}")],
+        );
+        assert_eq!(head.status, 401, "{bad}");
+        let challenge = head
+            .header("www-authenticate")
+            .unwrap_or_default()
+            .to_owned();
+        assert!(challenge.contains("invalid_token"), "{challenge}");
+        assert_eq!(String::from_utf8(c.body(&head)).unwrap().trim(), "invalid token");
+    }
+    // Publishing with the grant: its topics yes, others 403.
+    let (head, body) = post(d.addr, "/publish/news:1", &[&bearer], "hello");
+    assert_eq!(head.status, 200, "{body}");
+    let (head, body) = post(d.addr, "/publish/sports:1", &[&bearer], "hello");
+    assert_eq!(head.status, 403, "{body}");
+    assert!(
+        head.header("www-authenticate")
+            .is_some_and(|h| h.contains("insufficient_scope")),
+        "{head:?}"
+    );
+    // A JWT key is a publisher credential: this machine has no right to
+    // publish without one any more.
+    let (head, _) = post(d.addr, "/publish/news:1", &[], "hello");
+    assert_eq!(head.status, 401);
+    let subscribe_only = token(&["*"], &[]);
+    let (head, _) = post(
+        d.addr,
+        "/publish/news:1",
+        &[&format!("Authorization: Bearer {subscribe_only}")],
+        "x",
+    );
+    assert_eq!(head.status, 403);
+}
+
+#[test]
+fn a_stream_ends_when_its_token_expires() {
+    let d = daemon(
+        "expiry",
+        &format!(
+            "heartbeat = \"0\"\nmax_execution_time = \"0\"\n[auth]\njwt_secret = \"{SECRET}\"\n"
+        ),
+    );
+    let exp = unix_now() + 3;
+    let jwt = hs256(
+        SECRET,
+        &json!({"alg": "HS256"}),
+        &json!({"mercure": {"subscribe": ["t"]}, "exp": exp}),
+    );
+    let (mut c, head) = open(
+        d.addr,
+        "/events/t",
+        &[&format!("Authorization: Bearer {jwt}")],
+    );
+    assert_eq!(head.status, 200);
+    assert_eq!(streams_open(d.addr), 1);
+    let opened = Instant::now();
+    assert!(
+        c.closed_within(Duration::from_secs(8)),
+        "the stream outlived its token"
+    );
+    let lived = opened.elapsed();
+    assert!(lived >= Duration::from_secs(1), "ended early: {lived:?}");
+    assert!(wait_until(Duration::from_secs(5), || streams_open(d.addr) == 0));
+    assert_eq!(
+        metric(d.addr, "ssed_disconnects_total{reason=\"expired\"}"),
+        1
+    );
+}
+
+#[test]
+fn a_draft_08_access_token_needs_its_issuer_and_audience() {
+    let d = daemon(
+        "at-jwt",
+        &format!(
+            "[auth]\njwt_secret = \"{SECRET}\"\njwt_issuer = \"https://auth.example\"\n\
+             jwt_audience = \"https://hub.example/.well-known/mercure\"\n"
+        ),
+    );
+    let claims = |iss: &str| {
+        json!({
+            "iss": iss, "aud": "https://hub.example/.well-known/mercure", "sub": "u",
+            "exp": unix_now() + 60,
+            "authorization_details": [{
+                "type": "https://mercure.rocks/authorization-detail",
+                "actions": ["subscribe"],
+                "topics": [{"match": "books:1", "match_type": "exact"}],
+            }],
+        })
+    };
+    let header = json!({"alg": "HS256", "typ": "at+jwt"});
+    let good = hs256(SECRET, &header, &claims("https://auth.example"));
+    let path = "/events?topic=books:1";
+    let (code, body) = status(d.addr, path, &[&format!("Authorization: Bearer {good}")]);
+    assert_eq!(code, 200, "{body}");
+    let other = hs256(SECRET, &header, &claims("https://evil.example"));
+    let (code, _) = status(d.addr, path, &[&format!("Authorization: Bearer {other}")]);
+    assert_eq!(code, 401);
+}
+
+#[test]
+fn an_rs256_token_verifies_with_the_configured_public_key() {
+    let dir = TempDir::new("rs256");
+    let key = dir.path().join("key.pem");
+    let public = dir.path().join("public.pem");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl runs (package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let (k, p) = (key.to_str().unwrap(), public.to_str().unwrap());
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        k,
+    ]);
+    run(&["pkey", "-in", k, "-pubout", "-out", p]);
+    let signing = format!(
+        "{}.{}",
+        b64(br#"{"alg":"RS256","typ":"JWT"}"#),
+        b64(br#"{"mercure":{"subscribe":["rsa-topic"]}}"#)
+    );
+    let input = dir.path().join("signing");
+    std::fs::write(&input, &signing).expect("write");
+    let sig = run(&["dgst", "-sha256", "-sign", k, input.to_str().unwrap()]);
+    let jwt = format!("{signing}.{}", b64(&sig));
+    let (_ssed, addr) = spawn_config(
+        &dir,
+        &format!("listen = \"127.0.0.1:0\"\n[auth]\njwt_public_key = \"{p}\"\n"),
+    );
+    let bearer = format!("Authorization: Bearer {jwt}");
+    let (code, body) = status(addr, "/events/rsa-topic", &[&bearer]);
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = status(addr, "/events/other", &[&bearer]);
+    assert_eq!(code, 403);
+    // HS256 is not accepted with only a public key: the public key used as
+    // an HMAC secret (algorithm confusion) gets nowhere.
+    let pem = std::fs::read_to_string(&public).expect("read");
+    let confused = hs256(
+        &pem,
+        &json!({"alg": "HS256"}),
+        &json!({"mercure": {"subscribe": ["*"]}}),
+    );
+    let (code, _) = status(
+        addr,
+        "/events/rsa-topic",
+        &[&format!("Authorization: Bearer {confused}")],
+    );
+    assert_eq!(code, 401);
+}
+
+#[test]
+fn auth_settings_that_do_not_fit_are_refused_naming_the_key() {
+    for (toml, key, words) in [
+        (
+            "[auth]\njwt_algorithms = [\"RS256\"]\njwt_secret = \"s\"\n",
+            "auth.jwt_algorithms",
+            "RS256",
+        ),
+        (
+            "[auth]\njwt_algorithms = [\"none\"]\n",
+            "auth.jwt_algorithms",
+            "unknown algorithm",
+        ),
+        (
+            "[auth]\njwt_algorithms = [\"HS256\"]\n",
+            "auth.jwt_algorithms",
+            "no key",
+        ),
+        (
+            "[auth]\njwt_public_key = \"/nonexistent/key.pem\"\n",
+            "auth.jwt_public_key",
+            "cannot read",
+        ),
+        ("[auth]\nanonymous = \"yes\"\n", "auth.anonymous", "true or false"),
+        (
+            "[auth]\njwt_cookie = \"a b\"\n",
+            "auth.jwt_cookie",
+            "not a cookie name",
+        ),
+        ("[auth]\nfoo = true\n", "auth.foo", "unknown key"),
+    ] {
+        let dir = TempDir::new("bad-auth");
+        let path = dir.path().join("ssed.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let mut ssed = Ssed::spawn(&["--config", path.to_str().expect("utf-8")], &[]);
+        let code = ssed
+            .wait_exit(Duration::from_secs(10))
+            .expect("exits at once");
+        assert_eq!(code.code(), Some(2), "{toml}");
+        let err = ssed.stderr();
+        assert!(
+            err.contains(&format!("key `{key}`"))
+                && err.contains(words)
+                && err.contains("ssed.toml"),
+            "{toml}: {err}"
+        );
+    }
+    // A key the file lacks may come from the environment.
+    let dir = TempDir::new("env-secret");
+    let path = dir.path().join("ssed.toml");
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:0\"\n[auth]\njwt_algorithms = [\"HS256\"]\n",
+    )
+    .expect("write");
+    let ssed = Ssed::spawn(
+        &["--config", path.to_str().expect("utf-8")],
+        &[("SSED_JWT_SECRET", SECRET)],
+    );
+    let addr = ssed.listening();
+    let (code, _) = status(
+        addr,
+        "/events/t",
+        &[&format!("Authorization: Bearer {}", token(&["t"], &[]))],
+    );
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn with_no_credentials_only_this_machine_consumes_mailboxes() {
+    let Some(ns) = support::netns::netns("grants-mailbox", 3) else {
+        return;
+    };
+    let dir = TempDir::new("mailbox-remote");
+    let (ssed, addr) = spawn_config(&dir, &format!("listen = \"{}:0\"\n", ns.server));
+    // Loopback may not reach it (it listens on the veth address), but this
+    // machine's own address of the link is local too: post from here.
+    let (head, body) = post(addr, "/keys/k", &[], "secret");
+    assert_eq!(head.status, 403, "not loopback: {body}");
+    // From the namespace: a subscriber without credentials may follow a
+    // topic, but consuming a mailbox needs a grant.
+    let curl = |path: &str| -> String {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-m",
+                "2",
+            ])
+            .arg(format!("http://{addr}{path}"))
+            .output()
+            .expect("curl in the namespace");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(curl("/keys/k"), "401");
+    // `curl -m 2` gives up on the open stream with 200 as its status.
+    assert_eq!(curl("/events/t"), "200");
+    drop(ssed);
+}
