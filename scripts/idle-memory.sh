@@ -13,6 +13,9 @@
 #     --streams N    streams to hold (default 10000)
 #     --set LINE     a line added to the server's config, e.g.
 #                    --set 'heartbeat = "15s"' (repeatable)
+#     --bearer TOKEN the subscribers' Bearer token (a JWT, say, with
+#                    --set '[auth]' --set 'jwt_secret = "..."'); the server
+#                    does not see it as its own subscribe token
 #     --drop-caches  as root: write back and drop the page cache first
 #                    (sync; echo 3 > /proc/sys/vm/drop_caches), so it cannot
 #                    shrink under the measurement and pass for free memory
@@ -30,12 +33,14 @@ bin=target/release/ssed
 streams=10000
 extra=()
 drop_caches=0
+bearer=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --server) bin=$2; shift 2 ;;
     --streams) streams=$2; shift 2 ;;
     --set) extra+=("$2"); shift 2 ;;
     --drop-caches) drop_caches=1; shift ;;
+    --bearer) bearer=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "idle-memory: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
@@ -53,12 +58,14 @@ cleanup() {
 trap cleanup EXIT
 
 {
+  # The defaults first: a --set line may open a table ([auth]).
   declare -A set_keys=()
-  for line in "${extra[@]}"; do set_keys[${line%%=*}]=1; printf '%s\n' "$line"; done
+  for line in "${extra[@]}"; do set_keys[${line%%=*}]=1; done
   [[ -n ${set_keys["heartbeat "]:-} ]] || printf 'heartbeat = "0"\n'
   [[ -n ${set_keys["max_execution_time "]:-} ]] || printf 'max_execution_time = "0"\n'
+  for line in "${extra[@]}"; do printf '%s\n' "$line"; done
 } >"$work/ssed.toml"
-RUST_LOG=info "$bin" --config "$work/ssed.toml" --listen 127.0.0.1:0 2>"$work/server.log" &
+env -u SSED_SUBSCRIBE_TOKEN RUST_LOG=info "$bin" --config "$work/ssed.toml" --listen 127.0.0.1:0 2>"$work/server.log" &
 server=$!
 addr=""
 for _ in $(seq 100); do
@@ -100,7 +107,7 @@ rss0=$(status VmRSS); threads0=$(status Threads); maps0=$(wc -l <"/proc/$server/
 
 ramp=5000
 hold=$((streams / ramp + 10))
-"$bin" loadtest --url "http://$addr/events/idle" --connections "$streams" --ramp "$ramp/s" \
+SSED_SUBSCRIBE_TOKEN=$bearer "$bin" loadtest --url "http://$addr/events/idle" --connections "$streams" --ramp "$ramp/s" \
   --duration "${hold}s" --json >"$work/loadtest.json" 2>"$work/loadtest.log" &
 tester=$!
 # Wait until every stream is held, then settle.

@@ -231,7 +231,10 @@ fn a_jwt_grants_its_topics_by_header_and_by_cookie() {
             .unwrap_or_default()
             .to_owned();
         assert!(challenge.contains("invalid_token"), "{challenge}");
-        assert_eq!(String::from_utf8(c.body(&head)).unwrap().trim(), "invalid token");
+        assert_eq!(
+            String::from_utf8(c.body(&head)).unwrap().trim(),
+            "invalid token"
+        );
     }
     // Publishing with the grant: its topics yes, others 403.
     let (head, body) = post(d.addr, "/publish/news:1", &[&bearer], "hello");
@@ -407,7 +410,11 @@ fn auth_settings_that_do_not_fit_are_refused_naming_the_key() {
             "auth.jwt_public_key",
             "cannot read",
         ),
-        ("[auth]\nanonymous = \"yes\"\n", "auth.anonymous", "true or false"),
+        (
+            "[auth]\nanonymous = \"yes\"\n",
+            "auth.anonymous",
+            "true or false",
+        ),
         (
             "[auth]\njwt_cookie = \"a b\"\n",
             "auth.jwt_cookie",
