@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
@@ -11,7 +11,8 @@ use serde_json::json;
 use super::auth::{self, SESSION_COOKIE, TICKET_TTL, Tickets};
 use super::config::{Config, OverloadMode};
 use super::error::SetupError;
-use super::jwt::{Claims, JwtVerifier, VerifierPool};
+use super::jwt::{Claims, JwtVerifier};
+use super::offload::Offload;
 use crate::bridge::postgres::{Listener, ListenerState};
 use crate::hub::grant::{Grant, Selector, parse_selectors};
 use crate::hub::{MemoryHistory, valid_name};
@@ -23,8 +24,8 @@ use crate::{
 
 /// The demo page served at `/`.
 pub const DEMO_PAGE: &str = include_str!("demo.html");
-/// Threads that verify the JWTs of new streams (see [`VerifierPool`]).
-const JWT_THREADS: usize = 2;
+/// Threads that check new streams' credentials (see [`Offload`]).
+const AUTH_THREADS: usize = 2;
 /// Most topics one stream may follow.
 pub const MAX_TOPICS_PER_STREAM: usize = 64;
 
@@ -39,7 +40,11 @@ struct App {
     /// `publish_rate`, per publisher credential else address.
     publish_limit: Option<RateLimiter>,
     /// Verifies JWTs, when `[auth]` has a JWT key.
-    jwt: Option<VerifierPool>,
+    jwt: Option<JwtVerifier>,
+    /// Checks new streams' credentials off their threads' stacks.
+    offload: Offload,
+    /// This state itself, for work handed to `offload`.
+    me: Weak<App>,
     /// One per `[[postgres]]` table, started once the server is bound; they
     /// stop when the routes (and so this state) are dropped, or at shutdown.
     postgres: OnceLock<Vec<Listener>>,
@@ -80,7 +85,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         .jwt_verifier()
         .map_err(|(key, message)| SetupError::Auth { key, message })?;
     let stats = Stats::new();
-    let app = Arc::new(App {
+    let app = Arc::new_cyclic(|me| App {
         hub: hub.clone(),
         stats: stats.clone(),
         tickets: Tickets::default(),
@@ -88,7 +93,9 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         capacity: OnceLock::new(),
         postgres: OnceLock::new(),
         publish_limit: config.publish_rate.map(RateLimiter::new),
-        jwt: jwt.map(|v| VerifierPool::start(v, JWT_THREADS)),
+        jwt,
+        offload: Offload::start("ssed-auth", AUTH_THREADS),
+        me: me.clone(),
         config,
     });
     let c = &app.config;
@@ -265,6 +272,23 @@ enum Target<'a> {
     Mailbox(&'a str),
 }
 
+/// A [`Target`] to hand to another thread.
+enum OwnedTarget {
+    Topics(Vec<String>),
+    Mailbox(String),
+}
+
+impl From<Target<'_>> for OwnedTarget {
+    fn from(t: Target<'_>) -> Self {
+        match t {
+            Target::Topics(topics) => {
+                OwnedTarget::Topics(topics.iter().map(|t| (*t).to_owned()).collect())
+            }
+            Target::Mailbox(key) => OwnedTarget::Mailbox(key.to_owned()),
+        }
+    }
+}
+
 impl App {
     // ----- access --------------------------------------------------------
 
@@ -296,28 +320,85 @@ impl App {
     }
 
     /// Verifies `token` as a JWT, when JWT keys are configured and it
-    /// looks like one; `None` when it is not a JWT to us. `stream`: the
-    /// caller is a stream's thread, which must not verify on its own stack
-    /// (see [`VerifierPool`]).
-    fn jwt(&self, token: &str, stream: bool) -> Option<Result<Claims, Response>> {
-        let pool = self.jwt.as_ref()?;
+    /// looks like one; `None` when it is not a JWT to us.
+    fn jwt(&self, token: &str) -> Option<Result<Claims, Response>> {
+        let verifier = self.jwt.as_ref()?;
         JwtVerifier::looks_like_jwt(token).then(|| {
-            let now = SystemTime::now();
-            let verified = if stream {
-                pool.verify_elsewhere(token, now)
-            } else {
-                pool.verify(token, now)
-            };
-            verified.map_err(|_| Self::invalid_token())
+            verifier
+                .verify(token, SystemTime::now())
+                .map_err(|_| Self::invalid_token())
         })
     }
 
     /// The JWT of the `jwt_cookie` cookie, if one came and keys are set.
-    fn jwt_cookie(&self, req: &Request, stream: bool) -> Option<Result<Claims, Response>> {
+    fn jwt_cookie(&self, req: &Request) -> Option<Result<Claims, Response>> {
         self.jwt.as_ref()?;
         let token = auth::cookie(req, &self.config.jwt_cookie)?;
-        self.jwt(token, stream)
-            .or_else(|| Some(Err(Self::invalid_token())))
+        self.jwt(token).or_else(|| Some(Err(Self::invalid_token())))
+    }
+
+    /// Who a new stream's client is and whether its grant covers
+    /// `target`. A request with no credential is settled here, shallowly;
+    /// one that carries a credential is checked on an [`Offload`] worker
+    /// (JWT signatures, template matching, ticket stores), so the stream's
+    /// own thread touches no more stack than an anonymous one's: every
+    /// page it touches stays resident for the stream's life.
+    #[inline(never)]
+    fn admit_credential(&self, req: &Request, target: Target<'_>) -> Result<Credential, Response> {
+        let carries = req.header("authorization").is_some()
+            || req.header("cookie").is_some()
+            || req.query("token").is_some()
+            || req.query("ticket").is_some();
+        if carries {
+            return self.admit_elsewhere(req, target);
+        }
+        if !self.config.anonymous_allowed() {
+            return Err(Self::needs_credential());
+        }
+        let cred = Credential::new(How::Anonymous, Grant::none());
+        match self.refuse_target(req, &cred, target) {
+            Some(refusal) => Err(refusal),
+            None => Ok(cred),
+        }
+    }
+
+    /// [`admit_credential`](App::admit_credential) for a request that
+    /// carries a credential, on a worker.
+    #[inline(never)]
+    fn admit_elsewhere(&self, req: &Request, target: Target<'_>) -> Result<Credential, Response> {
+        let Some(app) = self.me.upgrade() else {
+            return self.admit_here(req, target);
+        };
+        let req = req.clone();
+        let target = OwnedTarget::from(target);
+        self.offload.run(move || {
+            let topics: Vec<&str>;
+            let target = match &target {
+                OwnedTarget::Topics(owned) => {
+                    topics = owned.iter().map(String::as_str).collect();
+                    Target::Topics(&topics)
+                }
+                OwnedTarget::Mailbox(key) => Target::Mailbox(key),
+            };
+            app.admit_here(&req, target)
+        })
+    }
+
+    /// Checks a new stream's credential and its grant, in this thread.
+    fn admit_here(&self, req: &Request, target: Target<'_>) -> Result<Credential, Response> {
+        let cred = self.authorize_subscribe(req)?;
+        match self.refuse_target(req, &cred, target) {
+            Some(refusal) => Err(refusal),
+            None => Ok(cred),
+        }
+    }
+
+    #[cold]
+    fn needs_credential() -> Response {
+        Self::unauthorized(
+            "subscribing needs a credential: the subscribe token (Bearer or ?token=), a ticket \
+             (?ticket=) or a JWT (Bearer or cookie)",
+        )
     }
 
     /// Who a subscriber is: a Bearer token (the subscribe token, a JWT),
@@ -330,7 +411,7 @@ impl App {
             if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
                 return Ok(Credential::new(How::Token, Grant::subscribe_all()));
             }
-            return match self.jwt(given, true) {
+            return match self.jwt(given) {
                 Some(claims) => claims.map(Credential::jwt),
                 None => Err(Self::unauthorized("wrong subscribe token")),
             };
@@ -358,16 +439,13 @@ impl App {
         if let Some(grant) = session() {
             return Ok(Credential::new(How::Session, grant));
         }
-        if let Some(claims) = self.jwt_cookie(req, true) {
+        if let Some(claims) = self.jwt_cookie(req) {
             return claims.map(Credential::jwt);
         }
         if self.config.anonymous_allowed() {
             return Ok(Credential::new(How::Anonymous, Grant::none()));
         }
-        Err(Self::unauthorized(
-            "subscribing needs a credential: the subscribe token (Bearer or ?token=), a ticket \
-             (?ticket=) or a JWT (Bearer or cookie)",
-        ))
+        Err(Self::needs_credential())
     }
 
     /// Whether `cred` may open a stream of `target`: `None` if so, else
@@ -413,7 +491,7 @@ impl App {
             if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
                 return Ok(Some(given.to_owned()));
             }
-            if let Some(claims) = self.jwt(given, false) {
+            if let Some(claims) = self.jwt(given) {
                 let claims = claims?;
                 if !claims.grant.can_publish(name) {
                     return Err(Self::forbidden("topic", name));
@@ -424,7 +502,7 @@ impl App {
         // A browser publishing with its JWT cookie: the CORS check before
         // this keeps other sites' pages out.
         if bearer.is_none()
-            && let Some(claims) = self.jwt_cookie(req, false)
+            && let Some(claims) = self.jwt_cookie(req)
         {
             let claims = claims?;
             if !claims.grant.can_publish(name) {
@@ -606,17 +684,13 @@ impl App {
                 return Ok(false);
             }
         };
-        let cred = match self.authorize_subscribe(req) {
+        let cred = match self.admit_credential(req, target) {
             Ok(a) => a,
             Err(r) => {
                 stream.respond(self.with_cors(req, r))?;
                 return Ok(false);
             }
         };
-        if let Some(r) = self.refuse_target(req, &cred, target) {
-            stream.respond(self.with_cors(req, r))?;
-            return Ok(false);
-        }
         if let Some(exp) = cred.expires {
             // The stream ends when its token does.
             let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
@@ -853,7 +927,7 @@ impl App {
             Some(given) if token.is_some_and(|t| Self::token_matches(t, Some(given))) => {
                 Grant::subscribe_all()
             }
-            Some(given) => match self.jwt(given, false) {
+            Some(given) => match self.jwt(given) {
                 Some(Ok(claims)) => claims.grant,
                 Some(Err(r)) => return r,
                 None => return Self::unauthorized("wrong subscribe token"),

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod config;
 mod error;
 pub mod jwt;
+mod offload;
 
 pub use app::{Daemon, build};
 pub use config::{Config, ConfigError};
