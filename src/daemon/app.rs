@@ -588,7 +588,9 @@ impl App {
     }
 
     /// CORS headers for an allowed cross-origin request; `Err(403)` for a
-    /// cross-origin request from an origin not listed.
+    /// cross-origin request from an origin not listed. Out of line: a
+    /// stream's thread calls it on its way in (see `open_stream`).
+    #[inline(never)]
     fn cors(&self, req: &Request) -> Result<Vec<(&'static str, String)>, Response> {
         let Some(origin) = req.header("origin") else {
             return Ok(Vec::new());
@@ -692,38 +694,48 @@ impl App {
             }
         };
         if let Some(exp) = cred.expires {
-            // The stream ends when its token does.
-            let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
-            stream.end_at(Instant::now() + left);
+            end_with_token(stream, exp);
         }
         for (k, v) in &cors {
             stream.header(k, v)?;
         }
         if cred.how == How::Ticket {
-            match self
-                .tickets
-                .open_session(self.config.ticket_session, cred.grant)
-            {
-                Ok(secret) => {
-                    // `Secure` when the client is on https (as a trusted
-                    // proxy says): the browser then never sends the cookie
-                    // over plain http.
-                    let secure = if req.scheme() == "https" {
-                        "; Secure"
-                    } else {
-                        ""
-                    };
-                    let cookie = format!(
-                        "{SESSION_COOKIE}={secret}; Max-Age={}; Path=/; HttpOnly; \
-                         SameSite=Strict{secure}",
-                        self.config.ticket_session.as_secs()
-                    );
-                    stream.header("Set-Cookie", &cookie)?;
-                }
-                Err(e) => log::warn!("cannot open a session for a ticket: {e}"),
-            }
+            self.start_session(req, stream, cred.grant)?;
         }
         Ok(true)
+    }
+
+    /// Opens the session a ticket's stream starts, with its cookie. Out
+    /// of line, as everything uncommon on a stream's way in: see
+    /// `open_stream`.
+    #[cold]
+    #[inline(never)]
+    fn start_session(
+        &self,
+        req: &Request,
+        stream: &mut Stream,
+        grant: Grant,
+    ) -> Result<(), StreamError> {
+        match self.tickets.open_session(self.config.ticket_session, grant) {
+            Ok(secret) => {
+                // `Secure` when the client is on https (as a trusted proxy
+                // says): the browser then never sends the cookie over
+                // plain http.
+                let secure = if req.scheme() == "https" {
+                    "; Secure"
+                } else {
+                    ""
+                };
+                let cookie = format!(
+                    "{SESSION_COOKIE}={secret}; Max-Age={}; Path=/; HttpOnly; \
+                     SameSite=Strict{secure}",
+                    self.config.ticket_session.as_secs()
+                );
+                stream.header("Set-Cookie", &cookie)?;
+            }
+            Err(e) => log::warn!("cannot open a session for a ticket: {e}"),
+        }
+        Ok(())
     }
 
     fn subscribe(&self, req: &Request, stream: &mut Stream) -> Result<(), StreamError> {
@@ -1230,6 +1242,13 @@ impl App {
 /// How soon a stream refused for want of storage (Redis down) asks its
 /// client to come back.
 const STORAGE_RETRY: Duration = Duration::from_secs(2);
+
+/// Ends `stream` when its token expires, at `exp`.
+#[inline(never)]
+fn end_with_token(stream: &mut Stream, exp: SystemTime) {
+    let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
+    stream.end_at(Instant::now() + left);
+}
 
 /// The selectors of a ticket request's body, `{"subscribe": [...]}`;
 /// `None` for an empty body (the caller's whole grant).
