@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
@@ -12,7 +12,6 @@ use super::auth::{self, SESSION_COOKIE, TICKET_TTL, Tickets};
 use super::config::{Config, OverloadMode};
 use super::error::SetupError;
 use super::jwt::{Claims, JwtVerifier};
-use super::offload::Offload;
 use crate::bridge::postgres::{Listener, ListenerState};
 use crate::hub::grant::{Grant, Selector, parse_selectors};
 use crate::hub::{MemoryHistory, valid_name};
@@ -24,8 +23,6 @@ use crate::{
 
 /// The demo page served at `/`.
 pub const DEMO_PAGE: &str = include_str!("demo.html");
-/// Threads that check new streams' credentials (see [`Offload`]).
-const AUTH_THREADS: usize = 2;
 /// Most topics one stream may follow.
 pub const MAX_TOPICS_PER_STREAM: usize = 64;
 
@@ -41,10 +38,6 @@ struct App {
     publish_limit: Option<RateLimiter>,
     /// Verifies JWTs, when `[auth]` has a JWT key.
     jwt: Option<JwtVerifier>,
-    /// Checks new streams' credentials off their threads' stacks.
-    offload: Offload,
-    /// This state itself, for work handed to `offload`.
-    me: Weak<App>,
     /// One per `[[postgres]]` table, started once the server is bound; they
     /// stop when the routes (and so this state) are dropped, or at shutdown.
     postgres: OnceLock<Vec<Listener>>,
@@ -85,7 +78,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         .jwt_verifier()
         .map_err(|(key, message)| SetupError::Auth { key, message })?;
     let stats = Stats::new();
-    let app = Arc::new_cyclic(|me| App {
+    let app = Arc::new(App {
         hub: hub.clone(),
         stats: stats.clone(),
         tickets: Tickets::default(),
@@ -94,8 +87,6 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         postgres: OnceLock::new(),
         publish_limit: config.publish_rate.map(RateLimiter::new),
         jwt,
-        offload: Offload::start("ssed-auth", AUTH_THREADS),
-        me: me.clone(),
         config,
     });
     let c = &app.config;
@@ -272,23 +263,6 @@ enum Target<'a> {
     Mailbox(&'a str),
 }
 
-/// A [`Target`] to hand to another thread.
-enum OwnedTarget {
-    Topics(Vec<String>),
-    Mailbox(String),
-}
-
-impl From<Target<'_>> for OwnedTarget {
-    fn from(t: Target<'_>) -> Self {
-        match t {
-            Target::Topics(topics) => {
-                OwnedTarget::Topics(topics.iter().map(|t| (*t).to_owned()).collect())
-            }
-            Target::Mailbox(key) => OwnedTarget::Mailbox(key.to_owned()),
-        }
-    }
-}
-
 impl App {
     // ----- access --------------------------------------------------------
 
@@ -337,55 +311,10 @@ impl App {
         self.jwt(token).or_else(|| Some(Err(Self::invalid_token())))
     }
 
-    /// Who a new stream's client is and whether its grant covers
-    /// `target`. A request with no credential is settled here, shallowly;
-    /// one that carries a credential is checked on an [`Offload`] worker
-    /// (JWT signatures, template matching, ticket stores), so the stream's
-    /// own thread touches no more stack than an anonymous one's: every
-    /// page it touches stays resident for the stream's life.
+    /// Who a new stream's client is, and whether its grant covers
+    /// `target`.
     #[inline(never)]
     fn admit_credential(&self, req: &Request, target: Target<'_>) -> Result<Credential, Response> {
-        let carries = req.header("authorization").is_some()
-            || req.header("cookie").is_some()
-            || req.query("token").is_some()
-            || req.query("ticket").is_some();
-        if carries {
-            return self.admit_elsewhere(req, target);
-        }
-        if !self.config.anonymous_allowed() {
-            return Err(Self::needs_credential());
-        }
-        let cred = Credential::new(How::Anonymous, Grant::none());
-        match self.refuse_target(req, &cred, target) {
-            Some(refusal) => Err(refusal),
-            None => Ok(cred),
-        }
-    }
-
-    /// [`admit_credential`](App::admit_credential) for a request that
-    /// carries a credential, on a worker.
-    #[inline(never)]
-    fn admit_elsewhere(&self, req: &Request, target: Target<'_>) -> Result<Credential, Response> {
-        let Some(app) = self.me.upgrade() else {
-            return self.admit_here(req, target);
-        };
-        let req = req.clone();
-        let target = OwnedTarget::from(target);
-        self.offload.run(move || {
-            let topics: Vec<&str>;
-            let target = match &target {
-                OwnedTarget::Topics(owned) => {
-                    topics = owned.iter().map(String::as_str).collect();
-                    Target::Topics(&topics)
-                }
-                OwnedTarget::Mailbox(key) => Target::Mailbox(key),
-            };
-            app.admit_here(&req, target)
-        })
-    }
-
-    /// Checks a new stream's credential and its grant, in this thread.
-    fn admit_here(&self, req: &Request, target: Target<'_>) -> Result<Credential, Response> {
         let cred = self.authorize_subscribe(req)?;
         match self.refuse_target(req, &cred, target) {
             Some(refusal) => Err(refusal),

@@ -16,7 +16,6 @@ pub mod auth;
 pub mod config;
 mod error;
 pub mod jwt;
-mod offload;
 
 pub use app::{Daemon, build};
 pub use config::{Config, ConfigError};
