@@ -11,7 +11,7 @@ use serde_json::json;
 use super::auth::{self, SESSION_COOKIE, TICKET_TTL, Tickets};
 use super::config::{Config, OverloadMode};
 use super::error::SetupError;
-use super::jwt::{Claims, JwtVerifier};
+use super::jwt::{Claims, JwtVerifier, VerifierPool};
 use crate::bridge::postgres::{Listener, ListenerState};
 use crate::hub::grant::{Grant, Selector, parse_selectors};
 use crate::hub::{MemoryHistory, valid_name};
@@ -23,6 +23,8 @@ use crate::{
 
 /// The demo page served at `/`.
 pub const DEMO_PAGE: &str = include_str!("demo.html");
+/// Threads that verify the JWTs of new streams (see [`VerifierPool`]).
+const JWT_THREADS: usize = 2;
 /// Most topics one stream may follow.
 pub const MAX_TOPICS_PER_STREAM: usize = 64;
 
@@ -37,7 +39,7 @@ struct App {
     /// `publish_rate`, per publisher credential else address.
     publish_limit: Option<RateLimiter>,
     /// Verifies JWTs, when `[auth]` has a JWT key.
-    jwt: Option<JwtVerifier>,
+    jwt: Option<VerifierPool>,
     /// One per `[[postgres]]` table, started once the server is bound; they
     /// stop when the routes (and so this state) are dropped, or at shutdown.
     postgres: OnceLock<Vec<Listener>>,
@@ -86,7 +88,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         capacity: OnceLock::new(),
         postgres: OnceLock::new(),
         publish_limit: config.publish_rate.map(RateLimiter::new),
-        jwt,
+        jwt: jwt.map(|v| VerifierPool::start(v, JWT_THREADS)),
         config,
     });
     let c = &app.config;
@@ -294,21 +296,28 @@ impl App {
     }
 
     /// Verifies `token` as a JWT, when JWT keys are configured and it
-    /// looks like one; `None` when it is not a JWT to us.
-    fn jwt(&self, token: &str) -> Option<Result<Claims, Response>> {
-        let verifier = self.jwt.as_ref()?;
+    /// looks like one; `None` when it is not a JWT to us. `stream`: the
+    /// caller is a stream's thread, which hands the work to a verifier
+    /// thread (see [`VerifierPool`]).
+    fn jwt(&self, token: &str, stream: bool) -> Option<Result<Claims, Response>> {
+        let pool = self.jwt.as_ref()?;
         JwtVerifier::looks_like_jwt(token).then(|| {
-            verifier
-                .verify(token, SystemTime::now())
-                .map_err(|_| Self::invalid_token())
+            let now = SystemTime::now();
+            let verified = if stream {
+                pool.verify_elsewhere(token, now)
+            } else {
+                pool.verify(token, now)
+            };
+            verified.map_err(|_| Self::invalid_token())
         })
     }
 
     /// The JWT of the `jwt_cookie` cookie, if one came and keys are set.
-    fn jwt_cookie(&self, req: &Request) -> Option<Result<Claims, Response>> {
+    fn jwt_cookie(&self, req: &Request, stream: bool) -> Option<Result<Claims, Response>> {
         self.jwt.as_ref()?;
         let token = auth::cookie(req, &self.config.jwt_cookie)?;
-        self.jwt(token).or_else(|| Some(Err(Self::invalid_token())))
+        self.jwt(token, stream)
+            .or_else(|| Some(Err(Self::invalid_token())))
     }
 
     /// Who a new stream's client is, and whether its grant covers
@@ -340,7 +349,7 @@ impl App {
             if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
                 return Ok(Credential::new(How::Token, Grant::subscribe_all()));
             }
-            return match self.jwt(given) {
+            return match self.jwt(given, true) {
                 Some(claims) => claims.map(Credential::jwt),
                 None => Err(Self::unauthorized("wrong subscribe token")),
             };
@@ -368,7 +377,7 @@ impl App {
         if let Some(grant) = session() {
             return Ok(Credential::new(How::Session, grant));
         }
-        if let Some(claims) = self.jwt_cookie(req) {
+        if let Some(claims) = self.jwt_cookie(req, true) {
             return claims.map(Credential::jwt);
         }
         if self.config.anonymous_allowed() {
@@ -420,7 +429,7 @@ impl App {
             if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
                 return Ok(Some(given.to_owned()));
             }
-            if let Some(claims) = self.jwt(given) {
+            if let Some(claims) = self.jwt(given, false) {
                 let claims = claims?;
                 if !claims.grant.can_publish(name) {
                     return Err(Self::forbidden("topic", name));
@@ -431,7 +440,7 @@ impl App {
         // A browser publishing with its JWT cookie: the CORS check before
         // this keeps other sites' pages out.
         if bearer.is_none()
-            && let Some(claims) = self.jwt_cookie(req)
+            && let Some(claims) = self.jwt_cookie(req, false)
         {
             let claims = claims?;
             if !claims.grant.can_publish(name) {
@@ -868,7 +877,7 @@ impl App {
             Some(given) if token.is_some_and(|t| Self::token_matches(t, Some(given))) => {
                 Grant::subscribe_all()
             }
-            Some(given) => match self.jwt(given) {
+            Some(given) => match self.jwt(given, false) {
                 Some(Ok(claims)) => claims.grant,
                 Some(Err(r)) => return r,
                 None => return Self::unauthorized("wrong subscribe token"),
