@@ -23,6 +23,12 @@ use crate::{
 
 /// The demo page served at `/`.
 pub const DEMO_PAGE: &str = include_str!("demo.html");
+thread_local! {
+    /// A stream thread's JWT, verified ahead (see [`App::verify_ahead`]).
+    static VERIFIED: std::cell::RefCell<Option<Result<Claims, super::jwt::JwtError>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Threads that verify the JWTs of new streams (see [`VerifierPool`]).
 const JWT_THREADS: usize = 2;
 /// Most topics one stream may follow.
@@ -296,28 +302,50 @@ impl App {
     }
 
     /// Verifies `token` as a JWT, when JWT keys are configured and it
-    /// looks like one; `None` when it is not a JWT to us. `stream`: the
-    /// caller is a stream's thread, which hands the work to a verifier
-    /// thread (see [`VerifierPool`]).
-    fn jwt(&self, token: &str, stream: bool) -> Option<Result<Claims, Response>> {
+    /// looks like one; `None` when it is not a JWT to us. A stream's
+    /// thread finds the answer [verified ahead](App::verify_ahead).
+    fn jwt(&self, token: &str) -> Option<Result<Claims, Response>> {
         let pool = self.jwt.as_ref()?;
         JwtVerifier::looks_like_jwt(token).then(|| {
-            let now = SystemTime::now();
-            let verified = if stream {
-                pool.verify_elsewhere(token, now)
-            } else {
-                pool.verify(token, now)
-            };
-            verified.map_err(|_| Self::invalid_token())
+            VERIFIED
+                .with(|v| v.borrow_mut().take())
+                .unwrap_or_else(|| pool.verify(token, SystemTime::now()))
+                .map_err(|_| Self::invalid_token())
         })
     }
 
     /// The JWT of the `jwt_cookie` cookie, if one came and keys are set.
-    fn jwt_cookie(&self, req: &Request, stream: bool) -> Option<Result<Claims, Response>> {
+    fn jwt_cookie(&self, req: &Request) -> Option<Result<Claims, Response>> {
         self.jwt.as_ref()?;
         let token = auth::cookie(req, &self.config.jwt_cookie)?;
-        self.jwt(token, stream)
-            .or_else(|| Some(Err(Self::invalid_token())))
+        self.jwt(token).or_else(|| Some(Err(Self::invalid_token())))
+    }
+
+    /// On a stream's thread, before anything else: verifies the JWT the
+    /// request will be authorized with, if any, on a verifier thread, and
+    /// leaves the answer for [`jwt`](App::jwt). Called where the stack is
+    /// still shallow: waiting for the answer deeper down (where access is
+    /// checked) took a second stack page, which stays resident for the
+    /// stream's life.
+    #[inline(never)]
+    fn verify_ahead(&self, req: &Request) {
+        let Some(pool) = &self.jwt else { return };
+        let token = match auth::bearer(req) {
+            Some(given) => {
+                let static_token = self
+                    .config
+                    .subscribe_token
+                    .as_deref()
+                    .is_some_and(|t| Self::token_matches(t, Some(given)));
+                (!static_token).then_some(given)
+            }
+            None => auth::cookie(req, &self.config.jwt_cookie),
+        };
+        let Some(token) = token.filter(|t| JwtVerifier::looks_like_jwt(t)) else {
+            return;
+        };
+        let verified = pool.verify_elsewhere(token, SystemTime::now());
+        VERIFIED.with(|v| *v.borrow_mut() = Some(verified));
     }
 
     /// Who a new stream's client is, and whether its grant covers
@@ -349,7 +377,7 @@ impl App {
             if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
                 return Ok(Credential::new(How::Token, Grant::subscribe_all()));
             }
-            return match self.jwt(given, true) {
+            return match self.jwt(given) {
                 Some(claims) => claims.map(Credential::jwt),
                 None => Err(Self::unauthorized("wrong subscribe token")),
             };
@@ -377,7 +405,7 @@ impl App {
         if let Some(grant) = session() {
             return Ok(Credential::new(How::Session, grant));
         }
-        if let Some(claims) = self.jwt_cookie(req, true) {
+        if let Some(claims) = self.jwt_cookie(req) {
             return claims.map(Credential::jwt);
         }
         if self.config.anonymous_allowed() {
@@ -429,7 +457,7 @@ impl App {
             if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
                 return Ok(Some(given.to_owned()));
             }
-            if let Some(claims) = self.jwt(given, false) {
+            if let Some(claims) = self.jwt(given) {
                 let claims = claims?;
                 if !claims.grant.can_publish(name) {
                     return Err(Self::forbidden("topic", name));
@@ -440,7 +468,7 @@ impl App {
         // A browser publishing with its JWT cookie: the CORS check before
         // this keeps other sites' pages out.
         if bearer.is_none()
-            && let Some(claims) = self.jwt_cookie(req, false)
+            && let Some(claims) = self.jwt_cookie(req)
         {
             let claims = claims?;
             if !claims.grant.can_publish(name) {
@@ -684,6 +712,7 @@ impl App {
         if let Some(refusal) = refuse_topics(&topics) {
             return stream.respond(refusal);
         }
+        self.verify_ahead(req);
         if !self.open_stream(req, stream, true, Target::Topics(&topics))? {
             return Ok(());
         }
@@ -706,6 +735,7 @@ impl App {
         if let Some(refusal) = self.refuse_rebound_consumer(req) {
             return stream.respond(refusal);
         }
+        self.verify_ahead(req);
         if !self.open_stream(req, stream, false, Target::Mailbox(key))? {
             return Ok(());
         }
@@ -877,7 +907,7 @@ impl App {
             Some(given) if token.is_some_and(|t| Self::token_matches(t, Some(given))) => {
                 Grant::subscribe_all()
             }
-            Some(given) => match self.jwt(given, false) {
+            Some(given) => match self.jwt(given) {
                 Some(Ok(claims)) => claims.grant,
                 Some(Err(r)) => return r,
                 None => return Self::unauthorized("wrong subscribe token"),
