@@ -6,9 +6,10 @@
 //! A selector is `*`, an exact topic, or a URI template (RFC 6570) that
 //! matches every topic it could expand to (`user:{id}:updates`,
 //! `https://example.com/books/{id}`), as Mercure uses them. A template is
-//! compiled once into a regular expression of the `regex-lite` engine,
-//! which matches in time linear in the topic whatever the template: no
-//! selector can make matching blow up.
+//! compiled once into a small automaton, simulated in time linear in the
+//! topic whatever the template (no selector can make matching blow up) and
+//! without recursion (matching runs on streams' threads, whose touched
+//! stack pages stay resident).
 
 use std::fmt;
 use std::sync::Arc;
@@ -36,7 +37,7 @@ pub enum Selector {
 #[derive(Clone)]
 pub struct Template {
     text: Box<str>,
-    re: regex_lite::Regex,
+    nfa: Nfa,
 }
 
 /// Why a selector was refused.
@@ -81,13 +82,16 @@ impl Selector {
             return Ok(Selector::All);
         }
         if s.contains(['{', '}']) {
-            let re = compile(s).map_err(|why| {
+            let nfa = compile(s).map_err(|why| {
                 SelectorError(format!(
                     "topic selector {:?} is not a URI template: {why}",
                     shown()
                 ))
             })?;
-            return Ok(Selector::Template(Template { text: s.into(), re }));
+            return Ok(Selector::Template(Template {
+                text: s.into(),
+                nfa,
+            }));
         }
         Ok(Selector::Exact(s.into()))
     }
@@ -113,7 +117,7 @@ impl Selector {
         match self {
             Selector::All => true,
             Selector::Exact(t) => **t == *topic,
-            Selector::Template(t) => t.re.is_match(topic),
+            Selector::Template(t) => t.nfa.is_match(topic),
         }
     }
 
@@ -254,28 +258,198 @@ impl Grant {
     }
 }
 
-/// The characters a value may hold in simple (and label, path, parameter)
-/// expansion: unreserved, or percent-encoded.
-const UNRESERVED: &str = r"[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2}";
-/// In reserved (`+`) and fragment (`#`) expansion: reserved characters too.
-const RESERVED: &str = r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2}";
+/// A set of characters an instruction matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// One character.
+    Char(char),
+    /// Unreserved (`A-Z a-z 0-9 - . _ ~`).
+    Unreserved,
+    /// Unreserved, or reserved (`: / ? # [ ] @ ! $ & ' ( ) * + , ; =`).
+    Reserved,
+    /// A hexadecimal digit (of a `%XX`).
+    Hex,
+}
 
-/// Compiles a URI template into a regular expression that matches every
-/// string the template can expand to (RFC 6570, levels 1 to 4: each
-/// expression may also expand to nothing, as with undefined variables).
-fn compile(template: &str) -> Result<regex_lite::Regex, String> {
-    let mut re = String::from("^");
+impl Class {
+    fn matches(self, c: char) -> bool {
+        let unreserved = c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~');
+        match self {
+            Class::Char(x) => c == x,
+            Class::Unreserved => unreserved,
+            Class::Reserved => unreserved || ":/?#[]@!$&'()*+,;=".contains(c),
+            Class::Hex => c.is_ascii_hexdigit(),
+        }
+    }
+}
+
+/// A pattern, before it is compiled.
+enum Ast {
+    Class(Class),
+    Seq(Vec<Ast>),
+    Alt(Vec<Ast>),
+    Star(Box<Ast>),
+    Opt(Box<Ast>),
+}
+
+/// An instruction of a compiled template (a Thompson automaton).
+#[derive(Debug, Clone, Copy)]
+enum Inst {
+    /// Consume a character of the class, then go to the instruction.
+    Class(Class, usize),
+    /// Go to both.
+    Split(usize, usize),
+    /// Go to.
+    Jump(usize),
+    /// The whole topic matched.
+    Match,
+}
+
+/// A compiled URI template: an automaton simulated with an explicit set of
+/// states, in time linear in the topic, with its state on the heap:
+/// matching touches no more stack whatever the template. (A stream's
+/// thread keeps every stack page it touches; a regular-expression
+/// engine's search took one page more than a stream otherwise uses.)
+#[derive(Debug, Clone)]
+struct Nfa {
+    prog: Vec<Inst>,
+}
+
+impl Nfa {
+    fn compile(ast: &Ast) -> Nfa {
+        let mut prog = Vec::new();
+        emit(ast, &mut prog);
+        prog.push(Inst::Match);
+        Nfa { prog }
+    }
+
+    fn is_match(&self, topic: &str) -> bool {
+        let n = self.prog.len();
+        let (mut current, mut next) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut seen = vec![false; n];
+        let mut work = Vec::new();
+        self.add(0, &mut current, &mut seen, &mut work);
+        for c in topic.chars() {
+            seen.iter_mut().for_each(|s| *s = false);
+            next.clear();
+            for &pc in &current {
+                if let Inst::Class(class, to) = self.prog[pc]
+                    && class.matches(c)
+                {
+                    self.add(to, &mut next, &mut seen, &mut work);
+                }
+            }
+            std::mem::swap(&mut current, &mut next);
+            if current.is_empty() {
+                return false;
+            }
+        }
+        current
+            .iter()
+            .any(|&pc| matches!(self.prog[pc], Inst::Match))
+    }
+
+    /// Adds `pc` and what it reaches without consuming a character: an
+    /// iterative closure, no recursion.
+    fn add(&self, pc: usize, list: &mut Vec<usize>, seen: &mut [bool], work: &mut Vec<usize>) {
+        work.push(pc);
+        while let Some(pc) = work.pop() {
+            if std::mem::replace(&mut seen[pc], true) {
+                continue;
+            }
+            match self.prog[pc] {
+                Inst::Split(a, b) => {
+                    work.push(b);
+                    work.push(a);
+                }
+                Inst::Jump(to) => work.push(to),
+                Inst::Class(..) | Inst::Match => list.push(pc),
+            }
+        }
+    }
+}
+
+/// Appends the instructions of `ast`, which fall through to what comes
+/// next. (The recursion is as deep as a template's few levels of nesting,
+/// and runs when a selector is parsed, not when it matches.)
+fn emit(ast: &Ast, prog: &mut Vec<Inst>) {
+    match ast {
+        Ast::Class(c) => {
+            let at = prog.len();
+            prog.push(Inst::Class(*c, at + 1));
+        }
+        Ast::Seq(items) => items.iter().for_each(|a| emit(a, prog)),
+        Ast::Alt(options) => {
+            // A split to each option but the last; each jumps to the end.
+            let mut jumps = Vec::new();
+            for (i, option) in options.iter().enumerate() {
+                if i + 1 == options.len() {
+                    emit(option, prog);
+                    break;
+                }
+                let split = prog.len();
+                prog.push(Inst::Split(split + 1, 0));
+                emit(option, prog);
+                jumps.push(prog.len());
+                prog.push(Inst::Jump(0));
+                let resume = prog.len();
+                prog[split] = Inst::Split(split + 1, resume);
+            }
+            let end = prog.len();
+            for j in jumps {
+                prog[j] = Inst::Jump(end);
+            }
+        }
+        Ast::Star(inner) => {
+            let split = prog.len();
+            prog.push(Inst::Split(split + 1, 0));
+            emit(inner, prog);
+            prog.push(Inst::Jump(split));
+            let end = prog.len();
+            prog[split] = Inst::Split(split + 1, end);
+        }
+        Ast::Opt(inner) => {
+            let split = prog.len();
+            prog.push(Inst::Split(split + 1, 0));
+            emit(inner, prog);
+            let end = prog.len();
+            prog[split] = Inst::Split(split + 1, end);
+        }
+    }
+}
+
+fn literal(text: &str) -> Ast {
+    Ast::Seq(text.chars().map(|c| Ast::Class(Class::Char(c))).collect())
+}
+
+/// A character a value may hold: one of `class`, or a percent-encoded one.
+fn value_char(class: Class) -> Ast {
+    Ast::Alt(vec![
+        Ast::Class(class),
+        Ast::Seq(vec![
+            Ast::Class(Class::Char('%')),
+            Ast::Class(Class::Hex),
+            Ast::Class(Class::Hex),
+        ]),
+    ])
+}
+
+/// Compiles a URI template into an automaton that matches every string
+/// the template can expand to (RFC 6570, levels 1 to 4: each expression
+/// may also expand to nothing, as with undefined variables).
+fn compile(template: &str) -> Result<Nfa, String> {
+    let mut parts = Vec::new();
     let mut rest = template;
     let mut expressions = 0;
     while !rest.is_empty() {
         let Some(open) = rest.find(['{', '}']) else {
-            re.push_str(&regex_lite::escape(rest));
+            parts.push(literal(rest));
             break;
         };
         if rest.as_bytes()[open] == b'}' {
             return Err("a `}` without its `{`".into());
         }
-        re.push_str(&regex_lite::escape(&rest[..open]));
+        parts.push(literal(&rest[..open]));
         let after = &rest[open + 1..];
         let close = after
             .find(['{', '}'])
@@ -285,15 +459,16 @@ fn compile(template: &str) -> Result<regex_lite::Regex, String> {
         if expressions > MAX_EXPRESSIONS {
             return Err(format!("more than {MAX_EXPRESSIONS} expressions"));
         }
-        re.push_str(&expression(&after[..close])?);
+        parts.push(expression(&after[..close])?);
         rest = &after[close + 1..];
     }
-    re.push('$');
-    regex_lite::Regex::new(&re).map_err(|e| e.to_string())
+    Ok(Nfa::compile(&Ast::Seq(parts)))
 }
 
-/// The regular expression of one `{…}`.
-fn expression(body: &str) -> Result<String, String> {
+/// The pattern of one `{…}`: `(first item (sep item)*)?`, an item being a
+/// value (its characters, and the commas that join a list) or, for the
+/// named operators (`;`, `?`, `&`), `name(=value)?`.
+fn expression(body: &str) -> Result<Ast, String> {
     let (op, vars) = match body.chars().next() {
         Some(c @ ('+' | '#' | '.' | '/' | ';' | '?' | '&')) => (Some(c), &body[1..]),
         Some('=' | ',' | '!' | '@' | '|') => {
@@ -305,29 +480,43 @@ fn expression(body: &str) -> Result<String, String> {
         check_varspec(var).map_err(|why| format!("`{{{body}}}`: {why}"))?;
     }
     let (first, sep, named, allow) = match op {
-        None => ("", ",", false, UNRESERVED),
-        Some('+') => ("", ",", false, RESERVED),
-        Some('#') => ("#", ",", false, RESERVED),
-        Some('.') => (".", ".", false, UNRESERVED),
-        Some('/') => ("/", "/", false, UNRESERVED),
-        Some(';') => (";", ";", true, UNRESERVED),
-        Some('?') => (r"\?", "&", true, UNRESERVED),
-        _ => ("&", "&", true, UNRESERVED),
+        None => (None, ',', false, Class::Unreserved),
+        Some('+') => (None, ',', false, Class::Reserved),
+        Some('#') => (Some('#'), ',', false, Class::Reserved),
+        Some('.') => (Some('.'), '.', false, Class::Unreserved),
+        Some('/') => (Some('/'), '/', false, Class::Unreserved),
+        Some(';') => (Some(';'), ';', true, Class::Unreserved),
+        Some('?') => (Some('?'), '&', true, Class::Unreserved),
+        _ => (Some('&'), '&', true, Class::Unreserved),
     };
-    // A value: allowed characters, and the commas that join a list.
-    let value = format!("(?:{allow}|,)*");
-    let item = if named {
-        format!("(?:{UNRESERVED})+(?:={value})?")
-    } else {
-        value
+    let item = || {
+        let value = Ast::Star(Box::new(Ast::Alt(vec![
+            value_char(allow),
+            Ast::Class(Class::Char(',')),
+        ])));
+        if named {
+            Ast::Seq(vec![
+                value_char(Class::Unreserved),
+                Ast::Star(Box::new(value_char(Class::Unreserved))),
+                Ast::Opt(Box::new(Ast::Seq(vec![
+                    Ast::Class(Class::Char('=')),
+                    value,
+                ]))),
+            ])
+        } else {
+            value
+        }
     };
-    let sep = regex_lite::escape(sep);
-    let first = if first == r"\?" {
-        first.to_owned()
-    } else {
-        regex_lite::escape(first)
-    };
-    Ok(format!("(?:{first}{item}(?:{sep}{item})*)?"))
+    let mut body = Vec::new();
+    if let Some(first) = first {
+        body.push(Ast::Class(Class::Char(first)));
+    }
+    body.push(item());
+    body.push(Ast::Star(Box::new(Ast::Seq(vec![
+        Ast::Class(Class::Char(sep)),
+        item(),
+    ]))));
+    Ok(Ast::Opt(Box::new(Ast::Seq(body))))
 }
 
 /// A variable name with an optional `:N` prefix or `*` explode modifier.
