@@ -121,6 +121,21 @@ impl Selector {
         }
     }
 
+    /// About what this selector takes in memory, in bytes.
+    fn footprint(&self) -> usize {
+        64 + match self {
+            Selector::All => 0,
+            Selector::Exact(t) => t.len(),
+            Selector::Template(t) => {
+                let states = t.nfa.prog.len();
+                let closures = t.nfa.closures.as_ref().map_or(0, Vec::len);
+                t.text.len()
+                    + states * std::mem::size_of::<Inst>()
+                    + closures * std::mem::size_of::<Small>()
+            }
+        }
+    }
+
     /// The selector as written.
     pub fn as_str(&self) -> &str {
         match self {
@@ -193,15 +208,7 @@ impl Grant {
         self.subscribe
             .iter()
             .chain(self.publish.iter())
-            .map(|s| {
-                s.as_str().len()
-                    * if matches!(s, Selector::Template(_)) {
-                        8
-                    } else {
-                        1
-                    }
-                    + 64
-            })
+            .map(Selector::footprint)
             .sum()
     }
 
@@ -313,17 +320,83 @@ enum Inst {
 #[derive(Debug, Clone)]
 struct Nfa {
     prog: Vec<Inst>,
+    /// For a program of at most [`SMALL`] instructions (most templates):
+    /// what each instruction reaches without consuming, as a bit set, so
+    /// that matching allocates nothing and keeps two small sets on the
+    /// stack.
+    closures: Option<Vec<Small>>,
 }
+
+/// Instructions a [`Small`] set holds.
+const SMALL: usize = 256;
+/// A set of instructions of a small program.
+type Small = [u64; SMALL / 64];
 
 impl Nfa {
     fn compile(ast: &Ast) -> Nfa {
         let mut prog = Vec::new();
         emit(ast, &mut prog);
         prog.push(Inst::Match);
-        Nfa { prog }
+        let mut nfa = Nfa {
+            prog,
+            closures: None,
+        };
+        if nfa.prog.len() <= SMALL {
+            let n = nfa.prog.len();
+            let (mut seen, mut work) = (vec![false; n], Vec::new());
+            let closures = (0..n)
+                .map(|pc| {
+                    let mut list = Vec::new();
+                    seen.iter_mut().for_each(|s| *s = false);
+                    nfa.add(pc, &mut list, &mut seen, &mut work);
+                    let mut set = [0u64; SMALL / 64];
+                    for i in list {
+                        set[i / 64] |= 1 << (i % 64);
+                    }
+                    set
+                })
+                .collect();
+            nfa.closures = Some(closures);
+        }
+        nfa
     }
 
     fn is_match(&self, topic: &str) -> bool {
+        match &self.closures {
+            Some(closures) => self.is_match_small(closures, topic),
+            None => self.is_match_large(topic),
+        }
+    }
+
+    /// Matching with the precomputed closures: no allocation, two sets.
+    fn is_match_small(&self, closures: &[Small], topic: &str) -> bool {
+        let mut current = closures[0];
+        for c in topic.chars() {
+            let mut next = [0u64; SMALL / 64];
+            for (w, &word) in current.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let pc = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    if let Inst::Class(class, to) = self.prog[pc]
+                        && class.matches(c)
+                    {
+                        for (n, add) in next.iter_mut().zip(closures[to]) {
+                            *n |= add;
+                        }
+                    }
+                }
+            }
+            if next.iter().all(|&w| w == 0) {
+                return false;
+            }
+            current = next;
+        }
+        let end = self.prog.len() - 1; // the one Match, last
+        current[end / 64] & (1 << (end % 64)) != 0
+    }
+
+    fn is_match_large(&self, topic: &str) -> bool {
         let n = self.prog.len();
         let (mut current, mut next) = (Vec::with_capacity(n), Vec::with_capacity(n));
         let mut seen = vec![false; n];
@@ -624,6 +697,24 @@ mod tests {
         assert!(Selector::parse(&many).is_err());
         let list: Vec<String> = (0..=MAX_SELECTORS).map(|i| format!("t{i}")).collect();
         assert!(parse_selectors(list.iter().map(String::as_str)).is_err());
+    }
+
+    #[test]
+    fn small_and_large_programs_match_alike() {
+        // Over `SMALL` instructions (a long literal part) the general path
+        // runs; both must agree.
+        let long = format!("{}{{id}}:x", "p".repeat(SMALL));
+        let large = sel(&long);
+        let Selector::Template(t) = &large else {
+            panic!("a template")
+        };
+        assert!(t.nfa.closures.is_none());
+        assert!(large.matches(&format!("{}42:x", "p".repeat(SMALL))));
+        assert!(!large.matches(&format!("{}4/2:x", "p".repeat(SMALL))));
+        let Selector::Template(t) = sel("user:{id}:updates") else {
+            panic!("a template")
+        };
+        assert!(t.nfa.closures.is_some());
     }
 
     #[test]
