@@ -292,19 +292,7 @@ fn bad_limit_settings_are_refused_naming_the_key() {
         ("trusted_proxies = [\"nginx\"]\n", "trusted_proxies"),
         ("max_streams_per_client = \"3\"\n", "max_streams_per_client"),
     ] {
-        let dir = TempDir::new("bad-limits");
-        let path = dir.path().join("ssed.toml");
-        std::fs::write(&path, toml).expect("write config");
-        let mut ssed = Ssed::spawn(&["--config", path.to_str().expect("utf-8")], &[]);
-        let status = ssed
-            .wait_exit(Duration::from_secs(10))
-            .expect("exits at once");
-        assert_eq!(status.code(), Some(2), "{toml}");
-        let err = ssed.stderr();
-        assert!(
-            err.contains(&format!("key `{key}`")) && err.contains("ssed.toml"),
-            "{toml}: {err}"
-        );
+        support::process::assert_config_refused(toml, key, "");
     }
 }
 

@@ -422,21 +422,7 @@ fn auth_settings_that_do_not_fit_are_refused_naming_the_key() {
         ),
         ("[auth]\nfoo = true\n", "auth.foo", "unknown key"),
     ] {
-        let dir = TempDir::new("bad-auth");
-        let path = dir.path().join("ssed.toml");
-        std::fs::write(&path, toml).expect("write config");
-        let mut ssed = Ssed::spawn(&["--config", path.to_str().expect("utf-8")], &[]);
-        let code = ssed
-            .wait_exit(Duration::from_secs(10))
-            .expect("exits at once");
-        assert_eq!(code.code(), Some(2), "{toml}");
-        let err = ssed.stderr();
-        assert!(
-            err.contains(&format!("key `{key}`"))
-                && err.contains(words)
-                && err.contains("ssed.toml"),
-            "{toml}: {err}"
-        );
+        support::process::assert_config_refused(toml, key, words);
     }
     // A key the file lacks may come from the environment.
     let dir = TempDir::new("env-secret");

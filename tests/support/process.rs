@@ -201,6 +201,24 @@ pub fn spawn_config(dir: &super::TempDir, toml: &str) -> (Ssed, SocketAddr) {
     (ssed, addr)
 }
 
+/// Starts ssed on the config `toml` and asserts that it refuses it at
+/// once: exit status 2, a message naming the file, `key` and `words`.
+pub fn assert_config_refused(toml: &str, key: &str, words: &str) {
+    let dir = super::TempDir::new("bad-config");
+    let path = dir.path().join("ssed.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let mut ssed = Ssed::spawn(&["--config", path.to_str().expect("utf-8")], &[]);
+    let status = ssed
+        .wait_exit(std::time::Duration::from_secs(10))
+        .expect("exits at once");
+    assert_eq!(status.code(), Some(2), "{toml}");
+    let err = ssed.stderr();
+    assert!(
+        err.contains(&format!("key `{key}`")) && err.contains(words) && err.contains("ssed.toml"),
+        "{toml}: {err}"
+    );
+}
+
 /// Threads of process `pid`, from /proc/PID/task (0 once it is gone).
 pub fn threads_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
