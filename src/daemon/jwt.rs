@@ -449,7 +449,11 @@ fn verify_jobs(verifier: &JwtVerifier, queue: &Queue) {
         let Some((token, now, reply)) = job else {
             return;
         };
-        let answer = verifier.verify(&token, now);
+        // A panic here must still answer: the asker parks until it does.
+        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            verifier.verify(&token, now)
+        }))
+        .unwrap_or(Err(JwtError));
         *reply.answer.lock().unwrap_or_else(PoisonError::into_inner) = Some(answer);
         reply.asker.unpark();
     }
