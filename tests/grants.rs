@@ -483,3 +483,67 @@ fn with_no_credentials_only_this_machine_consumes_mailboxes() {
     assert_eq!(curl("/events/t"), "200");
     drop(ssed);
 }
+
+#[test]
+fn a_ticket_minted_with_a_jwt_ends_with_the_token() {
+    let d = daemon(
+        "ticket-expiry",
+        &format!(
+            "heartbeat = \"0\"\nmax_execution_time = \"0\"\n[auth]\njwt_secret = \"{SECRET}\"\n"
+        ),
+    );
+    let jwt = hs256(
+        SECRET,
+        &json!({"alg": "HS256"}),
+        &json!({"mercure": {"subscribe": ["t"], "publish": ["t"]}, "exp": unix_now() + 3}),
+    );
+    // `{}` asks for the whole grant; only its subscribe part goes along.
+    let (code, v) = ticket(d.addr, &jwt, "{}");
+    assert_eq!(code, 200, "{v}");
+    let t = v["ticket"].as_str().expect("a ticket").to_owned();
+    let (mut c, head) = open(d.addr, &format!("/events/t?ticket={t}"), &[]);
+    assert_eq!(head.status, 200);
+    assert!(
+        c.closed_within(Duration::from_secs(8)),
+        "the ticket's stream outlived the token it was minted with"
+    );
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        d.addr,
+        "ssed_disconnects_total{reason=\"expired\"}"
+    ) == 1));
+}
+
+#[test]
+fn a_jwt_cookie_is_not_accepted_from_another_sites_page() {
+    let d = daemon(
+        "cookie-origin",
+        &format!("cors_origins = [\"*\"]\n[auth]\njwt_secret = \"{SECRET}\"\n"),
+    );
+    let jwt = token(&["news"], &["news"]);
+    let cookie = format!("Cookie: mercureAuthorization={jwt}");
+    // From a page of another site, with `*` allowing it cross-origin.
+    let evil = "Origin: https://evil.example";
+    let (head, body) = post(d.addr, "/publish/news", &[&cookie, evil], "x");
+    assert_eq!(head.status, 403, "{body}");
+    let (code, _) = status(d.addr, "/events/news", &[&cookie, evil]);
+    assert_eq!(code, 403);
+    // From this origin's own page, and from no page, it works.
+    let (head, body) = post(
+        d.addr,
+        "/publish/news",
+        &[&cookie, "Origin: http://127.0.0.1"],
+        "x",
+    );
+    assert_eq!(head.status, 200, "{body}");
+    let (code, _) = status(d.addr, "/events/news", &[&cookie]);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn anonymous_off_with_no_credential_is_refused_at_start() {
+    support::process::assert_config_refused(
+        "[auth]\nanonymous = false\n",
+        "auth.anonymous",
+        "refuse every subscriber",
+    );
+}

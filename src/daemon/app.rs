@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 
-use super::auth::{self, SESSION_COOKIE, TICKET_TTL, Tickets};
+use super::auth::{self, Pass, SESSION_COOKIE, TICKET_TTL, Tickets};
 use super::config::{Config, OverloadMode};
 use super::error::SetupError;
 use super::jwt::{Claims, JwtVerifier, VerifierPool};
@@ -25,7 +25,7 @@ use crate::{
 pub const DEMO_PAGE: &str = include_str!("demo.html");
 thread_local! {
     /// A stream thread's JWT, verified ahead (see [`App::verify_ahead`]).
-    static VERIFIED: std::cell::RefCell<Option<Result<Claims, super::jwt::JwtError>>> =
+    static VERIFIED: std::cell::RefCell<Option<(String, Result<Claims, super::jwt::JwtError>)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -255,6 +255,14 @@ impl Credential {
         }
     }
 
+    fn pass(how: How, pass: Pass) -> Credential {
+        Credential {
+            how,
+            grant: pass.grant,
+            expires: pass.expires,
+        }
+    }
+
     fn jwt(claims: Claims) -> Credential {
         Credential {
             how: How::Jwt,
@@ -307,10 +315,12 @@ impl App {
     fn jwt(&self, token: &str) -> Option<Result<Claims, Response>> {
         let pool = self.jwt.as_ref()?;
         JwtVerifier::looks_like_jwt(token).then(|| {
-            VERIFIED
-                .with(|v| v.borrow_mut().take())
-                .unwrap_or_else(|| pool.verify(token, SystemTime::now()))
-                .map_err(|_| Self::invalid_token())
+            let ahead = VERIFIED.with(|v| v.borrow_mut().take());
+            match ahead {
+                Some((t, verified)) if t == token => verified,
+                _ => pool.verify(token, SystemTime::now()),
+            }
+            .map_err(|_| Self::invalid_token())
         })
     }
 
@@ -330,6 +340,9 @@ impl App {
     #[inline(never)]
     fn verify_ahead(&self, req: &Request) {
         let Some(pool) = &self.jwt else { return };
+        // The one `authorize_subscribe` will use: the Bearer token unless it
+        // is the subscribe token; else the JWT cookie, unless `?token=`, a
+        // ticket or a session decides first.
         let token = match auth::bearer(req) {
             Some(given) => {
                 let static_token = self
@@ -339,13 +352,19 @@ impl App {
                     .is_some_and(|t| Self::token_matches(t, Some(given)));
                 (!static_token).then_some(given)
             }
+            None if req.query("token").is_some()
+                || req.query("ticket").is_some()
+                || auth::cookie(req, SESSION_COOKIE).is_some() =>
+            {
+                None
+            }
             None => auth::cookie(req, &self.config.jwt_cookie),
         };
         let Some(token) = token.filter(|t| JwtVerifier::looks_like_jwt(t)) else {
             return;
         };
         let verified = pool.verify_elsewhere(token, SystemTime::now());
-        VERIFIED.with(|v| *v.borrow_mut() = Some(verified));
+        VERIFIED.with(|v| *v.borrow_mut() = Some((token.to_owned(), verified)));
     }
 
     /// Who a new stream's client is, and whether its grant covers
@@ -389,23 +408,26 @@ impl App {
             return Err(Self::unauthorized("wrong subscribe token"));
         }
         let session = || auth::cookie(req, SESSION_COOKIE).and_then(|s| self.tickets.session(s));
-        if let Some(ticket) = req.query("ticket") {
-            if let Some(grant) = self.tickets.redeem(ticket) {
-                return Ok(Credential::new(How::Ticket, grant));
+        if let Some(ticket) = req.query("ticket").filter(|_| credentials) {
+            if let Some(pass) = self.tickets.redeem(ticket) {
+                return Ok(Credential::pass(How::Ticket, pass));
             }
             // A spent ticket may still come with a live session cookie
             // (the browser reconnecting with the same URL).
-            if let Some(grant) = session() {
-                return Ok(Credential::new(How::Session, grant));
+            if let Some(pass) = session() {
+                return Ok(Credential::pass(How::Session, pass));
             }
             return Err(Self::unauthorized(
                 "ticket invalid, spent or expired: get a new one with POST /tickets",
             ));
         }
-        if let Some(grant) = session() {
-            return Ok(Credential::new(How::Session, grant));
+        if let Some(pass) = session() {
+            return Ok(Credential::pass(How::Session, pass));
         }
         if let Some(claims) = self.jwt_cookie(req) {
+            if !self.cookie_origin_allowed(req) {
+                return Err(Self::cookie_from_elsewhere(req));
+            }
             return claims.map(Credential::jwt);
         }
         if self.config.anonymous_allowed() {
@@ -455,29 +477,31 @@ impl App {
         let bearer = auth::bearer(req);
         if let Some(given) = bearer {
             if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
-                return Ok(Some(given.to_owned()));
+                return Ok(Some(format!("token:{given}")));
             }
             if let Some(claims) = self.jwt(given) {
                 let claims = claims?;
                 if !claims.grant.can_publish(name) {
                     return Err(Self::forbidden("topic", name));
                 }
-                return Ok(Some(claims.subject.unwrap_or_else(|| given.to_owned())));
+                return Ok(Some(publisher_key(claims.subject.as_deref(), given)));
             }
         }
-        // A browser publishing with its JWT cookie: the CORS check before
-        // this keeps other sites' pages out.
+        // A browser publishing with its JWT cookie, from a page of this
+        // origin or one listed by name: with `cors_origins = ["*"]` any
+        // site's page could otherwise publish with the user's cookie.
         if bearer.is_none()
             && let Some(claims) = self.jwt_cookie(req)
         {
+            if !self.cookie_origin_allowed(req) {
+                return Err(Self::cookie_from_elsewhere(req));
+            }
             let claims = claims?;
             if !claims.grant.can_publish(name) {
                 return Err(Self::forbidden("topic", name));
             }
-            let key = claims
-                .subject
-                .unwrap_or_else(|| self.config.jwt_cookie.clone());
-            return Ok(Some(key));
+            let token = auth::cookie(req, &self.config.jwt_cookie).unwrap_or_default();
+            return Ok(Some(publisher_key(claims.subject.as_deref(), token)));
         }
         if self.config.publisher_credentials() {
             return Err(match bearer {
@@ -543,6 +567,28 @@ impl App {
                 )
             },
         ))
+    }
+
+    /// Whether a credential in a cookie may be used by this request: no
+    /// page (no `Origin`), a page of this origin, or one listed by name in
+    /// `cors_origins`, never merely by `*`.
+    fn cookie_origin_allowed(&self, req: &Request) -> bool {
+        req.header("origin").is_none_or(|origin| {
+            same_origin(origin, req.header("host"), req.scheme()) || self.cors_lists(origin)
+        })
+    }
+
+    #[cold]
+    fn cookie_from_elsewhere(req: &Request) -> Response {
+        Response::text(
+            403,
+            format!(
+                "the {} cookie is not accepted from a page of {}: list that origin by name in \
+                 cors_origins",
+                "JWT",
+                req.header("origin").unwrap_or_default()
+            ),
+        )
     }
 
     /// Whether `origin` is listed by name in `cors_origins` (not by `*`).
@@ -666,7 +712,11 @@ impl App {
             stream.header(k, v)?;
         }
         if cred.how == How::Ticket {
-            self.start_session(req, stream, cred.grant)?;
+            let pass = Pass {
+                grant: cred.grant,
+                expires: cred.expires,
+            };
+            self.start_session(req, stream, pass)?;
         }
         Ok(true)
     }
@@ -680,9 +730,9 @@ impl App {
         &self,
         req: &Request,
         stream: &mut Stream,
-        grant: Grant,
+        pass: Pass,
     ) -> Result<(), StreamError> {
-        match self.tickets.open_session(self.config.ticket_session, grant) {
+        match self.tickets.open_session(self.config.ticket_session, pass) {
             Ok(secret) => {
                 // `Secure` when the client is on https (as a trusted proxy
                 // says): the browser then never sends the cookie over
@@ -903,12 +953,18 @@ impl App {
         // The caller's own subscribe grant: the subscribe token's `*`, or
         // a JWT's.
         let token = self.config.subscribe_token.as_deref();
+        let mut expires = None;
         let grant = match auth::bearer(req) {
             Some(given) if token.is_some_and(|t| Self::token_matches(t, Some(given))) => {
                 Grant::subscribe_all()
             }
             Some(given) => match self.jwt(given) {
-                Some(Ok(claims)) => claims.grant,
+                Some(Ok(claims)) => {
+                    // The ticket, and the session it starts, end with the
+                    // token.
+                    expires = claims.expires;
+                    Grant::new(claims.grant.subscribe().to_vec(), Vec::new())
+                }
                 Some(Err(r)) => return r,
                 None => return Self::unauthorized("wrong subscribe token"),
             },
@@ -932,7 +988,7 @@ impl App {
             "expires_in": TICKET_TTL.as_secs(),
             "subscribe": subscribe,
         });
-        match self.tickets.issue(grant.clone()) {
+        match self.tickets.issue(Pass { grant, expires }) {
             Ok(ticket) => {
                 let mut body = body;
                 body["ticket"] = json!(ticket);
@@ -1211,6 +1267,15 @@ impl App {
 /// client to come back.
 const STORAGE_RETRY: Duration = Duration::from_secs(2);
 
+/// Who a JWT publisher is counted as for `publish_rate`: its subject, or
+/// its token. Prefixed by kind, so that no subject names the publish token.
+fn publisher_key(subject: Option<&str>, token: &str) -> String {
+    match subject {
+        Some(sub) => format!("sub:{sub}"),
+        None => format!("jwt:{token}"),
+    }
+}
+
 /// Ends `stream` when its token expires, at `exp`.
 #[inline(never)]
 fn end_with_token(stream: &mut Stream, exp: SystemTime) {
@@ -1227,7 +1292,8 @@ fn ticket_selectors(body: &[u8]) -> Result<Option<Vec<Selector>>, Response> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Wanted {
-        subscribe: Vec<String>,
+        #[serde(default)]
+        subscribe: Option<Vec<String>>,
     }
     let wanted: Wanted = serde_json::from_slice(body).map_err(|e| {
         Response::text(
@@ -1235,7 +1301,10 @@ fn ticket_selectors(body: &[u8]) -> Result<Option<Vec<Selector>>, Response> {
             format!("the body must be {{\"subscribe\": [topic selectors]}}: {e}"),
         )
     })?;
-    let selectors = parse_selectors(wanted.subscribe.iter().map(String::as_str))
+    let Some(wanted) = wanted.subscribe else {
+        return Ok(None); // `{}`: the whole grant
+    };
+    let selectors = parse_selectors(wanted.iter().map(String::as_str))
         .map_err(|e| Response::text(400, e.to_string()))?;
     Ok(Some(selectors))
 }

@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::Request;
 use crate::hub::grant::Grant;
@@ -72,6 +72,26 @@ pub fn random_secret() -> std::io::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// What a ticket or a session carries: the grant it was issued with, and
+/// when the credential it came from expires (a JWT's `exp`), if it does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// The subscribe grant.
+    pub grant: Grant,
+    /// The issuing credential's expiry: streams end then, sessions too.
+    pub expires: Option<SystemTime>,
+}
+
+impl Pass {
+    /// A pass of `grant` that does not expire by itself.
+    pub fn of(grant: Grant) -> Pass {
+        Pass {
+            grant,
+            expires: None,
+        }
+    }
+}
+
 /// Outstanding tickets and live sessions.
 #[derive(Debug, Default)]
 pub struct Tickets {
@@ -85,7 +105,7 @@ pub struct Tickets {
 /// expired, never a scan of all; when full, the one nearest its end goes.
 #[derive(Debug, Default)]
 struct Secrets {
-    expiry: HashMap<String, (Instant, Grant)>,
+    expiry: HashMap<String, (Instant, Pass)>,
     /// What the grants held take, by [`Grant::footprint`].
     bytes: usize,
     /// `(expires, secret)`, oldest first. A secret spent early stays here
@@ -113,46 +133,48 @@ impl Secrets {
         }
     }
 
-    fn insert(&mut self, secret: String, expires: Instant, grant: Grant, now: Instant) {
-        self.bytes += grant.footprint();
+    fn insert(&mut self, secret: String, expires: Instant, pass: Pass, now: Instant) {
+        self.bytes += pass.grant.footprint();
         self.prune(now);
         self.order.push_back((expires, secret.clone()));
-        self.expiry.insert(secret, (expires, grant));
+        self.expiry.insert(secret, (expires, pass));
     }
 
-    fn remove(&mut self, secret: &str) -> Option<(Instant, Grant)> {
+    fn remove(&mut self, secret: &str) -> Option<(Instant, Pass)> {
         let removed = self.expiry.remove(secret);
-        if let Some((_, g)) = &removed {
-            self.bytes = self.bytes.saturating_sub(g.footprint());
+        if let Some((_, p)) = &removed {
+            self.bytes = self.bytes.saturating_sub(p.grant.footprint());
         }
         removed
     }
 
-    fn get(&self, secret: &str) -> Option<&(Instant, Grant)> {
+    fn get(&self, secret: &str) -> Option<&(Instant, Pass)> {
         self.expiry.get(secret)
     }
 }
 
 impl Tickets {
-    /// Issues a ticket valid for [`TICKET_TTL`], carrying `grant`.
+    /// Issues a ticket valid for [`TICKET_TTL`] (or until `pass` expires,
+    /// if sooner), carrying `pass`.
     ///
     /// # Errors
     ///
     /// When no random secret can be made.
-    pub fn issue(&self, grant: Grant) -> std::io::Result<String> {
+    pub fn issue(&self, pass: Pass) -> std::io::Result<String> {
         let ticket = random_secret()?;
         let now = Instant::now();
+        let ttl = capped(TICKET_TTL, pass.expires);
         let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
-        t.insert(ticket.clone(), now + TICKET_TTL, grant, now);
+        t.insert(ticket.clone(), now + ttl, pass, now);
         Ok(ticket)
     }
 
-    /// Spends a ticket: its grant, once, if it exists and has not expired.
-    pub fn redeem(&self, ticket: &str) -> Option<Grant> {
+    /// Spends a ticket: its pass, once, if it exists and has not expired.
+    pub fn redeem(&self, ticket: &str) -> Option<Pass> {
         let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         t.remove(ticket)
             .filter(|(exp, _)| Instant::now() < *exp)
-            .map(|(_, g)| g)
+            .map(|(_, p)| p)
     }
 
     /// Opens a session valid for `ttl`; returns its secret.
@@ -160,20 +182,30 @@ impl Tickets {
     /// # Errors
     ///
     /// When no random secret can be made.
-    pub fn open_session(&self, ttl: Duration, grant: Grant) -> std::io::Result<String> {
+    /// A session lives `ttl`, or until its pass expires if sooner.
+    pub fn open_session(&self, ttl: Duration, pass: Pass) -> std::io::Result<String> {
         let secret = random_secret()?;
         let now = Instant::now();
+        let ttl = capped(ttl, pass.expires);
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        s.insert(secret.clone(), now + ttl, grant, now);
+        s.insert(secret.clone(), now + ttl, pass, now);
         Ok(secret)
     }
 
-    /// A live session's grant.
-    pub fn session(&self, secret: &str) -> Option<Grant> {
+    /// A live session's pass.
+    pub fn session(&self, secret: &str) -> Option<Pass> {
         let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         s.get(secret)
             .filter(|(exp, _)| Instant::now() < *exp)
-            .map(|(_, g)| g.clone())
+            .map(|(_, p)| p.clone())
+    }
+}
+
+/// `ttl`, or less if `expires` comes sooner.
+fn capped(ttl: Duration, expires: Option<SystemTime>) -> Duration {
+    match expires {
+        Some(exp) => ttl.min(exp.duration_since(SystemTime::now()).unwrap_or_default()),
+        None => ttl,
     }
 }
 
@@ -213,20 +245,29 @@ mod tests {
     #[test]
     fn tickets_are_single_use() {
         let t = Tickets::default();
-        let a = t.issue(Grant::subscribe_all()).expect("urandom");
+        let a = t.issue(Pass::of(Grant::subscribe_all())).expect("urandom");
         assert_eq!(a.len(), 32);
-        assert_eq!(t.redeem(&a), Some(Grant::subscribe_all()));
+        assert_eq!(t.redeem(&a), Some(Pass::of(Grant::subscribe_all())));
         assert!(t.redeem(&a).is_none(), "single use");
         assert!(t.redeem("unknown").is_none());
         let s = t
-            .open_session(Duration::from_secs(60), Grant::subscribe_all())
+            .open_session(Duration::from_secs(60), Pass::of(Grant::subscribe_all()))
             .expect("urandom");
         assert!(t.session(&s).is_some());
         assert!(t.session("nope").is_none());
         let expired = t
-            .open_session(Duration::ZERO, Grant::none())
+            .open_session(Duration::ZERO, Pass::default())
             .expect("urandom");
         assert!(t.session(&expired).is_none());
+        // A pass that expires ends its session with it.
+        let short = Pass {
+            grant: Grant::subscribe_all(),
+            expires: Some(SystemTime::now()),
+        };
+        let s = t
+            .open_session(Duration::from_secs(60), short)
+            .expect("urandom");
+        assert!(t.session(&s).is_none());
     }
 
     #[test]
@@ -235,7 +276,7 @@ mod tests {
         let now = Instant::now();
         let ttl = Duration::from_secs(30);
         for i in 0..MAX_ENTRIES + 10 {
-            s.insert(format!("s{i}"), now + ttl, Grant::none(), now);
+            s.insert(format!("s{i}"), now + ttl, Pass::default(), now);
         }
         assert_eq!(s.expiry.len(), MAX_ENTRIES);
         assert!(
@@ -246,13 +287,13 @@ mod tests {
         // Spent secrets do not pile up in the order either.
         for i in 0..3 * MAX_ENTRIES {
             let secret = format!("spent{i}");
-            s.insert(secret.clone(), now + ttl, Grant::none(), now);
+            s.insert(secret.clone(), now + ttl, Pass::default(), now);
             s.remove(&secret);
         }
         assert!(s.order.len() <= 2 * MAX_ENTRIES, "{}", s.order.len());
         // Expired ones go as time passes.
         let later = now + ttl + Duration::from_secs(1);
-        s.insert("new".into(), later + ttl, Grant::none(), later);
+        s.insert("new".into(), later + ttl, Pass::default(), later);
         assert_eq!(s.expiry.len(), 1);
     }
 
@@ -271,7 +312,7 @@ mod tests {
             s.insert(
                 format!("s{i}"),
                 now + Duration::from_secs(30),
-                grant.clone(),
+                Pass::of(grant.clone()),
                 now,
             );
         }

@@ -593,7 +593,16 @@ impl Config {
     /// [`ConfigError::Key`] naming the `[auth]` key at fault.
     pub fn check(&self, path: Option<&Path>) -> Result<(), ConfigError> {
         self.check_jwt(true)
-            .map_err(|(key, m)| ConfigError::key(path, key, m))
+            .map_err(|(key, m)| ConfigError::key(path, key, m))?;
+        if self.anonymous == Some(false) && !self.subscriber_credentials() {
+            return Err(ConfigError::key(
+                path,
+                "auth.anonymous",
+                "false with no subscriber credential (subscribe_token, jwt_secret, \
+                 jwt_public_key) would refuse every subscriber",
+            ));
+        }
+        Ok(())
     }
 
     /// The JWT verifier the `[auth]` keys make; `None` with no JWT key.

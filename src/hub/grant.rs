@@ -158,9 +158,12 @@ impl fmt::Debug for Selector {
     }
 }
 
+/// The same kind of selector, written the same: an exact `u:{id}` (from a
+/// draft-08 `exact` matcher) is not the template `u:{id}`.
 impl PartialEq for Selector {
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.as_str() == other.as_str()
     }
 }
 
@@ -755,6 +758,15 @@ mod tests {
         );
         let all = Grant::subscribe_all();
         assert!(all.narrow_subscribe(vec![sel("anything:{x}")]).is_ok());
+        // An exact selector written like a template does not let a ticket
+        // narrow to the template: that would widen it.
+        let exact = Grant::new(vec![Selector::exact("u:{id}").unwrap()], Vec::new());
+        assert!(exact.narrow_subscribe(vec![sel("u:{id}")]).is_err());
+        assert!(
+            exact
+                .narrow_subscribe(vec![Selector::exact("u:{id}").unwrap()])
+                .is_ok()
+        );
         assert!(!Grant::none().can_subscribe("x"));
         assert!(Grant::publish_all().can_publish("x"));
     }
