@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR=never
 seconds=${FUZZ_SECONDS:-10}
-all_targets=(request_head event_roundtrip config publish_query resp_reply)
+all_targets=(request_head event_roundtrip config publish_query resp_reply grants)
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
 if ! nightly=$(rustup run nightly rustc --version 2>&1); then
