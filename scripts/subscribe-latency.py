@@ -7,9 +7,11 @@ Against an ssed already listening on 127.0.0.1:PORT (for instance
 `target/static/ssed --config c.toml --listen 127.0.0.1:18600`, with or
 without `[redis]`). Each subscribe opens a connection, asks for
 /events/latN (20 topics in turn), reads up to the end of the head and
-closes. Prints p50, p90 and p99 in microseconds. Bounded by N (default
+closes. With SSED_SUBSCRIBE_TOKEN set, it goes as a Bearer token (a JWT,
+say). Prints p50, p90 and p99 in microseconds. Bounded by N (default
 1000); stops by itself.
 """
+import os
 import socket
 import sys
 import time
@@ -21,6 +23,7 @@ def main():
     port = int(sys.argv[1])
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
     last = sys.argv[3] if len(sys.argv) > 3 else None
+    token = os.environ.get("SSED_SUBSCRIBE_TOKEN")
     times = []
     for i in range(n):
         t0 = time.perf_counter()
@@ -28,6 +31,8 @@ def main():
         head = f"GET /events/lat{i % 20} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
         if last:
             head += f"Last-Event-ID: {last}\r\n"
+        if token:
+            head += f"Authorization: Bearer {token}\r\n"
         s.sendall((head + "\r\n").encode())
         buf = b""
         while b"\r\n\r\n" not in buf:
