@@ -547,3 +547,76 @@ fn anonymous_off_with_no_credential_is_refused_at_start() {
         "refuse every subscriber",
     );
 }
+
+/// With JWTs, `max_streams_per_client` counts a stream against its
+/// token's subject, not its address: two users behind one address each get
+/// their own allowance, and one user gets no more by changing address.
+#[test]
+fn the_per_client_limit_follows_the_jwt_subject() {
+    let d = daemon(
+        "sub-limit",
+        &format!(
+            "max_streams_per_client = 2\n[auth]\njwt_secret = \"{SECRET}\"\nanonymous = true\n"
+        ),
+    );
+    let of = |sub: &str| {
+        hs256(
+            SECRET,
+            &json!({"alg": "HS256"}),
+            &json!({"mercure": {"subscribe": ["*"]}, "sub": sub}),
+        )
+    };
+    let open_from = |from: &str, headers: &[&str]| {
+        let mut c = Client::from_conn(support::connect_from(from, d.addr));
+        let head = c.get_stream("/events/t", headers);
+        let body = if head.status == 200 {
+            String::new()
+        } else {
+            String::from_utf8(c.body(&head)).expect("utf-8")
+        };
+        (c, head.status, body)
+    };
+    let alice = format!("Authorization: Bearer {}", of("alice"));
+    let bob = format!("Authorization: Bearer {}", of("bob"));
+    let mut held = Vec::new();
+    for (from, who) in [("127.0.0.2", &alice), ("127.0.0.3", &alice)] {
+        let (c, code, body) = open_from(from, &[who]);
+        assert_eq!(code, 200, "{body}");
+        held.push(c);
+    }
+    // Alice's third, from yet another address: over her allowance.
+    let (_c, code, body) = open_from("127.0.0.4", &[&alice]);
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("alice"), "{body}");
+    // Bob, from Alice's address, and anonymous streams from it, are apart.
+    for _ in 0..2 {
+        let (c, code, body) = open_from("127.0.0.2", &[&bob]);
+        assert_eq!(code, 200, "bob: {body}");
+        held.push(c);
+    }
+    for _ in 0..2 {
+        let (c, code, body) = open_from("127.0.0.2", &[]);
+        assert_eq!(code, 200, "anonymous: {body}");
+        held.push(c);
+    }
+    let (_c, code, _) = open_from("127.0.0.2", &[]);
+    assert_eq!(code, 429, "the address's own allowance");
+    // A forged token naming Alice is refused as a forgery, not counted.
+    let forged = format!(
+        "Authorization: Bearer {}",
+        hs256(
+            "not-the-secret",
+            &json!({"alg": "HS256"}),
+            &json!({"sub": "carol"})
+        )
+    );
+    let (_c, code, _) = open_from("127.0.0.5", &[&forged]);
+    assert_eq!(code, 401);
+    // One of Alice's streams ends: her place comes back.
+    drop(held.remove(0));
+    assert!(wait_until(Duration::from_secs(5), || {
+        let (_c, code, _) = open_from("127.0.0.6", &[&alice]);
+        code == 200
+    }));
+    assert!(metric(d.addr, "ssed_client_limited_total{limit=\"streams\"}") >= 2);
+}

@@ -15,6 +15,7 @@ use super::jwt::{Claims, JwtVerifier, VerifierPool};
 use crate::bridge::postgres::{Listener, ListenerState};
 use crate::hub::grant::{Grant, Selector, parse_selectors};
 use crate::hub::{MemoryHistory, valid_name};
+use crate::server::limits::clients::ClientStreams;
 use crate::server::limits::rate::{RateLimiter, retry_after_secs};
 use crate::{
     Capacity, EndReason, Event, Hub, HubConfig, Overload, Request, Response, Server,
@@ -23,7 +24,35 @@ use crate::{
 
 /// The demo page served at `/`.
 pub const DEMO_PAGE: &str = include_str!("demo.html");
+/// The JWT a stream request will be authorized with, if any: the Bearer
+/// token unless it is the subscribe token; else the JWT cookie, unless
+/// `?token=`, a ticket or a session decides first.
+fn stream_jwt<'r>(req: &'r Request, config: &Config) -> Option<&'r str> {
+    let token = match auth::bearer(req) {
+        Some(given) => {
+            let static_token = config
+                .subscribe_token
+                .as_deref()
+                .is_some_and(|t| auth::constant_time_eq(t.as_bytes(), given.as_bytes()));
+            (!static_token).then_some(given)
+        }
+        None if req.query("token").is_some()
+            || req.query("ticket").is_some()
+            || auth::cookie(req, SESSION_COOKIE).is_some() =>
+        {
+            None
+        }
+        None => auth::cookie(req, &config.jwt_cookie),
+    };
+    token.filter(|t| JwtVerifier::looks_like_jwt(t))
+}
+
 thread_local! {
+    /// A stream thread's place under `max_streams_per_client`, when its
+    /// handler counted it (see `App::count_named_client`); given back when
+    /// the thread ends with its stream.
+    static HELD: std::cell::RefCell<Option<crate::server::limits::clients::ClientSlot>> =
+        const { std::cell::RefCell::new(None) };
     /// A stream thread's JWT, verified ahead (see [`App::verify_ahead`]).
     static VERIFIED: std::cell::RefCell<Option<(String, Result<Claims, super::jwt::JwtError>)>> =
         const { std::cell::RefCell::new(None) };
@@ -42,6 +71,9 @@ struct App {
     tickets: Tickets,
     started: Instant,
     capacity: OnceLock<Capacity>,
+    /// The server's count of streams per client, for the streams whose
+    /// client only the handler knows (a JWT's subject).
+    clients: OnceLock<Arc<ClientStreams>>,
     /// `publish_rate`, per publisher credential else address.
     publish_limit: Option<RateLimiter>,
     /// Verifies JWTs, when `[auth]` has a JWT key.
@@ -92,6 +124,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         tickets: Tickets::default(),
         started: Instant::now(),
         capacity: OnceLock::new(),
+        clients: OnceLock::new(),
         postgres: OnceLock::new(),
         publish_limit: config.publish_rate.map(RateLimiter::new),
         jwt: jwt.map(|v| VerifierPool::start(v, JWT_THREADS)),
@@ -170,8 +203,19 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         let app = a(&app);
         b.handle("OPTIONS", path, move |req| app.preflight(req))
     });
+    let builder = if c.max_streams_per_client > 0 && app.jwt.is_some() {
+        let config = app.config.clone();
+        builder.client_named_by_handler(move |req| {
+            stream_jwt(req, &config)
+                .and_then(super::jwt::unverified_subject)
+                .is_some()
+        })
+    } else {
+        builder
+    };
     let server = builder.build()?;
     let _ = app.capacity.set(server.capacity().clone()); // set once, right here
+    let _ = app.clients.set(Arc::clone(&server.shared().clients));
     let listeners = app
         .config
         .postgres
@@ -244,6 +288,9 @@ struct Credential {
     grant: Grant,
     /// When the credential expires (a JWT's `exp`): its stream ends then.
     expires: Option<SystemTime>,
+    /// Who it names (a JWT's `sub`): the client `max_streams_per_client`
+    /// counts its streams against.
+    subject: Option<String>,
 }
 
 impl Credential {
@@ -252,6 +299,7 @@ impl Credential {
             how,
             grant,
             expires: None,
+            subject: None,
         }
     }
 
@@ -260,6 +308,7 @@ impl Credential {
             how,
             grant: pass.grant,
             expires: pass.expires,
+            subject: None,
         }
     }
 
@@ -268,6 +317,7 @@ impl Credential {
             how: How::Jwt,
             grant: claims.grant,
             expires: claims.expires,
+            subject: claims.subject,
         }
     }
 }
@@ -340,27 +390,7 @@ impl App {
     #[inline(never)]
     fn verify_ahead(&self, req: &Request) {
         let Some(pool) = &self.jwt else { return };
-        // The one `authorize_subscribe` will use: the Bearer token unless it
-        // is the subscribe token; else the JWT cookie, unless `?token=`, a
-        // ticket or a session decides first.
-        let token = match auth::bearer(req) {
-            Some(given) => {
-                let static_token = self
-                    .config
-                    .subscribe_token
-                    .as_deref()
-                    .is_some_and(|t| Self::token_matches(t, Some(given)));
-                (!static_token).then_some(given)
-            }
-            None if req.query("token").is_some()
-                || req.query("ticket").is_some()
-                || auth::cookie(req, SESSION_COOKIE).is_some() =>
-            {
-                None
-            }
-            None => auth::cookie(req, &self.config.jwt_cookie),
-        };
-        let Some(token) = token.filter(|t| JwtVerifier::looks_like_jwt(t)) else {
+        let Some(token) = stream_jwt(req, &self.config) else {
             return;
         };
         let verified = pool.verify_elsewhere(token, SystemTime::now());
@@ -569,6 +599,42 @@ impl App {
         ))
     }
 
+    /// Counts a stream the acceptor did not count, against its JWT's
+    /// subject, and holds the place for as long as this thread (the
+    /// stream's) lives. False: the subject holds `max_streams_per_client`
+    /// streams already.
+    #[cold]
+    #[inline(never)]
+    fn count_named_client(&self, cred: &Credential) -> bool {
+        let (Some(clients), Some(sub)) = (self.clients.get(), &cred.subject) else {
+            return true;
+        };
+        let slot = clients.acquire_named(&format!("sub:{sub}"));
+        match slot {
+            Some(slot) => {
+                HELD.with(|h| *h.borrow_mut() = slot);
+                true
+            }
+            None => {
+                self.stats.counters().client_limited.fetch_add(1, Relaxed);
+                false
+            }
+        }
+    }
+
+    #[cold]
+    fn too_many_streams(&self, cred: &Credential) -> Response {
+        let who = cred.subject.as_deref().unwrap_or("this client");
+        Response::text(
+            429,
+            format!(
+                "too many streams for {who}: at most {} at once per client; close one first",
+                self.config.max_streams_per_client
+            ),
+        )
+        .with_header("Retry-After", "5")
+    }
+
     /// Whether a credential in a cookie may be used by this request: no
     /// page (no `Origin`), a page of this origin, or one listed by name in
     /// `cors_origins`, never merely by `*`.
@@ -705,6 +771,16 @@ impl App {
                 return Ok(false);
             }
         };
+        // The acceptor left a stream authorized by a JWT with a subject to
+        // be counted here (see `build`): the same token, so the same
+        // subject, read without verifying there and verified here.
+        let named_later = self.config.max_streams_per_client > 0
+            && cred.how == How::Jwt
+            && cred.subject.is_some();
+        if named_later && !self.count_named_client(&cred) {
+            stream.respond(self.with_cors(req, self.too_many_streams(&cred)))?;
+            return Ok(false);
+        }
         if let Some(exp) = cred.expires {
             end_with_token(stream, exp);
         }

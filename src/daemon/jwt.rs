@@ -473,6 +473,15 @@ fn verify_jobs(verifier: &JwtVerifier, queue: &Queue) {
     }
 }
 
+/// The `sub` a token's payload claims, read WITHOUT verifying anything:
+/// only to decide who a stream counts as before its token is verified
+/// (`max_streams_per_client`); a forged token is refused right after.
+pub fn unverified_subject(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let claims = decode_json(payload).ok()?;
+    claims.get("sub")?.as_str().map(str::to_owned)
+}
+
 fn decode_json(part: &str) -> Result<Value, JwtError> {
     let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| JwtError)?;
     serde_json::from_slice(&bytes).map_err(|_| JwtError)

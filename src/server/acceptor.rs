@@ -550,10 +550,16 @@ impl Acceptor {
                     self.answer_conn(p, minor, r);
                     return;
                 }
-                let Some(client) = shared.clients.acquire(req.client_ip()) else {
-                    counters.client_limited.fetch_add(1, Relaxed);
-                    self.too_many_from(p, &req, minor);
-                    return;
+                let named_later = shared.named_later.as_ref().is_some_and(|f| f(&req));
+                let client = if named_later {
+                    None
+                } else {
+                    let Some(client) = shared.clients.acquire(req.client_ip()) else {
+                        counters.client_limited.fetch_add(1, Relaxed);
+                        self.too_many_from(p, &req, minor);
+                        return;
+                    };
+                    client
                 };
                 let open = counters.streams_open.load(Relaxed);
                 if open >= config.max_connections as u64

@@ -91,6 +91,8 @@ pub(crate) struct Shared {
     pub registry: Arc<Registry>,
     /// Streams each client holds, against `max_streams_per_client`.
     pub clients: Arc<ClientStreams>,
+    /// Stream requests whose handler counts their client itself.
+    pub named_later: Option<NamedLater>,
     pub returned: Sender<Returned>,
     /// Refuses new streams while memory headroom is low (the cap is
     /// computed once, memory use keeps moving).
@@ -150,7 +152,13 @@ pub struct ServerBuilder {
     stream: StreamOptions,
     router: Router,
     route_error: Option<Error>,
+    named_later: Option<NamedLater>,
 }
+
+/// Tells which stream requests their handler counts against
+/// `max_streams_per_client` by a name of its own, instead of the acceptor
+/// by address (see [`ServerBuilder::client_named_by_handler`]).
+pub(crate) type NamedLater = Arc<dyn Fn(&Request) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for ServerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -185,6 +193,7 @@ impl Default for ServerBuilder {
             stream: StreamOptions::new(),
             router: Router::default(),
             route_error: None,
+            named_later: None,
         }
     }
 }
@@ -332,6 +341,20 @@ impl ServerBuilder {
     /// its /64). Default 0: no limit but the cap.
     pub fn max_streams_per_client(mut self, n: usize) -> Self {
         self.max_streams_per_client = n;
+        self
+    }
+
+    /// Streams for whose requests `f` says true are not counted against
+    /// [`max_streams_per_client`](ServerBuilder::max_streams_per_client)
+    /// by their address when they open: their handler names the client
+    /// once it has authenticated it (the daemon: a JWT's subject) and
+    /// counts it then. `f` runs in the accept loop: keep it cheap. Crate
+    /// internal for now: the handler's side is the daemon's.
+    pub(crate) fn client_named_by_handler(
+        mut self,
+        f: impl Fn(&Request) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.named_later = Some(Arc::new(f));
         self
     }
 
@@ -512,6 +535,7 @@ impl ServerBuilder {
             shutdown: self.stream.shutdown,
             registry: Arc::new(registry),
             clients: Arc::new(ClientStreams::new(self.max_streams_per_client)),
+            named_later: self.named_later,
             returned: returned_tx,
             memory: MemoryGuard::detect(),
         });

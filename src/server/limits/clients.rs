@@ -3,7 +3,8 @@
 //! A client is its address (what a trusted proxy names, else the TCP
 //! peer's); an IPv6 client is its /64, the block one host or one home
 //! network is given, so a client cannot step past its limit by taking the
-//! next address of its own block. Only clients that hold a stream have an
+//! next address of its own block. Or a client is a name its handler gives
+//! it once the request is authenticated (the daemon: a JWT's subject). Only clients that hold a stream have an
 //! entry, so the table never holds more entries than streams are open,
 //! whatever addresses arrive.
 
@@ -15,7 +16,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 #[derive(Debug)]
 pub(crate) struct ClientStreams {
     max: usize,
-    open: Mutex<HashMap<IpAddr, u32>>,
+    open: Mutex<HashMap<ClientKey, u32>>,
+}
+
+/// Who is counted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ClientKey {
+    Address(IpAddr),
+    Named(Box<str>),
 }
 
 /// One open stream of a client: gives its place back when dropped (the
@@ -23,7 +31,7 @@ pub(crate) struct ClientStreams {
 #[derive(Debug)]
 pub(crate) struct ClientSlot {
     owner: Arc<ClientStreams>,
-    key: IpAddr,
+    key: ClientKey,
 }
 
 impl ClientStreams {
@@ -43,12 +51,20 @@ impl ClientStreams {
     /// Takes a place for one more stream of `client`; `None` when it holds
     /// its limit already. With no limit, always a place, and no entry.
     pub(crate) fn acquire(self: &Arc<Self>, client: IpAddr) -> Option<Option<ClientSlot>> {
+        self.acquire_key(ClientKey::Address(key(client)))
+    }
+
+    /// [`acquire`](ClientStreams::acquire) for a client known by name.
+    pub(crate) fn acquire_named(self: &Arc<Self>, name: &str) -> Option<Option<ClientSlot>> {
+        self.acquire_key(ClientKey::Named(name.into()))
+    }
+
+    fn acquire_key(self: &Arc<Self>, key: ClientKey) -> Option<Option<ClientSlot>> {
         if self.max == 0 {
             return Some(None);
         }
-        let key = key(client);
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = open.entry(key).or_insert(0);
+        let n = open.entry(key.clone()).or_insert(0);
         if *n as usize >= self.max {
             return None;
         }
@@ -114,6 +130,15 @@ mod tests {
         assert!(t.acquire(ip("::ffff:10.0.0.1")).is_none(), "mapped = v4");
         drop((a2, a3, b));
         assert_eq!(t.clients(), 0, "no entry outlives its streams");
+    }
+
+    #[test]
+    fn named_clients_are_apart_from_addresses() {
+        let t = Arc::new(ClientStreams::new(1));
+        let _a = t.acquire_named("sub:42").unwrap();
+        assert!(t.acquire_named("sub:42").is_none());
+        assert!(t.acquire_named("sub:43").unwrap().is_some());
+        assert!(t.acquire(ip("10.0.0.1")).unwrap().is_some());
     }
 
     #[test]
