@@ -449,7 +449,7 @@ impl Search<'_> {
                 c.dropped - before.dropped,
             ));
         }
-        failures.sort_by(|a, b| b.1.cmp(&a.1));
+        failures.sort_by_key(|f| std::cmp::Reverse(f.1));
         step.failure = failures.first().map(|(k, n)| format!("{n} x {k}"));
         for (status, &n) in &c.other_statuses {
             let n = n - before.other_statuses.get(status).copied().unwrap_or(0);
@@ -623,7 +623,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
