@@ -217,16 +217,17 @@ fn search(o: &Options, f: &FindLimitOptions) -> Result<LimitReport, SearchError>
             Verdict::Over(words) => high = Some((next, words)),
             Verdict::End { words, error } => break (words, error),
         }
-        match &high {
-            None if Some(low) == f.max => {
-                break (
-                    format!("--max reached ({} streams held)", thousands(low)),
-                    false,
-                );
-            }
-            None => next = low.saturating_mul(2).min(f.max.unwrap_or(u64::MAX)),
-            Some((h, words)) if h - low <= (low / 100).max(1) => break (words.clone(), false),
-            Some((h, _)) => next = low + (h - low) / 2,
+        match next_count(low, high.as_ref().map(|h| h.0), f.max) {
+            Some(n) => next = n,
+            None => match &high {
+                Some((_, words)) => break (words.clone(), false),
+                None => {
+                    break (
+                        format!("--max reached ({} streams held)", thousands(low)),
+                        false,
+                    );
+                }
+            },
         }
     };
     Ok(LimitReport {
@@ -237,6 +238,18 @@ fn search(o: &Options, f: &FindLimitOptions) -> Result<LimitReport, SearchError>
         steps,
         max_p99: f.max_p99,
     })
+}
+
+/// The next step's count after `low` held and `high` (if any) failed:
+/// double while nothing failed (up to `max`), then bisect; `None` once
+/// `max` held or the two are within 1% of `low` (or 1 apart).
+fn next_count(low: u64, high: Option<u64>, max: Option<u64>) -> Option<u64> {
+    match high {
+        None if Some(low) == max => None,
+        None => Some(low.saturating_mul(2).min(max.unwrap_or(u64::MAX))),
+        Some(h) if h.saturating_sub(low) <= (low / 100).max(1) => None,
+        Some(h) => Some(low + (h - low) / 2),
+    }
 }
 
 impl Search<'_> {
@@ -512,7 +525,8 @@ fn judge(step: &Step, s: &Search<'_>, first: bool) -> Verdict {
                  addresses or run more clients",
                 step.client_failed
             ),
-            error: false,
+            // Nothing measured at all: the client's setup is wrong.
+            error: first,
         };
     }
     if let Some(n) = step.other_statuses.get(&429) {
@@ -709,6 +723,32 @@ impl LimitReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doubling_then_bisecting() {
+        assert_eq!(next_count(100, None, None), Some(200));
+        assert_eq!(next_count(200, None, Some(300)), Some(300));
+        assert_eq!(next_count(300, None, Some(300)), None);
+        // Bisecting: 200 held, 400 failed.
+        assert_eq!(next_count(200, Some(400), None), Some(300));
+        assert_eq!(next_count(300, Some(303), None), None);
+        assert_eq!(next_count(300, Some(304), None), Some(302));
+        assert_eq!(next_count(0, Some(1), None), None);
+        assert_eq!(next_count(0, Some(100), None), Some(50));
+        // A server that holds exactly 300, from a first step of 100.
+        let (mut low, mut high, mut next) = (0, None, Some(100));
+        let mut steps = 0;
+        while let Some(n) = next {
+            if n <= 300 {
+                low = n;
+            } else {
+                high = Some(n);
+            }
+            steps += 1;
+            next = next_count(low, high, None);
+        }
+        assert_eq!((low, high, steps), (300, Some(303), 9));
+    }
 
     #[test]
     fn numbers_for_people() {
