@@ -7,15 +7,19 @@
 
 mod support;
 
-use std::io::Read;
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::process::Ssed;
+use support::TempDir;
+use support::process::{Ssed, spawn_config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ssed");
 /// The longest any one child may take.
@@ -60,6 +64,11 @@ impl Drop for Server {
 
 /// Runs `ssed loadtest args…`, killing it past the deadline.
 fn loadtest(args: &[&str]) -> (ExitStatus, String, String) {
+    loadtest_within(args, DEADLINE)
+}
+
+/// Runs `ssed loadtest args…`, killing it past `deadline`.
+fn loadtest_within(args: &[&str], deadline: Duration) -> (ExitStatus, String, String) {
     let mut child = Command::new(BIN)
         .arg("loadtest")
         .args(args)
@@ -96,10 +105,10 @@ fn loadtest(args: &[&str]) -> (ExitStatus, String, String) {
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
         }
-        if started.elapsed() > DEADLINE {
+        if started.elapsed() > deadline {
             let _ = child.kill(); // it overran: the assertion below reports it
             let _ = child.wait();
-            panic!("ssed loadtest {args:?} did not finish within {DEADLINE:?}");
+            panic!("ssed loadtest {args:?} did not finish within {deadline:?}");
         }
         thread::sleep(Duration::from_millis(10));
     };
@@ -254,6 +263,38 @@ fn bad_arguments_exit_2_with_a_message() {
             "not a rate",
         ),
         (&["--url", "ftp://127.0.0.1/x", "-n", "5"], "http://"),
+        (
+            &[
+                "--url",
+                "http://127.0.0.1:1/events/a",
+                "-n",
+                "5",
+                "--source",
+                "127.0.0.5-127.0.0.2",
+            ],
+            "--source",
+        ),
+        (
+            &[
+                "--url",
+                "http://127.0.0.1:1/events/a",
+                "--find-limit",
+                "--source",
+                "127.0.0.two",
+            ],
+            "--source",
+        ),
+        (
+            &[
+                "--url",
+                "http://127.0.0.1:1/events/a",
+                "-n",
+                "5",
+                "--source",
+                "::1",
+            ],
+            "--source",
+        ),
     ];
     for (args, want) in cases {
         let (status, out, err) = loadtest(args);
@@ -265,4 +306,186 @@ fn bad_arguments_exit_2_with_a_message() {
     let (status, out, _) = loadtest(&["--help"]);
     assert!(status.success());
     assert!(out.contains("--connections"), "{out}");
+}
+
+/// The cap's refusals stop `--find-limit`: doubling from 100 to 400, then
+/// bisecting down to 1% of the count that held, which holds all 300.
+#[test]
+fn find_limit_stops_at_the_servers_cap() {
+    let dir = TempDir::new("find-limit");
+    let (ssed, addr) = spawn_config(
+        &dir,
+        "listen = \"127.0.0.1:0\"\nmax_connections = 300\nheartbeat = \"0\"\n",
+    );
+    let pid = ssed.pid().to_string();
+    let url = format!("http://{addr}/events/t");
+    let (status, out, err) = loadtest_within(
+        &[
+            "--url",
+            &url,
+            "--find-limit",
+            "--step-time",
+            "300ms",
+            "--events",
+            "3",
+            "--ramp",
+            "0",
+            "--pid",
+            &pid,
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{status}: {err}");
+    let r = json(&out);
+    let limit = r["limit"].as_u64().unwrap_or(0);
+    assert!((250..=300).contains(&limit), "{r}");
+    let stopped_by = r["stopped_by"].as_str().unwrap_or("");
+    assert!(stopped_by.contains("refusals (503)"), "{r}");
+    let steps = r["steps"].as_array().expect("steps");
+    let counts: Vec<u64> = steps.iter().filter_map(|s| s["streams"].as_u64()).collect();
+    assert_eq!(&counts[..3], &[100, 200, 400], "{r}");
+    for step in steps {
+        for key in ["held", "refused", "failed", "p50_ms", "p99_ms"] {
+            assert!(step.get(key).is_some(), "{key}: {step}");
+        }
+        assert!(
+            step["server_rss_kib"].as_u64().is_some_and(|k| k > 0),
+            "{step}"
+        );
+        let streams = step["streams"].as_u64().unwrap_or(0);
+        if streams <= limit {
+            assert_eq!(step["held"].as_u64(), Some(streams), "{step}");
+            assert!(step["p99_ms"].as_f64().is_some(), "{step}");
+        } else {
+            assert!(step["refused"].as_u64().is_some_and(|n| n > 0), "{step}");
+        }
+    }
+    assert!(err.contains("step 400"), "progress on stderr: {err}");
+}
+
+/// A listener that records the peer address of every connection, answers
+/// an event-stream head and holds the connection until dropped.
+struct PeerRecorder {
+    addr: SocketAddr,
+    peers: Arc<Mutex<Vec<IpAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl PeerRecorder {
+    fn start() -> PeerRecorder {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("address");
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (peers, stop) = (Arc::clone(&peers), Arc::clone(&stop));
+            thread::spawn(move || {
+                let mut held: Vec<TcpStream> = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut conn, peer)) => {
+                            peers.lock().expect("peers").push(peer.ip());
+                            let _ = conn.set_nonblocking(false); // the head is small
+                            let _ = conn.write_all(
+                                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n",
+                            ); // a failed write shows as a failed stream
+                            held.push(conn);
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        PeerRecorder {
+            addr,
+            peers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PeerRecorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join(); // a panicked recorder already failed its test
+        }
+    }
+}
+
+#[test]
+fn source_spreads_streams_over_the_addresses() {
+    let recorder = PeerRecorder::start();
+    let url = format!("http://{}/events/src", recorder.addr);
+    let (status, out, err) = loadtest(&[
+        "--url",
+        &url,
+        "-n",
+        "12",
+        "--source",
+        "127.0.0.2-127.0.0.5",
+        "--ramp",
+        "0",
+        "--duration",
+        "0",
+        "--json",
+    ]);
+    assert!(status.success(), "{status}: {err}");
+    let r = json(&out);
+    assert_eq!(r["held"], 12, "{r}");
+    let peers = recorder.peers.lock().expect("peers").clone();
+    assert_eq!(peers.len(), 12, "{peers:?}");
+    let seen: BTreeSet<IpAddr> = peers.iter().copied().collect();
+    let want: BTreeSet<IpAddr> = (2..=5).map(|i| IpAddr::from([127, 0, 0, i])).collect();
+    assert_eq!(seen, want, "{peers:?}");
+    // Round-robin: three each.
+    for a in &want {
+        assert_eq!(peers.iter().filter(|p| *p == a).count(), 3, "{peers:?}");
+    }
+}
+
+#[test]
+fn find_limit_with_nothing_listening_fails_clearly() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}/events/t");
+    let (status, out, err) = loadtest(&["--url", &url, "--find-limit", "--json"]);
+    assert_eq!(status.code(), Some(1), "{status}: {err}");
+    assert!(
+        err.contains("nothing answers at") && err.contains("refused"),
+        "{err}"
+    );
+    // The partial report still comes.
+    let r = json(&out);
+    assert_eq!(r["limit"], 0, "{r}");
+    assert!(
+        r["stopped_by"]
+            .as_str()
+            .is_some_and(|s| s.contains("nothing answers")),
+        "{r}"
+    );
+}
+
+#[test]
+fn find_limit_against_a_404_fails_clearly() {
+    let server = Server::start("find-404", CONFIG);
+    let (status, out, err) = loadtest(&[
+        "--url",
+        &server.url("/nowhere/t"),
+        "--publish-url",
+        &server.url("/publish/t"),
+        "--find-limit",
+        "--connections",
+        "5",
+    ]);
+    assert_eq!(status.code(), Some(1), "{status}: {err}");
+    assert!(err.contains("answered 404"), "{err}");
+    assert!(out.contains("limit       0 streams"), "{out}");
 }

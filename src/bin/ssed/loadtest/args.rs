@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use ssed::daemon::config::parse_duration;
@@ -14,6 +14,7 @@ ssed loadtest - hold many event streams and measure delivery latency
 
 USAGE:
     ssed loadtest --url http://HOST:PORT/events/TOPIC --connections N [OPTIONS]
+    ssed loadtest --url http://HOST:PORT/events/TOPIC --find-limit [OPTIONS]
 
 OPTIONS:
     --url URL             the stream to open, N times (http:// only)
@@ -25,8 +26,23 @@ OPTIONS:
     --publish-url URL     publish timed events here (POST, keep-alive)
     --events M            events to publish (default 100)
     --rate R[/s]          events per second (default 10; 0 = as fast as the server answers)
+    --source A[-B]        open the streams from these local IPv4 addresses, round-robin
+                          (e.g. 127.0.0.2-127.0.0.5; each gives about 28,000 ports)
     --json                print one JSON object instead of the table
     -h, --help            print this help
+
+FINDING THE LIMIT (--find-limit):
+    --find-limit          raise the held streams in steps (doubling from --connections,
+                          default 100, then bisecting to 1%) and publish --events
+                          (default 5) timed events at each step; stop at the first
+                          refusal, failure or drop, p99 over --max-p99, the server's
+                          memory headroom under 32 MiB (--pid), or --max
+    --max-p99 D           largest acceptable delivery p99 (default 250ms)
+    --pid PID             the server's process: its RSS per step, and stop when
+                          MemAvailable (or its memory cgroup's limit - usage) < 32 MiB
+    --max N               never hold more than N streams
+    --step-time D         how long each step publishes for (default 3s)
+    --publish-url URL     defaults to --url with /events/ replaced by /publish/
 
 Progress goes to stderr once a second; the summary goes to stdout.
 held: streams open with 200 at the end; refused: 503 (or ssed's overload = \"retry\"
@@ -51,6 +67,21 @@ pub(super) struct Options {
     pub(super) publish: Option<PublishOptions>,
     pub(super) json: bool,
     pub(super) subscribe_token: Option<String>,
+    /// Local addresses the streams are opened from, round-robin; empty =
+    /// the kernel chooses.
+    pub(super) sources: Vec<IpAddr>,
+    pub(super) find_limit: Option<FindLimitOptions>,
+}
+
+/// What `--find-limit` asks for.
+#[derive(Debug, Clone)]
+pub(super) struct FindLimitOptions {
+    /// The first step's streams.
+    pub(super) start: u64,
+    pub(super) max: Option<u64>,
+    pub(super) max_p99: Duration,
+    pub(super) pid: Option<u32>,
+    pub(super) step_time: Duration,
 }
 
 /// The publisher's part of the options: `--publish-url` and what goes with it.
@@ -96,6 +127,12 @@ impl Options {
         let mut events = None;
         let mut rate = None;
         let mut json = false;
+        let mut source = None;
+        let mut find_limit = false;
+        let mut max_p99 = None;
+        let mut pid = None;
+        let mut max = None;
+        let mut step_time = None;
         let mut parser = lexopt::Parser::from_args(args);
         while let Some(arg) = parser.next()? {
             match arg {
@@ -115,6 +152,29 @@ impl Options {
                 }
                 Long("rate") => rate = Some(parse_rate("--rate", &parser.value()?.string()?)?),
                 Long("json") => json = true,
+                Long("source") => source = Some(parse_source(&parser.value()?.string()?)?),
+                Long("find-limit") => find_limit = true,
+                Long("max-p99") => {
+                    max_p99 = Some(parse_duration_flag(
+                        "--max-p99",
+                        &parser.value()?.string()?,
+                    )?)
+                }
+                Long("step-time") => {
+                    step_time = Some(parse_duration_flag(
+                        "--step-time",
+                        &parser.value()?.string()?,
+                    )?)
+                }
+                Long("pid") => {
+                    let v = parser.value()?.string()?;
+                    let n = parse_count("--pid", &v)?;
+                    pid =
+                        Some(u32::try_from(n).ok().filter(|&p| p > 0).ok_or_else(|| {
+                            UsageError(format!("--pid: {v:?} is not a process id"))
+                        })?);
+                }
+                Long("max") => max = Some(parse_count("--max", &parser.value()?.string()?)?),
                 Short('h') | Long("help") => return Ok(Parsed::Help),
                 _ => return Err(arg.unexpected().into()),
             }
@@ -126,18 +186,92 @@ impl Options {
             )
         })?;
         let url = Target::parse(&url).map_err(|e| UsageError(format!("--url: {e}")))?;
-        let connections = connections
-            .ok_or_else(|| UsageError("missing --connections (how many streams to open)".into()))?;
+        if !find_limit
+            && (max_p99.is_some() || pid.is_some() || max.is_some() || step_time.is_some())
+        {
+            return Err(UsageError(
+                "--max-p99, --pid, --max and --step-time need --find-limit".into(),
+            ));
+        }
+        let connections = match (connections, find_limit) {
+            (Some(n), _) => n,
+            (None, true) => DEFAULT_FIRST_STEP,
+            (None, false) => {
+                return Err(UsageError(
+                    "missing --connections (how many streams to open)".into(),
+                ));
+            }
+        };
         if connections == 0 {
             return Err(UsageError("--connections must be at least 1".into()));
         }
+        let sources = match source {
+            Some(range) if !url.addr.is_ipv4() => {
+                return Err(UsageError(format!(
+                    "--source: {range} is IPv4, but --url is {}",
+                    url.addr
+                )));
+            }
+            Some(range) => range.addresses(),
+            None => Vec::new(),
+        };
+        let find = if find_limit {
+            if max == Some(0) {
+                return Err(UsageError("--max must be at least 1".into()));
+            }
+            let step_time = step_time.unwrap_or(DEFAULT_STEP_TIME);
+            if step_time.is_zero() {
+                return Err(UsageError("--step-time must be more than 0".into()));
+            }
+            Some(FindLimitOptions {
+                start: max.map_or(connections, |m| connections.min(m)),
+                max,
+                max_p99: max_p99.unwrap_or(DEFAULT_MAX_P99),
+                pid,
+                step_time,
+            })
+        } else {
+            None
+        };
+        // --find-limit always publishes: to --publish-url, or next to --url.
+        let publish_url = match (publish_url, &find) {
+            (Some(p), _) => Some(p),
+            (None, Some(_)) => Some(publish_url_for(&url).ok_or_else(|| {
+                UsageError(format!(
+                    "--find-limit: cannot guess where to publish for {} (no /events/ in \
+                     its path): give --publish-url",
+                    url.url
+                ))
+            })?),
+            (None, None) => None,
+        };
         let publish = match publish_url {
-            Some(p) => Some(PublishOptions {
-                url: Target::parse(&p).map_err(|e| UsageError(format!("--publish-url: {e}")))?,
-                events: events.unwrap_or(100),
-                rate: rate.unwrap_or(10.0),
-                token: env_token("SSED_PUBLISH_TOKEN"),
-            }),
+            Some(p) => {
+                let events = events.unwrap_or(if find.is_some() { 5 } else { 100 });
+                if find.is_some() && rate.is_some() {
+                    return Err(UsageError(
+                        "--rate does not apply to --find-limit: the events are spread over --step-time"
+                            .into(),
+                    ));
+                }
+                if find.is_some() && events == 0 {
+                    return Err(UsageError(
+                        "--find-limit needs --events of at least 1".into(),
+                    ));
+                }
+                let rate = match &find {
+                    // Spread over the step.
+                    Some(f) => events as f64 / f.step_time.as_secs_f64(),
+                    None => rate.unwrap_or(10.0),
+                };
+                Some(PublishOptions {
+                    url: Target::parse(&p)
+                        .map_err(|e| UsageError(format!("--publish-url: {e}")))?,
+                    events,
+                    rate,
+                    token: env_token("SSED_PUBLISH_TOKEN"),
+                })
+            }
             None => {
                 if events.is_some() || rate.is_some() {
                     return Err(UsageError(
@@ -155,8 +289,80 @@ impl Options {
             publish,
             json,
             subscribe_token: env_token("SSED_SUBSCRIBE_TOKEN"),
+            sources,
+            find_limit: find,
         })))
     }
+}
+
+/// The first step of `--find-limit` without `--connections`.
+const DEFAULT_FIRST_STEP: u64 = 100;
+/// `--max-p99` when not given.
+const DEFAULT_MAX_P99: Duration = Duration::from_millis(250);
+/// `--step-time` when not given.
+const DEFAULT_STEP_TIME: Duration = Duration::from_secs(3);
+/// Most addresses one `--source` range may name.
+const MAX_SOURCES: u32 = 65_536;
+
+/// `http://host/events/x` -> `http://host/publish/x`: ssed's own layout.
+fn publish_url_for(url: &Target) -> Option<String> {
+    let i = url.url.find("/events/")?;
+    Some(format!(
+        "{}/publish/{}",
+        &url.url[..i],
+        &url.url[i + "/events/".len()..]
+    ))
+}
+
+fn parse_duration_flag(flag: &str, s: &str) -> Result<Duration, UsageError> {
+    parse_duration(s).map_err(|e| UsageError(format!("{flag}: {e}")))
+}
+
+/// An inclusive range of IPv4 addresses from `--source`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SourceRange {
+    first: Ipv4Addr,
+    last: Ipv4Addr,
+}
+
+impl fmt::Display for SourceRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+impl SourceRange {
+    fn addresses(self) -> Vec<IpAddr> {
+        (u32::from(self.first)..=u32::from(self.last))
+            .map(|a| IpAddr::V4(Ipv4Addr::from(a)))
+            .collect()
+    }
+}
+
+/// `A` or `A-B`: IPv4 addresses, `A <= B`, at most [`MAX_SOURCES`].
+fn parse_source(s: &str) -> Result<SourceRange, UsageError> {
+    let bad = |why: &str| UsageError(format!("--source: {s:?} {why}"));
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let parse = |x: &str| {
+        x.trim()
+            .parse::<Ipv4Addr>()
+            .map_err(|_| bad("is not an IPv4 address or range (e.g. 127.0.0.2-127.0.0.5)"))
+    };
+    let (first, last) = (parse(a)?, parse(b)?);
+    if first > last {
+        return Err(bad("runs backwards: give the lower address first"));
+    }
+    if first.is_unspecified() || first.is_broadcast() || last.is_broadcast() {
+        return Err(bad("is not a local source address"));
+    }
+    if u32::from(last) - u32::from(first) >= MAX_SOURCES {
+        return Err(bad(&format!("has more than {MAX_SOURCES} addresses")));
+    }
+    Ok(SourceRange { first, last })
 }
 
 fn env_token(name: &str) -> Option<String> {
@@ -291,6 +497,46 @@ mod tests {
     }
 
     #[test]
+    fn find_limit_options() {
+        let o = parse(&[
+            "--url",
+            "http://127.0.0.1:8080/events/a",
+            "--find-limit",
+            "--source",
+            "127.0.0.2-127.0.0.5",
+            "--max",
+            "50",
+            "--max-p99",
+            "100ms",
+            "--step-time",
+            "500ms",
+            "--pid",
+            "42",
+        ])
+        .expect("valid");
+        let f = o.find_limit.expect("find-limit");
+        assert_eq!((f.start, f.max, f.pid), (50, Some(50), Some(42)));
+        assert_eq!(f.max_p99, Duration::from_millis(100));
+        let want: Vec<IpAddr> = (2..=5).map(|i| IpAddr::from([127, 0, 0, i])).collect();
+        assert_eq!(o.sources, want);
+        let p = o.publish.expect("a publisher");
+        assert_eq!(p.url.url, "http://127.0.0.1:8080/publish/a");
+        assert_eq!((p.events, p.rate), (5, 10.0));
+        let o = parse(&["--url", "http://127.0.0.1:1/events/a", "--find-limit"]).expect("valid");
+        assert_eq!(o.find_limit.expect("find-limit").start, 100);
+        let o = parse(&[
+            "--url",
+            "http://127.0.0.1:1/e",
+            "-n",
+            "1",
+            "--source",
+            "127.0.0.9",
+        ])
+        .expect("valid");
+        assert_eq!(o.sources, vec![IpAddr::from([127, 0, 0, 9])]);
+    }
+
+    #[test]
     fn bad_options() {
         let url = "http://127.0.0.1:1/events/a";
         let table: &[(&[&str], &str)] = &[
@@ -310,6 +556,34 @@ mod tests {
             (&["--url", "https://x/events/a", "-n", "5"], "https"),
             (&["--url", "http://127.0.0.1:99999/", "-n", "5"], "bad port"),
             (&["--url", url, "-n", "0"], "at least 1"),
+            (
+                &["--url", url, "-n", "5", "--source", "127.0.0.5-127.0.0.2"],
+                "--source",
+            ),
+            (
+                &["--url", url, "-n", "5", "--source", "localhost"],
+                "--source",
+            ),
+            (
+                &["--url", url, "-n", "5", "--source", "127.0.0.2-"],
+                "--source",
+            ),
+            (
+                &["--url", url, "-n", "5", "--source", "10.0.0.0-10.2.0.0"],
+                "--source",
+            ),
+            (&["--url", url, "--max", "5"], "need --find-limit"),
+            (&["--url", url, "--find-limit", "--max", "0"], "--max"),
+            (&["--url", url, "--find-limit", "--pid", "x"], "--pid"),
+            (&["--url", url, "--find-limit", "--rate", "5"], "--rate"),
+            (
+                &["--url", url, "--find-limit", "--step-time", "0"],
+                "--step-time",
+            ),
+            (
+                &["--url", "http://127.0.0.1:1/sse", "--find-limit"],
+                "--publish-url",
+            ),
         ];
         for (list, want) in table {
             let err = parse(list).expect_err("invalid");

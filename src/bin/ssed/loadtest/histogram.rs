@@ -44,9 +44,17 @@ impl Histogram {
     }
 
     pub(super) fn record(&mut self, v: u64) {
-        self.counts[Self::index(v)] += 1;
-        self.count += 1;
-        self.sum += u128::from(v);
+        self.record_n(v, 1);
+    }
+
+    /// Records `n` samples of `v`.
+    pub(super) fn record_n(&mut self, v: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.counts[Self::index(v)] += n;
+        self.count += n;
+        self.sum += u128::from(v) * u128::from(n);
         self.max = self.max.max(v);
     }
 

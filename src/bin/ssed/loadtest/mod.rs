@@ -23,6 +23,8 @@
 //! How the parts fit, each using only those above it:
 //!
 //! - [`args`]: the command line and its help text, parsed into [`Options`];
+//! - [`host`]: this process's descriptor limit and Ctrl-C;
+//! - [`server_proc`]: what `--pid` shows of the server (RSS, memory headroom);
 //! - [`histogram`]: the fixed-size latency histogram;
 //! - [`decode`]: a held stream's body (chunked framing, event-stream lines,
 //!   the send time in each event) tallied into counts and latency;
@@ -30,14 +32,19 @@
 //!   connect to response head to held stream;
 //! - [`publisher`]: the thread that posts the timed events;
 //! - [`report`]: what was measured, as the table or as JSON;
+//! - [`find_limit`]: `--find-limit`, steps of streams up to the server's
+//!   limit, with its own report;
 //! - this file: [`main`], the entry point `src/bin/ssed/main.rs` calls, and
 //!   the run, the loop that moves through the phases and turns the pollers.
 
 mod args;
 mod decode;
+mod find_limit;
 mod histogram;
+mod host;
 mod publisher;
 mod report;
+mod server_proc;
 mod streams;
 
 use std::ffi::OsString;
@@ -45,7 +52,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -88,6 +95,9 @@ pub(crate) fn main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Some(f) = &options.find_limit {
+        return find_limit::main(&options, f);
+    }
     match run(&options) {
         Ok(report) => {
             let text = if options.json {
@@ -144,30 +154,16 @@ enum Stage {
 /// Runs the phases until the hold ends, the time limit passes or Ctrl-C.
 fn run(o: &Options) -> Result<Report, RunError> {
     let started = Instant::now();
-    let fds = match ssed::raise_fd_limit() {
-        Ok(n) => n,
-        Err(e) => {
-            log::warn!("cannot raise the descriptor limit: {e}");
-            rustix::process::getrlimit(rustix::process::Resource::Nofile)
-                .current
-                .unwrap_or(u64::MAX)
-        }
-    };
+    let fds = host::fd_limit();
     if o.connections.saturating_add(FDS_RESERVED) > fds {
         log::warn!(
             "the descriptor limit is {fds}: at most about {} streams can be opened",
             fds.saturating_sub(FDS_RESERVED)
         );
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = Arc::clone(&stop);
-        if let Err(e) = ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed)) {
-            log::debug!("no Ctrl-C handler ({e}): an interrupt ends the run without a report");
-        }
-    }
+    let stop = host::interrupt_flag();
     let mut streams =
-        Streams::new(&o.url, o.subscribe_token.as_deref()).map_err(RunError::Poller)?;
+        Streams::new(&o.url, o.subscribe_token.as_deref(), &o.sources).map_err(RunError::Poller)?;
     let mut events: Vec<epoll::Event> = Vec::with_capacity(1024);
     let mut scratch = vec![0u8; SCRATCH];
 

@@ -35,6 +35,8 @@ pub(super) struct PublishOutcome {
     pub(super) published: u64,
     pub(super) errors: u64,
     pub(super) first_error: Option<String>,
+    /// The first HTTP status a failed publish was answered with.
+    pub(super) first_status: Option<u16>,
     pub(super) receivers_min: Option<u64>,
     pub(super) receivers_max: Option<u64>,
     pub(super) elapsed: Duration,
@@ -236,6 +238,9 @@ pub(super) fn publish(
             Err(e) => {
                 out.errors += 1;
                 failures_in_a_row += 1;
+                if let (PublishError::Status(status, _), None) = (&e, out.first_status) {
+                    out.first_status = Some(*status);
+                }
                 if out.first_error.is_none() {
                     log::warn!("publish to {} failed: {e}", o.url.url);
                     out.first_error = Some(e.to_string());

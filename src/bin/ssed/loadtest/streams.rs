@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
@@ -66,6 +66,9 @@ pub(super) struct Counts {
     pub(super) other_statuses: BTreeMap<u16, u64>,
     pub(super) failed: u64,
     pub(super) failures: BTreeMap<String, u64>,
+    /// Failures that were this client's own (out of descriptors, source
+    /// ports or addresses), also counted in `failed`.
+    pub(super) client_failed: u64,
     pub(super) dropped: u64,
     pub(super) malformed: u64,
 }
@@ -74,6 +77,9 @@ pub(super) struct Counts {
 pub(super) struct Streams {
     epoll: OwnedFd,
     addr: SocketAddr,
+    /// Local addresses to bind before connecting, round-robin.
+    sources: Vec<IpAddr>,
+    next_source: usize,
     request: Vec<u8>,
     slots: Vec<Option<Conn>>,
     free: Vec<usize>,
@@ -87,7 +93,11 @@ pub(super) struct Streams {
 }
 
 impl Streams {
-    pub(super) fn new(target: &Target, token: Option<&str>) -> io::Result<Self> {
+    pub(super) fn new(
+        target: &Target,
+        token: Option<&str>,
+        sources: &[IpAddr],
+    ) -> io::Result<Self> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let mut request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: ssed-loadtest/{}\r\n",
@@ -102,6 +112,8 @@ impl Streams {
         Ok(Streams {
             epoll,
             addr: target.addr,
+            sources: sources.to_vec(),
+            next_source: 0,
             request: request.into_bytes(),
             slots: Vec::new(),
             free: Vec::new(),
@@ -115,6 +127,12 @@ impl Streams {
     fn fail(&mut self, reason: impl Into<String>) {
         self.counts.failed += 1;
         *self.counts.failures.entry(reason.into()).or_default() += 1;
+    }
+
+    /// A failure on this side: no descriptor, source port or address.
+    fn client_fail(&mut self, reason: String) {
+        self.counts.client_failed += 1;
+        self.fail(format!("client: {reason}"));
     }
 
     /// Starts one non-blocking connect.
@@ -132,10 +150,21 @@ impl Streams {
             None,
         ) {
             Ok(fd) => fd,
-            Err(e) => return self.fail(format!("socket: {}", io::Error::from(e))),
+            Err(e) => return self.client_fail(format!("socket: {}", io::Error::from(e))),
         };
+        if !self.sources.is_empty() {
+            let from = self.sources[self.next_source % self.sources.len()];
+            self.next_source = self.next_source.wrapping_add(1);
+            if let Err(e) = rustix::net::bind(&fd, &SocketAddr::new(from, 0)) {
+                return self.client_fail(format!("bind {from}: {}", io::Error::from(e)));
+            }
+        }
         match rustix::net::connect(&fd, &self.addr) {
             Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+            // No local port or address left for this destination.
+            Err(e @ (rustix::io::Errno::ADDRNOTAVAIL | rustix::io::Errno::ADDRINUSE)) => {
+                return self.client_fail(format!("connect: {}", io::Error::from(e)));
+            }
             Err(e) => return self.fail(format!("connect: {}", io::Error::from(e))),
         }
         let sock = TcpStream::from(fd);
@@ -339,6 +368,25 @@ impl Streams {
                 None => self.fail("closed before a response"),
             },
         }
+    }
+
+    /// Closes up to `n` held streams (the newest first); returns how many.
+    pub(super) fn close_held(&mut self, n: u64) -> u64 {
+        let mut closed = 0;
+        for idx in (0..self.slots.len()).rev() {
+            if closed == n {
+                break;
+            }
+            let streaming = self.slots[idx]
+                .as_ref()
+                .is_some_and(|c| matches!(c.phase, Phase::Streaming(_)));
+            if streaming && self.close(idx).is_some() {
+                self.counts.held -= 1;
+                closed += 1;
+            }
+        }
+        self.release_closed();
+        closed
     }
 
     /// Fails connections whose connect or head took too long.
