@@ -65,17 +65,7 @@ pub(super) fn main(o: &Options, f: &FindLimitOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let text = if o.json {
-        format!("{}\n", report.to_json())
-    } else {
-        report.table()
-    };
-    let mut out = io::stdout().lock();
-    if out
-        .write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .is_err()
-    {
+    if !super::print_report(o.json, || report.to_json().to_string(), || report.table()) {
         return ExitCode::FAILURE;
     }
     if report.error {

@@ -100,22 +100,16 @@ pub(crate) fn main(args: Vec<OsString>) -> ExitCode {
     }
     match run(&options) {
         Ok(report) => {
-            let text = if options.json {
-                let mut s = report.to_json().to_string();
-                s.push('\n');
-                s
+            let printed = print_report(
+                options.json,
+                || report.to_json().to_string(),
+                || report.table(),
+            );
+            if printed {
+                ExitCode::SUCCESS
             } else {
-                report.table()
-            };
-            let mut out = io::stdout().lock();
-            if out
-                .write_all(text.as_bytes())
-                .and_then(|()| out.flush())
-                .is_err()
-            {
-                return ExitCode::FAILURE;
+                ExitCode::FAILURE
             }
-            ExitCode::SUCCESS
         }
         Err(e) => {
             let _ = writeln!(io::stderr(), "ssed loadtest: {e}"); // nothing else to do
@@ -327,6 +321,26 @@ fn run(o: &Options) -> Result<Report, RunError> {
         client_peak_rss_kib: own_peak_rss_kib(),
         stopped,
     })
+}
+
+/// Prints a report on stdout, as one JSON line or as a table; false when
+/// stdout cannot take it.
+pub(super) fn print_report(
+    json: bool,
+    to_json: impl FnOnce() -> String,
+    table: impl FnOnce() -> String,
+) -> bool {
+    let text = if json {
+        let mut s = to_json();
+        s.push('\n');
+        s
+    } else {
+        table()
+    };
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
 }
 
 fn print_progress(t: Duration, s: &Streams, o: &Options, p: &PublishProgress) {
