@@ -1,10 +1,12 @@
 //! What `--pid` lets the load tester see of the server (Linux `/proc` and
-//! cgroup v2): its resident memory, whether it is still alive, and how much
-//! memory it has left before the kernel or its cgroup runs out.
+//! memory cgroups, v2 or v1): its resident memory, whether it is still
+//! alive, and how much memory it has left before the kernel or its cgroup
+//! runs out.
 //!
 //! The headroom is the smaller of the machine's `MemAvailable` and, for
 //! every memory cgroup from the process's own up to the root that has a
-//! limit, `memory.max - memory.current`.
+//! limit, the limit less the usage: `memory.max - memory.current` (v2),
+//! `memory.limit_in_bytes - memory.usage_in_bytes` (v1).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,7 +36,7 @@ pub(super) fn sample(pid: u32) -> Option<Sample> {
     let available = fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| kib_field(&m, "MemAvailable:"));
-    let cgroup = cgroup_dir(pid).and_then(|dir| cgroup_headroom_kib(&dir));
+    let cgroup = cgroup_dir(pid).and_then(|(dir, files)| cgroup_headroom_kib(&dir, files));
     let headroom_kib = match (available, cgroup) {
         (Some(a), Some(c)) => Some(a.min(c)),
         (a, c) => a.or(c),
@@ -57,23 +59,50 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// The cgroup v2 directory of `pid` (the `0::PATH` line).
-fn cgroup_dir(pid: u32) -> Option<PathBuf> {
+/// The files of a memory cgroup's limit and usage: v2's, or v1's.
+type LimitFiles = (&'static str, &'static str);
+const V2: LimitFiles = ("memory.max", "memory.current");
+const V1: LimitFiles = ("memory.limit_in_bytes", "memory.usage_in_bytes");
+/// A v1 limit at or above this is "no limit" (the kernel writes a page-
+/// rounded `i64::MAX`).
+const V1_UNLIMITED: u64 = 1 << 60;
+
+/// The memory cgroup directory of `pid` and the files to read there: the
+/// v1 memory controller's (`N:memory:PATH`, under /sys/fs/cgroup/memory),
+/// else the v2 one (`0::PATH`).
+fn cgroup_dir(pid: u32) -> Option<(PathBuf, LimitFiles)> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let root = Path::new("/sys/fs/cgroup");
+    let v1 = text.lines().find_map(|l| {
+        let (_, rest) = l.split_once(':')?;
+        let (controllers, path) = rest.split_once(':')?;
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then_some(path)
+    });
+    if let Some(path) = v1 {
+        let dir = root
+            .join("memory")
+            .join(path.trim().trim_start_matches('/'));
+        return Some((dir, V1));
+    }
     let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    Some(Path::new("/sys/fs/cgroup").join(path.trim().trim_start_matches('/')))
+    Some((root.join(path.trim().trim_start_matches('/')), V2))
 }
 
-/// The least `memory.max - memory.current` from `dir` up to the root,
-/// among the cgroups that have a limit; `None` when none has.
-fn cgroup_headroom_kib(dir: &Path) -> Option<u64> {
+/// The least limit less usage from `dir` up to the root, among the
+/// cgroups that have a limit; `None` when none has.
+fn cgroup_headroom_kib(dir: &Path, (limit_file, usage_file): LimitFiles) -> Option<u64> {
     let root = Path::new("/sys/fs/cgroup");
     let mut least: Option<u64> = None;
     let mut at = Some(dir);
     while let Some(d) = at.filter(|d| d.starts_with(root)) {
         let read = |f: &str| fs::read_to_string(d.join(f)).ok();
-        let max = read("memory.max").and_then(|m| m.trim().parse::<u64>().ok());
-        let current = read("memory.current").and_then(|c| c.trim().parse::<u64>().ok());
+        let max = read(limit_file)
+            .and_then(|m| m.trim().parse::<u64>().ok())
+            .filter(|&m| m < V1_UNLIMITED);
+        let current = read(usage_file).and_then(|c| c.trim().parse::<u64>().ok());
         if let (Some(max), Some(current)) = (max, current) {
             let left = max.saturating_sub(current) / 1024;
             least = Some(least.map_or(left, |l| l.min(left)));
