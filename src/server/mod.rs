@@ -350,6 +350,7 @@ impl ServerBuilder {
     /// once it has authenticated it (the daemon: a JWT's subject) and
     /// counts it then. `f` runs in the accept loop: keep it cheap. Crate
     /// internal for now: the handler's side is the daemon's.
+    #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
     pub(crate) fn client_named_by_handler(
         mut self,
         f: impl Fn(&Request) -> bool + Send + Sync + 'static,

@@ -23,6 +23,7 @@ pub(crate) struct ClientStreams {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum ClientKey {
     Address(IpAddr),
+    #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
     Named(Box<str>),
 }
 
@@ -55,6 +56,7 @@ impl ClientStreams {
     }
 
     /// [`acquire`](ClientStreams::acquire) for a client known by name.
+    #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
     pub(crate) fn acquire_named(self: &Arc<Self>, name: &str) -> Option<Option<ClientSlot>> {
         self.acquire_key(ClientKey::Named(name.into()))
     }
