@@ -593,8 +593,9 @@ impl Server {
     }
 
     /// The routes and settings, for `crate::fuzzing` to serve requests
-    /// without the accept loop.
-    #[cfg(feature = "fuzzing")]
+    /// without the accept loop, and the daemon to count the streams
+    /// whose client only its handler knows.
+    #[cfg(any(feature = "fuzzing", feature = "daemon"))]
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
     }
