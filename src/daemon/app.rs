@@ -24,6 +24,16 @@ use crate::{
 
 /// The demo page served at `/`.
 pub const DEMO_PAGE: &str = include_str!("demo.html");
+/// Gives back the place a stream's handler took under
+/// `max_streams_per_client` (see `App::count_named_client`) as the handler
+/// returns, before the stream stops counting as open: whoever sees it
+/// closed may open another at once. (The thread's end would give it back
+/// too, a moment later.)
+fn with_held_released<T>(result: T) -> T {
+    HELD.with(|h| h.borrow_mut().take());
+    result
+}
+
 /// The JWT a stream request will be authorized with, if any: the Bearer
 /// token unless it is the subscribe token; else the JWT cookie, unless
 /// `?token=`, a ticket or a session decides first.
@@ -161,11 +171,11 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         .get("/favicon.ico", |_req| Response::no_content())
         .route("/events/{topic}", {
             let app = a(&app);
-            move |req, stream| app.subscribe(req, stream)
+            move |req, stream| with_held_released(app.subscribe(req, stream))
         })
         .route("/events", {
             let app = a(&app);
-            move |req, stream| app.subscribe(req, stream)
+            move |req, stream| with_held_released(app.subscribe(req, stream))
         })
         .post("/publish/{topic}", {
             let app = a(&app);
@@ -177,7 +187,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         })
         .route("/keys/{key}", {
             let app = a(&app);
-            move |req, stream| app.consume(req, stream)
+            move |req, stream| with_held_released(app.consume(req, stream))
         })
         .post("/tickets", {
             let app = a(&app);
