@@ -52,6 +52,8 @@ const X_LABELS: usize = 16;
 struct Series<'a> {
     name: &'a str,
     color: &'a str,
+    /// Drawn dashed, to show through a line drawn over it.
+    dashed: bool,
     values: Vec<Option<f64>>,
 }
 
@@ -89,10 +91,10 @@ pub(super) fn render(p: &Page) -> String {
         "</style>\n</head>\n<body>\n<h1>ssed loadtest --find-limit</h1>\n",
     ));
     if let Some(why) = &p.partial {
-        let _ = write!(
+        let _ = writeln!(
             out,
             "<p class=\"partial\"><strong>Partial report:</strong> the run ended on an \
-             error: {}</p>\n",
+             error: {}</p>",
             escape(why)
         );
     }
@@ -117,11 +119,13 @@ pub(super) fn render(p: &Page) -> String {
             Series {
                 name: "asked",
                 color: "#999",
+                dashed: true,
                 values: col(&|r| Some(r.streams as f64)),
             },
             Series {
                 name: "held",
                 color: "#1f6fd1",
+                dashed: false,
                 values: col(&|r| Some(r.held as f64)),
             },
         ],
@@ -134,11 +138,13 @@ pub(super) fn render(p: &Page) -> String {
             Series {
                 name: "p50",
                 color: "#2a9d3a",
+                dashed: false,
                 values: col(&|r| r.p50_ms),
             },
             Series {
                 name: "p99",
                 color: "#d1461f",
+                dashed: false,
                 values: col(&|r| r.p99_ms),
             },
         ],
@@ -151,6 +157,7 @@ pub(super) fn render(p: &Page) -> String {
             &[Series {
                 name: "RSS",
                 color: "#7b3fc4",
+                dashed: false,
                 values: col(&|r| r.rss_kib.map(|k| k as f64 / 1024.0)),
             }],
         ));
@@ -163,6 +170,7 @@ pub(super) fn render(p: &Page) -> String {
             &[Series {
                 name: "threads",
                 color: "#b8860b",
+                dashed: false,
                 values: col(&|r| r.threads.map(|t| t as f64)),
             }],
         ));
@@ -333,9 +341,14 @@ fn chart(id: &str, unit: &str, series: &[Series<'_>]) -> String {
         let name = escape(s.name);
         let _ = writeln!(
             out,
-            "<polyline data-series=\"{name}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\" \
+            "<polyline data-series=\"{name}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{} \
              points=\"{}\"><title>{name}</title></polyline>",
             s.color,
+            if s.dashed {
+                " stroke-dasharray=\"6 4\""
+            } else {
+                ""
+            },
             list.join(" ")
         );
         for (i, v, x, y) in &points {
