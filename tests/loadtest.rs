@@ -487,6 +487,7 @@ fn find_limit_with_nothing_listening_fails_clearly() {
 #[test]
 fn find_limit_against_a_404_fails_clearly() {
     let server = Server::start("find-404", CONFIG);
+    let page = server.dir.join("partial.html");
     let (status, out, err) = loadtest(&[
         "--url",
         &server.url("/nowhere/t"),
@@ -495,10 +496,17 @@ fn find_limit_against_a_404_fails_clearly() {
         "--find-limit",
         "--connections",
         "5",
+        "--report",
+        page.to_str().expect("a UTF-8 temp path"),
     ]);
     assert_eq!(status.code(), Some(1), "{status}: {err}");
     assert!(err.contains("answered 404"), "{err}");
     assert!(out.contains("limit       0 streams"), "{out}");
+    // The page is written all the same, and says it is partial.
+    let html = std::fs::read_to_string(&page).expect("the partial report was written");
+    assert!(html.contains("Partial report"), "{html}");
+    assert!(html.contains("answered 404"), "{html}");
+    assert_eq!(html.matches("<tr data-streams=\"5\">").count(), 1, "{html}");
 }
 
 /// `--report` writes one self-contained page: charts as inline SVG, no
