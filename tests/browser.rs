@@ -10,6 +10,11 @@
 //! skip it silently.
 //!
 //! The screenshot of the last run is `target/tmp/browser-demo.png`.
+//!
+//! Also the `ssed loadtest --find-limit --report` page: `tests/browser/
+//! report.mjs` opens it from its file:// URL and says what the browser
+//! drew; every series must have one point per step (per step with a value,
+//! for the latency), and the page must ask for nothing from elsewhere.
 #![cfg(feature = "daemon")]
 
 mod support;
@@ -22,7 +27,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process};
-use support::process::Ssed;
+use serde_json::Value;
+use support::TempDir;
+use support::process::{Ssed, spawn_config};
 
 /// How long the Node script may run; it gives up by itself after ~20 s.
 const BROWSER: Duration = Duration::from_secs(45);
@@ -68,6 +75,111 @@ fn demo_page_publishes_and_lists_the_event() {
         "no screenshot at {}",
         screenshot.display()
     );
+}
+
+#[test]
+fn loadtest_report_draws_a_point_per_step() {
+    let Some(chromium) = prerequisites() else {
+        return;
+    };
+    let dir = TempDir::new("browser-report");
+    let (ssed, addr) = spawn_config(
+        &dir,
+        "listen = \"127.0.0.1:0\"\nmax_connections = 300\nheartbeat = \"0\"\n",
+    );
+    let url = format!("http://{addr}/events/t");
+    let page = dir.path().join("r.html");
+    let json_path = dir.path().join("out.json");
+    let mut loadtest = Command::new(env!("CARGO_BIN_EXE_ssed"));
+    loadtest
+        .arg("loadtest")
+        .args(["--url", &url, "--find-limit", "--step-time", "200ms"])
+        .args(["--events", "2", "--ramp", "0", "--json"])
+        .arg("--pid")
+        .arg(ssed.pid().to_string())
+        .arg("--report")
+        .arg(&page)
+        .env_remove("SSED_PUBLISH_TOKEN")
+        .env_remove("SSED_SUBSCRIBE_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&json_path).expect("a file for stdout"))
+        .stderr(Stdio::null());
+    let mut child = Guard(loadtest.spawn().expect("ssed loadtest starts"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        match child.0.try_wait().expect("wait") {
+            Some(status) => break status,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            None => panic!("ssed loadtest did not finish within 60 s"),
+        }
+    };
+    assert!(status.success(), "ssed loadtest: {status}");
+    let out = std::fs::read_to_string(&json_path).expect("its output");
+    let run: Value = serde_json::from_str(out.trim()).expect("JSON on stdout");
+    let steps = run["steps"].as_array().expect("steps");
+
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-report.png");
+    let mut node = Command::new("node");
+    node.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("tests/browser/report.mjs")
+        .arg(&page)
+        .arg(&screenshot)
+        .env("CHROMIUM", &chromium)
+        .stdin(Stdio::null());
+    let out = run_with_timeout(node, BROWSER);
+    eprintln!("--- report.mjs output ---\n{}", out.text);
+    assert!(
+        !out.timed_out,
+        "report.mjs did not finish within {BROWSER:?}"
+    );
+    assert_eq!(out.code, Some(0), "report.mjs failed; see its output above");
+    let seen: Value = out
+        .text
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .and_then(|j| serde_json::from_str(j).ok())
+        .expect("a RESULT line");
+    assert_eq!(seen["requests"], Value::Array(Vec::new()), "{seen}");
+    assert_eq!(seen["pageErrors"], Value::Array(Vec::new()), "{seen}");
+    assert_eq!(seen["rows"].as_u64(), Some(steps.len() as u64), "{seen}");
+    let charts = seen["charts"].as_array().expect("charts");
+    assert_eq!(charts.len(), 4, "streams, latency, RSS, threads: {seen}");
+    for chart in charts {
+        assert!(
+            chart["width"].as_f64().is_some_and(|w| w > 100.0),
+            "{chart}"
+        );
+        assert!(
+            chart["height"].as_f64().is_some_and(|h| h > 50.0),
+            "{chart}"
+        );
+    }
+    // Readable on a phone: nothing wider than its 390 px viewport.
+    assert!(
+        seen["scrollWidth"].as_u64().is_some_and(|w| w <= 390),
+        "{seen}"
+    );
+    let with_value = |key: &str| steps.iter().filter(|s| !s[key].is_null()).count() as u64;
+    let want = [
+        ("asked", steps.len() as u64),
+        ("held", steps.len() as u64),
+        ("p50", with_value("p50_ms")),
+        ("p99", with_value("p99_ms")),
+        ("RSS", with_value("server_rss_kib")),
+        ("threads", with_value("server_threads")),
+    ];
+    let lines = seen["polylines"].as_array().expect("polylines");
+    assert_eq!(lines.len(), want.len(), "{seen}");
+    for (series, points) in want {
+        let line = lines
+            .iter()
+            .find(|l| l["series"] == series)
+            .unwrap_or_else(|| panic!("no {series} polyline: {seen}"));
+        assert_eq!(line["points"].as_u64(), Some(points), "{series}: {seen}");
+    }
+    // The streams, RSS and threads have a value at every step.
+    assert_eq!(with_value("server_rss_kib"), steps.len() as u64, "{run}");
+    assert!(steps.len() >= 3, "{run}");
 }
 
 /// The browser to use when every prerequisite is there; otherwise `None`

@@ -295,6 +295,17 @@ fn bad_arguments_exit_2_with_a_message() {
             ],
             "--source",
         ),
+        (
+            &[
+                "--url",
+                "http://127.0.0.1:1/events/a",
+                "-n",
+                "5",
+                "--report",
+                "r.html",
+            ],
+            "--report needs --find-limit",
+        ),
     ];
     for (args, want) in cases {
         let (status, out, err) = loadtest(args);
@@ -476,6 +487,7 @@ fn find_limit_with_nothing_listening_fails_clearly() {
 #[test]
 fn find_limit_against_a_404_fails_clearly() {
     let server = Server::start("find-404", CONFIG);
+    let page = server.dir.join("partial.html");
     let (status, out, err) = loadtest(&[
         "--url",
         &server.url("/nowhere/t"),
@@ -484,8 +496,85 @@ fn find_limit_against_a_404_fails_clearly() {
         "--find-limit",
         "--connections",
         "5",
+        "--report",
+        page.to_str().expect("a UTF-8 temp path"),
     ]);
     assert_eq!(status.code(), Some(1), "{status}: {err}");
     assert!(err.contains("answered 404"), "{err}");
     assert!(out.contains("limit       0 streams"), "{out}");
+    // The page is written all the same, and says it is partial.
+    let html = std::fs::read_to_string(&page).expect("the partial report was written");
+    assert!(html.contains("Partial report"), "{html}");
+    assert!(html.contains("answered 404"), "{html}");
+    assert_eq!(html.matches("<tr data-streams=\"5\">").count(), 1, "{html}");
+}
+
+/// `--report` writes one self-contained page: charts as inline SVG, no
+/// script or resource from elsewhere, and a table row per step, in the
+/// order of the JSON steps.
+#[test]
+fn find_limit_writes_an_html_report() {
+    let dir = TempDir::new("find-limit-report");
+    let (ssed, addr) = spawn_config(
+        &dir,
+        "listen = \"127.0.0.1:0\"\nmax_connections = 300\nheartbeat = \"0\"\n",
+    );
+    let pid = ssed.pid().to_string();
+    let url = format!("http://{addr}/events/t");
+    let page = dir.path().join("r.html");
+    let page_arg = page.to_str().expect("a UTF-8 temp path");
+    let (status, out, err) = loadtest_within(
+        &[
+            "--url",
+            &url,
+            "--find-limit",
+            "--step-time",
+            "200ms",
+            "--events",
+            "2",
+            "--ramp",
+            "0",
+            "--pid",
+            &pid,
+            "--json",
+            "--report",
+            page_arg,
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{status}: {err}");
+    let r = json(&out);
+    let html = std::fs::read_to_string(&page).expect("the report was written");
+    assert!(html.contains("<svg"), "{html}");
+    assert!(!html.contains("<script"), "{html}");
+    assert!(!html.contains("Partial report"), "{html}");
+    let without_url = html.replace(&url, "");
+    assert!(
+        !without_url.contains("http://") && !without_url.contains("https://"),
+        "a reference to elsewhere: {html}"
+    );
+    for chart in [
+        "chart-streams",
+        "chart-latency",
+        "chart-rss",
+        "chart-threads",
+    ] {
+        assert!(html.contains(chart), "{chart}: {html}");
+    }
+    let steps = r["steps"].as_array().expect("steps");
+    let rows: Vec<u64> = html
+        .split("<tr data-streams=\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next()?.parse().ok())
+        .collect();
+    let counts: Vec<u64> = steps.iter().filter_map(|s| s["streams"].as_u64()).collect();
+    assert_eq!(rows, counts, "{html}");
+    for step in steps {
+        assert!(
+            step["server_threads"].as_u64().is_some_and(|t| t > 0),
+            "{step}"
+        );
+    }
+    let limit = r["limit"].as_u64().unwrap_or(0);
+    assert!(html.contains(&format!("{limit} streams held")), "{html}");
 }

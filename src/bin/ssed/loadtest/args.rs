@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ssed::daemon::config::parse_duration;
@@ -43,6 +44,9 @@ FINDING THE LIMIT (--find-limit):
     --max N               never hold more than N streams
     --step-time D         how long each step publishes for (default 3s)
     --publish-url URL     defaults to --url with /events/ replaced by /publish/
+    --report FILE.html    also write the run as one self-contained HTML page (charts
+                          of streams, latency and the server's memory and threads per
+                          step, and the steps' table); written on a failed run too
 
 Progress goes to stderr once a second; the summary goes to stdout.
 held: streams open with 200 at the end; refused: 503 (or ssed's overload = \"retry\"
@@ -82,6 +86,8 @@ pub(super) struct FindLimitOptions {
     pub(super) max_p99: Duration,
     pub(super) pid: Option<u32>,
     pub(super) step_time: Duration,
+    /// `--report`: where to write the HTML page.
+    pub(super) report: Option<PathBuf>,
 }
 
 /// The publisher's part of the options: `--publish-url` and what goes with it.
@@ -133,6 +139,7 @@ impl Options {
         let mut pid = None;
         let mut max = None;
         let mut step_time = None;
+        let mut report: Option<PathBuf> = None;
         let mut parser = lexopt::Parser::from_args(args);
         while let Some(arg) = parser.next()? {
             match arg {
@@ -174,6 +181,7 @@ impl Options {
                             UsageError(format!("--pid: {v:?} is not a process id"))
                         })?);
                 }
+                Long("report") => report = Some(parser.value()?.into()),
                 Long("max") => max = Some(parse_count("--max", &parser.value()?.string()?)?),
                 Short('h') | Long("help") => return Ok(Parsed::Help),
                 _ => return Err(arg.unexpected().into()),
@@ -186,6 +194,12 @@ impl Options {
             )
         })?;
         let url = Target::parse(&url).map_err(|e| UsageError(format!("--url: {e}")))?;
+        if !find_limit && report.is_some() {
+            return Err(UsageError("--report needs --find-limit".into()));
+        }
+        if report.as_ref().is_some_and(|r| r.as_os_str().is_empty()) {
+            return Err(UsageError("--report: no file name".into()));
+        }
         if !find_limit
             && (max_p99.is_some() || pid.is_some() || max.is_some() || step_time.is_some())
         {
@@ -229,6 +243,7 @@ impl Options {
                 max_p99: max_p99.unwrap_or(DEFAULT_MAX_P99),
                 pid,
                 step_time,
+                report,
             })
         } else {
             None
@@ -512,11 +527,14 @@ mod tests {
             "500ms",
             "--pid",
             "42",
+            "--report",
+            "r.html",
         ])
         .expect("valid");
         let f = o.find_limit.expect("find-limit");
         assert_eq!((f.start, f.max, f.pid), (50, Some(50), Some(42)));
         assert_eq!(f.max_p99, Duration::from_millis(100));
+        assert_eq!(f.report, Some(PathBuf::from("r.html")));
         let want: Vec<IpAddr> = (2..=5).map(|i| IpAddr::from([127, 0, 0, i])).collect();
         assert_eq!(o.sources, want);
         let p = o.publish.expect("a publisher");
@@ -573,6 +591,11 @@ mod tests {
                 "--source",
             ),
             (&["--url", url, "--max", "5"], "need --find-limit"),
+            (
+                &["--url", url, "-n", "5", "--report", "r.html"],
+                "--report needs --find-limit",
+            ),
+            (&["--url", url, "--find-limit", "--report", ""], "--report"),
             (&["--url", url, "--find-limit", "--max", "0"], "--max"),
             (&["--url", url, "--find-limit", "--pid", "x"], "--pid"),
             (&["--url", url, "--find-limit", "--rate", "5"], "--rate"),

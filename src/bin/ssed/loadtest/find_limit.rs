@@ -31,6 +31,7 @@ use serde_json::{Value, json};
 use super::args::{FindLimitOptions, Options, PublishOptions};
 use super::histogram::Histogram;
 use super::host;
+use super::html;
 use super::publisher::{PublishOutcome, PublishProgress, publish};
 use super::server_proc::{self, MEMORY_FLOOR_KIB};
 use super::streams::{CONNECT_TIMEOUT, Counts, SWEEP_EVERY, Streams};
@@ -57,15 +58,29 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the search and prints its report; 0 when a limit was found, 1
 /// when the server could not be measured (gone, wrong URL) or on Ctrl-C.
+/// With `--report`, the HTML page is written at the end, on a failed run
+/// too (saying it is partial); failing to write it is a failure.
 pub(super) fn main(o: &Options, f: &FindLimitOptions) -> ExitCode {
-    let report = match search(o, f) {
+    let mut steps = Vec::new();
+    let report = match search(o, f, &mut steps) {
         Ok(r) => r,
         Err(e) => {
             let _ = writeln!(io::stderr(), "ssed loadtest: {e}"); // nothing else to do
+            let partial = LimitReport {
+                url: o.url.url.clone(),
+                limit: 0,
+                stopped_by: e.to_string(),
+                error: true,
+                steps,
+                max_p99: f.max_p99,
+            };
+            write_html(f, &partial);
             return ExitCode::FAILURE;
         }
     };
-    if !super::print_report(o.json, || report.to_json().to_string(), || report.table()) {
+    let printed = super::print_report(o.json, || report.to_json().to_string(), || report.table());
+    let written = write_html(f, &report);
+    if !printed || !written {
         return ExitCode::FAILURE;
     }
     if report.error {
@@ -73,6 +88,29 @@ pub(super) fn main(o: &Options, f: &FindLimitOptions) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Writes `--report`, if asked for; false (after saying why) when it
+/// cannot be written.
+fn write_html(f: &FindLimitOptions, report: &LimitReport) -> bool {
+    let Some(path) = &f.report else {
+        return true;
+    };
+    let page = report.html_page();
+    match std::fs::write(path, html::render(&page)) {
+        Ok(()) => {
+            let _ = writeln!(io::stderr(), "report written to {}", path.display()); // best effort
+            true
+        }
+        Err(e) => {
+            let _ = writeln!(
+                io::stderr(),
+                "ssed loadtest: cannot write --report {}: {e}",
+                path.display()
+            ); // nothing else to do
+            false
+        }
+    }
 }
 
 /// Why the search could not be made at all.
@@ -116,6 +154,7 @@ struct Step {
     p50_ns: Option<u64>,
     p99_ns: Option<u64>,
     server_rss_kib: Option<u64>,
+    server_threads: Option<u64>,
     headroom_kib: Option<u64>,
     /// The server process is gone (`--pid`), or nothing listens any more.
     server_gone: bool,
@@ -159,7 +198,13 @@ struct Search<'a> {
     last_sweep: Instant,
 }
 
-fn search(o: &Options, f: &FindLimitOptions) -> Result<LimitReport, SearchError> {
+/// Runs the search; the steps measured go to `steps` as they end, so that
+/// they are there for a partial report when the search fails.
+fn search(
+    o: &Options,
+    f: &FindLimitOptions,
+    steps: &mut Vec<Step>,
+) -> Result<LimitReport, SearchError> {
     let fds = host::fd_limit();
     let stop = host::interrupt_flag();
     let publish = o.publish.clone().ok_or(SearchError::NoPublishUrl)?;
@@ -178,7 +223,6 @@ fn search(o: &Options, f: &FindLimitOptions) -> Result<LimitReport, SearchError>
         last_progress: now,
         last_sweep: now,
     };
-    let mut steps: Vec<Step> = Vec::new();
     let mut low = 0u64;
     let mut high: Option<(u64, String)> = None;
     let mut next = f.start;
@@ -225,7 +269,7 @@ fn search(o: &Options, f: &FindLimitOptions) -> Result<LimitReport, SearchError>
         limit: low,
         stopped_by,
         error,
-        steps,
+        steps: std::mem::take(steps),
         max_p99: f.max_p99,
     })
 }
@@ -464,6 +508,7 @@ impl Search<'_> {
             Some(pid) => match server_proc::sample(pid) {
                 Some(s) => {
                     step.server_rss_kib = s.rss_kib;
+                    step.server_threads = s.threads;
                     step.headroom_kib = s.headroom_kib;
                 }
                 None => step.server_gone = true,
@@ -666,6 +711,7 @@ impl LimitReport {
                     "p50_ms": s.p50_ns.map(ms),
                     "p99_ms": s.p99_ns.map(ms),
                     "server_rss_kib": s.server_rss_kib,
+                    "server_threads": s.server_threads,
                 })
             })
             .collect();
@@ -674,6 +720,35 @@ impl LimitReport {
             "stopped_by": self.stopped_by,
             "steps": steps,
         })
+    }
+
+    /// What `--report` shows.
+    fn html_page(&self) -> html::Page {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        html::Page {
+            url: self.url.clone(),
+            date: html::utc(now),
+            limit: self.limit,
+            stopped_by: self.stopped_by.clone(),
+            max_p99_ms: ms(self.max_p99.as_nanos() as u64),
+            partial: self.error.then(|| self.stopped_by.clone()),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| html::Row {
+                    streams: s.streams,
+                    held: s.held,
+                    refused: s.refused,
+                    failed: s.failed,
+                    p50_ms: s.p50_ns.map(ms),
+                    p99_ms: s.p99_ns.map(ms),
+                    rss_kib: s.server_rss_kib,
+                    threads: s.server_threads,
+                })
+                .collect(),
+        }
     }
 
     fn table(&self) -> String {

@@ -32,6 +32,7 @@
 //!   connect to response head to held stream;
 //! - [`publisher`]: the thread that posts the timed events;
 //! - [`report`]: what was measured, as the table or as JSON;
+//! - [`html`]: the `--report` page, its charts drawn as inline SVG;
 //! - [`find_limit`]: `--find-limit`, steps of streams up to the server's
 //!   limit, with its own report;
 //! - this file: [`main`], the entry point `src/bin/ssed/main.rs` calls, and
@@ -42,6 +43,7 @@ mod decode;
 mod find_limit;
 mod histogram;
 mod host;
+mod html;
 mod publisher;
 mod report;
 mod server_proc;

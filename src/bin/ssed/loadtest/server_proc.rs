@@ -18,6 +18,8 @@ pub(super) const MEMORY_FLOOR_KIB: u64 = 32 * 1024;
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Sample {
     pub(super) rss_kib: Option<u64>,
+    /// Its threads (`Threads:` in `/proc/PID/status`).
+    pub(super) threads: Option<u64>,
     /// Memory it could still take, in KiB; `None` when unknown.
     pub(super) headroom_kib: Option<u64>,
 }
@@ -41,8 +43,12 @@ pub(super) fn sample(pid: u32) -> Option<Sample> {
         (Some(a), Some(c)) => Some(a.min(c)),
         (a, c) => a.or(c),
     };
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok());
     Some(Sample {
         rss_kib,
+        threads,
         headroom_kib,
     })
 }
@@ -120,6 +126,7 @@ mod tests {
     fn this_process_is_seen() {
         let s = sample(std::process::id()).expect("alive");
         assert!(s.rss_kib.is_some_and(|r| r > 0), "{s:?}");
+        assert!(s.threads.is_some_and(|t| t > 0), "{s:?}");
         assert!(s.headroom_kib.is_some_and(|h| h > 0), "{s:?}");
         assert!(sample(u32::MAX).is_none());
         assert_eq!(kib_field("VmRSS:\t  1234 kB\n", "VmRSS:"), Some(1234));
