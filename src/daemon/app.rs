@@ -659,9 +659,8 @@ impl App {
         Response::text(
             403,
             format!(
-                "the {} cookie is not accepted from a page of {}: list that origin by name in \
+                "the JWT cookie is not accepted from a page of {}: list that origin by name in \
                  cors_origins",
-                "JWT",
                 req.header("origin").unwrap_or_default()
             ),
         )

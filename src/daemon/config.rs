@@ -611,8 +611,16 @@ impl Config {
     ///
     /// The key at fault and why (algorithms no key verifies).
     pub fn jwt_verifier(&self) -> Result<Option<JwtVerifier>, (&'static str, String)> {
+        self.jwt_verifier_for(self.jwt_algorithms.clone())
+    }
+
+    /// [`jwt_verifier`](Config::jwt_verifier) accepting `algorithms`.
+    fn jwt_verifier_for(
+        &self,
+        algorithms: Vec<Alg>,
+    ) -> Result<Option<JwtVerifier>, (&'static str, String)> {
         if self.jwt_secret.is_none() && self.jwt_public_key.is_none() {
-            if !self.jwt_algorithms.is_empty() {
+            if !algorithms.is_empty() {
                 return Err((
                     "auth.jwt_algorithms",
                     "no key to verify tokens with: set jwt_secret (or SSED_JWT_SECRET) or \
@@ -625,7 +633,7 @@ impl Config {
         JwtVerifier::new(
             self.jwt_secret.as_ref().map(|s| s.as_bytes().to_vec()),
             self.jwt_public_key.as_ref().map(|(_, k)| k.clone()),
-            self.jwt_algorithms.clone(),
+            algorithms,
             self.jwt_issuer.clone(),
             self.jwt_audience.clone(),
         )
@@ -639,14 +647,16 @@ impl Config {
         if full || self.jwt_secret.is_some() {
             return self.jwt_verifier().map(|_| ());
         }
-        let mut without_hmac = self.clone();
-        without_hmac
+        let without_hmac: Vec<Alg> = self
             .jwt_algorithms
-            .retain(|a| !matches!(a, Alg::HS256 | Alg::HS384 | Alg::HS512));
-        if without_hmac.jwt_algorithms.is_empty() && !self.jwt_algorithms.is_empty() {
+            .iter()
+            .copied()
+            .filter(|a| !matches!(a, Alg::HS256 | Alg::HS384 | Alg::HS512))
+            .collect();
+        if without_hmac.is_empty() && !self.jwt_algorithms.is_empty() {
             return Ok(());
         }
-        without_hmac.jwt_verifier().map(|_| ())
+        self.jwt_verifier_for(without_hmac).map(|_| ())
     }
 
     /// Whether a subscriber credential is configured (the subscribe

@@ -17,6 +17,9 @@ pub mod config;
 mod error;
 pub mod jwt;
 
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), as the daemon's `event: ping` says
+/// the time; for the binary's load tester too.
+pub use crate::time::iso8601;
 pub use app::{Daemon, build};
 pub use config::{Config, ConfigError};
 pub use error::SetupError;

@@ -369,24 +369,9 @@ fn chart(id: &str, unit: &str, series: &[Series<'_>]) -> String {
 
 /// `t` (seconds since the Unix epoch) as `YYYY-MM-DD HH:MM:SS UTC`.
 pub(super) fn utc(t: u64) -> String {
-    let days = (t / 86_400) as i64;
-    let secs = t % 86_400;
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    let iso = ssed::daemon::iso8601(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t));
+    // `YYYY-MM-DDTHH:MM:SS.mmmZ`: ASCII, fixed width.
+    format!("{} {} UTC", &iso[..10], &iso[11..19])
 }
 
 #[cfg(test)]
