@@ -27,6 +27,7 @@
 # Working set = usage - inactive file pages (page cache the kernel can drop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 bin=target/release/ssed
 streams=5000
@@ -88,13 +89,7 @@ TOML
 SSED_CG="$cg" RUST_LOG=info sh -c 'echo $$ > "$SSED_CG/cgroup.procs" && exec "$0" "$@"' \
   "$bin" --config "$work/ssed.toml" --listen 127.0.0.1:0 2>"$work/server.log" &
 server=$!
-addr=""
-for _ in $(seq 100); do
-  addr=$(sed -n 's/.*listening on \([0-9.:]*\) .*/\1/p' "$work/server.log" | head -1)
-  [[ -n $addr ]] && break
-  sleep 0.05
-done
-[[ -n $addr ]] || { echo "cgroup-memory: the server did not start:" >&2; cat "$work/server.log" >&2; exit 1; }
+addr=$(listening_addr cgroup-memory "$work/server.log")
 
 stat() { awk -v k="$1" '$1 == k { print $2 }' "$cg/memory.stat"; }
 usage() { cat "$cg/$usage_file"; }

@@ -17,6 +17,7 @@
 # the addresses 10.234.0.1-2/30; removes them, and stops both processes by
 # PID, on exit. Gives up after heartbeat + write timeout + 60 s.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
 server=target/release/ssed
 heartbeat=15s
@@ -75,13 +76,7 @@ max_execution_time = "0"
 EOF
 RUST_LOG=info "$server" --config "$dir/ssed.toml" 2> "$dir/ssed.log" &
 ssed_pid=$!
-addr=""
-for _ in $(seq 100); do
-  addr=$(sed -n 's/.*listening on \(http:\/\/\)\{0,1\}\([0-9.:]*\).*/\2/p' "$dir/ssed.log" | head -1)
-  [[ -n $addr ]] && break
-  sleep 0.1
-done
-[[ -n $addr ]] || { cat "$dir/ssed.log" >&2; echo "ssed did not start" >&2; exit 1; }
+addr=$(listening_addr dead-peer "$dir/ssed.log")
 
 open() {
   curl -s "http://$addr/healthz" | sed -n 's/.*"streams_open":\([0-9]*\).*/\1/p'

@@ -28,6 +28,7 @@
 # which do not drift. Linux only; needs python3 for the pagemap reading.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 bin=target/release/ssed
 streams=10000
@@ -67,13 +68,7 @@ trap cleanup EXIT
 } >"$work/ssed.toml"
 env -u SSED_SUBSCRIBE_TOKEN RUST_LOG=info "$bin" --config "$work/ssed.toml" --listen 127.0.0.1:0 2>"$work/server.log" &
 server=$!
-addr=""
-for _ in $(seq 100); do
-  addr=$(sed -n 's/.*listening on \([0-9.:]*\) .*/\1/p' "$work/server.log" | head -1)
-  [[ -n $addr ]] && break
-  sleep 0.05
-done
-[[ -n $addr ]] || { echo "idle-memory: the server did not start:" >&2; cat "$work/server.log" >&2; exit 1; }
+addr=$(listening_addr idle-memory "$work/server.log")
 sleep 0.5
 
 meminfo() { awk '$3 == "kB" { printf "%s %s\n", $1, $2 }' /proc/meminfo; }

@@ -22,6 +22,7 @@
 # or two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 bin=target/static/ssed
 sizes="256M 512M 1G"
@@ -91,13 +92,7 @@ for size in $sizes; do
   : > "$work/server.log"
   sh -c "$join; exec $bin --config $work/ssed.toml" 2> "$work/server.log" &
   server=$!
-  addr=""
-  for _ in $(seq 100); do
-    addr=$(sed -n 's/.*listening on \([0-9.:]*\) .*/\1/p' "$work/server.log" | head -1)
-    [[ -n $addr ]] && break
-    sleep 0.05
-  done
-  [[ -n $addr ]] || { cat "$work/server.log" >&2; echo "sizing: the server did not start" >&2; exit 1; }
+  addr=$(listening_addr sizing "$work/server.log")
   status=0
   "$bin" loadtest --url "http://$addr/events/sizing" --find-limit --pid "$server" \
     --max "$max" --step-time "$step_time" --json > "$work/result.json" 2> "$work/loadtest.log" \
