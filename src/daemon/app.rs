@@ -57,14 +57,18 @@ fn stream_jwt<'r>(req: &'r Request, config: &Config) -> Option<&'r str> {
     token.filter(|t| JwtVerifier::looks_like_jwt(t))
 }
 
+// Both boxed: every thread's thread-locals sit at the top of its stack
+// mapping (musl), in the page a stream thread keeps resident; a few dozen
+// bytes more there left some idle streams with a second stack page.
 thread_local! {
     /// A stream thread's place under `max_streams_per_client`, when its
     /// handler counted it (see `App::count_named_client`); given back when
     /// the thread ends with its stream.
-    static HELD: std::cell::RefCell<Option<crate::server::limits::clients::ClientSlot>> =
+    static HELD: std::cell::RefCell<Option<Box<crate::server::limits::clients::ClientSlot>>> =
         const { std::cell::RefCell::new(None) };
     /// A stream thread's JWT, verified ahead (see [`App::verify_ahead`]).
-    static VERIFIED: std::cell::RefCell<Option<(String, Result<Claims, super::jwt::JwtError>)>> =
+    #[allow(clippy::type_complexity)]
+    static VERIFIED: std::cell::RefCell<Option<Box<(String, Result<Claims, super::jwt::JwtError>)>>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -375,7 +379,7 @@ impl App {
     fn jwt(&self, token: &str) -> Option<Result<Claims, Response>> {
         let pool = self.jwt.as_ref()?;
         JwtVerifier::looks_like_jwt(token).then(|| {
-            let ahead = VERIFIED.with(|v| v.borrow_mut().take());
+            let ahead = VERIFIED.with(|v| v.borrow_mut().take()).map(|b| *b);
             match ahead {
                 Some((t, verified)) if t == token => verified,
                 _ => pool.verify(token, SystemTime::now()),
@@ -404,7 +408,7 @@ impl App {
             return;
         };
         let verified = pool.verify_elsewhere(token, SystemTime::now());
-        VERIFIED.with(|v| *v.borrow_mut() = Some((token.to_owned(), verified)));
+        VERIFIED.with(|v| *v.borrow_mut() = Some(Box::new((token.to_owned(), verified))));
     }
 
     /// Who a new stream's client is, and whether its grant covers
@@ -622,7 +626,7 @@ impl App {
         let slot = clients.acquire_named(&format!("sub:{sub}"));
         match slot {
             Some(slot) => {
-                HELD.with(|h| *h.borrow_mut() = slot);
+                HELD.with(|h| *h.borrow_mut() = slot.map(Box::new));
                 true
             }
             None => {
