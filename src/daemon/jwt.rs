@@ -360,9 +360,9 @@ const MAX_WAITING: usize = 1024;
 /// (measured on the static build: three pages, 13.8 KiB per stream, where an
 /// anonymous one has one, 5.7 KiB). Here the stream thread queues the token
 /// under a mutex and parks, as it does anyway while idle; a verifier thread
-/// leaves the answer in a slot and unparks it. Called early on the stream's
-/// thread (`App::verify_ahead`), a JWT stream keeps one page: 5.9 KiB. Ordinary requests, whose threads
-/// end at once, verify in place. The threads end when the pool is dropped.
+/// leaves the answer in a slot and unparks it, called early on the stream's
+/// thread (`App::verify_ahead`). Ordinary requests, whose threads end at
+/// once, verify in place. The threads end when the pool is dropped.
 #[derive(Debug)]
 pub struct VerifierPool {
     verifier: Arc<JwtVerifier>,
