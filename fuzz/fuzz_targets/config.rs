@@ -98,34 +98,71 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// `key` is `name`, `table.name` or `postgres[i].name`: each part but a
-/// required one said to be missing is in the file.
-fn check_key_in_file(table: &Table, key: &str, message: &str) {
-    let root_end = key.find(['.', '[']).unwrap_or(key.len());
-    let (root, rest) = key.split_at(root_end);
-    let value = table
-        .get(root)
-        .unwrap_or_else(|| panic!("error names {key:?}, not in the file"));
-    let (value, rest) = match rest.strip_prefix('[') {
-        Some(indexed) => {
-            let (index, rest) = indexed.split_once(']').expect("closed index");
-            let index: usize = index.parse().expect("numeric index");
-            let item = value
-                .as_array()
-                .and_then(|a| a.get(index))
-                .unwrap_or_else(|| panic!("error names {key:?}, no such item"));
-            (item, rest)
+/// One step of a key as an error names it: a name (bare or quoted as
+/// TOML quotes it) or an array index.
+enum Part {
+    Name(String),
+    Index(usize),
+}
+
+/// `postgres[0].url`, `auth."a.b"` → its parts.
+fn key_parts(key: &str) -> Vec<Part> {
+    let mut parts = Vec::new();
+    let mut rest = key;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let (index, r) = r.split_once(']').expect("closed index");
+            parts.push(Part::Index(index.parse().expect("numeric index")));
+            rest = r;
+        } else if rest.starts_with('"') {
+            let mut escaped = false;
+            let end = rest
+                .char_indices()
+                .skip(1)
+                .find(|&(_, c)| {
+                    let closes = c == '"' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    closes
+                })
+                .map(|(i, _)| i)
+                .unwrap_or_else(|| panic!("unclosed quote in {key:?}"));
+            let quoted = &rest[..=end];
+            let decoded = format!("v = {quoted}").parse::<Table>();
+            let name = decoded
+                .ok()
+                .and_then(|t| t.get("v").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_else(|| panic!("bad quoted part {quoted:?} in {key:?}"));
+            parts.push(Part::Name(name));
+            rest = &rest[end + 1..];
+        } else {
+            let end = rest.find(['.', '[']).unwrap_or(rest.len());
+            parts.push(Part::Name(rest[..end].to_owned()));
+            rest = &rest[end..];
         }
-        None => (value, rest),
-    };
-    if let Some(name) = rest.strip_prefix('.') {
-        let present = value.as_table().is_some_and(|t| t.contains_key(name));
-        assert!(
-            present || message.starts_with("missing"),
-            "error names {key:?}, not in the file: {message}"
-        );
-    } else {
-        assert!(rest.is_empty(), "odd key {key:?}");
+    }
+    parts
+}
+
+/// `key` is `name`, `table.name` or `postgres[i].name`, each name bare or
+/// quoted: each part but a required one said to be missing is in the file.
+fn check_key_in_file(table: &Table, key: &str, message: &str) {
+    let parts = key_parts(key);
+    let mut value: Option<&Value> = None;
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        let next = match (part, value) {
+            (Part::Name(name), None) => table.get(name),
+            (Part::Name(name), Some(v)) => v.as_table().and_then(|t| t.get(name)),
+            (Part::Index(index), Some(v)) => v.as_array().and_then(|a| a.get(*index)),
+            (Part::Index(_), None) => panic!("odd key {key:?}"),
+        };
+        match next {
+            Some(v) => value = Some(v),
+            None if last && i > 0 && message.starts_with("missing") => return,
+            None => panic!("error names {key:?}, not in the file: {message}"),
+        }
     }
 }
 

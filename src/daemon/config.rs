@@ -507,7 +507,7 @@ impl Config {
                                 }
                                 c.jwt_cookie = name;
                             }
-                            _ => return Err(r.unknown(&full)),
+                            _ => return Err(r.unknown("auth.", k)),
                         }
                     }
                     c.check_jwt(false)
@@ -526,7 +526,7 @@ impl Config {
                                 }
                                 c.redis_url = (!url.is_empty()).then_some(url);
                             }
-                            _ => return Err(r.unknown(&full)),
+                            _ => return Err(r.unknown("redis.", k)),
                         }
                     }
                 }
@@ -558,14 +558,14 @@ impl Config {
                                     }
                                     pg.topic = Some(topic);
                                 }
-                                _ => return Err(r.unknown(&full)),
+                                _ => return Err(r.unknown(&format!("{at}."), k)),
                             }
                         }
                         check_postgres(&pg).map_err(|(k, m)| r.err(&format!("{at}.{k}"), m))?;
                         c.postgres.push(pg);
                     }
                 }
-                _ => return Err(r.unknown(key)),
+                _ => return Err(r.unknown("", key)),
             }
         }
         if c.redis_url.is_some() && c.data_dir.is_some() {
@@ -828,8 +828,35 @@ impl Reader<'_> {
         ConfigError::key(self.path, key, message)
     }
 
-    fn unknown(&self, key: &str) -> ConfigError {
-        self.err(key, "unknown key (see config.example.toml for every key)")
+    /// An unknown `key` of the table named by `prefix` (`""`, `"auth."`):
+    /// the key is named as TOML writes it, quoted unless it is a bare key,
+    /// so a dot or space in it cannot be read as a table path.
+    fn unknown(&self, prefix: &str, key: &str) -> ConfigError {
+        let bare = !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let mut named = prefix.to_owned();
+        if bare {
+            named.push_str(key);
+        } else {
+            named.push('"');
+            for c in key.chars() {
+                match c {
+                    '"' | '\\' => {
+                        named.push('\\');
+                        named.push(c);
+                    }
+                    c if c.is_control() => named.push_str(&format!("\\u{:04X}", u32::from(c))),
+                    c => named.push(c),
+                }
+            }
+            named.push('"');
+        }
+        self.err(
+            &named,
+            "unknown key (see config.example.toml for every key)",
+        )
     }
 
     fn type_err(&self, key: &str, want: &str, found: &Value) -> ConfigError {
@@ -986,6 +1013,11 @@ mod tests {
                 "key `heartbeat`: invalid duration \"fast\"",
             ),
             ("nope = 1", "key `nope`: unknown key"),
+            (
+                "\"host=127.0.0.1 user=u\" = 1",
+                "key `\"host=127.0.0.1 user=u\"`: unknown key",
+            ),
+            ("[redis]\n\"a.b\" = 1", "key `redis.\"a.b\"`: unknown key"),
             (
                 "max_connections = \"many\"",
                 "key `max_connections`: expected an integer, found string",
