@@ -336,6 +336,10 @@ impl Credential {
     }
 }
 
+/// What [`App::admission`] decided: the credential of an admitted stream,
+/// or the refusal to answer.
+type Admission = Result<Credential, Response>;
+
 /// What a stream is opened for: the grant must cover it.
 #[derive(Debug, Clone, Copy)]
 enum Target<'a> {
@@ -379,10 +383,10 @@ impl App {
     fn jwt(&self, token: &str) -> Option<Result<Claims, Response>> {
         let pool = self.jwt.as_ref()?;
         JwtVerifier::looks_like_jwt(token).then(|| {
-            let ahead = VERIFIED.with(|v| v.borrow_mut().take()).map(|b| *b);
+            let ahead = VERIFIED.with(|v| v.borrow_mut().take());
             match ahead {
-                Some((t, verified)) if t == token => verified,
-                _ => pool.verify(token, SystemTime::now()),
+                Some(verified) if verified.0 == token => verified.1,
+                _ => verify_now(pool, token),
             }
             .map_err(|_| Self::invalid_token())
         })
@@ -411,15 +415,13 @@ impl App {
         VERIFIED.with(|v| *v.borrow_mut() = Some(Box::new((token.to_owned(), verified))));
     }
 
-    /// Who a new stream's client is, and whether its grant covers
-    /// `target`.
+    #[cold]
     #[inline(never)]
-    fn admit_credential(&self, req: &Request, target: Target<'_>) -> Result<Credential, Response> {
-        let cred = self.authorize_subscribe(req)?;
-        match self.refuse_target(req, &cred, target) {
-            Some(refusal) => Err(refusal),
-            None => Ok(cred),
-        }
+    fn mailbox_needs_credential(key: &str) -> Response {
+        Self::unauthorized(&format!(
+            "consuming mailbox {key:?} needs a credential whose subscribe grant covers it \
+             (a scoped ticket from POST /tickets, a JWT, the subscribe token)"
+        ))
     }
 
     #[cold]
@@ -433,6 +435,7 @@ impl App {
     /// Who a subscriber is: a Bearer token (the subscribe token, a JWT),
     /// `?token=`, a ticket, its session cookie, a JWT cookie, or nobody
     /// (where `anonymous` lets it in).
+    #[inline(never)]
     fn authorize_subscribe(&self, req: &Request) -> Result<Credential, Response> {
         let token = self.config.subscribe_token.as_deref();
         let credentials = self.config.subscriber_credentials();
@@ -451,28 +454,25 @@ impl App {
             }
             return Err(Self::unauthorized("wrong subscribe token"));
         }
-        let session = || auth::cookie(req, SESSION_COOKIE).and_then(|s| self.tickets.session(s));
+        let session = auth::cookie(req, SESSION_COOKIE);
         if let Some(ticket) = req.query("ticket").filter(|_| credentials) {
-            if let Some(pass) = self.tickets.redeem(ticket) {
-                return Ok(Credential::pass(How::Ticket, pass));
-            }
-            // A spent ticket may still come with a live session cookie
-            // (the browser reconnecting with the same URL).
-            if let Some(pass) = session() {
-                return Ok(Credential::pass(How::Session, pass));
-            }
-            return Err(Self::unauthorized(
-                "ticket invalid, spent or expired: get a new one with POST /tickets",
-            ));
+            return self.ticket_credential(ticket, session);
         }
-        if let Some(pass) = session() {
+        if let Some(pass) = session.and_then(|s| self.tickets.session(s)) {
             return Ok(Credential::pass(How::Session, pass));
         }
-        if let Some(claims) = self.jwt_cookie(req) {
+        // The JWT cookie, read here and not through `jwt_cookie`: a frame
+        // less under the stream's deepest call on its way in.
+        if self.jwt.is_some()
+            && let Some(token) = auth::cookie(req, &self.config.jwt_cookie)
+        {
             if !self.cookie_origin_allowed(req) {
                 return Err(Self::cookie_from_elsewhere(req));
             }
-            return claims.map(Credential::jwt);
+            return match self.jwt(token) {
+                Some(claims) => claims.map(Credential::jwt),
+                None => Err(Self::invalid_token()),
+            };
         }
         if self.config.anonymous_allowed() {
             return Ok(Credential::new(How::Anonymous, Grant::none()));
@@ -480,10 +480,32 @@ impl App {
         Err(Self::needs_credential())
     }
 
+    /// A ticket's credential: the ticket's pass, once; a spent ticket may
+    /// still come with a live session cookie (the browser reconnecting
+    /// with the same URL). Out of line, as everything that is not a
+    /// stream's common way in (see `open_stream`).
+    #[inline(never)]
+    fn ticket_credential(
+        &self,
+        ticket: &str,
+        session: Option<&str>,
+    ) -> Result<Credential, Response> {
+        if let Some(pass) = self.tickets.redeem(ticket) {
+            return Ok(Credential::pass(How::Ticket, pass));
+        }
+        match session.and_then(|s| self.tickets.session(s)) {
+            Some(pass) => Ok(Credential::pass(How::Session, pass)),
+            None => Err(Self::unauthorized(
+                "ticket invalid, spent or expired: get a new one with POST /tickets",
+            )),
+        }
+    }
+
     /// Whether `cred` may open a stream of `target`: `None` if so, else
     /// the refusal. Anonymous subscribers follow any topic (its public
     /// updates); a mailbox always needs a grant covering its key, except
     /// from this machine when no subscriber credential is configured.
+    #[inline(never)]
     fn refuse_target(
         &self,
         req: &Request,
@@ -499,10 +521,7 @@ impl App {
             {
                 None
             }
-            (How::Anonymous, Target::Mailbox(key)) => Some(Self::unauthorized(&format!(
-                "consuming mailbox {key:?} needs a credential whose subscribe grant covers it \
-                 (a scoped ticket from POST /tickets, a JWT, the subscribe token)"
-            ))),
+            (How::Anonymous, Target::Mailbox(key)) => Some(Self::mailbox_needs_credential(key)),
             (_, Target::Topics(topics)) => topics
                 .iter()
                 .find(|t| !cred.grant.can_subscribe(t))
@@ -623,7 +642,8 @@ impl App {
         let (Some(clients), Some(sub)) = (self.clients.get(), &cred.subject) else {
             return true;
         };
-        let slot = clients.acquire_named(&format!("sub:{sub}"));
+        // Not `format!`: see `start_session`.
+        let slot = clients.acquire_named(&["sub:", sub].concat());
         match slot {
             Some(slot) => {
                 HELD.with(|h| *h.borrow_mut() = slot.map(Box::new));
@@ -737,19 +757,46 @@ impl App {
     /// The head goes out now, or with `later` it waits for the stream's
     /// first write (a followed subscription hands that to a waker thread).
     ///
+    /// CORS and access for a new stream, decided from the handler's own
+    /// frame (see `open_stream`): the credential, or the refusal to answer
+    /// with. Boxed, so the
+    /// handler's frame, under every idle stream, stays narrow.
+    #[inline(never)]
+    fn admission(&self, req: &Request, target: Target<'_>) -> Box<Admission> {
+        if let Err(refusal) = self.cors(req) {
+            return Box::new(Err(refusal));
+        }
+        let refusal = match self.authorize_subscribe(req) {
+            Ok(cred) => match self.refuse_target(req, &cred, target) {
+                None => return Box::new(Ok(cred)),
+                Some(refusal) => refusal,
+            },
+            Err(refusal) => refusal,
+        };
+        Box::new(Err(self.with_cors(req, refusal)))
+    }
+
+    /// Opens an admitted stream, or answers its refusal (false).
+    ///
     /// Stream threads keep every stack page they touch for the stream's
-    /// life, so the uncommon branches here and in `subscribe` (refusals,
-    /// tickets, errors) live in functions of their own, kept out of line:
-    /// their locals do not deepen the common path.
+    /// life. So access is decided apart ([`admission`](App::admission),
+    /// called by the handler itself, where the stack is shallow: verifying
+    /// a credential and matching a grant are the deepest calls on a
+    /// stream's way in), and the uncommon branches here and in `subscribe`
+    /// (refusals, tickets, errors) live in functions of their own, kept out
+    /// of line: their locals do not deepen the common path.
     fn open_stream(
         &self,
         req: &Request,
         stream: &mut Stream,
         later: bool,
-        target: Target<'_>,
+        admission: Box<Admission>,
     ) -> Result<bool, StreamError> {
-        if !self.admit_stream(req, stream, target)? {
+        let Some(ticket) = self.admit_stream(req, stream, admission)? else {
             return Ok(false);
+        };
+        if let Some(pass) = ticket {
+            self.start_session(req, stream, pass)?;
         }
         if later {
             stream.retry_on_open(self.config.retry)?;
@@ -761,27 +808,22 @@ impl App {
         Ok(true)
     }
 
-    /// CORS and access for a new stream: sets the headers they call for
-    /// and answers a refused one (false).
+    /// Sets the headers an admitted stream's admission calls for, and
+    /// answers a refused one (`None`). An admitted stream opened with a
+    /// ticket comes with its pass, for the session it starts (opened by
+    /// the caller: a frame less under that deep call).
     #[inline(never)]
     fn admit_stream(
         &self,
         req: &Request,
         stream: &mut Stream,
-        target: Target<'_>,
-    ) -> Result<bool, StreamError> {
-        let cors = match self.cors(req) {
-            Ok(h) => h,
+        admission: Box<Admission>,
+    ) -> Result<Option<Option<Box<Pass>>>, StreamError> {
+        let cred = match *admission {
+            Ok(cred) => cred,
             Err(r) => {
                 stream.respond(r)?;
-                return Ok(false);
-            }
-        };
-        let cred = match self.admit_credential(req, target) {
-            Ok(a) => a,
-            Err(r) => {
-                stream.respond(self.with_cors(req, r))?;
-                return Ok(false);
+                return Ok(None);
             }
         };
         // The acceptor left a stream authorized by a JWT with a subject to
@@ -792,22 +834,22 @@ impl App {
             && cred.subject.is_some();
         if named_later && !self.count_named_client(&cred) {
             stream.respond(self.with_cors(req, self.too_many_streams(&cred)))?;
-            return Ok(false);
+            return Ok(None);
         }
         if let Some(exp) = cred.expires {
             end_with_token(stream, exp);
         }
-        for (k, v) in &cors {
+        // Admitted, so CORS allowed the origin: the same answer again.
+        for (k, v) in &self.cors(req).unwrap_or_default() {
             stream.header(k, v)?;
         }
-        if cred.how == How::Ticket {
-            let pass = Pass {
-                grant: cred.grant,
-                expires: cred.expires,
-            };
-            self.start_session(req, stream, pass)?;
+        if cred.how != How::Ticket {
+            return Ok(Some(None));
         }
-        Ok(true)
+        Ok(Some(Some(Box::new(Pass {
+            grant: cred.grant,
+            expires: cred.expires,
+        }))))
     }
 
     /// Opens the session a ticket's stream starts, with its cookie. Out
@@ -819,9 +861,9 @@ impl App {
         &self,
         req: &Request,
         stream: &mut Stream,
-        pass: Pass,
+        pass: Box<Pass>,
     ) -> Result<(), StreamError> {
-        match self.tickets.open_session(self.config.ticket_session, pass) {
+        match self.tickets.open_session(self.config.ticket_session, *pass) {
             Ok(secret) => {
                 // `Secure` when the client is on https (as a trusted proxy
                 // says): the browser then never sends the cookie over
@@ -831,11 +873,22 @@ impl App {
                 } else {
                     ""
                 };
-                let cookie = format!(
-                    "{SESSION_COOKIE}={secret}; Max-Age={}; Path=/; HttpOnly; \
-                     SameSite=Strict{secure}",
-                    self.config.ticket_session.as_secs()
-                );
+                // Put together without `format!`: `core::fmt` takes more
+                // stack than a stream's way in may keep (see `crate::digits`).
+                let max_age =
+                    crate::digits::Digits::decimal(self.config.ticket_session.as_secs().into());
+                let mut cookie = String::with_capacity(128);
+                for part in [
+                    SESSION_COOKIE,
+                    "=",
+                    &secret,
+                    "; Max-Age=",
+                    std::str::from_utf8(max_age.as_bytes()).unwrap_or("0"),
+                    "; Path=/; HttpOnly; SameSite=Strict",
+                    secure,
+                ] {
+                    cookie.push_str(part);
+                }
                 stream.header("Set-Cookie", &cookie)?;
             }
             Err(e) => log::warn!("cannot open a session for a ticket: {e}"),
@@ -852,7 +905,8 @@ impl App {
             return stream.respond(refusal);
         }
         self.verify_ahead(req);
-        if !self.open_stream(req, stream, true, Target::Topics(&topics))? {
+        let admission = self.admission(req, Target::Topics(&topics));
+        if !self.open_stream(req, stream, true, admission)? {
             return Ok(());
         }
         // Subscribe once admitted (a refused client never holds a queue in
@@ -875,7 +929,8 @@ impl App {
             return stream.respond(refusal);
         }
         self.verify_ahead(req);
-        if !self.open_stream(req, stream, false, Target::Mailbox(key))? {
+        let admission = self.admission(req, Target::Mailbox(key));
+        if !self.open_stream(req, stream, false, admission)? {
             return Ok(());
         }
         stream.consume(&self.hub, key)
@@ -1363,6 +1418,15 @@ fn publisher_key(subject: Option<&str>, token: &str) -> String {
         Some(sub) => format!("sub:{sub}"),
         None => format!("jwt:{token}"),
     }
+}
+
+/// Verifies `token` on this thread's behalf, waiting for the answer: for a
+/// JWT not [verified ahead](App::verify_ahead). Out of line: waiting on a
+/// verifier thread takes more stack than a stream's way in may keep.
+#[cold]
+#[inline(never)]
+fn verify_now(pool: &VerifierPool, token: &str) -> Result<Claims, super::jwt::JwtError> {
+    pool.verify(token, SystemTime::now())
 }
 
 /// Ends `stream` when its token expires, at `exp`.
