@@ -69,8 +69,23 @@ fn loadtest(args: &[&str]) -> (ExitStatus, String, String) {
 
 /// Runs `ssed loadtest args…`, killing it past `deadline`.
 fn loadtest_within(args: &[&str], deadline: Duration) -> (ExitStatus, String, String) {
-    let mut child = Command::new(BIN)
-        .arg("loadtest")
+    loadtest_limited(args, None, deadline)
+}
+
+/// `ssed loadtest args…` started, with its descriptor limit (soft and
+/// hard) set to `nofile` if given.
+fn spawn_loadtest(args: &[&str], nofile: Option<u64>) -> std::process::Child {
+    // `ulimit -n` in a shell that then becomes the load tester (`exec`):
+    // the PID is the load tester's.
+    let mut cmd = match nofile {
+        Some(n) => {
+            let mut c = Command::new("bash");
+            c.args(["-c", "ulimit -n \"$0\" && exec \"$@\"", &n.to_string(), BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.arg("loadtest")
         .args(args)
         .env_remove("SSED_PUBLISH_TOKEN")
         .env_remove("SSED_SUBSCRIBE_TOKEN")
@@ -78,7 +93,17 @@ fn loadtest_within(args: &[&str], deadline: Duration) -> (ExitStatus, String, St
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("ssed loadtest starts");
+        .expect("ssed loadtest starts")
+}
+
+/// Runs `ssed loadtest args…` with its descriptor limit at `nofile` (if
+/// given), killing it past `deadline`.
+fn loadtest_limited(
+    args: &[&str],
+    nofile: Option<u64>,
+    deadline: Duration,
+) -> (ExitStatus, String, String) {
+    let mut child = spawn_loadtest(args, nofile);
     let read = |pipe: Option<Box<dyn Read + Send>>| {
         thread::spawn(move || {
             let mut text = String::new();
@@ -301,10 +326,10 @@ fn bad_arguments_exit_2_with_a_message() {
                 "http://127.0.0.1:1/events/a",
                 "-n",
                 "5",
-                "--report",
-                "r.html",
+                "--max-p99",
+                "1s",
             ],
-            "--report needs --find-limit",
+            "need --find-limit",
         ),
     ];
     for (args, want) in cases {
@@ -577,4 +602,192 @@ fn find_limit_writes_an_html_report() {
     }
     let limit = r["limit"].as_u64().unwrap_or(0);
     assert!(html.contains(&format!("{limit} streams held")), "{html}");
+}
+
+/// The PIDs of running `ssed loadtest --worker` processes whose command
+/// line names `url`.
+fn workers_for(url: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let has = |a: &str| args.iter().any(|x| *x == a.as_bytes());
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let zombie = state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        (has("--worker") && has(url) && !zombie).then_some(pid)
+    })
+    .collect()
+}
+
+/// Past its descriptor limit (200 here) the load tester spreads 300
+/// streams over worker processes: every stream held, every delivery
+/// counted, the latency over all of them, and no worker left after.
+#[test]
+fn past_the_descriptor_limit_workers_hold_the_streams() {
+    let server = Server::start("workers", CONFIG);
+    let url = server.url("/events/workers");
+    let (status, out, err) = loadtest_limited(
+        &[
+            "--url",
+            &url,
+            "--connections",
+            "300",
+            "--ramp",
+            "0",
+            "--publish-url",
+            &server.url("/publish/workers"),
+            "--events",
+            "10",
+            "--rate",
+            "100",
+            "--duration",
+            "3s",
+            "--json",
+        ],
+        Some(200),
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{status}: {err}");
+    let r = json(&out);
+    assert_eq!(r["workers"], 2, "{r}");
+    assert!(
+        err.contains("descriptor limit 200: 300 streams over 2 worker processes"),
+        "{err}"
+    );
+    assert_eq!(r["held"], 300, "{r}");
+    assert_eq!(
+        (r["refused"].as_u64(), r["failed"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["published"], 10, "{r}");
+    assert_eq!(r["expected_deliveries"], 3000, "{r}");
+    assert_eq!(r["deliveries"], 3000, "{r}");
+    // The quantiles come from the workers' histograms merged.
+    let p50 = r["latency_ms"]["p50"].as_f64().unwrap_or(-1.0);
+    let p99 = r["latency_ms"]["p99"].as_f64().unwrap_or(-1.0);
+    assert!(0.0 < p50 && p50 <= p99 && p99 < 1000.0, "{r}");
+    assert!(!err.contains("WARN"), "{err}");
+    assert!(workers_for(&url).is_empty(), "workers left running");
+}
+
+/// A worker ends when the load tester that started it dies, even by
+/// SIGKILL: its stdin closes.
+#[test]
+fn workers_end_with_the_load_tester() {
+    let server = Server::start("orphans", CONFIG);
+    let url = server.url("/events/orphans");
+    let args = [
+        "--url",
+        url.as_str(),
+        "--connections",
+        "300",
+        "--ramp",
+        "0",
+        "--duration",
+        "60s",
+    ];
+    let mut child = spawn_loadtest(&args, Some(200));
+    let started = Instant::now();
+    while workers_for(&url).len() < 2 && started.elapsed() < DEADLINE {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let workers = workers_for(&url);
+    let _ = child.kill(); // SIGKILL: no chance to end them itself
+    let _ = child.wait();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let ended = Instant::now();
+    while !workers_for(&url).is_empty() && ended.elapsed() < DEADLINE {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let left = workers_for(&url);
+    for pid in &left {
+        // Do not leave them to the next test: these are our grandchildren.
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    }
+    assert!(left.is_empty(), "orphaned workers {left:?}");
+    assert!(
+        ended.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        ended.elapsed()
+    );
+}
+
+/// A plain run's `--report`: one self-contained page, the streams, the
+/// deliveries and (with `--pid`) the server's RSS and threads over time,
+/// the run's delivery latency among its facts.
+#[test]
+fn a_plain_run_writes_an_html_report() {
+    let dir = TempDir::new("plain-report");
+    let (ssed, addr) = spawn_config(&dir, &format!("listen = \"127.0.0.1:0\"\n{CONFIG}"));
+    let url = format!("http://{addr}/events/plain");
+    let page = dir.path().join("plain.html");
+    let (status, out, err) = loadtest(&[
+        "--url",
+        &url,
+        "-n",
+        "40",
+        "--ramp",
+        "40/s",
+        "--publish-url",
+        &format!("http://{addr}/publish/plain"),
+        "--events",
+        "5",
+        "--rate",
+        "50",
+        "--duration",
+        "2s",
+        "--pid",
+        &ssed.pid().to_string(),
+        "--report",
+        page.to_str().expect("a UTF-8 temp path"),
+        "--json",
+    ]);
+    assert!(status.success(), "{status}: {err}");
+    let r = json(&out);
+    assert_eq!(r["held"], 40, "{r}");
+    let html = std::fs::read_to_string(&page).expect("the report was written");
+    assert!(html.contains("<title>ssed loadtest</title>"), "{html}");
+    assert!(!html.contains("<script"), "{html}");
+    let without_url = html
+        .replace(&url, "")
+        .replace(&format!("http://{addr}/publish/plain"), "");
+    assert!(
+        !without_url.contains("http"),
+        "a reference to elsewhere: {html}"
+    );
+    for chart in [
+        "chart-streams",
+        "chart-deliveries",
+        "chart-rss",
+        "chart-threads",
+    ] {
+        assert!(html.contains(chart), "{chart}: {html}");
+    }
+    // A sample at the start, once a second through the 1 s ramp, and at the end.
+    let times: Vec<f64> = html
+        .split("<tr data-t=\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next()?.parse().ok())
+        .collect();
+    assert!(times.len() >= 3, "{times:?}");
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    let held_line = html
+        .split("<polyline data-series=\"held\"")
+        .nth(1)
+        .and_then(|p| p.split("points=\"").nth(1))
+        .and_then(|p| p.split('"').next())
+        .expect("the held line");
+    assert_eq!(held_line.split_whitespace().count(), times.len(), "{html}");
+    let p99 = r["latency_ms"]["p99"].as_f64().expect("a p99");
+    assert!(
+        html.contains(&format!("p99 {p99:.3} ms")),
+        "p99 {p99}: {html}"
+    );
+    assert!(html.contains("200 of 200 expected"), "{html}");
 }

@@ -74,12 +74,12 @@ pub(super) fn main(o: &Options, f: &FindLimitOptions) -> ExitCode {
                 steps,
                 max_p99: f.max_p99,
             };
-            write_html(f, &partial);
+            write_html(o, &partial);
             return ExitCode::FAILURE;
         }
     };
     let printed = super::print_report(o.json, || report.to_json().to_string(), || report.table());
-    let written = write_html(f, &report);
+    let written = write_html(o, &report);
     if !printed || !written {
         return ExitCode::FAILURE;
     }
@@ -92,25 +92,10 @@ pub(super) fn main(o: &Options, f: &FindLimitOptions) -> ExitCode {
 
 /// Writes `--report`, if asked for; false (after saying why) when it
 /// cannot be written.
-fn write_html(f: &FindLimitOptions, report: &LimitReport) -> bool {
-    let Some(path) = &f.report else {
-        return true;
-    };
-    let page = report.html_page();
-    match std::fs::write(path, html::render(&page)) {
-        Ok(()) => {
-            let _ = writeln!(io::stderr(), "report written to {}", path.display()); // best effort
-            true
-        }
-        Err(e) => {
-            let _ = writeln!(
-                io::stderr(),
-                "ssed loadtest: cannot write --report {}: {e}",
-                path.display()
-            ); // nothing else to do
-            false
-        }
-    }
+fn write_html(o: &Options, report: &LimitReport) -> bool {
+    o.report
+        .as_deref()
+        .is_none_or(|path| html::write(path, &html::render(&report.html_page())))
 }
 
 /// Why the search could not be made at all.
@@ -504,7 +489,7 @@ impl Search<'_> {
                 step.other_statuses.insert(*status, n);
             }
         }
-        match self.f.pid {
+        match self.o.pid {
             Some(pid) => match server_proc::sample(pid) {
                 Some(s) => {
                     step.server_rss_kib = s.rss_kib;
@@ -724,12 +709,9 @@ impl LimitReport {
 
     /// What `--report` shows.
     fn html_page(&self) -> html::Page {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         html::Page {
             url: self.url.clone(),
-            date: html::utc(now),
+            date: html::now_utc(),
             limit: self.limit,
             stopped_by: self.stopped_by.clone(),
             max_p99_ms: ms(self.max_p99.as_nanos() as u64),
