@@ -614,7 +614,7 @@ fn workers_for(url: &str) -> Vec<u32> {
         let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let has = |a: &str| args.iter().any(|x| *x == a.as_bytes());
+        let has = |a: &str| args.contains(&a.as_bytes());
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let zombie = state
             .rsplit_once(')')
