@@ -791,3 +791,106 @@ fn a_plain_run_writes_an_html_report() {
     );
     assert!(html.contains("200 of 200 expected"), "{html}");
 }
+
+/// A server killed between two steps of `--find-limit`: the run says so
+/// (not "a limit"), exits 1, and still prints the steps it measured.
+#[test]
+fn find_limit_with_a_server_that_dies_fails_clearly() {
+    let dir = TempDir::new("find-limit-dies");
+    let (mut ssed, addr) = spawn_config(&dir, "listen = \"127.0.0.1:0\"\nheartbeat = \"0\"\n");
+    let url = format!("http://{addr}/events/t");
+    let page = dir.path().join("dies.html");
+    let args = [
+        "--url",
+        url.as_str(),
+        "--find-limit",
+        "--step-time",
+        "300ms",
+        "--events",
+        "2",
+        "--ramp",
+        "0",
+        "--pid",
+        &ssed.pid().to_string(),
+        "--report",
+        page.to_str().expect("a UTF-8 temp path"),
+        "--json",
+    ];
+    let mut child = spawn_loadtest(&args, None);
+    let stdout = child.stdout.take().expect("stdout");
+    let out = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = { stdout }.read_to_string(&mut text); // what arrived is what we check
+        text
+    });
+    // Kill the server as the second step (200 streams) begins.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    let err = thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            if line.contains("step: 200 streams") {
+                let _ = tx.send(()); // the test may be past waiting
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let second_step = rx.recv_timeout(Duration::from_secs(20));
+    ssed.kill_9();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill(); // it overran: the assertion reports it
+            let _ = child.wait();
+            panic!("ssed loadtest did not end after the server died");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let (out, err) = (out.join().expect("stdout"), err.join().expect("stderr"));
+    assert!(second_step.is_ok(), "no second step: {err}");
+    assert_eq!(status.code(), Some(1), "{status}: {err}");
+    assert!(
+        err.contains("the server stopped answering at 200 streams"),
+        "{err}"
+    );
+    let r = json(&out);
+    assert_eq!(r["limit"], 100, "{r}");
+    let steps = r["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{r}");
+    assert_eq!(steps[0]["held"], 100, "{r}");
+    let html = std::fs::read_to_string(&page).expect("the partial report was written");
+    assert!(html.contains("Partial report"), "{html}");
+}
+
+/// Streams the client cannot open (a source address that is not this
+/// machine's) are named as the client's own failure, not the server's limit.
+#[test]
+fn find_limit_names_the_clients_own_failures() {
+    let server = Server::start("client-fails", CONFIG);
+    let (status, out, err) = loadtest(&[
+        "--url",
+        &server.url("/events/t"),
+        "--find-limit",
+        "--connections",
+        "5",
+        "--source",
+        "192.0.2.1",
+        "--json",
+    ]);
+    assert_eq!(status.code(), Some(1), "{status}: {err}");
+    let r = json(&out);
+    let stopped_by = r["stopped_by"].as_str().unwrap_or("");
+    assert!(
+        stopped_by.contains("client ran out of source ports/addresses")
+            && stopped_by.contains("not the server's limit")
+            && stopped_by.contains("bind 192.0.2.1"),
+        "{r}"
+    );
+    assert_eq!(r["limit"], 0, "{r}");
+}
