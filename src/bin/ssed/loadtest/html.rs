@@ -119,20 +119,10 @@ pub(super) fn render(p: &Page) -> String {
             id: "streams",
             heading: "Streams per step",
             unit: "streams",
-            series: vec![
-                Series {
-                    name: "asked",
-                    color: "#999",
-                    dashed: true,
-                    values: col(&|r| Some(r.streams as f64)),
-                },
-                Series {
-                    name: "held",
-                    color: "#1f6fd1",
-                    dashed: false,
-                    values: col(&|r| Some(r.held as f64)),
-                },
-            ],
+            series: asked_and_held(
+                col(&|r| Some(r.streams as f64)),
+                col(&|r| Some(r.held as f64)),
+            ),
         },
         Chart {
             id: "latency",
@@ -210,6 +200,27 @@ pub(super) fn render(p: &Page) -> String {
             rows,
         },
     })
+}
+
+/// The streams asked (dashed) and held, the first lines of a streams chart.
+pub(super) fn asked_and_held<'a>(
+    asked: Vec<Option<f64>>,
+    held: Vec<Option<f64>>,
+) -> Vec<Series<'a>> {
+    vec![
+        Series {
+            name: "asked",
+            color: "#999",
+            dashed: true,
+            values: asked,
+        },
+        Series {
+            name: "held",
+            color: "#1f6fd1",
+            dashed: false,
+            values: held,
+        },
+    ]
 }
 
 /// The server's RSS and threads charts (`--pid`) under these headings,

@@ -12,7 +12,7 @@
 //! by its PID.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -23,7 +23,7 @@ use super::decode::Tally;
 use super::holder::{Held, Holder};
 use super::host;
 use super::streams::Counts;
-use super::worker::{MAX_LINE, Message, open_command};
+use super::worker::{Message, for_each_line, open_command};
 
 /// Most worker processes one run starts.
 pub(super) const MAX_WORKERS: u64 = 64;
@@ -272,22 +272,13 @@ impl Pool {
 /// Passes on every line of a worker's stdout, then its end.
 fn read_worker(index: usize, stdout: Option<impl Read>, tx: &mpsc::Sender<(usize, Event)>) {
     if let Some(out) = stdout {
-        let mut out = BufReader::new(out);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match (&mut out).take(MAX_LINE).read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let event = match serde_json::from_str::<Message>(&line) {
+        for_each_line(BufReader::new(out), |line| {
+            let event = match serde_json::from_str::<Message>(line) {
                 Ok(m) => Event::Message(Box::new(m)),
                 Err(_) => Event::Bad(line.trim().chars().take(200).collect()),
             };
-            if tx.send((index, event)).is_err() {
-                return;
-            }
-        }
+            tx.send((index, event)).is_ok()
+        });
     }
     let _ = tx.send((index, Event::Eof)); // the pool may be gone already
 }

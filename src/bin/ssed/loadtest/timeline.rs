@@ -110,30 +110,21 @@ pub(super) fn page(r: &Report, date: String) -> String {
     if let Some(why) = r.stopped {
         facts.push(("Stopped", format!("early ({why})")));
     }
+    let mut streams = html::asked_and_held(
+        col(&|s| Some(s.asked as f64)),
+        col(&|s| Some(s.held as f64)),
+    );
+    streams.push(Series {
+        name: "refused",
+        color: "#d1461f",
+        dashed: false,
+        values: col(&|s| Some(s.refused as f64)),
+    });
     let mut charts = vec![Chart {
         id: "streams",
         heading: "Streams over time",
         unit: "streams",
-        series: vec![
-            Series {
-                name: "asked",
-                color: "#999",
-                dashed: true,
-                values: col(&|s| Some(s.asked as f64)),
-            },
-            Series {
-                name: "held",
-                color: "#1f6fd1",
-                dashed: false,
-                values: col(&|s| Some(s.held as f64)),
-            },
-            Series {
-                name: "refused",
-                color: "#d1461f",
-                dashed: false,
-                values: col(&|s| Some(s.refused as f64)),
-            },
-        ],
+        series: streams,
     }];
     if r.publish.is_some() {
         charts.push(Chart {

@@ -66,26 +66,33 @@ enum Command {
 }
 
 fn read_commands(tx: mpsc::Sender<Command>) {
-    let mut stdin = io::stdin().lock();
-    let mut line = String::new();
-    loop {
-        line.clear();
-        match (&mut stdin).take(MAX_LINE).read_line(&mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
+    for_each_line(io::stdin().lock(), |line| {
         let command = match line.trim().strip_prefix("open ").map(str::parse) {
             Some(Ok(n)) => Command::Open(n),
             _ => {
                 log::warn!("worker: not a command: {:?}", line.trim());
-                continue;
+                return true;
             }
         };
-        if tx.send(command).is_err() {
+        tx.send(command).is_ok()
+    });
+    let _ = tx.send(Command::End); // the run may already be over
+}
+
+/// Calls `each` with every line of `r` (cut at [`MAX_LINE`] bytes) until
+/// its end, an error, or `each` says false: both ends of the protocol.
+pub(super) fn for_each_line(mut r: impl BufRead, mut each: impl FnMut(&str) -> bool) {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match (&mut r).take(MAX_LINE).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !each(&line) {
             return;
         }
     }
-    let _ = tx.send(Command::End); // the run may already be over
 }
 
 /// Writes `m` as one line; false when stdout is gone.
