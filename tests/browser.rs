@@ -91,30 +91,12 @@ fn loadtest_report_draws_a_point_per_step() {
     let url = format!("http://{addr}/events/t");
     let page = dir.path().join("r.html");
     let json_path = dir.path().join("out.json");
-    let mut loadtest = Command::new(env!("CARGO_BIN_EXE_ssed"));
+    let mut loadtest = reporting_loadtest(ssed.pid(), &page);
     loadtest
-        .arg("loadtest")
         .args(["--url", &url, "--find-limit", "--step-time", "200ms"])
         .args(["--events", "2", "--ramp", "0", "--json"])
-        .arg("--pid")
-        .arg(ssed.pid().to_string())
-        .arg("--report")
-        .arg(&page)
-        .env_remove("SSED_PUBLISH_TOKEN")
-        .env_remove("SSED_SUBSCRIBE_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&json_path).expect("a file for stdout"))
-        .stderr(Stdio::null());
-    let mut child = Guard(loadtest.spawn().expect("ssed loadtest starts"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        match child.0.try_wait().expect("wait") {
-            Some(status) => break status,
-            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            None => panic!("ssed loadtest did not finish within 60 s"),
-        }
-    };
-    assert!(status.success(), "ssed loadtest: {status}");
+        .stdout(std::fs::File::create(&json_path).expect("a file for stdout"));
+    run_loadtest(loadtest);
     let out = std::fs::read_to_string(&json_path).expect("its output");
     let run: Value = serde_json::from_str(out.trim()).expect("JSON on stdout");
     let steps = run["steps"].as_array().expect("steps");
@@ -156,23 +138,13 @@ fn loadtest_plain_report_draws_a_point_per_second() {
     let dir = TempDir::new("browser-plain-report");
     let (ssed, addr) = spawn_config(&dir, "listen = \"127.0.0.1:0\"\nheartbeat = \"0\"\n");
     let page = dir.path().join("plain.html");
-    let status = Command::new(env!("CARGO_BIN_EXE_ssed"))
-        .arg("loadtest")
+    let mut loadtest = reporting_loadtest(ssed.pid(), &page);
+    loadtest
         .args(["--url", &format!("http://{addr}/events/p"), "-n", "30"])
         .args(["--ramp", "20/s", "--duration", "1s", "--events", "3"])
         .args(["--publish-url", &format!("http://{addr}/publish/p")])
-        .arg("--pid")
-        .arg(ssed.pid().to_string())
-        .arg("--report")
-        .arg(&page)
-        .env_remove("SSED_PUBLISH_TOKEN")
-        .env_remove("SSED_SUBSCRIBE_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("ssed loadtest runs");
-    assert!(status.success(), "ssed loadtest: {status}");
+        .stdout(Stdio::null());
+    run_loadtest(loadtest);
     let seen = browse_report(&chromium, &page, "browser-plain-report.png");
     let rows = seen["rows"].as_u64().expect("rows");
     assert!(
@@ -203,6 +175,36 @@ fn loadtest_plain_report_draws_a_point_per_second() {
             .unwrap_or_else(|| panic!("no {series} polyline: {seen}"));
         assert_eq!(line["points"].as_u64(), Some(rows), "{series}: {seen}");
     }
+}
+
+/// `ssed loadtest --pid PID --report PAGE`, without tokens, stdin or
+/// stderr; the caller adds the rest.
+fn reporting_loadtest(pid: u32, page: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ssed"));
+    cmd.arg("loadtest")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg("--report")
+        .arg(page)
+        .env_remove("SSED_PUBLISH_TOKEN")
+        .env_remove("SSED_SUBSCRIBE_TOKEN")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` to success within 60 s (killed by its guard past that).
+fn run_loadtest(mut cmd: Command) {
+    let mut child = Guard(cmd.spawn().expect("ssed loadtest starts"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        match child.0.try_wait().expect("wait") {
+            Some(status) => break status,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            None => panic!("ssed loadtest did not finish within 60 s"),
+        }
+    };
+    assert!(status.success(), "ssed loadtest: {status}");
 }
 
 /// Opens a `--report` page with `tests/browser/report.mjs`, checks what
