@@ -104,44 +104,40 @@ fn loadtest_limited(
     deadline: Duration,
 ) -> (ExitStatus, String, String) {
     let mut child = spawn_loadtest(args, nofile);
-    let read = |pipe: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_string(&mut text); // what arrived is what we check
-            }
-            text
-        })
-    };
-    let out = read(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err = read(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if started.elapsed() > deadline {
-            let _ = child.kill(); // it overran: the assertion below reports it
-            let _ = child.wait();
-            panic!("ssed loadtest {args:?} did not finish within {deadline:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let out = read_all(child.stdout.take());
+    let err = read_all(child.stderr.take());
+    let status = wait_within(&mut child, Instant::now() + deadline);
     (
         status,
         out.join().expect("stdout reader"),
         err.join().expect("stderr reader"),
     )
+}
+
+/// Reads all of `pipe` on a thread of its own.
+fn read_all(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_string(&mut text); // what arrived is what we check
+        }
+        text
+    })
+}
+
+/// Waits for `child` to exit; past `until` kills it and fails the test.
+fn wait_within(child: &mut std::process::Child, until: Instant) -> ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > until {
+            let _ = child.kill(); // it overran: the panic reports it
+            let _ = child.wait();
+            panic!("ssed loadtest did not finish in time");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn json(stdout: &str) -> Value {
@@ -624,6 +620,16 @@ fn workers_for(url: &str) -> Vec<u32> {
     .collect()
 }
 
+/// The PIDs of `n` workers for `url`, once that many run (or what runs
+/// after [`DEADLINE`]).
+fn wait_for_workers(url: &str, n: usize) -> Vec<u32> {
+    let started = Instant::now();
+    while workers_for(url).len() < n && started.elapsed() < DEADLINE {
+        thread::sleep(Duration::from_millis(20));
+    }
+    workers_for(url)
+}
+
 /// Past its descriptor limit (200 here) the load tester spreads 300
 /// streams over worker processes: every stream held, every delivery
 /// counted, the latency over all of them, and no worker left after.
@@ -693,11 +699,7 @@ fn workers_end_with_the_load_tester() {
         "60s",
     ];
     let mut child = spawn_loadtest(&args, Some(200));
-    let started = Instant::now();
-    while workers_for(&url).len() < 2 && started.elapsed() < DEADLINE {
-        thread::sleep(Duration::from_millis(20));
-    }
-    let workers = workers_for(&url);
+    let workers = wait_for_workers(&url, 2);
     let _ = child.kill(); // SIGKILL: no chance to end them itself
     let _ = child.wait();
     assert_eq!(workers.len(), 2, "{workers:?}");
@@ -817,12 +819,7 @@ fn find_limit_with_a_server_that_dies_fails_clearly() {
         "--json",
     ];
     let mut child = spawn_loadtest(&args, None);
-    let stdout = child.stdout.take().expect("stdout");
-    let out = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = { stdout }.read_to_string(&mut text); // what arrived is what we check
-        text
-    });
+    let out = read_all(child.stdout.take());
     // Kill the server as the second step (200 streams) begins.
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().expect("stderr");
@@ -840,18 +837,7 @@ fn find_limit_with_a_server_that_dies_fails_clearly() {
     });
     let second_step = rx.recv_timeout(Duration::from_secs(20));
     ssed.kill_9();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill(); // it overran: the assertion reports it
-            let _ = child.wait();
-            panic!("ssed loadtest did not end after the server died");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_within(&mut child, Instant::now() + Duration::from_secs(30));
     let (out, err) = (out.join().expect("stdout"), err.join().expect("stderr"));
     assert!(second_step.is_ok(), "no second step: {err}");
     assert_eq!(status.code(), Some(1), "{status}: {err}");
@@ -893,4 +879,205 @@ fn find_limit_names_the_clients_own_failures() {
         "{r}"
     );
     assert_eq!(r["limit"], 0, "{r}");
+}
+
+/// Past its descriptor limit (200 here) `--find-limit` holds its steps in
+/// worker processes: the search goes on to the server's cap of 300, not
+/// to the client's limit, each step's latency gathered from the workers.
+#[test]
+fn find_limit_past_the_descriptor_limit_uses_workers() {
+    let dir = TempDir::new("find-limit-workers");
+    let (ssed, addr) = spawn_config(
+        &dir,
+        "listen = \"127.0.0.1:0\"\nmax_connections = 300\nheartbeat = \"0\"\n",
+    );
+    let url = format!("http://{addr}/events/t");
+    let (status, out, err) = loadtest_limited(
+        &[
+            "--url",
+            &url,
+            "--find-limit",
+            "--step-time",
+            "300ms",
+            "--events",
+            "3",
+            "--ramp",
+            "0",
+            "--pid",
+            &ssed.pid().to_string(),
+            "--json",
+        ],
+        Some(200),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{status}: {err}");
+    let r = json(&out);
+    let limit = r["limit"].as_u64().unwrap_or(0);
+    assert!((250..=300).contains(&limit), "{r}");
+    let stopped_by = r["stopped_by"].as_str().unwrap_or("");
+    assert!(stopped_by.contains("refusals (503)"), "{r}");
+    assert!(r["workers"].as_u64().is_some_and(|n| n >= 2), "{r}");
+    assert!(
+        err.contains("descriptor limit 200: 200 streams over 2 worker processes"),
+        "{err}"
+    );
+    let steps = r["steps"].as_array().expect("steps");
+    let counts: Vec<u64> = steps.iter().filter_map(|s| s["streams"].as_u64()).collect();
+    assert_eq!(&counts[..3], &[100, 200, 400], "{r}");
+    // The first step fits in this process; the others are the workers'.
+    assert_eq!(steps[0]["workers"], 0, "{r}");
+    for step in steps {
+        let streams = step["streams"].as_u64().unwrap_or(0);
+        if streams > 184 {
+            assert!(step["workers"].as_u64().is_some_and(|n| n >= 2), "{step}");
+        }
+        if streams <= limit {
+            assert_eq!(step["held"].as_u64(), Some(streams), "{step}");
+            let p99 = step["p99_ms"].as_f64().unwrap_or(-1.0);
+            assert!(0.0 < p99 && p99 < 250.0, "{step}");
+        } else {
+            assert!(step["refused"].as_u64().is_some_and(|n| n > 0), "{step}");
+        }
+    }
+    assert!(!err.contains("WARN"), "{err}");
+    assert!(workers_for(&url).is_empty(), "workers left running");
+}
+
+/// A worker killed during `--find-limit` ends the search as the client's
+/// failure (exit 1, a partial report), not as the server's limit, and the
+/// other workers end with it.
+#[test]
+fn find_limit_says_when_a_worker_dies() {
+    let server = Server::start("worker-dies", CONFIG);
+    let url = server.url("/events/dies");
+    let args = [
+        "--url",
+        url.as_str(),
+        "--find-limit",
+        "--connections",
+        "300",
+        "--step-time",
+        "3s",
+        "--events",
+        "30",
+        "--ramp",
+        "0",
+        "--json",
+    ];
+    let mut child = spawn_loadtest(&args, Some(200));
+    let (out, err) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
+    let started = Instant::now();
+    let workers = wait_for_workers(&url, 2);
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    // Mid-step: its 150 streams held, publishing.
+    thread::sleep(Duration::from_millis(800));
+    let killed = Command::new("kill")
+        .args(["-9", &workers[0].to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let status = wait_within(&mut child, started + Duration::from_secs(30));
+    let (out, err) = (out.join().expect("stdout"), err.join().expect("stderr"));
+    assert_eq!(status.code(), Some(1), "{status}: {err}");
+    let r = json(&out);
+    let stopped_by = r["stopped_by"].as_str().unwrap_or("");
+    assert!(
+        stopped_by.contains("a worker process failed at 300 streams")
+            && stopped_by.contains(&format!("pid {}", workers[0]))
+            && stopped_by.contains("not the server's limit"),
+        "{r}"
+    );
+    assert_eq!(r["limit"], 0, "{r}");
+    assert!(workers_for(&url).is_empty(), "workers left running");
+}
+
+/// The worker's side of the protocol, spoken by hand: `open` (never past
+/// its share), `close`, `step` (the latency since the last one) and
+/// `lease` (a new bound, which ends it with its final report).
+#[test]
+fn a_worker_opens_closes_measures_and_ends_on_its_lease() {
+    use std::io::{BufRead, BufReader};
+    let server = Server::start("worker-protocol", CONFIG);
+    let url = server.url("/events/protocol");
+    let mut worker = Command::new(BIN)
+        .args(["loadtest", "--worker", "--url", &url])
+        .args(["--connections", "5", "--duration", "30s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("a worker starts");
+    let mut stdin = worker.stdin.take().expect("stdin");
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let stdout = worker.stdout.take().expect("stdout");
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(json(&line)).is_err() {
+                break;
+            }
+        }
+    });
+    // The first message matching `want`, within the deadline.
+    let next = |want: &dyn Fn(&Value) -> bool| -> Value {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let m = rx.recv_timeout(left).expect("the worker answers in time");
+            if want(&m) {
+                return m;
+            }
+        }
+    };
+    let held = |n: u64| move |m: &Value| m["status"]["counts"]["held"] == n;
+    stdin.write_all(b"open 3\n").expect("open");
+    next(&held(3));
+    stdin.write_all(b"close 2\n").expect("close");
+    next(&held(1));
+    // Ten more asked, room for four: held at its share of five.
+    stdin.write_all(b"open 13\n").expect("open");
+    let m = next(&held(5));
+    assert_eq!(m["status"]["counts"]["attempted"], 7, "{m}");
+    // One event, published with this tool's send time, measured by `step`.
+    let sent = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    let mut publish = TcpStream::connect(server.addr).expect("connect to publish");
+    let body = format!("{{\"t\":{sent},\"seq\":0}}");
+    write!(
+        publish,
+        "POST /publish/protocol HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        server.addr,
+        body.len()
+    )
+    .expect("publish");
+    let mut answer = String::new();
+    let _ = publish.read_to_string(&mut answer); // checked below
+    assert!(answer.starts_with("HTTP/1.1 2"), "{answer}");
+    next(&|m: &Value| m["status"]["deliveries"] == 5);
+    stdin.write_all(b"step\n").expect("step");
+    let step = next(&|m: &Value| m.get("step").is_some());
+    assert_eq!(step["step"]["latency"]["count"], 5, "{step}");
+    stdin.write_all(b"step\n").expect("step");
+    let step = next(&|m: &Value| m.get("step").is_some());
+    assert_eq!(step["step"]["latency"]["count"], 0, "{step}");
+    // A lease of 100 ms: it ends, its final report holding every delivery.
+    let leased = Instant::now();
+    stdin.write_all(b"lease 100\n").expect("lease");
+    let last = next(&|m: &Value| m.get("final").is_some());
+    assert_eq!(last["final"]["tally"]["latency"]["count"], 5, "{last}");
+    let status = loop {
+        if let Some(s) = worker.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(leased.elapsed() < DEADLINE, "the worker outlived its lease");
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        leased.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        leased.elapsed()
+    );
 }

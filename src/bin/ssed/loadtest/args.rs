@@ -38,8 +38,9 @@ OPTIONS:
     -h, --help            print this help
 
 More streams than this process's descriptor limit (`ulimit -n`, raised to its hard
-limit first) are spread over worker processes, each running `ssed loadtest`; their
-counts and latency samples are added up (the report's \"workers\").
+limit first), in a run or in a --find-limit step, are spread over worker processes,
+each running `ssed loadtest`; their counts and latency samples are added up (the
+report's \"workers\").
 
 FINDING THE LIMIT (--find-limit):
     --find-limit          raise the held streams in steps (doubling from --connections,

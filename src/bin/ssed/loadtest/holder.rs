@@ -10,6 +10,7 @@ use rustix::event::epoll;
 
 use super::args::Target;
 use super::decode::Tally;
+use super::histogram::Histogram;
 use super::host;
 use super::streams::{Counts, SWEEP_EVERY, Streams};
 
@@ -64,6 +65,17 @@ impl Local {
             scratch: vec![0u8; SCRATCH],
             last_sweep: Instant::now(),
         })
+    }
+
+    /// Closes up to `n` held streams, the newest first; returns how many.
+    pub(super) fn close_held(&mut self, n: u64) -> u64 {
+        self.streams.close_held(n)
+    }
+
+    /// The latency of the deliveries so far, leaving an empty histogram to
+    /// count the next ones.
+    pub(super) fn take_latency(&mut self) -> Histogram {
+        std::mem::replace(&mut self.streams.tally.latency, Histogram::new())
     }
 }
 

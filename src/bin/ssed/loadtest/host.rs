@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+/// Descriptors a process keeps for everything but its streams.
+pub(super) const FDS_RESERVED: u64 = 16;
+
 /// Raises the descriptor limit as far as allowed and returns it.
 pub(super) fn fd_limit() -> u64 {
     match ssed::raise_fd_limit() {

@@ -37,6 +37,8 @@
 //! - [`worker`]: `--worker`, a process holding a share of the streams for
 //!   a load tester past its descriptor limit, and the lines it speaks;
 //! - [`pool`]: the load tester's side of its workers, a [`holder::Holder`];
+//! - [`spread`]: where `--find-limit` holds a step's streams, this process
+//!   or, past its descriptor limit, workers of the [`pool`];
 //! - [`publisher`]: the thread that posts the timed events;
 //! - [`html`]: the `--report` page, its charts drawn as inline SVG;
 //! - [`timeline`]: a plain run once a second, and its `--report` page;
@@ -57,6 +59,7 @@ mod pool;
 mod publisher;
 mod report;
 mod server_proc;
+mod spread;
 mod streams;
 mod timeline;
 mod worker;
@@ -85,8 +88,6 @@ const EXIT_USAGE: u8 = 2;
 const SETTLE: Duration = Duration::from_millis(300);
 /// How often progress is printed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// Descriptors kept for everything but the streams.
-const FDS_RESERVED: u64 = 16;
 
 /// Runs `ssed loadtest` with `args` (everything after `loadtest`) and
 /// returns the process exit code: 0 after a report, 1 when the run could
@@ -206,7 +207,7 @@ fn run(o: &Options) -> Result<Report, RunError> {
             + Duration::from_secs(10),
     };
     let fds = host::fd_limit();
-    let per_process = fds.saturating_sub(FDS_RESERVED);
+    let per_process = fds.saturating_sub(host::FDS_RESERVED);
     if o.connections <= per_process {
         let local = Local::new(&o.url, o.subscribe_token.as_deref(), &o.sources)
             .map_err(RunError::Poller)?;

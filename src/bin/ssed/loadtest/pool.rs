@@ -5,6 +5,9 @@
 //! [`Holder`]: it paces their connects with `open N` lines, adds up their
 //! statuses as they come, and at the end merges their counts and latency
 //! histograms, so the quantiles are those of the union of every sample.
+//! `--find-limit` drives the workers one by one instead (see
+//! [`super::spread`]), adding some as its steps grow, and gathers each
+//! step's latency from them with `step`.
 //!
 //! Every worker ends when its stdin closes: at the end of the run, when
 //! this process exits or dies. Each also has a time bound of its own, and
@@ -20,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use super::args::Options;
 use super::decode::Tally;
+use super::histogram::Histogram;
 use super::holder::{Held, Holder};
 use super::host;
 use super::streams::Counts;
-use super::worker::{Message, for_each_line, open_command};
+use super::worker::{Command as Line, Message, for_each_line};
 
 /// Most worker processes one run starts.
 pub(super) const MAX_WORKERS: u64 = 64;
@@ -65,6 +69,8 @@ struct Worker {
     events: u64,
     deliveries: u64,
     last: Option<Final>,
+    /// Its answer to the last `step`, until taken.
+    step: Option<Box<Histogram>>,
     /// Its stdout ended.
     gone: bool,
 }
@@ -80,6 +86,8 @@ struct Final {
 /// The worker processes of one run.
 pub(super) struct Pool {
     workers: Vec<Worker>,
+    /// Kept to give workers added later their reader.
+    tx: mpsc::Sender<(usize, Event)>,
     rx: mpsc::Receiver<(usize, Event)>,
     readers: Vec<thread::JoinHandle<()>>,
     counts: Counts,
@@ -98,14 +106,12 @@ impl Drop for Pool {
 }
 
 impl Pool {
-    /// Starts `k` workers, sharing `o.connections` as evenly as they go,
-    /// each bound to `bound` of running time.
-    pub(super) fn spawn(o: &Options, k: u64, bound: Duration) -> Result<Pool, SpawnError> {
-        let exe = std::env::current_exe()
-            .map_err(|e| SpawnError(format!("cannot find this program to start workers: {e}")))?;
+    /// No workers yet.
+    pub(super) fn new() -> Pool {
         let (tx, rx) = mpsc::channel();
-        let mut pool = Pool {
+        Pool {
             workers: Vec::new(),
+            tx,
             rx,
             readers: Vec::new(),
             counts: Counts::default(),
@@ -114,58 +120,180 @@ impl Pool {
             deliveries: 0,
             last_open: None,
             ended: false,
-        };
+        }
+    }
+
+    /// Starts `k` workers, sharing `o.connections` as evenly as they go,
+    /// each bound to `bound` of running time.
+    pub(super) fn spawn(o: &Options, k: u64, bound: Duration) -> Result<Pool, SpawnError> {
+        let mut pool = Pool::new();
         for i in 0..k {
             let share = o.connections / k + u64::from(i < o.connections % k);
-            let mut cmd = Command::new(&exe);
-            cmd.arg("loadtest")
-                .arg("--worker")
-                .args(["--url", &o.url.url])
-                .args(["--connections", &share.to_string()])
-                .args(["--duration", &format!("{}ms", bound.as_millis())]);
-            // The sources are one range, in order (`--source A-B`).
-            if let (Some(first), Some(last)) = (o.sources.first(), o.sources.last()) {
-                cmd.args(["--source", &format!("{first}-{last}")]);
-            }
-            let spawned = cmd
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn();
-            let mut child = match spawned {
-                Ok(c) => c,
-                Err(e) => {
-                    pool.end(); // the ones started so far
-                    return Err(SpawnError(format!("cannot start worker {}: {e}", i + 1)));
-                }
-            };
-            let stdout = child.stdout.take();
-            let tx = tx.clone();
-            let index = pool.workers.len();
-            let reader = thread::Builder::new()
-                .name(format!("worker-{index}"))
-                .spawn(move || read_worker(index, stdout, &tx));
-            pool.workers.push(Worker {
-                stdin: child.stdin.take(),
-                child,
-                share,
-                opened: 0,
-                counts: Counts::default(),
-                in_flight: 0,
-                events: 0,
-                deliveries: 0,
-                last: None,
-                gone: false,
-            });
-            match reader {
-                Ok(r) => pool.readers.push(r),
-                Err(e) => {
-                    pool.end();
-                    return Err(SpawnError(format!("cannot read worker {}: {e}", i + 1)));
-                }
-            }
+            pool.add(o, share, bound)?; // dropping the pool ends those started
         }
         Ok(pool)
+    }
+
+    /// Starts one more worker, holding at most `share` streams at once and
+    /// bound to `bound` of running time.
+    pub(super) fn add(
+        &mut self,
+        o: &Options,
+        share: u64,
+        bound: Duration,
+    ) -> Result<(), SpawnError> {
+        let n = self.workers.len() + 1;
+        let exe = std::env::current_exe()
+            .map_err(|e| SpawnError(format!("cannot find this program to start workers: {e}")))?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("loadtest")
+            .arg("--worker")
+            .args(["--url", &o.url.url])
+            .args(["--connections", &share.to_string()])
+            .args(["--duration", &format!("{}ms", bound.as_millis())]);
+        // The sources are one range, in order (`--source A-B`).
+        if let (Some(first), Some(last)) = (o.sources.first(), o.sources.last()) {
+            cmd.args(["--source", &format!("{first}-{last}")]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| SpawnError(format!("cannot start worker {n}: {e}")))?;
+        let stdout = child.stdout.take();
+        let tx = self.tx.clone();
+        let index = self.workers.len();
+        let reader = thread::Builder::new()
+            .name(format!("worker-{index}"))
+            .spawn(move || read_worker(index, stdout, &tx));
+        self.workers.push(Worker {
+            stdin: child.stdin.take(),
+            child,
+            share,
+            opened: 0,
+            counts: Counts::default(),
+            in_flight: 0,
+            events: 0,
+            deliveries: 0,
+            last: None,
+            step: None,
+            gone: false,
+        });
+        match reader {
+            Ok(r) => {
+                self.readers.push(r);
+                Ok(())
+            }
+            // Its stdout is dropped with the thread's closure: it ends on
+            // its next status, or on its stdin's end with the pool.
+            Err(e) => Err(SpawnError(format!("cannot read worker {n}: {e}"))),
+        }
+    }
+
+    /// How many workers were started.
+    pub(super) fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Worker `i`'s streams held, as it said last.
+    pub(super) fn held(&self, i: usize) -> u64 {
+        self.workers.get(i).map_or(0, |w| w.counts.held)
+    }
+
+    /// The last `open N` sent to worker `i`.
+    pub(super) fn opened(&self, i: usize) -> u64 {
+        self.workers.get(i).map_or(0, |w| w.opened)
+    }
+
+    /// The first worker whose output has ended, said; a worker ends only
+    /// when told to, so this one failed.
+    pub(super) fn lost(&self) -> Option<String> {
+        let (i, w) = self.workers.iter().enumerate().find(|(_, w)| w.gone)?;
+        Some(format!("worker {} (pid {}) ended", i + 1, w.child.id()))
+    }
+
+    /// Whether a round of `open N` may go now: at most one every
+    /// [`OPEN_EVERY`] while a ramp goes on, so the lines stay few, and
+    /// always the one that completes it (`last`).
+    pub(super) fn open_round(&mut self, last: bool) -> bool {
+        let now = Instant::now();
+        if !last
+            && self
+                .last_open
+                .is_some_and(|t| now.duration_since(t) < OPEN_EVERY)
+        {
+            return false;
+        }
+        self.last_open = Some(now);
+        true
+    }
+
+    /// Sends `command` to worker `i`; false when it is gone.
+    pub(super) fn tell(&mut self, i: usize, command: Line) -> bool {
+        let Some(w) = self.workers.get_mut(i) else {
+            return false;
+        };
+        let Some(stdin) = w.stdin.as_mut() else {
+            return false;
+        };
+        if let Err(e) = stdin.write_all(command.line().as_bytes()) {
+            log::warn!("worker {} (pid {}) is gone: {e}", i + 1, w.child.id());
+            w.stdin = None;
+            return false;
+        }
+        if let Line::Open(n) = command {
+            w.opened = n;
+        }
+        true
+    }
+
+    /// Asks every worker for its latency since the last `step` and waits
+    /// (at most `timeout`) for their answers; returns them merged, and how
+    /// many workers did not answer.
+    pub(super) fn step(&mut self, timeout: Duration) -> (Histogram, usize) {
+        let mut asked = Vec::new();
+        for i in 0..self.workers.len() {
+            self.workers[i].step = None;
+            if self.tell(i, Line::Step) {
+                asked.push(i);
+            }
+        }
+        let until = Instant::now() + timeout;
+        let waiting = |p: &Pool| {
+            asked
+                .iter()
+                .any(|&i| p.workers[i].step.is_none() && !p.workers[i].gone)
+        };
+        while waiting(self) {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((i, e)) => self.handle(i, e),
+                Err(_) => break,
+            }
+        }
+        let mut merged = Histogram::new();
+        let mut silent = self.workers.len() - asked.len();
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            match w.step.take() {
+                Some(h) if merged.merge(&h) => {}
+                Some(_) => log::warn!("worker {}: its latency histogram is not ours", i + 1),
+                None if asked.contains(&i) => silent += 1,
+                None => {}
+            }
+        }
+        (merged, silent)
+    }
+
+    /// Waits up to `wait` (at least [`MIN_WAIT`]) for the workers' lines
+    /// and takes in every one that has come.
+    pub(super) fn wait(&mut self, wait: Duration) {
+        if let Ok((i, e)) = self.rx.recv_timeout(wait.max(MIN_WAIT)) {
+            self.handle(i, e);
+            while let Ok((i, e)) = self.rx.try_recv() {
+                self.handle(i, e);
+            }
+        }
     }
 
     fn handle(&mut self, index: usize, event: Event) {
@@ -183,6 +311,7 @@ impl Pool {
                     (w.counts, w.in_flight, w.events, w.deliveries) =
                         (counts, in_flight, events, deliveries);
                 }
+                Message::Step { latency } => w.step = Some(latency),
                 Message::Final {
                     counts,
                     tally,
@@ -289,30 +418,16 @@ impl Holder for Pool {
     fn open_to(&mut self, due: u64) {
         let total: u64 = self.workers.iter().map(|w| w.share).sum();
         let due = due.min(total);
-        let now = Instant::now();
-        if due < total
-            && self
-                .last_open
-                .is_some_and(|t| now.duration_since(t) < OPEN_EVERY)
-        {
+        if !self.open_round(due == total) {
             return;
         }
-        self.last_open = Some(now);
         let k = self.workers.len() as u64;
-        for (i, w) in self.workers.iter_mut().enumerate() {
+        for i in 0..self.workers.len() {
+            let w = &self.workers[i];
             let want = (due / k + u64::from((i as u64) < due % k)).min(w.share);
-            if want <= w.opened {
-                continue;
+            if want > w.opened {
+                self.tell(i, Line::Open(want));
             }
-            let Some(stdin) = w.stdin.as_mut() else {
-                continue;
-            };
-            if let Err(e) = stdin.write_all(open_command(want).as_bytes()) {
-                log::warn!("worker {} (pid {}) is gone: {e}", i + 1, w.child.id());
-                w.stdin = None;
-                continue;
-            }
-            w.opened = want;
         }
     }
 
@@ -329,15 +444,9 @@ impl Holder for Pool {
     }
 
     fn turn(&mut self, wait: Duration) -> io::Result<()> {
-        match self.rx.recv_timeout(wait.max(MIN_WAIT)) {
-            Ok((i, e)) => self.handle(i, e),
-            Err(mpsc::RecvTimeoutError::Timeout) => return Ok(()),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(io::Error::other("every worker is gone"));
-            }
-        }
-        while let Ok((i, e)) = self.rx.try_recv() {
-            self.handle(i, e);
+        self.wait(wait);
+        if self.workers.iter().all(|w| w.gone) {
+            return Err(io::Error::other("every worker is gone"));
         }
         Ok(())
     }
