@@ -14,7 +14,8 @@
 //! Also the `ssed loadtest --find-limit --report` page: `tests/browser/
 //! report.mjs` opens it from its file:// URL and says what the browser
 //! drew; every series must have one point per step (per step with a value,
-//! for the latency), and the page must ask for nothing from elsewhere.
+//! for the latency), and the page must ask for nothing from elsewhere. A
+//! plain run's page the same way, a point per second.
 #![cfg(feature = "daemon")]
 
 mod support;
@@ -90,75 +91,20 @@ fn loadtest_report_draws_a_point_per_step() {
     let url = format!("http://{addr}/events/t");
     let page = dir.path().join("r.html");
     let json_path = dir.path().join("out.json");
-    let mut loadtest = Command::new(env!("CARGO_BIN_EXE_ssed"));
+    let mut loadtest = reporting_loadtest(ssed.pid(), &page);
     loadtest
-        .arg("loadtest")
         .args(["--url", &url, "--find-limit", "--step-time", "200ms"])
         .args(["--events", "2", "--ramp", "0", "--json"])
-        .arg("--pid")
-        .arg(ssed.pid().to_string())
-        .arg("--report")
-        .arg(&page)
-        .env_remove("SSED_PUBLISH_TOKEN")
-        .env_remove("SSED_SUBSCRIBE_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&json_path).expect("a file for stdout"))
-        .stderr(Stdio::null());
-    let mut child = Guard(loadtest.spawn().expect("ssed loadtest starts"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        match child.0.try_wait().expect("wait") {
-            Some(status) => break status,
-            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            None => panic!("ssed loadtest did not finish within 60 s"),
-        }
-    };
-    assert!(status.success(), "ssed loadtest: {status}");
+        .stdout(std::fs::File::create(&json_path).expect("a file for stdout"));
+    run_loadtest(loadtest);
     let out = std::fs::read_to_string(&json_path).expect("its output");
     let run: Value = serde_json::from_str(out.trim()).expect("JSON on stdout");
     let steps = run["steps"].as_array().expect("steps");
 
-    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-report.png");
-    let mut node = Command::new("node");
-    node.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("tests/browser/report.mjs")
-        .arg(&page)
-        .arg(&screenshot)
-        .env("CHROMIUM", &chromium)
-        .stdin(Stdio::null());
-    let out = run_with_timeout(node, BROWSER);
-    eprintln!("--- report.mjs output ---\n{}", out.text);
-    assert!(
-        !out.timed_out,
-        "report.mjs did not finish within {BROWSER:?}"
-    );
-    assert_eq!(out.code, Some(0), "report.mjs failed; see its output above");
-    let seen: Value = out
-        .text
-        .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .and_then(|j| serde_json::from_str(j).ok())
-        .expect("a RESULT line");
-    assert_eq!(seen["requests"], Value::Array(Vec::new()), "{seen}");
-    assert_eq!(seen["pageErrors"], Value::Array(Vec::new()), "{seen}");
+    let seen = browse_report(&chromium, &page, "browser-report.png");
     assert_eq!(seen["rows"].as_u64(), Some(steps.len() as u64), "{seen}");
     let charts = seen["charts"].as_array().expect("charts");
     assert_eq!(charts.len(), 4, "streams, latency, RSS, threads: {seen}");
-    for chart in charts {
-        assert!(
-            chart["width"].as_f64().is_some_and(|w| w > 100.0),
-            "{chart}"
-        );
-        assert!(
-            chart["height"].as_f64().is_some_and(|h| h > 50.0),
-            "{chart}"
-        );
-    }
-    // Readable on a phone: nothing wider than its 390 px viewport.
-    assert!(
-        seen["scrollWidth"].as_u64().is_some_and(|w| w <= 390),
-        "{seen}"
-    );
     let with_value = |key: &str| steps.iter().filter(|s| !s[key].is_null()).count() as u64;
     let want = [
         ("asked", steps.len() as u64),
@@ -180,6 +126,130 @@ fn loadtest_report_draws_a_point_per_step() {
     // The streams, RSS and threads have a value at every step.
     assert_eq!(with_value("server_rss_kib"), steps.len() as u64, "{run}");
     assert!(steps.len() >= 3, "{run}");
+}
+
+/// A plain run's `--report` (no `--find-limit`): its streams, deliveries,
+/// and the server's RSS and threads over time, a point per second.
+#[test]
+fn loadtest_plain_report_draws_a_point_per_second() {
+    let Some(chromium) = prerequisites() else {
+        return;
+    };
+    let dir = TempDir::new("browser-plain-report");
+    let (ssed, addr) = spawn_config(&dir, "listen = \"127.0.0.1:0\"\nheartbeat = \"0\"\n");
+    let page = dir.path().join("plain.html");
+    let mut loadtest = reporting_loadtest(ssed.pid(), &page);
+    loadtest
+        .args(["--url", &format!("http://{addr}/events/p"), "-n", "30"])
+        .args(["--ramp", "20/s", "--duration", "1s", "--events", "3"])
+        .args(["--publish-url", &format!("http://{addr}/publish/p")])
+        .stdout(Stdio::null());
+    run_loadtest(loadtest);
+    let seen = browse_report(&chromium, &page, "browser-plain-report.png");
+    let rows = seen["rows"].as_u64().expect("rows");
+    assert!(
+        rows >= 3,
+        "a sample at the start, each second, the end: {seen}"
+    );
+    let charts: Vec<&str> = seen["charts"]
+        .as_array()
+        .expect("charts")
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert_eq!(
+        charts,
+        [
+            "chart-streams",
+            "chart-deliveries",
+            "chart-rss",
+            "chart-threads"
+        ],
+        "{seen}"
+    );
+    let lines = seen["polylines"].as_array().expect("polylines");
+    for series in ["asked", "held", "refused", "deliveries", "RSS", "threads"] {
+        let line = lines
+            .iter()
+            .find(|l| l["series"] == series)
+            .unwrap_or_else(|| panic!("no {series} polyline: {seen}"));
+        assert_eq!(line["points"].as_u64(), Some(rows), "{series}: {seen}");
+    }
+}
+
+/// `ssed loadtest --pid PID --report PAGE`, without tokens, stdin or
+/// stderr; the caller adds the rest.
+fn reporting_loadtest(pid: u32, page: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ssed"));
+    cmd.arg("loadtest")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg("--report")
+        .arg(page)
+        .env_remove("SSED_PUBLISH_TOKEN")
+        .env_remove("SSED_SUBSCRIBE_TOKEN")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` to success within 60 s (killed by its guard past that).
+fn run_loadtest(mut cmd: Command) {
+    let mut child = Guard(cmd.spawn().expect("ssed loadtest starts"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        match child.0.try_wait().expect("wait") {
+            Some(status) => break status,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            None => panic!("ssed loadtest did not finish within 60 s"),
+        }
+    };
+    assert!(status.success(), "ssed loadtest: {status}");
+}
+
+/// Opens a `--report` page with `tests/browser/report.mjs`, checks what
+/// every report must be (nothing asked of elsewhere, no error, charts drawn
+/// at a size, readable on a phone) and returns what the browser saw.
+fn browse_report(chromium: &Path, page: &Path, screenshot: &str) -> Value {
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join(screenshot);
+    let mut node = Command::new("node");
+    node.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("tests/browser/report.mjs")
+        .arg(page)
+        .arg(&screenshot)
+        .env("CHROMIUM", chromium)
+        .stdin(Stdio::null());
+    let out = run_with_timeout(node, BROWSER);
+    eprintln!("--- report.mjs output ---\n{}", out.text);
+    assert!(
+        !out.timed_out,
+        "report.mjs did not finish within {BROWSER:?}"
+    );
+    assert_eq!(out.code, Some(0), "report.mjs failed; see its output above");
+    let seen: Value = out
+        .text
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .and_then(|j| serde_json::from_str(j).ok())
+        .expect("a RESULT line");
+    assert_eq!(seen["requests"], Value::Array(Vec::new()), "{seen}");
+    assert_eq!(seen["pageErrors"], Value::Array(Vec::new()), "{seen}");
+    for chart in seen["charts"].as_array().expect("charts") {
+        assert!(
+            chart["width"].as_f64().is_some_and(|w| w > 100.0),
+            "{chart}"
+        );
+        assert!(
+            chart["height"].as_f64().is_some_and(|h| h > 50.0),
+            "{chart}"
+        );
+    }
+    // Readable on a phone: nothing wider than its 390 px viewport.
+    assert!(
+        seen["scrollWidth"].as_u64().is_some_and(|w| w <= 390),
+        "{seen}"
+    );
+    seen
 }
 
 /// The browser to use when every prerequisite is there; otherwise `None`

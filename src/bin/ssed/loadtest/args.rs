@@ -29,8 +29,18 @@ OPTIONS:
     --rate R[/s]          events per second (default 10; 0 = as fast as the server answers)
     --source A[-B]        open the streams from these local IPv4 addresses, round-robin
                           (e.g. 127.0.0.2-127.0.0.5; each gives about 28,000 ports)
+    --pid PID             the server's process: its RSS and threads in the report
+    --report FILE.html    also write the run as one self-contained HTML page (charts
+                          of streams, deliveries and, with --pid, the server's memory
+                          and threads over time, and the delivery latency); with
+                          --find-limit, per step; written on a failed run too
     --json                print one JSON object instead of the table
     -h, --help            print this help
+
+More streams than this process's descriptor limit (`ulimit -n`, raised to its hard
+limit first), in a run or in a --find-limit step, are spread over worker processes,
+each running `ssed loadtest`; their counts and latency samples are added up (the
+report's \"workers\").
 
 FINDING THE LIMIT (--find-limit):
     --find-limit          raise the held streams in steps (doubling from --connections,
@@ -39,14 +49,11 @@ FINDING THE LIMIT (--find-limit):
                           refusal, failure or drop, p99 over --max-p99, the server's
                           memory headroom under 32 MiB (--pid), or --max
     --max-p99 D           largest acceptable delivery p99 (default 250ms)
-    --pid PID             the server's process: its RSS per step, and stop when
-                          MemAvailable (or its memory cgroup's limit - usage) < 32 MiB
+    --pid PID             also stop when the server's MemAvailable (or its memory
+                          cgroup's limit - usage) < 32 MiB
     --max N               never hold more than N streams
     --step-time D         how long each step publishes for (default 3s)
     --publish-url URL     defaults to --url with /events/ replaced by /publish/
-    --report FILE.html    also write the run as one self-contained HTML page (charts
-                          of streams, latency and the server's memory and threads per
-                          step, and the steps' table); written on a failed run too
 
 Progress goes to stderr once a second; the summary goes to stdout.
 held: streams open with 200 at the end; refused: 503 (or ssed's overload = \"retry\"
@@ -75,6 +82,13 @@ pub(super) struct Options {
     /// the kernel chooses.
     pub(super) sources: Vec<IpAddr>,
     pub(super) find_limit: Option<FindLimitOptions>,
+    /// `--pid`: the server's process, looked at after each step or second.
+    pub(super) pid: Option<u32>,
+    /// `--report`: where to write the HTML page.
+    pub(super) report: Option<PathBuf>,
+    /// `--worker` (not in the help): hold streams for a load tester that
+    /// started this process, speaking the protocol of `worker.rs`.
+    pub(super) worker: bool,
 }
 
 /// What `--find-limit` asks for.
@@ -84,10 +98,7 @@ pub(super) struct FindLimitOptions {
     pub(super) start: u64,
     pub(super) max: Option<u64>,
     pub(super) max_p99: Duration,
-    pub(super) pid: Option<u32>,
     pub(super) step_time: Duration,
-    /// `--report`: where to write the HTML page.
-    pub(super) report: Option<PathBuf>,
 }
 
 /// The publisher's part of the options: `--publish-url` and what goes with it.
@@ -140,6 +151,7 @@ impl Options {
         let mut max = None;
         let mut step_time = None;
         let mut report: Option<PathBuf> = None;
+        let mut worker = false;
         let mut parser = lexopt::Parser::from_args(args);
         while let Some(arg) = parser.next()? {
             match arg {
@@ -161,6 +173,7 @@ impl Options {
                 Long("json") => json = true,
                 Long("source") => source = Some(parse_source(&parser.value()?.string()?)?),
                 Long("find-limit") => find_limit = true,
+                Long("worker") => worker = true,
                 Long("max-p99") => {
                     max_p99 = Some(parse_duration_flag(
                         "--max-p99",
@@ -194,17 +207,17 @@ impl Options {
             )
         })?;
         let url = Target::parse(&url).map_err(|e| UsageError(format!("--url: {e}")))?;
-        if !find_limit && report.is_some() {
-            return Err(UsageError("--report needs --find-limit".into()));
-        }
         if report.as_ref().is_some_and(|r| r.as_os_str().is_empty()) {
             return Err(UsageError("--report: no file name".into()));
         }
-        if !find_limit
-            && (max_p99.is_some() || pid.is_some() || max.is_some() || step_time.is_some())
-        {
+        if !find_limit && (max_p99.is_some() || max.is_some() || step_time.is_some()) {
             return Err(UsageError(
-                "--max-p99, --pid, --max and --step-time need --find-limit".into(),
+                "--max-p99, --max and --step-time need --find-limit".into(),
+            ));
+        }
+        if worker && (find_limit || publish_url.is_some() || report.is_some() || json) {
+            return Err(UsageError(
+                "--worker is for the load tester's own worker processes".into(),
             ));
         }
         let connections = match (connections, find_limit) {
@@ -241,9 +254,7 @@ impl Options {
                 start: max.map_or(connections, |m| connections.min(m)),
                 max,
                 max_p99: max_p99.unwrap_or(DEFAULT_MAX_P99),
-                pid,
                 step_time,
-                report,
             })
         } else {
             None
@@ -306,6 +317,9 @@ impl Options {
             subscribe_token: env_token("SSED_SUBSCRIBE_TOKEN"),
             sources,
             find_limit: find,
+            pid,
+            report,
+            worker,
         })))
     }
 }
@@ -532,9 +546,9 @@ mod tests {
         ])
         .expect("valid");
         let f = o.find_limit.expect("find-limit");
-        assert_eq!((f.start, f.max, f.pid), (50, Some(50), Some(42)));
+        assert_eq!((f.start, f.max, o.pid), (50, Some(50), Some(42)));
         assert_eq!(f.max_p99, Duration::from_millis(100));
-        assert_eq!(f.report, Some(PathBuf::from("r.html")));
+        assert_eq!(o.report, Some(PathBuf::from("r.html")));
         let want: Vec<IpAddr> = (2..=5).map(|i| IpAddr::from([127, 0, 0, i])).collect();
         assert_eq!(o.sources, want);
         let p = o.publish.expect("a publisher");
@@ -591,11 +605,9 @@ mod tests {
                 "--source",
             ),
             (&["--url", url, "--max", "5"], "need --find-limit"),
-            (
-                &["--url", url, "-n", "5", "--report", "r.html"],
-                "--report needs --find-limit",
-            ),
+            (&["--url", url, "-n", "5", "--worker", "--json"], "--worker"),
             (&["--url", url, "--find-limit", "--report", ""], "--report"),
+            (&["--url", url, "-n", "5", "--report", ""], "--report"),
             (&["--url", url, "--find-limit", "--max", "0"], "--max"),
             (&["--url", url, "--find-limit", "--pid", "x"], "--pid"),
             (&["--url", url, "--find-limit", "--rate", "5"], "--rate"),

@@ -8,6 +8,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use super::histogram::Histogram;
 
 /// Bytes of each SSE line kept: the field name and the start of the value,
@@ -16,8 +18,9 @@ const LINE_KEEP: usize = 48;
 /// What this tool's event bodies start with.
 const SENT_PREFIX: &[u8] = b"{\"t\":";
 
-/// What the decoder found, shared by every stream.
-#[derive(Debug)]
+/// What the decoder found, shared by every stream; a worker process sends
+/// its own as JSON.
+#[derive(Debug, Serialize, Deserialize)]
 pub(super) struct Tally {
     /// Receive time of the bytes being decoded, unix nanoseconds.
     pub(super) now_ns: u64,
@@ -38,6 +41,18 @@ impl Tally {
             last_delivery_ns: 0,
             latency: Histogram::new(),
         }
+    }
+
+    /// Adds what another process's streams found; false when its
+    /// histogram is not one of ours (and then nothing is added).
+    pub(super) fn merge(&mut self, other: &Tally) -> bool {
+        if !self.latency.merge(&other.latency) {
+            return false;
+        }
+        self.events += other.events;
+        self.deliveries += other.deliveries;
+        self.last_delivery_ns = self.last_delivery_ns.max(other.last_delivery_ns);
+        true
     }
 
     fn dispatch(&mut self, sent_ns: Option<u64>) {

@@ -2,7 +2,9 @@
 //! server (or this client) cannot take more, and say what stopped it.
 //!
 //! The streams of one step stay open into the next: a step only opens the
-//! difference (or closes streams, when bisection goes down). The counts go
+//! difference (or closes streams, when bisection goes down). A step that
+//! does not fit in this process's descriptor limit is held by worker
+//! processes ([`super::spread`]). The counts go
 //! up by doubling from the first step until a step fails, then bisect
 //! between the largest count that held and the smallest that failed, until
 //! the two are within 1% of each other (or 1 stream apart).
@@ -12,8 +14,9 @@
 //! `--max-p99`, and (with `--pid`) the server kept at least 32 MiB of memory
 //! headroom. A step whose failures are this client's own (no source port,
 //! address or descriptor left) ends the search without blaming the server;
-//! a server that is gone, or answers with a status that is neither 200 nor
-//! a refusal, ends it with an error.
+//! a server that is gone, a worker process that ended, or a server that
+//! answers with a status that is neither 200 nor a refusal ends it with an
+//! error.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,16 +28,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rustix::event::epoll;
 use serde_json::{Value, json};
 
 use super::args::{FindLimitOptions, Options, PublishOptions};
-use super::histogram::Histogram;
 use super::host;
 use super::html;
+use super::pool::{MAX_WORKERS, SpawnError};
 use super::publisher::{PublishOutcome, PublishProgress, publish};
 use super::server_proc::{self, MEMORY_FLOOR_KIB};
-use super::streams::{CONNECT_TIMEOUT, Counts, SWEEP_EVERY, Streams};
+use super::spread::Spread;
+use super::streams::{CONNECT_TIMEOUT, Counts, SWEEP_EVERY};
 
 /// Pause between opening a step's streams and its first publish: a server
 /// answers the head before its stream thread subscribes.
@@ -43,12 +46,8 @@ const SETTLE: Duration = Duration::from_millis(300);
 const RELEASE: Duration = Duration::from_millis(500);
 /// Least time given to the last event's deliveries to arrive.
 const MIN_GRACE: Duration = Duration::from_millis(500);
-/// Connects started per turn of the loop.
-const CONNECT_BURST: u64 = 256;
-/// Read buffer shared by every stream.
-const SCRATCH: usize = 64 * 1024;
-/// Descriptors kept for everything but the streams.
-const FDS_RESERVED: u64 = 16;
+/// A worker's bound past what one step may take.
+const LEASE_SLACK: Duration = Duration::from_secs(30);
 /// Steps at most: doubling to 2^40 and bisecting back is far fewer.
 const MAX_STEPS: usize = 80;
 /// How often progress is printed within a step.
@@ -74,12 +73,12 @@ pub(super) fn main(o: &Options, f: &FindLimitOptions) -> ExitCode {
                 steps,
                 max_p99: f.max_p99,
             };
-            write_html(f, &partial);
+            write_html(o, &partial);
             return ExitCode::FAILURE;
         }
     };
     let printed = super::print_report(o.json, || report.to_json().to_string(), || report.table());
-    let written = write_html(f, &report);
+    let written = write_html(o, &report);
     if !printed || !written {
         return ExitCode::FAILURE;
     }
@@ -92,25 +91,10 @@ pub(super) fn main(o: &Options, f: &FindLimitOptions) -> ExitCode {
 
 /// Writes `--report`, if asked for; false (after saying why) when it
 /// cannot be written.
-fn write_html(f: &FindLimitOptions, report: &LimitReport) -> bool {
-    let Some(path) = &f.report else {
-        return true;
-    };
-    let page = report.html_page();
-    match std::fs::write(path, html::render(&page)) {
-        Ok(()) => {
-            let _ = writeln!(io::stderr(), "report written to {}", path.display()); // best effort
-            true
-        }
-        Err(e) => {
-            let _ = writeln!(
-                io::stderr(),
-                "ssed loadtest: cannot write --report {}: {e}",
-                path.display()
-            ); // nothing else to do
-            false
-        }
-    }
+fn write_html(o: &Options, report: &LimitReport) -> bool {
+    o.report
+        .as_deref()
+        .is_none_or(|path| html::write(path, &html::render(&report.html_page())))
 }
 
 /// Why the search could not be made at all.
@@ -118,6 +102,7 @@ fn write_html(f: &FindLimitOptions, report: &LimitReport) -> bool {
 enum SearchError {
     Poller(io::Error),
     Thread(io::Error),
+    Workers(SpawnError),
     NoPublishUrl,
 }
 
@@ -127,6 +112,7 @@ impl fmt::Display for SearchError {
             SearchError::NoPublishUrl => f.write_str("--find-limit needs a publish URL"),
             SearchError::Poller(e) => write!(f, "cannot poll sockets: {e}"),
             SearchError::Thread(e) => write!(f, "cannot start the publisher thread: {e}"),
+            SearchError::Workers(e) => write!(f, "{e}"),
         }
     }
 }
@@ -158,6 +144,10 @@ struct Step {
     headroom_kib: Option<u64>,
     /// The server process is gone (`--pid`), or nothing listens any more.
     server_gone: bool,
+    /// Worker processes holding the streams; 0 for this process alone.
+    workers: u64,
+    /// A worker process that ended during the step, said.
+    worker_lost: Option<String>,
 }
 
 /// What a step says about the search.
@@ -189,13 +179,12 @@ struct Search<'a> {
     o: &'a Options,
     f: &'a FindLimitOptions,
     publish: PublishOptions,
-    streams: Streams,
-    events: Vec<epoll::Event>,
-    scratch: Vec<u8>,
+    spread: Spread,
+    /// This process's descriptor limit.
+    fds: u64,
     stop: Arc<AtomicBool>,
     started: Instant,
     last_progress: Instant,
-    last_sweep: Instant,
 }
 
 /// Runs the search; the steps measured go to `steps` as they end, so that
@@ -208,20 +197,17 @@ fn search(
     let fds = host::fd_limit();
     let stop = host::interrupt_flag();
     let publish = o.publish.clone().ok_or(SearchError::NoPublishUrl)?;
-    let streams = Streams::new(&o.url, o.subscribe_token.as_deref(), &o.sources)
-        .map_err(SearchError::Poller)?;
+    let spread = Spread::new(o, fds).map_err(SearchError::Poller)?;
     let now = Instant::now();
     let mut s = Search {
         o,
         f,
         publish,
-        streams,
-        events: Vec::with_capacity(1024),
-        scratch: vec![0u8; SCRATCH],
+        spread,
+        fds,
         stop,
         started: now,
         last_progress: now,
-        last_sweep: now,
     };
     let mut low = 0u64;
     let mut high: Option<(u64, String)> = None;
@@ -233,10 +219,11 @@ fn search(
         if steps.len() >= MAX_STEPS {
             break (format!("the step limit ({MAX_STEPS} steps)"), false);
         }
-        if next.saturating_add(FDS_RESERVED) > fds {
+        if !s.spread.fits(next) {
             break (
                 format!(
-                    "the client's descriptor limit ({fds}) before {} streams: raise `ulimit -n`",
+                    "the client's descriptor limit ({fds}) before {} streams, even over \
+                     {MAX_WORKERS} worker processes: raise `ulimit -n`",
                     thousands(next)
                 ),
                 false,
@@ -300,16 +287,9 @@ impl Search<'_> {
         Ok(())
     }
 
-    /// One turn of the poller, with the sweep of late connects.
+    /// One turn of the poller (or of the workers' lines).
     fn turn(&mut self, wait: Duration) -> Result<(), SearchError> {
-        let now = Instant::now();
-        if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
-            self.last_sweep = now;
-            self.streams.sweep(now);
-        }
-        self.streams
-            .turn(&mut self.events, &mut self.scratch, wait)
-            .map_err(SearchError::Poller)
+        self.spread.turn(wait).map_err(SearchError::Poller)
     }
 
     fn progress(&mut self, target: u64, published: Option<u64>) {
@@ -318,7 +298,7 @@ impl Search<'_> {
             return;
         }
         self.last_progress = now;
-        let c = &self.streams.counts;
+        let c = self.spread.counts();
         let mut line = format!(
             "[{:>6.1}s] step {}: held {}  refused {}  failed {}  dropped {}  connecting {}",
             (now - self.started).as_secs_f64(),
@@ -327,7 +307,7 @@ impl Search<'_> {
             c.refused,
             c.failed + c.other,
             c.dropped,
-            self.streams.in_flight,
+            self.spread.in_flight(),
         );
         if let Some(p) = published {
             line.push_str(&format!("  published {p}/{}", self.publish.events));
@@ -344,10 +324,9 @@ impl Search<'_> {
             self.started.elapsed().as_secs_f64(),
             thousands(target)
         ); // progress is best effort
-        let before = self.streams.counts.clone();
-        let held = self.streams.counts.held;
-        if held > target {
-            self.streams.close_held(held - target);
+        self.spread.lease(self.step_bound(target));
+        let before = self.spread.counts().clone();
+        if self.spread.close_to(target) {
             self.turn_for(RELEASE)?;
         }
         self.open_up_to(target)?;
@@ -356,13 +335,15 @@ impl Search<'_> {
             ..Step::default()
         };
         let trouble = {
-            let c = &self.streams.counts;
+            let c = self.spread.counts();
             c.refused > before.refused
                 || c.failed > before.failed
                 || c.other > before.other
                 || c.dropped > before.dropped
         };
-        if !trouble && self.streams.counts.held > 0 && !self.stop.load(Ordering::Relaxed) {
+        let lost = self.spread.lost().is_some();
+        if !trouble && !lost && self.spread.counts().held > 0 && !self.stop.load(Ordering::Relaxed)
+        {
             self.turn_for(SETTLE)?;
             self.publish_and_measure(&mut step)?;
         }
@@ -370,11 +351,48 @@ impl Search<'_> {
         Ok(step)
     }
 
+    /// The longest a step to `target` streams may take: a worker's lease.
+    fn step_bound(&self, target: u64) -> Duration {
+        let ramp = if self.o.ramp > 0.0 {
+            Duration::from_secs_f64(target as f64 / self.o.ramp)
+        } else {
+            Duration::ZERO
+        };
+        RELEASE
+            + ramp
+            + CONNECT_TIMEOUT
+            + Duration::from_secs(1)
+            + SETTLE
+            + self.publish_budget()
+            + self.grace()
+            + LEASE_SLACK
+    }
+
+    /// How long a step's publisher may take.
+    fn publish_budget(&self) -> Duration {
+        self.f.step_time.mul_f64(1.5) + Duration::from_secs(10)
+    }
+
+    /// How long the last event's deliveries have to arrive.
+    fn grace(&self) -> Duration {
+        (self.f.max_p99 * 2).max(MIN_GRACE)
+    }
+
     /// Opens streams until `target` are held or attempted, at `--ramp`,
     /// and waits for their answers (each bounded by the connect timeout).
     fn open_up_to(&mut self, target: u64) -> Result<(), SearchError> {
-        let need = target.saturating_sub(self.streams.counts.held);
-        let base = self.streams.counts.attempted;
+        let workers = self.spread.workers();
+        let need = self.spread.plan(target).map_err(SearchError::Workers)?;
+        if self.spread.workers() != workers {
+            let _ = writeln!(
+                io::stderr(),
+                "descriptor limit {}: {} streams over {} worker processes",
+                self.fds,
+                thousands(target),
+                self.spread.workers()
+            ); // progress is best effort
+        }
+        let base = self.spread.counts().attempted;
         let ramp = self.o.ramp;
         let begun = Instant::now();
         let ramp_time = if ramp > 0.0 {
@@ -385,10 +403,11 @@ impl Search<'_> {
         let deadline = begun + ramp_time + CONNECT_TIMEOUT + Duration::from_secs(1);
         loop {
             let now = Instant::now();
-            let opened = self.streams.counts.attempted - base;
+            let opened = self.spread.counts().attempted - base;
             if self.stop.load(Ordering::Relaxed)
                 || now >= deadline
-                || (opened >= need && self.streams.in_flight == 0)
+                || (opened >= need && self.spread.in_flight() == 0)
+                || self.spread.lost().is_some()
             {
                 return Ok(());
             }
@@ -398,10 +417,8 @@ impl Search<'_> {
                 need
             }
             .min(need);
-            for _ in 0..due.saturating_sub(opened).min(CONNECT_BURST) {
-                self.streams.open();
-            }
-            let opened = self.streams.counts.attempted - base;
+            self.spread.open_to(due);
+            let opened = self.spread.counts().attempted - base;
             let mut wait = SWEEP_EVERY;
             if opened < need {
                 wait = if ramp > 0.0 {
@@ -420,11 +437,11 @@ impl Search<'_> {
     /// their deliveries; deliveries still missing after the grace count as
     /// that late (a lower bound on their latency).
     fn publish_and_measure(&mut self, step: &mut Step) -> Result<(), SearchError> {
-        let held_at_publish = self.streams.counts.held;
-        self.streams.tally.latency = Histogram::new();
-        let delivered_before = self.streams.tally.deliveries;
+        let held_at_publish = self.spread.counts().held;
+        self.spread.begin_step();
+        let delivered_before = self.spread.deliveries();
         let progress = Arc::new(PublishProgress::default());
-        let budget = self.f.step_time.mul_f64(1.5) + Duration::from_secs(10);
+        let budget = self.publish_budget();
         let handle = {
             let (p, progress, stop) = (
                 self.publish.clone(),
@@ -442,13 +459,13 @@ impl Search<'_> {
             self.progress(step.streams, Some(published));
             self.turn(SWEEP_EVERY)?;
         }
-        let grace = (self.f.max_p99 * 2).max(MIN_GRACE);
+        let grace = self.grace();
         let published = progress.published.load(Ordering::Relaxed);
         let expected = published * held_at_publish;
         let until = Instant::now() + grace;
         loop {
             let now = Instant::now();
-            let delivered = self.streams.tally.deliveries - delivered_before;
+            let delivered = self.spread.deliveries() - delivered_before;
             if delivered >= expected || now >= until || self.stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -461,9 +478,9 @@ impl Search<'_> {
                 PublishOutcome::default()
             }
         };
-        let delivered = self.streams.tally.deliveries - delivered_before;
-        step.missing = expected.saturating_sub(delivered);
-        let latency = &mut self.streams.tally.latency;
+        // Every delivery the holders counted since the step began.
+        let mut latency = self.spread.end_step();
+        step.missing = expected.saturating_sub(latency.count);
         latency.record_n(grace.as_nanos() as u64, step.missing);
         step.p50_ns = latency.quantile(0.50);
         step.p99_ns = latency.quantile(0.99);
@@ -474,7 +491,9 @@ impl Search<'_> {
 
     /// Fills in the step's counts (since `before`) and the server's state.
     fn finish(&mut self, step: &mut Step, before: &Counts) {
-        let c = &self.streams.counts;
+        step.workers = self.spread.workers();
+        step.worker_lost = self.spread.lost();
+        let c = self.spread.counts();
         step.held = c.held;
         step.refused = c.refused - before.refused;
         step.client_failed = c.client_failed - before.client_failed;
@@ -504,7 +523,7 @@ impl Search<'_> {
                 step.other_statuses.insert(*status, n);
             }
         }
-        match self.f.pid {
+        match self.o.pid {
             Some(pid) => match server_proc::sample(pid) {
                 Some(s) => {
                     step.server_rss_kib = s.rss_kib;
@@ -546,6 +565,14 @@ fn judge(step: &Step, s: &Search<'_>, first: bool) -> Verdict {
             format!("the server stopped answering at {at} streams ({why})")
         };
         return Verdict::End { words, error: true };
+    }
+    if let Some(lost) = &step.worker_lost {
+        return Verdict::End {
+            words: format!(
+                "a worker process failed at {at} streams ({lost}); not the server's limit"
+            ),
+            error: true,
+        };
     }
     if step.client_failed > 0 {
         let why = step.client_reason.as_deref().unwrap_or("unknown");
@@ -698,6 +725,12 @@ fn ms(ns: u64) -> f64 {
 }
 
 impl LimitReport {
+    /// The most worker processes a step used; 0 when this process held
+    /// every step.
+    fn workers(&self) -> u64 {
+        self.steps.iter().map(|s| s.workers).max().unwrap_or(0)
+    }
+
     fn to_json(&self) -> Value {
         let steps: Vec<Value> = self
             .steps
@@ -712,24 +745,23 @@ impl LimitReport {
                     "p99_ms": s.p99_ns.map(ms),
                     "server_rss_kib": s.server_rss_kib,
                     "server_threads": s.server_threads,
+                    "workers": s.workers,
                 })
             })
             .collect();
         json!({
             "limit": self.limit,
             "stopped_by": self.stopped_by,
+            "workers": self.workers(),
             "steps": steps,
         })
     }
 
     /// What `--report` shows.
     fn html_page(&self) -> html::Page {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         html::Page {
             url: self.url.clone(),
-            date: html::utc(now),
+            date: html::now_utc(),
             limit: self.limit,
             stopped_by: self.stopped_by.clone(),
             max_p99_ms: ms(self.max_p99.as_nanos() as u64),
@@ -760,6 +792,12 @@ impl LimitReport {
             human_ns(self.max_p99.as_nanos() as u64)
         ));
         out.push_str(&format!("  stopped by  {}\n", self.stopped_by));
+        if self.workers() > 0 {
+            out.push_str(&format!(
+                "  workers     {} processes (past this one's descriptor limit)\n",
+                self.workers()
+            ));
+        }
         out.push_str("  steps\n");
         out.push_str(&format!(
             "    {:>9}  {:>9}  {:>8}  {:>8}  {:>10}  {:>10}  {:>12}\n",

@@ -1,12 +1,17 @@
 //! The latency histogram: log-linear buckets of nanoseconds, so its size
-//! stays fixed however many deliveries it counts.
+//! stays fixed however many deliveries it counts. Two histograms merge
+//! bucket by bucket, so the quantiles of the union of several processes'
+//! samples are exact to the bucket, never averages of their quantiles.
+
+use serde::{Deserialize, Serialize};
 
 /// Bits of sub-bucket precision: 128 buckets per power of two (0.8%).
 const SUB_BITS: u32 = 7;
 const SUB: u64 = 1 << SUB_BITS;
 
 /// A log-linear histogram of nanoseconds: fixed size, whatever the count.
-#[derive(Debug, Clone)]
+/// It travels between a worker process and the load tester as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Histogram {
     counts: Vec<u64>,
     pub(super) count: u64,
@@ -74,6 +79,21 @@ impl Histogram {
         Some(self.max)
     }
 
+    /// Adds every sample of `other`; false (and nothing added) when
+    /// `other` does not have this histogram's buckets (a bad message).
+    pub(super) fn merge(&mut self, other: &Histogram) -> bool {
+        if other.counts.len() != self.counts.len() {
+            return false;
+        }
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+        self.max = self.max.max(other.max);
+        true
+    }
+
     pub(super) fn mean(&self) -> Option<u64> {
         (self.count > 0).then(|| (self.sum / u128::from(self.count)) as u64)
     }
@@ -99,6 +119,21 @@ mod tests {
         }
         assert_eq!(h.max, 100_000_000);
         assert_eq!(Histogram::index(5), 5);
+        // Two halves merged are the whole, through JSON as between processes.
+        let (mut low, mut high) = (Histogram::new(), Histogram::new());
+        for v in 1..=100_000u64 {
+            if v % 2 == 0 { &mut low } else { &mut high }.record(v * 1000);
+        }
+        let high: Histogram =
+            serde_json::from_str(&serde_json::to_string(&high).expect("json")).expect("back");
+        assert!(low.merge(&high));
+        assert_eq!((low.count, low.max), (h.count, h.max));
+        for q in [0.5, 0.9, 0.99] {
+            assert_eq!(low.quantile(q), h.quantile(q), "q{q}");
+        }
+        let mut short = Histogram::new();
+        short.counts.truncate(3);
+        assert!(!low.merge(&short));
         for v in [0, 1, 127, 128, 255, 256, 1000, 123_456_789, u64::MAX / 3] {
             let back = Histogram::value_at(Histogram::index(v));
             assert!(

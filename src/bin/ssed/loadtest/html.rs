@@ -1,12 +1,18 @@
-//! `--report FILE.html`: the `--find-limit` run as one self-contained page.
+//! `--report FILE.html`: a run as one self-contained page.
 //!
 //! No scripts, fonts or styles from elsewhere: the charts are inline SVG
 //! drawn here (one polyline per series, a `<circle>` per value with its
 //! figure as a `<title>` tooltip), scaled by their `viewBox` so the page
-//! reads on a phone, followed by the steps as a plain table. Every piece of
-//! text that comes from the command line goes through [`escape`].
+//! reads on a phone, followed by the figures as a plain table. Every piece
+//! of text that comes from the command line goes through [`escape`].
+//!
+//! A [`Doc`] is any such page: facts, charts over one x axis, a table.
+//! A `--find-limit` run is drawn per step ([`Page`], here); a plain run
+//! over time (`super::timeline`).
 
 use std::fmt::Write as _;
+use std::io::{self, Write as _};
+use std::path::Path;
 
 /// What the page shows; built by [`super::find_limit`] from its report.
 #[derive(Debug, Clone, Default)]
@@ -48,13 +54,45 @@ const Y_TICKS: u32 = 5;
 /// Most step numbers written under the x axis.
 const X_LABELS: usize = 16;
 
-/// One line of a chart: a value per step, `None` where the step has none.
-struct Series<'a> {
-    name: &'a str,
-    color: &'a str,
+/// One line of a chart: a value per x, `None` where there is none.
+pub(super) struct Series<'a> {
+    pub(super) name: &'a str,
+    pub(super) color: &'a str,
     /// Drawn dashed, to show through a line drawn over it.
-    dashed: bool,
-    values: Vec<Option<f64>>,
+    pub(super) dashed: bool,
+    pub(super) values: Vec<Option<f64>>,
+}
+
+/// One chart of a [`Doc`].
+pub(super) struct Chart<'a> {
+    /// The SVG's id is `chart-{id}`.
+    pub(super) id: &'a str,
+    pub(super) heading: &'a str,
+    pub(super) unit: &'a str,
+    pub(super) series: Vec<Series<'a>>,
+}
+
+/// A page: a title, facts (term, text), a warning when partial, charts
+/// sharing one x axis, and a table with one row per x.
+pub(super) struct Doc<'a> {
+    pub(super) title: &'a str,
+    pub(super) facts: Vec<(&'a str, String)>,
+    pub(super) partial: Option<&'a str>,
+    /// What x is, said under the axis and in tooltips ("step", "s").
+    pub(super) x_name: &'a str,
+    /// The x of each value, in increasing order.
+    pub(super) xs: Vec<f64>,
+    pub(super) charts: Vec<Chart<'a>>,
+    pub(super) table: Table,
+}
+
+/// The figures under the charts: cells already written for people.
+pub(super) struct Table {
+    pub(super) heading: String,
+    pub(super) head: Vec<String>,
+    /// Each row's `data-` attribute (`data-streams="300"`, unescaped
+    /// value) and cells.
+    pub(super) rows: Vec<((&'static str, String), Vec<String>)>,
 }
 
 /// Text made safe to put in HTML, in elements and in quoted attributes.
@@ -73,13 +111,165 @@ pub(super) fn escape(s: &str) -> String {
     out
 }
 
-/// The whole page.
+/// The `--find-limit` page: one x per step.
 pub(super) fn render(p: &Page) -> String {
-    let mut out = String::with_capacity(16 * 1024 + p.steps.len() * 1024);
+    let col = |f: &dyn Fn(&Row) -> Option<f64>| p.steps.iter().map(f).collect::<Vec<_>>();
+    let mut charts = vec![
+        Chart {
+            id: "streams",
+            heading: "Streams per step",
+            unit: "streams",
+            series: asked_and_held(
+                col(&|r| Some(r.streams as f64)),
+                col(&|r| Some(r.held as f64)),
+            ),
+        },
+        Chart {
+            id: "latency",
+            heading: "Delivery latency per step",
+            unit: "ms",
+            series: vec![
+                Series {
+                    name: "p50",
+                    color: "#2a9d3a",
+                    dashed: false,
+                    values: col(&|r| r.p50_ms),
+                },
+                Series {
+                    name: "p99",
+                    color: "#d1461f",
+                    dashed: false,
+                    values: col(&|r| r.p99_ms),
+                },
+            ],
+        },
+    ];
+    charts.extend(server_charts(
+        ["Server memory (RSS) per step", "Server threads per step"],
+        col(&|r| r.rss_kib.map(|k| k as f64 / 1024.0)),
+        col(&|r| r.threads.map(|t| t as f64)),
+    ));
+    let opt = |v: Option<f64>| v.map_or("-".to_owned(), num);
+    let rows = p
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            (
+                ("streams", r.streams.to_string()),
+                vec![
+                    (i + 1).to_string(),
+                    r.streams.to_string(),
+                    r.held.to_string(),
+                    r.refused.to_string(),
+                    r.failed.to_string(),
+                    opt(r.p50_ms),
+                    opt(r.p99_ms),
+                    opt(r.rss_kib.map(|k| k as f64 / 1024.0)),
+                    r.threads.map_or("-".to_owned(), |t| t.to_string()),
+                ],
+            )
+        })
+        .collect();
+    let head = [
+        "step", "streams", "held", "refused", "failed", "p50 ms", "p99 ms", "RSS MiB", "threads",
+    ];
+    render_doc(&Doc {
+        title: "ssed loadtest --find-limit",
+        facts: vec![
+            ("URL", p.url.clone()),
+            ("Date", p.date.clone()),
+            (
+                "Limit found",
+                format!(
+                    "{} streams held (p99 at most {} ms)",
+                    p.limit,
+                    num(p.max_p99_ms)
+                ),
+            ),
+            ("Stopped by", p.stopped_by.clone()),
+            ("Steps", p.steps.len().to_string()),
+        ],
+        partial: p.partial.as_deref(),
+        x_name: "step",
+        xs: (1..=p.steps.len()).map(|i| i as f64).collect(),
+        charts,
+        table: Table {
+            heading: "Steps".into(),
+            head: head.iter().map(|h| (*h).to_owned()).collect(),
+            rows,
+        },
+    })
+}
+
+/// The streams asked (dashed) and held, the first lines of a streams chart.
+pub(super) fn asked_and_held<'a>(
+    asked: Vec<Option<f64>>,
+    held: Vec<Option<f64>>,
+) -> Vec<Series<'a>> {
+    vec![
+        Series {
+            name: "asked",
+            color: "#999",
+            dashed: true,
+            values: asked,
+        },
+        Series {
+            name: "held",
+            color: "#1f6fd1",
+            dashed: false,
+            values: held,
+        },
+    ]
+}
+
+/// The server's RSS and threads charts (`--pid`) under these headings,
+/// each when it has a value.
+pub(super) fn server_charts<'a>(
+    [rss_heading, threads_heading]: [&'a str; 2],
+    rss_mib: Vec<Option<f64>>,
+    threads: Vec<Option<f64>>,
+) -> Vec<Chart<'a>> {
+    let mut charts = Vec::new();
+    if rss_mib.iter().any(Option::is_some) {
+        charts.push(Chart {
+            id: "rss",
+            heading: rss_heading,
+            unit: "MiB",
+            series: vec![Series {
+                name: "RSS",
+                color: "#7b3fc4",
+                dashed: false,
+                values: rss_mib,
+            }],
+        });
+    }
+    if threads.iter().any(Option::is_some) {
+        charts.push(Chart {
+            id: "threads",
+            heading: threads_heading,
+            unit: "threads",
+            series: vec![Series {
+                name: "threads",
+                color: "#b8860b",
+                dashed: false,
+                values: threads,
+            }],
+        });
+    }
+    charts
+}
+
+/// The whole page.
+pub(super) fn render_doc(d: &Doc<'_>) -> String {
+    let mut out = String::with_capacity(16 * 1024 + d.xs.len() * 1024);
     out.push_str(concat!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n",
-        "<title>ssed loadtest --find-limit</title>\n<style>\n",
+    ));
+    let _ = writeln!(out, "<title>{}</title>", escape(d.title));
+    out.push_str(concat!(
+        "<style>\n",
         "body{font-family:system-ui,sans-serif;max-width:760px;margin:0 auto;padding:8px;",
         "color:#222}\n",
         "svg{width:100%;height:auto;display:block;margin:8px 0 20px}\n",
@@ -88,9 +278,10 @@ pub(super) fn render(p: &Page) -> String {
         ".partial{background:#fde8e8;border:1px solid #c33;padding:8px}\n",
         "dt{font-weight:bold}dd{margin:0 0 6px 0;overflow-wrap:anywhere}\n",
         ".wide{overflow-x:auto}\n",
-        "</style>\n</head>\n<body>\n<h1>ssed loadtest --find-limit</h1>\n",
+        "</style>\n</head>\n<body>\n",
     ));
-    if let Some(why) = &p.partial {
+    let _ = writeln!(out, "<h1>{}</h1>", escape(d.title));
+    if let Some(why) = d.partial {
         let _ = writeln!(
             out,
             "<p class=\"partial\"><strong>Partial report:</strong> the run ended on an \
@@ -98,112 +289,36 @@ pub(super) fn render(p: &Page) -> String {
             escape(why)
         );
     }
-    let _ = write!(
-        out,
-        "<dl>\n<dt>URL</dt><dd>{}</dd>\n<dt>Date</dt><dd>{}</dd>\n\
-         <dt>Limit found</dt><dd>{} streams held (p99 at most {} ms)</dd>\n\
-         <dt>Stopped by</dt><dd>{}</dd>\n<dt>Steps</dt><dd>{}</dd>\n</dl>\n",
-        escape(&p.url),
-        escape(&p.date),
-        p.limit,
-        num(p.max_p99_ms),
-        escape(&p.stopped_by),
-        p.steps.len()
-    );
-    let col = |f: &dyn Fn(&Row) -> Option<f64>| p.steps.iter().map(f).collect::<Vec<_>>();
-    out.push_str("<h2>Streams per step</h2>\n");
-    out.push_str(&chart(
-        "streams",
-        "streams",
-        &[
-            Series {
-                name: "asked",
-                color: "#999",
-                dashed: true,
-                values: col(&|r| Some(r.streams as f64)),
-            },
-            Series {
-                name: "held",
-                color: "#1f6fd1",
-                dashed: false,
-                values: col(&|r| Some(r.held as f64)),
-            },
-        ],
-    ));
-    out.push_str("<h2>Delivery latency per step</h2>\n");
-    out.push_str(&chart(
-        "latency",
-        "ms",
-        &[
-            Series {
-                name: "p50",
-                color: "#2a9d3a",
-                dashed: false,
-                values: col(&|r| r.p50_ms),
-            },
-            Series {
-                name: "p99",
-                color: "#d1461f",
-                dashed: false,
-                values: col(&|r| r.p99_ms),
-            },
-        ],
-    ));
-    if p.steps.iter().any(|r| r.rss_kib.is_some()) {
-        out.push_str("<h2>Server memory (RSS) per step</h2>\n");
-        out.push_str(&chart(
-            "rss",
-            "MiB",
-            &[Series {
-                name: "RSS",
-                color: "#7b3fc4",
-                dashed: false,
-                values: col(&|r| r.rss_kib.map(|k| k as f64 / 1024.0)),
-            }],
-        ));
+    out.push_str("<dl>\n");
+    for (term, text) in &d.facts {
+        let _ = writeln!(out, "<dt>{}</dt><dd>{}</dd>", escape(term), escape(text));
     }
-    if p.steps.iter().any(|r| r.threads.is_some()) {
-        out.push_str("<h2>Server threads per step</h2>\n");
-        out.push_str(&chart(
-            "threads",
-            "threads",
-            &[Series {
-                name: "threads",
-                color: "#b8860b",
-                dashed: false,
-                values: col(&|r| r.threads.map(|t| t as f64)),
-            }],
-        ));
+    out.push_str("</dl>\n");
+    for c in &d.charts {
+        let _ = writeln!(out, "<h2>{}</h2>", escape(c.heading));
+        out.push_str(&chart(c, d.x_name, &d.xs));
     }
-    out.push_str(&table(&p.steps));
+    out.push_str(&table(&d.table));
     out.push_str("</body>\n</html>\n");
     out
 }
 
-/// The steps as a table, one `<tr data-streams="N">` per step.
-fn table(steps: &[Row]) -> String {
-    let mut out = String::from(
-        "<h2>Steps</h2>\n<div class=\"wide\"><table>\n<thead><tr><th>step</th><th>streams</th>\
-         <th>held</th><th>refused</th><th>failed</th><th>p50 ms</th><th>p99 ms</th>\
-         <th>RSS MiB</th><th>threads</th></tr></thead>\n<tbody>\n",
+/// The table, one `<tr data-…="…">` per row.
+fn table(t: &Table) -> String {
+    let mut out = format!(
+        "<h2>{}</h2>\n<div class=\"wide\"><table>\n<thead><tr>",
+        escape(&t.heading)
     );
-    let opt = |v: Option<f64>| v.map_or("-".to_owned(), num);
-    for (i, r) in steps.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "<tr data-streams=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            r.streams,
-            i + 1,
-            r.streams,
-            r.held,
-            r.refused,
-            r.failed,
-            opt(r.p50_ms),
-            opt(r.p99_ms),
-            opt(r.rss_kib.map(|k| k as f64 / 1024.0)),
-            r.threads.map_or("-".to_owned(), |t| t.to_string()),
-        );
+    for h in &t.head {
+        let _ = write!(out, "<th>{}</th>", escape(h));
+    }
+    out.push_str("</tr></thead>\n<tbody>\n");
+    for ((attr, key), cells) in &t.rows {
+        let _ = write!(out, "<tr data-{attr}=\"{}\">", escape(key));
+        for c in cells {
+            let _ = write!(out, "<td>{}</td>", escape(c));
+        }
+        out.push_str("</tr>\n");
     }
     out.push_str("</tbody>\n</table></div>\n");
     out
@@ -218,6 +333,11 @@ fn num(v: f64) -> String {
     } else {
         s.to_owned()
     }
+}
+
+/// An x for an axis label: at most one decimal.
+fn num_short(v: f64) -> String {
+    num((v * 10.0).round() / 10.0)
 }
 
 /// The smallest "round" number (1, 2 or 5 times a power of ten) at or
@@ -236,13 +356,13 @@ fn axis_top(v: f64) -> f64 {
     step * f64::from(Y_TICKS)
 }
 
-/// Where step `i` of `n` goes across.
-fn x_of(i: usize, n: usize) -> f64 {
+/// Where `x` goes across, on an axis from `lo` to `hi`.
+fn x_of(x: f64, lo: f64, hi: f64) -> f64 {
     let w = WIDTH - LEFT - RIGHT;
-    if n <= 1 {
+    if hi - lo <= 0.0 || !(x.is_finite()) {
         LEFT + w / 2.0
     } else {
-        LEFT + w * i as f64 / (n - 1) as f64
+        LEFT + w * ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
     }
 }
 
@@ -254,10 +374,15 @@ fn y_of(v: f64, top: f64) -> f64 {
 }
 
 /// One chart: axes with labelled ticks, a legend, a polyline per series
-/// (its `data-series` is the name; only the steps with a value) and a
+/// (its `data-series` is the name; only the xs with a value) and a
 /// circle with a `<title>` per value.
-fn chart(id: &str, unit: &str, series: &[Series<'_>]) -> String {
-    let n = series.iter().map(|s| s.values.len()).max().unwrap_or(0);
+fn chart(c: &Chart<'_>, x_name: &str, xs: &[f64]) -> String {
+    let (id, unit, series) = (c.id, c.unit, &c.series);
+    let n = xs.len();
+    let (lo, hi) = (
+        xs.first().copied().unwrap_or(0.0),
+        xs.last().copied().unwrap_or(0.0),
+    );
     let max = series
         .iter()
         .flat_map(|s| s.values.iter().flatten())
@@ -294,24 +419,25 @@ fn chart(id: &str, unit: &str, series: &[Series<'_>]) -> String {
         TOP - 10.0,
         escape(unit)
     );
-    // Step ticks.
+    // X ticks.
     let every = n.div_ceil(X_LABELS).max(1);
-    for i in (0..n).step_by(every) {
-        let x = x_of(i, n);
+    for &v in xs.iter().step_by(every) {
+        let x = x_of(v, lo, hi);
         let _ = writeln!(
             out,
             "<line x1=\"{x:.1}\" y1=\"{y0}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#444\"/>\
              <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
             y0 + 5.0,
             y0 + 18.0,
-            i + 1
+            num_short(v)
         );
     }
     let _ = writeln!(
         out,
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">step</text>",
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
         LEFT + (WIDTH - LEFT - RIGHT) / 2.0,
-        HEIGHT - 6.0
+        HEIGHT - 6.0,
+        escape(x_name)
     );
     // Legend.
     for (k, s) in series.iter().enumerate() {
@@ -327,12 +453,12 @@ fn chart(id: &str, unit: &str, series: &[Series<'_>]) -> String {
     }
     // The series.
     for s in series {
-        let points: Vec<(usize, f64, f64, f64)> = s
+        let points: Vec<(f64, f64, f64, f64)> = s
             .values
             .iter()
-            .enumerate()
-            .filter_map(|(i, v)| v.filter(|v| v.is_finite()).map(|v| (i, v)))
-            .map(|(i, v)| (i, v, x_of(i, n), y_of(v, top)))
+            .zip(xs)
+            .filter_map(|(v, &at)| v.filter(|v| v.is_finite()).map(|v| (at, v)))
+            .map(|(at, v)| (at, v, x_of(at, lo, hi), y_of(v, top)))
             .collect();
         let list: Vec<String> = points
             .iter()
@@ -351,13 +477,14 @@ fn chart(id: &str, unit: &str, series: &[Series<'_>]) -> String {
             },
             list.join(" ")
         );
-        for (i, v, x, y) in &points {
+        for (at, v, x, y) in &points {
             let _ = writeln!(
                 out,
                 "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{}\">\
-                 <title>step {}: {name} {} {}</title></circle>",
+                 <title>{} {}: {name} {} {}</title></circle>",
                 s.color,
-                i + 1,
+                escape(x_name),
+                num_short(*at),
                 num(*v),
                 escape(unit)
             );
@@ -365,6 +492,33 @@ fn chart(id: &str, unit: &str, series: &[Series<'_>]) -> String {
     }
     out.push_str("</svg>\n");
     out
+}
+
+/// Writes the `--report` page to `path`; false (after saying why) when it
+/// cannot be written.
+pub(super) fn write(path: &Path, page: &str) -> bool {
+    match std::fs::write(path, page) {
+        Ok(()) => {
+            let _ = writeln!(io::stderr(), "report written to {}", path.display()); // best effort
+            true
+        }
+        Err(e) => {
+            let _ = writeln!(
+                io::stderr(),
+                "ssed loadtest: cannot write --report {}: {e}",
+                path.display()
+            ); // nothing else to do
+            false
+        }
+    }
+}
+
+/// Now, said in UTC.
+pub(super) fn now_utc() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc(now)
 }
 
 /// `t` (seconds since the Unix epoch) as `YYYY-MM-DD HH:MM:SS UTC`.

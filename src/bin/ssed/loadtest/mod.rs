@@ -4,7 +4,9 @@
 //!
 //! One thread drives every stream: the sockets are non-blocking and watched
 //! with epoll, so holding 19,000 streams costs 19,000 descriptors and a few
-//! hundred bytes each here, never a thread. Each stream keeps only a small
+//! hundred bytes each here, never a thread. Asked for more streams than its
+//! descriptor limit allows, a run spreads them over worker processes, each
+//! such a thread of its own. Each stream keeps only a small
 //! state machine: where it is in the chunked encoding and the first bytes of
 //! the current SSE line (enough for the `{"t":...}` send time this tool puts
 //! first in every event it publishes).
@@ -23,16 +25,24 @@
 //! How the parts fit, each using only those above it:
 //!
 //! - [`args`]: the command line and its help text, parsed into [`Options`];
-//! - [`host`]: this process's descriptor limit and Ctrl-C;
+//! - [`host`]: this process's descriptor limit, Ctrl-C, CPU time and RSS;
 //! - [`server_proc`]: what `--pid` shows of the server (RSS, memory headroom);
 //! - [`histogram`]: the fixed-size latency histogram;
 //! - [`decode`]: a held stream's body (chunked framing, event-stream lines,
 //!   the send time in each event) tallied into counts and latency;
 //! - [`streams`]: every subscriber connection on one epoll instance, from
 //!   connect to response head to held stream;
+//! - [`holder`]: what holds a plain run's streams, as the run sees it, and
+//!   [`holder::Local`], this process's streams;
+//! - [`worker`]: `--worker`, a process holding a share of the streams for
+//!   a load tester past its descriptor limit, and the lines it speaks;
+//! - [`pool`]: the load tester's side of its workers, a [`holder::Holder`];
+//! - [`spread`]: where `--find-limit` holds a step's streams, this process
+//!   or, past its descriptor limit, workers of the [`pool`];
 //! - [`publisher`]: the thread that posts the timed events;
-//! - [`report`]: what was measured, as the table or as JSON;
 //! - [`html`]: the `--report` page, its charts drawn as inline SVG;
+//! - [`timeline`]: a plain run once a second, and its `--report` page;
+//! - [`report`]: what was measured, as the table or as JSON;
 //! - [`find_limit`]: `--find-limit`, steps of streams up to the server's
 //!   limit, with its own report;
 //! - this file: [`main`], the entry point `src/bin/ssed/main.rs` calls, and
@@ -42,12 +52,17 @@ mod args;
 mod decode;
 mod find_limit;
 mod histogram;
+mod holder;
 mod host;
 mod html;
+mod pool;
 mod publisher;
 mod report;
 mod server_proc;
+mod spread;
 mod streams;
+mod timeline;
+mod worker;
 
 use std::ffi::OsString;
 use std::fmt;
@@ -58,26 +73,21 @@ use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rustix::event::epoll;
-
 use args::{Options, Parsed, USAGE};
+use holder::{Held, Holder, Local};
+use pool::Pool;
 use publisher::{PublishOutcome, PublishProgress, publish};
 use report::{PublishReport, Report};
-use streams::{CONNECT_TIMEOUT, SWEEP_EVERY, Streams};
+use streams::{CONNECT_TIMEOUT, SWEEP_EVERY};
+use timeline::Timeline;
 
 /// Exit status for bad arguments.
 const EXIT_USAGE: u8 = 2;
 /// Pause between the ramp-up and the first publish: a server answers the
 /// stream's head before its thread subscribes to the topic.
 const SETTLE: Duration = Duration::from_millis(300);
-/// Connects started per turn of the loop, so reading is never starved.
-const CONNECT_BURST: u64 = 256;
-/// Read buffer shared by every stream.
-const SCRATCH: usize = 64 * 1024;
 /// How often progress is printed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// Descriptors kept for everything but the streams.
-const FDS_RESERVED: u64 = 16;
 
 /// Runs `ssed loadtest` with `args` (everything after `loadtest`) and
 /// returns the process exit code: 0 after a report, 1 when the run could
@@ -97,6 +107,9 @@ pub(crate) fn main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if options.worker {
+        return worker::main(&options);
+    }
     if let Some(f) = &options.find_limit {
         return find_limit::main(&options, f);
     }
@@ -107,7 +120,11 @@ pub(crate) fn main(args: Vec<OsString>) -> ExitCode {
                 || report.to_json().to_string(),
                 || report.table(),
             );
-            if printed {
+            let written = options
+                .report
+                .as_deref()
+                .is_none_or(|path| html::write(path, &timeline::page(&report, html::now_utc())));
+            if printed && written {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -125,6 +142,12 @@ pub(crate) fn main(args: Vec<OsString>) -> ExitCode {
 enum RunError {
     Poller(io::Error),
     Thread(io::Error),
+    Workers(pool::SpawnError),
+    /// More workers than [`pool::MAX_WORKERS`] would be needed.
+    TooFewDescriptors {
+        fds: u64,
+        streams: u64,
+    },
 }
 
 impl fmt::Display for RunError {
@@ -132,6 +155,13 @@ impl fmt::Display for RunError {
         match self {
             RunError::Poller(e) => write!(f, "cannot poll sockets: {e}"),
             RunError::Thread(e) => write!(f, "cannot start the publisher thread: {e}"),
+            RunError::Workers(e) => write!(f, "{e}"),
+            RunError::TooFewDescriptors { fds, streams } => write!(
+                f,
+                "the client's descriptor limit ({fds}) is too low for {streams} streams, even \
+                 over {} worker processes: raise `ulimit -n`",
+                pool::MAX_WORKERS
+            ),
         }
     }
 }
@@ -147,22 +177,10 @@ enum Stage {
     Hold(Instant),
 }
 
-/// Runs the phases until the hold ends, the time limit passes or Ctrl-C.
+/// Runs the phases until the hold ends, the time limit passes or Ctrl-C,
+/// in this process or, past its descriptor limit, over worker processes.
 fn run(o: &Options) -> Result<Report, RunError> {
     let started = Instant::now();
-    let fds = host::fd_limit();
-    if o.connections.saturating_add(FDS_RESERVED) > fds {
-        log::warn!(
-            "the descriptor limit is {fds}: at most about {} streams can be opened",
-            fds.saturating_sub(FDS_RESERVED)
-        );
-    }
-    let stop = host::interrupt_flag();
-    let mut streams =
-        Streams::new(&o.url, o.subscribe_token.as_deref(), &o.sources).map_err(RunError::Poller)?;
-    let mut events: Vec<epoll::Event> = Vec::with_capacity(1024);
-    let mut scratch = vec![0u8; SCRATCH];
-
     // Every phase is bounded; this is the backstop for all of them.
     let ramp_time = if o.ramp > 0.0 {
         Duration::from_secs_f64(o.connections as f64 / o.ramp)
@@ -178,20 +196,64 @@ fn run(o: &Options) -> Result<Report, RunError> {
         // Flat out: assume at least 1,000 publishes a second.
         paced + Duration::from_secs(30) + Duration::from_millis(p.events)
     });
-    let hard_deadline = started
-        + ramp_time
-        + CONNECT_TIMEOUT
-        + SETTLE
-        + publish_budget
-        + o.duration
-        + Duration::from_secs(10);
+    let budget = Budget {
+        publish: publish_budget,
+        deadline: started
+            + ramp_time
+            + CONNECT_TIMEOUT
+            + SETTLE
+            + publish_budget
+            + o.duration
+            + Duration::from_secs(10),
+    };
+    let fds = host::fd_limit();
+    let per_process = fds.saturating_sub(host::FDS_RESERVED);
+    if o.connections <= per_process {
+        let local = Local::new(&o.url, o.subscribe_token.as_deref(), &o.sources)
+            .map_err(RunError::Poller)?;
+        return drive(o, local, started, budget);
+    }
+    let workers = o.connections.div_ceil(per_process.max(1));
+    if per_process == 0 || workers > pool::MAX_WORKERS {
+        return Err(RunError::TooFewDescriptors {
+            fds,
+            streams: o.connections,
+        });
+    }
+    let _ = writeln!(
+        io::stderr(),
+        "descriptor limit {fds}: {} streams over {workers} worker processes",
+        o.connections
+    ); // progress is best effort
+    // A worker's own bound: the whole run's, and the time to report.
+    let bound = budget.deadline.saturating_duration_since(started) + Duration::from_secs(15);
+    let pool = Pool::spawn(o, workers, bound).map_err(RunError::Workers)?;
+    drive(o, pool, started, budget)
+}
 
+/// The time the run's phases may take.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    publish: Duration,
+    /// Past it the run ends, whatever stage it is in.
+    deadline: Instant,
+}
+
+/// Moves `holder`'s streams through the phases.
+fn drive<H: Holder>(
+    o: &Options,
+    mut holder: H,
+    started: Instant,
+    budget: Budget,
+) -> Result<Report, RunError> {
+    let stop = host::interrupt_flag();
     let progress = Arc::new(PublishProgress::default());
+    let mut timeline = Timeline::new(o.pid);
+    timeline.sample(Duration::ZERO, &holder);
     let mut publisher: Option<thread::JoinHandle<PublishOutcome>> = None;
     let mut held_at_publish = 0;
     let mut ramp_done: Option<Duration> = None;
     let mut stage = Stage::Ramp;
-    let mut last_sweep = started;
     let mut last_progress = started;
     let mut stopped = None;
     loop {
@@ -200,10 +262,11 @@ fn run(o: &Options) -> Result<Report, RunError> {
             stopped = Some("interrupted");
             break;
         }
-        if now >= hard_deadline {
+        if now >= budget.deadline {
             stopped = Some("time limit");
             break;
         }
+        let attempted = holder.counts().attempted;
         // Advance the stage.
         match stage {
             Stage::Ramp => {
@@ -213,13 +276,8 @@ fn run(o: &Options) -> Result<Report, RunError> {
                     o.connections
                 }
                 .min(o.connections);
-                let burst = due
-                    .saturating_sub(streams.counts.attempted)
-                    .min(CONNECT_BURST);
-                for _ in 0..burst {
-                    streams.open();
-                }
-                if streams.counts.attempted >= o.connections && streams.in_flight == 0 {
+                holder.open_to(due);
+                if attempted >= o.connections && holder.in_flight() == 0 {
                     ramp_done = Some(now - started);
                     stage = match o.publish {
                         Some(_) => Stage::Settle(now + SETTLE),
@@ -234,9 +292,9 @@ fn run(o: &Options) -> Result<Report, RunError> {
                         stage = Stage::Hold(now + o.duration);
                         continue;
                     };
-                    held_at_publish = streams.counts.held;
+                    held_at_publish = holder.counts().held;
                     let (progress, stop) = (Arc::clone(&progress), Arc::clone(&stop));
-                    let deadline = now + publish_budget;
+                    let deadline = now + budget.publish;
                     let handle = thread::Builder::new()
                         .name("publisher".into())
                         .spawn(move || publish(p, &progress, &stop, deadline))
@@ -254,8 +312,8 @@ fn run(o: &Options) -> Result<Report, RunError> {
             Stage::Hold(until) => {
                 let published = progress.published.load(Ordering::Relaxed);
                 let all_delivered =
-                    o.publish.is_some() && streams.tally.deliveries >= published * held_at_publish;
-                let nothing_held = streams.counts.held == 0 && streams.in_flight == 0;
+                    o.publish.is_some() && holder.events().1 >= published * held_at_publish;
+                let nothing_held = holder.counts().held == 0 && holder.in_flight() == 0;
                 if now >= until || all_delivered || nothing_held {
                     break;
                 }
@@ -263,26 +321,21 @@ fn run(o: &Options) -> Result<Report, RunError> {
         }
         if now.duration_since(last_progress) >= PROGRESS_EVERY {
             last_progress = now;
-            print_progress(now - started, &streams, o, &progress);
-        }
-        if now.duration_since(last_sweep) >= SWEEP_EVERY {
-            last_sweep = now;
-            streams.sweep(now);
+            print_progress(now - started, &holder, o, &progress);
+            timeline.sample(now - started, &holder);
         }
         // Sleep until the next connect is due, or the next check.
         let mut wait = SWEEP_EVERY;
-        if stage == Stage::Ramp && o.ramp > 0.0 && streams.counts.attempted < o.connections {
-            let next = started + Duration::from_secs_f64(streams.counts.attempted as f64 / o.ramp);
+        if stage == Stage::Ramp && o.ramp > 0.0 && attempted < o.connections {
+            let next = started + Duration::from_secs_f64(attempted as f64 / o.ramp);
             wait = wait.min(next.saturating_duration_since(now));
-        } else if stage == Stage::Ramp && streams.counts.attempted < o.connections {
+        } else if stage == Stage::Ramp && attempted < o.connections {
             wait = Duration::ZERO;
         }
         if let Stage::Settle(t) | Stage::Hold(t) = stage {
             wait = wait.min(t.saturating_duration_since(now));
         }
-        streams
-            .turn(&mut events, &mut scratch, wait)
-            .map_err(RunError::Poller)?;
+        holder.turn(wait).map_err(RunError::Poller)?;
     }
     if stopped.is_some() {
         stop.store(true, Ordering::Relaxed); // the publisher stops too
@@ -296,8 +349,15 @@ fn run(o: &Options) -> Result<Report, RunError> {
         None => None,
     };
     let elapsed = started.elapsed();
-    print_progress(elapsed, &streams, o, &progress);
-    let Streams { counts, tally, .. } = streams;
+    print_progress(elapsed, &holder, o, &progress);
+    timeline.sample(elapsed, &holder);
+    let Held {
+        counts,
+        tally,
+        workers,
+        cpu,
+        peak_rss_kib,
+    } = holder.finish();
     let publish = o.publish.as_ref().map(|p| PublishReport {
         url: p.url.url.clone(),
         events: p.events,
@@ -319,9 +379,11 @@ fn run(o: &Options) -> Result<Report, RunError> {
         events_received: tally.events,
         publish,
         elapsed,
-        client_cpu: own_cpu_time(),
-        client_peak_rss_kib: own_peak_rss_kib(),
+        client_cpu: cpu,
+        client_peak_rss_kib: peak_rss_kib,
+        workers,
         stopped,
+        timeline,
     })
 }
 
@@ -345,8 +407,8 @@ pub(super) fn print_report(
         .is_ok()
 }
 
-fn print_progress(t: Duration, s: &Streams, o: &Options, p: &PublishProgress) {
-    let c = &s.counts;
+fn print_progress(t: Duration, h: &impl Holder, o: &Options, p: &PublishProgress) {
+    let c = h.counts();
     let mut line = format!(
         "[{:>6.1}s] held {}  refused {}  other {}  failed {}  dropped {}  connecting {}  events {}",
         t.as_secs_f64(),
@@ -355,8 +417,8 @@ fn print_progress(t: Duration, s: &Streams, o: &Options, p: &PublishProgress) {
         c.other,
         c.failed,
         c.dropped,
-        s.in_flight + o.connections.saturating_sub(c.attempted),
-        s.tally.events,
+        h.in_flight() + o.connections.saturating_sub(c.attempted),
+        h.events().0,
     );
     if let Some(publish) = &o.publish {
         line.push_str(&format!(
@@ -367,29 +429,4 @@ fn print_progress(t: Duration, s: &Streams, o: &Options, p: &PublishProgress) {
     }
     line.push('\n');
     let _ = io::stderr().write_all(line.as_bytes()); // progress is best effort
-}
-
-/// This process's peak resident memory, in KiB (Linux `/proc`).
-fn own_peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find_map(|l| {
-        l.strip_prefix("VmHWM:")?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
-/// This process's user + system CPU time (Linux `/proc`; clock ticks of
-/// 1/100 s, the `USER_HZ` Linux exports).
-fn own_cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let after = stat.get(stat.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5), counted from the state (field 3).
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(Duration::from_millis((utime + stime) * 10))
 }

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::histogram::Histogram;
 use super::publisher::PublishOutcome;
 use super::streams::Counts;
+use super::timeline::Timeline;
 
 /// Everything measured, ready to print.
 #[derive(Debug)]
@@ -24,7 +25,11 @@ pub(super) struct Report {
     pub(super) elapsed: Duration,
     pub(super) client_cpu: Option<Duration>,
     pub(super) client_peak_rss_kib: Option<u64>,
+    /// Worker processes that held the streams; 0 for this process alone.
+    pub(super) workers: u64,
     pub(super) stopped: Option<&'static str>,
+    /// Once a second, for `--report`.
+    pub(super) timeline: Timeline,
 }
 
 /// What the publisher did and what its events did.
@@ -96,6 +101,7 @@ impl Report {
             "elapsed_s": secs(self.elapsed),
             "client_cpu_s": self.client_cpu.map(secs),
             "client_peak_rss_kib": self.client_peak_rss_kib,
+            "workers": self.workers,
             "stopped": self.stopped,
             "publish_url": null,
             "latency_ms": null,
@@ -240,6 +246,15 @@ impl Report {
         }
         if let Some(kib) = self.client_peak_rss_kib {
             rows.push(("client peak RSS", format!("{kib} KiB")));
+        }
+        if self.workers > 0 {
+            rows.push((
+                "workers",
+                format!(
+                    "{} processes (the client's descriptor limit); CPU and RSS are their sums",
+                    self.workers
+                ),
+            ));
         }
         if let Some(why) = self.stopped {
             rows.push(("stopped", format!("early ({why})")));

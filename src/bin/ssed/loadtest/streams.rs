@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use rustix::event::epoll;
 use rustix::fd::OwnedFd;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
+use serde::{Deserialize, Serialize};
 
 use super::args::Target;
 use super::decode::{Body, BodyEnd, Tally, unix_ns};
@@ -52,8 +53,9 @@ enum Answer {
     Other(u16),
 }
 
-/// Counts of what happened to the streams.
-#[derive(Debug, Default, Clone)]
+/// Counts of what happened to the streams; a worker process sends its own
+/// as JSON.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(super) struct Counts {
     pub(super) attempted: u64,
     /// Open streams that answered 200.
@@ -71,6 +73,29 @@ pub(super) struct Counts {
     pub(super) client_failed: u64,
     pub(super) dropped: u64,
     pub(super) malformed: u64,
+}
+
+impl Counts {
+    /// Adds another process's counts. Peaks add up too: the sum of the
+    /// processes' peaks, an upper bound of the peak they held together.
+    pub(super) fn add(&mut self, o: &Counts) {
+        self.attempted += o.attempted;
+        self.held += o.held;
+        self.peak_held += o.peak_held;
+        self.accepted += o.accepted;
+        self.refused += o.refused;
+        self.other += o.other;
+        for (status, n) in &o.other_statuses {
+            *self.other_statuses.entry(*status).or_default() += n;
+        }
+        self.failed += o.failed;
+        for (reason, n) in &o.failures {
+            *self.failures.entry(reason.clone()).or_default() += n;
+        }
+        self.client_failed += o.client_failed;
+        self.dropped += o.dropped;
+        self.malformed += o.malformed;
+    }
 }
 
 /// Every stream of the run, watched by one epoll instance.
