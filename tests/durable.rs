@@ -84,7 +84,11 @@ fn retained(id: EventId, data: &str) -> Retained {
         .data(data)
         .encode_shared()
         .expect("valid event");
-    Retained { id, frame }
+    Retained {
+        id,
+        frame,
+        private: false,
+    }
 }
 
 fn ids(events: &[Retained]) -> Vec<EventId> {
@@ -516,4 +520,80 @@ fn an_unusable_data_dir_stops_the_daemon_naming_it() {
     assert_eq!(status.code(), Some(1));
     let stderr = ssed.stderr();
     assert!(stderr.contains(data.to_str().expect("utf-8")), "{stderr}");
+}
+
+/// The data of a subscription's replay after `after`, reset notices left
+/// out.
+fn replayed_data(sub: &mut ssed::Subscription) -> Vec<String> {
+    sub.take_backlog()
+        .iter()
+        .map(|f| String::from_utf8_lossy(f.as_bytes()).into_owned())
+        .filter(|f| !f.starts_with("event: reset"))
+        .filter_map(|f| Some(f.split_once("data: ")?.1.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn a_private_update_stays_private_across_a_restart() {
+    let dir = TempDir::new("private");
+    let first = {
+        let hub = store::open_hub(dir.path(), 10, HubConfig::default()).expect("opens");
+        let first = hub
+            .publish("t", Event::new().data("public"))
+            .expect("stored");
+        hub.publish_private("t", Event::new().data("secret"))
+            .expect("stored");
+        hub.publish("t", Event::new().data("later"))
+            .expect("stored");
+        first
+    };
+    let hub = store::open_hub(dir.path(), 10, HubConfig::default()).expect("reopens");
+    let before = EventId::new(first.id.millis() - 1, 0).to_string();
+    let mut trusted = hub.subscribe(&["t"], Some(&before)).expect("valid");
+    let mut public = hub.subscribe_public(&["t"], Some(&before)).expect("valid");
+    assert_eq!(replayed_data(&mut trusted), ["public", "secret", "later"]);
+    assert_eq!(replayed_data(&mut public), ["public", "later"]);
+}
+
+#[test]
+fn a_store_of_layout_1_opens_with_its_events_public() {
+    let dir = TempDir::new("layout1");
+    {
+        // The layout ssed wrote before private updates.
+        let conn = rusqlite::Connection::open(dir.path().join(store::DB_FILE)).expect("creates");
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE events (
+                 topic TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, frame BLOB NOT NULL,
+                 PRIMARY KEY (topic, ms, seq)
+             ) WITHOUT ROWID;
+             CREATE TABLE topics (topic TEXT PRIMARY KEY, ms INTEGER NOT NULL, seq INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE mailbox (
+                 seq INTEGER PRIMARY KEY, key TEXT NOT NULL, pushed_ms INTEGER NOT NULL, message TEXT NOT NULL
+             );
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO meta (key, value) VALUES ('floor_ms', 1600000000000);
+             INSERT INTO events VALUES ('t', 1700000000000, 1, CAST('id: 1700000000000-1
+data: old
+
+' AS BLOB));
+             PRAGMA user_version = 1;",
+        )
+        .expect("layout 1");
+    }
+    let hub = store::open_hub(dir.path(), 10, HubConfig::default()).expect("migrates");
+    hub.publish_private("t", Event::new().data("secret"))
+        .expect("stored");
+    let mut public = hub.subscribe_public(&["t"], Some("1")).expect("valid");
+    assert_eq!(replayed_data(&mut public), ["old"]);
+    drop((public, hub));
+    let conn = rusqlite::Connection::open(dir.path().join(store::DB_FILE)).expect("opens");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("reads");
+    assert_eq!(version, 2);
+    let private: i64 = conn
+        .query_row("SELECT sum(private) FROM events", [], |r| r.get(0))
+        .expect("sums");
+    assert_eq!(private, 1, "the new event marked, the old one not");
 }

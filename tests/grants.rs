@@ -620,3 +620,111 @@ fn the_per_client_limit_follows_the_jwt_subject() {
     }));
     assert!(metric(d.addr, "ssed_client_limited_total{limit=\"streams\"}") >= 2);
 }
+
+/// On a daemon with `publish_token = "pub"` and the JWT secret: a stream
+/// whose JWT covers `topic` gets its private updates, live and replayed; an
+/// anonymous one only its public ones; `receivers` counts who got each.
+fn check_private_updates(addr: SocketAddr, topic: &str) {
+    let jwt = token(&[topic], &[]);
+    let bearer = format!("Authorization: Bearer {jwt}");
+    let path = format!("/events/{topic}");
+    let (mut granted, _) = open(addr, &path, &[&bearer]);
+    let (mut anonymous, _) = open(addr, &path, &[]);
+    let publish = |query: &str, body: &str| -> Value {
+        let (head, text) = post(
+            addr,
+            &format!("/publish/{topic}{query}"),
+            &["Authorization: Bearer pub"],
+            body,
+        );
+        assert_eq!(head.status, 200, "{text}");
+        serde_json::from_str(&text).expect("json")
+    };
+    assert!(
+        wait_until(
+            Duration::from_secs(5),
+            || publish("", "warm-up")["receivers"] == 2
+        ),
+        "both subscribers in"
+    );
+    let first = publish("", "public");
+    let private = publish("?private=true", "secret");
+    let last = publish("?private=false", "later");
+    assert_eq!(private["receivers"], 1, "{private}");
+    assert_eq!(last["receivers"], 2, "{last}");
+    // The next `n` data, past the warm-up publishes.
+    let data = |c: &mut Client, n: usize| -> Vec<String> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let d = next_data(c);
+            if d != "warm-up" {
+                got.push(d);
+            }
+        }
+        got
+    };
+    assert_eq!(data(&mut granted, 3), ["public", "secret", "later"]);
+    assert_eq!(data(&mut anonymous, 2), ["public", "later"]);
+    // Replayed after the first: the same rule.
+    let after = format!("Last-Event-ID: {}", first["id"].as_str().expect("id"));
+    let (mut granted, _) = open(addr, &path, &[&bearer, &after]);
+    let (mut anonymous, _) = open(addr, &path, &[&after]);
+    assert_eq!(
+        [next_data(&mut granted), next_data(&mut granted)],
+        ["secret", "later"]
+    );
+    assert_eq!(next_data(&mut anonymous), "later");
+    // A value that says neither.
+    let (head, text) = post(
+        addr,
+        &format!("/publish/{topic}?private=maybe"),
+        &["Authorization: Bearer pub"],
+        "x",
+    );
+    assert_eq!(head.status, 400, "{text}");
+}
+
+const PRIVATE_CONFIG: &str = "[auth]\npublish_token = \"pub\"\nanonymous = true\njwt_secret = \"a-long-and-random-jwt-secret\"\n";
+
+#[test]
+fn private_updates_reach_only_streams_whose_grant_covers_them() {
+    let d = daemon("private-memory", PRIVATE_CONFIG);
+    check_private_updates(d.addr, "user:42:updates");
+}
+
+#[test]
+fn private_updates_stay_private_with_data_dir() {
+    let dir = TempDir::new("private-data");
+    let data = dir.path().join("data");
+    let d = daemon(
+        "private-durable",
+        &format!(
+            "data_dir = {:?}\n{PRIVATE_CONFIG}",
+            data.display().to_string()
+        ),
+    );
+    check_private_updates(d.addr, "user:42:updates");
+}
+
+#[test]
+fn private_updates_stay_private_with_redis() {
+    let test = "private_updates_stay_private_with_redis";
+    let Some(redis) = support::redis::redis(test) else {
+        return;
+    };
+    let topic = format!("private_{}_{}", std::process::id(), unix_now());
+    /// Deletes the topic's stream and count, passed or not.
+    struct Cleanup(&'static str, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            support::redis::command(self.0, &["DEL", &self.1]);
+            support::redis::command(self.0, &["HDEL", "ssed:seq", &self.1]);
+        }
+    }
+    let _cleanup = Cleanup(redis, format!("ssed:t:{topic}"));
+    let d = daemon(
+        "private-redis",
+        &format!("{PRIVATE_CONFIG}[redis]\nurl = \"redis://{redis}\"\n"),
+    );
+    check_private_updates(d.addr, &topic);
+}

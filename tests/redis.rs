@@ -11,7 +11,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -20,54 +20,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::process::Ssed;
+use support::redis::{REDIS, command as redis_command, pings, redis, skip};
 use support::{Client, field, request, wait_until};
 
-/// The machine's Redis.
-const REDIS: &str = "127.0.0.1:6379";
 /// The longest any test waits for one thing to happen.
 const DEADLINE: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
 // Redis, nodes and names
 // ---------------------------------------------------------------------------
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Skips (after printing why) or, under CI, fails.
-fn skip(test: &str, reason: &str) {
-    if in_ci() {
-        panic!("{test}: {reason} (CI=true: the Redis tests must run)");
-    }
-    eprintln!("skipping {test}: {reason}");
-}
-
-/// Whether a Redis answers PING at `addr`.
-fn pings(addr: &str) -> bool {
-    let Ok(addr) = addr.parse::<SocketAddr>() else {
-        return false;
-    };
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("+PONG")
-}
-
-/// The machine's Redis, or `None` after printing why not.
-fn redis(test: &str) -> Option<&'static str> {
-    if pings(REDIS) {
-        Some(REDIS)
-    } else {
-        skip(test, &format!("no Redis answers at {REDIS}"));
-        None
-    }
-}
 
 thread_local! {
     /// The names this thread's test made, whose keys it deletes at the end.
@@ -391,19 +352,6 @@ fn replay_past_what_redis_keeps_starts_with_a_reset() {
 }
 
 /// Sends one command to the Redis at `addr` and returns the raw reply.
-fn redis_command(addr: &str, args: &[&str]) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect to Redis");
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut cmd = format!("*{}\r\n", args.len());
-    for a in args {
-        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(cmd.as_bytes()).unwrap();
-    let mut reply = [0u8; 4096];
-    let n = std::io::Read::read(&mut s, &mut reply).unwrap_or(0);
-    String::from_utf8_lossy(&reply[..n]).into_owned()
-}
-
 /// User plus system CPU time of process `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -340,6 +340,22 @@ impl Credential {
 /// or the refusal to answer.
 type Admission = Result<Credential, Response>;
 
+/// Which updates an admitted stream may receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Audience {
+    /// Public updates only (an anonymous subscriber).
+    Public,
+    /// Private updates of its topics too (its grant covers them).
+    Granted,
+}
+
+/// An admitted stream: the pass of the ticket it was opened with, for the
+/// session it starts, and which updates it may receive.
+struct Admitted {
+    ticket: Option<Box<Pass>>,
+    audience: Audience,
+}
+
 /// What a stream is opened for: the grant must cover it.
 #[derive(Debug, Clone, Copy)]
 enum Target<'a> {
@@ -791,11 +807,11 @@ impl App {
         stream: &mut Stream,
         later: bool,
         admission: Box<Admission>,
-    ) -> Result<bool, StreamError> {
-        let Some(ticket) = self.admit_stream(req, stream, admission)? else {
-            return Ok(false);
+    ) -> Result<Option<Audience>, StreamError> {
+        let Some(admitted) = self.admit_stream(req, stream, admission)? else {
+            return Ok(None);
         };
-        if let Some(pass) = ticket {
+        if let Some(pass) = admitted.ticket {
             self.start_session(req, stream, pass)?;
         }
         if later {
@@ -805,7 +821,7 @@ impl App {
         } else {
             stream.retry(self.config.retry)?;
         }
-        Ok(true)
+        Ok(Some(admitted.audience))
     }
 
     /// Sets the headers an admitted stream's admission calls for, and
@@ -818,7 +834,7 @@ impl App {
         req: &Request,
         stream: &mut Stream,
         admission: Box<Admission>,
-    ) -> Result<Option<Option<Box<Pass>>>, StreamError> {
+    ) -> Result<Option<Admitted>, StreamError> {
         let cred = match *admission {
             Ok(cred) => cred,
             Err(r) => {
@@ -843,13 +859,21 @@ impl App {
         for (k, v) in &self.cors(req).unwrap_or_default() {
             stream.header(k, v)?;
         }
-        if cred.how != How::Ticket {
-            return Ok(Some(None));
-        }
-        Ok(Some(Some(Box::new(Pass {
-            grant: cred.grant,
-            expires: cred.expires,
-        }))))
+        // A credential covers every topic it opens (or it was refused):
+        // its stream may receive their private updates. An anonymous one
+        // gets public updates only.
+        let audience = if cred.how == How::Anonymous {
+            Audience::Public
+        } else {
+            Audience::Granted
+        };
+        let ticket = (cred.how == How::Ticket).then(|| {
+            Box::new(Pass {
+                grant: cred.grant,
+                expires: cred.expires,
+            })
+        });
+        Ok(Some(Admitted { ticket, audience }))
     }
 
     /// Opens the session a ticket's stream starts, with its cookie. Out
@@ -906,13 +930,17 @@ impl App {
         }
         self.verify_ahead(req);
         let admission = self.admission(req, Target::Topics(&topics));
-        if !self.open_stream(req, stream, true, admission)? {
+        let Some(audience) = self.open_stream(req, stream, true, admission)? else {
             return Ok(());
-        }
+        };
         // Subscribe once admitted (a refused client never holds a queue in
         // the hub) and before the head goes out: a client that has the head
         // gets every event published after it.
-        let sub = match self.hub.subscribe(&topics, req.last_event_id()) {
+        let subscribed = match audience {
+            Audience::Granted => self.hub.subscribe(&topics, req.last_event_id()),
+            Audience::Public => self.hub.subscribe_public(&topics, req.last_event_id()),
+        };
+        let sub = match subscribed {
             Ok(sub) => sub,
             Err(e) => return subscribe_failed(stream, &e),
         };
@@ -930,7 +958,7 @@ impl App {
         }
         self.verify_ahead(req);
         let admission = self.admission(req, Target::Mailbox(key));
-        if !self.open_stream(req, stream, false, admission)? {
+        if self.open_stream(req, stream, false, admission)?.is_none() {
             return Ok(());
         }
         stream.consume(&self.hub, key)
@@ -1030,7 +1058,23 @@ impl App {
             }
             event = event.event(name);
         }
-        match self.hub.publish(topic, event) {
+        let private = match req.query("private") {
+            None | Some("false" | "0") => false,
+            Some("" | "true" | "1" | "on") => true,
+            Some(other) => {
+                let shown: String = other.chars().take(32).collect();
+                return Response::text(
+                    400,
+                    format!("private={shown:?}: give private=true (or false)"),
+                );
+            }
+        };
+        let published = if private {
+            self.hub.publish_private(topic, event)
+        } else {
+            self.hub.publish(topic, event)
+        };
+        match published {
             Ok(p) => Response::json(
                 200,
                 &json!({"id": p.id.to_string(), "topic": topic, "receivers": p.receivers}),

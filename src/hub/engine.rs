@@ -54,17 +54,26 @@ pub(crate) enum Receipt {
 /// its waiting consumers. Names are checked by the hub before any call.
 pub(crate) trait Engine: Send + Sync + UnwindSafe + RefUnwindSafe {
     /// Keeps `event` on `topic` under the next id and offers it to this
-    /// node's subscribers (at once, or through the engine's reader).
-    fn publish(&self, node: &Node, topic: &str, event: Event) -> Result<Published, HubError>;
+    /// node's subscribers (at once, or through the engine's reader); a
+    /// `private` one only to those that may receive private updates.
+    fn publish(
+        &self,
+        node: &Node,
+        topic: &str,
+        event: Event,
+        private: bool,
+    ) -> Result<Published, HubError>;
 
     /// Joins a subscriber to `names` (sorted, distinct) and starts its
     /// replay after `last_event_id`, with no gap and no repeat between the
-    /// replay and the live frames.
+    /// replay and the live frames; a `public_only` one never gets a
+    /// private update, live or replayed.
     fn subscribe(
         &self,
         node: &Node,
         names: &[&str],
         last_event_id: Option<&str>,
+        public_only: bool,
     ) -> Result<Joined, HubError>;
 
     /// Reads the next page of `replay` (of `topics`, the subscription's).

@@ -70,6 +70,9 @@ pub(crate) struct SubscriberQueue {
     /// Set once the following stream is open on a socket of ours: wakers
     /// may then write its frames themselves.
     direct: OnceLock<Direct>,
+    /// Never offered a private update (see
+    /// [`Hub::subscribe_public`](crate::Hub::subscribe_public)).
+    pub(crate) public_only: bool,
     /// The topics followed.
     pub(crate) topics: Box<[Arc<str>]>,
 }
@@ -181,11 +184,21 @@ impl SubscriberQueue {
     /// stack before it moves to the heap, and a subscribing stream thread
     /// should not carry those bytes in its own frame (see `Stream::follow`).
     #[inline(never)]
-    pub(crate) fn shared(capacity: usize, max_bytes: usize, topics: Box<[Arc<str>]>) -> Arc<Self> {
-        Arc::new(Self::new(capacity, max_bytes, topics))
+    pub(crate) fn shared(
+        capacity: usize,
+        max_bytes: usize,
+        topics: Box<[Arc<str>]>,
+        public_only: bool,
+    ) -> Arc<Self> {
+        Arc::new(Self::new(capacity, max_bytes, topics, public_only))
     }
 
-    pub(crate) fn new(capacity: usize, max_bytes: usize, topics: Box<[Arc<str>]>) -> Self {
+    pub(crate) fn new(
+        capacity: usize,
+        max_bytes: usize,
+        topics: Box<[Arc<str>]>,
+        public_only: bool,
+    ) -> Self {
         SubscriberQueue {
             frames: Mutex::new(Frames::default()),
             capacity: capacity.max(1),
@@ -195,6 +208,7 @@ impl SubscriberQueue {
             closed: AtomicBool::new(false),
             thread: OnceLock::new(),
             direct: OnceLock::new(),
+            public_only,
             topics,
         }
     }

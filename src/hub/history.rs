@@ -8,13 +8,17 @@ use std::sync::Arc;
 use crate::event::EncodedEvent;
 use crate::hub::id::{EventId, now_ms};
 
-/// An event as kept in history: its id and its encoded frame.
+/// An event as kept in history: its id, its encoded frame, and whether it
+/// is private.
 #[derive(Debug, Clone)]
 pub struct Retained {
     /// The event's id.
     pub id: EventId,
     /// The frame, id line included, as every subscriber receives it.
     pub frame: EncodedEvent,
+    /// A private update: replayed only to subscriptions that may receive
+    /// private updates (see [`Hub::publish_private`](crate::Hub::publish_private)).
+    pub private: bool,
 }
 
 /// What a history store returns for a resume request.
@@ -419,6 +423,7 @@ mod tests {
                 .data(data)
                 .encode_shared()
                 .expect("valid"),
+            private: false,
         }
     }
 
@@ -434,6 +439,7 @@ mod tests {
                     Retained {
                         id: id(i),
                         frame: Event::new().data("x").encode_shared().expect("valid"),
+                        private: false,
                     },
                 );
             }

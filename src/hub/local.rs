@@ -103,7 +103,13 @@ impl Local {
 }
 
 impl Engine for Local {
-    fn publish(&self, node: &Node, topic: &str, event: Event) -> Result<Published, HubError> {
+    fn publish(
+        &self,
+        node: &Node,
+        topic: &str,
+        event: Event,
+        private: bool,
+    ) -> Result<Published, HubError> {
         let mut state = self.state();
         let id = state.last_id.next(now_ms());
         let frame = event.id(id.to_string()).encode_shared()?;
@@ -118,12 +124,13 @@ impl Engine for Local {
                 Retained {
                     id,
                     frame: frame.clone(),
+                    private,
                 },
             )
             .map_err(HubError::Storage)?;
         state.last_id = id;
         node.note_published();
-        let out = node.fan_out(topic, id, &frame);
+        let out = node.fan_out(topic, id, &frame, private);
         let evicted = self.keep_within_budget(node, &mut state);
         drop(state);
         let receivers = out.receivers;
@@ -137,15 +144,17 @@ impl Engine for Local {
         node: &Node,
         names: &[&str],
         last_event_id: Option<&str>,
+        public_only: bool,
     ) -> Result<Joined, HubError> {
         let state = self.state();
-        let (id, queue) = node.join(names, false, &mut |_, _| {});
+        let (id, queue) = node.join(names, false, public_only, &mut |_, _| {});
         let replay = last_event_id.map(|asked| {
             Box::new(Replaying::start(
                 state.last_id,
                 &*state.history,
                 &queue.topics,
                 asked,
+                public_only,
             ))
         });
         drop(state);

@@ -239,14 +239,36 @@ impl Hub {
     /// for an event name with a line break, [`HubError::Storage`] when the
     /// history store cannot keep the event (it is then not delivered).
     pub fn publish(&self, topic: &str, event: Event) -> Result<Published, HubError> {
+        self.publish_as(topic, event, false)
+    }
+
+    /// Publishes `event` on `topic` as a **private update**, as
+    /// [`publish`](Hub::publish) does, but for trusted subscriptions only:
+    /// it never reaches a subscription made with
+    /// [`subscribe_public`](Hub::subscribe_public), live or in a replay,
+    /// and `receivers` counts only the others. (The daemon subscribes a
+    /// stream with a credential whose grant covers its topics with
+    /// [`subscribe`](Hub::subscribe), an anonymous one with
+    /// `subscribe_public`.)
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Hub::publish).
+    pub fn publish_private(&self, topic: &str, event: Event) -> Result<Published, HubError> {
+        self.publish_as(topic, event, true)
+    }
+
+    fn publish_as(&self, topic: &str, event: Event, private: bool) -> Result<Published, HubError> {
         if !valid_name(topic) {
             return Err(HubError::InvalidName(topic.to_owned()));
         }
         event.validate()?;
-        self.0.engine.publish(&self.0.node, topic, event)
+        self.0.engine.publish(&self.0.node, topic, event, private)
     }
 
-    /// Subscribes to `topics`, resuming after `last_event_id` if given.
+    /// Subscribes to `topics`, resuming after `last_event_id` if given:
+    /// a trusted subscription, which receives private updates too (see
+    /// [`subscribe_public`](Hub::subscribe_public) for one that does not).
     ///
     /// The subscription first yields the replay (every retained event of
     /// its topics after that id, in id order), preceded by an `event: reset`
@@ -256,12 +278,37 @@ impl Hub {
     /// # Errors
     ///
     /// [`HubError::InvalidName`] for a bad topic name.
-    // Out of line: see `Stream::follow`.
-    #[inline(never)]
     pub fn subscribe(
         &self,
         topics: &[&str],
         last_event_id: Option<&str>,
+    ) -> Result<Subscription, HubError> {
+        self.subscribe_as(topics, last_event_id, false)
+    }
+
+    /// Subscribes to `topics` as [`subscribe`](Hub::subscribe) does, for
+    /// public updates only: no private update
+    /// ([`publish_private`](Hub::publish_private)) reaches it, live or in
+    /// its replay.
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::InvalidName`] for a bad topic name.
+    pub fn subscribe_public(
+        &self,
+        topics: &[&str],
+        last_event_id: Option<&str>,
+    ) -> Result<Subscription, HubError> {
+        self.subscribe_as(topics, last_event_id, true)
+    }
+
+    // Out of line: see `Stream::follow`.
+    #[inline(never)]
+    fn subscribe_as(
+        &self,
+        topics: &[&str],
+        last_event_id: Option<&str>,
+        public_only: bool,
     ) -> Result<Subscription, HubError> {
         if let Some(bad) = topics.iter().find(|t| !valid_name(t)) {
             return Err(HubError::InvalidName((*bad).to_owned()));
@@ -271,7 +318,7 @@ impl Hub {
         let Joined { id, queue, replay } =
             self.0
                 .engine
-                .subscribe(&self.0.node, &names, last_event_id)?;
+                .subscribe(&self.0.node, &names, last_event_id, public_only)?;
         Ok(Subscription {
             shared: Arc::clone(&self.0),
             id,

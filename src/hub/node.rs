@@ -70,6 +70,14 @@ struct Resume {
     seen: EventId,
 }
 
+/// An event the Redis reader read, for this node's subscribers.
+pub(crate) struct Delivery {
+    pub(crate) topic: Box<str>,
+    pub(crate) id: EventId,
+    pub(crate) frame: EncodedEvent,
+    pub(crate) private: bool,
+}
+
 /// Frames handed out by one fan-out: who took them, who needs waking.
 #[derive(Default)]
 pub(crate) struct FanOut {
@@ -124,12 +132,34 @@ impl Node {
         self.state().subscribers.get(topic).map_or(0, Vec::len)
     }
 
-    /// Offers `frame` (id `id`) to every subscriber of `topic`; waking
+    /// Subscribers of `topic` now that an update would reach: all of them
+    /// for a public one, those that may receive private updates for a
+    /// `private` one.
+    pub(crate) fn receivers(&self, topic: &str, private: bool) -> usize {
+        let state = self.state();
+        let Some(subs) = state.subscribers.get(topic) else {
+            return 0;
+        };
+        if private {
+            subs.iter().filter(|s| !s.queue.public_only).count()
+        } else {
+            subs.len()
+        }
+    }
+
+    /// Offers `frame` (id `id`) to every subscriber of `topic` (a
+    /// `private` one to those that may receive private updates); waking
     /// them is left to [`Node::wake`], after the caller's own lock.
-    pub(crate) fn fan_out(&self, topic: &str, id: EventId, frame: &EncodedEvent) -> FanOut {
+    pub(crate) fn fan_out(
+        &self,
+        topic: &str,
+        id: EventId,
+        frame: &EncodedEvent,
+        private: bool,
+    ) -> FanOut {
         let mut out = FanOut::default();
         let mut state = self.state();
-        state.fan_out(topic, id, frame, self.config.queue, &mut out);
+        state.fan_out(topic, id, frame, private, self.config.queue, &mut out);
         state.last_id = state.last_id.max(id);
         out
     }
@@ -143,12 +173,13 @@ impl Node {
     }
 
     /// Delivers events the Redis reader read, in id order.
-    pub(crate) fn deliver(&self, batch: Vec<(Box<str>, EventId, EncodedEvent)>) {
+    pub(crate) fn deliver(&self, batch: Vec<Delivery>) {
         let mut out = FanOut::default();
         let mut state = self.state();
-        for (topic, id, frame) in &batch {
-            state.fan_out(topic, *id, frame, self.config.queue, &mut out);
-            state.last_id = state.last_id.max(*id);
+        for d in &batch {
+            let (topic, id) = (&d.topic, d.id);
+            state.fan_out(topic, id, &d.frame, d.private, self.config.queue, &mut out);
+            state.last_id = state.last_id.max(id);
         }
         drop(state);
         drop(batch);
@@ -183,6 +214,7 @@ impl Node {
         &self,
         names: &[&str],
         resume: bool,
+        public_only: bool,
         on_new: &mut dyn FnMut(usize, &str),
     ) -> (u64, Arc<SubscriberQueue>) {
         let mut state = self.state();
@@ -207,6 +239,7 @@ impl Node {
             self.config.queue,
             self.config.queue_bytes,
             topics.into_boxed_slice(),
+            public_only,
         );
         for name in queue.topics.iter() {
             if let Some(v) = state.subscribers.get_mut(name) {
@@ -274,7 +307,8 @@ impl State {
         }
     }
 
-    /// Offers `frame` (id `id`) to every subscriber of `topic`; a
+    /// Offers `frame` (id `id`) to every subscriber of `topic`, a
+    /// `private` one only to those that may receive private updates; a
     /// subscriber whose queue is full is closed as slow and leaves all its
     /// topics.
     fn fan_out(
@@ -282,13 +316,16 @@ impl State {
         topic: &str,
         id: EventId,
         frame: &EncodedEvent,
+        private: bool,
         limit: usize,
         out: &mut FanOut,
     ) {
         let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
         if let Some(subs) = self.subscribers.get_mut(topic) {
             subs.retain_mut(|s| {
-                if s.resume.as_ref().is_some_and(|r| id <= r.seen) {
+                if s.resume.as_ref().is_some_and(|r| id <= r.seen)
+                    || (private && s.queue.public_only)
+                {
                     return true;
                 }
                 let pending = s.resume.as_mut().and_then(|r| r.pending.as_mut());

@@ -33,6 +33,9 @@ pub(crate) struct Replaying {
     pub(crate) until: EventId,
     /// The newest id read: a reset notice mid-replay names it.
     pub(crate) last: Option<EventId>,
+    /// Private updates are left out (the subscription's
+    /// [`public_only`](crate::hub::fanout::SubscriberQueue)).
+    pub(crate) public_only: bool,
 }
 
 impl Default for Replaying {
@@ -43,6 +46,7 @@ impl Default for Replaying {
             from: Vec::new(),
             until: EventId::floor_of(0),
             last: None,
+            public_only: false,
         }
     }
 }
@@ -61,6 +65,7 @@ impl Replaying {
         history: &dyn History,
         topics: &[Arc<str>],
         asked: &str,
+        public_only: bool,
     ) -> Replaying {
         // An id this hub cannot place (garbage, or from the future: a
         // restart with the clock stepped back, another server) replays
@@ -72,6 +77,7 @@ impl Replaying {
             from: vec![after; topics.len()],
             until: last_id,
             last: None,
+            public_only,
         };
         // Reading memory cannot fail.
         let _ = replay.read_page(
@@ -142,7 +148,14 @@ impl Replaying {
             (true, Some(last)) => self.from.iter_mut().for_each(|f| *f = (*f).max(last)),
             _ => self.from = Vec::new(),
         }
-        self.ready.extend(events.into_iter().map(|e| e.frame));
+        // Left out only now: a private event still moves the replay on.
+        let public_only = self.public_only;
+        self.ready.extend(
+            events
+                .into_iter()
+                .filter(|e| !(public_only && e.private))
+                .map(|e| e.frame),
+        );
         Ok(())
     }
 }

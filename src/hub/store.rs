@@ -60,11 +60,14 @@ use crate::hub::{Hub, HubConfig};
 
 /// The database's file name inside the data directory.
 pub const DB_FILE: &str = "ssed.sqlite3";
-/// The layout this version writes, kept in SQLite's `user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// The layout this version writes, kept in SQLite's `user_version`: 2
+/// marks private updates (`events.private`); a layout 1 file (from before
+/// private updates) is brought up to 2 when opened.
+const SCHEMA_VERSION: i64 = 2;
 const SCHEMA: &str = "
     CREATE TABLE events (
         topic TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, frame BLOB NOT NULL,
+        private INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (topic, ms, seq)
     ) WITHOUT ROWID;
     CREATE TABLE topics (
@@ -80,7 +83,10 @@ const SCHEMA: &str = "
 /// row), not three (the new row, the oldest row's page, the topic's
 /// eviction mark). What is served is trimmed exactly, in memory.
 const TRIM_SLACK: usize = 64;
-const INSERT_EVENT: &str = "INSERT INTO events (topic, ms, seq, frame) VALUES (?1, ?2, ?3, ?4)";
+const INSERT_EVENT: &str =
+    "INSERT INTO events (topic, ms, seq, frame, private) VALUES (?1, ?2, ?3, ?4, ?5)";
+/// Layout 1 to 2: every event kept so far was public.
+const MIGRATE_1_TO_2: &str = "ALTER TABLE events ADD COLUMN private INTEGER NOT NULL DEFAULT 0;";
 /// Deletes a topic's events up to an id (inclusive).
 const TRIM_EVENTS: &str = "DELETE FROM events WHERE topic = ?1 AND (ms, seq) <= (?2, ?3)";
 const SET_EVICTED: &str = "INSERT INTO topics (topic, ms, seq) VALUES (?1, ?2, ?3) \
@@ -323,7 +329,8 @@ impl DurableHistory {
                 topic,
                 int(id.millis())?,
                 int(id.seq())?,
-                event.frame.as_bytes()
+                event.frame.as_bytes(),
+                event.private
             ])?;
         }
         match trim {
@@ -579,6 +586,11 @@ fn setup(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(err)?;
         }
+        1 => {
+            tx.execute_batch(MIGRATE_1_TO_2).map_err(err)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(err)?;
+        }
         SCHEMA_VERSION => {}
         found => {
             return Err(StoreError::Version {
@@ -636,8 +648,8 @@ fn load(
     let mut trims: Vec<(String, EventId)> = Vec::new();
     let mut retained = 0usize;
     {
-        let mut stmt =
-            conn.prepare("SELECT topic, ms, seq, frame FROM events ORDER BY topic, ms, seq")?;
+        let mut stmt = conn
+            .prepare("SELECT topic, ms, seq, frame, private FROM events ORDER BY topic, ms, seq")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let (topic, id): (String, EventId) = (row.get(0)?, id_at(row, 1)?);
@@ -654,7 +666,8 @@ fn load(
                     _ => trims.push((topic.clone(), ev)),
                 }
             }
-            cache.push(&topic, Retained { id, frame });
+            let private = row.get(4)?;
+            cache.push(&topic, Retained { id, frame, private });
         }
     }
     // Topics with a mark and no event (all deleted, or `capacity` 0) are

@@ -245,3 +245,60 @@ fn a_hub_and_its_subscriptions_can_cross_catch_unwind() {
     fn sendable<T: Send + std::panic::UnwindSafe>() {}
     sendable::<Subscription>();
 }
+
+#[test]
+fn a_private_update_reaches_trusted_subscriptions_only_live_and_in_replay() {
+    let hub = Hub::new(10);
+    let trusted = hub.subscribe(&["t"], None).expect("valid");
+    let public = hub.subscribe_public(&["t", "u"], None).expect("valid");
+    let first = hub
+        .publish("t", Event::new().data("public"))
+        .expect("valid");
+    let private = hub
+        .publish_private("t", Event::new().data("secret"))
+        .expect("valid");
+    let last = hub.publish("u", Event::new().data("after")).expect("valid");
+    assert_eq!(
+        (first.receivers, private.receivers, last.receivers),
+        (2, 1, 1)
+    );
+    assert_eq!(hub.subscribers("t"), 2, "both still subscribed");
+    let got = |s: &Subscription| -> Vec<String> {
+        std::iter::from_fn(|| s.try_next())
+            .map(|f| text(&f))
+            .collect()
+    };
+    assert_eq!(
+        got(&trusted),
+        [
+            format!("id: {}\ndata: public\n\n", first.id),
+            format!("id: {}\ndata: secret\n\n", private.id)
+        ]
+    );
+    assert_eq!(
+        got(&public),
+        [
+            format!("id: {}\ndata: public\n\n", first.id),
+            format!("id: {}\ndata: after\n\n", last.id)
+        ]
+    );
+    // Replayed: the trusted subscription gets it, the public one skips it
+    // and goes on past it.
+    let from = EventId::floor_of(0).to_string();
+    let mut trusted = hub.subscribe(&["t"], Some(&from)).expect("valid");
+    let mut public = hub
+        .subscribe_public(&["t", "u"], Some(&from))
+        .expect("valid");
+    // (The events, past the reset notice such an old id gets.)
+    let backlog = |s: &mut Subscription| -> Vec<String> {
+        let frames = s.take_backlog();
+        frames
+            .iter()
+            .map(text)
+            .filter_map(|f| Some(f.split_once("data: ")?.1.trim().to_owned()))
+            .filter(|d| !d.starts_with('{'))
+            .collect()
+    };
+    assert_eq!(backlog(&mut trusted), ["public", "secret"]);
+    assert_eq!(backlog(&mut public), ["public", "after"]);
+}

@@ -47,10 +47,12 @@ fn subscribe(
     node: &Node,
     names: &[&str],
     last_event_id: Option<&str>,
+    public_only: bool,
 ) -> Result<Joined, HubError> {
     let (newest, seqs) = redis.position(names).map_err(HubError::Storage)?;
     let mut woke = false;
-    let (id, queue) = node.join(names, last_event_id.is_some(), &mut |i, name| {
+    let join = (last_event_id.is_some(), public_only);
+    let (id, queue) = node.join(names, join.0, join.1, &mut |i, name| {
         let seq = seqs.get(i).copied().unwrap_or(0);
         woke |= redis.want(name, newest, seq);
     });
@@ -115,6 +117,7 @@ fn start_replay(
         from: vec![after; names.len()],
         until,
         last: None,
+        public_only: joined.queue.public_only,
     }));
     replay.read_page(
         names,
@@ -125,19 +128,26 @@ fn start_replay(
 }
 
 impl Engine for RedisEngine {
-    fn publish(&self, node: &Node, topic: &str, event: Event) -> Result<Published, HubError> {
+    fn publish(
+        &self,
+        node: &Node,
+        topic: &str,
+        event: Event,
+        private: bool,
+    ) -> Result<Published, HubError> {
         // Redis picks the id; the reader delivers the event here as on
-        // every node. `receivers` counts this node's subscribers.
+        // every node. `receivers` counts this node's subscribers (who may
+        // receive it).
         let (frame, at) = event.encode_around_id()?;
         node.config.check_frame(frame.len() + ID_LINE_MAX)?;
         let id = self
             .redis
-            .publish(topic, &frame, at)
+            .publish(topic, &frame, at, private)
             .map_err(HubError::Storage)?;
         node.note_published();
         Ok(Published {
             id,
-            receivers: node.subscribers(topic),
+            receivers: node.receivers(topic, private),
         })
     }
 
@@ -148,6 +158,7 @@ impl Engine for RedisEngine {
         _node: &Node,
         names: &[&str],
         last_event_id: Option<&str>,
+        public_only: bool,
     ) -> Result<Joined, HubError> {
         let (redis, node) = (Arc::clone(&self.redis), Arc::clone(&self.node));
         let names: Vec<Box<str>> = names.iter().map(|n| Box::from(*n)).collect();
@@ -155,7 +166,7 @@ impl Engine for RedisEngine {
         self.workers
             .run(move || {
                 let names: Vec<&str> = names.iter().map(|n| &**n).collect();
-                subscribe(&redis, &node, &names, last_event_id.as_deref())
+                subscribe(&redis, &node, &names, last_event_id.as_deref(), public_only)
             })
             .map_err(HubError::Storage)?
     }

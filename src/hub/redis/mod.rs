@@ -300,21 +300,24 @@ impl Redis {
     }
 
     /// Appends a frame (encoded without its id line, which goes at
-    /// `id_at`) to `topic`; returns the id Redis gave it.
+    /// `id_at`) to `topic`, marked `private` or not; returns the id Redis
+    /// gave it.
     pub(crate) fn publish(
         &self,
         topic: &str,
         frame: &[u8],
         id_at: usize,
+        private: bool,
     ) -> Result<EventId, StorageError> {
         let key = topic_key(topic);
         let maxlen = self.history.max(1).to_string();
         let at = id_at.to_string();
+        let private: &[u8] = if private { b"1" } else { b"0" };
         let reply = self.with_conn("publish", |c| {
             self.publish.run(
                 c,
                 &[&key, LAST_KEY.as_bytes(), SEQ_KEY.as_bytes()],
-                &[maxlen.as_bytes(), frame, at.as_bytes()],
+                &[maxlen.as_bytes(), frame, at.as_bytes(), private],
             )
         })?;
         parse_id(&reply).ok_or_else(|| storage(format!("redis publish: odd reply {reply:?}")))
@@ -438,7 +441,6 @@ impl Redis {
             .unwrap_or_default()
             .iter()
             .filter_map(entry_frame)
-            .map(|(id, frame)| Retained { id, frame })
             .collect();
         // Trimmed entries are all older than the first one left: one of
         // them can be newer than `after` only if `after` is below the id
@@ -582,19 +584,21 @@ fn entry_seq(entry: &Value) -> Option<u64> {
         .and_then(|p| p.get(1)?.as_str()?.parse().ok())
 }
 
-/// `[id, [field, value, ...]]` as the frame a subscriber gets.
-fn entry_frame(entry: &Value) -> Option<(EventId, EncodedEvent)> {
+/// `[id, [field, value, ...]]` as the frame a subscriber gets, and whether
+/// it is private (field `p`).
+fn entry_frame(entry: &Value) -> Option<Retained> {
     let [id, fields] = entry.items()? else {
         return None;
     };
     let id_text = id.as_str()?;
     let id: EventId = id_text.parse().ok()?;
-    let (mut frame, mut at) = (None, None);
+    let (mut frame, mut at, mut private) = (None, None, false);
     for pair in fields.items()?.chunks(2) {
         let [name, value] = pair else { break };
         match name.as_bytes()? {
             b"f" => frame = value.as_bytes(),
             b"o" => at = value.as_str().and_then(|s| s.parse::<usize>().ok()),
+            b"p" => private = value.as_bytes() == Some(b"1"),
             _ => {}
         }
     }
@@ -608,7 +612,11 @@ fn entry_frame(entry: &Value) -> Option<(EventId, EncodedEvent)> {
     bytes.extend_from_slice(id_text.as_bytes());
     bytes.push(b'\n');
     bytes.extend_from_slice(&frame[at..]);
-    Some((id, EncodedEvent::from_parts(bytes)))
+    Some(Retained {
+        id,
+        frame: EncodedEvent::from_parts(bytes),
+        private,
+    })
 }
 
 #[cfg(test)]
@@ -626,12 +634,20 @@ mod tests {
                 Value::Bulk(b"9".to_vec()),
             ]),
         ]);
-        let (id, frame) = entry_frame(&entry).unwrap();
-        assert_eq!(id, EventId::new(1_700_000_000_000, 3));
+        let e = entry_frame(&entry).unwrap();
+        assert_eq!(e.id, EventId::new(1_700_000_000_000, 3));
         assert_eq!(
-            frame.as_bytes(),
+            e.frame.as_bytes(),
             b"event: x\nid: 1700000000000-3\ndata: hi\n\n"
         );
+        assert!(!e.private);
+        let Value::Array(mut parts) = entry else {
+            unreachable!()
+        };
+        if let Some(Value::Array(fields)) = parts.get_mut(1) {
+            fields.extend([Value::Bulk(b"p".to_vec()), Value::Bulk(b"1".to_vec())]);
+        }
+        assert!(entry_frame(&Value::Array(parts)).unwrap().private);
         let bad = Value::Array(vec![
             Value::Bulk(b"1-1".to_vec()),
             Value::Array(vec![

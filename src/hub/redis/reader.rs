@@ -9,9 +9,9 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
-use crate::event::EncodedEvent;
+use crate::hub::history::Retained;
 use crate::hub::id::EventId;
-use crate::hub::node::Node;
+use crate::hub::node::{Delivery, Node};
 use crate::hub::redis::pool::{TIMEOUT, lock};
 use crate::hub::redis::resp::{Conn, RespError, Value};
 use crate::hub::redis::{
@@ -192,7 +192,7 @@ fn read_loop(
         };
         // The hub is gone: stop (`None`), like a stop request.
         let node = node.upgrade()?;
-        let mut batch: Vec<(Box<str>, EventId, EncodedEvent)> = Vec::new();
+        let mut batch: Vec<Delivery> = Vec::new();
         let mut read: Vec<(Box<str>, EventId)> = Vec::new();
         let mut trimmed: Vec<Box<str>> = Vec::new();
         let mut bound: Option<EventId> = None;
@@ -231,8 +231,7 @@ fn read_loop(
             let Some(read_to) = entries.last().and_then(entry_id) else {
                 continue;
             };
-            let frames: Vec<(EventId, EncodedEvent)> =
-                entries.iter().filter_map(entry_frame).collect();
+            let frames: Vec<Retained> = entries.iter().filter_map(entry_frame).collect();
             if frames.len() < entries.len() {
                 engine.failed(
                     "reader",
@@ -272,12 +271,17 @@ fn read_loop(
                 trimmed.push(topic);
                 continue;
             }
-            batch.extend(frames.into_iter().map(|(id, f)| (topic.clone(), id, f)));
+            batch.extend(frames.into_iter().map(|e| Delivery {
+                topic: topic.clone(),
+                id: e.id,
+                frame: e.frame,
+                private: e.private,
+            }));
         }
         if let Some(b) = bound {
-            batch.retain(|(_, id, _)| *id <= b);
+            batch.retain(|d| d.id <= b);
         }
-        batch.sort_by_key(|(_, id, _)| *id);
+        batch.sort_by_key(|d| d.id);
         {
             let mut wanted = lock(&engine.wanted);
             for (topic, read_to) in &read {

@@ -10,7 +10,8 @@ use super::resp::{Conn, RespError, Value};
 /// millisecond's next sequence), appends the frame to the topic's stream
 /// with the topic's entry number `n` (1, 2, 3, ...: a reader that sees one
 /// skipped knows Redis trimmed events it had not read) and records the id
-/// as the newest. Atomic, so ids increase across all topics and nodes.
+/// as the newest. Atomic, so ids increase across all topics and nodes. A
+/// private update (`ARGV[4]` = `1`) carries the field `p` = `1`.
 pub(super) const PUBLISH: &str = r"
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -25,7 +26,11 @@ else
   id = string.format('%d-0', ms)
 end
 local n = redis.call('HINCRBY', KEYS[3], KEYS[1], 1)
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], id, 'f', ARGV[2], 'o', ARGV[3], 'n', n)
+if ARGV[4] == '1' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], id, 'f', ARGV[2], 'o', ARGV[3], 'n', n, 'p', '1')
+else
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], id, 'f', ARGV[2], 'o', ARGV[3], 'n', n)
+end
 redis.call('SET', KEYS[2], id)
 return id
 ";

@@ -1,0 +1,62 @@
+//! The machine's Redis (127.0.0.1:6379), for the tests that need one:
+//! whether it answers, and raw commands to set up and clean up keys.
+//! Where it does not answer a test says why and passes, except under
+//! `CI=true`, where it fails: CI must never skip them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use super::netns::in_ci;
+
+/// The machine's Redis.
+pub const REDIS: &str = "127.0.0.1:6379";
+
+/// Skips (after printing why) or, under CI, fails.
+pub fn skip(test: &str, reason: &str) {
+    if in_ci() {
+        panic!("{test}: {reason} (CI=true: the Redis tests must run)");
+    }
+    eprintln!("skipping {test}: {reason}");
+}
+
+/// Whether a Redis answers PING at `addr`.
+pub fn pings(addr: &str) -> bool {
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        return false;
+    };
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("+PONG")
+}
+
+/// The machine's Redis, or `None` after printing why not.
+pub fn redis(test: &str) -> Option<&'static str> {
+    if pings(REDIS) {
+        Some(REDIS)
+    } else {
+        skip(test, &format!("no Redis answers at {REDIS}"));
+        None
+    }
+}
+
+/// Runs one command; the start of its raw reply.
+pub fn command(addr: &str, args: &[&str]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to Redis");
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(cmd.as_bytes()).expect("send to Redis");
+    let mut reply = [0u8; 4096];
+    let n = std::io::Read::read(&mut s, &mut reply).unwrap_or(0);
+    String::from_utf8_lossy(&reply[..n]).into_owned()
+}
