@@ -829,6 +829,10 @@ impl App {
     /// ticket comes with its pass, for the session it starts (opened by
     /// the caller: a frame less under that deep call).
     #[inline(never)]
+    #[expect(
+        clippy::boxed_local,
+        reason = "boxed by `admission` so the handler's frame, under every idle stream, stays narrow"
+    )]
     fn admit_stream(
         &self,
         req: &Request,
@@ -881,6 +885,10 @@ impl App {
     /// `open_stream`.
     #[cold]
     #[inline(never)]
+    #[expect(
+        clippy::boxed_local,
+        reason = "boxed by `admit_stream`, so that no frame on a stream's way in holds a pass"
+    )]
     fn start_session(
         &self,
         req: &Request,
