@@ -133,6 +133,14 @@ pub enum HubError {
         /// The budget, in bytes.
         budget: u64,
     },
+    /// An update with no topic, or more than
+    /// [`MAX_UPDATE_TOPICS`](crate::hub::MAX_UPDATE_TOPICS).
+    TopicCount {
+        /// The topics given.
+        count: usize,
+        /// The most an update may have.
+        max: usize,
+    },
 }
 
 impl fmt::Display for HubError {
@@ -154,6 +162,9 @@ impl fmt::Display for HubError {
                 f,
                 "mailboxes hold the whole retained-memory budget ({budget} bytes)"
             ),
+            HubError::TopicCount { count, max } => {
+                write!(f, "an update has 1 to {max} topics, not {count}")
+            }
         }
     }
 }

@@ -53,13 +53,15 @@ pub(crate) enum Receipt {
 /// Every method gets the hub's [`Node`]: its settings, its subscribers and
 /// its waiting consumers. Names are checked by the hub before any call.
 pub(crate) trait Engine: Send + Sync + UnwindSafe + RefUnwindSafe {
-    /// Keeps `event` on `topic` under the next id and offers it to this
-    /// node's subscribers (at once, or through the engine's reader); a
-    /// `private` one only to those that may receive private updates.
+    /// Keeps `event` on each of `topics` (distinct, at least one) under
+    /// the next id, one event, and offers it to this node's subscribers
+    /// of any of them, once each (at once, or through the engine's
+    /// reader); a `private` one only to those that may receive private
+    /// updates.
     fn publish(
         &self,
         node: &Node,
-        topic: &str,
+        topics: &[&str],
         event: Event,
         private: bool,
     ) -> Result<Published, HubError>;

@@ -106,7 +106,7 @@ impl Engine for Local {
     fn publish(
         &self,
         node: &Node,
-        topic: &str,
+        topics: &[&str],
         event: Event,
         private: bool,
     ) -> Result<Published, HubError> {
@@ -117,20 +117,25 @@ impl Engine for Local {
         node.config.check_frame(frame.as_bytes().len())?;
         // Kept before anyone sees it: an event the store refused reaches no
         // subscriber, and its id is issued again.
-        state
-            .history
-            .append(
-                topic,
-                Retained {
-                    id,
-                    frame: frame.clone(),
-                    private,
-                },
-            )
-            .map_err(HubError::Storage)?;
+        for topic in topics {
+            // (An update of several topics that a store takes for some
+            // of them only is refused, its id issued again: a resume may
+            // then find it under those.)
+            state
+                .history
+                .append(
+                    topic,
+                    Retained {
+                        id,
+                        frame: frame.clone(),
+                        private,
+                    },
+                )
+                .map_err(HubError::Storage)?;
+        }
         state.last_id = id;
         node.note_published();
-        let out = node.fan_out(topic, id, &frame, private);
+        let out = node.fan_out(topics, id, &frame, private);
         let evicted = self.keep_within_budget(node, &mut state);
         drop(state);
         let receivers = out.receivers;

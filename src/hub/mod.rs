@@ -80,6 +80,9 @@ use crate::hub::node::Node;
 use crate::hub::redis::engine::RedisEngine;
 use crate::hub::redis::resp::RedisUrl;
 
+/// Most topics one update may have ([`Hub::publish_update`]).
+pub const MAX_UPDATE_TOPICS: usize = 64;
+
 /// How often expired mailbox messages are swept, at most and at least
 /// (within these, the mailbox TTL).
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -259,11 +262,47 @@ impl Hub {
     }
 
     fn publish_as(&self, topic: &str, event: Event, private: bool) -> Result<Published, HubError> {
-        if !valid_name(topic) {
-            return Err(HubError::InvalidName(topic.to_owned()));
+        self.publish_update(&[topic], event, private)
+    }
+
+    /// Publishes `event` as **one update of several topics**: one id, kept
+    /// in the history of each, delivered once to every subscription of any
+    /// of them (`receivers` counts each once), and replayed once to a
+    /// subscription that resumes on several of them. `private` as
+    /// [`publish_private`](Hub::publish_private). The first topic is the
+    /// update's own (a Mercure update's canonical topic), the others
+    /// alternates; a topic given twice counts once.
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::TopicCount`] for no topic or more than
+    /// [`MAX_UPDATE_TOPICS`], [`HubError::InvalidName`] for a bad topic
+    /// name; otherwise as [`publish`](Hub::publish).
+    pub fn publish_update(
+        &self,
+        topics: &[&str],
+        event: Event,
+        private: bool,
+    ) -> Result<Published, HubError> {
+        if topics.is_empty() || topics.len() > MAX_UPDATE_TOPICS {
+            return Err(HubError::TopicCount {
+                count: topics.len(),
+                max: MAX_UPDATE_TOPICS,
+            });
+        }
+        if let Some(bad) = topics.iter().find(|t| !valid_name(t)) {
+            return Err(HubError::InvalidName((*bad).to_owned()));
         }
         event.validate()?;
-        self.0.engine.publish(&self.0.node, topic, event, private)
+        let mut distinct: Vec<&str> = Vec::with_capacity(topics.len());
+        for t in topics {
+            if !distinct.contains(t) {
+                distinct.push(t);
+            }
+        }
+        self.0
+            .engine
+            .publish(&self.0.node, &distinct, event, private)
     }
 
     /// Subscribes to `topics`, resuming after `last_event_id` if given:

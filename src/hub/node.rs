@@ -10,7 +10,7 @@
 //! one thing it tells one is that a topic has no subscriber left
 //! ([`Follower`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -44,6 +44,9 @@ struct State {
     /// lists of the subscribers' queues.
     subscribers: HashMap<Arc<str>, Vec<SubscriberSlot>>,
     next_subscriber: u64,
+    /// Per subscriber of several topics that was offered an update of
+    /// several topics: the ones it took lately.
+    recent: HashMap<u64, Recent>,
     /// The newest id handed to this node's subscribers (or restored).
     last_id: EventId,
     follower: Option<Arc<dyn Follower>>,
@@ -70,12 +73,49 @@ struct Resume {
     seen: EventId,
 }
 
+/// One update as a fan-out offers it.
+#[derive(Clone, Copy)]
+struct Update<'a> {
+    id: EventId,
+    frame: &'a EncodedEvent,
+    private: bool,
+    /// An update of several topics: offered once per topic.
+    several: bool,
+}
+
+/// Updates of several topics a subscriber of several topics took lately
+/// (the last [`RECENT`]): it takes each once, whichever of its topics
+/// offers it first. With Redis the copies may come apart, in the window
+/// where a topic new to this node joins the reader.
+#[derive(Default)]
+struct Recent {
+    ids: [Option<EventId>; RECENT],
+    next: usize,
+}
+
+/// How many updates of several topics [`Recent`] remembers.
+const RECENT: usize = 8;
+
+impl Recent {
+    /// Whether `id` is new to it (and now remembered).
+    fn first(&mut self, id: EventId) -> bool {
+        if self.ids.contains(&Some(id)) {
+            return false;
+        }
+        self.ids[self.next] = Some(id);
+        self.next = (self.next + 1) % RECENT;
+        true
+    }
+}
+
 /// An event the Redis reader read, for this node's subscribers.
 pub(crate) struct Delivery {
     pub(crate) topic: Box<str>,
     pub(crate) id: EventId,
     pub(crate) frame: EncodedEvent,
     pub(crate) private: bool,
+    /// One of an update's several topics (see [`Recent`]).
+    pub(crate) several: bool,
 }
 
 /// Frames handed out by one fan-out: who took them, who needs waking.
@@ -99,6 +139,7 @@ impl Node {
             state: Mutex::new(State {
                 subscribers: HashMap::new(),
                 next_subscriber: 0,
+                recent: HashMap::new(),
                 last_id,
                 follower,
             }),
@@ -135,16 +176,22 @@ impl Node {
     /// Subscribers of `topic` now that an update would reach: all of them
     /// for a public one, those that may receive private updates for a
     /// `private` one.
-    pub(crate) fn receivers(&self, topic: &str, private: bool) -> usize {
+    /// Subscribers of any of `topics` now that an update would reach, each
+    /// once: all of them for a public one, those that may receive private
+    /// updates for a `private` one.
+    pub(crate) fn receivers(&self, topics: &[&str], private: bool) -> usize {
         let state = self.state();
-        let Some(subs) = state.subscribers.get(topic) else {
-            return 0;
-        };
-        if private {
-            subs.iter().filter(|s| !s.queue.public_only).count()
-        } else {
-            subs.len()
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut n = 0;
+        for topic in topics {
+            for s in state.subscribers.get(*topic).into_iter().flatten() {
+                let once = topics.len() == 1 || s.queue.topics.len() == 1 || seen.insert(s.id);
+                if once && !(private && s.queue.public_only) {
+                    n += 1;
+                }
+            }
         }
+        n
     }
 
     /// Offers `frame` (id `id`) to every subscriber of `topic` (a
@@ -152,14 +199,23 @@ impl Node {
     /// them is left to [`Node::wake`], after the caller's own lock.
     pub(crate) fn fan_out(
         &self,
-        topic: &str,
+        topics: &[&str],
         id: EventId,
         frame: &EncodedEvent,
         private: bool,
     ) -> FanOut {
         let mut out = FanOut::default();
         let mut state = self.state();
-        state.fan_out(topic, id, frame, private, self.config.queue, &mut out);
+        let several = topics.len() > 1;
+        for topic in topics {
+            let update = Update {
+                id,
+                frame,
+                private,
+                several,
+            };
+            state.fan_out(topic, update, self.config.queue, &mut out);
+        }
         state.last_id = state.last_id.max(id);
         out
     }
@@ -172,14 +228,21 @@ impl Node {
         }
     }
 
-    /// Delivers events the Redis reader read, in id order.
+    /// Delivers events the Redis reader read, in id order: an update of
+    /// several topics comes once per topic and reaches each subscriber
+    /// once.
     pub(crate) fn deliver(&self, batch: Vec<Delivery>) {
         let mut out = FanOut::default();
         let mut state = self.state();
         for d in &batch {
-            let (topic, id) = (&d.topic, d.id);
-            state.fan_out(topic, id, &d.frame, d.private, self.config.queue, &mut out);
-            state.last_id = state.last_id.max(id);
+            let update = Update {
+                id: d.id,
+                frame: &d.frame,
+                private: d.private,
+                several: d.several,
+            };
+            state.fan_out(&d.topic, update, self.config.queue, &mut out);
+            state.last_id = state.last_id.max(d.id);
         }
         drop(state);
         drop(batch);
@@ -311,22 +374,32 @@ impl State {
     /// `private` one only to those that may receive private updates; a
     /// subscriber whose queue is full is closed as slow and leaves all its
     /// topics.
-    fn fan_out(
-        &mut self,
-        topic: &str,
-        id: EventId,
-        frame: &EncodedEvent,
-        private: bool,
-        limit: usize,
-        out: &mut FanOut,
-    ) {
+    ///
+    /// An update of several topics comes once per topic: a subscriber of
+    /// several of them takes it the first time only (see [`Recent`]).
+    fn fan_out(&mut self, topic: &str, update: Update<'_>, limit: usize, out: &mut FanOut) {
+        let Update {
+            id,
+            frame,
+            private,
+            several,
+        } = update;
         let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
-        if let Some(subs) = self.subscribers.get_mut(topic) {
+        let State {
+            subscribers,
+            recent,
+            ..
+        } = self;
+        if let Some(subs) = subscribers.get_mut(topic) {
             subs.retain_mut(|s| {
                 if s.resume.as_ref().is_some_and(|r| id <= r.seen)
                     || (private && s.queue.public_only)
                 {
                     return true;
+                }
+                if several && s.queue.topics.len() > 1 && !recent.entry(s.id).or_default().first(id)
+                {
+                    return true; // it has this update already
                 }
                 let pending = s.resume.as_mut().and_then(|r| r.pending.as_mut());
                 let pushed = match pending {
@@ -362,7 +435,7 @@ impl State {
                 }
             });
             if subs.is_empty() {
-                self.subscribers.remove(topic);
+                subscribers.remove(topic);
                 self.forget_topic(topic);
             }
         }
@@ -376,6 +449,7 @@ impl State {
 
     /// Removes subscriber `id` from each of `topics`.
     fn remove_subscriber(&mut self, id: u64, topics: &[Arc<str>]) {
+        self.recent.remove(&id);
         for topic in topics {
             if let Some(subs) = self.subscribers.get_mut(topic) {
                 subs.retain(|s| s.id != id);

@@ -133,6 +133,8 @@ impl Replaying {
             }
         }
         events.sort_unstable_by_key(|e| e.id);
+        // An update of several topics is in the history of each: once here.
+        events.dedup_by_key(|e| e.id);
         if gap {
             let asked = match (asked, self.last) {
                 (Some(asked), _) => asked.to_owned(),

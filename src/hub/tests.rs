@@ -302,3 +302,53 @@ fn a_private_update_reaches_trusted_subscriptions_only_live_and_in_replay() {
     assert_eq!(backlog(&mut trusted), ["public", "secret"]);
     assert_eq!(backlog(&mut public), ["public", "after"]);
 }
+
+#[test]
+fn an_update_of_several_topics_is_one_event_to_every_subscriber() {
+    let hub = Hub::new(10);
+    let a = hub.subscribe(&["a"], None).expect("valid");
+    let b = hub.subscribe(&["b"], None).expect("valid");
+    let ab = hub.subscribe(&["a", "b"], None).expect("valid");
+    let p = hub
+        .publish_update(&["a", "b", "a"], Event::new().data("both"), false)
+        .expect("valid");
+    assert_eq!(p.receivers, 3, "each subscription once");
+    let all = |s: &Subscription| -> Vec<String> {
+        std::iter::from_fn(|| s.try_next())
+            .map(|f| text(&f))
+            .collect()
+    };
+    let frame = format!("id: {}\ndata: both\n\n", p.id);
+    assert_eq!(all(&a), [frame.clone()]);
+    assert_eq!(all(&b), [frame.clone()]);
+    assert_eq!(all(&ab), [frame.clone()]);
+    // Replayed once too, on one topic or both.
+    let later = hub
+        .publish("b", Event::new().data("b only"))
+        .expect("valid");
+    let from = EventId::floor_of(0).to_string();
+    let mut ab = hub.subscribe(&["a", "b"], Some(&from)).expect("valid");
+    let mut a = hub.subscribe(&["a"], Some(&from)).expect("valid");
+    let events = |s: &mut Subscription| -> Vec<String> {
+        let frames = s.take_backlog();
+        frames
+            .iter()
+            .map(text)
+            .filter(|f| !f.starts_with("event: reset"))
+            .collect()
+    };
+    assert_eq!(
+        events(&mut ab),
+        [frame.clone(), format!("id: {}\ndata: b only\n\n", later.id)]
+    );
+    assert_eq!(events(&mut a), [frame]);
+    let none: [&str; 0] = [];
+    assert!(matches!(
+        hub.publish_update(&none, Event::new(), false),
+        Err(HubError::TopicCount { count: 0, .. })
+    ));
+    assert!(matches!(
+        hub.publish_update(&["a", "bad name"], Event::new(), false),
+        Err(HubError::InvalidName(_))
+    ));
+}

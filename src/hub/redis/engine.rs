@@ -131,7 +131,7 @@ impl Engine for RedisEngine {
     fn publish(
         &self,
         node: &Node,
-        topic: &str,
+        topics: &[&str],
         event: Event,
         private: bool,
     ) -> Result<Published, HubError> {
@@ -142,12 +142,12 @@ impl Engine for RedisEngine {
         node.config.check_frame(frame.len() + ID_LINE_MAX)?;
         let id = self
             .redis
-            .publish(topic, &frame, at, private)
+            .publish(topics, &frame, at, private)
             .map_err(HubError::Storage)?;
         node.note_published();
         Ok(Published {
             id,
-            receivers: node.receivers(topic, private),
+            receivers: node.receivers(topics, private),
         })
     }
 

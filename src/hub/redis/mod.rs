@@ -300,23 +300,25 @@ impl Redis {
     }
 
     /// Appends a frame (encoded without its id line, which goes at
-    /// `id_at`) to `topic`, marked `private` or not; returns the id Redis
-    /// gave it.
+    /// `id_at`) to each of `topics`, under one id, marked `private` or
+    /// not; returns the id Redis gave it.
     pub(crate) fn publish(
         &self,
-        topic: &str,
+        topics: &[&str],
         frame: &[u8],
         id_at: usize,
         private: bool,
     ) -> Result<EventId, StorageError> {
-        let key = topic_key(topic);
+        let streams: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t)).collect();
+        let mut keys: Vec<&[u8]> = vec![LAST_KEY.as_bytes(), SEQ_KEY.as_bytes()];
+        keys.extend(streams.iter().map(Vec::as_slice));
         let maxlen = self.history.max(1).to_string();
         let at = id_at.to_string();
         let private: &[u8] = if private { b"1" } else { b"0" };
         let reply = self.with_conn("publish", |c| {
             self.publish.run(
                 c,
-                &[&key, LAST_KEY.as_bytes(), SEQ_KEY.as_bytes()],
+                &keys,
                 &[maxlen.as_bytes(), frame, at.as_bytes(), private],
             )
         })?;
@@ -441,6 +443,7 @@ impl Redis {
             .unwrap_or_default()
             .iter()
             .filter_map(entry_frame)
+            .map(|(retained, _)| retained)
             .collect();
         // Trimmed entries are all older than the first one left: one of
         // them can be newer than `after` only if `after` is below the id
@@ -584,21 +587,23 @@ fn entry_seq(entry: &Value) -> Option<u64> {
         .and_then(|p| p.get(1)?.as_str()?.parse().ok())
 }
 
-/// `[id, [field, value, ...]]` as the frame a subscriber gets, and whether
-/// it is private (field `p`).
-fn entry_frame(entry: &Value) -> Option<Retained> {
+/// `[id, [field, value, ...]]` as the frame a subscriber gets, whether it
+/// is private (field `p`), and whether it is one of an update's several
+/// topics (field `m`).
+fn entry_frame(entry: &Value) -> Option<(Retained, bool)> {
     let [id, fields] = entry.items()? else {
         return None;
     };
     let id_text = id.as_str()?;
     let id: EventId = id_text.parse().ok()?;
-    let (mut frame, mut at, mut private) = (None, None, false);
+    let (mut frame, mut at, mut private, mut several) = (None, None, false, false);
     for pair in fields.items()?.chunks(2) {
         let [name, value] = pair else { break };
         match name.as_bytes()? {
             b"f" => frame = value.as_bytes(),
             b"o" => at = value.as_str().and_then(|s| s.parse::<usize>().ok()),
             b"p" => private = value.as_bytes() == Some(b"1"),
+            b"m" => several = value.as_bytes() == Some(b"1"),
             _ => {}
         }
     }
@@ -612,11 +617,12 @@ fn entry_frame(entry: &Value) -> Option<Retained> {
     bytes.extend_from_slice(id_text.as_bytes());
     bytes.push(b'\n');
     bytes.extend_from_slice(&frame[at..]);
-    Some(Retained {
+    let retained = Retained {
         id,
         frame: EncodedEvent::from_parts(bytes),
         private,
-    })
+    };
+    Some((retained, several))
 }
 
 #[cfg(test)]
@@ -634,7 +640,8 @@ mod tests {
                 Value::Bulk(b"9".to_vec()),
             ]),
         ]);
-        let e = entry_frame(&entry).unwrap();
+        let (e, several) = entry_frame(&entry).unwrap();
+        assert!(!several);
         assert_eq!(e.id, EventId::new(1_700_000_000_000, 3));
         assert_eq!(
             e.frame.as_bytes(),
@@ -647,7 +654,7 @@ mod tests {
         if let Some(Value::Array(fields)) = parts.get_mut(1) {
             fields.extend([Value::Bulk(b"p".to_vec()), Value::Bulk(b"1".to_vec())]);
         }
-        assert!(entry_frame(&Value::Array(parts)).unwrap().private);
+        assert!(entry_frame(&Value::Array(parts)).unwrap().0.private);
         let bad = Value::Array(vec![
             Value::Bulk(b"1-1".to_vec()),
             Value::Array(vec![

@@ -231,7 +231,7 @@ fn read_loop(
             let Some(read_to) = entries.last().and_then(entry_id) else {
                 continue;
             };
-            let frames: Vec<Retained> = entries.iter().filter_map(entry_frame).collect();
+            let frames: Vec<(Retained, bool)> = entries.iter().filter_map(entry_frame).collect();
             if frames.len() < entries.len() {
                 engine.failed(
                     "reader",
@@ -271,11 +271,12 @@ fn read_loop(
                 trimmed.push(topic);
                 continue;
             }
-            batch.extend(frames.into_iter().map(|e| Delivery {
+            batch.extend(frames.into_iter().map(|(e, several)| Delivery {
                 topic: topic.clone(),
                 id: e.id,
                 frame: e.frame,
                 private: e.private,
+                several,
             }));
         }
         if let Some(b) = bound {

@@ -7,15 +7,18 @@ use super::lock;
 use super::resp::{Conn, RespError, Value};
 
 /// Picks the next id (the Redis clock's millisecond, or the same
-/// millisecond's next sequence), appends the frame to the topic's stream
-/// with the topic's entry number `n` (1, 2, 3, ...: a reader that sees one
-/// skipped knows Redis trimmed events it had not read) and records the id
-/// as the newest. Atomic, so ids increase across all topics and nodes. A
-/// private update (`ARGV[4]` = `1`) carries the field `p` = `1`.
+/// millisecond's next sequence), appends the frame to the stream of each
+/// of its topics (`KEYS[3]` on; an update of several topics is one event,
+/// under one id, in each) with that topic's entry number `n` (1, 2, 3,
+/// ...: a reader that sees one skipped knows Redis trimmed events it had
+/// not read) and records the id as the newest (`KEYS[1]`). Atomic, so ids
+/// increase across all topics and nodes. A private update (`ARGV[4]` =
+/// `1`) carries the field `p` = `1`; an update of several topics the field
+/// `m` = `1` (a reader hands it to a subscriber of several once).
 pub(super) const PUBLISH: &str = r"
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local last = redis.call('GET', KEYS[2])
+local last = redis.call('GET', KEYS[1])
 local id
 if last then
   local dash = string.find(last, '-', 1, true)
@@ -25,13 +28,20 @@ if last then
 else
   id = string.format('%d-0', ms)
 end
-local n = redis.call('HINCRBY', KEYS[3], KEYS[1], 1)
-if ARGV[4] == '1' then
-  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], id, 'f', ARGV[2], 'o', ARGV[3], 'n', n, 'p', '1')
-else
-  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], id, 'f', ARGV[2], 'o', ARGV[3], 'n', n)
+for i = 3, #KEYS do
+  local n = redis.call('HINCRBY', KEYS[2], KEYS[i], 1)
+  local fields = {'f', ARGV[2], 'o', ARGV[3], 'n', n}
+  if ARGV[4] == '1' then
+    table.insert(fields, 'p')
+    table.insert(fields, '1')
+  end
+  if #KEYS > 3 then
+    table.insert(fields, 'm')
+    table.insert(fields, '1')
+  end
+  redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, unpack(fields))
 end
-redis.call('SET', KEYS[2], id)
+redis.call('SET', KEYS[1], id)
 return id
 ";
 
