@@ -160,11 +160,14 @@ mod shutdown;
 mod stats;
 mod stream;
 mod time;
+mod wire;
 
 #[cfg(feature = "postgres")]
 pub use bridge::postgres;
 #[cfg(feature = "tiny-http")]
 pub use bridge::tiny_http;
+#[cfg(feature = "tls")]
+pub use wire::certs as tls;
 
 pub use error::{EndReason, Error, EventError, Report, StreamError};
 pub use event::{EncodedEvent, Event};

@@ -1,0 +1,205 @@
+//! A TLS connection's session: rustls's state for one connection, behind
+//! one lock, driven over a socket that may be blocking or not.
+//!
+//! The acceptor drives the handshake and reads the request head on a
+//! non-blocking socket, as it reads a plain head: no thread waits on a
+//! client's handshake. After that whoever writes takes the lock: the
+//! stream's thread (blocking, within its write timeout) or a waker thread
+//! writing for a sleeping subscriber (never waiting: what the socket does
+//! not take stays queued in the session, and goes out before any later
+//! byte).
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustix::net::SendFlags;
+use rustls::{ServerConfig, ServerConnection};
+
+/// One connection's TLS state.
+pub(crate) struct Session {
+    conn: Mutex<ServerConnection>,
+    /// Whether a byte came from the client yet (its first tells a TLS
+    /// hello from a plain HTTP request).
+    heard: AtomicBool,
+}
+
+/// The error [`Session::read_now`] gives for a client that spoke plain
+/// HTTP to a TLS port: it deserves an answer it can read.
+#[derive(Debug)]
+struct PlainHttp;
+
+impl std::fmt::Display for PlainHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a plain HTTP request on a TLS port")
+    }
+}
+
+impl std::error::Error for PlainHttp {}
+
+/// Whether `e` is [`Session::read_now`]'s report of a client that sent a
+/// plain HTTP request instead of a TLS hello.
+pub(crate) fn is_plain_http(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|e| e.is::<PlainHttp>())
+}
+
+/// The first byte of a TLS record carrying a handshake message.
+const HANDSHAKE_RECORD: u8 = 0x16;
+
+impl Session {
+    /// A session for a new connection.
+    ///
+    /// # Errors
+    ///
+    /// rustls's, for a configuration it cannot serve with.
+    pub(crate) fn new(config: &Arc<ServerConfig>) -> Result<Self, rustls::Error> {
+        Ok(Session {
+            conn: Mutex::new(ServerConnection::new(Arc::clone(config))?),
+            heard: AtomicBool::new(false),
+        })
+    }
+
+    /// The session, to write through it. A thread that panicked holding it
+    /// left at worst a record half queued; the connection fails on its
+    /// next write.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ServerConnection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads plaintext (see [`Wire::read_now`](super::Wire::read_now)),
+    /// doing the handshake's reads and writes on the way.
+    pub(crate) fn read_now(&self, tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        let mut c = self.lock();
+        loop {
+            match c.reader().read(buf) {
+                Ok(n) => return Ok(n), // 0: the client said close_notify
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if !self.heard.load(Relaxed) {
+                refuse_plain_http(tcp)?;
+            }
+            let n = c.read_tls(&mut SocketReader(tcp))?;
+            if n == 0 {
+                return Ok(0);
+            }
+            self.heard.store(true, Relaxed);
+            if let Err(e) = c.process_new_packets() {
+                // The alert rustls queued, if the socket takes it.
+                let _ = flush(&mut c, tcp, SendFlags::DONTWAIT);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            flush(&mut c, tcp, SendFlags::DONTWAIT)?;
+        }
+    }
+
+    /// Takes `bytes` into the session and sends what the socket takes now
+    /// (see [`Wire::send_now`](super::Wire::send_now)); `Ok(0)` while
+    /// earlier records still wait.
+    pub(crate) fn send_now(&self, tcp: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+        let mut c = self.lock();
+        if !flush(&mut c, tcp, SendFlags::DONTWAIT)? {
+            return Ok(0);
+        }
+        let n = c.writer().write(bytes)?;
+        flush(&mut c, tcp, SendFlags::DONTWAIT)?;
+        Ok(n)
+    }
+
+    /// Sends the records the session holds, without waiting; true when
+    /// none is left.
+    pub(crate) fn flush_now(&self, tcp: &TcpStream) -> io::Result<bool> {
+        flush(&mut self.lock(), tcp, SendFlags::DONTWAIT)
+    }
+
+    /// Whether records wait to go out.
+    pub(crate) fn has_unsent(&self) -> bool {
+        self.lock().wants_write()
+    }
+
+    /// Queues the `close_notify` alert and sends it if the socket takes it
+    /// now: a clean end that a client can tell from a cut connection.
+    pub(crate) fn close_now(&self, tcp: &TcpStream) {
+        let mut c = self.lock();
+        c.send_close_notify();
+        let _ = flush(&mut c, tcp, SendFlags::DONTWAIT); // closing anyway
+    }
+}
+
+/// Fails with [`PlainHttp`] when what the client sent first is not a TLS
+/// record but looks like the start of an HTTP request line (a method's
+/// capital letter). Looks without taking the byte.
+fn refuse_plain_http(tcp: &TcpStream) -> io::Result<()> {
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first) {
+        Ok(1) if first[0] != HANDSHAKE_RECORD && first[0].is_ascii_uppercase() => {
+            Err(io::Error::new(io::ErrorKind::InvalidData, PlainHttp))
+        }
+        _ => Ok(()), // rustls reads and judges it
+    }
+}
+
+/// Sends queued records until none is left (true) or the socket takes no
+/// more (false; only with `DONTWAIT`, or when a blocking socket's send
+/// timeout passes: then `WouldBlock`).
+///
+/// # Errors
+///
+/// When the client is gone; `WouldBlock` from a blocking socket whose send
+/// timeout passed.
+pub(crate) fn flush(
+    c: &mut ServerConnection,
+    tcp: &TcpStream,
+    flags: SendFlags,
+) -> io::Result<bool> {
+    let mut w = SocketWriter { tcp, flags };
+    while c.wants_write() {
+        match c.write_tls(&mut w) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock && flags.contains(SendFlags::DONTWAIT) =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads a socket for rustls.
+struct SocketReader<'a>(&'a TcpStream);
+
+impl Read for SocketReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+/// Writes records to a socket without raising `SIGPIPE`; with `DONTWAIT`
+/// never waiting (`WouldBlock` when the socket takes nothing), else
+/// within the socket's send timeout.
+pub(crate) struct SocketWriter<'a> {
+    /// The socket.
+    pub tcp: &'a TcpStream,
+    /// `NOSIGNAL` is added.
+    pub flags: SendFlags,
+}
+
+impl Write for SocketWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let flags = self.flags | SendFlags::NOSIGNAL;
+        let mut control = rustix::net::SendAncillaryBuffer::default();
+        rustix::net::sendmsg(self.tcp, bufs, &mut control, flags).map_err(io::Error::from)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
