@@ -254,12 +254,15 @@ impl Deadline {
         armed: &mut Option<Duration>,
     ) -> Result<(), EndReason> {
         let mut c = session.lock();
+        let left = |s: &[IoSlice<'_>]| s.iter().map(|s| s.len()).sum::<usize>();
         loop {
             // Into the session as much as it takes (it bounds what it
             // holds), then out to the socket.
-            while !slices.is_empty() {
+            while left(slices) > 0 {
                 match c.writer().write_vectored(slices) {
-                    Ok(0) => break,
+                    Ok(0) if c.wants_write() => break,
+                    // Full, with nothing to send: cannot happen; never spin.
+                    Ok(0) => return Err(EndReason::Client),
                     Ok(n) => IoSlice::advance_slices(&mut slices, n),
                     Err(_) => return Err(EndReason::Client),
                 }
@@ -280,7 +283,7 @@ impl Deadline {
                     Err(e) => return Err(failure_reason(&e)),
                 }
             }
-            if slices.is_empty() {
+            if left(slices) == 0 {
                 return Ok(());
             }
         }

@@ -9,6 +9,8 @@
 pub mod netns;
 #[cfg(feature = "daemon")]
 pub mod process;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
