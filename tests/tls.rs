@@ -11,6 +11,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -104,6 +105,82 @@ fn events_and_heartbeats_reach_an_https_subscriber_sent_by_the_wakers() {
     assert!(c.read_until("data: after\n", Duration::from_secs(5)));
     assert!(c.text.contains(&big));
     assert!(pong(srv.local_addr(), &pki).contains("\r\n\r\nhttps"));
+}
+
+/// A client that offers `suite` alone.
+fn client_for(pki: &Pki, suite: rustls::SupportedCipherSuite) -> Arc<rustls::ClientConfig> {
+    #[allow(deprecated)]
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![suite];
+    let version = match suite {
+        rustls::SupportedCipherSuite::Tls13(_) => &rustls::version::TLS13,
+        rustls::SupportedCipherSuite::Tls12(_) => &rustls::version::TLS12,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(support::tls::cert_der(&pki.ca()).into()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+#[test]
+fn every_cipher_suite_carries_a_stream_written_by_wakers_and_by_its_thread() {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let pki = Pki::new("tls-suites");
+    let hub = Hub::new(10);
+    let srv = server(&pki, &hub, |b| b.heartbeat(Duration::from_millis(300)));
+    let big = "z".repeat(40 * 1024);
+    for (i, suite) in [
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let topic = format!("s{i}");
+        let mut c = TlsClient::connect(srv.local_addr(), &client_for(&pki, suite)).unwrap();
+        assert_eq!(c.tls.conn.negotiated_cipher_suite(), Some(suite));
+        c.send(&format!(
+            "GET /t/{topic} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
+        ));
+        assert!(
+            c.read_until("\r\n\r\n", Duration::from_secs(5)),
+            "{suite:?}"
+        );
+        assert!(wait_until(Duration::from_secs(5), || hub
+            .subscribers(&topic)
+            == 1));
+        thread::sleep(Duration::from_millis(50));
+        // Many records: a waker's, the thread's (a frame past what a
+        // waker sends, in three records), a waker's again, a heartbeat.
+        for n in 0..30 {
+            hub.publish(&topic, Event::new().data(format!("e{n}")))
+                .unwrap();
+        }
+        hub.publish(&topic, Event::new().data(big.as_str()))
+            .unwrap();
+        hub.publish(&topic, Event::new().data("last")).unwrap();
+        assert!(
+            c.read_until("data: last\n", Duration::from_secs(5)),
+            "{suite:?}"
+        );
+        assert!(
+            c.text.contains("data: e29\n") && c.text.contains(&big),
+            "{suite:?}"
+        );
+        assert!(
+            c.read_until(": keep-alive", Duration::from_secs(3)),
+            "{suite:?}"
+        );
+    }
 }
 
 #[test]
@@ -412,6 +489,11 @@ mod daemon {
         assert_config_refused(
             "[tls]\nacme_domains = [\"example.com\"]\n",
             "tls.acme_domains",
+            "not yet supported",
+        );
+        assert_config_refused(
+            "[tls]\nredirect_http = \"127.0.0.1:80\"\n",
+            "tls.redirect_http",
             "not yet supported",
         );
         assert_config_refused("[tls]\ncertificate = \"x\"\n", "tls.certificate", "unknown");

@@ -832,6 +832,11 @@ impl Acceptor {
         let is_stream = matches!(job, Job::Stream { .. });
         if is_stream {
             detect_dead_peer(conn.tcp(), &self.shared.config.stream);
+            // A stream's client sends nothing more: keep only what sends.
+            #[cfg(feature = "tls")]
+            if let Some(s) = conn.session() {
+                s.seal();
+            }
         }
         // Boxed, so the request stays on the heap and the thread's first
         // frames stay small: see `conn::run`.

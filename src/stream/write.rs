@@ -253,13 +253,14 @@ impl Deadline {
         mut slices: &mut [IoSlice<'_>],
         armed: &mut Option<Duration>,
     ) -> Result<(), EndReason> {
+        use crate::wire::tls::Records;
         let mut c = session.lock();
         let left = |s: &[IoSlice<'_>]| s.iter().map(|s| s.len()).sum::<usize>();
         loop {
             // Into the session as much as it takes (it bounds what it
             // holds), then out to the socket.
             while left(slices) > 0 {
-                match c.writer().write_vectored(slices) {
+                match c.take(slices) {
                     Ok(0) if c.wants_write() => break,
                     // Full, with nothing to send: cannot happen; never spin.
                     Ok(0) => return Err(EndReason::Client),
@@ -273,7 +274,7 @@ impl Deadline {
                     tcp: conn,
                     flags: rustix::net::SendFlags::empty(),
                 };
-                match c.write_tls(&mut socket) {
+                match c.write_to(&mut socket) {
                     Ok(0) => return Err(EndReason::Client),
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

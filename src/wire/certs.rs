@@ -225,10 +225,12 @@ impl Certificates {
     /// The rustls configuration of a listener serving these certificates:
     /// TLS 1.3 and 1.2, on ring.
     pub(crate) fn server_config(&self) -> Result<Arc<ServerConfig>, rustls::Error> {
-        let config = ServerConfig::builder_with_provider(Arc::clone(&self.inner.provider))
+        let mut config = ServerConfig::builder_with_provider(Arc::clone(&self.inner.provider))
             .with_protocol_versions(&[&version::TLS13, &version::TLS12])?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Resolver(Arc::clone(&self.inner))));
+        // A stream keeps its sending keys alone (see `sealed.rs`).
+        config.enable_secret_extraction = true;
         Ok(Arc::new(config))
     }
 }

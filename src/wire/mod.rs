@@ -6,12 +6,15 @@
 //! A plain connection is its socket and nothing else: the TLS state is a
 //! box that plain connections never allocate, so nothing on their path
 //! grows. A TLS connection's bytes go through its session (`tls.rs`):
-//! plaintext in, records out, under one lock held by whoever writes.
+//! plaintext in, records out, under one lock held by whoever writes; a
+//! stream's keeps only its sending keys (`sealed.rs`).
 //! `certs.rs` holds the certificate and key a listener serves, re-read on
 //! demand without dropping a connection.
 
 #[cfg(feature = "tls")]
 pub mod certs;
+#[cfg(feature = "tls")]
+mod sealed;
 #[cfg(feature = "tls")]
 pub(crate) mod tls;
 

@@ -3,11 +3,12 @@
 //!
 //! The acceptor drives the handshake and reads the request head on a
 //! non-blocking socket, as it reads a plain head: no thread waits on a
-//! client's handshake. After that whoever writes takes the lock: the
-//! stream's thread (blocking, within its write timeout) or a waker thread
-//! writing for a sleeping subscriber (never waiting: what the socket does
-//! not take stays queued in the session, and goes out before any later
-//! byte).
+//! client's handshake. A stream's connection is then [sealed](Session::seal):
+//! only its sending side is kept (`sealed.rs`). After that whoever writes
+//! takes the lock: the stream's thread (blocking, within its write
+//! timeout) or a waker thread writing for a sleeping subscriber (never
+//! waiting: what the socket does not take stays queued in the session, and
+//! goes out before any later byte).
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
@@ -17,9 +18,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rustix::net::SendFlags;
 use rustls::{ServerConfig, ServerConnection};
 
+use super::sealed::Sealer;
+
 /// One connection's TLS state.
 pub(crate) struct Session {
-    conn: Mutex<ServerConnection>,
+    conn: Mutex<State>,
     /// Whether a byte came from the client yet (its first tells a TLS
     /// hello from a plain HTTP request).
     heard: AtomicBool,
@@ -55,7 +58,9 @@ impl Session {
     /// rustls's, for a configuration it cannot serve with.
     pub(crate) fn new(config: &Arc<ServerConfig>) -> Result<Self, rustls::Error> {
         Ok(Session {
-            conn: Mutex::new(ServerConnection::new(Arc::clone(config))?),
+            conn: Mutex::new(State::Full(Box::new(ServerConnection::new(Arc::clone(
+                config,
+            ))?))),
             heard: AtomicBool::new(false),
         })
     }
@@ -63,14 +68,40 @@ impl Session {
     /// The session, to write through it. A thread that panicked holding it
     /// left at worst a record half queued; the connection fails on its
     /// next write.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, ServerConnection> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps only the sending side (see `sealed.rs`): for a stream, whose
+    /// client sends nothing more, once its request is in and nothing waits
+    /// to go out. Left whole if rustls cannot give its secrets (or records
+    /// still wait): it keeps working, at its cost in memory.
+    pub(crate) fn seal(&self) {
+        let mut state = self.lock();
+        let full = match &*state {
+            State::Full(c) if !c.is_handshaking() && !c.wants_write() => {
+                std::mem::replace(&mut *state, State::Closed)
+            }
+            _ => return,
+        };
+        let State::Full(c) = full else { return };
+        *state = match Sealer::from_session(*c) {
+            Ok(sealer) => State::Sealed(Box::new(sealer)),
+            Err(e) => {
+                log::warn!("cannot keep a TLS stream's keys alone: {e}; closing it");
+                State::Closed
+            }
+        };
     }
 
     /// Reads plaintext (see [`Wire::read_now`](super::Wire::read_now)),
     /// doing the handshake's reads and writes on the way.
     pub(crate) fn read_now(&self, tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-        let mut c = self.lock();
+        let mut state = self.lock();
+        let State::Full(c) = &mut *state else {
+            // Sealed: a stream's client has nothing more to say.
+            return Err(io::ErrorKind::Unsupported.into());
+        };
         loop {
             match c.reader().read(buf) {
                 Ok(n) => return Ok(n), // 0: the client said close_notify
@@ -87,10 +118,10 @@ impl Session {
             self.heard.store(true, Relaxed);
             if let Err(e) = c.process_new_packets() {
                 // The alert rustls queued, if the socket takes it.
-                let _ = flush(&mut c, tcp, SendFlags::DONTWAIT);
+                let _ = flush(&mut **c, tcp, SendFlags::DONTWAIT);
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
-            flush(&mut c, tcp, SendFlags::DONTWAIT)?;
+            flush(&mut **c, tcp, SendFlags::DONTWAIT)?;
         }
     }
 
@@ -99,18 +130,18 @@ impl Session {
     /// earlier records still wait.
     pub(crate) fn send_now(&self, tcp: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
         let mut c = self.lock();
-        if !flush(&mut c, tcp, SendFlags::DONTWAIT)? {
+        if !flush(&mut *c, tcp, SendFlags::DONTWAIT)? {
             return Ok(0);
         }
-        let n = c.writer().write(bytes)?;
-        flush(&mut c, tcp, SendFlags::DONTWAIT)?;
+        let n = c.take(&[IoSlice::new(bytes)])?;
+        flush(&mut *c, tcp, SendFlags::DONTWAIT)?;
         Ok(n)
     }
 
     /// Sends the records the session holds, without waiting; true when
     /// none is left.
     pub(crate) fn flush_now(&self, tcp: &TcpStream) -> io::Result<bool> {
-        flush(&mut self.lock(), tcp, SendFlags::DONTWAIT)
+        flush(&mut *self.lock(), tcp, SendFlags::DONTWAIT)
     }
 
     /// Whether records wait to go out.
@@ -122,8 +153,8 @@ impl Session {
     /// now: a clean end that a client can tell from a cut connection.
     pub(crate) fn close_now(&self, tcp: &TcpStream) {
         let mut c = self.lock();
-        c.send_close_notify();
-        let _ = flush(&mut c, tcp, SendFlags::DONTWAIT); // closing anyway
+        c.close_notify();
+        let _ = flush(&mut *c, tcp, SendFlags::DONTWAIT); // closing anyway
     }
 }
 
@@ -148,14 +179,10 @@ fn refuse_plain_http(tcp: &TcpStream) -> io::Result<()> {
 ///
 /// When the client is gone; `WouldBlock` from a blocking socket whose send
 /// timeout passed.
-pub(crate) fn flush(
-    c: &mut ServerConnection,
-    tcp: &TcpStream,
-    flags: SendFlags,
-) -> io::Result<bool> {
+pub(crate) fn flush(c: &mut dyn Records, tcp: &TcpStream, flags: SendFlags) -> io::Result<bool> {
     let mut w = SocketWriter { tcp, flags };
     while c.wants_write() {
-        match c.write_tls(&mut w) {
+        match c.write_to(&mut w) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e)
@@ -167,6 +194,92 @@ pub(crate) fn flush(
         }
     }
     Ok(true)
+}
+
+/// A TLS connection's state.
+pub(crate) enum State {
+    /// rustls's whole connection: the handshake, the request, plain
+    /// requests.
+    Full(Box<ServerConnection>),
+    /// A stream's sending side alone.
+    Sealed(Box<Sealer>),
+    /// Nothing more goes out (sealing failed).
+    Closed,
+}
+
+/// Where plaintext becomes records and records go out, whatever holds the
+/// keys.
+pub(crate) trait Records {
+    /// Takes plaintext from the front of `slices`; the bytes taken (0 when
+    /// records wait and no more fit).
+    ///
+    /// # Errors
+    ///
+    /// When nothing more can be sent on this connection.
+    fn take(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Whether records wait to go out.
+    fn wants_write(&self) -> bool;
+    /// Sends waiting records to `w`; the bytes it took.
+    ///
+    /// # Errors
+    ///
+    /// `w`'s.
+    fn write_to(&mut self, w: &mut dyn Write) -> io::Result<usize>;
+    /// Queues the `close_notify` alert.
+    fn close_notify(&mut self);
+}
+
+impl Records for State {
+    fn take(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            State::Full(c) => c.writer().write_vectored(slices),
+            State::Sealed(s) => s.take(slices),
+            State::Closed => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    fn wants_write(&self) -> bool {
+        match self {
+            State::Full(c) => c.wants_write(),
+            State::Sealed(s) => s.wants_write(),
+            State::Closed => false,
+        }
+    }
+
+    fn write_to(&mut self, w: &mut dyn Write) -> io::Result<usize> {
+        match self {
+            State::Full(c) => c.write_tls(w),
+            State::Sealed(s) => s.write_to(w),
+            State::Closed => Ok(0),
+        }
+    }
+
+    fn close_notify(&mut self) {
+        match self {
+            State::Full(c) => c.send_close_notify(),
+            State::Sealed(s) => s.close_notify(),
+            State::Closed => {}
+        }
+    }
+}
+
+impl Records for ServerConnection {
+    fn take(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.writer().write_vectored(slices)
+    }
+
+    fn wants_write(&self) -> bool {
+        let common: &rustls::CommonState = self;
+        common.wants_write()
+    }
+
+    fn write_to(&mut self, w: &mut dyn Write) -> io::Result<usize> {
+        self.write_tls(w)
+    }
+
+    fn close_notify(&mut self) {
+        self.send_close_notify();
+    }
 }
 
 /// Reads a socket for rustls.

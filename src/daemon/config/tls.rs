@@ -7,9 +7,13 @@ use toml::Table;
 use super::{ConfigError, Reader};
 use crate::tls::{Certificates, Which};
 
-/// Keys of the design's `[tls]` table not served yet: refused by name
-/// rather than ignored, so a config that relies on one does not start
-/// serving something else.
+/// The default of `acme_directory` (Let's Encrypt's).
+const ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// Keys of the design's `[tls]` table not served yet (ACME, the http
+/// redirect): accepted at their defaults, as `config.example.toml` lists
+/// them, and refused by name otherwise, so a config that relies on one
+/// does not start serving something else.
 const NOT_YET: [&str; 6] = [
     "acme_domains",
     "acme_email",
@@ -29,6 +33,14 @@ pub(super) fn read(r: &Reader<'_>, t: &Table) -> Result<Option<Certificates>, Co
             "cert" => cert = r.string(&full, v)?,
             "key" => key = r.string(&full, v)?,
             k if NOT_YET.contains(&k) => {
+                let default = match k {
+                    "acme_domains" => r.strings(&full, v)?.is_empty(),
+                    "acme_directory" => r.string(&full, v)? == ACME_DIRECTORY,
+                    _ => r.string(&full, v)?.is_empty(),
+                };
+                if default {
+                    continue;
+                }
                 return Err(r.err(
                     &full,
                     "not yet supported: give a certificate and key with `cert` and `key` \
