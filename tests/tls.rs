@@ -212,17 +212,7 @@ fn a_tls_stream_ends_when_its_client_leaves_or_stops_reading() {
     // Stops reading: the waker's send comes up short, the thread finishes
     // the records within its write timeout and gives up.
     let stalled = subscribe(&srv, &pki, &hub, "stall");
-    let big = "x".repeat(16 * 1024);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let ended = loop {
-        let _ = hub.publish("stall", Event::new().data(big.as_str()));
-        let s = srv.stats().snapshot();
-        let ended = s.disconnects(EndReason::WriteTimeout) + s.disconnects(EndReason::Slow);
-        if ended > 0 || Instant::now() > deadline {
-            break ended;
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
+    let ended = support::publish_until_stalled(&hub, &srv, "stall");
     assert_eq!(
         ended,
         1,

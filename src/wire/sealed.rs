@@ -64,23 +64,14 @@ impl Sealer {
         let secrets = conn.dangerous_extract_secrets()?;
         let (seq, traffic) = secrets.tx;
         let unusable = |_| rustls::Error::General("unusable traffic key".into());
+        let gcm = if tls13 {
+            Format::Tls13
+        } else {
+            Format::Tls12Gcm
+        };
         let (alg, key, iv, format) = match traffic {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-                let format = if tls13 {
-                    Format::Tls13
-                } else {
-                    Format::Tls12Gcm
-                };
-                (&aead::AES_128_GCM, key, iv, format)
-            }
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-                let format = if tls13 {
-                    Format::Tls13
-                } else {
-                    Format::Tls12Gcm
-                };
-                (&aead::AES_256_GCM, key, iv, format)
-            }
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv, gcm),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv, gcm),
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
                 let format = if tls13 {
                     Format::Tls13

@@ -36,75 +36,81 @@ fn openssl(args: &[&str]) {
 impl Pki {
     /// A new CA (P-256) in a directory of its own.
     pub fn new(name: &str) -> Pki {
-        let dir = TempDir::new(name);
-        let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &p("ca.key"),
-            "-out",
-            &p("ca.pem"),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=ssed test CA",
-        ]);
+        let pki = Pki {
+            dir: TempDir::new(name),
+        };
+        let (ca_key, ca) = (pki.file("ca.key"), pki.file("ca.pem"));
+        pki.new_key(
+            &ca_key,
+            &[
+                "-x509",
+                "-out",
+                &ca,
+                "-days",
+                "2",
+                "-subj",
+                "/CN=ssed test CA",
+            ],
+        );
         std::fs::write(
-            p("leaf.ext"),
+            pki.file("leaf.ext"),
             "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
              keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
         )
         .expect("write the extensions");
-        Pki { dir }
+        pki
     }
 
     /// Issues a leaf named `name` (its CN): `name.pem` and `name.key`.
     pub fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
-        let p = |f: &str| self.dir.path().join(f).to_string_lossy().into_owned();
         let (cert, key, csr) = (
-            p(&format!("{name}.pem")),
-            p(&format!("{name}.key")),
-            p(&format!("{name}.csr")),
+            self.file(&format!("{name}.pem")),
+            self.file(&format!("{name}.key")),
+            self.file(&format!("{name}.csr")),
         );
-        openssl(&[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
+        self.new_key(
             &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
+            &["-new", "-out", &csr, "-subj", &format!("/CN={name}")],
+        );
         openssl(&[
             "x509",
             "-req",
             "-in",
             &csr,
             "-CA",
-            &p("ca.pem"),
+            &self.file("ca.pem"),
             "-CAkey",
-            &p("ca.key"),
+            &self.file("ca.key"),
             "-CAcreateserial",
             "-days",
             "2",
             "-extfile",
-            &p("leaf.ext"),
+            &self.file("leaf.ext"),
             "-out",
             &cert,
         ]);
         (cert.into(), key.into())
+    }
+
+    /// `openssl req` making a new P-256 key in `key`, with `rest`.
+    fn new_key(&self, key: &str, rest: &[&str]) {
+        let mut args = vec![
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key,
+        ];
+        args.extend_from_slice(rest);
+        openssl(&args);
+    }
+
+    /// A file of this PKI's directory.
+    fn file(&self, name: &str) -> String {
+        self.dir.path().join(name).to_string_lossy().into_owned()
     }
 
     /// The CA's certificate file.
@@ -190,18 +196,9 @@ impl TlsClient {
     /// `timeout` passes or the connection ends (false).
     pub fn read_until(&mut self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut chunk = [0u8; 16 * 1024];
         while !self.text.contains(needle) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if self.read_more(deadline) != Some(true) {
                 return false;
-            }
-            self.tls.sock.set_read_timeout(Some(left)).expect("timeout");
-            match self.tls.read(&mut chunk) {
-                Ok(0) => return false,
-                Ok(n) => self.text.push_str(&String::from_utf8_lossy(&chunk[..n])),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
             }
         }
         true
@@ -211,26 +208,43 @@ impl TlsClient {
     /// what comes meanwhile into `text`).
     pub fn closed_within(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
+        loop {
+            match self.read_more(deadline) {
+                Some(true) => {}
+                Some(false) => return true,
+                None => return false,
+            }
+        }
+    }
+
+    /// Reads once into `text`, waiting until `deadline` at most: true when
+    /// bytes came, false at the end of the connection (or an error), `None`
+    /// when the deadline passed.
+    fn read_more(&mut self, deadline: Instant) -> Option<bool> {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                return None;
             }
             self.tls.sock.set_read_timeout(Some(left)).expect("timeout");
-            match self.tls.read(&mut chunk) {
-                Ok(0) => return true,
-                Ok(n) => self.text.push_str(&String::from_utf8_lossy(&chunk[..n])),
+            return match self.tls.read(&mut chunk) {
+                Ok(0) => Some(false),
+                Ok(n) => {
+                    self.text.push_str(&String::from_utf8_lossy(&chunk[..n]));
+                    Some(true)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return false;
+                    None
                 }
-                Err(_) => return true,
-            }
+                Err(_) => Some(false),
+            };
         }
     }
 }
@@ -250,16 +264,7 @@ pub fn https(
     body: &str,
 ) -> String {
     let mut c = TlsClient::connect(addr, config).expect("an HTTPS connection");
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for h in extra {
-        req.push_str(h);
-        req.push_str("\r\n");
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
+    let req = super::request_text(method, path, "localhost", extra, body);
     c.send(&req);
     let _ = c.closed_within(READ_TIMEOUT);
     c.text
