@@ -468,7 +468,7 @@ impl Acceptor {
             return;
         };
         #[cfg(feature = "tls")]
-        if p.conn.is_tls() {
+        if p.conn.is_tls() && e.kind() == io::ErrorKind::InvalidData {
             self.shared
                 .stats
                 .counters()

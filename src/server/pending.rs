@@ -237,14 +237,17 @@ impl<W> Table<W> {
         Some(p)
     }
 
-    /// Has the poller report `idx` writable too while `out` (TLS records
-    /// of a handshake wait for room in the socket), or as its phase says.
+    /// Has the poller report `idx` writable, and not readable, while
+    /// `out` (TLS records of a handshake wait for room in the socket: a
+    /// client that sends without reading must not keep the acceptor
+    /// spinning on its readable socket); else as its phase says.
     pub(crate) fn watch_writable(&self, idx: usize, out: bool) {
         let Some(p) = self.get(idx) else { return };
-        let mut flags = p.phase.interest();
-        if out {
-            flags |= epoll::EventFlags::OUT;
-        }
+        let flags = if out {
+            epoll::EventFlags::OUT | epoll::EventFlags::RDHUP
+        } else {
+            p.phase.interest()
+        };
         let data = epoll::EventData::new_u64(idx as u64);
         if let Err(e) = epoll::modify(&self.epoll, p.conn.tcp(), data, flags) {
             log::debug!("cannot rewatch a connection from {}: {e}", p.peer);
