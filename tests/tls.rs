@@ -229,6 +229,104 @@ fn a_tls_stream_ends_when_its_client_leaves_or_stops_reading() {
 }
 
 #[test]
+fn keep_alive_and_pipelined_requests_over_tls_are_all_answered() {
+    let pki = Pki::new("tls-keepalive");
+    let srv = server(&pki, &Hub::new(1), |b| b);
+    let mut c = TlsClient::connect(srv.local_addr(), &pki.client()).unwrap();
+    let get = "GET /scheme HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    // One, then another after the thread handed the connection back.
+    c.send(get);
+    assert!(
+        c.read_until("https\n", Duration::from_secs(5)),
+        "{}",
+        c.text
+    );
+    thread::sleep(Duration::from_millis(100));
+    c.send(get);
+    assert!(wait_until(Duration::from_secs(5), || {
+        c.read_until("never", Duration::from_millis(50)); // reads what came
+        c.text.matches("HTTP/1.1 200").count() == 2
+    }));
+    // A hundred in one write, 24 KiB, to a connection the accept loop
+    // holds: what it does not read at once waits, decrypted, in the
+    // session, where the poller cannot see it.
+    thread::sleep(Duration::from_millis(100));
+    let padded = format!(
+        "GET /scheme HTTP/1.1\r\nHost: localhost\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(200)
+    );
+    c.send(&padded.repeat(100));
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            c.read_until("never", Duration::from_millis(50));
+            c.text.matches("HTTP/1.1 200").count() == 102
+        }),
+        "{} answers",
+        c.text.matches("HTTP/1.1 200").count()
+    );
+}
+
+#[test]
+fn pipelined_requests_whose_answers_wait_on_the_client_are_all_answered() {
+    // Each answer overflows the socket: the thread hands the connection
+    // back with the rest of its answer and the bytes it had read, the
+    // accept loop sends it, then goes on with those bytes, a partial
+    // request, whose rest waits decrypted in the session, where the
+    // poller cannot see it. 80 requests are 28 KiB: the last TLS record
+    // holds more than the accept loop reads for one head, so some of it
+    // is left in the session with nothing more on the socket (without
+    // the loop looking there, this stalls).
+    let pki = Pki::new("tls-pipelined");
+    let (cert, key) = pki.issue("localhost");
+    let body = "b".repeat(100 * 1024);
+    let srv = support::start(
+        Server::builder()
+            .tls(Certificates::from_pem_files(cert, key).unwrap())
+            .get("/big", move |_| ssed::Response::text(200, body.clone())),
+    );
+    let mut c = TlsClient::connect(srv.local_addr(), &pki.client()).unwrap();
+    let req = format!(
+        "GET /big HTTP/1.1\r\nHost: localhost\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(300)
+    );
+    c.send(&req.repeat(80));
+    thread::sleep(Duration::from_millis(200));
+    // Counts the answers' status lines as the 6 MB stream by, keeping only
+    // a tail that may hold the start of the next one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut answers, mut tail) = (0, String::new());
+    let mut chunk = [0u8; 64 * 1024];
+    while answers < 80 && Instant::now() < deadline {
+        let n = c.tls.read(&mut chunk).expect("the answers keep coming");
+        assert!(n > 0, "closed after {answers} answers");
+        tail.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        answers += tail.matches("HTTP/1.1 200").count();
+        let keep = tail.len().saturating_sub(11);
+        tail = tail.split_off(
+            tail.rfind("HTTP/1.1 200")
+                .map_or(keep, |i| (i + 12).max(keep)),
+        );
+    }
+    assert_eq!(answers, 80);
+}
+
+#[test]
+fn a_tls_hello_to_a_plain_port_is_refused_and_the_server_keeps_serving() {
+    let pki = Pki::new("tls-hello-plain");
+    let srv = support::start(Server::builder().get("/ping", |_| ssed::Response::text(200, "pong")));
+    let (_, hello) = client_hello(&pki);
+    let mut c = TcpStream::connect(srv.local_addr()).unwrap();
+    c.write_all(&hello).unwrap();
+    let got = read_to_close(&c, Instant::now() + Duration::from_secs(5)).expect("closed");
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 400"));
+    let (head, body) = support::request(
+        srv.local_addr(),
+        "GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((head.status, body.as_str()), (200, "pong\n"));
+}
+
+#[test]
 fn plain_http_to_the_tls_port_is_told_to_use_https() {
     let pki = Pki::new("tls-plain");
     let srv = server(&pki, &Hub::new(1), |b| b);
