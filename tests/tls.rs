@@ -184,6 +184,43 @@ fn every_cipher_suite_carries_a_stream_written_by_wakers_and_by_its_thread() {
 }
 
 #[test]
+fn records_a_waker_could_not_send_go_out_without_another_event() {
+    let pki = Pki::new("tls-carry");
+    let hub = Hub::new(10);
+    // Small socket buffers at both ends: one event a waker sends does not
+    // fit, its last records wait in the session, and the stream's thread
+    // must send them by itself: no event comes after it.
+    let srv = server(&pki, &hub, |b| b.send_buffer(4096));
+    let fd = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .unwrap();
+    rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 4096).unwrap();
+    rustix::net::connect(&fd, &srv.local_addr()).unwrap();
+    let tcp = TcpStream::from(fd);
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let conn = ClientConnection::new(pki.client(), localhost()).unwrap();
+    let mut c = TlsClient::over(tcp, conn).unwrap();
+    c.send("GET /t/one HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n");
+    assert!(c.read_until("\r\n\r\n", Duration::from_secs(5)));
+    assert!(wait_until(Duration::from_secs(5), || hub
+        .subscribers("one")
+        == 1));
+    thread::sleep(Duration::from_millis(100));
+    let big = "c".repeat(15 * 1024);
+    hub.publish("one", Event::new().data(big.as_str())).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        c.read_until(&format!("data: {big}\n"), Duration::from_secs(3)),
+        "the whole event arrives: {} bytes",
+        c.text.len()
+    );
+    assert_eq!(srv.stats().snapshot().streams_open, 1);
+}
+
+#[test]
 fn a_request_over_tls_is_https() {
     let pki = Pki::new("tls-scheme");
     let srv = server(&pki, &Hub::new(1), |b| b);
