@@ -574,10 +574,12 @@ impl App {
         if direct && local_host(req.header("host"), &self.config.allowed_hosts) {
             // A page of another origin in a browser here is not this
             // machine either, unless cors_origins names it: `*` lets any
-            // page subscribe, not publish with this machine's right.
+            // page subscribe, not publish with this machine's right. (A
+            // direct request's scheme is its connection's: https over
+            // ssed's TLS.)
             return match req.header("origin") {
                 Some(origin)
-                    if !same_origin(origin, req.header("host"), SCHEME)
+                    if !same_origin(origin, req.header("host"), req.scheme())
                         && !self.cors_lists(origin) =>
                 {
                     Err(Response::text(
@@ -1433,11 +1435,6 @@ fn bad_name(what: &str, name: &str) -> Response {
         format!("invalid {what} name {shown:?}: use 1 to 200 characters of A-Z a-z 0-9 _ . : -"),
     )
 }
-
-/// The scheme a direct connection reaches this daemon with: it has no TLS
-/// of its own yet (behind a TLS proxy, [`Request::scheme`] says what the
-/// proxy heard, when it is trusted).
-const SCHEME: &str = "http";
 
 /// Splits `host[:port]` (a `Host` value, an origin's authority) into its
 /// host, lowercase (an IPv6 literal keeps its brackets), and its port,
