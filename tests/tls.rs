@@ -221,6 +221,28 @@ fn records_a_waker_could_not_send_go_out_without_another_event() {
 }
 
 #[test]
+fn a_finished_tls_stream_ends_with_close_notify() {
+    let pki = Pki::new("tls-close");
+    let (cert, key) = pki.issue("localhost");
+    let srv = support::start(
+        Server::builder()
+            .tls(Certificates::from_pem_files(cert, key).unwrap())
+            .route("/once", |_req, stream| stream.send("only", &1)),
+    );
+    let mut c = TlsClient::connect(srv.local_addr(), &pki.client()).unwrap();
+    c.send("GET /once HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n");
+    let mut all = Vec::new();
+    // rustls's client reads a clean end (close_notify) as Ok(0), a cut
+    // one as an error.
+    c.tls.read_to_end(&mut all).expect("a clean end");
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        text.contains("event: only") && text.ends_with("0\r\n\r\n"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_request_over_tls_is_https() {
     let pki = Pki::new("tls-scheme");
     let srv = server(&pki, &Hub::new(1), |b| b);

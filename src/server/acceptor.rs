@@ -897,10 +897,7 @@ impl Acceptor {
     /// Half-closes `p` and drains it until the client closes, for at most
     /// [`LINGER`]; with the table full, closes it now.
     fn linger(&mut self, p: Conn) {
-        #[cfg(feature = "tls")]
-        if let Some(s) = p.conn.session() {
-            s.close_now(p.conn.tcp());
-        }
+        p.conn.close_notify();
         let _ = p.conn.tcp().shutdown(Shutdown::Write); // the peer may be gone already
         if self.table.live() >= self.shared.config.max_pending {
             return; // no room: close now

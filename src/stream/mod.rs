@@ -1077,6 +1077,10 @@ impl Stream {
                 self.state = State::Finished;
             }
         }
+        // Over TLS, a clean end says so (a cut one must not look clean).
+        if let (Outcome::Finished | Outcome::Shutdown, Sink::Socket(w)) = (outcome, &self.sink) {
+            w.close_notify();
+        }
     }
 
     pub(crate) fn ended(&self) -> Option<EndReason> {

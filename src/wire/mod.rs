@@ -136,6 +136,15 @@ impl Wire {
         Ok(true)
     }
 
+    /// Over TLS, sends the `close_notify` alert if the socket takes it now
+    /// (the connection closes next); nothing in plain text.
+    pub(crate) fn close_notify(&self) {
+        #[cfg(feature = "tls")]
+        if let Some(s) = &self.tls {
+            s.close_now(&self.tcp);
+        }
+    }
+
     /// Whether bytes already given to this connection wait to go out
     /// (TLS records the socket did not take).
     pub(crate) fn has_unsent(&self) -> bool {
