@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds ssed as one fully static binary and checks it stands on its own:
-# no dynamic dependencies (ldd), at most 4 MiB, it starts, and it answers
+# no dynamic dependencies (ldd), at most 4.5 MiB (the budget with TLS in:
+# issue 14), it starts, and it answers
 # /healthz.
 #
 #     bash scripts/build-static.sh        # -> target/static/ssed
@@ -62,7 +63,7 @@ case "$deps" in
 esac
 size=$(stat -c %s "$bin")
 say "size: $size bytes ($((size / 1024)) KiB)"
-if (( size > 4 * 1024 * 1024 )); then say "larger than 4 MiB"; exit 1; fi
+if (( size > 9 * 512 * 1024 )); then say "larger than 4.5 MiB"; exit 1; fi
 
 # Start it on a free port (from its log line), ask /healthz, stop it.
 log=$(mktemp)

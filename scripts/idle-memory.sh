@@ -16,6 +16,11 @@
 #     --bearer TOKEN the subscribers' Bearer token (a JWT, say, with
 #                    --set '[auth]' --set 'jwt_secret = "..."'); the server
 #                    does not see it as its own subscribe token
+#     --https        serve HTTPS (a throwaway certificate made with openssl)
+#                    and hold the streams with scripts/tls-hold.py (python3's
+#                    ssl: `ssed loadtest` opens http:// only so far); the
+#                    machine-wide figures then include that client's TLS
+#                    state too: compare the server's own RSS line
 #     --drop-caches  as root: write back and drop the page cache first
 #                    (sync; echo 3 > /proc/sys/vm/drop_caches), so it cannot
 #                    shrink under the measurement and pass for free memory
@@ -35,6 +40,7 @@ streams=10000
 extra=()
 drop_caches=0
 bearer=""
+https=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --server) bin=$2; shift 2 ;;
@@ -42,6 +48,7 @@ while [[ $# -gt 0 ]]; do
     --set) extra+=("$2"); shift 2 ;;
     --drop-caches) drop_caches=1; shift ;;
     --bearer) bearer=$2; shift 2 ;;
+    --https) https=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "idle-memory: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
@@ -66,6 +73,16 @@ trap cleanup EXIT
   [[ -n ${set_keys["max_execution_time "]:-} ]] || printf 'max_execution_time = "0"\n'
   for line in "${extra[@]}"; do printf '%s\n' "$line"; done
 } >"$work/ssed.toml"
+if (( https )); then
+  # A CA and a leaf for localhost, P-256 as most certificates are now.
+  ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+  openssl req -x509 "${ec[@]}" -keyout "$work/ca.key" -out "$work/ca.pem" -days 1 -subj /CN=idle-memory-ca 2>/dev/null
+  openssl req -new "${ec[@]}" -keyout "$work/key.pem" -out "$work/leaf.csr" -subj /CN=localhost 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$work/leaf.ext"
+  openssl x509 -req -in "$work/leaf.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+    -days 1 -extfile "$work/leaf.ext" -out "$work/cert.pem" 2>/dev/null
+  printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$work/cert.pem" "$work/key.pem" >>"$work/ssed.toml"
+fi
 env -u SSED_SUBSCRIBE_TOKEN RUST_LOG=info "$bin" --config "$work/ssed.toml" --listen 127.0.0.1:0 2>"$work/server.log" &
 server=$!
 addr=$(listening_addr idle-memory "$work/server.log")
@@ -76,6 +93,11 @@ status() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$server/status"; }
 # The server's open streams, from /healthz (bash's /dev/tcp: no curl needed).
 streams_open() {
   local host=${addr%:*} port=${addr##*:} reply
+  if (( https )); then
+    curl -s --max-time 5 --cacert "$work/ca.pem" --resolve "localhost:$port:$host" \
+      "https://localhost:$port/healthz" | sed -n 's/.*"streams_open":\([0-9]*\).*/\1/p' | head -1
+    return
+  fi
   exec 3<>"/dev/tcp/$host/$port" || { echo 0; return; }
   printf 'GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n' >&3
   reply=$(cat <&3)
@@ -102,8 +124,13 @@ rss0=$(status VmRSS); threads0=$(status Threads); maps0=$(wc -l <"/proc/$server/
 
 ramp=5000
 hold=$((streams / ramp + 10))
-SSED_SUBSCRIBE_TOKEN=$bearer "$bin" loadtest --url "http://$addr/events/idle" --connections "$streams" --ramp "$ramp/s" \
-  --duration "${hold}s" --json >"$work/loadtest.json" 2>"$work/loadtest.log" &
+if (( https )); then
+  python3 scripts/tls-hold.py "$addr" /events/idle "$streams" "$hold" "$work/ca.pem" "$bearer" \
+    >"$work/loadtest.json" 2>"$work/loadtest.log" &
+else
+  SSED_SUBSCRIBE_TOKEN=$bearer "$bin" loadtest --url "http://$addr/events/idle" --connections "$streams" --ramp "$ramp/s" \
+    --duration "${hold}s" --json >"$work/loadtest.json" 2>"$work/loadtest.log" &
+fi
 tester=$!
 # Wait until every stream is held, then settle.
 deadline=$((SECONDS + hold - 3))

@@ -99,6 +99,7 @@
 //! | layer | where | what |
 //! | --- | --- | --- |
 //! | errors, events | `error.rs`, `event.rs`, `digits.rs`, `time.rs`, `stats.rs`, `shutdown.rs` | [`Error`], [`StreamError`], [`Event`] and its encoding, counters, the shutdown handle |
+//! | transport | `wire/` | a connection's bytes, plain or TLS (`tls.rs` the session, `sealed.rs` a stream's sending keys, `certs.rs` the reloadable certificate) |
 //! | HTTP | `http/` | request heads and bodies (with their limits), responses, chunked framing, forwarded headers (`forwarded.rs`: the client behind a trusted proxy) |
 //! | streams | `stream/` | [`Stream`]: sending, waiting, the budget; `write.rs` is the write path (vectored, with a deadline), `registry.rs` the open streams shutdown reaches |
 //! | server | `server/` | [`Server`] and [`ServerBuilder`]; `acceptor.rs` is the main loop (one thread, epoll: heads, bodies, answers without a thread), `conn.rs` a connection's thread, `pending.rs` what waits in the acceptor, `route.rs`, `limits/` (the cap, cgroups, the memory guard, streams per client, publish rate) |
@@ -118,6 +119,9 @@
 //!   in an embedded SQLite database so they survive restarts.
 //! - `postgres` (part of `daemon`): `ssed::postgres`, a listener that
 //!   publishes PostgreSQL `NOTIFY` payloads into a [`Hub`]'s topics.
+//! - `tls` (part of `daemon`): HTTPS on the listener,
+//!   [`ServerBuilder::tls`] with [`tls::Certificates`] (rustls on ring),
+//!   reloadable without dropping a connection.
 //! - `fuzzing`: internals for the fuzz targets in `fuzz/`; not a stable API.
 //!
 //! Always there, with no dependency: [`Hub::with_redis`] (see [`hub::redis`]),
@@ -160,11 +164,14 @@ mod shutdown;
 mod stats;
 mod stream;
 mod time;
+mod wire;
 
 #[cfg(feature = "postgres")]
 pub use bridge::postgres;
 #[cfg(feature = "tiny-http")]
 pub use bridge::tiny_http;
+#[cfg(feature = "tls")]
+pub use wire::certs as tls;
 
 pub use error::{EndReason, Error, EventError, Report, StreamError};
 pub use event::{EncodedEvent, Event};

@@ -42,15 +42,54 @@ fn demo_page_publishes_and_lists_the_event() {
     };
     let daemon = Daemon::start();
     let url = format!("http://{}/", daemon.addr);
-    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-demo.png");
+    demo(&chromium, &daemon, &url, "browser-demo.png", "");
+}
+
+/// The same over HTTPS: the page, its `EventSource` and its publish, with
+/// ssed terminating TLS; Chromium trusts the test's certificate alone (by
+/// its key's hash).
+#[test]
+fn demo_page_works_over_https() {
+    let Some(chromium) = prerequisites() else {
+        return;
+    };
+    let pki = support::tls::Pki::new("browser-tls");
+    let (cert, key) = pki.issue("localhost");
+    let dir = TempDir::new("browser-tls-config");
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let (proc, addr) = spawn_config(&dir, &toml);
+    let daemon = Daemon { proc, addr };
+    let url = format!("https://localhost:{}/", addr.port());
+    let spki = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform der \
+             | openssl dgst -sha256 -binary | base64",
+            cert.display()
+        ))
+        .output()
+        .expect("openssl");
+    let spki = String::from_utf8(spki.stdout).expect("base64");
+    let args = format!("--ignore-certificate-errors-spki-list={}", spki.trim());
+    demo(&chromium, &daemon, &url, "browser-demo-https.png", &args);
+}
+
+/// Runs `tests/browser/demo.mjs` on `url` and asserts it passed.
+fn demo(chromium: &Path, daemon: &Daemon, url: &str, shot: &str, chromium_args: &str) {
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join(shot);
     let _ = std::fs::remove_file(&screenshot);
 
     let mut node = Command::new("node");
     node.current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("tests/browser/demo.mjs")
-        .arg(&url)
+        .arg(url)
         .arg(&screenshot)
-        .env("CHROMIUM", &chromium)
+        .env("CHROMIUM", chromium)
+        .env("CHROMIUM_EXTRA_ARGS", chromium_args)
         .stdin(Stdio::null());
     let out = run_with_timeout(node, BROWSER);
     eprintln!("--- demo.mjs output ---\n{}", out.text);

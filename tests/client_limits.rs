@@ -36,16 +36,7 @@ fn post_from(
     body: &str,
 ) -> (Head, String) {
     let mut c = Client::from_conn(connect_from(from, server));
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for h in extra {
-        req.push_str(h);
-        req.push_str("\r\n");
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
+    let req = support::request_text("POST", path, "127.0.0.1", extra, body);
     c.send(req.as_bytes());
     c.response()
 }

@@ -168,17 +168,7 @@ fn a_client_that_stops_reading_ends_with_a_write_timeout_after_all_it_read() {
     let c = subscribe(&srv, &hub, "stall", 1);
     // Never read: kernel buffers fill, the waker's send comes up short,
     // the thread finishes the frame with its write timeout and gives up.
-    let big = "x".repeat(16 * 1024);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let ended = loop {
-        let _ = hub.publish("stall", Event::new().data(big.as_str()));
-        let s = srv.stats().snapshot();
-        let ended = s.disconnects(EndReason::WriteTimeout) + s.disconnects(EndReason::Slow);
-        if ended > 0 || Instant::now() > deadline {
-            break ended;
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
+    let ended = support::publish_until_stalled(&hub, &srv, "stall");
     assert_eq!(ended, 1, "the stalled stream ends");
     assert!(wait_until(Duration::from_secs(2), || hub
         .subscribers("stall")

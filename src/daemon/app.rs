@@ -120,6 +120,9 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
     if let Some(n) = c.max_connections {
         builder = builder.max_connections(n);
     }
+    if let Some(certs) = &c.tls {
+        builder = builder.tls(certs.clone());
+    }
     if c.overload == OverloadMode::Retry {
         builder = builder.overload(Overload::Retry {
             min: c.overload_retry.0,

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+mod tls;
+
 use super::jwt::{Alg, JwtVerifier, PublicKey};
 use crate::{IpNet, IpNetError, Rate, RateError};
 
@@ -153,6 +155,8 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// `[[postgres]]` tables.
     pub postgres: Vec<PostgresConfig>,
+    /// `[tls] cert` and `key`, read: `listen` serves HTTPS only.
+    pub tls: Option<crate::tls::Certificates>,
 }
 
 impl fmt::Debug for Config {
@@ -195,6 +199,7 @@ impl fmt::Debug for Config {
             .field("jwt_cookie", &self.jwt_cookie)
             .field("redis_url", &self.redis_url)
             .field("postgres", &self.postgres)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -234,6 +239,7 @@ impl Default for Config {
             jwt_cookie: DEFAULT_JWT_COOKIE.into(),
             redis_url: None,
             postgres: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -513,6 +519,7 @@ impl Config {
                     c.check_jwt(false)
                         .map_err(|(key, m)| ConfigError::key(path, key, m))?;
                 }
+                "tls" => c.tls = tls::read(&r, r.table(key, value)?)?,
                 "redis" => {
                     let t = r.table(key, value)?;
                     for (k, v) in t {

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod config;
 mod error;
 pub mod jwt;
+pub mod reload;
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), as the daemon's `event: ping` says
 /// the time; for the binary's load tester too.

@@ -140,11 +140,17 @@ impl Request {
         self.origin.client
     }
 
-    /// `"https"` when a trusted proxy says the client reached it over
-    /// HTTPS (`Forwarded: proto=https`, `X-Forwarded-Proto: https`), else
-    /// `"http"`.
+    /// `"https"` when the request came over TLS, or a trusted proxy says
+    /// the client reached it over HTTPS (`Forwarded: proto=https`,
+    /// `X-Forwarded-Proto: https`), else `"http"`.
     pub fn scheme(&self) -> &'static str {
         if self.origin.https { "https" } else { "http" }
+    }
+
+    /// Records that the request came over TLS.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn set_https(&mut self) {
+        self.origin.https = true;
     }
 
     /// Sets what the trusted proxies said of the client.

@@ -16,18 +16,17 @@
 //!   [`Direct`]), which spares the futex wake and both context switches.
 
 use std::collections::VecDeque;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use rustix::net::SendFlags;
 
 use crate::event::EncodedEvent;
 use crate::http::chunked::frame_into;
 use crate::stats::Stats;
+use crate::wire::Wire;
 
 /// Subscribers woken inline by the publisher; more go to the waker threads.
 const INLINE_WAKES: usize = 8;
@@ -89,7 +88,9 @@ pub(crate) struct SubscriberQueue {
 /// its write timeout, so slow and vanished clients end exactly as before.
 #[derive(Debug)]
 pub(crate) struct Direct {
-    conn: Arc<TcpStream>,
+    /// Plain or TLS: over TLS the waker encrypts, under the session's lock
+    /// (taken inside this struct's `writer`, as the stream's thread does).
+    conn: Arc<Wire>,
     chunked: bool,
     stats: Stats,
     /// Held by whoever writes to the socket (the subscriber's thread or a
@@ -219,7 +220,7 @@ impl SubscriberQueue {
     /// thread, which is the one a waker wakes when it cannot send.
     pub(crate) fn enable_direct(
         &self,
-        conn: Arc<TcpStream>,
+        conn: Arc<Wire>,
         chunked: bool,
         stats: Stats,
         opening: Vec<u8>,
@@ -292,7 +293,9 @@ impl SubscriberQueue {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return false,
         };
-        if !w.enabled || !w.carry.is_empty() || self.is_closed() {
+        // Records a send left in a TLS session count as carry: the
+        // subscriber's thread sends them with its write timeout.
+        if !w.enabled || !w.carry.is_empty() || d.conn.has_unsent() || self.is_closed() {
             return false;
         }
         let Scratch { frames, buf } = scratch;
@@ -313,12 +316,14 @@ impl SubscriberQueue {
                 for f in frames.iter() {
                     frame_into(buf, f.as_bytes(), d.chunked);
                 }
-                let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
-                let sent = rustix::net::send(&*d.conn, buf, flags).unwrap_or(0);
+                let sent = d.conn.send_now(buf).unwrap_or(0);
                 d.stats.sent(frames.len() as u64 + staged, sent as u64);
                 if sent < buf.len() {
                     w.carry.extend_from_slice(&buf[sent..]);
                     return false;
+                }
+                if d.conn.has_unsent() {
+                    return false; // as carry, above
                 }
                 let ns = u64::try_from(d.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 d.sent_at.store(ns.max(1), Ordering::SeqCst);

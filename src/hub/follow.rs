@@ -66,7 +66,7 @@ impl Stream {
         let result = self.follow_queue(&sub.shared.node, &queue);
         // From here on only this thread writes (the final frame, the close).
         let carry = queue.disable_direct();
-        if !carry.is_empty() {
+        if !carry.is_empty() || self.has_unsent() {
             // A waker began a frame after the last look, or was never given
             // the chance to send what was staged: finish it, or cut the
             // connection without another byte.
@@ -182,7 +182,7 @@ impl Stream {
         batch: &mut Vec<EncodedEvent>,
     ) -> Result<bool, StreamError> {
         if let Some(w) = writer.as_deref_mut()
-            && !w.carry.is_empty()
+            && (!w.carry.is_empty() || self.has_unsent())
         {
             // The rest of a frame a waker began: it goes out first, even
             // when the stream is ending, or the frame would be cut.

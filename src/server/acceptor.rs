@@ -20,7 +20,7 @@
 //! backoff, during which the oldest waiting connection may be cut to free a
 //! descriptor.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -35,10 +35,11 @@ use crate::http::body::{self, BodyDecoder, BodyError, Feed};
 use crate::http::head::{self, MAX_HEAD, Parse};
 use crate::http::{Request, Response};
 use crate::server::conn::{self, Job};
-use crate::server::pending::{Flush, Outgoing, Pending, Phase, Returned, Table, Waiting, send_now};
+use crate::server::pending::{Flush, Outgoing, Pending, Phase, Returned, Table, Waiting};
 use crate::server::route::{Handler, Match, PlainFn};
 use crate::server::{Overload, Shared};
 use crate::stream::registry::STREAM_TAG;
+use crate::wire::Wire;
 
 const LISTENER: u64 = u64::MAX;
 const WAKER: u64 = u64::MAX - 1;
@@ -185,7 +186,9 @@ impl Acceptor {
                 Ok((conn, peer)) => {
                     self.backoff.reset();
                     self.limit_send_buffer(&conn);
-                    self.admit(conn, peer, Vec::new(), false);
+                    if let Some(wire) = self.wire(conn, peer) {
+                        self.admit(wire, peer, Vec::new(), false);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
@@ -285,16 +288,35 @@ impl Acceptor {
         }
     }
 
+    /// A new connection's transport: a TLS session when the server speaks
+    /// TLS (the handshake is driven as its head is read, see
+    /// [`on_readable`](Acceptor::on_readable)); `None` if rustls refuses
+    /// to start one (the connection closes).
+    fn wire(&self, conn: TcpStream, peer: SocketAddr) -> Option<Wire> {
+        #[cfg(feature = "tls")]
+        if let Some(config) = &self.shared.tls {
+            return match crate::wire::tls::Session::new(config) {
+                Ok(session) => Some(Wire::tls(conn, session)),
+                Err(e) => {
+                    log::warn!("cannot start a TLS session for {peer}: {e}");
+                    None
+                }
+            };
+        }
+        let _ = peer;
+        Some(Wire::plain(conn))
+    }
+
     /// Takes a connection in, fresh or back from a thread (`idle`):
     /// registers it (cutting the waiting connection nearest its deadline
     /// when the table is full) and goes on with what it already sent.
-    fn admit(&mut self, conn: TcpStream, peer: SocketAddr, buf: Vec<u8>, idle: bool) {
+    fn admit(&mut self, conn: Wire, peer: SocketAddr, buf: Vec<u8>, idle: bool) {
         self.make_room();
-        if conn.set_nonblocking(true).is_err() {
+        if conn.tcp().set_nonblocking(true).is_err() {
             return;
         }
         // Frames are small and latency matters more than packet count.
-        let _ = conn.set_nodelay(true); // an optimisation only
+        let _ = conn.tcp().set_nodelay(true); // an optimisation only
         let now = Instant::now();
         let config = &self.shared.config;
         let (phase, timeout) = if idle && buf.is_empty() {
@@ -309,12 +331,16 @@ impl Acceptor {
             started: now,
             phase,
         };
-        // A returned keep-alive connection may already hold the next head.
+        // A returned keep-alive connection may already hold the next head
+        // (or its TLS session the plaintext of one, which the poller
+        // cannot tell).
         let has_bytes = matches!(&p.phase, Phase::Head(buf) if !buf.is_empty());
-        if let Some(idx) = self.table.insert(p)
-            && has_bytes
-        {
-            self.try_head(idx);
+        let tls = p.conn.is_tls() && idle;
+        if let Some(idx) = self.table.insert(p) {
+            let waiting = !has_bytes || self.try_head(idx);
+            if waiting && tls {
+                self.on_readable(idx);
+            }
         }
     }
 
@@ -345,10 +371,31 @@ impl Acceptor {
     // ----- reading heads and bodies ----------------------------------------------
 
     fn on_ready(&mut self, idx: usize) {
-        match self.table.get(idx).map(|p| &p.phase) {
-            Some(Phase::Write(_)) => self.on_writable(idx),
+        match self.table.get(idx) {
+            Some(Pending {
+                phase: Phase::Write(_),
+                ..
+            }) => self.on_writable(idx),
+            Some(p) if p.conn.has_unsent() => self.on_handshake_writable(idx),
             Some(_) => self.on_readable(idx),
             None => {}
+        }
+    }
+
+    /// Sends the TLS records a handshake queued and the socket did not
+    /// take at once; then reading goes on.
+    #[cold]
+    fn on_handshake_writable(&mut self, idx: usize) {
+        let Some(p) = self.table.get(idx) else { return };
+        match p.conn.flush_now() {
+            Ok(true) => {
+                self.table.watch_writable(idx, false);
+                self.on_readable(idx);
+            }
+            Ok(false) => {}
+            Err(_) => {
+                self.table.remove(idx);
+            }
         }
     }
 
@@ -366,16 +413,22 @@ impl Acceptor {
                 Phase::Write(_) => return, // not read until the response is out
                 Phase::Body(_) | Phase::Linger(_) => READ_CHUNK,
             };
-            let n = match (&p.conn).read(&mut scratch[..want]) {
+            let n = match p.conn.read_now(&mut scratch[..want]) {
                 Ok(0) => {
                     self.table.remove(idx);
                     return;
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if p.conn.has_unsent() {
+                        // A handshake's records wait for room: watch for it.
+                        self.table.watch_writable(idx, true);
+                    }
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.table.remove(idx);
+                Err(e) => {
+                    self.read_failed(idx, &e);
                     return;
                 }
             };
@@ -406,6 +459,35 @@ impl Acceptor {
                 return;
             }
         }
+    }
+
+    /// Closes `idx` after a failed read; a client that spoke plain HTTP to
+    /// a TLS port is told so, in plain text.
+    fn read_failed(&mut self, idx: usize, e: &io::Error) {
+        let Some(p) = self.table.remove(idx) else {
+            return;
+        };
+        #[cfg(feature = "tls")]
+        if p.conn.is_tls() && e.kind() == io::ErrorKind::InvalidData {
+            self.shared
+                .stats
+                .counters()
+                .bad_requests
+                .fetch_add(1, Relaxed);
+            if crate::wire::tls::is_plain_http(e) {
+                log::debug!("plain HTTP from {} on the TLS port", p.peer);
+                let p = Pending {
+                    conn: p.conn.into_plain(),
+                    ..p
+                };
+                let msg = "this port speaks HTTPS: use an https:// URL";
+                self.answer_conn(p, 0, Response::text(400, msg));
+            } else {
+                log::debug!("TLS handshake with {} failed: {e}", p.peer);
+            }
+            return;
+        }
+        let _ = (p, e); // closes
     }
 
     /// Parses what `idx` has received. Returns true while the connection
@@ -524,7 +606,7 @@ impl Acceptor {
         let shared = Arc::clone(&self.shared);
         let config = &shared.config;
         let counters = shared.stats.counters();
-        shared.resolve_origin(&mut req, p.peer);
+        shared.resolve_origin(&mut req, p.peer, p.conn.is_tls());
         match shared.router.find(req.method(), req.path()) {
             Match::NotFound => {
                 let msg = format!("no route for {}", req.path());
@@ -609,7 +691,7 @@ impl Acceptor {
                 // one that cannot take 19 bytes now is not worth waiting for.
                 if job.minor == 1
                     && job.req.header_has_token("expect", "100-continue")
-                    && !matches!(send_now(&p.conn, CONTINUE), Ok(n) if n == CONTINUE.len())
+                    && !matches!(p.conn.send_now(CONTINUE), Ok(n) if n == CONTINUE.len())
                 {
                     return;
                 }
@@ -743,13 +825,18 @@ impl Acceptor {
 
     fn spawn(&mut self, p: Conn, job: Job, minor: u8) {
         let Pending { conn, peer, .. } = p;
-        if conn.set_nonblocking(false).is_err() {
+        if conn.tcp().set_nonblocking(false).is_err() {
             job.abandon(&self.shared);
             return;
         }
         let is_stream = matches!(job, Job::Stream { .. });
         if is_stream {
-            detect_dead_peer(&conn, &self.shared.config.stream);
+            detect_dead_peer(conn.tcp(), &self.shared.config.stream);
+            // A stream's client sends nothing more: keep only what sends.
+            #[cfg(feature = "tls")]
+            if let Some(s) = conn.session() {
+                s.seal();
+            }
         }
         // Boxed, so the request stays on the heap and the thread's first
         // frames stay small: see `conn::run`.
@@ -794,12 +881,14 @@ impl Acceptor {
     /// rather than a reset.
     fn answer_conn(&mut self, p: Conn, minor: u8, r: Response) {
         let bytes = r.encode(minor, false, true);
-        if p.conn.set_nonblocking(true).is_err() {
+        if p.conn.tcp().set_nonblocking(true).is_err() {
             return;
         }
         // A fresh socket's send buffer holds a short answer; if it does not,
         // the client is not reading and gets nothing.
-        if (&p.conn).write_all(&bytes).is_err() {
+        if !matches!(p.conn.send_now(&bytes), Ok(n) if n == bytes.len())
+            || !matches!(p.conn.flush_now(), Ok(true))
+        {
             return;
         }
         self.linger(p);
@@ -808,7 +897,8 @@ impl Acceptor {
     /// Half-closes `p` and drains it until the client closes, for at most
     /// [`LINGER`]; with the table full, closes it now.
     fn linger(&mut self, p: Conn) {
-        let _ = p.conn.shutdown(Shutdown::Write); // the peer may be gone already
+        p.conn.close_notify();
+        let _ = p.conn.tcp().shutdown(Shutdown::Write); // the peer may be gone already
         if self.table.live() >= self.shared.config.max_pending {
             return; // no room: close now
         }
@@ -916,10 +1006,10 @@ impl Acceptor {
             leftover,
             at,
         } = r;
-        if unsent.is_empty() {
+        if unsent.is_empty() && !conn.has_unsent() {
             if close {
                 let p = Pending::fresh(conn, peer);
-                if p.conn.set_nonblocking(true).is_ok() {
+                if p.conn.tcp().set_nonblocking(true).is_ok() {
                     self.linger(p);
                 }
             } else {
@@ -928,7 +1018,7 @@ impl Acceptor {
             return;
         }
         self.make_room();
-        if conn.set_nonblocking(true).is_err() {
+        if conn.tcp().set_nonblocking(true).is_err() {
             return;
         }
         let p = Pending {

@@ -11,8 +11,7 @@
 //! A panic in a handler is caught here, at the thread boundary: it ends that
 //! connection only, is logged at `error` and counted.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -24,10 +23,11 @@ use crate::http::head::{self, Parse};
 use crate::http::{Request, Response};
 use crate::server::Shared;
 use crate::server::limits::clients::ClientSlot;
-use crate::server::pending::{Returned, send_now};
+use crate::server::pending::Returned;
 use crate::server::route::{Handler, Match, PlainFn, StreamFn};
 use crate::stats::Gauge;
 use crate::stream::{Outcome, Sink, Stream};
+use crate::wire::Wire;
 
 /// What a connection thread is to do.
 pub(crate) enum Job {
@@ -61,7 +61,7 @@ impl Job {
 /// The body of every connection thread.
 pub(crate) fn run(
     shared: Arc<Shared>,
-    slot: Arc<Mutex<Option<TcpStream>>>,
+    slot: Arc<Mutex<Option<Wire>>>,
     peer: SocketAddr,
     job: Box<Job>,
 ) {
@@ -94,7 +94,7 @@ pub(crate) fn run(
 /// request it moves out of the box would otherwise take room in the first
 /// frame of every stream thread too.
 #[inline(never)]
-fn run_plain_job(shared: &Shared, conn: TcpStream, peer: SocketAddr, job: Box<Job>) {
+fn run_plain_job(shared: &Shared, conn: Wire, peer: SocketAddr, job: Box<Job>) {
     if let Job::Plain {
         req,
         handler,
@@ -106,20 +106,14 @@ fn run_plain_job(shared: &Shared, conn: TcpStream, peer: SocketAddr, job: Box<Jo
     }
 }
 
-fn run_stream(
-    shared: &Shared,
-    conn: TcpStream,
-    peer: SocketAddr,
-    req: &Request,
-    handler: &StreamFn,
-) {
+fn run_stream(shared: &Shared, conn: Wire, peer: SocketAddr, req: &Request, handler: &StreamFn) {
     // The acceptor gave the socket its small send buffer at accept time.
     let conn = Arc::new(conn);
     let (id, hang_up) = shared.registry.insert(Arc::clone(&conn));
     let opened = Instant::now();
     log_open(peer, req);
     let mut stream = Stream::new(
-        Sink::Tcp(conn),
+        Sink::Socket(conn),
         req.is_http10(),
         shared.config.stream.clone(),
         req.last_event_id().map(str::to_owned),
@@ -273,7 +267,7 @@ enum After {
 #[inline(never)]
 fn run_plain(
     shared: &Shared,
-    conn: TcpStream,
+    conn: Wire,
     peer: SocketAddr,
     req: Request,
     handler: &Arc<PlainFn>,
@@ -326,7 +320,7 @@ fn run_plain(
 
 /// Serves one request whose body is in, sending the response with one
 /// non-blocking send.
-fn serve_plain(shared: &Shared, conn: &TcpStream, peer: SocketAddr, next: Next) -> After {
+fn serve_plain(shared: &Shared, conn: &Wire, peer: SocketAddr, next: Next) -> After {
     let Next {
         req,
         handler,
@@ -362,10 +356,10 @@ fn serve_plain(shared: &Shared, conn: &TcpStream, peer: SocketAddr, next: Next) 
         req.path(),
         response.status()
     );
-    let Ok(sent) = send_now(conn, &bytes) else {
+    let Ok(sent) = conn.send_now(&bytes) else {
         return After::Gone;
     };
-    if sent == bytes.len() && !close {
+    if sent == bytes.len() && !close && !conn.has_unsent() {
         return After::KeepAlive(leftover);
     }
     // The rest waits on the client: the acceptor sends it, and closes
@@ -391,7 +385,7 @@ enum Linger {
 /// Waits briefly for the next request on a keep-alive connection. It is
 /// served here only if its body is among the bytes received: this thread
 /// never waits on a body.
-fn next_request(shared: &Shared, conn: &TcpStream, peer: SocketAddr, mut buf: Vec<u8>) -> Linger {
+fn next_request(shared: &Shared, conn: &Wire, peer: SocketAddr, mut buf: Vec<u8>) -> Linger {
     let linger_end = Instant::now() + KEEP_ALIVE_LINGER;
     loop {
         if !buf.is_empty() {
@@ -412,7 +406,7 @@ fn next_request(shared: &Shared, conn: &TcpStream, peer: SocketAddr, mut buf: Ve
                     };
                     let leftover = buf.split_off(len + used);
                     let mut req = Request::from_head(head, peer);
-                    shared.resolve_origin(&mut req, peer);
+                    shared.resolve_origin(&mut req, peer, conn.is_tls());
                     req.set_params(params);
                     req.set_body(body);
                     return Linger::Serve(Box::new(Next {
@@ -427,11 +421,11 @@ fn next_request(shared: &Shared, conn: &TcpStream, peer: SocketAddr, mut buf: Ve
             }
         }
         let left = linger_end.saturating_duration_since(Instant::now());
-        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+        if left.is_zero() || conn.tcp().set_read_timeout(Some(left)).is_err() {
             return Linger::HandBack(buf);
         }
         let mut chunk = [0u8; 4096];
-        match (&*conn).read(&mut chunk) {
+        match conn.read_now(&mut chunk) {
             Ok(0) => return Linger::Close,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -456,7 +450,7 @@ fn head_path(target: &str) -> &str {
 /// the response and waits for the next head, without a thread. If the
 /// acceptor is gone (shutdown) this drops it, closing the connection.
 fn hand_back(shared: &Shared, r: Returned) {
-    if r.conn.set_read_timeout(None).is_err() {
+    if r.conn.tcp().set_read_timeout(None).is_err() {
         return;
     }
     if shared.returned.send(r).is_ok() {

@@ -97,6 +97,9 @@ pub(crate) struct Shared {
     /// Refuses new streams while memory headroom is low (the cap is
     /// computed once, memory use keeps moving).
     pub memory: MemoryGuard,
+    /// What TLS connections are served with; `None`: plain text.
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Shared {
@@ -104,10 +107,15 @@ impl Shared {
     /// `peer` is one (see [`ServerBuilder::trusted_proxies`]). Every
     /// request of a connection, the first and those after it on a
     /// kept-alive connection alike.
-    pub(crate) fn resolve_origin(&self, req: &mut Request, peer: SocketAddr) {
+    ///
+    /// A request that came over TLS is `https` whatever a proxy says.
+    pub(crate) fn resolve_origin(&self, req: &mut Request, peer: SocketAddr, tls: bool) {
         let trusted = &self.config.trusted_proxies;
         if !trusted.is_empty() {
             req.set_origin(forwarded::origin(peer.ip(), req.headers(), trusted));
+        }
+        if tls {
+            req.set_https();
         }
     }
 }
@@ -153,6 +161,8 @@ pub struct ServerBuilder {
     router: Router,
     route_error: Option<Error>,
     named_later: Option<NamedLater>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::wire::certs::Certificates>,
 }
 
 /// Tells which stream requests their handler counts against
@@ -194,6 +204,8 @@ impl Default for ServerBuilder {
             router: Router::default(),
             route_error: None,
             named_later: None,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -377,6 +389,19 @@ impl ServerBuilder {
         self
     }
 
+    /// Serves HTTPS only, with `certs` (feature `tls`): the TLS handshake
+    /// is read like a request head, without a thread and within
+    /// [`request_timeout`](ServerBuilder::request_timeout); a client that
+    /// sends plain HTTP gets a `400` saying so. Reloading `certs`
+    /// ([`Certificates::reload`](crate::tls::Certificates::reload)) serves
+    /// the new certificate to new connections; open ones keep theirs.
+    /// Default: plain text.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, certs: crate::wire::certs::Certificates) -> Self {
+        self.tls = Some(certs);
+        self
+    }
+
     /// Whether [`build`](ServerBuilder::build) raises the soft descriptor
     /// limit to the hard one (see [`raise_fd_limit`](crate::raise_fd_limit)).
     /// Default true.
@@ -481,6 +506,14 @@ impl ServerBuilder {
             capacity.max_streams = n;
             capacity.limited_by = "configured";
         }
+        #[cfg(feature = "tls")]
+        let tls =
+            match &self.tls {
+                Some(certs) => Some(certs.server_config().map_err(|e| {
+                    Error::Io(std::io::Error::other(format!("TLS setup failed: {e}")))
+                })?),
+                None => None,
+            };
         let addr = resolve(&self.listen)?;
         let listener = bind(addr)?;
         let local_addr = listener
@@ -539,6 +572,8 @@ impl ServerBuilder {
             named_later: self.named_later,
             returned: returned_tx,
             memory: MemoryGuard::detect(),
+            #[cfg(feature = "tls")]
+            tls,
         });
         Ok(Server {
             acceptor: Acceptor::new(Arc::clone(&shared), listener, epoll, returned_rx),

@@ -13,22 +13,21 @@
 //! what a state change means. A connection thread (`crate::server::conn`) only
 //! hands connections back, as [`Returned`].
 
-use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use rustix::event::epoll;
 use rustix::fd::OwnedFd;
-use rustix::net::SendFlags;
 
 use crate::http::body::BodyDecoder;
 use crate::stats::Stats;
+use crate::wire::Wire;
 
 /// A connection a thread hands back to the acceptor after a response.
 #[derive(Debug)]
 pub(crate) struct Returned {
-    pub conn: TcpStream,
+    pub conn: Wire,
     pub peer: SocketAddr,
     /// The part of the response the thread could not send without waiting
     /// on the client; the acceptor sends it.
@@ -43,7 +42,7 @@ pub(crate) struct Returned {
 
 /// One waiting connection.
 pub(crate) struct Pending<W> {
-    pub conn: TcpStream,
+    pub conn: Wire,
     pub peer: SocketAddr,
     pub deadline: Instant,
     /// When the first byte of the current request arrived (or the
@@ -55,7 +54,7 @@ pub(crate) struct Pending<W> {
 impl<W> Pending<W> {
     /// A connection taken in now with nothing read yet from it: due at
     /// once (to be answered and closed, or given a deadline of its own).
-    pub(crate) fn fresh(conn: TcpStream, peer: SocketAddr) -> Self {
+    pub(crate) fn fresh(conn: Wire, peer: SocketAddr) -> Self {
         let now = Instant::now();
         Pending {
             conn,
@@ -141,33 +140,20 @@ impl Outgoing {
         }
     }
 
-    /// Sends as much as the socket takes without waiting.
-    pub(crate) fn flush(&mut self, conn: &TcpStream) -> Flush {
+    /// Sends as much as the socket takes without waiting (over TLS, the
+    /// records too).
+    pub(crate) fn flush(&mut self, conn: &Wire) -> Flush {
         while self.sent < self.bytes.len() {
-            match send_now(conn, &self.bytes[self.sent..]) {
+            match conn.send_now(&self.bytes[self.sent..]) {
                 Ok(0) => return Flush::Blocked,
                 Ok(n) => self.sent += n,
                 Err(_) => return Flush::Gone,
             }
         }
-        Flush::Done
-    }
-}
-
-/// Sends what the socket's buffer takes now, never waiting (whatever the
-/// socket's blocking mode) nor raising `SIGPIPE`; `Ok(0)` when it takes
-/// nothing.
-///
-/// # Errors
-///
-/// When the client is gone (reset, closed).
-pub(crate) fn send_now(conn: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
-    loop {
-        match rustix::net::send(conn, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
-            Ok(n) => return Ok(n),
-            Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::AGAIN) => return Ok(0),
-            Err(e) => return Err(e.into()),
+        match conn.flush_now() {
+            Ok(true) => Flush::Done,
+            Ok(false) => Flush::Blocked,
+            Err(_) => Flush::Gone,
         }
     }
 }
@@ -225,7 +211,7 @@ impl<W> Table<W> {
         };
         if let Err(e) = epoll::add(
             &self.epoll,
-            &p.conn,
+            p.conn.tcp(),
             epoll::EventData::new_u64(idx as u64),
             p.phase.interest(),
         ) {
@@ -243,12 +229,29 @@ impl<W> Table<W> {
     /// Takes `idx` out of the table and the poller.
     pub(crate) fn remove(&mut self, idx: usize) -> Option<Pending<W>> {
         let p = self.slots.get_mut(idx)?.take()?;
-        let _ = epoll::delete(&self.epoll, &p.conn); // closing removes it anyway
+        let _ = epoll::delete(&self.epoll, p.conn.tcp()); // closing removes it anyway
         self.free.push(idx);
         self.live -= 1;
         self.body_bytes -= p.phase.body_bytes();
         self.publish();
         Some(p)
+    }
+
+    /// Has the poller report `idx` writable, and not readable, while
+    /// `out` (TLS records of a handshake wait for room in the socket: a
+    /// client that sends without reading must not keep the acceptor
+    /// spinning on its readable socket); else as its phase says.
+    pub(crate) fn watch_writable(&self, idx: usize, out: bool) {
+        let Some(p) = self.get(idx) else { return };
+        let flags = if out {
+            epoll::EventFlags::OUT | epoll::EventFlags::RDHUP
+        } else {
+            p.phase.interest()
+        };
+        let data = epoll::EventData::new_u64(idx as u64);
+        if let Err(e) = epoll::modify(&self.epoll, p.conn.tcp(), data, flags) {
+            log::debug!("cannot rewatch a connection from {}: {e}", p.peer);
+        }
     }
 
     pub(crate) fn get(&self, idx: usize) -> Option<&Pending<W>> {

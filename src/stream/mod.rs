@@ -14,7 +14,6 @@ pub(crate) mod registry;
 pub(crate) mod write;
 
 use std::io::{self, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,6 +32,7 @@ use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
 use crate::stream::registry::{HUNG_UP_NOT, HUNG_UP_TIMEOUT, HangUp, Registry};
 use crate::stream::write::{write_all_timeout, write_frames_timeout, write_frames_to};
+use crate::wire::Wire;
 
 /// The data of the message [`Stream::done`] sends.
 pub(crate) const DONE: &str = "[DONE]";
@@ -51,8 +51,9 @@ pub(crate) const SHUTDOWN_COMMENT: &str = "server shutting down";
 
 /// Where a stream's bytes go.
 pub(crate) enum Sink {
-    /// Our own transport: deadlines through `SO_SNDTIMEO`, peer checks.
-    Tcp(Arc<TcpStream>),
+    /// Our own transport, plain or TLS: deadlines through `SO_SNDTIMEO`,
+    /// peer checks.
+    Socket(Arc<Wire>),
     /// Any writer (the tiny_http adapter): no write deadline, no peer check.
     #[cfg_attr(not(feature = "tiny-http"), allow(dead_code))]
     Writer(Box<dyn Write + Send>),
@@ -455,9 +456,10 @@ impl Stream {
     /// [`StreamError::Ended`] with [`EndReason::Client`] when the peer closed.
     pub fn check_connection(&mut self) -> Result<(), StreamError> {
         self.check_alive()?;
-        let Sink::Tcp(conn) = &self.sink else {
+        let Sink::Socket(wire) = &self.sink else {
             return Ok(());
         };
+        let conn = wire.tcp();
         let peer_closed = conn.set_nonblocking(true).is_ok() && {
             let mut byte = [0u8; 1];
             match conn.peek(&mut byte) {
@@ -484,13 +486,21 @@ impl Stream {
 
     /// The socket and framing, once the head is out on a socket of ours:
     /// what a waker needs to write frames for this stream.
-    pub(crate) fn direct_parts(&self) -> Option<(Arc<TcpStream>, bool, Stats)> {
+    pub(crate) fn direct_parts(&self) -> Option<(Arc<Wire>, bool, Stats)> {
         match (&self.sink, self.state) {
-            (Sink::Tcp(conn), State::Open) if self.ended.is_none() => {
+            (Sink::Socket(conn), State::Open) if self.ended.is_none() => {
                 Some((Arc::clone(conn), self.chunked, self.stats.clone()))
             }
             _ => None,
         }
+    }
+
+    /// Whether bytes a waker gave this stream's connection still wait to
+    /// go out (TLS records the socket did not take): the stream's thread
+    /// sends them, with [`finish_partial`](Stream::finish_partial), before
+    /// anything else.
+    pub(crate) fn has_unsent(&self) -> bool {
+        matches!(&self.sink, Sink::Socket(w) if w.has_unsent())
     }
 
     /// Writes the rest of a frame a waker began, even if the stream is
@@ -791,7 +801,7 @@ impl Stream {
     /// on a client stays bounded however large the frames or the batch.
     fn write_large(&mut self, head: &[u8], frames: &[&[u8]]) -> Result<(), StreamError> {
         let result = match &mut self.sink {
-            Sink::Tcp(conn) => {
+            Sink::Socket(conn) => {
                 self.stats.thread_write();
                 write_frames_timeout(
                     conn,
@@ -876,7 +886,7 @@ impl Stream {
         frames: &[EncodedEvent],
         max: usize,
     ) -> Option<(Vec<u8>, u64)> {
-        if !matches!(self.sink, Sink::Tcp(_))
+        if !matches!(self.sink, Sink::Socket(_))
             || self.state != State::Pending
             || self.check_alive().is_err()
             || frames.iter().map(|f| f.as_bytes().len()).sum::<usize>() > max
@@ -959,7 +969,7 @@ impl Stream {
     /// Writes every byte within the write timeout, or ends the stream.
     fn write_out(&mut self, bytes: &[u8]) -> Result<(), EndReason> {
         let result = match &mut self.sink {
-            Sink::Tcp(conn) => {
+            Sink::Socket(conn) => {
                 self.stats.thread_write();
                 write_all_timeout(conn, bytes, self.config.write_timeout, &mut self.armed)
             }
@@ -1019,7 +1029,7 @@ impl Stream {
                     // The last frame: a comment, so clients that ignore it
                     // simply reconnect elsewhere or later.
                     let frame = Event::new().comment(SHUTDOWN_COMMENT).encode();
-                    if let (Ok(frame), Sink::Tcp(conn)) = (frame, &self.sink) {
+                    if let (Ok(frame), Sink::Socket(conn)) = (frame, &self.sink) {
                         let mut out = Vec::new();
                         if self.chunked {
                             chunk_into(&mut out, &frame);
@@ -1054,7 +1064,7 @@ impl Stream {
                     if self.chunked {
                         out.extend_from_slice(b"0\r\n\r\n");
                     }
-                    if let Sink::Tcp(conn) = &self.sink {
+                    if let Sink::Socket(conn) = &self.sink {
                         self.stats.thread_write();
                         let _ = write_all_timeout(
                             conn,
@@ -1066,6 +1076,10 @@ impl Stream {
                 }
                 self.state = State::Finished;
             }
+        }
+        // Over TLS, a clean end says so (a cut one must not look clean).
+        if let (Outcome::Finished | Outcome::Shutdown, Sink::Socket(w)) = (outcome, &self.sink) {
+            w.close_notify();
         }
     }
 
@@ -1131,11 +1145,11 @@ mod tests {
     #[test]
     fn check_connection_alone_sees_a_closed_peer() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (conn, _) = listener.accept().unwrap();
         let config = StreamOptions::new().stream_config(Duration::from_secs(1));
         let mut stream = Stream::new(
-            Sink::Tcp(Arc::new(conn)),
+            Sink::Socket(Arc::new(Wire::plain(conn))),
             false,
             config,
             None,

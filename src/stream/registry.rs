@@ -4,7 +4,6 @@
 //! [`Registry::hang_up`]).
 
 use std::collections::HashMap;
-use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -15,6 +14,7 @@ use rustix::event::epoll;
 use crate::error::EndReason;
 use crate::shutdown::ShutdownHandle;
 use crate::stream::write::failure_reason;
+use crate::wire::Wire;
 
 /// The bit that marks a watched stream in the poller's event data (the
 /// rest is its id in the registry); the acceptor's own entries never set
@@ -45,7 +45,7 @@ pub(crate) struct Registry {
 pub(crate) type HangUp = Arc<AtomicU8>;
 
 struct Entry {
-    conn: Arc<TcpStream>,
+    conn: Arc<Wire>,
     hang_up: HangUp,
     /// The stream's thread, unparked at shutdown.
     thread: std::thread::Thread,
@@ -61,7 +61,7 @@ impl Registry {
     /// With a poller to [watch](Registry::watch_with), the socket is
     /// watched for an error or hang-up (once): see [`Registry::hang_up`].
     #[inline(never)]
-    pub(crate) fn insert(&self, conn: Arc<TcpStream>) -> (u64, HangUp) {
+    pub(crate) fn insert(&self, conn: Arc<Wire>) -> (u64, HangUp) {
         let id = self.next.fetch_add(1, Relaxed);
         let hang_up = HangUp::default();
         // In the table before the poller may report it: a connection that
@@ -87,7 +87,7 @@ impl Registry {
             // its next write, as without a poller.
             let _ = epoll::add(
                 poller,
-                &*conn,
+                conn.tcp(),
                 epoll::EventData::new_u64(STREAM_TAG | id),
                 epoll::EventFlags::RDHUP | epoll::EventFlags::ONESHOT,
             );
@@ -111,7 +111,7 @@ impl Registry {
     pub(crate) fn hang_up(&self, id: u64) {
         let woken = match self.conns.lock() {
             Ok(mut conns) => conns.get_mut(&id).map(|e| {
-                let why = match rustix::net::sockopt::socket_error(&*e.conn) {
+                let why = match rustix::net::sockopt::socket_error(e.conn.tcp()) {
                     Ok(Err(errno)) if failure_reason(&errno.into()) == EndReason::WriteTimeout => {
                         HUNG_UP_TIMEOUT
                     }
@@ -162,19 +162,19 @@ impl Registry {
         let removed = self.conns.lock().ok().and_then(|mut c| c.remove(&id));
         if let (Some(poller), Some(e)) = (self.watch.get(), &removed) {
             // Already gone if it fired, or if the socket closed.
-            let _ = epoll::delete(poller, &*e.conn);
+            let _ = epoll::delete(poller, e.conn.tcp());
         }
         drop(removed); // outside the lock: may close the socket
     }
 
     /// Shuts every registered socket down, failing any blocked write.
     pub(crate) fn shutdown_all(&self) -> usize {
-        let conns: Vec<Arc<TcpStream>> = match self.conns.lock() {
+        let conns: Vec<Arc<Wire>> = match self.conns.lock() {
             Ok(c) => c.values().map(|e| Arc::clone(&e.conn)).collect(),
             Err(_) => return 0,
         };
         for c in &conns {
-            let _ = c.shutdown(std::net::Shutdown::Both); // may be closed already
+            let _ = c.tcp().shutdown(std::net::Shutdown::Both); // may be closed already
         }
         conns.len()
     }

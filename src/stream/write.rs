@@ -13,11 +13,11 @@
 
 use std::cell::Cell;
 use std::io::{self, IoSlice, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::error::EndReason;
 use crate::http::chunked::{CHUNK_FRAMING, frame_into};
+use crate::wire::Wire;
 
 /// Most bytes of small frames and chunk framing copied together before a
 /// vectored write: room for a batch of queued frames of ordinary size in
@@ -57,7 +57,7 @@ pub(crate) fn failure_reason(e: &io::Error) -> EndReason {
 }
 
 pub(crate) fn write_all_timeout(
-    conn: &TcpStream,
+    conn: &Wire,
     bytes: &[u8],
     timeout: Duration,
     armed: &mut Option<Duration>,
@@ -77,7 +77,7 @@ enum Part<'a> {
 /// when `chunked`, to `conn` within `timeout` for the whole; returns the
 /// bytes written. Large frames are not copied (see the module docs).
 pub(crate) fn write_frames_timeout(
-    conn: &TcpStream,
+    conn: &Wire,
     head: &[u8],
     frames: &[&[u8]],
     chunked: bool,
@@ -211,23 +211,93 @@ impl Deadline {
         }
     }
 
-    /// Writes every byte of `slices` before the deadline.
+    /// Writes every byte of `slices` before the deadline (over TLS, after
+    /// the records a waker left unsent, and with every record out).
     fn write_all(
         &self,
-        conn: &TcpStream,
+        conn: &Wire,
+        slices: &mut [IoSlice<'_>],
+        armed: &mut Option<Duration>,
+    ) -> Result<(), EndReason> {
+        #[cfg(feature = "tls")]
+        if let Some(session) = conn.session() {
+            return self.write_all_tls(conn.tcp(), session, slices, armed);
+        }
+        self.write_all_plain(conn.tcp(), slices, armed)
+    }
+
+    /// Re-arms `SO_SNDTIMEO` with the time left; `WriteTimeout` when none
+    /// is.
+    fn arm(
+        &self,
+        conn: &std::net::TcpStream,
+        armed: &mut Option<Duration>,
+    ) -> Result<(), EndReason> {
+        let left = self.left();
+        if left.is_zero() {
+            return Err(EndReason::WriteTimeout);
+        }
+        if *armed != Some(left) {
+            conn.set_write_timeout(Some(left))
+                .map_err(|_| EndReason::Client)?;
+            *armed = Some(left);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "tls")]
+    fn write_all_tls(
+        &self,
+        conn: &std::net::TcpStream,
+        session: &crate::wire::tls::Session,
+        mut slices: &mut [IoSlice<'_>],
+        armed: &mut Option<Duration>,
+    ) -> Result<(), EndReason> {
+        use crate::wire::tls::Records;
+        let mut c = session.lock();
+        let left = |s: &[IoSlice<'_>]| s.iter().map(|s| s.len()).sum::<usize>();
+        loop {
+            // Into the session as much as it takes (it bounds what it
+            // holds), then out to the socket.
+            while left(slices) > 0 {
+                match c.take(slices) {
+                    Ok(0) if c.wants_write() => break,
+                    // Full, with nothing to send: cannot happen; never spin.
+                    Ok(0) => return Err(EndReason::Client),
+                    Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                    Err(_) => return Err(EndReason::Client),
+                }
+            }
+            while c.wants_write() {
+                self.arm(conn, armed)?;
+                let mut socket = crate::wire::tls::SocketWriter {
+                    tcp: conn,
+                    flags: rustix::net::SendFlags::empty(),
+                };
+                match c.write_to(&mut socket) {
+                    Ok(0) => return Err(EndReason::Client),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Err(EndReason::WriteTimeout);
+                    }
+                    Err(e) => return Err(failure_reason(&e)),
+                }
+            }
+            if left(slices) == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn write_all_plain(
+        &self,
+        conn: &std::net::TcpStream,
         mut slices: &mut [IoSlice<'_>],
         armed: &mut Option<Duration>,
     ) -> Result<(), EndReason> {
         while !slices.is_empty() {
-            let left = self.left();
-            if left.is_zero() {
-                return Err(EndReason::WriteTimeout);
-            }
-            if *armed != Some(left) {
-                conn.set_write_timeout(Some(left))
-                    .map_err(|_| EndReason::Client)?;
-                *armed = Some(left);
-            }
+            self.arm(conn, armed)?;
             match (&*conn).write_vectored(slices) {
                 Ok(0) => return Err(EndReason::Client),
                 Ok(n) => IoSlice::advance_slices(&mut slices, n),

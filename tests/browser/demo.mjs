@@ -85,6 +85,8 @@ browser = await run("launching Chromium", () =>
       "--no-first-run",
       "--disable-quic",
       "--no-proxy-server",
+      // The HTTPS test trusts its throwaway certificate by its key's hash.
+      ...(process.env.CHROMIUM_EXTRA_ARGS ?? "").split(" ").filter(Boolean),
     ],
   }),
 );

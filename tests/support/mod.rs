@@ -11,6 +11,8 @@ pub mod netns;
 pub mod process;
 #[cfg(feature = "daemon")]
 pub mod redis;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -324,6 +326,40 @@ pub fn request(addr: SocketAddr, raw: &str) -> (Head, String) {
     let mut c = Client::new(addr);
     c.send(raw.as_bytes());
     c.response()
+}
+
+/// The text of one request that closes its connection: `method path`,
+/// `Host: host`, the `extra` header lines, then `body`.
+pub fn request_text(method: &str, path: &str, host: &str, extra: &[&str], body: &str) -> String {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in extra {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    req
+}
+
+/// Publishes a 16 KiB event on `topic` every 5 ms until a stream of `srv`
+/// ends with a write timeout or as slow (a client that stopped reading),
+/// for at most 10 s; how many did.
+pub fn publish_until_stalled(hub: &ssed::Hub, srv: &ssed::RunningServer, topic: &str) -> u64 {
+    let big = "x".repeat(16 * 1024);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = hub.publish(topic, ssed::Event::new().data(big.as_str()));
+        let s = srv.stats().snapshot();
+        let ended =
+            s.disconnects(ssed::EndReason::WriteTimeout) + s.disconnects(ssed::EndReason::Slow);
+        if ended > 0 || Instant::now() > deadline {
+            return ended;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// POSTs `body` to `path`; the status and the body of the answer.

@@ -124,6 +124,7 @@ fn load_config(args: &Args) -> Result<Config, ConfigError> {
 
 fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = ssed::ShutdownHandle::new();
+    let tls = config.tls.clone();
     let daemon = daemon::build(config, shutdown.clone())?;
     let cap = daemon.server.capacity();
     // The cgroup's figures, when it has a memory limit, say why "memory
@@ -146,11 +147,39 @@ fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         shown(cap.by_memory),
         shown(cap.by_threads),
     );
-    ctrlc::set_handler(move || {
-        log::info!("signal received: shutting down");
-        shutdown.shutdown();
-    })?;
+    if let Some(certs) = &tls {
+        daemon::reload::watch(certs.clone(), shutdown.clone())?;
+    }
+    handle_signals(shutdown, tls)?;
     daemon.server.run()?;
+    Ok(())
+}
+
+/// SIGINT and SIGTERM shut down; SIGHUP re-reads the TLS certificate and
+/// key (and is otherwise ignored, so a closed terminal does not stop the
+/// daemon). On a thread of their own.
+fn handle_signals(
+    shutdown: ssed::ShutdownHandle,
+    tls: Option<ssed::tls::Certificates>,
+) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("ssed-signals".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    match &tls {
+                        Some(certs) => daemon::reload::reload(certs),
+                        None => log::info!("SIGHUP: nothing to reload"),
+                    }
+                    continue;
+                }
+                log::info!("signal received: shutting down");
+                shutdown.shutdown();
+            }
+        })?;
     Ok(())
 }
 

@@ -359,10 +359,12 @@ impl App {
         if direct && local_host(req.header("host"), &self.config.allowed_hosts) {
             // A page of another origin in a browser here is not this
             // machine either, unless cors_origins names it: `*` lets any
-            // page subscribe, not publish with this machine's right.
+            // page subscribe, not publish with this machine's right. (A
+            // direct request's scheme is its connection's: https over
+            // ssed's TLS.)
             return match req.header("origin") {
                 Some(origin)
-                    if !same_origin(origin, req.header("host"), SCHEME)
+                    if !same_origin(origin, req.header("host"), req.scheme())
                         && !self.cors_lists(origin) =>
                 {
                     Err(Response::text(
@@ -611,11 +613,6 @@ pub(super) fn proxied(req: &Request) -> bool {
     .iter()
     .any(|h| req.header(h).is_some())
 }
-
-/// The scheme a direct connection reaches this daemon with: it has no TLS
-/// of its own yet (behind a TLS proxy, [`Request::scheme`] says what the
-/// proxy heard, when it is trusted).
-const SCHEME: &str = "http";
 
 /// Splits `host[:port]` (a `Host` value, an origin's authority) into its
 /// host, lowercase (an IPv6 literal keeps its brackets), and its port,
