@@ -261,6 +261,51 @@ fn a_jwt_grants_its_topics_by_header_and_by_cookie() {
 }
 
 #[test]
+fn iri_topics_are_granted_by_exact_selectors_templates_and_tickets() {
+    let d = daemon(
+        "iri-grants",
+        &format!("[auth]\nsubscribe_token = \"st\"\njwt_secret = \"{SECRET}\"\n"),
+    );
+    let book = "/events?topic=https%3A%2F%2Fexample.com%2Fbooks%2F1";
+    let author = "/events?topic=https%3A%2F%2Fexample.com%2Fauthors%2F1";
+    let other = "/events?topic=https%3A%2F%2Fexample.com%2Fauthors%2F2";
+    let jwt = token(
+        &[
+            "https://example.com/books/{id}",
+            "https://example.com/authors/1",
+        ],
+        &[],
+    );
+    let bearer = format!("Authorization: Bearer {jwt}");
+    for path in [book, author] {
+        let (code, body) = status(d.addr, path, &[&bearer]);
+        assert_eq!(code, 200, "{path}: {body}");
+    }
+    let (code, body) = status(d.addr, other, &[&bearer]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("https://example.com/authors/2"), "{body}");
+    // A ticket narrowed to one IRI, exactly.
+    let (code, v) = ticket(
+        d.addr,
+        "st",
+        r#"{"subscribe": ["https://example.com/books/1"]}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    let t = v["ticket"].as_str().expect("a ticket").to_owned();
+    let (code, body) = status(d.addr, &format!("{author}&ticket={t}"), &[]);
+    assert_eq!(code, 403, "{body}");
+    let (code, v) = ticket(
+        d.addr,
+        "st",
+        r#"{"subscribe": ["https://example.com/books/1"]}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    let t = v["ticket"].as_str().expect("a ticket");
+    let (code, body) = status(d.addr, &format!("{book}&ticket={t}"), &[]);
+    assert_eq!(code, 200, "{body}");
+}
+
+#[test]
 fn a_stream_ends_when_its_token_expires() {
     let d = daemon(
         "expiry",

@@ -204,14 +204,11 @@ fn listen(hub: &Hub, url: &str, routes: &[(&str, &str)]) -> Listener {
 mod daemon {
     use super::*;
     use serde_json::Value;
-    use ssed::daemon::{self, Config};
 
     /// A daemon on 127.0.0.1:0 with `toml` over the defaults, and its hub.
     pub fn start(toml: &str) -> (RunningServer, Hub) {
-        let text = format!("listen = \"127.0.0.1:0\"\n{toml}");
-        let config = Config::from_toml(&text, None).expect("test config is valid");
-        let built = daemon::build(config, ShutdownHandle::new()).expect("daemon builds");
-        (built.server.spawn().expect("daemon starts"), built.hub)
+        let d = support::daemon(&format!("listen = \"127.0.0.1:0\"\n{toml}"));
+        (d.server, d.hub)
     }
 
     pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {

@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::process::Ssed;
-use support::redis::{REDIS, command as redis_command, pings, redis, skip};
+use support::redis::{REDIS, command, pings, redis, skip};
 use support::{Client, field, request, wait_until};
 
 /// The longest any test waits for one thing to happen.
@@ -64,8 +64,8 @@ impl Drop for Cleanup {
         }
         for name in names {
             let (stream, list) = (format!("ssed:t:{name}"), format!("ssed:k:{name}"));
-            redis_command(REDIS, &["DEL", &stream, &list]);
-            redis_command(REDIS, &["HDEL", "ssed:seq", &stream]);
+            command(REDIS, &["DEL", &stream, &list]);
+            command(REDIS, &["HDEL", "ssed:seq", &stream]);
         }
     }
 }
@@ -371,7 +371,7 @@ fn an_entry_that_is_not_an_event_is_skipped_not_read_forever() {
     let first = a.publish(&topic, "first");
     let mut c = a.subscribe(&format!("/events/{topic}"), Some(&first));
     // Someone else writes into ssed's stream: not a frame ssed made.
-    let reply = redis_command(
+    let reply = command(
         redis,
         &["XADD", &format!("ssed:t:{topic}"), "*", "data", "hi"],
     );
@@ -645,7 +645,7 @@ fn events_trimmed_while_a_reader_was_away_end_its_streams_for_replay() {
     let mut published = Vec::new();
     let mut ended = false;
     for _ in 0..5 {
-        redis_command(&redis.addr(), &["CLIENT", "KILL", "TYPE", "normal"]);
+        command(&redis.addr(), &["CLIENT", "KILL", "TYPE", "normal"]);
         for i in 0..10 {
             published.push(b.publish(&topic, &format!("{i}")));
         }

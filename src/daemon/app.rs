@@ -1,7 +1,7 @@
 //! The daemon's routes: subscribe, publish, mailboxes, tickets, health,
 //! metrics and the demo page, over a [`Hub`].
 //!
-//! Here the shared state ([`App`]) and the wiring of the routes; the
+//! Here the shared state (`App`) and the wiring of the routes; the
 //! handlers, as `impl App` blocks, in the modules below: who may do what
 //! (`access`), a stream's way in (`streams`), publishing and pushing
 //! (`publish`), `/healthz` and `/metrics` (`metrics`).

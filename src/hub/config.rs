@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::error::EventError;
 use crate::hub::history::StorageError;
-use crate::hub::id::{EventId, MAX_NAME_LEN};
+use crate::hub::id::{EventId, MAX_NAME_LEN, topic_problem};
 
 /// The event name of the frame sent when a client asks to resume from an id
 /// older than what is retained.
@@ -105,8 +105,12 @@ impl HubConfig {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum HubError {
-    /// A topic or key name that is empty, too long or has a character other
-    /// than `A-Z a-z 0-9 _ . : -`.
+    /// A topic that is not a [valid topic](crate::hub::valid_topic) (empty,
+    /// over 1,024 bytes, or with a control or Unicode format character), or
+    /// a mailbox key that is not a [valid name](crate::hub::valid_name)
+    /// (1 to 200 characters of `A-Z a-z 0-9 _ . : -`). It carries the
+    /// topic or key as given; its message says why that is no topic, or,
+    /// for a topic, that it is no key.
     InvalidName(String),
     /// The event could not be encoded.
     Event(EventError),
@@ -146,10 +150,19 @@ pub enum HubError {
 impl fmt::Display for HubError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HubError::InvalidName(n) => write!(
-                f,
-                "invalid name {n:?}: use 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . : -"
-            ),
+            // A string that is no topic says why; one that is a topic
+            // was refused as a mailbox key.
+            HubError::InvalidName(n) => {
+                let shown: String = n.chars().take(64).collect();
+                match topic_problem(n) {
+                    Some(why) => write!(f, "invalid topic {shown:?}: {why}"),
+                    None => write!(
+                        f,
+                        "invalid key {shown:?}: use 1 to {MAX_NAME_LEN} characters of \
+                         A-Z a-z 0-9 _ . : -"
+                    ),
+                }
+            }
             HubError::Event(_) => f.write_str("invalid event"),
             HubError::MailboxFull { key, capacity } => {
                 write!(f, "mailbox {key:?} is full ({capacity} messages waiting)")

@@ -1,12 +1,14 @@
-//! Event ids and topic names: the two things every layer of the hub
-//! agrees on.
+//! Event ids, topics and names: the things every layer of the hub agrees
+//! on.
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Longest topic or mailbox key name.
+/// Longest name: a mailbox key, or a topic in a path.
 pub(crate) const MAX_NAME_LEN: usize = 200;
+/// Longest topic, in bytes.
+pub(crate) const MAX_TOPIC_LEN: usize = 1024;
 
 /// An event id: `<unix-ms>-<seq>`, increasing in publish order across all
 /// topics and, being time-based, across restarts.
@@ -105,14 +107,108 @@ impl FromStr for EventId {
     }
 }
 
-/// Whether `name` is a valid topic or mailbox key: 1 to 200 characters of
-/// `A-Z a-z 0-9 _ . : -`.
+/// Whether `name` is a valid name: 1 to 200 characters of
+/// `A-Z a-z 0-9 _ . : -`. Mailbox keys are names, and so are the topics
+/// the daemon takes in a path (`/events/{topic}`, `/publish/{topic}`);
+/// every name is also a [valid topic](valid_topic).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Whether `topic` is a valid topic: any UTF-8 text of 1 to 1,024 bytes
+/// without control characters (C0, DEL, C1) or Unicode format characters
+/// (general category Cf: invisible ones such as U+200B or the bidi
+/// overrides), so that IRIs such as `https://example.com/books/1` are
+/// topics, as Mercure has them. Every [valid name](valid_name) is one.
+pub fn valid_topic(topic: &str) -> bool {
+    topic_problem(topic).is_none()
+}
+
+/// Why a string is not a [valid topic](valid_topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TopicProblem {
+    /// No character at all.
+    Empty,
+    /// Over [`MAX_TOPIC_LEN`] bytes: its length.
+    TooLong(usize),
+    /// A control character (C0, DEL, C1).
+    Control(char),
+    /// A Unicode format character (general category Cf).
+    Format(char),
+}
+
+impl fmt::Display for TopicProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TopicProblem::Empty => f.write_str("a topic cannot be empty"),
+            TopicProblem::TooLong(len) => write!(
+                f,
+                "a topic is at most {MAX_TOPIC_LEN} bytes of UTF-8, this one is {len}"
+            ),
+            TopicProblem::Control(c) => write!(
+                f,
+                "a topic cannot hold a control character, this one holds U+{:04X}",
+                u32::from(*c)
+            ),
+            TopicProblem::Format(c) => write!(
+                f,
+                "a topic cannot hold an invisible Unicode format character (category Cf), \
+                 this one holds U+{:04X}",
+                u32::from(*c)
+            ),
+        }
+    }
+}
+
+/// Why `topic` is not a [valid topic](valid_topic), if it is not.
+pub(crate) fn topic_problem(topic: &str) -> Option<TopicProblem> {
+    if topic.is_empty() {
+        return Some(TopicProblem::Empty);
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Some(TopicProblem::TooLong(topic.len()));
+    }
+    topic.chars().find_map(|c| {
+        if c.is_control() {
+            Some(TopicProblem::Control(c))
+        } else if is_format(c) {
+            Some(TopicProblem::Format(c))
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether `c` is a Unicode format character: general category Cf, as
+/// Unicode 16.0 lists it (`DerivedGeneralCategory.txt`).
+fn is_format(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0xAD | 0x600..=0x605
+            | 0x61C
+            | 0x6DD
+            | 0x70F
+            | 0x890..=0x891
+            | 0x8E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
 }
 
 /// Milliseconds since the Unix epoch now (0 if the clock is before it).
@@ -168,6 +264,57 @@ mod tests {
         for bad in ["", "a b", "a/b", "é", "a?b", &"x".repeat(201)] {
             assert!(!valid_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn topics_are_iris_and_names() {
+        for good in [
+            "a",
+            "a.b:c_d-9",
+            "https://example.com/books/1",
+            "https://example.com/books/{id}?x=1&y=2#frag",
+            "with spaces, \"quotes\", 'apostrophes', 100% {braces} [brackets] \\",
+            "caf\u{e9} \u{4e16}\u{754c} \u{1f600}",
+            "\u{ac}\u{ae}\u{5ff}\u{606}\u{200a}\u{2010}\u{2065}\u{fffc}\u{13440}",
+            &"x".repeat(MAX_TOPIC_LEN),
+            &"\u{e9}".repeat(MAX_TOPIC_LEN / 2),
+        ] {
+            assert_eq!(topic_problem(good), None, "{good:?}");
+            assert!(valid_topic(good));
+        }
+        assert_eq!(topic_problem(""), Some(TopicProblem::Empty));
+        let long = "x".repeat(MAX_TOPIC_LEN + 1);
+        assert_eq!(topic_problem(&long), Some(TopicProblem::TooLong(1025)));
+        // Bytes, not characters: 513 two-byte characters are too many.
+        let wide = "\u{e9}".repeat(MAX_TOPIC_LEN / 2 + 1);
+        assert_eq!(topic_problem(&wide), Some(TopicProblem::TooLong(1026)));
+        for c in [
+            '\0', '\t', '\n', '\r', '\u{1b}', '\u{7f}', '\u{80}', '\u{85}', '\u{9f}',
+        ] {
+            let t = format!("a{c}b");
+            assert_eq!(topic_problem(&t), Some(TopicProblem::Control(c)), "{t:?}");
+        }
+        // Every range of Cf, at both ends.
+        for c in [
+            0xAD, 0x600, 0x605, 0x61C, 0x6DD, 0x70F, 0x890, 0x891, 0x8E2, 0x180E, 0x200B, 0x200F,
+            0x202A, 0x202E, 0x2060, 0x2064, 0x2066, 0x206F, 0xFEFF, 0xFFF9, 0xFFFB, 0x110BD,
+            0x110CD, 0x13430, 0x1343F, 0x1BCA0, 0x1BCA3, 0x1D173, 0x1D17A, 0xE0001, 0xE0020,
+            0xE007F,
+        ] {
+            let c = char::from_u32(c).expect("a char");
+            let t = format!("https://example.com/{c}");
+            assert_eq!(topic_problem(&t), Some(TopicProblem::Format(c)), "{t:?}");
+        }
+        let why = topic_problem("a\u{200b}b").map(|p| p.to_string());
+        assert!(why.is_some_and(|w| w.contains("U+200B")));
+    }
+
+    #[test]
+    fn every_name_is_a_topic() {
+        for name in ["a", "a.b:c_d-9", &"x".repeat(MAX_NAME_LEN)] {
+            assert!(valid_name(name) && valid_topic(name), "{name:?}");
+        }
+        assert!(valid_topic("a/b") && !valid_name("a/b"));
     }
 
     #[test]

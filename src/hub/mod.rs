@@ -7,7 +7,7 @@
 //! (SQLite, feature `durable`) and [`redis`].
 //!
 //! How the parts fit, each file using only those listed before it:
-//! `id.rs` event ids and names; `history.rs` the [`History`] trait and
+//! `id.rs` event ids, topics and names; `history.rs` the [`History`] trait and
 //! [`MemoryHistory`]; `mailbox.rs` the mailboxes; `fanout.rs` the
 //! subscribers' queues and the waker threads; `config.rs` the settings,
 //! results and errors; `node.rs` what every engine shares on this node
@@ -16,7 +16,7 @@
 //! interface to where events and messages are kept, and its two engines,
 //! `local.rs` (memory, or any store behind the traits) and `redis/`;
 //! `subscription.rs` a [`Subscription`]; this file the [`Hub`], which checks
-//! names and events and hands every operation on events and messages to
+//! topics, keys and events and hands every operation on events and messages to
 //! its engine; `store.rs`
 //! the SQLite store; `follow.rs` a [`Stream`](crate::Stream) following a
 //! subscription or consuming a mailbox.
@@ -61,7 +61,7 @@ mod subscription;
 
 pub use config::{HubConfig, HubError, HubUsage, Published, RESET_EVENT};
 pub use history::{History, MemoryHistory, Replay, Retained, StorageError};
-pub use id::{EventId, ParseIdError, valid_name};
+pub use id::{EventId, ParseIdError, valid_name, valid_topic};
 pub use mailbox::{MailboxStore, StoredMessage};
 pub use subscription::Subscription;
 
@@ -90,6 +90,12 @@ const SWEEP_MIN: Duration = Duration::from_secs(1);
 
 /// The engine of the daemon, usable by an embedding app from any thread:
 /// topics (created on first use) with history, and keyed mailboxes.
+///
+/// A topic is any [valid topic](valid_topic): a short name such as
+/// `user:42:updates` or an IRI such as `https://example.com/books/1` (up
+/// to 1,024 bytes of UTF-8, no control or format characters); a mailbox
+/// key is a [valid name](valid_name) (1 to 200 characters of
+/// `A-Z a-z 0-9 _ . : -`). Every engine keeps and replays both kinds.
 ///
 /// A cheap handle: clones share the same hub.
 ///
@@ -238,9 +244,10 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// [`HubError::InvalidName`] for a bad topic name, [`HubError::Event`]
-    /// for an event name with a line break, [`HubError::Storage`] when the
-    /// history store cannot keep the event (it is then not delivered).
+    /// [`HubError::InvalidName`] for a topic that is not a
+    /// [valid topic](valid_topic), [`HubError::Event`] for an event name
+    /// with a line break, [`HubError::Storage`] when the history store
+    /// cannot keep the event (it is then not delivered).
     pub fn publish(&self, topic: &str, event: Event) -> Result<Published, HubError> {
         self.publish_as(topic, event, false)
     }
@@ -290,7 +297,7 @@ impl Hub {
                 max: MAX_UPDATE_TOPICS,
             });
         }
-        if let Some(bad) = topics.iter().find(|t| !valid_name(t)) {
+        if let Some(bad) = topics.iter().find(|t| !valid_topic(t)) {
             return Err(HubError::InvalidName((*bad).to_owned()));
         }
         event.validate()?;
@@ -316,7 +323,8 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// [`HubError::InvalidName`] for a bad topic name.
+    /// [`HubError::InvalidName`] for a topic that is not a
+    /// [valid topic](valid_topic).
     pub fn subscribe(
         &self,
         topics: &[&str],
@@ -332,7 +340,8 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// [`HubError::InvalidName`] for a bad topic name.
+    /// [`HubError::InvalidName`] for a topic that is not a
+    /// [valid topic](valid_topic).
     pub fn subscribe_public(
         &self,
         topics: &[&str],
@@ -349,7 +358,7 @@ impl Hub {
         last_event_id: Option<&str>,
         public_only: bool,
     ) -> Result<Subscription, HubError> {
-        if let Some(bad) = topics.iter().find(|t| !valid_name(t)) {
+        if let Some(bad) = topics.iter().find(|t| !valid_topic(t)) {
             return Err(HubError::InvalidName((*bad).to_owned()));
         }
         let mut names: Vec<&str> = topics.to_vec();
@@ -387,7 +396,8 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// [`HubError::InvalidName`] for a bad key, [`HubError::MailboxFull`]
+    /// [`HubError::InvalidName`] for a key that is not a
+    /// [valid name](valid_name), [`HubError::MailboxFull`]
     /// when the mailbox holds its maximum (nothing is dropped silently),
     /// [`HubError::OverBudget`] when the mailboxes hold the whole retained
     /// budget, [`HubError::Storage`] when the mailbox store cannot keep it.

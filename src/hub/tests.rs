@@ -352,3 +352,30 @@ fn an_update_of_several_topics_is_one_event_to_every_subscriber() {
         Err(HubError::InvalidName(_))
     ));
 }
+
+#[test]
+fn iris_are_topics_and_keys_stay_names() {
+    let hub = Hub::new(10);
+    let iri = "https://example.com/books/1";
+    let sub = hub
+        .subscribe(&[iri, "news"], None)
+        .expect("an IRI is a topic");
+    let p = hub.publish(iri, Event::new().data("x")).expect("published");
+    assert_eq!(p.receivers, 1);
+    let frame = sub.try_next().expect("delivered");
+    assert_eq!(
+        frame.as_bytes(),
+        format!("id: {}\ndata: x\n\n", p.id).as_bytes()
+    );
+    for bad in ["", "a\u{200b}b", "a\nb", &"x".repeat(1025)] {
+        let e = hub.publish(bad, Event::new().data("x")).map(|_| ());
+        assert!(matches!(e, Err(HubError::InvalidName(_))), "{bad:?}");
+        let e = hub.subscribe(&["news", bad], None).map(|_| ());
+        assert!(matches!(e, Err(HubError::InvalidName(_))), "{bad:?}");
+    }
+    let e = hub.publish("a\u{200b}b", Event::new()).map(|_| ());
+    assert!(e.is_err_and(|e| e.to_string().contains("U+200B")));
+    // A mailbox key is a name: an IRI is none.
+    let e = hub.push(iri, "m").map(|_| ());
+    assert!(e.is_err_and(|e| e.to_string().starts_with("invalid key")));
+}

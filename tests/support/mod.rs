@@ -21,6 +21,29 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+/// A daemon running in this process; dropping it stops it.
+#[cfg(feature = "daemon")]
+pub struct InProcess {
+    pub addr: SocketAddr,
+    /// The hub it serves, to publish into as an embedding program would.
+    pub hub: ssed::Hub,
+    pub server: ssed::RunningServer,
+}
+
+/// The daemon in this process, built from `toml` (which names `listen`,
+/// `127.0.0.1:0` say).
+#[cfg(feature = "daemon")]
+pub fn daemon(toml: &str) -> InProcess {
+    let config = ssed::daemon::Config::from_toml(toml, None).expect("test config is valid");
+    let built = ssed::daemon::build(config, ssed::ShutdownHandle::new()).expect("daemon builds");
+    let server = built.server.spawn().expect("daemon starts");
+    InProcess {
+        addr: server.local_addr(),
+        hub: built.hub,
+        server,
+    }
+}
+
 /// How long any single read may block before the test fails.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -1,9 +1,9 @@
-//! The machine's Redis (127.0.0.1:6379), for the tests that need one:
-//! whether it answers, and raw commands to set up and clean up keys.
-//! Where it does not answer a test says why and passes, except under
-//! `CI=true`, where it fails: CI must never skip them.
+//! The machine's Redis (127.0.0.1:6379) for the tests that use it: whether
+//! it answers, a command sent over RESP, and the rule for its absence: a
+//! test passes after printing why, except under `CI=true`, where it fails
+//! (CI must never skip them).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -46,17 +46,17 @@ pub fn redis(test: &str) -> Option<&'static str> {
     }
 }
 
-/// Runs one command; the start of its raw reply.
+/// Sends one command (its arguments as bulk strings, so any bytes) and
+/// returns the start of the reply as text.
 pub fn command(addr: &str, args: &[&str]) -> String {
     let mut s = TcpStream::connect(addr).expect("connect to Redis");
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut cmd = format!("*{}\r\n", args.len());
     for a in args {
         cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
     }
-    s.write_all(cmd.as_bytes()).expect("send to Redis");
+    s.write_all(cmd.as_bytes()).unwrap();
     let mut reply = [0u8; 4096];
-    let n = std::io::Read::read(&mut s, &mut reply).unwrap_or(0);
+    let n = s.read(&mut reply).unwrap_or(0);
     String::from_utf8_lossy(&reply[..n]).into_owned()
 }

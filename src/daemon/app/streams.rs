@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::access::{Admission, Credential, How, Target, local_host, proxied};
 use super::{App, MAX_TOPICS_PER_STREAM, bad_name};
 use crate::daemon::auth::{self, Pass, SESSION_COOKIE};
+use crate::hub::id::{TopicProblem, topic_problem};
 use crate::hub::valid_name;
 use crate::{Request, Response, Stream, StreamError};
 
@@ -213,7 +214,7 @@ impl App {
             Some(t) => vec![t],
             None => req.query_all("topic").collect(),
         };
-        if let Some(refusal) = refuse_topics(&topics) {
+        if let Some(refusal) = refuse_topics(req, &topics) {
             return stream.respond(refusal);
         }
         self.verify_ahead(req);
@@ -326,9 +327,11 @@ fn end_with_token(stream: &mut Stream, exp: SystemTime) {
     stream.end_at(Instant::now() + left);
 }
 
-/// Why a stream's topic list is refused, if it is (400).
+/// Why a stream's topic list is refused, if it is (400). A topic in the
+/// path (`/events/{topic}`) is a name; one in the query (`?topic=`) any
+/// topic, an IRI say.
 #[inline(never)]
-fn refuse_topics(topics: &[&str]) -> Option<Response> {
+fn refuse_topics(req: &Request, topics: &[&str]) -> Option<Response> {
     if topics.is_empty() {
         return Some(Response::text(
             400,
@@ -341,10 +344,38 @@ fn refuse_topics(topics: &[&str]) -> Option<Response> {
             format!("too many topics (at most {MAX_TOPICS_PER_STREAM} per stream)"),
         ));
     }
+    if req.param("topic").is_some() {
+        return topics
+            .iter()
+            .find(|t| !valid_name(t))
+            .map(|bad| bad_path_topic(bad));
+    }
     topics
         .iter()
-        .find(|t| !valid_name(t))
-        .map(|bad| bad_name("topic", bad))
+        .find_map(|t| topic_problem(t).map(|why| bad_topic(t, why)))
+}
+
+/// The refusal of a topic in the path that is no name.
+#[cold]
+#[inline(never)]
+fn bad_path_topic(topic: &str) -> Response {
+    let shown: String = topic.chars().take(64).collect();
+    Response::text(
+        400,
+        format!(
+            "invalid topic name {shown:?} in the path: use 1 to 200 characters of \
+             A-Z a-z 0-9 _ . : -, or name the topic in the query, \
+             /events?topic=<percent-encoded topic>, where it may be any IRI"
+        ),
+    )
+}
+
+/// The refusal of a topic in the query that is no topic.
+#[cold]
+#[inline(never)]
+fn bad_topic(topic: &str, why: TopicProblem) -> Response {
+    let shown: String = topic.chars().take(64).collect();
+    Response::text(400, format!("invalid topic {shown:?}: {why}"))
 }
 
 /// Ends a stream whose subscription failed (storage down). The head is

@@ -5,10 +5,12 @@
 //! mailbox messages out of the same Redis, so a client may reconnect to any
 //! node.
 //!
-//! - **Topics** are Redis Streams, one per topic (key `ssed:t:{topic}`),
-//!   trimmed to the last `history` entries. A publish runs one script that
-//!   picks the id, `XADD`s the frame and records the id as the newest
-//!   (`ssed:last`): ids are Redis entry ids (`<unix-ms>-<seq>`), identical on
+//! - **Topics** are Redis Streams, one per topic (key `ssed:t:{topic}`,
+//!   the topic's bytes as they are: every command carries keys as
+//!   binary-safe bulk strings, so an IRI's `/ : ? # { }`, spaces and quotes
+//!   need no escaping), trimmed to the last `history` entries. A publish
+//!   runs one script that picks the id, `XADD`s the frame and records the
+//!   id as the newest (`ssed:last`): ids are Redis entry ids (`<unix-ms>-<seq>`), identical on
 //!   every node and increasing across all topics, so `Last-Event-ID` means
 //!   the same thing everywhere.
 //! - **Delivery**: each node runs one reader thread that blocks in `XREAD`

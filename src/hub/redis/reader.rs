@@ -236,7 +236,7 @@ fn read_loop(
                 engine.failed(
                     "reader",
                     &RespError::Protocol(format!(
-                        "{} entries of {key} are not ssed events; skipped",
+                        "{} entries of {key:?} are not ssed events; skipped",
                         entries.len() - frames.len()
                     )),
                 );
