@@ -23,6 +23,7 @@ use access::stream_jwt;
 use streams::with_held_released;
 
 mod access;
+mod mercure;
 mod metrics;
 mod publish;
 mod streams;
@@ -146,6 +147,10 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
             let app = a(&app);
             move |req| app.publish(req)
         })
+        .post(mercure::MERCURE_PATH, {
+            let app = a(&app);
+            move |req| app.mercure_publish(req)
+        })
         .post("/keys/{key}", {
             let app = a(&app);
             move |req| app.push(req)
@@ -171,6 +176,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         "/events/{topic}",
         "/keys/{key}",
         "/publish/{topic}",
+        mercure::MERCURE_PATH,
         "/tickets",
     ]
     .into_iter()

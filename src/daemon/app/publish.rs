@@ -41,7 +41,11 @@ impl App {
     /// authorized with (every holder of the publish token shares one
     /// allowance; a JWT's subject shares one whatever token it comes
     /// with), else its address.
-    fn limit_publish_rate(&self, req: &Request, publisher: Option<&str>) -> Result<(), Response> {
+    pub(super) fn limit_publish_rate(
+        &self,
+        req: &Request,
+        publisher: Option<&str>,
+    ) -> Result<(), Response> {
         let Some(limit) = &self.publish_limit else {
             return Ok(());
         };
@@ -100,15 +104,7 @@ impl App {
                 200,
                 &json!({"id": p.id.to_string(), "topic": topic, "receivers": p.receivers}),
             ),
-            Err(crate::HubError::Storage(_)) => storage_unavailable("the event"),
-            Err(crate::HubError::TooLarge { size, max }) => Response::text(
-                413,
-                format!(
-                    "the event would be {size} bytes as sent (a `data: ` line per line of the \
-                     body, and its id); the limit is {max} ({MAX_FRAME_PER_BODY} x max_body + {FRAME_SLACK})"
-                ),
-            ),
-            Err(e) => Response::text(400, e.to_string()),
+            Err(e) => publish_failed(&e),
         }
     }
 
@@ -152,4 +148,19 @@ fn storage_unavailable(what: &str) -> Response {
         format!("storage unavailable: {what} was not stored; retry later"),
     )
     .with_header("Retry-After", "1")
+}
+
+/// The answer to a publish the hub refused.
+pub(super) fn publish_failed(e: &crate::HubError) -> Response {
+    match e {
+        crate::HubError::Storage(_) => storage_unavailable("the event"),
+        crate::HubError::TooLarge { size, max } => Response::text(
+            413,
+            format!(
+                "the event would be {size} bytes as sent (a `data: ` line per line of the \
+                 body, and its id); the limit is {max} ({MAX_FRAME_PER_BODY} x max_body + {FRAME_SLACK})"
+            ),
+        ),
+        e => Response::text(400, e.to_string()),
+    }
 }

@@ -373,7 +373,7 @@ fn bad_path_topic(topic: &str) -> Response {
 /// The refusal of a topic in the query that is no topic.
 #[cold]
 #[inline(never)]
-fn bad_topic(topic: &str, why: TopicProblem) -> Response {
+pub(super) fn bad_topic(topic: &str, why: TopicProblem) -> Response {
     let shown: String = topic.chars().take(64).collect();
     Response::text(400, format!("invalid topic {shown:?}: {why}"))
 }
