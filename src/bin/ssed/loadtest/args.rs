@@ -1,5 +1,6 @@
 //! The command line of `ssed loadtest`: its help text, the options it
-//! parses into, and the `http://` targets those name, resolved once.
+//! parses into, and the `http://` or `https://` targets those name,
+//! resolved once.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -8,6 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ssed::daemon::config::parse_duration;
+
+use super::tls;
 
 /// What `ssed loadtest --help` prints.
 pub(super) const USAGE: &str = "\
@@ -18,7 +21,7 @@ USAGE:
     ssed loadtest --url http://HOST:PORT/events/TOPIC --find-limit [OPTIONS]
 
 OPTIONS:
-    --url URL             the stream to open, N times (http:// only)
+    --url URL             the stream to open, N times (http:// or https://)
     -n, --connections N   streams to open
     --ramp R[/s]          connections opened per second (default 1000; 0 = unpaced)
     --duration D          how long to hold the streams after the ramp-up, or after
@@ -34,6 +37,9 @@ OPTIONS:
                           of streams, deliveries and, with --pid, the server's memory
                           and threads over time, and the delivery latency); with
                           --find-limit, per step; written on a failed run too
+    --cacert FILE         https: trust the CA certificates of this PEM file (there
+                          are no system roots)
+    --insecure            https: accept any certificate, unverified: FOR TESTS ONLY
     --json                print one JSON object instead of the table
     -h, --help            print this help
 
@@ -89,6 +95,10 @@ pub(super) struct Options {
     /// `--worker` (not in the help): hold streams for a load tester that
     /// started this process, speaking the protocol of `worker.rs`.
     pub(super) worker: bool,
+    /// `--cacert`: the roots https targets are verified against.
+    pub(super) cacert: Option<PathBuf>,
+    /// `--insecure`: https targets are not verified.
+    pub(super) insecure: bool,
 }
 
 /// What `--find-limit` asks for.
@@ -152,6 +162,8 @@ impl Options {
         let mut step_time = None;
         let mut report: Option<PathBuf> = None;
         let mut worker = false;
+        let mut cacert: Option<PathBuf> = None;
+        let mut insecure = false;
         let mut parser = lexopt::Parser::from_args(args);
         while let Some(arg) = parser.next()? {
             match arg {
@@ -174,6 +186,8 @@ impl Options {
                 Long("source") => source = Some(parse_source(&parser.value()?.string()?)?),
                 Long("find-limit") => find_limit = true,
                 Long("worker") => worker = true,
+                Long("cacert") => cacert = Some(parser.value()?.into()),
+                Long("insecure") => insecure = true,
                 Long("max-p99") => {
                     max_p99 = Some(parse_duration_flag(
                         "--max-p99",
@@ -206,7 +220,7 @@ impl Options {
                     .into(),
             )
         })?;
-        let url = Target::parse(&url).map_err(|e| UsageError(format!("--url: {e}")))?;
+        let mut url = Target::parse(&url).map_err(|e| UsageError(format!("--url: {e}")))?;
         if report.as_ref().is_some_and(|r| r.as_os_str().is_empty()) {
             return Err(UsageError("--report: no file name".into()));
         }
@@ -307,6 +321,32 @@ impl Options {
                 None
             }
         };
+        let mut publish = publish;
+        let mut https: Vec<(&str, &mut Target)> = vec![("--url", &mut url)];
+        if let Some(p) = publish.as_mut() {
+            https.push(("--publish-url", &mut p.url));
+        }
+        https.retain(|(_, t)| t.https);
+        if cacert.is_some() && insecure {
+            return Err(UsageError(
+                "--cacert and --insecure: give one (verify against a CA, or not at all)".into(),
+            ));
+        }
+        if https.is_empty() && (cacert.is_some() || insecure) {
+            return Err(UsageError(
+                "--cacert and --insecure are for https:// URLs".into(),
+            ));
+        }
+        if let Some((flag, t)) = https.first() {
+            let config = tls::config(cacert.as_deref(), insecure)
+                .map_err(|e| UsageError(format!("{flag} {}: {e}", t.url)))?;
+            for (flag, t) in https {
+                t.tls = Some(
+                    tls::Client::new(std::sync::Arc::clone(&config), &t.name)
+                        .map_err(|e| UsageError(format!("{flag}: {e}")))?,
+                );
+            }
+        }
         Ok(Parsed::Run(Box::new(Options {
             url,
             connections,
@@ -320,6 +360,8 @@ impl Options {
             pid,
             report,
             worker,
+            cacert,
+            insecure,
         })))
     }
 }
@@ -428,12 +470,19 @@ fn parse_rate(flag: &str, s: &str) -> Result<f64, UsageError> {
     }
 }
 
-/// An `http://` URL, resolved once.
+/// An `http://` or `https://` URL, resolved once.
 #[derive(Debug, Clone)]
 pub(super) struct Target {
     /// As given, for the report.
     pub(super) url: String,
     pub(super) addr: SocketAddr,
+    /// `https://`.
+    pub(super) https: bool,
+    /// The host, without brackets or port: the TLS server name.
+    name: String,
+    /// How to speak TLS to an `https://` target (set once the options
+    /// are known).
+    pub(super) tls: Option<tls::Client>,
     /// The `Host` header: the authority as given.
     pub(super) host: String,
     /// Path and query.
@@ -442,12 +491,14 @@ pub(super) struct Target {
 
 impl Target {
     fn parse(url: &str) -> Result<Target, String> {
-        let rest = match url.strip_prefix("http://") {
-            Some(r) => r,
-            None if url.starts_with("https://") => {
-                return Err(format!("{url}: https is not supported, use http://"));
+        let (rest, https) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(r), _) => (r, false),
+            (_, Some(r)) => (r, true),
+            _ => {
+                return Err(format!(
+                    "{url}: expected http://HOST:PORT/PATH or https://…"
+                ));
             }
-            None => return Err(format!("{url}: expected http://HOST:PORT/PATH")),
         };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_owned()),
@@ -463,7 +514,7 @@ impl Target {
                 let port: u16 = p.parse().map_err(|_| format!("{url}: bad port {p:?}"))?;
                 (h, port)
             }
-            _ => (authority, 80),
+            _ => (authority, if https { 443 } else { 80 }),
         };
         let host_only = host.trim_start_matches('[').trim_end_matches(']');
         let addr = (host_only, port)
@@ -474,6 +525,9 @@ impl Target {
         Ok(Target {
             url: url.to_owned(),
             addr,
+            https,
+            name: host_only.to_owned(),
+            tls: None,
             host: authority.to_owned(),
             path,
         })
@@ -523,6 +577,34 @@ mod tests {
         let p = o.publish.expect("publisher");
         assert_eq!((p.events, p.rate), (50, 0.0));
         assert!(o.json);
+    }
+
+    #[test]
+    fn https_options() {
+        let o = parse(&[
+            "--url",
+            "https://127.0.0.1/events/a",
+            "-n",
+            "1",
+            "--publish-url",
+            "http://127.0.0.1:8080/publish/a",
+            "--insecure",
+        ])
+        .expect("valid");
+        assert_eq!(o.url.addr.port(), 443);
+        assert!(o.url.https && o.url.tls.is_some() && o.insecure);
+        let p = o.publish.expect("a publisher");
+        assert!(!p.url.https && p.url.tls.is_none());
+        let o = parse(&[
+            "--url",
+            "https://[::1]:8443/events/a",
+            "--find-limit",
+            "--insecure",
+        ])
+        .expect("valid");
+        let p = o.publish.expect("a publisher");
+        assert_eq!(p.url.url, "https://[::1]:8443/publish/a");
+        assert!(p.url.tls.is_some());
     }
 
     #[test]
@@ -585,7 +667,35 @@ mod tests {
                 &["--url", url, "-n", "5", "--events", "5"],
                 "need --publish-url",
             ),
-            (&["--url", "https://x/events/a", "-n", "5"], "https"),
+            (
+                &["--url", "https://127.0.0.1:1/events/a", "-n", "5"],
+                "--cacert FILE",
+            ),
+            (
+                &[
+                    "--url",
+                    "https://127.0.0.1:1/e",
+                    "-n",
+                    "5",
+                    "--insecure",
+                    "--cacert",
+                    "x",
+                ],
+                "give one",
+            ),
+            (&["--url", url, "-n", "5", "--insecure"], "for https://"),
+            (
+                &[
+                    "--url",
+                    "https://127.0.0.1:1/e",
+                    "-n",
+                    "5",
+                    "--cacert",
+                    "/nonexistent/ca.pem",
+                ],
+                "/nonexistent/ca.pem",
+            ),
+            (&["--url", "ftp://x/", "-n", "5"], "expected http://"),
             (&["--url", "http://127.0.0.1:99999/", "-n", "5"], "bad port"),
             (&["--url", url, "-n", "0"], "at least 1"),
             (

@@ -128,6 +128,8 @@ struct Step {
     /// Connections that errored, were dropped, or had another status.
     failed: u64,
     client_failed: u64,
+    /// TLS handshakes refused (`Counts::tls_rejected`).
+    tls_rejected: u64,
     /// The first client-side failure, said.
     client_reason: Option<String>,
     /// The commonest failure of the step, said.
@@ -497,6 +499,7 @@ impl Search<'_> {
         step.held = c.held;
         step.refused = c.refused - before.refused;
         step.client_failed = c.client_failed - before.client_failed;
+        step.tls_rejected = c.tls_rejected - before.tls_rejected;
         step.failed =
             (c.failed - before.failed) + (c.other - before.other) + (c.dropped - before.dropped);
         let mut failures: Vec<(String, u64)> = c
@@ -570,6 +573,16 @@ fn judge(step: &Step, s: &Search<'_>, first: bool) -> Verdict {
         return Verdict::End {
             words: format!(
                 "a worker process failed at {at} streams ({lost}); not the server's limit"
+            ),
+            error: true,
+        };
+    }
+    if step.tls_rejected > 0 {
+        let why = step.failure.as_deref().unwrap_or("unknown");
+        return Verdict::End {
+            words: format!(
+                "TLS handshakes failed at {at} streams ({why}); not the server's limit: check \
+                 --cacert (the CA that issued the server's certificate) or --insecure"
             ),
             error: true,
         };

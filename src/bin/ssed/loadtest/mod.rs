@@ -12,7 +12,8 @@
 //! first in every event it publishes).
 //!
 //! The optional publisher is its own thread with one blocking keep-alive
-//! HTTP/1.1 connection. Every event's body is `{"t":<unix nanos>,"seq":N}`;
+//! HTTP/1.1 connection. Either side speaks TLS (rustls) to an `https://`
+//! URL. Every event's body is `{"t":<unix nanos>,"seq":N}`;
 //! a stream that receives it records `now - t` in a shared log-linear
 //! histogram (0.8% precision), so memory does not grow with deliveries.
 //!
@@ -24,6 +25,9 @@
 //!
 //! How the parts fit, each using only those above it:
 //!
+//! - [`tls`]: `https://`: the client configuration (`--cacert` or
+//!   `--insecure`), a stream's non-blocking TLS session, the publisher's
+//!   blocking connection;
 //! - [`args`]: the command line and its help text, parsed into [`Options`];
 //! - [`host`]: this process's descriptor limit, Ctrl-C, CPU time and RSS;
 //! - [`server_proc`]: what `--pid` shows of the server (RSS, memory headroom);
@@ -62,6 +66,7 @@ mod server_proc;
 mod spread;
 mod streams;
 mod timeline;
+mod tls;
 mod worker;
 
 use std::ffi::OsString;

@@ -151,6 +151,12 @@ impl Pool {
             .args(["--url", &o.url.url])
             .args(["--connections", &share.to_string()])
             .args(["--duration", &format!("{}ms", bound.as_millis())]);
+        if let Some(ca) = &o.cacert {
+            cmd.arg("--cacert").arg(ca);
+        }
+        if o.insecure {
+            cmd.arg("--insecure");
+        }
         // The sources are one range, in order (`--source A-B`).
         if let (Some(first), Some(last)) = (o.sources.first(), o.sources.last()) {
             cmd.args(["--source", &format!("{first}-{last}")]);

@@ -1,6 +1,8 @@
 //! The publisher: its own thread with one blocking keep-alive HTTP/1.1
 //! connection, posting `{"t":<unix nanos>,"seq":N}` bodies at a paced rate
-//! so that each stream that receives one can tell how late it came.
+//! so that each stream that receives one can tell how late it came. To an
+//! `https://` URL the connection speaks TLS (its handshake made by the
+//! first request, within the same timeouts).
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -14,6 +16,7 @@ use serde_json::Value;
 use super::args::PublishOptions;
 use super::decode::unix_ns;
 use super::streams::{MAX_HEAD, SWEEP_EVERY, header_value};
+use super::tls::Blocking;
 
 /// Time one publish request may take (each read and write).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,7 +48,7 @@ pub(super) struct PublishOutcome {
 /// One keep-alive HTTP/1.1 connection for publishing.
 struct Publisher {
     target: PublishOptions,
-    conn: Option<TcpStream>,
+    conn: Option<Blocking>,
     buf: Vec<u8>,
 }
 
@@ -81,7 +84,7 @@ impl Publisher {
             c.set_write_timeout(Some(PUBLISH_TIMEOUT))?;
             let _ = c.set_nodelay(true); // an optimisation only
             self.buf.clear();
-            self.conn = Some(c);
+            self.conn = Some(Blocking::new(c, self.target.url.tls.as_ref())?);
         }
         Ok(())
     }
@@ -132,10 +135,11 @@ impl Publisher {
 
     fn exchange(&mut self, request: &[u8]) -> Result<Option<u64>, PublishError> {
         self.connect()?;
-        let Some(mut conn) = self.conn.as_ref() else {
+        let Some(conn) = self.conn.as_mut() else {
             return Err(io::Error::from(io::ErrorKind::NotConnected).into());
         };
         conn.write_all(request)?;
+        conn.flush()?;
         let mut scratch = [0u8; 4096];
         loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];

@@ -4,7 +4,10 @@
 //! streams costs 19,000 descriptors and a few hundred bytes each, never a
 //! thread. A connection goes from connecting (the request being written),
 //! to waiting for the response head, to held (its body fed to a
-//! [`Body`] decoder); [`Counts`] keeps what happened to each.
+//! [`Body`] decoder); [`Counts`] keeps what happened to each. Over
+//! `https://` a connection also carries its TLS session (`tls.rs`), driven
+//! by the same readiness reports; its handshake is part of the connect,
+//! within the same deadline.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -18,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::args::Target;
 use super::decode::{Body, BodyEnd, Tally, unix_ns};
+use super::tls::{self, Got};
 
 /// Time from starting a connect to a complete response head.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +48,8 @@ struct Conn {
     sock: TcpStream,
     started: Instant,
     phase: Phase,
+    /// The TLS session of an `https://` stream; none in plain text.
+    tls: Option<Box<tls::Session>>,
 }
 
 /// How a response head was classified.
@@ -71,6 +77,11 @@ pub(super) struct Counts {
     /// Failures that were this client's own (out of descriptors, source
     /// ports or addresses), also counted in `failed`.
     pub(super) client_failed: u64,
+    /// Handshakes that ended on a TLS error (a certificate not trusted, no
+    /// protocol in common): this client's configuration, not the server's
+    /// load; also counted in `failed`.
+    #[serde(default)]
+    pub(super) tls_rejected: u64,
     pub(super) dropped: u64,
     pub(super) malformed: u64,
 }
@@ -93,6 +104,7 @@ impl Counts {
             *self.failures.entry(reason.clone()).or_default() += n;
         }
         self.client_failed += o.client_failed;
+        self.tls_rejected += o.tls_rejected;
         self.dropped += o.dropped;
         self.malformed += o.malformed;
     }
@@ -106,6 +118,8 @@ pub(super) struct Streams {
     sources: Vec<IpAddr>,
     next_source: usize,
     request: Vec<u8>,
+    /// For an `https://` target.
+    tls: Option<tls::Client>,
     slots: Vec<Option<Conn>>,
     free: Vec<usize>,
     /// Slots closed during the current batch of readiness reports, freed
@@ -140,6 +154,7 @@ impl Streams {
             sources: sources.to_vec(),
             next_source: 0,
             request: request.into_bytes(),
+            tls: target.tls.clone(),
             slots: Vec::new(),
             free: Vec::new(),
             closed: Vec::new(),
@@ -193,6 +208,19 @@ impl Streams {
             Err(e) => return self.fail(format!("connect: {}", io::Error::from(e))),
         }
         let sock = TcpStream::from(fd);
+        let session = match &self.tls {
+            None => None,
+            Some(client) => {
+                match client
+                    .connection()
+                    .map_err(io::Error::other)
+                    .and_then(|c| tls::Session::new(c, &self.request))
+                {
+                    Ok(s) => Some(Box::new(s)),
+                    Err(e) => return self.fail(format!("TLS: {e}")),
+                }
+            }
+        };
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -213,6 +241,7 @@ impl Streams {
             sock,
             started: Instant::now(),
             phase: Phase::Connecting { sent: 0 },
+            tls: session,
         });
         self.in_flight += 1;
     }
@@ -236,7 +265,11 @@ impl Streams {
             return;
         };
         match conn.phase {
+            Phase::Connecting { .. } if conn.tls.is_some() => self.on_tls_connected(idx),
             Phase::Connecting { sent } => self.on_writable(idx, sent),
+            Phase::Head { .. } | Phase::Streaming(_) if conn.tls.is_some() => {
+                self.on_tls_ready(idx, scratch)
+            }
             Phase::Head { .. } | Phase::Streaming(_) => self.on_readable(idx, scratch),
         }
     }
@@ -294,29 +327,132 @@ impl Streams {
             // reports it again when more arrives, so skip the read that
             // would only say EAGAIN (half the client's syscalls per event).
             let drained = n < scratch.len();
-            let data = &scratch[..n];
-            match &mut conn.phase {
-                Phase::Streaming(body) => {
-                    self.tally.now_ns = unix_ns();
-                    if let Err(end) = body.feed(data, &mut self.tally) {
-                        if end == BodyEnd::Malformed {
-                            self.counts.malformed += 1;
-                        }
-                        return self.on_closed(idx, None);
-                    }
-                }
-                Phase::Head { buf } => {
-                    buf.extend_from_slice(data);
-                    if !self.on_head(idx) {
-                        return;
-                    }
-                }
-                Phase::Connecting { .. } => return,
-            }
-            if drained {
+            if !self.deliver(idx, &scratch[..n]) || drained {
                 return;
             }
         }
+    }
+
+    /// Takes `data` from stream `idx`'s response; returns whether the
+    /// stream is still open and wants more.
+    fn deliver(&mut self, idx: usize, data: &[u8]) -> bool {
+        let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            return false;
+        };
+        match &mut conn.phase {
+            Phase::Streaming(body) => {
+                self.tally.now_ns = unix_ns();
+                if let Err(end) = body.feed(data, &mut self.tally) {
+                    if end == BodyEnd::Malformed {
+                        self.counts.malformed += 1;
+                    }
+                    self.on_closed(idx, None);
+                    return false;
+                }
+                true
+            }
+            Phase::Head { buf } => {
+                buf.extend_from_slice(data);
+                self.on_head(idx)
+            }
+            Phase::Connecting { .. } => false,
+        }
+    }
+
+    /// An `https://` stream's TCP connect finished (or failed): the
+    /// handshake starts, the request queued behind it.
+    fn on_tls_connected(&mut self, idx: usize) {
+        let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        match conn.sock.take_error() {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => {
+                self.close(idx);
+                return self.fail(format!("connect: {e}"));
+            }
+        }
+        conn.phase = Phase::Head { buf: Vec::new() };
+        self.tls_flush(idx, true);
+    }
+
+    /// Sends what stream `idx`'s TLS session has queued and watches the
+    /// socket for writing only while some waits (`force`: set the interest
+    /// even if unchanged); returns whether the stream is still open.
+    fn tls_flush(&mut self, idx: usize, force: bool) -> bool {
+        let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            return false;
+        };
+        let Some(session) = conn.tls.as_mut() else {
+            return true;
+        };
+        let want_out = match session.flush(&conn.sock) {
+            Ok(w) => w,
+            Err(e) => {
+                self.on_closed(idx, Some(e));
+                return false;
+            }
+        };
+        if !force && want_out == session.want_out {
+            return true;
+        }
+        session.want_out = want_out;
+        let mut flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP;
+        if want_out {
+            flags |= epoll::EventFlags::OUT;
+        }
+        if let Err(e) = epoll::modify(
+            &self.epoll,
+            &conn.sock,
+            epoll::EventData::new_u64(idx as u64),
+            flags,
+        ) {
+            self.close(idx);
+            self.fail(format!("epoll: {}", io::Error::from(e)));
+            return false;
+        }
+        true
+    }
+
+    /// Readiness of an `https://` stream past its connect: records in,
+    /// their plain text to the response, and any records out (the
+    /// handshake's, the request). At most [`READS_PER_WAKE`] reads of the
+    /// socket, but everything rustls decrypted is taken before returning:
+    /// epoll reports again only what the socket still holds.
+    fn on_tls_ready(&mut self, idx: usize, scratch: &mut [u8]) {
+        if !self.tls_flush(idx, false) {
+            return;
+        }
+        let mut reads = 0;
+        loop {
+            let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+                return;
+            };
+            let Some(session) = conn.tls.as_mut() else {
+                return;
+            };
+            let got = if reads < READS_PER_WAKE {
+                reads += 1;
+                session.read(&conn.sock, scratch)
+            } else {
+                session.buffered(scratch)
+            };
+            match got {
+                Ok(Got::Data(n)) => {
+                    // Not `deliver`'s answer: a partial head is no reason
+                    // to leave what rustls holds behind.
+                    self.deliver(idx, &scratch[..n]);
+                    if self.slots.get(idx).is_none_or(Option::is_none) {
+                        return;
+                    }
+                }
+                Ok(Got::Idle) => break,
+                Ok(Got::Closed) => return self.on_closed(idx, None),
+                Err(e) => return self.on_closed(idx, Some(e)),
+            }
+        }
+        // The handshake's answers and the request go out as soon as they can.
+        self.tls_flush(idx, false);
     }
 
     /// Parses the head received so far; returns true while the stream is
@@ -388,10 +524,18 @@ impl Streams {
                 self.counts.held -= 1;
                 self.counts.dropped += 1;
             }
-            Phase::Head { .. } | Phase::Connecting { .. } => match error {
-                Some(e) => self.fail(format!("before a response: {e}")),
-                None => self.fail("closed before a response"),
-            },
+            Phase::Head { .. } | Phase::Connecting { .. } => {
+                let handshake = conn.tls.as_ref().is_some_and(|t| t.handshaking());
+                if handshake && error.as_ref().is_some_and(tls::is_tls_error) {
+                    self.counts.tls_rejected += 1;
+                }
+                match (error, handshake) {
+                    (Some(e), true) => self.fail(format!("TLS handshake: {e}")),
+                    (Some(e), false) => self.fail(format!("before a response: {e}")),
+                    (None, true) => self.fail("closed during the TLS handshake"),
+                    (None, false) => self.fail("closed before a response"),
+                }
+            }
         }
     }
 
@@ -419,24 +563,26 @@ impl Streams {
         if self.in_flight == 0 {
             return;
         }
-        let late: Vec<(usize, bool)> = self
+        let late: Vec<(usize, &'static str)> = self
             .slots
             .iter()
             .enumerate()
             .filter_map(|(i, c)| {
                 let c = c.as_ref()?;
                 let waiting = !matches!(c.phase, Phase::Streaming(_));
-                (waiting && now.duration_since(c.started) >= CONNECT_TIMEOUT)
-                    .then_some((i, matches!(c.phase, Phase::Connecting { .. })))
+                if !waiting || now.duration_since(c.started) < CONNECT_TIMEOUT {
+                    return None;
+                }
+                Some(match (&c.phase, &c.tls) {
+                    (Phase::Connecting { .. }, _) => (i, "connect timed out"),
+                    (_, Some(t)) if t.handshaking() => (i, "TLS handshake timed out"),
+                    _ => (i, "response head timed out"),
+                })
             })
             .collect();
-        for (idx, connecting) in late {
+        for (idx, why) in late {
             self.close(idx);
-            self.fail(if connecting {
-                "connect timed out"
-            } else {
-                "response head timed out"
-            });
+            self.fail(why);
         }
         self.release_closed();
     }
