@@ -11,39 +11,16 @@ use std::net::SocketAddr;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
-use support::process::{Ssed, spawn_config};
-use support::{Client, TempDir, field};
+use support::encode as enc;
+use support::{Client, field};
 
 const BOOK: &str = "https://example.com/books/1";
 const SHELF: &str = "https://example.com/users/7/books";
 const SECRET: &str = "a-long-and-random-jwt-secret";
 
-struct Daemon {
-    addr: SocketAddr,
-    _ssed: Ssed,
-    _dir: TempDir,
-}
-
-fn daemon(test: &str, toml: &str) -> Daemon {
-    let dir = TempDir::new(test);
-    let (ssed, addr) = spawn_config(&dir, &format!("listen = \"127.0.0.1:0\"\n{toml}"));
-    Daemon {
-        addr,
-        _ssed: ssed,
-        _dir: dir,
-    }
-}
-
-/// Percent-encodes a form value.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+/// The daemon in this process on `toml`.
+fn daemon(toml: &str) -> support::InProcess {
+    support::daemon(&format!("listen = \"127.0.0.1:0\"\n{toml}"))
 }
 
 /// An HS256 JWT of `claims`.
@@ -94,7 +71,7 @@ fn next(c: &mut Client) -> String {
 
 #[test]
 fn a_mercure_update_is_one_event_on_all_its_topics() {
-    let d = daemon("mercure-publish", "");
+    let d = daemon("");
     let mut book = follow(d.addr, &[BOOK], &[]);
     let mut shelf = follow(d.addr, &[SHELF], &[]);
     let mut both = follow(d.addr, &[BOOK, SHELF], &[]);
@@ -123,10 +100,9 @@ fn a_mercure_update_is_one_event_on_all_its_topics() {
 
 #[test]
 fn a_private_mercure_update_reaches_granted_streams_only() {
-    let d = daemon(
-        "mercure-private",
-        &format!("[auth]\nanonymous = true\njwt_secret = \"{SECRET}\"\n"),
-    );
+    let d = daemon(&format!(
+        "[auth]\nanonymous = true\njwt_secret = \"{SECRET}\"\n"
+    ));
     let publisher = format!(
         "Authorization: Bearer {}",
         jwt(&json!({"mercure": {"publish": ["https://example.com/{+path}"]}}))
@@ -175,7 +151,7 @@ fn a_private_mercure_update_reaches_granted_streams_only() {
 
 #[test]
 fn bad_mercure_updates_are_refused_saying_why() {
-    let d = daemon("mercure-bad", "");
+    let d = daemon("");
     let topic = format!("topic={}", enc(BOOK));
     for (form, headers, status, words) in [
         ("data=x".to_owned(), vec![], 400, "topic"),
@@ -233,10 +209,9 @@ fn symfonys_mercure_publisher_publishes_unchanged() {
     if !symfony_here(test) {
         return;
     }
-    let d = daemon(
-        "mercure-symfony",
-        &format!("[auth]\nanonymous = true\njwt_secret = \"{SECRET}\"\n"),
-    );
+    let d = daemon(&format!(
+        "[auth]\nanonymous = true\njwt_secret = \"{SECRET}\"\n"
+    ));
     let token = jwt(&json!({"mercure": {"publish": ["*"], "subscribe": ["*"]}}));
     let reader = format!("Authorization: Bearer {token}");
     let mut granted = follow(d.addr, &[SHELF], &[&reader]);

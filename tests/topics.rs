@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ssed::{Event, Hub};
 use support::redis::{command, redis};
-use support::{Client, InProcess, TempDir, field, wait_until};
+use support::{Client, InProcess, TempDir, encode, field, wait_until};
 
 /// The longest any test waits for one thing to happen.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -27,19 +27,6 @@ fn node(toml: &str) -> InProcess {
     support::daemon(&format!(
         "listen = \"127.0.0.1:0\"\nheartbeat = \"0\"\n{toml}"
     ))
-}
-
-/// Percent-encodes all but the unreserved characters, as a browser's
-/// `encodeURIComponent` would (and more).
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn events_path(topics: &[&str]) -> String {

@@ -44,6 +44,19 @@ pub fn daemon(toml: &str) -> InProcess {
     }
 }
 
+/// Percent-encodes all but the unreserved characters, as a browser's
+/// `encodeURIComponent` would (and more): a query or form value.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// How long any single read may block before the test fails.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
