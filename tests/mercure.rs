@@ -246,3 +246,43 @@ fn symfonys_mercure_publisher_publishes_unchanged() {
     );
     assert_eq!(field(&f, "data"), ["{\"title\": \"Dune\"}"]);
 }
+
+/// A Mercure subscription: `GET /.well-known/mercure` with `query`.
+fn subscribe(addr: std::net::SocketAddr, query: &str) -> (Client, support::Head) {
+    let mut c = Client::new(addr);
+    let head = c.get_stream(&format!("/.well-known/mercure?{query}"), &[]);
+    (c, head)
+}
+
+#[test]
+fn a_mercure_subscriber_follows_exact_topics_and_resumes() {
+    let d = daemon("");
+    let (mut sub, head) = subscribe(d.addr, &format!("topic={}", enc(BOOK)));
+    assert_eq!(head.status, 200);
+    let (_, first) = publish(d.addr, &format!("topic={}&data=one", enc(BOOK)), &[]);
+    let (_, second) = publish(d.addr, &format!("topic={}&data=two", enc(BOOK)), &[]);
+    assert_eq!(field(&next(&mut sub), "id"), [first.as_str()]);
+    assert_eq!(field(&next(&mut sub), "id"), [second.as_str()]);
+    // Resumed after the first, with either draft's parameter.
+    for name in ["lastEventID", "last_event_id"] {
+        let (mut again, head) = subscribe(
+            d.addr,
+            &format!("topic={}&{name}={}", enc(BOOK), enc(&first)),
+        );
+        assert_eq!(head.status, 200);
+        let f = next(&mut again);
+        assert_eq!(field(&f, "id"), [second.as_str()], "{name}: {f}");
+        assert_eq!(field(&f, "data"), ["two"]);
+    }
+    // What is not built yet is refused, saying so.
+    for query in [
+        "topic=*".to_owned(),
+        format!("topic={}", enc("https://example.com/books/{id}")),
+        format!("topic={}&match=x", enc(BOOK)),
+    ] {
+        let (mut c, head) = subscribe(d.addr, &query);
+        assert_eq!(head.status, 400, "{query}");
+        let body = String::from_utf8(c.body(&head)).expect("utf-8");
+        assert!(body.contains("not supported yet"), "{query}: {body}");
+    }
+}

@@ -179,11 +179,16 @@ impl Request {
 
     /// The id the client last saw: the `Last-Event-ID` header, or else the
     /// `lastEventId` query parameter (an `EventSource` cannot set headers on
-    /// its first connection). An empty value counts as none.
+    /// its first connection), or Mercure's `lastEventID` or `last_event_id`.
+    /// An empty value counts as none.
     pub fn last_event_id(&self) -> Option<&str> {
         self.header("last-event-id")
             .filter(|id| !id.is_empty())
             .or_else(|| self.query(LAST_EVENT_ID_QUERY))
+            // Mercure's spellings: draft-07's `lastEventID`, draft-08's
+            // `last_event_id`.
+            .or_else(|| self.query("lastEventID"))
+            .or_else(|| self.query("last_event_id"))
             .filter(|id| !id.is_empty())
     }
 

@@ -9,8 +9,13 @@
 //! `type` its SSE event name, `retry` its reconnection time, `private`
 //! (any value) makes it a private update. The answer is `200`,
 //! `text/plain`, the event's id. A publisher-given `id` is refused for now
-//! (ssed assigns ids). Subscribing on this endpoint is not built yet:
-//! subscribers follow the same topics with `GET /events?topic=`.
+//! (ssed assigns ids).
+//!
+//! `GET /.well-known/mercure?topic=…` subscribes as `/events?topic=` does
+//! (the same handler), to exact topics: URI-template and `*` selectors and
+//! draft-08's `match*` parameters are refused (`400`) until selector
+//! subscriptions are built; `lastEventID` and `last_event_id` resume as
+//! `Last-Event-ID` does.
 
 use std::time::Duration;
 
@@ -144,4 +149,35 @@ fn read_form(req: &Request) -> Result<Form, Response> {
         return Err(r);
     }
     Ok(form)
+}
+
+/// What a Mercure subscription asks for that is not built yet, refused
+/// with `400` saying so: a selector (`*`, a URI template) where an exact
+/// topic is expected, and draft-08's `match*` parameters.
+#[cold]
+#[inline(never)]
+pub(super) fn refuse_subscription(req: &Request, topics: &[&str]) -> Option<Response> {
+    if let Some((name, _)) = req
+        .query_pairs()
+        .iter()
+        .find(|(k, _)| k.starts_with("match"))
+    {
+        return Some(Response::text(
+            400,
+            format!("`{name}` is not supported yet: subscribe to exact topics with `topic=`"),
+        ));
+    }
+    topics
+        .iter()
+        .find(|t| **t == "*" || t.contains(['{', '}']))
+        .map(|t| {
+            let shown: String = t.chars().take(64).collect();
+            Response::text(
+                400,
+                format!(
+                    "topic {shown:?} is a selector: subscribing with `*` or a URI template is \
+                     not supported yet; subscribe to exact topics"
+                ),
+            )
+        })
 }

@@ -332,6 +332,11 @@ fn end_with_token(stream: &mut Stream, exp: SystemTime) {
 /// topic, an IRI say.
 #[inline(never)]
 fn refuse_topics(req: &Request, topics: &[&str]) -> Option<Response> {
+    if req.path() == super::mercure::MERCURE_PATH
+        && let Some(refusal) = super::mercure::refuse_subscription(req, topics)
+    {
+        return Some(refusal);
+    }
     if topics.is_empty() {
         return Some(Response::text(
             400,
