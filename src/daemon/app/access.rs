@@ -297,14 +297,22 @@ impl App {
         }
     }
 
-    /// Whether this request may publish to (or push into) `name`. `Ok`
-    /// carries the credential publishes are counted against for
+    /// Whether this request may publish to (or push into) every one of
+    /// `names` (an update's topics, a mailbox key). `Ok` carries the
+    /// credential publishes are counted against for
     /// `publish_rate` (`None`: this machine, counted by address).
     pub(super) fn authorize_publish(
         &self,
         req: &Request,
-        name: &str,
+        names: &[&str],
     ) -> Result<Option<String>, Response> {
+        // The first name the grant does not cover, refused.
+        let refuse = |grant: &Grant| {
+            names
+                .iter()
+                .find(|n| !grant.can_publish(n))
+                .map(|n| Self::forbidden("topic", n))
+        };
         let token = self.config.publish_token.as_deref();
         let bearer = auth::bearer(req);
         if let Some(given) = bearer {
@@ -313,8 +321,8 @@ impl App {
             }
             if let Some(claims) = self.jwt(given) {
                 let claims = claims?;
-                if !claims.grant.can_publish(name) {
-                    return Err(Self::forbidden("topic", name));
+                if let Some(refusal) = refuse(&claims.grant) {
+                    return Err(refusal);
                 }
                 return Ok(Some(publisher_key(claims.subject.as_deref(), given)));
             }
@@ -329,8 +337,8 @@ impl App {
                 return Err(Self::cookie_from_elsewhere(req));
             }
             let claims = claims?;
-            if !claims.grant.can_publish(name) {
-                return Err(Self::forbidden("topic", name));
+            if let Some(refusal) = refuse(&claims.grant) {
+                return Err(refusal);
             }
             let token = auth::cookie(req, &self.config.jwt_cookie).unwrap_or_default();
             return Ok(Some(publisher_key(claims.subject.as_deref(), token)));

@@ -54,13 +54,11 @@ impl App {
             Ok(form) => form,
             Err(r) => return r,
         };
-        let mut publisher = None;
-        for topic in &form.topics {
-            match self.authorize_publish(req, topic) {
-                Ok(p) => publisher = publisher.or(p),
-                Err(r) => return r,
-            }
-        }
+        let topics: Vec<&str> = form.topics.iter().map(String::as_str).collect();
+        let publisher = match self.authorize_publish(req, &topics) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
         if let Err(r) = self.limit_publish_rate(req, publisher.as_deref()) {
             return r;
         }
@@ -71,7 +69,6 @@ impl App {
         if let Some(retry) = form.retry {
             event = event.retry(retry);
         }
-        let topics: Vec<&str> = form.topics.iter().map(String::as_str).collect();
         match self.hub.publish_update(&topics, event, form.private) {
             // The id alone, no final newline: publishers return the body
             // to their app as the update's id.

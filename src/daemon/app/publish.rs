@@ -30,7 +30,7 @@ impl App {
             return Err(bad_name(what, name));
         }
         self.cors(req)?;
-        let publisher = self.authorize_publish(req, name)?;
+        let publisher = self.authorize_publish(req, &[name])?;
         self.limit_publish_rate(req, publisher.as_deref())?;
         req.body_str()
             .map_err(|_| Response::text(400, "the body must be UTF-8 text"))
