@@ -301,15 +301,18 @@ impl Hub {
             return Err(HubError::InvalidName((*bad).to_owned()));
         }
         event.validate()?;
+        let node = &self.0.node;
+        if topics.len() == 1 {
+            // Every publish of one topic comes this way: no copy.
+            return self.0.engine.publish(node, topics, event, private);
+        }
         let mut distinct: Vec<&str> = Vec::with_capacity(topics.len());
         for t in topics {
             if !distinct.contains(t) {
                 distinct.push(t);
             }
         }
-        self.0
-            .engine
-            .publish(&self.0.node, &distinct, event, private)
+        self.0.engine.publish(node, &distinct, event, private)
     }
 
     /// Subscribes to `topics`, resuming after `last_event_id` if given:
