@@ -15,24 +15,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 use support::process::{Ssed, spawn_config};
-use support::{Client, Head, TempDir, field, metric, streams_open, wait_until};
+use support::{Client, Head, TempDir, field, hs256, metric, streams_open, wait_until};
 
 const SECRET: &str = "a-long-and-random-jwt-secret";
 
 fn b64(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// An HS256 JWT of `claims`, signed with `secret`.
-fn hs256(secret: &str, header: &Value, claims: &Value) -> String {
-    let signing = format!(
-        "{}.{}",
-        b64(header.to_string().as_bytes()),
-        b64(claims.to_string().as_bytes())
-    );
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let tag = ring::hmac::sign(&key, signing.as_bytes());
-    format!("{signing}.{}", b64(tag.as_ref()))
 }
 
 /// A draft-07 token granting `subscribe` and `publish`.
@@ -85,19 +73,10 @@ fn status(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
 
 /// `POST path` with extra headers and a body: status, headers, body.
 fn post(addr: SocketAddr, path: &str, headers: &[&str], body: &str) -> (Head, String) {
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for h in headers {
-        req.push_str(h);
-        req.push_str("\r\n");
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    let mut c = Client::new(addr);
-    c.send(req.as_bytes());
-    c.response()
+    support::request(
+        addr,
+        &support::request_text("POST", path, "127.0.0.1", headers, body),
+    )
 }
 
 /// A ticket for `body` (`""`: the caller's whole grant).

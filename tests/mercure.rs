@@ -8,8 +8,6 @@ mod support;
 
 use std::net::SocketAddr;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 use support::encode as enc;
 use support::{Client, field};
@@ -25,33 +23,18 @@ fn daemon(toml: &str) -> support::InProcess {
 
 /// An HS256 JWT of `claims`.
 fn jwt(claims: &Value) -> String {
-    let b64 = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string().as_bytes());
-    let signing = format!("{}.{}", b64(&json!({"alg": "HS256"})), b64(claims));
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
-    let tag = ring::hmac::sign(&key, signing.as_bytes());
-    format!("{signing}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+    support::hs256(SECRET, &json!({"alg": "HS256"}), claims)
 }
 
 /// `POST /.well-known/mercure` with `form` (and extra header lines):
 /// status and body.
 fn publish(addr: SocketAddr, form: &str, headers: &[&str]) -> (u16, String) {
-    let mut req = format!(
-        "POST /.well-known/mercure HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-         Content-Length: {}\r\n",
-        form.len()
-    );
+    let mut lines = headers.to_vec();
     if !headers.iter().any(|h| h.starts_with("Content-Type")) {
-        req.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
+        lines.push("Content-Type: application/x-www-form-urlencoded");
     }
-    for h in headers {
-        req.push_str(h);
-        req.push_str("\r\n");
-    }
-    req.push_str("\r\n");
-    req.push_str(form);
-    let mut c = Client::new(addr);
-    c.send(req.as_bytes());
-    let (head, body) = c.response();
+    let raw = support::request_text("POST", "/.well-known/mercure", "127.0.0.1", &lines, form);
+    let (head, body) = support::request(addr, &raw);
     (head.status, body)
 }
 

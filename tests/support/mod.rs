@@ -57,6 +57,22 @@ pub fn encode(s: &str) -> String {
         .collect()
 }
 
+/// An HS256 JWT of `claims` with `header`, signed with `secret` (ring's
+/// HMAC): what a backend would mint.
+#[cfg(feature = "daemon")]
+pub fn hs256(secret: &str, header: &serde_json::Value, claims: &serde_json::Value) -> String {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let signing = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, signing.as_bytes());
+    format!("{signing}.{}", b64(tag.as_ref()))
+}
+
 /// How long any single read may block before the test fails.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 

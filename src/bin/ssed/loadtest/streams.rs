@@ -274,17 +274,29 @@ impl Streams {
         }
     }
 
+    /// Whether stream `idx`'s connect failed (or it is gone): then it is
+    /// closed and counted as failed.
+    fn connect_failed(&mut self, idx: usize) -> bool {
+        let Some(conn) = self.slots.get(idx).and_then(Option::as_ref) else {
+            return true;
+        };
+        match conn.sock.take_error() {
+            Ok(None) => false,
+            Ok(Some(e)) | Err(e) => {
+                self.close(idx);
+                self.fail(format!("connect: {e}"));
+                true
+            }
+        }
+    }
+
     fn on_writable(&mut self, idx: usize, mut sent: u32) {
+        if self.connect_failed(idx) {
+            return;
+        }
         let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
             return;
         };
-        match conn.sock.take_error() {
-            Ok(None) => {}
-            Ok(Some(e)) | Err(e) => {
-                self.close(idx);
-                return self.fail(format!("connect: {e}"));
-            }
-        }
         while (sent as usize) < self.request.len() {
             match (&conn.sock).write(&self.request[sent as usize..]) {
                 Ok(n) => sent += n as u32,
@@ -362,16 +374,12 @@ impl Streams {
     /// An `https://` stream's TCP connect finished (or failed): the
     /// handshake starts, the request queued behind it.
     fn on_tls_connected(&mut self, idx: usize) {
+        if self.connect_failed(idx) {
+            return;
+        }
         let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
             return;
         };
-        match conn.sock.take_error() {
-            Ok(None) => {}
-            Ok(Some(e)) | Err(e) => {
-                self.close(idx);
-                return self.fail(format!("connect: {e}"));
-            }
-        }
         conn.phase = Phase::Head { buf: Vec::new() };
         self.tls_flush(idx, true);
     }
