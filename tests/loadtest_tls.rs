@@ -8,19 +8,16 @@
 
 mod support;
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::TempDir;
 use support::process::{Ssed, spawn_config};
 use support::tls::Pki;
-
-const BIN: &str = env!("CARGO_BIN_EXE_ssed");
 
 /// An HTTPS `ssed` with a leaf for `localhost` and `127.0.0.1` from `pki`.
 fn server(pki: &Pki, dir: &TempDir) -> (Ssed, SocketAddr) {
@@ -41,52 +38,7 @@ fn loadtest(
     nofile: Option<u64>,
     deadline: Duration,
 ) -> (ExitStatus, String, String) {
-    let mut cmd = match nofile {
-        Some(n) => {
-            let mut c = Command::new("bash");
-            c.args(["-c", "ulimit -n \"$0\" && exec \"$@\"", &n.to_string(), BIN]);
-            c
-        }
-        None => Command::new(BIN),
-    };
-    let mut child = cmd
-        .arg("loadtest")
-        .args(args)
-        .env_remove("SSED_PUBLISH_TOKEN")
-        .env_remove("SSED_SUBSCRIBE_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ssed loadtest starts");
-    let read = |pipe: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_string(&mut text); // what arrived is what we check
-            }
-            text
-        })
-    };
-    let out = read(child.stdout.take().map(|p| Box::new(p) as _));
-    let err = read(child.stderr.take().map(|p| Box::new(p) as _));
-    let until = Instant::now() + deadline;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > until {
-            let _ = child.kill(); // it overran: the panic reports it
-            let _ = child.wait();
-            panic!("ssed loadtest did not finish in time");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    (
-        status,
-        out.join().expect("stdout reader"),
-        err.join().expect("stderr reader"),
-    )
+    support::loadtest::loadtest_limited(args, nofile, deadline)
 }
 
 fn json(stdout: &str) -> Value {

@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 #[cfg(feature = "daemon")]
+pub mod loadtest;
+#[cfg(feature = "daemon")]
 pub mod netns;
 #[cfg(feature = "daemon")]
 pub mod process;
