@@ -580,6 +580,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "loadtest-https")]
     fn https_options() {
         let o = parse(&[
             "--url",
@@ -668,10 +669,6 @@ mod tests {
                 "need --publish-url",
             ),
             (
-                &["--url", "https://127.0.0.1:1/events/a", "-n", "5"],
-                "--cacert FILE",
-            ),
-            (
                 &[
                     "--url",
                     "https://127.0.0.1:1/e",
@@ -684,17 +681,6 @@ mod tests {
                 "give one",
             ),
             (&["--url", url, "-n", "5", "--insecure"], "for https://"),
-            (
-                &[
-                    "--url",
-                    "https://127.0.0.1:1/e",
-                    "-n",
-                    "5",
-                    "--cacert",
-                    "/nonexistent/ca.pem",
-                ],
-                "/nonexistent/ca.pem",
-            ),
             (&["--url", "ftp://x/", "-n", "5"], "expected http://"),
             (&["--url", "http://127.0.0.1:99999/", "-n", "5"], "bad port"),
             (&["--url", url, "-n", "0"], "at least 1"),
@@ -730,9 +716,46 @@ mod tests {
                 "--publish-url",
             ),
         ];
-        for (list, want) in table {
+        let check = |list: &[&str], want: &str| {
             let err = parse(list).expect_err("invalid");
             assert!(err.contains(want), "{list:?}: {err:?} lacks {want:?}");
+        };
+        for (list, want) in table {
+            check(list, want);
         }
+        // What only a build with the https client gets as far as checking.
+        #[cfg(feature = "loadtest-https")]
+        {
+            check(
+                &["--url", "https://127.0.0.1:1/events/a", "-n", "5"],
+                "--cacert FILE",
+            );
+            check(
+                &[
+                    "--url",
+                    "https://127.0.0.1:1/e",
+                    "-n",
+                    "5",
+                    "--cacert",
+                    "/nonexistent/ca.pem",
+                ],
+                "/nonexistent/ca.pem",
+            );
+        }
+    }
+
+    /// A build without the https client says so, and how to get one.
+    #[test]
+    #[cfg(not(feature = "loadtest-https"))]
+    fn https_needs_the_feature() {
+        let err = parse(&[
+            "--url",
+            "https://127.0.0.1:1/events/a",
+            "-n",
+            "5",
+            "--insecure",
+        ])
+        .expect_err("no https client");
+        assert!(err.contains("--features loadtest-https"), "{err}");
     }
 }
