@@ -13,6 +13,8 @@
 #     --streams N    streams to hold (default 10000)
 #     --set LINE     a line added to the server's config, e.g.
 #                    --set 'heartbeat = "15s"' (repeatable)
+#     --path PATH    what each stream asks for (default /events/idle; a
+#                    Mercure subscriber: '/.well-known/mercure?topic=idle')
 #     --bearer TOKEN the subscribers' Bearer token (a JWT, say, with
 #                    --set '[auth]' --set 'jwt_secret = "..."'); the server
 #                    does not see it as its own subscribe token
@@ -40,6 +42,7 @@ streams=10000
 extra=()
 drop_caches=0
 bearer=""
+path=/events/idle
 https=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -48,6 +51,7 @@ while [[ $# -gt 0 ]]; do
     --set) extra+=("$2"); shift 2 ;;
     --drop-caches) drop_caches=1; shift ;;
     --bearer) bearer=$2; shift 2 ;;
+    --path) path=$2; shift 2 ;;
     --https) https=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "idle-memory: unknown argument '$1' (try --help)" >&2; exit 2 ;;
@@ -55,6 +59,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -x $bin ]] || { echo "idle-memory: no executable at $bin (cargo build --release, or scripts/build-static.sh)" >&2; exit 2; }
 [[ $streams =~ ^[0-9]+$ && $streams -gt 0 ]] || { echo "idle-memory: --streams wants a positive number" >&2; exit 2; }
+[[ $path == /* ]] || { echo "idle-memory: --path wants a path starting with /" >&2; exit 2; }
 
 work=$(mktemp -d)
 server=""; tester=""
@@ -125,10 +130,10 @@ rss0=$(status VmRSS); threads0=$(status Threads); maps0=$(wc -l <"/proc/$server/
 ramp=5000
 hold=$((streams / ramp + 10))
 if (( https )); then
-  python3 scripts/tls-hold.py "$addr" /events/idle "$streams" "$hold" "$work/ca.pem" "$bearer" \
+  python3 scripts/tls-hold.py "$addr" "$path" "$streams" "$hold" "$work/ca.pem" "$bearer" \
     >"$work/loadtest.json" 2>"$work/loadtest.log" &
 else
-  SSED_SUBSCRIBE_TOKEN=$bearer "$bin" loadtest --url "http://$addr/events/idle" --connections "$streams" --ramp "$ramp/s" \
+  SSED_SUBSCRIBE_TOKEN=$bearer "$bin" loadtest --url "http://$addr$path" --connections "$streams" --ramp "$ramp/s" \
     --duration "${hold}s" --json >"$work/loadtest.json" 2>"$work/loadtest.log" &
 fi
 tester=$!
