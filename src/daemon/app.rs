@@ -143,11 +143,9 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
             let app = a(&app);
             move |req, stream| with_held_released(app.subscribe(req, stream))
         })
-        // A Mercure subscriber: the same query (`topic=`), checked for
-        // what is not built yet (see `refuse_topics`).
         .route(mercure::MERCURE_PATH, {
             let app = a(&app);
-            move |req, stream| with_held_released(app.subscribe(req, stream))
+            move |req, stream| with_held_released(app.mercure_subscribe(req, stream))
         })
         .post("/publish/{topic}", {
             let app = a(&app);

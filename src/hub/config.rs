@@ -12,6 +12,10 @@ use crate::hub::id::{EventId, MAX_NAME_LEN, topic_problem};
 /// The event name of the frame sent when a client asks to resume from an id
 /// older than what is retained.
 pub const RESET_EVENT: &str = "reset";
+
+/// The last event id that asks for a replay of everything retained, with
+/// no reset notice (Mercure's `earliest`).
+pub const EARLIEST: &str = "earliest";
 /// Most frames written per wake-up of a following stream.
 pub(crate) const BATCH: usize = 256;
 /// How soon a stream whose replay could not be read asks its client to
@@ -145,6 +149,8 @@ pub enum HubError {
         /// The most an update may have.
         max: usize,
     },
+    /// What the hub's engine cannot do yet (it names it).
+    Unsupported(&'static str),
 }
 
 impl fmt::Display for HubError {
@@ -178,6 +184,7 @@ impl fmt::Display for HubError {
             HubError::TopicCount { count, max } => {
                 write!(f, "an update has 1 to {max} topics, not {count}")
             }
+            HubError::Unsupported(what) => write!(f, "not supported yet: {what}"),
         }
     }
 }

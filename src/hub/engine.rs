@@ -20,9 +20,19 @@ use crossbeam_channel::Sender;
 use crate::event::Event;
 use crate::hub::config::{HubError, HubUsage, Published, RedisState};
 use crate::hub::fanout::SubscriberQueue;
+use crate::hub::grant::{Privacy, Selector};
 use crate::hub::history::StorageError;
 use crate::hub::node::Node;
 use crate::hub::replay::Replaying;
+
+/// What a new subscriber follows, and which private updates it may get.
+pub(crate) struct Interest<'a> {
+    /// Topics followed exactly: sorted, distinct.
+    pub(crate) names: &'a [&'a str],
+    /// Selectors (`*`, URI templates) followed: distinct.
+    pub(crate) selectors: &'a [Selector],
+    pub(crate) privacy: &'a Privacy,
+}
 
 /// A subscriber joined to its topics, with its replay started.
 pub(crate) struct Joined {
@@ -66,16 +76,15 @@ pub(crate) trait Engine: Send + Sync + UnwindSafe + RefUnwindSafe {
         private: bool,
     ) -> Result<Published, HubError>;
 
-    /// Joins a subscriber to `names` (sorted, distinct) and starts its
-    /// replay after `last_event_id`, with no gap and no repeat between the
-    /// replay and the live frames; a `public_only` one never gets a
-    /// private update, live or replayed.
+    /// Joins a subscriber to what `interest` names and starts its replay
+    /// after `last_event_id`, with no gap and no repeat between the
+    /// replay and the live frames; private updates, live or replayed,
+    /// reach it as its privacy allows.
     fn subscribe(
         &self,
         node: &Node,
-        names: &[&str],
+        interest: &Interest<'_>,
         last_event_id: Option<&str>,
-        public_only: bool,
     ) -> Result<Joined, HubError>;
 
     /// Reads the next page of `replay` (of `topics`, the subscription's).

@@ -25,6 +25,7 @@ use crossbeam_channel::Sender;
 
 use crate::event::EncodedEvent;
 use crate::http::chunked::frame_into;
+use crate::hub::grant::{Privacy, Selector};
 use crate::stats::Stats;
 use crate::wire::Wire;
 
@@ -69,11 +70,15 @@ pub(crate) struct SubscriberQueue {
     /// Set once the following stream is open on a socket of ours: wakers
     /// may then write its frames themselves.
     direct: OnceLock<Direct>,
-    /// Never offered a private update (see
-    /// [`Hub::subscribe_public`](crate::Hub::subscribe_public)).
-    pub(crate) public_only: bool,
-    /// The topics followed.
+    /// Which private updates it may be offered.
+    pub(crate) privacy: Privacy,
+    /// The topics followed exactly.
     pub(crate) topics: Box<[Arc<str>]>,
+    /// The selectors followed (`*`, URI templates): every topic they match.
+    pub(crate) selectors: Box<[Selector]>,
+    /// It follows more than one topic or selector: an update may be
+    /// offered to it more than once, and it takes it once.
+    pub(crate) several: bool,
 }
 
 /// What a waker needs to write a sleeping subscriber's frames itself.
@@ -184,22 +189,25 @@ impl SubscriberQueue {
     /// A new queue, shared. Out of line: the value is put together on the
     /// stack before it moves to the heap, and a subscribing stream thread
     /// should not carry those bytes in its own frame (see `Stream::follow`).
-    #[inline(never)]
-    pub(crate) fn shared(
+    /// A queue for a subscriber of `topics` exactly and of `selectors`,
+    /// offered the private updates `privacy` allows.
+    pub(crate) fn following(
         capacity: usize,
         max_bytes: usize,
         topics: Box<[Arc<str>]>,
-        public_only: bool,
+        selectors: Box<[Selector]>,
+        privacy: Privacy,
     ) -> Arc<Self> {
-        Arc::new(Self::new(capacity, max_bytes, topics, public_only))
+        let several = topics.len() + selectors.len() > 1;
+        Arc::new(SubscriberQueue {
+            several,
+            selectors,
+            privacy,
+            ..Self::new(capacity, max_bytes, topics)
+        })
     }
 
-    pub(crate) fn new(
-        capacity: usize,
-        max_bytes: usize,
-        topics: Box<[Arc<str>]>,
-        public_only: bool,
-    ) -> Self {
+    pub(crate) fn new(capacity: usize, max_bytes: usize, topics: Box<[Arc<str>]>) -> Self {
         SubscriberQueue {
             frames: Mutex::new(Frames::default()),
             capacity: capacity.max(1),
@@ -209,8 +217,10 @@ impl SubscriberQueue {
             closed: AtomicBool::new(false),
             thread: OnceLock::new(),
             direct: OnceLock::new(),
-            public_only,
+            privacy: Privacy::All,
+            several: topics.len() > 1,
             topics,
+            selectors: Box::default(),
         }
     }
 

@@ -242,6 +242,20 @@ impl Grant {
         self.publish.iter().any(|s| s.matches(topic))
     }
 
+    /// Whether this grant lets its holder subscribe by `selector`: to an
+    /// exact topic it covers; by `*` or a URI template only when it holds
+    /// `*` or that very selector (a template is not compared with another
+    /// for the topics they share).
+    pub fn can_subscribe_by(&self, selector: &Selector) -> bool {
+        match selector {
+            Selector::Exact(t) => self.can_subscribe(t),
+            _ => self
+                .subscribe
+                .iter()
+                .any(|s| matches!(s, Selector::All) || s == selector),
+        }
+    }
+
     /// The subscribe selectors.
     pub fn subscribe(&self) -> &[Selector] {
         &self.subscribe
@@ -265,6 +279,42 @@ impl Grant {
             return Err(missing.clone());
         }
         Ok(Grant::new(wanted, Vec::new()))
+    }
+}
+
+/// Which private updates a subscription may receive (see
+/// [`Hub::subscribe_matching`](crate::Hub::subscribe_matching)).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Privacy {
+    /// None: public updates only (an anonymous subscriber).
+    #[default]
+    Public,
+    /// Every private update of what it follows (a trusted subscriber).
+    All,
+    /// Private updates of the topics this grant lets its holder subscribe
+    /// to: an update reaches it when the grant covers one of the update's
+    /// topics.
+    Granted(Grant),
+}
+
+impl Privacy {
+    /// Whether a private update of `topic` may reach the subscription.
+    pub fn allows(&self, topic: &str) -> bool {
+        match self {
+            Privacy::Public => false,
+            Privacy::All => true,
+            Privacy::Granted(g) => g.can_subscribe(topic),
+        }
+    }
+
+    /// Whether a private update of these topics may reach it: one of them
+    /// is enough.
+    pub fn allows_any(&self, topics: &[&str]) -> bool {
+        match self {
+            Privacy::Public => false,
+            Privacy::All => true,
+            Privacy::Granted(g) => topics.iter().any(|t| g.can_subscribe(t)),
+        }
     }
 }
 

@@ -87,6 +87,14 @@ pub trait History: Send + 'static {
         replay
     }
 
+    /// Calls `each` with the name of every topic the store holds events
+    /// of, in no order: a subscription by selector (`*`, a URI template)
+    /// replays those its selectors match. Default: none (such a
+    /// subscription then replays only the topics it names exactly).
+    fn topic_names(&self, each: &mut dyn FnMut(&str)) {
+        let _ = each;
+    }
+
     /// The newest id this store has ever issued or restored, if any; the hub
     /// continues after it.
     fn last_id(&self) -> Option<EventId> {
@@ -398,6 +406,14 @@ impl History for MemoryHistory {
                 .collect(),
             gap: after < self.floor || t.evicted.is_some_and(|ev| ev > after),
             oldest: t.events.front().map(|e| e.id),
+        }
+    }
+
+    fn topic_names(&self, each: &mut dyn FnMut(&str)) {
+        for (name, t) in &self.topics {
+            if !t.events.is_empty() {
+                each(name);
+            }
         }
     }
 

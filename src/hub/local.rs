@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::error::Report;
 use crate::event::Event;
 use crate::hub::config::{HubError, HubUsage, Published};
-use crate::hub::engine::{Engine, Joined, Receipt, Taken};
+use crate::hub::engine::{Engine, Interest, Joined, Receipt, Taken};
 use crate::hub::history::{History, Retained, StorageError};
 use crate::hub::id::{EventId, now_ms};
 use crate::hub::mailbox::{self, Message};
@@ -147,21 +147,13 @@ impl Engine for Local {
     fn subscribe(
         &self,
         node: &Node,
-        names: &[&str],
+        interest: &Interest<'_>,
         last_event_id: Option<&str>,
-        public_only: bool,
     ) -> Result<Joined, HubError> {
         let state = self.state();
-        let (id, queue) = node.join(names, false, public_only, &mut |_, _| {});
-        let replay = last_event_id.map(|asked| {
-            Box::new(Replaying::start(
-                state.last_id,
-                &*state.history,
-                &queue.topics,
-                asked,
-                public_only,
-            ))
-        });
+        let (id, queue) = node.join(interest, false, &mut |_, _| {});
+        let replay = last_event_id
+            .map(|asked| Box::new(Replaying::start(state.last_id, &*state.history, &queue, asked)));
         drop(state);
         Ok(Joined { id, queue, replay })
     }

@@ -59,7 +59,8 @@ mod replay;
 pub mod store;
 mod subscription;
 
-pub use config::{HubConfig, HubError, HubUsage, Published, RESET_EVENT};
+pub use config::{EARLIEST, HubConfig, HubError, HubUsage, Published, RESET_EVENT};
+pub use grant::{Privacy, Selector};
 pub use history::{History, MemoryHistory, Replay, Retained, StorageError};
 pub use id::{EventId, ParseIdError, valid_name, valid_topic};
 pub use mailbox::{MailboxStore, StoredMessage};
@@ -73,7 +74,7 @@ use crossbeam_channel::Receiver;
 
 use crate::event::Event;
 use crate::hub::config::RedisState;
-use crate::hub::engine::{Engine, Joined, Shared, Taken};
+use crate::hub::engine::{Engine, Interest, Joined, Shared, Taken};
 use crate::hub::local::Local;
 use crate::hub::mailbox::Mailboxes;
 use crate::hub::node::Node;
@@ -333,7 +334,7 @@ impl Hub {
         topics: &[&str],
         last_event_id: Option<&str>,
     ) -> Result<Subscription, HubError> {
-        self.subscribe_as(topics, last_event_id, false)
+        self.subscribe_as(topics, &[], &Privacy::All, last_event_id)
     }
 
     /// Subscribes to `topics` as [`subscribe`](Hub::subscribe) does, for
@@ -350,7 +351,42 @@ impl Hub {
         topics: &[&str],
         last_event_id: Option<&str>,
     ) -> Result<Subscription, HubError> {
-        self.subscribe_as(topics, last_event_id, true)
+        self.subscribe_as(topics, &[], &Privacy::Public, last_event_id)
+    }
+
+    /// Subscribes to `topics` exactly and to every topic one of
+    /// `selectors` matches (`*`, a URI template), as Mercure subscribers
+    /// do, resuming after `last_event_id` if given ([`EARLIEST`]: all of
+    /// history, with no reset notice). An update of several topics comes
+    /// once when any of them matches. Private updates reach it as
+    /// `privacy` says: with [`Privacy::Granted`], those of which the grant
+    /// covers one topic.
+    ///
+    /// A selector is matched once per topic and its answer kept, not once
+    /// per subscriber and event: thousands of subscribers of one template
+    /// cost a fan-out what as many subscribers of one topic do. The replay
+    /// of a subscription by selector covers every topic of history it
+    /// matches.
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::InvalidName`] for a topic that is not a
+    /// [valid topic](valid_topic); [`HubError::Unsupported`] for
+    /// selectors on a Redis hub (not built yet).
+    pub fn subscribe_matching(
+        &self,
+        topics: &[&str],
+        selectors: &[Selector],
+        privacy: &Privacy,
+        last_event_id: Option<&str>,
+    ) -> Result<Subscription, HubError> {
+        let mut distinct: Vec<Selector> = Vec::with_capacity(selectors.len());
+        for s in selectors {
+            if !distinct.contains(s) {
+                distinct.push(s.clone());
+            }
+        }
+        self.subscribe_as(topics, &distinct, privacy, last_event_id)
     }
 
     // Out of line: see `Stream::follow`.
@@ -358,18 +394,24 @@ impl Hub {
     fn subscribe_as(
         &self,
         topics: &[&str],
+        selectors: &[Selector],
+        privacy: &Privacy,
         last_event_id: Option<&str>,
-        public_only: bool,
     ) -> Result<Subscription, HubError> {
         if let Some(bad) = topics.iter().find(|t| !valid_topic(t)) {
             return Err(HubError::InvalidName((*bad).to_owned()));
         }
         let mut names: Vec<&str> = topics.to_vec();
         sort_names(&mut names);
+        let interest = Interest {
+            names: &names,
+            selectors,
+            privacy,
+        };
         let Joined { id, queue, replay } =
             self.0
                 .engine
-                .subscribe(&self.0.node, &names, last_event_id, public_only)?;
+                .subscribe(&self.0.node, &interest, last_event_id)?;
         Ok(Subscription {
             shared: Arc::clone(&self.0),
             id,

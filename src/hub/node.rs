@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::event::EncodedEvent;
 use crate::hub::config::HubConfig;
+use crate::hub::engine::Interest;
 use crate::hub::fanout::{Pushed, SubscriberQueue, Wakers};
+use crate::hub::grant::Selector;
 use crate::hub::id::EventId;
 use crate::hub::mailbox::Mailboxes;
 
@@ -43,6 +45,9 @@ struct State {
     /// Each topic's subscribers here; its key is shared with the topic
     /// lists of the subscribers' queues.
     subscribers: HashMap<Arc<str>, Vec<SubscriberSlot>>,
+    /// The subscribers of each selector (`*`, a URI template): matched
+    /// once per topic, whatever their number.
+    groups: Vec<Group>,
     next_subscriber: u64,
     /// Per subscriber of several topics that was offered an update of
     /// several topics: the ones it took lately.
@@ -53,12 +58,50 @@ struct State {
 }
 
 /// A subscriber in one topic's list. Small: a stream of many topics has
-/// one per topic (24 bytes; what only a resuming subscriber whose replay
+/// one per topic (32 bytes; what only a resuming subscriber whose replay
 /// is read outside the lock needs is boxed apart).
 struct SubscriberSlot {
     id: u64,
     queue: Arc<SubscriberQueue>,
     resume: Option<Box<Resume>>,
+    /// Private updates of this topic may reach it.
+    private: bool,
+}
+
+/// The subscribers of one selector, and which topics it matched lately:
+/// a selector is matched once per topic, not once per subscriber per
+/// event.
+struct Group {
+    selector: Selector,
+    subs: Vec<SubscriberSlot>,
+    /// Topics seen, and whether the selector matches each; emptied when
+    /// it holds [`MATCHES_KEPT`], so any topics arriving keep it bounded.
+    matches: HashMap<Box<str>, bool>,
+}
+
+/// Most topics a [`Group`] remembers its answer for.
+const MATCHES_KEPT: usize = 4096;
+
+impl Group {
+    /// Whether the selector matches any of `topics`.
+    fn matches_any(&mut self, topics: &[&str]) -> bool {
+        topics.iter().any(|t| self.matches(t))
+    }
+
+    fn matches(&mut self, topic: &str) -> bool {
+        if let Selector::All = self.selector {
+            return true;
+        }
+        if let Some(m) = self.matches.get(topic) {
+            return *m;
+        }
+        let m = self.selector.matches(topic);
+        if self.matches.len() >= MATCHES_KEPT {
+            self.matches.clear();
+        }
+        self.matches.insert(topic.into(), m);
+        m
+    }
 }
 
 /// A subscription whose replay is read outside the node's lock (from
@@ -138,6 +181,7 @@ impl Node {
             mailboxes,
             state: Mutex::new(State {
                 subscribers: HashMap::new(),
+                groups: Vec::new(),
                 next_subscriber: 0,
                 recent: HashMap::new(),
                 last_id,
@@ -186,7 +230,7 @@ impl Node {
         for topic in topics {
             for s in state.subscribers.get(*topic).into_iter().flatten() {
                 let once = topics.len() == 1 || s.queue.topics.len() == 1 || seen.insert(s.id);
-                if once && !(private && s.queue.public_only) {
+                if once && !(private && !s.private) {
                     n += 1;
                 }
             }
@@ -215,6 +259,15 @@ impl Node {
                 several,
             };
             state.fan_out(topic, update, self.config.queue, &mut out);
+        }
+        if !state.groups.is_empty() {
+            let update = Update {
+                id,
+                frame,
+                private,
+                several,
+            };
+            state.fan_out_selectors(topics, update, self.config.queue, &mut out);
         }
         state.last_id = state.last_id.max(id);
         out
@@ -260,8 +313,8 @@ impl Node {
         let mut wake = Vec::with_capacity(subs.len());
         for s in subs {
             s.queue.close_slow();
-            if s.queue.topics.len() > 1 {
-                state.remove_subscriber(s.id, &s.queue.topics);
+            if s.queue.several {
+                state.remove_subscriber(s.id, &s.queue);
             }
             wake.push(s.queue);
         }
@@ -269,17 +322,18 @@ impl Node {
         self.wakers.wake(wake);
     }
 
-    /// Joins a new subscriber to `names` (sorted, distinct); returns its
-    /// number and queue. `on_new(i, name)` is told, under the lock, of each
-    /// topic that had no subscriber here. With `resume`, live frames wait
-    /// beside the subscriber until [`Node::resume_live`].
+    /// Joins a new subscriber to what `interest` names (topics sorted and
+    /// distinct, selectors distinct); returns its number and queue.
+    /// `on_new(i, name)` is told, under the lock, of each topic that had no
+    /// subscriber here. With `resume`, live frames wait beside the
+    /// subscriber until [`Node::resume_live`].
     pub(crate) fn join(
         &self,
-        names: &[&str],
+        interest: &Interest<'_>,
         resume: bool,
-        public_only: bool,
         on_new: &mut dyn FnMut(usize, &str),
     ) -> (u64, Arc<SubscriberQueue>) {
+        let names = interest.names;
         let mut state = self.state();
         let id = state.next_subscriber;
         state.next_subscriber += 1;
@@ -298,13 +352,15 @@ impl Node {
             }
             topics.push(key);
         }
-        let queue = SubscriberQueue::shared(
+        let queue = SubscriberQueue::following(
             self.config.queue,
             self.config.queue_bytes,
             topics.into_boxed_slice(),
-            public_only,
+            interest.selectors.into(),
+            interest.privacy.clone(),
         );
         for name in queue.topics.iter() {
+            let private = queue.privacy.allows(name);
             if let Some(v) = state.subscribers.get_mut(name) {
                 v.push(SubscriberSlot {
                     id,
@@ -315,7 +371,25 @@ impl Node {
                             seen: EventId::floor_of(0),
                         })
                     }),
+                    private,
                 });
+            }
+        }
+        for selector in queue.selectors.iter() {
+            let slot = SubscriberSlot {
+                id,
+                queue: Arc::clone(&queue),
+                resume: None,
+                // Decided per update, by its topics.
+                private: false,
+            };
+            match state.groups.iter_mut().find(|g| g.selector == *selector) {
+                Some(g) => g.subs.push(slot),
+                None => state.groups.push(Group {
+                    selector: selector.clone(),
+                    subs: vec![slot],
+                    matches: HashMap::new(),
+                }),
             }
         }
         (id, queue)
@@ -356,9 +430,9 @@ impl Node {
         }
     }
 
-    /// Removes subscriber `id` from each of `topics`.
-    pub(crate) fn unsubscribe(&self, id: u64, topics: &[Arc<str>]) {
-        self.state().remove_subscriber(id, topics);
+    /// Removes subscriber `id` (of `queue`) from everything it follows.
+    pub(crate) fn unsubscribe(&self, id: u64, queue: &SubscriberQueue) {
+        self.state().remove_subscriber(id, queue);
     }
 }
 
@@ -378,13 +452,8 @@ impl State {
     /// An update of several topics comes once per topic: a subscriber of
     /// several of them takes it the first time only (see [`Recent`]).
     fn fan_out(&mut self, topic: &str, update: Update<'_>, limit: usize, out: &mut FanOut) {
-        let Update {
-            id,
-            frame,
-            private,
-            several,
-        } = update;
         let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
+        let selectors = !self.groups.is_empty();
         let State {
             subscribers,
             recent,
@@ -392,47 +461,14 @@ impl State {
         } = self;
         if let Some(subs) = subscribers.get_mut(topic) {
             subs.retain_mut(|s| {
-                if s.resume.as_ref().is_some_and(|r| id <= r.seen)
-                    || (private && s.queue.public_only)
+                if s.resume.as_ref().is_some_and(|r| update.id <= r.seen)
+                    || (update.private && !s.private)
                 {
                     return true;
                 }
-                if several && s.queue.topics.len() > 1 && !recent.entry(s.id).or_default().first(id)
-                {
-                    return true; // it has this update already
-                }
-                let pending = s.resume.as_mut().and_then(|r| r.pending.as_mut());
-                let pushed = match pending {
-                    Some(pending) if pending.len() < limit => {
-                        pending.push((id, frame.clone()));
-                        Pushed::Queued
-                    }
-                    Some(_) => {
-                        s.queue.close_slow();
-                        Pushed::Slow
-                    }
-                    None => s.queue.push(frame),
-                };
-                match pushed {
-                    Pushed::Queued => {
-                        out.receivers += 1;
-                        true
-                    }
-                    Pushed::QueuedWake => {
-                        out.receivers += 1;
-                        out.wake.push(Arc::clone(&s.queue));
-                        true
-                    }
-                    Pushed::Slow => {
-                        // Closed: it drains what it has, then ends as slow
-                        // and its client resumes from history.
-                        out.wake.push(Arc::clone(&s.queue));
-                        if s.queue.topics.len() > 1 {
-                            dropped.push((s.id, Arc::clone(&s.queue)));
-                        }
-                        false
-                    }
-                }
+                // A selector of its own may offer it this update again.
+                let again = update.several || (selectors && !s.queue.selectors.is_empty());
+                offer(s, update, again, recent, limit, out, &mut dropped)
             });
             if subs.is_empty() {
                 subscribers.remove(topic);
@@ -443,14 +479,44 @@ impl State {
         // would silently miss this topic's events while the others kept it
         // connected.
         for (id, queue) in dropped {
-            self.remove_subscriber(id, &queue.topics);
+            self.remove_subscriber(id, &queue);
         }
     }
 
-    /// Removes subscriber `id` from each of `topics`.
-    fn remove_subscriber(&mut self, id: u64, topics: &[Arc<str>]) {
+    /// Offers an update of `topics` to the subscribers of every selector
+    /// that matches one of them (a private one to those whose grant covers
+    /// one of them), after [`fan_out`](State::fan_out) offered it to those
+    /// of each topic.
+    fn fan_out_selectors(
+        &mut self,
+        topics: &[&str],
+        update: Update<'_>,
+        limit: usize,
+        out: &mut FanOut,
+    ) {
+        let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
+        let State { groups, recent, .. } = self;
+        for group in groups.iter_mut() {
+            if !group.matches_any(topics) {
+                continue;
+            }
+            group.subs.retain_mut(|s| {
+                if update.private && !s.queue.privacy.allows_any(topics) {
+                    return true;
+                }
+                offer(s, update, true, recent, limit, out, &mut dropped)
+            });
+        }
+        for (id, queue) in dropped {
+            self.remove_subscriber(id, &queue);
+        }
+        self.groups.retain(|g| !g.subs.is_empty());
+    }
+
+    /// Removes subscriber `id` (of `queue`) from everything it follows.
+    fn remove_subscriber(&mut self, id: u64, queue: &SubscriberQueue) {
         self.recent.remove(&id);
-        for topic in topics {
+        for topic in queue.topics.iter() {
             if let Some(subs) = self.subscribers.get_mut(topic) {
                 subs.retain(|s| s.id != id);
                 if subs.is_empty() {
@@ -458,6 +524,66 @@ impl State {
                     self.forget_topic(topic);
                 }
             }
+        }
+        if !queue.selectors.is_empty() {
+            for group in &mut self.groups {
+                if queue.selectors.contains(&group.selector) {
+                    group.subs.retain(|s| s.id != id);
+                }
+            }
+            self.groups.retain(|g| !g.subs.is_empty());
+        }
+    }
+}
+
+/// Offers `update` to the subscriber in `s`; false when it was dropped as
+/// slow (it leaves the list; one of several topics is noted in
+/// `dropped`, to leave the others). With `again`, the update may have
+/// been offered to it already: a subscriber of several topics or
+/// selectors takes it once (see [`Recent`]).
+fn offer(
+    s: &mut SubscriberSlot,
+    update: Update<'_>,
+    again: bool,
+    recent: &mut HashMap<u64, Recent>,
+    limit: usize,
+    out: &mut FanOut,
+    dropped: &mut Vec<(u64, Arc<SubscriberQueue>)>,
+) -> bool {
+    let Update { id, frame, .. } = update;
+    if again && s.queue.several && !recent.entry(s.id).or_default().first(id) {
+        return true; // it has this update already
+    }
+    let pending = s.resume.as_mut().and_then(|r| r.pending.as_mut());
+    let pushed = match pending {
+        Some(pending) if pending.len() < limit => {
+            pending.push((id, frame.clone()));
+            Pushed::Queued
+        }
+        Some(_) => {
+            s.queue.close_slow();
+            Pushed::Slow
+        }
+        None => s.queue.push(frame),
+    };
+    match pushed {
+        Pushed::Queued => {
+            out.receivers += 1;
+            true
+        }
+        Pushed::QueuedWake => {
+            out.receivers += 1;
+            out.wake.push(Arc::clone(&s.queue));
+            true
+        }
+        Pushed::Slow => {
+            // Closed: it drains what it has, then ends as slow and its
+            // client resumes from history.
+            out.wake.push(Arc::clone(&s.queue));
+            if s.queue.several {
+                dropped.push((s.id, Arc::clone(&s.queue)));
+            }
+            false
         }
     }
 }

@@ -6,7 +6,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::event::{EncodedEvent, Event};
-use crate::hub::config::{BATCH, PAGE_BYTES, RESET_EVENT};
+use crate::hub::config::{BATCH, EARLIEST, PAGE_BYTES, RESET_EVENT};
+use crate::hub::fanout::SubscriberQueue;
 use crate::hub::history::{History, Replay, Retained, StorageError};
 use crate::hub::id::{EventId, earliest};
 
@@ -33,9 +34,18 @@ pub(crate) struct Replaying {
     pub(crate) until: EventId,
     /// The newest id read: a reset notice mid-replay names it.
     pub(crate) last: Option<EventId>,
-    /// Private updates are left out (the subscription's
-    /// [`public_only`](crate::hub::fanout::SubscriberQueue)).
-    pub(crate) public_only: bool,
+    /// Per topic (as `from`): whether its private updates are replayed.
+    pub(crate) private: Box<[bool]>,
+    /// The topics replayed, when they are not the ones the subscription
+    /// follows exactly (a subscription by selector replays every topic its
+    /// selectors matched in history).
+    pub(crate) topics: Option<Box<[Arc<str>]>>,
+    /// Resumed from `earliest`: everything retained, and no reset notice
+    /// (nothing was asked for that history could lack).
+    pub(crate) earliest: bool,
+    /// A reset notice went out: events after the id asked for may be
+    /// missing.
+    pub(crate) noticed: bool,
 }
 
 impl Default for Replaying {
@@ -46,7 +56,10 @@ impl Default for Replaying {
             from: Vec::new(),
             until: EventId::floor_of(0),
             last: None,
-            public_only: false,
+            private: Box::default(),
+            topics: None,
+            earliest: false,
+            noticed: false,
         }
     }
 }
@@ -63,30 +76,61 @@ impl Replaying {
     pub(crate) fn start(
         last_id: EventId,
         history: &dyn History,
-        topics: &[Arc<str>],
+        queue: &SubscriberQueue,
         asked: &str,
-        public_only: bool,
+    ) -> Replaying {
+        let mut replay = Replaying::after(asked, last_id, queue, &mut |each| {
+            history.topic_names(each);
+        });
+        let topics = replay.topics.take();
+        let names = topics.as_deref().unwrap_or(&queue.topics);
+        // Reading memory cannot fail.
+        let _ = replay.read_page(
+            names,
+            &mut |t, a, u, m| Ok((history.page(t, a, u, m), false)),
+            Some(asked),
+            !replay.placed(asked, last_id),
+        );
+        replay.topics = topics;
+        replay
+    }
+
+    /// A replay, nothing read yet, for the subscriber of `queue` resuming
+    /// after `asked` (or from the start of history, with `earliest`) up to
+    /// `until`. A subscriber by selector replays the topics of
+    /// `topic_names` that its selectors match, besides its own.
+    pub(crate) fn after(
+        asked: &str,
+        until: EventId,
+        queue: &SubscriberQueue,
+        topic_names: &mut dyn FnMut(&mut dyn FnMut(&str)),
     ) -> Replaying {
         // An id this hub cannot place (garbage, or from the future: a
         // restart with the clock stepped back, another server) replays
         // everything retained after the reset notice.
-        let placeable = asked.parse::<EventId>().ok().filter(|a| *a <= last_id);
-        let after = placeable.unwrap_or(EventId::floor_of(0));
-        let mut replay = Replaying {
+        let after = asked
+            .parse::<EventId>()
+            .ok()
+            .filter(|a| *a <= until)
+            .unwrap_or(EventId::floor_of(0));
+        let topics = (!queue.selectors.is_empty()).then(|| matched_topics(queue, topic_names));
+        let names = topics.as_deref().unwrap_or(&queue.topics);
+        Replaying {
             ready: VecDeque::new(),
-            from: vec![after; topics.len()],
-            until: last_id,
+            from: vec![after; names.len()],
+            until,
             last: None,
-            public_only,
-        };
-        // Reading memory cannot fail.
-        let _ = replay.read_page(
+            private: names.iter().map(|t| queue.privacy.allows(t)).collect(),
             topics,
-            &mut |t, a, u, m| Ok((history.page(t, a, u, m), false)),
-            Some(asked),
-            placeable.is_none(),
-        );
-        replay
+            earliest: asked == EARLIEST,
+            noticed: false,
+        }
+    }
+
+    /// Whether `asked` is a place in history this replay can start from
+    /// without a notice: an id up to `until`, or `earliest`.
+    pub(crate) fn placed(&self, asked: &str, until: EventId) -> bool {
+        asked == EARLIEST || asked.parse::<EventId>().is_ok_and(|a| a <= until)
     }
 
     /// Whether every frame of the replay has been read (some may still
@@ -109,11 +153,16 @@ impl Replaying {
         let mut oldest: Option<EventId> = None;
         let mut bound = self.until;
         let mut more = false;
-        for (name, from) in topics.iter().zip(self.from.iter_mut()) {
+        for ((name, from), private) in topics.iter().zip(self.from.iter_mut()).zip(&self.private) {
             if *from >= self.until {
                 continue; // nothing of this topic is left
             }
-            let (page, cut) = page(name, *from, bound, BATCH)?;
+            let (mut page, cut) = page(name, *from, bound, BATCH)?;
+            if *private {
+                // Replayed: no longer private here. An update of several
+                // topics comes once, and this copy sorts first.
+                page.events.iter_mut().for_each(|e| e.private = false);
+            }
             if page.gap {
                 gap = true;
                 // The notice covers this topic up to its oldest event:
@@ -132,16 +181,18 @@ impl Replaying {
                 bound = events.last().map_or(bound, |e| e.id);
             }
         }
-        events.sort_unstable_by_key(|e| e.id);
-        // An update of several topics is in the history of each: once here.
+        events.sort_unstable_by_key(|e| (e.id, e.private));
+        // An update of several topics is in the history of each: once here
+        // (the copy of a topic whose private updates it may see first).
         events.dedup_by_key(|e| e.id);
-        if gap {
+        if gap && !self.earliest {
             let asked = match (asked, self.last) {
                 (Some(asked), _) => asked.to_owned(),
                 (None, Some(last)) => last.to_string(),
                 (None, None) => String::new(),
             };
             self.ready.push_back(reset_frame(&asked, oldest));
+            self.noticed = true;
         }
         if let Some(newest) = events.last() {
             self.last = Some(newest.id);
@@ -151,13 +202,8 @@ impl Replaying {
             _ => self.from = Vec::new(),
         }
         // Left out only now: a private event still moves the replay on.
-        let public_only = self.public_only;
-        self.ready.extend(
-            events
-                .into_iter()
-                .filter(|e| !(public_only && e.private))
-                .map(|e| e.frame),
-        );
+        self.ready
+            .extend(events.into_iter().filter(|e| !e.private).map(|e| e.frame));
         Ok(())
     }
 }
@@ -166,7 +212,7 @@ impl Replaying {
 /// [`BATCH`] events and [`PAGE_BYTES`] of frames, one at least. True when
 /// some were cut.
 fn cut_page(events: &mut Vec<Retained>) -> bool {
-    events.sort_unstable_by_key(|e| e.id);
+    events.sort_unstable_by_key(|e| (e.id, e.private));
     let (mut keep, mut bytes) = (0, 0);
     for e in events.iter() {
         let size = e.frame.as_bytes().len();
@@ -179,6 +225,24 @@ fn cut_page(events: &mut Vec<Retained>) -> bool {
     let cut = keep < events.len();
     events.truncate(keep);
     cut
+}
+
+/// The topics a subscriber by selector replays: its own, and every topic
+/// of history (as `topic_names` lists them) that one of its selectors
+/// matches; sorted, distinct.
+fn matched_topics(
+    queue: &SubscriberQueue,
+    topic_names: &mut dyn FnMut(&mut dyn FnMut(&str)),
+) -> Box<[Arc<str>]> {
+    let mut names: Vec<Arc<str>> = queue.topics.to_vec();
+    topic_names(&mut |t| {
+        if queue.selectors.iter().any(|s| s.matches(t)) {
+            names.push(Arc::from(t));
+        }
+    });
+    names.sort_unstable();
+    names.dedup();
+    names.into()
 }
 
 /// The `event: reset` frame telling a client that resumes from `asked`

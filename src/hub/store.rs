@@ -424,6 +424,10 @@ impl History for DurableHistory {
         self.cache.page(topic, after, until, max)
     }
 
+    fn topic_names(&self, each: &mut dyn FnMut(&str)) {
+        self.cache.topic_names(each);
+    }
+
     fn retained_bytes(&self) -> u64 {
         self.cache.retained_bytes()
     }

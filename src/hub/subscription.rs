@@ -8,7 +8,9 @@ use crate::error::Report;
 use crate::event::EncodedEvent;
 use crate::hub::engine::Shared;
 use crate::hub::fanout::SubscriberQueue;
+use crate::hub::config::EARLIEST;
 use crate::hub::history::StorageError;
+use crate::hub::id::EventId;
 use crate::hub::replay::{Replaying, reset_frame};
 
 /// A subscription to one or more topics: the replay backlog, then live
@@ -105,9 +107,11 @@ impl Subscription {
         };
         if replay.ready.is_empty() && !replay.complete() {
             let shared = &self.shared;
-            let read = shared
-                .engine
-                .read_page(&shared.node, replay, &self.queue.topics);
+            // A replay by selector reads topics of its own.
+            let own = replay.topics.take();
+            let topics = own.as_deref().unwrap_or(&self.queue.topics);
+            let read = shared.engine.read_page(&shared.node, replay, topics);
+            replay.topics = own;
             if let Err(e) = read {
                 replay.from = Vec::new(); // nothing more to read
                 return Err(e);
@@ -122,6 +126,26 @@ impl Subscription {
         self.replay.as_ref().is_none_or(|r| r.complete())
     }
 
+    /// Where this subscription's events start, as Mercure's
+    /// `Mercure-Last-Event-ID` tells a subscriber: for one resuming after
+    /// `asked`, that id when the replay follows on from it, else (from
+    /// `earliest`, or after a reset notice: the id unknown or events lost)
+    /// [`EARLIEST`]; for one not resuming, the newest id the hub had.
+    pub fn cursor(&self, asked: Option<&str>) -> String {
+        match (asked, self.replay.as_deref()) {
+            (Some(asked), Some(r)) if !r.earliest && !r.noticed => asked.to_owned(),
+            (Some(_), _) => EARLIEST.to_owned(),
+            (None, _) => {
+                let newest = self.shared.node.last_id();
+                if newest == EventId::floor_of(0) {
+                    EARLIEST.to_owned()
+                } else {
+                    newest.to_string()
+                }
+            }
+        }
+    }
+
     /// Whether the hub dropped this subscriber for falling behind.
     pub fn is_slow(&self) -> bool {
         self.queue.is_slow()
@@ -130,7 +154,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.shared.node.unsubscribe(self.id, &self.queue.topics);
+        self.shared.node.unsubscribe(self.id, &self.queue);
     }
 }
 

@@ -26,6 +26,7 @@ pub(super) fn stream_jwt<'r>(req: &'r Request, config: &Config) -> Option<&'r st
                 .is_some_and(|t| auth::constant_time_eq(t.as_bytes(), given.as_bytes()));
             (!static_token).then_some(given)
         }
+        None if mercure_authorization(req).is_some() => mercure_authorization(req),
         None if req.query("token").is_some()
             || req.query("ticket").is_some()
             || auth::cookie(req, SESSION_COOKIE).is_some() =>
@@ -35,6 +36,17 @@ pub(super) fn stream_jwt<'r>(req: &'r Request, config: &Config) -> Option<&'r st
         None => auth::cookie(req, &config.jwt_cookie),
     };
     token.filter(|t| JwtVerifier::looks_like_jwt(t))
+}
+
+/// A Mercure 0.x subscriber's JWT in the query (`?authorization=`), taken
+/// on the Mercure endpoint only (draft-07, "Authorization"): a browser's
+/// `EventSource` can send no header and a cross-site one no cookie.
+pub(super) fn mercure_authorization(req: &Request) -> Option<&str> {
+    if req.path() == super::mercure::MERCURE_PATH {
+        req.query("authorization")
+    } else {
+        None
+    }
 }
 
 // Both boxed: every thread's thread-locals sit at the top of its stack
@@ -111,6 +123,8 @@ pub(super) type Admission = Result<Credential, Response>;
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Target<'a> {
     Topics(&'a [&'a str]),
+    /// A Mercure subscription: exact topics and selectors.
+    Selected(&'a [&'a str], &'a [Selector]),
     Mailbox(&'a str),
 }
 
@@ -213,6 +227,12 @@ impl App {
                 None => Err(Self::unauthorized("wrong subscribe token")),
             };
         }
+        if let Some(given) = mercure_authorization(req).filter(|_| self.jwt.is_some()) {
+            return match self.jwt(given) {
+                Some(claims) => claims.map(Credential::jwt),
+                None => Err(Self::invalid_token()),
+            };
+        }
         if let Some(given) = req.query("token").filter(|_| credentials) {
             if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
                 return Ok(Credential::new(How::Token, Grant::subscribe_all()));
@@ -278,7 +298,7 @@ impl App {
         target: Target<'_>,
     ) -> Option<Response> {
         match (cred.how, target) {
-            (How::Anonymous, Target::Topics(_)) => None,
+            (How::Anonymous, Target::Topics(_) | Target::Selected(..)) => None,
             (How::Anonymous, Target::Mailbox(_))
                 if !self.config.subscriber_credentials()
                     && auth::is_loopback(req.peer_addr().ip())
@@ -291,6 +311,16 @@ impl App {
                 .iter()
                 .find(|t| !cred.grant.can_subscribe(t))
                 .map(|t| Self::forbidden("topic", t)),
+            (_, Target::Selected(topics, selectors)) => topics
+                .iter()
+                .find(|t| !cred.grant.can_subscribe(t))
+                .map(|t| Self::forbidden("topic", t))
+                .or_else(|| {
+                    selectors
+                        .iter()
+                        .find(|s| !cred.grant.can_subscribe_by(s))
+                        .map(|s| Self::forbidden("topic selector", s.as_str()))
+                }),
             (_, Target::Mailbox(key)) => {
                 (!cred.grant.can_subscribe(key)).then(|| Self::forbidden("mailbox", key))
             }

@@ -11,21 +11,23 @@
 //! `text/plain`, the event's id. A publisher-given `id` is refused for now
 //! (ssed assigns ids).
 //!
-//! `GET /.well-known/mercure?topic=…` subscribes as `/events?topic=` does
-//! (the same handler), to exact topics: URI-template and `*` selectors and
-//! draft-08's `match*` parameters are refused (`400`) until selector
-//! subscriptions are built; `lastEventID` and `last_event_id` resume as
-//! `Last-Event-ID` does.
+//! `GET /.well-known/mercure` subscribes: to exact topics and to
+//! selectors (`*`, URI templates) with draft-07's `topic=`, to exact
+//! topics (or `*`) with draft-08's `match=`/`match_exact=`; `lastEventID`
+//! and `last_event_id` resume as `Last-Event-ID` does, `earliest` replays
+//! everything retained. A credential must cover each topic and selector
+//! (`403`), as on `/events`; an anonymous subscriber gets public updates.
 
 use std::time::Duration;
 
-use super::App;
+use super::access::Target;
 use super::publish::publish_failed;
-use super::streams::bad_topic;
+use super::streams::{Audience, bad_topic, subscribe_failed};
+use super::{App, MAX_TOPICS_PER_STREAM};
 use crate::http::request::parse_query;
-use crate::hub::MAX_UPDATE_TOPICS;
 use crate::hub::id::topic_problem;
-use crate::{Event, Request, Response};
+use crate::hub::{HubError, MAX_UPDATE_TOPICS, Privacy, Selector};
+use crate::{Event, Request, Response, Stream, StreamError};
 
 /// The path of the Mercure endpoint.
 pub(super) const MERCURE_PATH: &str = "/.well-known/mercure";
@@ -148,33 +150,115 @@ fn read_form(req: &Request) -> Result<Form, Response> {
     Ok(form)
 }
 
-/// What a Mercure subscription asks for that is not built yet, refused
-/// with `400` saying so: a selector (`*`, a URI template) where an exact
-/// topic is expected, and draft-08's `match*` parameters.
+/// What a Mercure subscriber asks for: exact topics, and selectors
+/// (`*`, URI templates) followed across every topic.
+struct Wanted<'r> {
+    topics: Vec<&'r str>,
+    selectors: Vec<Selector>,
+}
+
+/// A Mercure subscriber's topic matchers, read from its query, or the
+/// `400` that says what is wrong with them: draft-07's `topic=` (an exact
+/// topic, a URI template or `*`), draft-08's `match=` and `match_exact=`
+/// (exact, `*` for every topic). `match_urlpattern=` is refused as not
+/// built yet; any other `match_…` names no matcher type.
 #[cold]
 #[inline(never)]
-pub(super) fn refuse_subscription(req: &Request, topics: &[&str]) -> Option<Response> {
-    if let Some((name, _)) = req
-        .query_pairs()
-        .iter()
-        .find(|(k, _)| k.starts_with("match"))
-    {
-        return Some(Response::text(
+fn wanted(req: &Request) -> Result<Box<Wanted<'_>>, Response> {
+    let mut w = Box::new(Wanted {
+        topics: Vec::new(),
+        selectors: Vec::new(),
+    });
+    for (name, value) in req.query_pairs() {
+        let selector = match name.as_str() {
+            "topic" => Selector::parse(value),
+            "match" | "match_exact" => Selector::exact(value),
+            "match_urlpattern" => {
+                return Err(Response::text(
+                    400,
+                    "`match_urlpattern` is not supported yet: subscribe with `topic=` (an \
+                     exact topic, a URI template or *) or `match=`",
+                ));
+            }
+            m if m.starts_with("match_") => {
+                let shown: String = m.chars().take(64).collect();
+                return Err(Response::text(
+                    400,
+                    format!(
+                        "unknown topic matcher type in `{shown}`: this hub knows `match` and \
+                         `match_exact` (and draft-07's `topic`)"
+                    ),
+                ));
+            }
+            _ => continue,
+        };
+        let selector = selector.map_err(|e| Response::text(400, e.to_string()))?;
+        if w.topics.len() + w.selectors.len() == MAX_TOPICS_PER_STREAM {
+            return Err(Response::text(
+                400,
+                format!("too many topic matchers (at most {MAX_TOPICS_PER_STREAM} per stream)"),
+            ));
+        }
+        match selector {
+            Selector::Exact(_) => {
+                if let Some(why) = topic_problem(value) {
+                    return Err(bad_topic(value, why));
+                }
+                w.topics.push(value);
+            }
+            other => w.selectors.push(other),
+        }
+    }
+    if w.topics.is_empty() && w.selectors.is_empty() {
+        return Err(Response::text(
             400,
-            format!("`{name}` is not supported yet: subscribe to exact topics with `topic=`"),
+            "name a topic: ?topic=<topic, URI template or *> (Mercure draft-07) or \
+             ?match=<topic> (draft-08)",
         ));
     }
-    topics
-        .iter()
-        .find(|t| **t == "*" || t.contains(['{', '}']))
-        .map(|t| {
-            let shown: String = t.chars().take(64).collect();
-            Response::text(
-                400,
-                format!(
-                    "topic {shown:?} is a selector: subscribing with `*` or a URI template is \
-                     not supported yet; subscribe to exact topics"
-                ),
-            )
-        })
+    Ok(w)
+}
+
+impl App {
+    /// `GET /.well-known/mercure`: a Mercure subscriber, of exact topics
+    /// and of selectors, resuming as the draft it speaks asks; the answer
+    /// carries the cursor it resumed from (`Last-Event-ID` for draft-07,
+    /// `Mercure-Last-Event-ID` for draft-08).
+    pub(super) fn mercure_subscribe(
+        &self,
+        req: &Request,
+        stream: &mut Stream,
+    ) -> Result<(), StreamError> {
+        let w = match wanted(req) {
+            Ok(w) => w,
+            Err(refusal) => return stream.respond(refusal),
+        };
+        self.verify_ahead(req);
+        let admission = self.admission(req, Target::Selected(&w.topics, &w.selectors));
+        let Some(audience) = self.open_stream(req, stream, true, admission)? else {
+            return Ok(());
+        };
+        // A credential covers all it subscribes to (or it was refused).
+        let privacy = match audience {
+            Audience::Granted => Privacy::All,
+            Audience::Public => Privacy::Public,
+        };
+        let asked = req.last_event_id();
+        let subscribed = self
+            .hub
+            .subscribe_matching(&w.topics, &w.selectors, &privacy, asked);
+        let sub = match subscribed {
+            Ok(sub) => sub,
+            // Nothing sent yet (the head waits for the first write).
+            Err(e @ HubError::Unsupported(_)) => {
+                return stream.respond(Response::text(501, e.to_string()));
+            }
+            Err(e) => return subscribe_failed(stream, &e),
+        };
+        drop(w);
+        let cursor = sub.cursor(asked);
+        stream.header("Last-Event-ID", &cursor)?;
+        stream.header("Mercure-Last-Event-ID", &cursor)?;
+        stream.follow(sub)
+    }
 }

@@ -36,7 +36,7 @@ thread_local! {
 
 /// Which updates an admitted stream may receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Audience {
+pub(super) enum Audience {
     /// Public updates only (an anonymous subscriber).
     Public,
     /// Private updates of its topics too (its grant covers them).
@@ -56,7 +56,7 @@ impl App {
     /// with. Boxed, so the handler's frame, under every idle stream, stays
     /// narrow.
     #[inline(never)]
-    fn admission(&self, req: &Request, target: Target<'_>) -> Box<Admission> {
+    pub(super) fn admission(&self, req: &Request, target: Target<'_>) -> Box<Admission> {
         if let Err(refusal) = self.cors(req) {
             return Box::new(Err(refusal));
         }
@@ -82,7 +82,7 @@ impl App {
     /// stream's way in), and the uncommon branches here and in `subscribe`
     /// (refusals, tickets, errors) live in functions of their own, kept out
     /// of line: their locals do not deepen the common path.
-    fn open_stream(
+    pub(super) fn open_stream(
         &self,
         req: &Request,
         stream: &mut Stream,
@@ -332,11 +332,6 @@ fn end_with_token(stream: &mut Stream, exp: SystemTime) {
 /// topic, an IRI say.
 #[inline(never)]
 fn refuse_topics(req: &Request, topics: &[&str]) -> Option<Response> {
-    if req.path() == super::mercure::MERCURE_PATH
-        && let Some(refusal) = super::mercure::refuse_subscription(req, topics)
-    {
-        return Some(refusal);
-    }
     if topics.is_empty() {
         return Some(Response::text(
             400,
@@ -388,7 +383,7 @@ pub(super) fn bad_topic(topic: &str, why: TopicProblem) -> Response {
 /// Last-Event-ID).
 #[cold]
 #[inline(never)]
-fn subscribe_failed(stream: &mut Stream, e: &crate::HubError) -> Result<(), StreamError> {
+pub(super) fn subscribe_failed(stream: &mut Stream, e: &crate::HubError) -> Result<(), StreamError> {
     log::warn!("subscribe failed: {}", crate::Report(e));
     stream.retry(STORAGE_RETRY)?;
     stream.comment("storage unavailable; reconnect later")

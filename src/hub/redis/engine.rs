@@ -1,13 +1,12 @@
 //! Redis as the hub's [`Engine`]: ids, history and mailboxes in Redis,
 //! live events through this node's reader thread.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::event::Event;
 use crate::hub::config::{HubError, HubUsage, ID_LINE_MAX, Published};
-use crate::hub::engine::{Engine, Joined, Receipt, Taken};
+use crate::hub::engine::{Engine, Interest, Joined, Receipt, Taken};
 use crate::hub::history::StorageError;
 use crate::hub::id::EventId;
 use crate::hub::node::Node;
@@ -45,14 +44,13 @@ impl RedisEngine {
 fn subscribe(
     redis: &Redis,
     node: &Node,
-    names: &[&str],
+    interest: &Interest<'_>,
     last_event_id: Option<&str>,
-    public_only: bool,
 ) -> Result<Joined, HubError> {
+    let names = interest.names;
     let (newest, seqs) = redis.position(names).map_err(HubError::Storage)?;
     let mut woke = false;
-    let join = (last_event_id.is_some(), public_only);
-    let (id, queue) = node.join(names, join.0, join.1, &mut |i, name| {
+    let (id, queue) = node.join(interest, last_event_id.is_some(), &mut |i, name| {
         let seq = seqs.get(i).copied().unwrap_or(0);
         woke |= redis.want(name, newest, seq);
     });
@@ -88,7 +86,7 @@ struct Leave<'a> {
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
         if let Some(j) = &self.joined {
-            self.node.unsubscribe(j.id, &j.queue.topics);
+            self.node.unsubscribe(j.id, &j.queue);
         }
     }
 }
@@ -110,20 +108,15 @@ fn start_replay(
     node.resume_live(joined.id, &joined.queue, until);
     // An id Redis cannot place (garbage, or newer than anything issued)
     // replays everything retained after the reset notice.
-    let placeable = asked.parse::<EventId>().ok().filter(|a| *a <= newest);
-    let after = placeable.unwrap_or(EventId::floor_of(0));
-    let replay = joined.replay.insert(Box::new(Replaying {
-        ready: VecDeque::new(),
-        from: vec![after; names.len()],
-        until,
-        last: None,
-        public_only: joined.queue.public_only,
-    }));
+    let mut replay = Replaying::after(asked, newest, &joined.queue, &mut |_| {});
+    replay.until = until;
+    let gap = !replay.placed(asked, newest);
+    let replay = joined.replay.insert(Box::new(replay));
     replay.read_page(
         names,
         &mut |t, a, u, m| redis.page(t, a, u, m),
         Some(asked),
-        placeable.is_none(),
+        gap,
     )
 }
 
@@ -156,17 +149,27 @@ impl Engine for RedisEngine {
     fn subscribe(
         &self,
         _node: &Node,
-        names: &[&str],
+        interest: &Interest<'_>,
         last_event_id: Option<&str>,
-        public_only: bool,
     ) -> Result<Joined, HubError> {
+        if !interest.selectors.is_empty() {
+            return Err(HubError::Unsupported(
+                "subscribing by selector (`*`, a URI template) with the Redis engine",
+            ));
+        }
         let (redis, node) = (Arc::clone(&self.redis), Arc::clone(&self.node));
-        let names: Vec<Box<str>> = names.iter().map(|n| Box::from(*n)).collect();
+        let names: Vec<Box<str>> = interest.names.iter().map(|n| Box::from(*n)).collect();
+        let privacy = interest.privacy.clone();
         let last_event_id = last_event_id.map(str::to_owned);
         self.workers
             .run(move || {
                 let names: Vec<&str> = names.iter().map(|n| &**n).collect();
-                subscribe(&redis, &node, &names, last_event_id.as_deref(), public_only)
+                let interest = Interest {
+                    names: &names,
+                    selectors: &[],
+                    privacy: &privacy,
+                };
+                subscribe(&redis, &node, &interest, last_event_id.as_deref())
             })
             .map_err(HubError::Storage)?
     }
