@@ -56,7 +56,9 @@ fn next(c: &mut Client) -> String {
 
 /// The first frame that is an event (not a bare `retry:` or comment).
 fn first_event(c: &mut Client) -> String {
-    c.frame_matching(10, |f| !field(f, "data").is_empty() || !field(f, "event").is_empty())
+    c.frame_matching(10, |f| {
+        !field(f, "data").is_empty() || !field(f, "event").is_empty()
+    })
 }
 
 fn refused(addr: SocketAddr, query: &str, headers: &[&str]) -> (u16, String) {
@@ -77,7 +79,11 @@ fn templates_and_star_receive_what_they_match_and_nothing_else() {
     publish(d.addr, &format!("topic={}&data=author", enc(AUTHOR)), &[]);
     let id = publish(
         d.addr,
-        &format!("topic={}&type=changed&data={}", enc(BOOK), enc("line 1\nline 2")),
+        &format!(
+            "topic={}&type=changed&data={}",
+            enc(BOOK),
+            enc("line 1\nline 2")
+        ),
         &[],
     );
     publish(d.addr, &format!("topic={}&data=literal", enc(BOOKS)), &[]);
@@ -87,7 +93,11 @@ fn templates_and_star_receive_what_they_match_and_nothing_else() {
     assert_eq!(field(&f, "event"), ["changed"]);
     assert_eq!(field(&f, "id"), [id.as_str()]);
     // The literal topic `…/{id}` is no topic the template expands to.
-    publish(d.addr, &format!("topic={}&data=two", enc("https://example.com/books/2")), &[]);
+    publish(
+        d.addr,
+        &format!("topic={}&data=two", enc("https://example.com/books/2")),
+        &[],
+    );
     let f = next(&mut books);
     assert_eq!(field(&f, "data"), ["two"], "{f}");
     for c in [&mut all, &mut star08] {
@@ -208,9 +218,15 @@ fn malformed_or_unbuilt_matchers_are_refused_saying_why() {
     let d = daemon("");
     let too_many: Vec<String> = (0..65).map(|n| format!("topic=t{n}")).collect();
     for (query, says) in [
-        (format!("match_urlpattern={}", enc(BOOK)), "not supported yet"),
+        (
+            format!("match_urlpattern={}", enc(BOOK)),
+            "not supported yet",
+        ),
         ("match_regex=a.*".to_owned(), "unknown topic matcher type"),
-        (format!("topic={}", enc("https://example.com/{id")), "URI template"),
+        (
+            format!("topic={}", enc("https://example.com/{id")),
+            "URI template",
+        ),
         (format!("topic={}", enc("a\u{1}b")), "control"),
         (format!("match={}", enc("a\u{200B}b")), "U+200B"),
         (too_many.join("&"), "too many"),

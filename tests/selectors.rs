@@ -45,7 +45,13 @@ fn data(frame: &[u8]) -> String {
 /// deadline.
 fn live(sub: &Subscription, n: usize) -> Vec<String> {
     (0..n)
-        .map(|_| data(sub.next_timeout(DEADLINE).expect("delivered in time").as_bytes()))
+        .map(|_| {
+            data(
+                sub.next_timeout(DEADLINE)
+                    .expect("delivered in time")
+                    .as_bytes(),
+            )
+        })
         .collect()
 }
 
@@ -187,7 +193,8 @@ fn many_subscribers_of_one_template_each_get_every_matching_update() {
     for n in 0..20 {
         hub.publish(&book(n), Event::new().data(n.to_string()))
             .expect("kept");
-        hub.publish(&author(n), Event::new().data("no")).expect("kept");
+        hub.publish(&author(n), Event::new().data("no"))
+            .expect("kept");
     }
     let want: Vec<String> = (0..20).map(|n| n.to_string()).collect();
     for s in &subs {
@@ -197,4 +204,46 @@ fn many_subscribers_of_one_template_each_get_every_matching_update() {
     // Gone with their subscriptions: a publish reaches no one.
     let p = hub.publish(&book(1), Event::new().data("x")).expect("kept");
     assert_eq!(p.receivers, 0);
+}
+
+#[test]
+fn selectors_in_redis() {
+    let Some(redis) = support::redis::redis("selectors_in_redis") else {
+        return;
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let run = format!("s_{}_{nanos}_", std::process::id());
+    /// Deletes the run's streams and counts, passed or not (the stream of
+    /// every update is shared by every node, bounded, and stays).
+    struct Cleanup(&'static str, Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for t in &self.1 {
+                let stream = format!("ssed:t:{t}");
+                support::redis::command(self.0, &["DEL", &stream]);
+                support::redis::command(self.0, &["HDEL", "ssed:seq", &stream]);
+            }
+        }
+    }
+    let topics = [book(1), book(2), author(1)].map(|t| format!("{run}{t}"));
+    let _cleanup = Cleanup(redis, topics.to_vec());
+    let url = format!("redis://{redis}");
+    let hub = Hub::with_redis(&url, 10, HubConfig::default()).expect("a Redis hub");
+    check(&hub, &run);
+    // Another node: live updates published here reach its subscribers by
+    // selector, and its replay reads the same topics.
+    let other = Hub::with_redis(&url, 10, HubConfig::default()).expect("a Redis hub");
+    let books = sel(&format!("{run}{BOOKS}"));
+    let there = other
+        .subscribe_matching(&[], std::slice::from_ref(&books), &Privacy::Public, None)
+        .expect("subscribed");
+    hub.publish(&topics[1], Event::new().data("from here"))
+        .expect("kept");
+    assert_eq!(only(&there, 1), ["from here"]);
+    let r = other
+        .subscribe_matching(&[], &[books], &Privacy::Public, Some(EARLIEST))
+        .expect("subscribed");
+    assert_eq!(replay(r), ["b1", "a1+b2", "from here"]);
 }

@@ -149,8 +149,6 @@ pub enum HubError {
         /// The most an update may have.
         max: usize,
     },
-    /// What the hub's engine cannot do yet (it names it).
-    Unsupported(&'static str),
 }
 
 impl fmt::Display for HubError {
@@ -184,7 +182,6 @@ impl fmt::Display for HubError {
             HubError::TopicCount { count, max } => {
                 write!(f, "an update has 1 to {max} topics, not {count}")
             }
-            HubError::Unsupported(what) => write!(f, "not supported yet: {what}"),
         }
     }
 }

@@ -371,8 +371,8 @@ impl Hub {
     /// # Errors
     ///
     /// [`HubError::InvalidName`] for a topic that is not a
-    /// [valid topic](valid_topic); [`HubError::Unsupported`] for
-    /// selectors on a Redis hub (not built yet).
+    /// [valid topic](valid_topic); [`HubError::Storage`] when Redis cannot
+    /// be reached.
     pub fn subscribe_matching(
         &self,
         topics: &[&str],

@@ -22,6 +22,13 @@ use crate::hub::grant::Selector;
 use crate::hub::id::EventId;
 use crate::hub::mailbox::Mailboxes;
 
+/// The name under which an engine follows every topic for this node's
+/// subscribers by selector (no topic is ever named so: a topic holds no
+/// control character). [`Follower::unfollow`] is told it when the last of
+/// them leaves; [`Node::deliver`] takes updates of it, with their topics,
+/// for them.
+pub(crate) const EVERY_TOPIC: &str = "\u{0}*";
+
 /// An engine that must know when no subscriber of this node is left on a
 /// topic (the Redis reader stops following it). Told under the node's
 /// lock, so it never crosses a subscriber joining the topic.
@@ -159,6 +166,8 @@ pub(crate) struct Delivery {
     pub(crate) private: bool,
     /// One of an update's several topics (see [`Recent`]).
     pub(crate) several: bool,
+    /// For [`EVERY_TOPIC`]: the update's topics, which selectors match.
+    pub(crate) topics: Option<Box<[Box<str>]>>,
 }
 
 /// Frames handed out by one fan-out: who took them, who needs waking.
@@ -224,13 +233,24 @@ impl Node {
     /// once: all of them for a public one, those that may receive private
     /// updates for a `private` one.
     pub(crate) fn receivers(&self, topics: &[&str], private: bool) -> usize {
-        let state = self.state();
+        let mut state = self.state();
         let mut seen: HashSet<u64> = HashSet::new();
         let mut n = 0;
         for topic in topics {
             for s in state.subscribers.get(*topic).into_iter().flatten() {
-                let once = topics.len() == 1 || s.queue.topics.len() == 1 || seen.insert(s.id);
-                if once && !(private && !s.private) {
+                let once = !s.queue.several || seen.insert(s.id);
+                if once && (!private || s.private) {
+                    n += 1;
+                }
+            }
+        }
+        for g in &mut state.groups {
+            if !g.matches_any(topics) {
+                continue;
+            }
+            for s in &g.subs {
+                let once = !s.queue.several || seen.insert(s.id);
+                if once && (!private || s.queue.privacy.allows_any(topics)) {
                     n += 1;
                 }
             }
@@ -294,7 +314,13 @@ impl Node {
                 private: d.private,
                 several: d.several,
             };
-            state.fan_out(&d.topic, update, self.config.queue, &mut out);
+            match &d.topics {
+                Some(topics) => {
+                    let topics: Vec<&str> = topics.iter().map(|t| &**t).collect();
+                    state.fan_out_selectors(&topics, update, self.config.queue, &mut out);
+                }
+                None => state.fan_out(&d.topic, update, self.config.queue, &mut out),
+            }
             state.last_id = state.last_id.max(d.id);
         }
         drop(state);
@@ -306,8 +332,14 @@ impl Node {
     /// reconnect and replay from history).
     pub(crate) fn drop_subscribers(&self, topic: &str) {
         let mut state = self.state();
-        let Some(subs) = state.subscribers.remove(topic) else {
-            return;
+        let subs = if topic == EVERY_TOPIC {
+            let groups = std::mem::take(&mut state.groups);
+            groups.into_iter().flat_map(|g| g.subs).collect()
+        } else {
+            match state.subscribers.remove(topic) {
+                Some(subs) => subs,
+                None => return,
+            }
         };
         state.forget_topic(topic);
         let mut wake = Vec::with_capacity(subs.len());
@@ -325,7 +357,8 @@ impl Node {
     /// Joins a new subscriber to what `interest` names (topics sorted and
     /// distinct, selectors distinct); returns its number and queue.
     /// `on_new(i, name)` is told, under the lock, of each topic that had no
-    /// subscriber here. With `resume`, live frames wait beside the
+    /// subscriber here (and, as topic `names.len()`, of [`EVERY_TOPIC`]
+    /// when it is the first subscriber by selector here). With `resume`, live frames wait beside the
     /// subscriber until [`Node::resume_live`].
     pub(crate) fn join(
         &self,
@@ -375,11 +408,19 @@ impl Node {
                 });
             }
         }
+        if !queue.selectors.is_empty() && state.groups.is_empty() {
+            on_new(names.len(), EVERY_TOPIC);
+        }
         for selector in queue.selectors.iter() {
             let slot = SubscriberSlot {
                 id,
                 queue: Arc::clone(&queue),
-                resume: None,
+                resume: resume.then(|| {
+                    Box::new(Resume {
+                        pending: Some(Vec::new()),
+                        seen: EventId::floor_of(0),
+                    })
+                }),
                 // Decided per update, by its topics.
                 private: false,
             };
@@ -402,13 +443,14 @@ impl Node {
     pub(crate) fn resume_live(&self, id: u64, queue: &SubscriberQueue, until: EventId) {
         let mut state = self.state();
         let mut later: Vec<(EventId, EncodedEvent)> = Vec::new();
-        for name in queue.topics.iter() {
-            let Some(slot) = state
-                .subscribers
-                .get_mut(name)
-                .and_then(|v| v.iter_mut().find(|s| s.id == id))
-            else {
-                continue; // dropped as slow meanwhile
+        let State {
+            subscribers,
+            groups,
+            ..
+        } = &mut *state;
+        let mut end_wait = |list: &mut Vec<SubscriberSlot>| {
+            let Some(slot) = list.iter_mut().find(|s| s.id == id) else {
+                return; // dropped as slow meanwhile
             };
             let resume = slot.resume.get_or_insert_with(|| {
                 Box::new(Resume {
@@ -420,6 +462,16 @@ impl Node {
                 later.extend(pending.into_iter().filter(|(i, _)| *i > until));
             }
             resume.seen = until;
+        };
+        for name in queue.topics.iter() {
+            if let Some(list) = subscribers.get_mut(name) {
+                end_wait(list);
+            }
+        }
+        for g in groups.iter_mut() {
+            if queue.selectors.contains(&g.selector) {
+                end_wait(&mut g.subs);
+            }
         }
         later.sort_unstable_by_key(|(id, _)| *id);
         later.dedup_by_key(|(id, _)| *id);
@@ -501,7 +553,9 @@ impl State {
                 continue;
             }
             group.subs.retain_mut(|s| {
-                if update.private && !s.queue.privacy.allows_any(topics) {
+                if s.resume.as_ref().is_some_and(|r| update.id <= r.seen)
+                    || (update.private && !s.queue.privacy.allows_any(topics))
+                {
                     return true;
                 }
                 offer(s, update, true, recent, limit, out, &mut dropped)
@@ -510,7 +564,17 @@ impl State {
         for (id, queue) in dropped {
             self.remove_subscriber(id, &queue);
         }
+        self.forget_empty_groups();
+    }
+
+    /// Drops selectors no subscriber follows any more; with the last,
+    /// the engine stops following every topic.
+    fn forget_empty_groups(&mut self) {
+        let before = self.groups.len();
         self.groups.retain(|g| !g.subs.is_empty());
+        if before > 0 && self.groups.is_empty() {
+            self.forget_topic(EVERY_TOPIC);
+        }
     }
 
     /// Removes subscriber `id` (of `queue`) from everything it follows.
@@ -531,7 +595,7 @@ impl State {
                     group.subs.retain(|s| s.id != id);
                 }
             }
-            self.groups.retain(|g| !g.subs.is_empty());
+            self.forget_empty_groups();
         }
     }
 }

@@ -17,6 +17,10 @@ use crate::hub::id::{EventId, earliest};
 type PageFn<'a> =
     dyn FnMut(&str, EventId, EventId, usize) -> Result<(Replay, bool), StorageError> + 'a;
 
+/// Lists the topics of history: calls its argument with each name (see
+/// [`History::topic_names`]).
+pub(crate) type TopicNames<'a> = dyn FnMut(&mut dyn FnMut(&str)) + 'a;
+
 /// What is left of a subscription's replay.
 ///
 /// A hub that keeps history itself hands it out a page at a time (see
@@ -103,7 +107,7 @@ impl Replaying {
         asked: &str,
         until: EventId,
         queue: &SubscriberQueue,
-        topic_names: &mut dyn FnMut(&mut dyn FnMut(&str)),
+        topic_names: &mut TopicNames<'_>,
     ) -> Replaying {
         // An id this hub cannot place (garbage, or from the future: a
         // restart with the clock stepped back, another server) replays
@@ -230,10 +234,7 @@ fn cut_page(events: &mut Vec<Retained>) -> bool {
 /// The topics a subscriber by selector replays: its own, and every topic
 /// of history (as `topic_names` lists them) that one of its selectors
 /// matches; sorted, distinct.
-fn matched_topics(
-    queue: &SubscriberQueue,
-    topic_names: &mut dyn FnMut(&mut dyn FnMut(&str)),
-) -> Box<[Arc<str>]> {
+fn matched_topics(queue: &SubscriberQueue, topic_names: &mut TopicNames<'_>) -> Box<[Arc<str>]> {
     let mut names: Vec<Arc<str>> = queue.topics.to_vec();
     topic_names(&mut |t| {
         if queue.selectors.iter().any(|s| s.matches(t)) {

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::Report;
 use crate::event::EncodedEvent;
+use crate::hub::config::EARLIEST;
 use crate::hub::engine::Shared;
 use crate::hub::fanout::SubscriberQueue;
-use crate::hub::config::EARLIEST;
 use crate::hub::history::StorageError;
 use crate::hub::id::EventId;
 use crate::hub::replay::{Replaying, reset_frame};

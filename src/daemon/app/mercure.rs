@@ -26,7 +26,7 @@ use super::streams::{Audience, bad_topic, subscribe_failed};
 use super::{App, MAX_TOPICS_PER_STREAM};
 use crate::http::request::parse_query;
 use crate::hub::id::topic_problem;
-use crate::hub::{HubError, MAX_UPDATE_TOPICS, Privacy, Selector};
+use crate::hub::{MAX_UPDATE_TOPICS, Privacy, Selector};
 use crate::{Event, Request, Response, Stream, StreamError};
 
 /// The path of the Mercure endpoint.
@@ -249,10 +249,6 @@ impl App {
             .subscribe_matching(&w.topics, &w.selectors, &privacy, asked);
         let sub = match subscribed {
             Ok(sub) => sub,
-            // Nothing sent yet (the head waits for the first write).
-            Err(e @ HubError::Unsupported(_)) => {
-                return stream.respond(Response::text(501, e.to_string()));
-            }
             Err(e) => return subscribe_failed(stream, &e),
         };
         drop(w);

@@ -383,7 +383,10 @@ pub(super) fn bad_topic(topic: &str, why: TopicProblem) -> Response {
 /// Last-Event-ID).
 #[cold]
 #[inline(never)]
-pub(super) fn subscribe_failed(stream: &mut Stream, e: &crate::HubError) -> Result<(), StreamError> {
+pub(super) fn subscribe_failed(
+    stream: &mut Stream,
+    e: &crate::HubError,
+) -> Result<(), StreamError> {
     log::warn!("subscribe failed: {}", crate::Report(e));
     stream.retry(STORAGE_RETRY)?;
     stream.comment("storage unavailable; reconnect later")

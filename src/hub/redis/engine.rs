@@ -7,9 +7,10 @@ use std::time::Duration;
 use crate::event::Event;
 use crate::hub::config::{HubError, HubUsage, ID_LINE_MAX, Published};
 use crate::hub::engine::{Engine, Interest, Joined, Receipt, Taken};
+use crate::hub::grant::Selector;
 use crate::hub::history::StorageError;
 use crate::hub::id::EventId;
-use crate::hub::node::Node;
+use crate::hub::node::{EVERY_TOPIC, Node};
 use crate::hub::redis::worker::Workers;
 use crate::hub::redis::{PushError, Redis, RedisState};
 use crate::hub::replay::Replaying;
@@ -48,7 +49,13 @@ fn subscribe(
     last_event_id: Option<&str>,
 ) -> Result<Joined, HubError> {
     let names = interest.names;
-    let (newest, seqs) = redis.position(names).map_err(HubError::Storage)?;
+    // Subscribers by selector follow every update: the stream of them is
+    // positioned with the topics.
+    let mut followed = names.to_vec();
+    if !interest.selectors.is_empty() {
+        followed.push(EVERY_TOPIC);
+    }
+    let (newest, seqs) = redis.position(&followed).map_err(HubError::Storage)?;
     let mut woke = false;
     let (id, queue) = node.join(interest, last_event_id.is_some(), &mut |i, name| {
         let seq = seqs.get(i).copied().unwrap_or(0);
@@ -68,7 +75,7 @@ fn subscribe(
         }),
     };
     if let (Some(asked), Some(j)) = (last_event_id, joined.joined.as_mut()) {
-        start_replay(redis, node, j, asked, newest).map_err(HubError::Storage)?;
+        start_replay(redis, node, j, asked, newest, &followed).map_err(HubError::Storage)?;
     }
     joined
         .joined
@@ -102,22 +109,35 @@ fn start_replay(
     joined: &mut Joined,
     asked: &str,
     newest: EventId,
+    followed: &[&str],
 ) -> Result<(), StorageError> {
-    let names = &joined.queue.topics;
-    let (until, _) = redis.position(names)?;
+    // Listed before the end of the replay is read: a topic first
+    // published after it has nothing to replay.
+    let topics = if joined.queue.selectors.is_empty() {
+        Vec::new()
+    } else {
+        redis.topic_names()?
+    };
+    let (until, _) = redis.position(followed)?;
     node.resume_live(joined.id, &joined.queue, until);
     // An id Redis cannot place (garbage, or newer than anything issued)
     // replays everything retained after the reset notice.
-    let mut replay = Replaying::after(asked, newest, &joined.queue, &mut |_| {});
+    let mut replay = Replaying::after(asked, newest, &joined.queue, &mut |each| {
+        topics.iter().for_each(|t| each(t));
+    });
     replay.until = until;
     let gap = !replay.placed(asked, newest);
     let replay = joined.replay.insert(Box::new(replay));
-    replay.read_page(
+    let own = replay.topics.take();
+    let names = own.as_deref().unwrap_or(&joined.queue.topics);
+    let read = replay.read_page(
         names,
         &mut |t, a, u, m| redis.page(t, a, u, m),
         Some(asked),
         gap,
-    )
+    );
+    replay.topics = own;
+    read
 }
 
 impl Engine for RedisEngine {
@@ -152,13 +172,9 @@ impl Engine for RedisEngine {
         interest: &Interest<'_>,
         last_event_id: Option<&str>,
     ) -> Result<Joined, HubError> {
-        if !interest.selectors.is_empty() {
-            return Err(HubError::Unsupported(
-                "subscribing by selector (`*`, a URI template) with the Redis engine",
-            ));
-        }
         let (redis, node) = (Arc::clone(&self.redis), Arc::clone(&self.node));
         let names: Vec<Box<str>> = interest.names.iter().map(|n| Box::from(*n)).collect();
+        let selectors: Vec<Selector> = interest.selectors.to_vec();
         let privacy = interest.privacy.clone();
         let last_event_id = last_event_id.map(str::to_owned);
         self.workers
@@ -166,7 +182,7 @@ impl Engine for RedisEngine {
                 let names: Vec<&str> = names.iter().map(|n| &**n).collect();
                 let interest = Interest {
                     names: &names,
-                    selectors: &[],
+                    selectors: &selectors,
                     privacy: &privacy,
                 };
                 subscribe(&redis, &node, &interest, last_event_id.as_deref())

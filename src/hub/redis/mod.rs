@@ -48,9 +48,17 @@
 //! one Redis round trip while events are published on both. Redis 6.2 or newer is needed; with 7.0 or newer the reset
 //! notice is exact about trimming. The connection is plain TCP without TLS.
 //!
+//! - **Subscribers by selector** (`*`, URI templates): every publish also
+//!   appends the update, with its topics, to one stream of every update
+//!   (`ssed:all`, about 10,000 entries); the reader of a node with such
+//!   subscribers follows it and matches each selector once per topic. Their
+//!   replay lists the topics Redis has had events of and reads the streams
+//!   of those that match, as for any topic. Nodes older than this write no
+//!   entry there: upgrade every node before subscribing by selector.
+//!
 //! Keys: `ssed:t:{topic}` (streams; they stay in Redis, each bounded by
 //! `history`), `ssed:k:{key}` (lists, expiring), `ssed:ctl` (about 1000
-//! entries) and `ssed:last`. Give ssed a database of its own (`/db` in the
+//! entries), `ssed:all` (about 10,000 entries) and `ssed:last`. Give ssed a database of its own (`/db` in the
 //! URL) when Redis serves others too.
 //!
 //! ```no_run
@@ -98,7 +106,7 @@ use crate::hub::config::PAGE_BYTES;
 pub use crate::hub::config::RedisState;
 use crate::hub::history::{Replay, Retained, StorageError};
 use crate::hub::id::EventId;
-use crate::hub::node::Follower;
+use crate::hub::node::{EVERY_TOPIC, Follower};
 use crate::hub::redis::pool::{Pool, lock};
 use crate::hub::redis::resp::{Conn, RedisUrl, RespError, Value};
 
@@ -114,6 +122,14 @@ const SEQ_KEY: &str = "ssed:seq";
 const CTL_KEY: &str = "ssed:ctl";
 /// Entries the control stream keeps (approximately).
 const CTL_LEN: &str = "1000";
+/// Every update of every topic, with its topics: what readers of nodes
+/// with subscribers by selector (`*`, URI templates) follow. Their replay
+/// reads the topics' own streams.
+const ALL_KEY: &str = "ssed:all";
+/// Entries the stream of every update keeps (approximately): a reader
+/// that falls this far behind closes its subscribers by selector as slow,
+/// and they resume from the topics' streams.
+const ALL_LEN: &str = "10000";
 
 /// Where the reader is in a topic this node follows.
 #[derive(Debug, Clone, Copy)]
@@ -168,6 +184,9 @@ fn storage(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StorageErr
 }
 
 fn topic_key(topic: &str) -> Vec<u8> {
+    if topic == EVERY_TOPIC {
+        return ALL_KEY.as_bytes().to_vec();
+    }
     [TOPIC_PREFIX.as_bytes(), topic.as_bytes()].concat()
 }
 
@@ -312,16 +331,26 @@ impl Redis {
         private: bool,
     ) -> Result<EventId, StorageError> {
         let streams: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t)).collect();
-        let mut keys: Vec<&[u8]> = vec![LAST_KEY.as_bytes(), SEQ_KEY.as_bytes()];
+        let mut keys: Vec<&[u8]> =
+            vec![LAST_KEY.as_bytes(), SEQ_KEY.as_bytes(), ALL_KEY.as_bytes()];
         keys.extend(streams.iter().map(Vec::as_slice));
         let maxlen = self.history.max(1).to_string();
         let at = id_at.to_string();
         let private: &[u8] = if private { b"1" } else { b"0" };
+        // Topics hold no control character: a line feed parts them.
+        let names = topics.join("\n");
         let reply = self.with_conn("publish", |c| {
             self.publish.run(
                 c,
                 &keys,
-                &[maxlen.as_bytes(), frame, at.as_bytes(), private],
+                &[
+                    maxlen.as_bytes(),
+                    frame,
+                    at.as_bytes(),
+                    private,
+                    names.as_bytes(),
+                    ALL_LEN.as_bytes(),
+                ],
             )
         })?;
         parse_id(&reply).ok_or_else(|| storage(format!("redis publish: odd reply {reply:?}")))
@@ -362,6 +391,20 @@ impl Redis {
             .map(|v| v.as_str().and_then(|s| s.parse().ok()).unwrap_or(0))
             .collect();
         Ok((parse_id(last).unwrap_or(EventId::new(0, 0)), seqs))
+    }
+
+    /// Every topic Redis has had events of (the fields of the count hash),
+    /// for the replay of a subscription by selector.
+    pub(crate) fn topic_names(&self) -> Result<Vec<String>, StorageError> {
+        let reply = self.with_conn_retry("list the topics", |c| {
+            c.command(&[b"HKEYS", SEQ_KEY.as_bytes()])
+        })?;
+        Ok(reply
+            .items()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v.as_str()?.strip_prefix(TOPIC_PREFIX).map(str::to_owned))
+            .collect())
     }
 
     /// Makes the reader follow `topic` from `from`, where the topic had
@@ -587,6 +630,20 @@ fn entry_seq(entry: &Value) -> Option<u64> {
         .chunks(2)
         .find(|p| p.first().and_then(Value::as_bytes) == Some(b"n"))
         .and_then(|p| p.get(1)?.as_str()?.parse().ok())
+}
+
+/// The topics of an entry of the stream of every update (field `t`,
+/// parted by line feeds).
+fn entry_topics(entry: &Value) -> Option<Box<[Box<str>]>> {
+    let [_, fields] = entry.items()? else {
+        return None;
+    };
+    let names = fields
+        .items()?
+        .chunks(2)
+        .find(|p| p.first().and_then(Value::as_bytes) == Some(b"t"))
+        .and_then(|p| p.get(1)?.as_str())?;
+    Some(names.split('\n').map(Box::from).collect())
 }
 
 /// `[id, [field, value, ...]]` as the frame a subscriber gets, whether it

@@ -11,12 +11,17 @@ use std::time::{Duration, Instant};
 use crate::backoff::Backoff;
 use crate::hub::history::Retained;
 use crate::hub::id::EventId;
-use crate::hub::node::{Delivery, Node};
+use crate::hub::node::{Delivery, EVERY_TOPIC, Node};
 use crate::hub::redis::pool::{TIMEOUT, lock};
 use crate::hub::redis::resp::{Conn, RespError, Value};
 use crate::hub::redis::{
-    CTL_KEY, Redis, TOPIC_PREFIX, entry_frame, entry_id, entry_seq, topic_key,
+    ALL_KEY, CTL_KEY, Redis, TOPIC_PREFIX, entry_frame, entry_id, entry_seq, entry_topics,
+    topic_key,
 };
+
+/// An entry read: the event, whether it is one of an update's several
+/// topics, and (from the stream of every update) the update's topics.
+type Read = (Retained, bool, Option<Box<[Box<str>]>>);
 
 /// How long one blocking `XREAD` waits (the reader checks whether its node
 /// still exists between two).
@@ -223,7 +228,11 @@ fn read_loop(
                 }
                 continue;
             }
-            let Some(topic) = key.strip_prefix(TOPIC_PREFIX) else {
+            let every = key == ALL_KEY;
+            let Some(topic) = key
+                .strip_prefix(TOPIC_PREFIX)
+                .or(every.then_some(EVERY_TOPIC))
+            else {
                 continue;
             };
             // How far this read went, counting entries that are not ssed's
@@ -231,7 +240,15 @@ fn read_loop(
             let Some(read_to) = entries.last().and_then(entry_id) else {
                 continue;
             };
-            let frames: Vec<(Retained, bool)> = entries.iter().filter_map(entry_frame).collect();
+            let frames: Vec<Read> = entries
+                .iter()
+                .filter_map(|e| {
+                    let (retained, several) = entry_frame(e)?;
+                    // An entry of every update is nothing without its topics.
+                    let topics = if every { Some(entry_topics(e)?) } else { None };
+                    Some((retained, several, topics))
+                })
+                .collect();
             if frames.len() < entries.len() {
                 engine.failed(
                     "reader",
@@ -271,12 +288,13 @@ fn read_loop(
                 trimmed.push(topic);
                 continue;
             }
-            batch.extend(frames.into_iter().map(|(e, several)| Delivery {
+            batch.extend(frames.into_iter().map(|(e, several, topics)| Delivery {
                 topic: topic.clone(),
                 id: e.id,
                 frame: e.frame,
                 private: e.private,
                 several,
+                topics,
             }));
         }
         if let Some(b) = bound {

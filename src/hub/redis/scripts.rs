@@ -8,13 +8,16 @@ use super::resp::{Conn, RespError, Value};
 
 /// Picks the next id (the Redis clock's millisecond, or the same
 /// millisecond's next sequence), appends the frame to the stream of each
-/// of its topics (`KEYS[3]` on; an update of several topics is one event,
+/// of its topics (`KEYS[4]` on; an update of several topics is one event,
 /// under one id, in each) with that topic's entry number `n` (1, 2, 3,
 /// ...: a reader that sees one skipped knows Redis trimmed events it had
-/// not read) and records the id as the newest (`KEYS[1]`). Atomic, so ids
-/// increase across all topics and nodes. A private update (`ARGV[4]` =
-/// `1`) carries the field `p` = `1`; an update of several topics the field
-/// `m` = `1` (a reader hands it to a subscriber of several once).
+/// not read), and once to the stream of every update (`KEYS[3]`, trimmed
+/// to about `ARGV[6]` entries) with its topics (`ARGV[5]`, field `t`) and
+/// an entry number of its own; then records the id as the newest
+/// (`KEYS[1]`). Atomic, so ids increase across all topics and nodes. A
+/// private update (`ARGV[4]` = `1`) carries the field `p` = `1`; an update
+/// of several topics the field `m` = `1` in the topics' streams (a reader
+/// hands it to a subscriber of several once).
 pub(super) const PUBLISH: &str = r"
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -28,19 +31,26 @@ if last then
 else
   id = string.format('%d-0', ms)
 end
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local n = redis.call('HINCRBY', KEYS[2], KEYS[i], 1)
   local fields = {'f', ARGV[2], 'o', ARGV[3], 'n', n}
   if ARGV[4] == '1' then
     table.insert(fields, 'p')
     table.insert(fields, '1')
   end
-  if #KEYS > 3 then
+  if #KEYS > 4 then
     table.insert(fields, 'm')
     table.insert(fields, '1')
   end
   redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, unpack(fields))
 end
+local n = redis.call('HINCRBY', KEYS[2], KEYS[3], 1)
+local fields = {'f', ARGV[2], 'o', ARGV[3], 'n', n, 't', ARGV[5]}
+if ARGV[4] == '1' then
+  table.insert(fields, 'p')
+  table.insert(fields, '1')
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], id, unpack(fields))
 redis.call('SET', KEYS[1], id)
 return id
 ";
