@@ -239,6 +239,20 @@ impl EncodedEvent {
         &self.0
     }
 
+    /// The value of the frame's `id:` line, if it has one (it comes
+    /// before any `retry:` or `data:` line).
+    pub(crate) fn id(&self) -> Option<&str> {
+        for line in self.0.split(|b| *b == b'\n') {
+            if let Some(id) = line.strip_prefix(b"id: ") {
+                return std::str::from_utf8(id).ok();
+            }
+            if line.starts_with(b"retry:") || line.starts_with(b"data:") || line.is_empty() {
+                return None;
+            }
+        }
+        None
+    }
+
     /// A frame assembled from stored parts by a store that only keeps
     /// what [`Event::encode_around_id`] made.
     pub(crate) fn from_parts(bytes: Vec<u8>) -> Self {

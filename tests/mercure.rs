@@ -139,10 +139,10 @@ fn bad_mercure_updates_are_refused_saying_why() {
     for (form, headers, status, words) in [
         ("data=x".to_owned(), vec![], 400, "topic"),
         (
-            format!("{topic}&id=mine"),
+            format!("{topic}&id=1700000000000-1"),
             vec![],
             400,
-            "publisher-given id",
+            "own ids",
         ),
         (format!("{topic}&retry=soon"), vec![], 400, "milliseconds"),
         (format!("{topic}&type=a%0Ab"), vec![], 400, "line break"),

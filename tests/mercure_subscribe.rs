@@ -241,3 +241,43 @@ fn malformed_or_unbuilt_matchers_are_refused_saying_why() {
     assert!(!id.is_empty());
     assert_eq!(d.hub.subscribers("t1"), 0);
 }
+
+#[test]
+fn a_publisher_given_id_is_the_events_id_and_a_place_to_resume() {
+    let d = daemon("");
+    let mut sub = open(d.addr, &format!("topic={}", enc(BOOKS)), &[]);
+    let id = publish(
+        d.addr,
+        &format!("topic={}&id={}&data=one", enc(BOOK), enc("urn:uuid:42")),
+        &[],
+    );
+    assert_eq!(id, "urn:uuid:42", "the answer is the publisher's id");
+    publish(d.addr, &format!("topic={}&data=two", enc(BOOK)), &[]);
+    let f = next(&mut sub);
+    assert_eq!(field(&f, "id"), ["urn:uuid:42"]);
+    // An EventSource resumes with it.
+    let (mut again, head) = subscribe(
+        d.addr,
+        &format!("topic={}", enc(BOOKS)),
+        &["Last-Event-ID: urn:uuid:42"],
+    );
+    assert_eq!(head.header("mercure-last-event-id"), Some("urn:uuid:42"));
+    assert_eq!(field(&next(&mut again), "data"), ["two"]);
+    // Ids that cannot be one: 400, saying why.
+    for (bad, says) in [
+        ("%231", "#"),
+        ("earliest", "reserved"),
+        ("a%0Ab", "control"),
+    ] {
+        let raw = support::request_text(
+            "POST",
+            "/.well-known/mercure",
+            "127.0.0.1",
+            &["Content-Type: application/x-www-form-urlencoded"],
+            &format!("topic=t&id={bad}&data=x"),
+        );
+        let (head, body) = support::request(d.addr, &raw);
+        assert_eq!(head.status, 400, "{bad}: {body}");
+        assert!(body.contains(says), "{bad}: {body}");
+    }
+}

@@ -7,11 +7,52 @@ use std::time::Duration;
 
 use crate::error::EventError;
 use crate::hub::history::StorageError;
-use crate::hub::id::{EventId, MAX_NAME_LEN, topic_problem};
+use crate::hub::id::{EventId, MAX_NAME_LEN, TopicProblem, topic_problem};
 
 /// The event name of the frame sent when a client asks to resume from an id
 /// older than what is retained.
 pub const RESET_EVENT: &str = "reset";
+
+/// Most bytes of a publisher-given id.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Why `id` cannot be a publisher-given id, if it cannot: empty or over
+/// [`MAX_ID_LEN`] bytes, with a control or Unicode format character (it
+/// travels in the `Last-Event-ID` header), starting with `#`, [`EARLIEST`],
+/// or written as the hub's own ids are (`<ms>-<seq>`: a resume could not
+/// tell them apart).
+pub(crate) fn id_problem(id: &str) -> Option<String> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Some(format!("an id has 1 to {MAX_ID_LEN} bytes"));
+    }
+    match topic_problem(id) {
+        Some(TopicProblem::Control(c)) => {
+            return Some(format!(
+                "an id cannot hold a control character, this one holds U+{:04X}",
+                u32::from(c)
+            ));
+        }
+        Some(TopicProblem::Format(c)) => {
+            return Some(format!(
+                "an id cannot hold an invisible Unicode format character, this one holds U+{:04X}",
+                u32::from(c)
+            ));
+        }
+        _ => {}
+    }
+    if id.starts_with('#') {
+        return Some("an id given by a publisher cannot start with #".into());
+    }
+    if id == EARLIEST {
+        return Some("`earliest` is reserved (it asks for all of history)".into());
+    }
+    if id.parse::<EventId>().is_ok() {
+        return Some(format!(
+            "{id:?} is written as the hub's own ids are (<ms>-<seq>): choose another form"
+        ));
+    }
+    None
+}
 
 /// The last event id that asks for a replay of everything retained, with
 /// no reset notice (Mercure's `earliest`).
@@ -141,6 +182,10 @@ pub enum HubError {
         /// The budget, in bytes.
         budget: u64,
     },
+    /// A publisher-given id that cannot be one (see
+    /// [`Hub::publish_with_id`](crate::Hub::publish_with_id)); its message
+    /// says why.
+    InvalidId(String),
     /// An update with no topic, or more than
     /// [`MAX_UPDATE_TOPICS`](crate::hub::MAX_UPDATE_TOPICS).
     TopicCount {
@@ -179,6 +224,7 @@ impl fmt::Display for HubError {
                 f,
                 "mailboxes hold the whole retained-memory budget ({budget} bytes)"
             ),
+            HubError::InvalidId(why) => write!(f, "invalid id: {why}"),
             HubError::TopicCount { count, max } => {
                 write!(f, "an update has 1 to {max} topics, not {count}")
             }

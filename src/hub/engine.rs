@@ -68,12 +68,17 @@ pub(crate) trait Engine: Send + Sync + UnwindSafe + RefUnwindSafe {
     /// of any of them, once each (at once, or through the engine's
     /// reader); a `private` one only to those that may receive private
     /// updates.
+    ///
+    /// With `alias` (a publisher-given id, checked), the frame carries it
+    /// as its id, and a resume from it starts after the earliest event
+    /// that carries it.
     fn publish(
         &self,
         node: &Node,
         topics: &[&str],
         event: Event,
         private: bool,
+        alias: Option<&str>,
     ) -> Result<Published, HubError>;
 
     /// Joins a subscriber to what `interest` names and starts its replay

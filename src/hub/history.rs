@@ -87,6 +87,19 @@ pub trait History: Send + 'static {
         replay
     }
 
+    /// The id of the earliest retained event of `topic` whose frame
+    /// carries `alias` as its id (a publisher-given id, see
+    /// [`Hub::publish_with_id`](crate::Hub::publish_with_id)): where a
+    /// resume from that id starts. Default: looks through
+    /// [`since`](History::since).
+    fn id_of(&self, topic: &str, alias: &str) -> Option<EventId> {
+        self.since(topic, EventId::floor_of(0))
+            .events
+            .iter()
+            .find(|e| e.frame.id() == Some(alias))
+            .map(|e| e.id)
+    }
+
     /// Calls `each` with the name of every topic the store holds events
     /// of, in no order: a subscription by selector (`*`, a URI template)
     /// replays those its selectors match. Default: none (such a
@@ -407,6 +420,14 @@ impl History for MemoryHistory {
             gap: after < self.floor || t.evicted.is_some_and(|ev| ev > after),
             oldest: t.events.front().map(|e| e.id),
         }
+    }
+
+    fn id_of(&self, topic: &str, alias: &str) -> Option<EventId> {
+        let t = self.topics.get(topic)?;
+        t.events
+            .iter()
+            .find(|e| e.frame.id() == Some(alias))
+            .map(|e| e.id)
     }
 
     fn topic_names(&self, each: &mut dyn FnMut(&str)) {

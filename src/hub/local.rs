@@ -109,10 +109,12 @@ impl Engine for Local {
         topics: &[&str],
         event: Event,
         private: bool,
+        alias: Option<&str>,
     ) -> Result<Published, HubError> {
         let mut state = self.state();
         let id = state.last_id.next(now_ms());
-        let frame = event.id(id.to_string()).encode_shared()?;
+        let shown = alias.map_or_else(|| id.to_string(), str::to_owned);
+        let frame = event.id(shown).encode_shared()?;
         // Refused before anything changed: its id is issued again.
         node.config.check_frame(frame.as_bytes().len())?;
         // Kept before anyone sees it: an event the store refused reaches no

@@ -59,7 +59,7 @@ mod replay;
 pub mod store;
 mod subscription;
 
-pub use config::{EARLIEST, HubConfig, HubError, HubUsage, Published, RESET_EVENT};
+pub use config::{EARLIEST, HubConfig, HubError, HubUsage, MAX_ID_LEN, Published, RESET_EVENT};
 pub use grant::{Privacy, Selector};
 pub use history::{History, MemoryHistory, Replay, Retained, StorageError};
 pub use id::{EventId, ParseIdError, valid_name, valid_topic};
@@ -302,10 +302,58 @@ impl Hub {
             return Err(HubError::InvalidName((*bad).to_owned()));
         }
         event.validate()?;
+        self.publish_checked(topics, event, private, None)
+    }
+
+    /// Publishes `event` as one update of `topics`, as
+    /// [`publish_update`](Hub::publish_update) does, under `id`, given by
+    /// its publisher (a Mercure update's `id`): subscribers receive it as
+    /// the event's id, and one that resumes from it (`Last-Event-ID`)
+    /// gets what was published after the earliest event that carries it,
+    /// on every engine. The hub still orders events by ids of its own
+    /// ([`Published::id`]); a publisher-given id should be unique.
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::InvalidId`] for an id that cannot be one: empty, over
+    /// [`MAX_ID_LEN`] bytes, with a control or format character, starting
+    /// with `#`, [`EARLIEST`], or written as the hub's own ids are;
+    /// otherwise as [`publish_update`](Hub::publish_update).
+    pub fn publish_with_id(
+        &self,
+        topics: &[&str],
+        id: &str,
+        event: Event,
+        private: bool,
+    ) -> Result<Published, HubError> {
+        if let Some(why) = config::id_problem(id) {
+            return Err(HubError::InvalidId(why));
+        }
+        if topics.is_empty() || topics.len() > MAX_UPDATE_TOPICS {
+            return Err(HubError::TopicCount {
+                count: topics.len(),
+                max: MAX_UPDATE_TOPICS,
+            });
+        }
+        if let Some(bad) = topics.iter().find(|t| !valid_topic(t)) {
+            return Err(HubError::InvalidName((*bad).to_owned()));
+        }
+        event.validate()?;
+        self.publish_checked(topics, event, private, Some(id))
+    }
+
+    /// Hands a checked update to the engine, each topic once.
+    fn publish_checked(
+        &self,
+        topics: &[&str],
+        event: Event,
+        private: bool,
+        alias: Option<&str>,
+    ) -> Result<Published, HubError> {
         let node = &self.0.node;
         if topics.len() == 1 {
             // Every publish of one topic comes this way: no copy.
-            return self.0.engine.publish(node, topics, event, private);
+            return self.0.engine.publish(node, topics, event, private, alias);
         }
         let mut distinct: Vec<&str> = Vec::with_capacity(topics.len());
         for t in topics {
@@ -313,7 +361,9 @@ impl Hub {
                 distinct.push(t);
             }
         }
-        self.0.engine.publish(node, &distinct, event, private)
+        self.0
+            .engine
+            .publish(node, &distinct, event, private, alias)
     }
 
     /// Subscribes to `topics`, resuming after `last_event_id` if given:

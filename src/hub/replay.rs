@@ -47,6 +47,9 @@ pub(crate) struct Replaying {
     /// Resumed from `earliest`: everything retained, and no reset notice
     /// (nothing was asked for that history could lack).
     pub(crate) earliest: bool,
+    /// It starts from a place in history: an id this hub placed, or
+    /// `earliest`. Else a reset notice goes first.
+    pub(crate) placed: bool,
     /// A reset notice went out: events after the id asked for may be
     /// missing.
     pub(crate) noticed: bool,
@@ -63,6 +66,7 @@ impl Default for Replaying {
             private: Box::default(),
             topics: None,
             earliest: false,
+            placed: true,
             noticed: false,
         }
     }
@@ -83,17 +87,22 @@ impl Replaying {
         queue: &SubscriberQueue,
         asked: &str,
     ) -> Replaying {
-        let mut replay = Replaying::after(asked, last_id, queue, &mut |each| {
-            history.topic_names(each);
-        });
+        let mut replay = Replaying::after(
+            asked,
+            last_id,
+            queue,
+            &mut |each| history.topic_names(each),
+            &mut |names| names.iter().filter_map(|t| history.id_of(t, asked)).min(),
+        );
         let topics = replay.topics.take();
         let names = topics.as_deref().unwrap_or(&queue.topics);
         // Reading memory cannot fail.
+        let gap = !replay.placed;
         let _ = replay.read_page(
             names,
             &mut |t, a, u, m| Ok((history.page(t, a, u, m), false)),
             Some(asked),
-            !replay.placed(asked, last_id),
+            gap,
         );
         replay.topics = topics;
         replay
@@ -102,23 +111,27 @@ impl Replaying {
     /// A replay, nothing read yet, for the subscriber of `queue` resuming
     /// after `asked` (or from the start of history, with `earliest`) up to
     /// `until`. A subscriber by selector replays the topics of
-    /// `topic_names` that its selectors match, besides its own.
+    /// `topic_names` that its selectors match, besides its own. An id that
+    /// is not one of the hub's own may be a publisher's: `resolve` places
+    /// it among the topics replayed.
     pub(crate) fn after(
         asked: &str,
         until: EventId,
         queue: &SubscriberQueue,
         topic_names: &mut TopicNames<'_>,
+        resolve: &mut dyn FnMut(&[Arc<str>]) -> Option<EventId>,
     ) -> Replaying {
+        let topics = (!queue.selectors.is_empty()).then(|| matched_topics(queue, topic_names));
+        let names = topics.as_deref().unwrap_or(&queue.topics);
         // An id this hub cannot place (garbage, or from the future: a
         // restart with the clock stepped back, another server) replays
         // everything retained after the reset notice.
-        let after = asked
-            .parse::<EventId>()
-            .ok()
-            .filter(|a| *a <= until)
-            .unwrap_or(EventId::floor_of(0));
-        let topics = (!queue.selectors.is_empty()).then(|| matched_topics(queue, topic_names));
-        let names = topics.as_deref().unwrap_or(&queue.topics);
+        let placed = match asked.parse::<EventId>() {
+            Ok(id) => Some(id).filter(|a| *a <= until),
+            Err(_) if asked == EARLIEST => None,
+            Err(_) => resolve(names),
+        };
+        let after = placed.unwrap_or(EventId::floor_of(0));
         Replaying {
             ready: VecDeque::new(),
             from: vec![after; names.len()],
@@ -127,14 +140,9 @@ impl Replaying {
             private: names.iter().map(|t| queue.privacy.allows(t)).collect(),
             topics,
             earliest: asked == EARLIEST,
+            placed: placed.is_some() || asked == EARLIEST,
             noticed: false,
         }
-    }
-
-    /// Whether `asked` is a place in history this replay can start from
-    /// without a notice: an id up to `until`, or `earliest`.
-    pub(crate) fn placed(&self, asked: &str, until: EventId) -> bool {
-        asked == EARLIEST || asked.parse::<EventId>().is_ok_and(|a| a <= until)
     }
 
     /// Whether every frame of the replay has been read (some may still

@@ -428,6 +428,10 @@ impl History for DurableHistory {
         self.cache.topic_names(each);
     }
 
+    fn id_of(&self, topic: &str, alias: &str) -> Option<EventId> {
+        self.cache.id_of(topic, alias)
+    }
+
     fn retained_bytes(&self) -> u64 {
         self.cache.retained_bytes()
     }

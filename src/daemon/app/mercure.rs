@@ -7,9 +7,9 @@
 //! the others alternates: one event, one id, see
 //! [`Hub::publish_update`](crate::Hub::publish_update)); `data` its data,
 //! `type` its SSE event name, `retry` its reconnection time, `private`
-//! (any value) makes it a private update. The answer is `200`,
-//! `text/plain`, the event's id. A publisher-given `id` is refused for now
-//! (ssed assigns ids).
+//! (any value) makes it a private update, `id` gives it the publisher's
+//! own id (see [`Hub::publish_with_id`](crate::Hub::publish_with_id)). The
+//! answer is `200`, `text/plain`, the event's id.
 //!
 //! `GET /.well-known/mercure` subscribes: to exact topics and to
 //! selectors (`*`, URI templates) with draft-07's `topic=`, to exact
@@ -39,6 +39,8 @@ struct Form {
     event: Option<String>,
     retry: Option<Duration>,
     private: bool,
+    /// The publisher's own id for it, if it gave one.
+    id: Option<String>,
 }
 
 impl App {
@@ -71,12 +73,16 @@ impl App {
         if let Some(retry) = form.retry {
             event = event.retry(retry);
         }
-        match self.hub.publish_update(&topics, event, form.private) {
+        let published = match &form.id {
+            Some(id) => self.hub.publish_with_id(&topics, id, event, form.private),
+            None => self.hub.publish_update(&topics, event, form.private),
+        };
+        match published {
             // The id alone, no final newline: publishers return the body
             // to their app as the update's id.
             Ok(p) => Response::new(200)
                 .with_header("Content-Type", "text/plain; charset=utf-8")
-                .with_body(p.id.to_string()),
+                .with_body(form.id.unwrap_or_else(|| p.id.to_string())),
             Err(e) => publish_failed(&e),
         }
     }
@@ -102,6 +108,7 @@ fn read_form(req: &Request) -> Result<Form, Response> {
         event: None,
         retry: None,
         private: false,
+        id: None,
     };
     for (name, value) in parse_query(body) {
         match name.as_str() {
@@ -118,13 +125,7 @@ fn read_form(req: &Request) -> Result<Form, Response> {
                 form.retry = Some(Duration::from_millis(ms));
             }
             "private" => form.private = true,
-            "id" => {
-                return Err(Response::text(
-                    400,
-                    "a publisher-given id is not supported yet: leave `id` out and ssed \
-                     assigns one (the answer's body)",
-                ));
-            }
+            "id" => form.id = Some(value),
             _ => {} // other fields are no concern of the hub's
         }
     }

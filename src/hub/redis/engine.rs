@@ -122,11 +122,20 @@ fn start_replay(
     node.resume_live(joined.id, &joined.queue, until);
     // An id Redis cannot place (garbage, or newer than anything issued)
     // replays everything retained after the reset notice.
-    let mut replay = Replaying::after(asked, newest, &joined.queue, &mut |each| {
-        topics.iter().for_each(|t| each(t));
-    });
+    let mut found = Ok(None);
+    let mut replay = Replaying::after(
+        asked,
+        newest,
+        &joined.queue,
+        &mut |each| topics.iter().for_each(|t| each(t)),
+        &mut |names| {
+            found = redis.find_alias(names, asked);
+            found.as_ref().ok().copied().flatten()
+        },
+    );
+    found?;
     replay.until = until;
-    let gap = !replay.placed(asked, newest);
+    let gap = !replay.placed;
     let replay = joined.replay.insert(Box::new(replay));
     let own = replay.topics.take();
     let names = own.as_deref().unwrap_or(&joined.queue.topics);
@@ -147,15 +156,17 @@ impl Engine for RedisEngine {
         topics: &[&str],
         event: Event,
         private: bool,
+        alias: Option<&str>,
     ) -> Result<Published, HubError> {
         // Redis picks the id; the reader delivers the event here as on
         // every node. `receivers` counts this node's subscribers (who may
         // receive it).
         let (frame, at) = event.encode_around_id()?;
-        node.config.check_frame(frame.len() + ID_LINE_MAX)?;
+        let id_line = alias.map_or(ID_LINE_MAX, |a| a.len() + 5);
+        node.config.check_frame(frame.len() + id_line)?;
         let id = self
             .redis
-            .publish(topics, &frame, at, private)
+            .publish(topics, &frame, at, private, alias)
             .map_err(HubError::Storage)?;
         node.note_published();
         Ok(Published {

@@ -93,7 +93,7 @@ pub(crate) mod resp;
 mod scripts;
 mod worker;
 
-use scripts::{PAGE, PUBLISH, PUSH, Script, TAKE, UNTAKE};
+use scripts::{FIND, PAGE, PUBLISH, PUSH, Script, TAKE, UNTAKE};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -167,6 +167,7 @@ pub(crate) struct Redis {
     take: Script,
     untake: Script,
     page: Script,
+    find: Script,
     reader: OnceLock<std::thread::Thread>,
 }
 
@@ -221,6 +222,7 @@ impl Redis {
             take: Script::new(TAKE),
             untake: Script::new(UNTAKE),
             page: Script::new(PAGE),
+            find: Script::new(FIND),
             reader: OnceLock::new(),
         }
     }
@@ -329,6 +331,7 @@ impl Redis {
         frame: &[u8],
         id_at: usize,
         private: bool,
+        alias: Option<&str>,
     ) -> Result<EventId, StorageError> {
         let streams: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t)).collect();
         let mut keys: Vec<&[u8]> =
@@ -350,6 +353,7 @@ impl Redis {
                     private,
                     names.as_bytes(),
                     ALL_LEN.as_bytes(),
+                    alias.unwrap_or_default().as_bytes(),
                 ],
             )
         })?;
@@ -391,6 +395,29 @@ impl Redis {
             .map(|v| v.as_str().and_then(|s| s.parse().ok()).unwrap_or(0))
             .collect();
         Ok((parse_id(last).unwrap_or(EventId::new(0, 0)), seqs))
+    }
+
+    /// Where a resume from the publisher-given id `alias` starts: the
+    /// earliest event of `topics` that carries it, if Redis still has one.
+    pub(crate) fn find_alias<T: AsRef<str>>(
+        &self,
+        topics: &[T],
+        alias: &str,
+    ) -> Result<Option<EventId>, StorageError> {
+        if topics.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t.as_ref())).collect();
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let reply = self.with_conn_retry("find an id", |c| {
+            self.find.run(c, &keys, &[alias.as_bytes()])
+        })?;
+        Ok(reply
+            .items()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(parse_id)
+            .min())
     }
 
     /// Every topic Redis has had events of (the fields of the count hash),
@@ -656,6 +683,7 @@ fn entry_frame(entry: &Value) -> Option<(Retained, bool)> {
     let id_text = id.as_str()?;
     let id: EventId = id_text.parse().ok()?;
     let (mut frame, mut at, mut private, mut several) = (None, None, false, false);
+    let mut shown = id_text;
     for pair in fields.items()?.chunks(2) {
         let [name, value] = pair else { break };
         match name.as_bytes()? {
@@ -663,6 +691,7 @@ fn entry_frame(entry: &Value) -> Option<(Retained, bool)> {
             b"o" => at = value.as_str().and_then(|s| s.parse::<usize>().ok()),
             b"p" => private = value.as_bytes() == Some(b"1"),
             b"m" => several = value.as_bytes() == Some(b"1"),
+            b"i" => shown = value.as_str()?,
             _ => {}
         }
     }
@@ -670,10 +699,10 @@ fn entry_frame(entry: &Value) -> Option<(Retained, bool)> {
     if at > frame.len() || !frame.ends_with(b"\n\n") {
         return None;
     }
-    let mut bytes = Vec::with_capacity(frame.len() + id_text.len() + 5);
+    let mut bytes = Vec::with_capacity(frame.len() + shown.len() + 5);
     bytes.extend_from_slice(&frame[..at]);
     bytes.extend_from_slice(b"id: ");
-    bytes.extend_from_slice(id_text.as_bytes());
+    bytes.extend_from_slice(shown.as_bytes());
     bytes.push(b'\n');
     bytes.extend_from_slice(&frame[at..]);
     let retained = Retained {

@@ -17,7 +17,8 @@ use super::resp::{Conn, RespError, Value};
 /// (`KEYS[1]`). Atomic, so ids increase across all topics and nodes. A
 /// private update (`ARGV[4]` = `1`) carries the field `p` = `1`; an update
 /// of several topics the field `m` = `1` in the topics' streams (a reader
-/// hands it to a subscriber of several once).
+/// hands it to a subscriber of several once); one with a publisher-given
+/// id (`ARGV[7]`, empty for none) the field `i`, the id its frame shows.
 pub(super) const PUBLISH: &str = r"
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -42,6 +43,10 @@ for i = 4, #KEYS do
     table.insert(fields, 'm')
     table.insert(fields, '1')
   end
+  if ARGV[7] ~= '' then
+    table.insert(fields, 'i')
+    table.insert(fields, ARGV[7])
+  end
   redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, unpack(fields))
 end
 local n = redis.call('HINCRBY', KEYS[2], KEYS[3], 1)
@@ -50,9 +55,38 @@ if ARGV[4] == '1' then
   table.insert(fields, 'p')
   table.insert(fields, '1')
 end
+if ARGV[7] ~= '' then
+  table.insert(fields, 'i')
+  table.insert(fields, ARGV[7])
+end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], id, unpack(fields))
 redis.call('SET', KEYS[1], id)
 return id
+";
+
+/// The entry id of the first entry of each stream (`KEYS`) whose
+/// publisher-given id (field `i`) is `ARGV[1]`: where a resume from that
+/// id starts (the earliest of them).
+pub(super) const FIND: &str = r"
+local found = {}
+for i = 1, #KEYS do
+  local entries = redis.call('XRANGE', KEYS[i], '-', '+')
+  for _, e in ipairs(entries) do
+    local hit = false
+    local f = e[2]
+    for j = 1, #f, 2 do
+      if f[j] == 'i' and f[j + 1] == ARGV[1] then
+        hit = true
+        break
+      end
+    end
+    if hit then
+      found[#found + 1] = e[1]
+      break
+    end
+  end
+end
+return found
 ";
 
 /// One page of a topic's replay: `{first id or false, trimmed (1 or 0),

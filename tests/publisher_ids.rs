@@ -1,0 +1,161 @@
+#![cfg(all(feature = "daemon", feature = "durable"))]
+//! Publisher-given ids (a Mercure update's `id`) on every engine: the
+//! frame carries the publisher's id, a resume from it starts after the
+//! earliest event that carries it (exact topics and selectors alike), an
+//! id that cannot be one is refused and changes nothing. The Redis engine
+//! uses the machine's Redis (names unique to the run, deleted after);
+//! without one the Redis case says why and passes, except under
+//! `CI=true`.
+
+mod support;
+
+use ssed::hub::store;
+use ssed::hub::{Privacy, Selector};
+use ssed::{Event, Hub, HubConfig, HubError, Subscription};
+use support::TempDir;
+
+fn field(frame: &[u8], name: &str) -> String {
+    let prefix = format!("{name}: ");
+    String::from_utf8_lossy(frame)
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_owned))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `(id, data)` of each replayed frame; a reset notice as `("reset", "")`.
+fn replay(mut sub: Subscription) -> Vec<(String, String)> {
+    sub.take_backlog()
+        .iter()
+        .map(|f| {
+            let f = f.as_bytes();
+            if field(f, "event") == "reset" {
+                ("reset".into(), String::new())
+            } else {
+                (field(f, "id"), field(f, "data"))
+            }
+        })
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+/// Publishes with publisher ids on `hub` (topics prefixed with `run`) and
+/// resumes from them.
+fn check(hub: &Hub, run: &str) {
+    let (a, b) = (format!("{run}books/1"), format!("{run}books/2"));
+    let live = hub.subscribe(&[&a], None).expect("subscribed");
+    let first = hub
+        .publish_with_id(&[&a], "urn:uuid:1", Event::new().data("one"), false)
+        .expect("kept");
+    hub.publish_with_id(&[&a, &b], "urn:uuid:2", Event::new().data("two"), false)
+        .expect("kept");
+    hub.publish(&b, Event::new().data("three")).expect("kept");
+    // The same id again: a resume from it starts after the first.
+    hub.publish_with_id(&[&a], "urn:uuid:2", Event::new().data("four"), false)
+        .expect("kept");
+    let f = live
+        .next_timeout(std::time::Duration::from_secs(5))
+        .expect("live");
+    assert_eq!(
+        field(f.as_bytes(), "id"),
+        "urn:uuid:1",
+        "the publisher's id"
+    );
+    assert!(first.id.to_string().contains('-'), "the hub's own id");
+
+    let r = hub
+        .subscribe(&[&a, &b], Some("urn:uuid:1"))
+        .expect("subscribed");
+    assert_eq!(r.cursor(Some("urn:uuid:1")), "urn:uuid:1");
+    let three = replay(r);
+    assert_eq!(three.len(), 3, "{three:?}");
+    assert_eq!(three[0], ("urn:uuid:2".into(), "two".into()));
+    assert_eq!(three[1].1, "three");
+    assert_eq!(three[2], ("urn:uuid:2".into(), "four".into()));
+    let r = hub
+        .subscribe(&[&a], Some("urn:uuid:2"))
+        .expect("subscribed");
+    assert_eq!(replay(r), pairs(&[("urn:uuid:2", "four")]));
+    // By selector, where the id is found among the topics it matches.
+    let books = Selector::parse(&format!("{run}books/{{n}}")).expect("a template");
+    let r = hub
+        .subscribe_matching(&[], &[books], &Privacy::Public, Some("urn:uuid:2"))
+        .expect("subscribed");
+    assert_eq!(replay(r)[1], ("urn:uuid:2".into(), "four".into()));
+    // An id no event carries: the reset notice, then everything.
+    let r = hub
+        .subscribe(&[&a], Some("urn:uuid:9"))
+        .expect("subscribed");
+    assert_eq!(r.cursor(Some("urn:uuid:9")), "earliest");
+    let all = replay(r);
+    assert_eq!(all[0].0, "reset");
+    assert_eq!(all.len(), 4, "{all:?}");
+
+    // Ids that cannot be one: refused, nothing published.
+    let before = hub.published();
+    for bad in [
+        "",
+        "#1",
+        "earliest",
+        "a\nb",
+        "a\u{200B}b",
+        &"x".repeat(257),
+        "1700000000000-1",
+    ] {
+        let r = hub.publish_with_id(&[&a], bad, Event::new().data("x"), false);
+        assert!(matches!(r, Err(HubError::InvalidId(_))), "{bad:?}: {r:?}");
+    }
+    assert_eq!(hub.published(), before);
+}
+
+#[test]
+fn publisher_ids_in_memory() {
+    check(&Hub::new(10), "");
+}
+
+#[test]
+fn publisher_ids_with_a_data_dir_across_a_restart() {
+    let dir = TempDir::new("publisher-ids");
+    check(
+        &store::open_hub(dir.path(), 10, HubConfig::default()).expect("opens"),
+        "",
+    );
+    let hub = store::open_hub(dir.path(), 10, HubConfig::default()).expect("reopens");
+    let r = hub
+        .subscribe(&["books/1"], Some("urn:uuid:1"))
+        .expect("subscribed");
+    assert_eq!(
+        replay(r),
+        pairs(&[("urn:uuid:2", "two"), ("urn:uuid:2", "four")])
+    );
+}
+
+#[test]
+fn publisher_ids_in_redis() {
+    let Some(redis) = support::redis::redis("publisher_ids_in_redis") else {
+        return;
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let run = format!("p_{}_{nanos}_", std::process::id());
+    struct Cleanup(&'static str, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for t in ["books/1", "books/2"] {
+                let stream = format!("ssed:t:{}{t}", self.1);
+                support::redis::command(self.0, &["DEL", &stream]);
+                support::redis::command(self.0, &["HDEL", "ssed:seq", &stream]);
+            }
+        }
+    }
+    let _cleanup = Cleanup(redis, run.clone());
+    let hub = Hub::with_redis(&format!("redis://{redis}"), 10, HubConfig::default())
+        .expect("a Redis hub");
+    check(&hub, &run);
+}
