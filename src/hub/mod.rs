@@ -53,6 +53,7 @@ pub(crate) mod id;
 mod local;
 pub(crate) mod mailbox;
 mod node;
+mod nfa;
 pub mod redis;
 mod replay;
 #[cfg(feature = "durable")]
