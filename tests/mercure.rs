@@ -257,9 +257,4 @@ fn a_mercure_subscriber_follows_exact_topics_and_resumes() {
         assert_eq!(field(&f, "id"), [second.as_str()], "{name}: {f}");
         assert_eq!(field(&f, "data"), ["two"]);
     }
-    // What is not built yet is refused, saying so.
-    let (mut c, head) = subscribe(d.addr, &format!("match_urlpattern={}", enc(BOOK)));
-    assert_eq!(head.status, 400);
-    let body = String::from_utf8(c.body(&head)).expect("utf-8");
-    assert!(body.contains("not supported yet"), "{body}");
 }

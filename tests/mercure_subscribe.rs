@@ -219,8 +219,11 @@ fn malformed_or_unbuilt_matchers_are_refused_saying_why() {
     let too_many: Vec<String> = (0..65).map(|n| format!("topic=t{n}")).collect();
     for (query, says) in [
         (
-            format!("match_urlpattern={}", enc(BOOK)),
-            "not supported yet",
+            format!(
+                "match_urlpattern={}",
+                enc("https://example.com/books/(\\d+)")
+            ),
+            "regular-expression groups",
         ),
         ("match_regex=a.*".to_owned(), "unknown topic matcher type"),
         (
@@ -280,4 +283,62 @@ fn a_publisher_given_id_is_the_events_id_and_a_place_to_resume() {
         assert_eq!(head.status, 400, "{bad}: {body}");
         assert!(body.contains(says), "{bad}: {body}");
     }
+}
+
+#[test]
+fn url_patterns_select_by_url_and_grant_by_access_token() {
+    let d = daemon(&format!(
+        "[auth]\nanonymous = false\njwt_secret = \"{SECRET}\"\n\
+         jwt_issuer = \"https://auth.example\"\njwt_audience = \"https://hub.example\"\n"
+    ));
+    let pattern = "https://example.com/books/:id";
+    // A draft-08 access token granting the pattern.
+    let token = support::hs256(
+        SECRET,
+        &json!({"alg": "HS256", "typ": "at+jwt"}),
+        &json!({
+            "sub": "reader",
+            "iss": "https://auth.example",
+            "aud": "https://hub.example",
+            "exp": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()) + 60,
+            "authorization_details": [{
+                "type": "https://mercure.rocks/authorization-detail",
+                "actions": ["subscribe"],
+                "topics": [{"match": pattern, "match_type": "urlpattern"}],
+            }],
+        }),
+    );
+    let bearer = format!("Authorization: Bearer {token}");
+    let mut sub = open(
+        d.addr,
+        &format!("match_urlpattern={}", enc(pattern)),
+        &[&bearer],
+    );
+    // A pattern the token does not hold, and `*`: 403.
+    for query in [
+        format!("match_urlpattern={}", enc("https://example.com/*")),
+        "match=*".to_owned(),
+    ] {
+        let (status, body) = refused(d.addr, &query, &[&bearer]);
+        assert_eq!(status, 403, "{query}: {body}");
+    }
+    let publisher = format!(
+        "Authorization: Bearer {}",
+        jwt(&json!({"mercure": {"publish": ["*"]}}))
+    );
+    for (topic, data) in [
+        ("https://example.com/books/1/reviews", "review"),
+        ("https://example.org/books/1", "elsewhere"),
+        ("https://EXAMPLE.com:443/books/2?lang=fr", "book 2"),
+    ] {
+        publish(
+            d.addr,
+            &format!("topic={}&data={}&private=on", enc(topic), enc(data)),
+            &[&publisher],
+        );
+    }
+    let f = next(&mut sub);
+    assert_eq!(field(&f, "data"), ["book 2"], "private, and matched: {f}");
 }

@@ -537,10 +537,11 @@ fn draft08_grant(details: Option<&Value>) -> Result<Grant, JwtError> {
             let m = t.get("match").and_then(Value::as_str).ok_or(JwtError)?;
             let selector = match t.get("match_type").map(Value::as_str) {
                 None | Some(Some("exact")) => Selector::exact(m).map_err(|_| JwtError)?,
+                Some(Some("urlpattern")) => Selector::url_pattern(m).map_err(|_| JwtError)?,
                 // `*` matches every topic whatever the matcher type.
                 Some(Some(_)) if m == "*" => Selector::All,
-                // URL patterns are not supported yet: a grant that cannot
-                // be evaluated rejects the token.
+                // A matcher type this hub does not know: a grant that
+                // cannot be evaluated rejects the token.
                 _ => return Err(JwtError),
             };
             selectors.push(selector);
@@ -727,7 +728,7 @@ mod tests {
         }
         // A matcher type not supported rejects the whole token.
         let mut pattern = good.clone();
-        pattern["authorization_details"][0]["topics"][1]["match_type"] = "urlpattern".into();
+        pattern["authorization_details"][0]["topics"][1]["match_type"] = "regex".into();
         assert!(
             verifier()
                 .verify(&hs256(b"secret", &header, &pattern), now())

@@ -13,6 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::hub::nfa::{Ast, Class, Nfa, literal, value_char};
+use crate::hub::urlpattern::UrlPattern;
 
 /// Most bytes of one selector.
 pub const MAX_SELECTOR_LEN: usize = 2048;
@@ -31,6 +32,9 @@ pub enum Selector {
     Exact(Box<str>),
     /// A URI template: every topic it could expand to.
     Template(Template),
+    /// A URL pattern (Mercure draft-08's `urlpattern` matcher type):
+    /// every topic, read as a URL, that it matches.
+    UrlPattern(Box<UrlPattern>),
 }
 
 /// A compiled URI template.
@@ -112,12 +116,36 @@ impl Selector {
         Selector::parse(s)
     }
 
+    /// A URL pattern (see [`UrlPattern`]); `*` still means every topic.
+    ///
+    /// # Errors
+    ///
+    /// Empty, too long, with a control character, or no URL pattern this
+    /// hub matches (a regular-expression group, say).
+    pub fn url_pattern(s: &str) -> Result<Selector, SelectorError> {
+        let shown = || s.chars().take(64).collect::<String>();
+        if s == "*" {
+            return Ok(Selector::All);
+        }
+        // Checked as any selector would be (length, characters).
+        Selector::parse(&s.replace(['{', '}'], "_"))?;
+        UrlPattern::parse(s)
+            .map(|p| Selector::UrlPattern(Box::new(p)))
+            .map_err(|why| {
+                SelectorError(format!(
+                    "topic selector {:?} is not a URL pattern: {why}",
+                    shown()
+                ))
+            })
+    }
+
     /// Whether `topic` is one this selector selects.
     pub fn matches(&self, topic: &str) -> bool {
         match self {
             Selector::All => true,
             Selector::Exact(t) => **t == *topic,
             Selector::Template(t) => t.nfa.is_match(topic),
+            Selector::UrlPattern(p) => p.matches(topic),
         }
     }
 
@@ -127,6 +155,7 @@ impl Selector {
             Selector::All => 0,
             Selector::Exact(t) => t.len(),
             Selector::Template(t) => t.text.len() + t.nfa.footprint(),
+            Selector::UrlPattern(p) => p.footprint(),
         }
     }
 
@@ -136,6 +165,7 @@ impl Selector {
             Selector::All => "*",
             Selector::Exact(t) => t,
             Selector::Template(t) => &t.text,
+            Selector::UrlPattern(p) => p.as_str(),
         }
     }
 }

@@ -52,13 +52,14 @@ pub(crate) mod history;
 pub(crate) mod id;
 mod local;
 pub(crate) mod mailbox;
-mod node;
 mod nfa;
+mod node;
 pub mod redis;
 mod replay;
 #[cfg(feature = "durable")]
 pub mod store;
 mod subscription;
+pub mod urlpattern;
 
 pub use config::{EARLIEST, HubConfig, HubError, HubUsage, MAX_ID_LEN, Published, RESET_EVENT};
 pub use grant::{Privacy, Selector};

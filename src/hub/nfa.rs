@@ -16,6 +16,10 @@ pub(crate) enum Class {
     Reserved,
     /// A hexadecimal digit (of a `%XX`).
     Hex,
+    /// Any character.
+    Any,
+    /// Any character but this one.
+    Not(char),
 }
 
 impl Class {
@@ -26,11 +30,14 @@ impl Class {
             Class::Unreserved => unreserved,
             Class::Reserved => unreserved || ":/?#[]@!$&'()*+,;=".contains(c),
             Class::Hex => c.is_ascii_hexdigit(),
+            Class::Any => true,
+            Class::Not(x) => c != x,
         }
     }
 }
 
 /// A pattern, before it is compiled.
+#[derive(Clone)]
 pub(crate) enum Ast {
     Class(Class),
     Seq(Vec<Ast>),

@@ -13,7 +13,8 @@
 //!
 //! `GET /.well-known/mercure` subscribes: to exact topics and to
 //! selectors (`*`, URI templates) with draft-07's `topic=`, to exact
-//! topics (or `*`) with draft-08's `match=`/`match_exact=`; `lastEventID`
+//! topics (or `*`) with draft-08's `match=`/`match_exact=`, to URL
+//! patterns with `match_urlpattern=`; `lastEventID`
 //! and `last_event_id` resume as `Last-Event-ID` does, `earliest` replays
 //! everything retained. A credential must cover each topic and selector
 //! (`403`), as on `/events`; an anonymous subscriber gets public updates.
@@ -161,8 +162,8 @@ struct Wanted<'r> {
 /// A Mercure subscriber's topic matchers, read from its query, or the
 /// `400` that says what is wrong with them: draft-07's `topic=` (an exact
 /// topic, a URI template or `*`), draft-08's `match=` and `match_exact=`
-/// (exact, `*` for every topic). `match_urlpattern=` is refused as not
-/// built yet; any other `match_…` names no matcher type.
+/// (exact, `*` for every topic) and `match_urlpattern=` (a URL pattern);
+/// any other `match_…` names no matcher type.
 #[cold]
 #[inline(never)]
 fn wanted(req: &Request) -> Result<Box<Wanted<'_>>, Response> {
@@ -174,20 +175,14 @@ fn wanted(req: &Request) -> Result<Box<Wanted<'_>>, Response> {
         let selector = match name.as_str() {
             "topic" => Selector::parse(value),
             "match" | "match_exact" => Selector::exact(value),
-            "match_urlpattern" => {
-                return Err(Response::text(
-                    400,
-                    "`match_urlpattern` is not supported yet: subscribe with `topic=` (an \
-                     exact topic, a URI template or *) or `match=`",
-                ));
-            }
+            "match_urlpattern" => Selector::url_pattern(value),
             m if m.starts_with("match_") => {
                 let shown: String = m.chars().take(64).collect();
                 return Err(Response::text(
                     400,
                     format!(
-                        "unknown topic matcher type in `{shown}`: this hub knows `match` and \
-                         `match_exact` (and draft-07's `topic`)"
+                        "unknown topic matcher type in `{shown}`: this hub knows `match`, \
+                         `match_exact` and `match_urlpattern` (and draft-07's `topic`)"
                     ),
                 ));
             }
