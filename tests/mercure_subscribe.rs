@@ -191,10 +191,27 @@ fn grants_cover_selectors_and_tokens_come_by_query_too() {
         let (status, body) = refused(d.addr, &query, &[&bearer]);
         assert_eq!(status, 403, "{query}: {body}");
     }
-    let (status, _) = refused(d.addr, "topic=*", &[]);
-    assert_eq!(status, 401, "no credential, anonymous = false");
-    let (status, body) = refused(d.addr, "topic=*&authorization=not.a.jwt", &[]);
-    assert_eq!(status, 401, "{body}");
+    // Draft-08's challenges: none, invalid_token, insufficient_scope.
+    for (query, header, status, challenge) in [
+        ("topic=*", None, 401, "Bearer realm=\"ssed\""),
+        (
+            "topic=*&authorization=not.a.jwt",
+            None,
+            401,
+            "error=\"invalid_token\"",
+        ),
+        ("topic=*", Some(bearer.as_str()), 403, "error=\"insufficient_scope\""),
+    ] {
+        let headers: Vec<&str> = header.into_iter().collect();
+        let (_c, head) = subscribe(d.addr, query, &headers);
+        assert_eq!(head.status, status, "{query}");
+        let got = head.header("www-authenticate").unwrap_or_default();
+        assert!(got.starts_with("Bearer"), "{query}: {got}");
+        assert!(got.contains(challenge), "{query}: {got}");
+        if status == 401 && header.is_none() && !query.contains("authorization") {
+            assert!(!got.contains("error="), "no error code without a token: {got}");
+        }
+    }
     // `?authorization=` is Mercure's: /events does not take it.
     let mut c = Client::new(d.addr);
     let head = c.get_stream(
