@@ -15,6 +15,10 @@
 //!   whether every delivery arrived;
 //! - b: 100 subscribers, the publisher flat out (20,000 events): deliveries/s;
 //! - c: 10,000 subscribers, 50 events at 10/s.
+//! - d: as c, on the Mercure endpoint: half the subscribers name the topic
+//!   (`?topic=fanout-d`), half a URI template that matches it
+//!   (`?topic=fanout-{x}`): what selectors cost beside exact topics (the
+//!   goal: p50/p99 and CPU per delivery within 1.5x of c's, same run).
 //!
 //! While the load test runs, a thread samples the server's CPU time
 //! (utime + stime from `/proc/PID/stat`, in 1/100 s ticks) every 10 ms; the
@@ -28,7 +32,7 @@
 //!
 //! Each workload gets a fresh server, killed by PID when its guard drops.
 //! Run by `cargo test --benches` (no `--bench` flag) it runs tiny versions
-//! of a and b as a check that it works. Linux only (`/proc`); loopback only.
+//! of a, b and d as a check that it works. Linux only (`/proc`); loopback only.
 
 use std::error::Error;
 use std::fs;
@@ -60,7 +64,7 @@ history = 100
 const USAGE: &str = "\
 usage: cargo bench --bench fanout -- [options]
 
-  --workloads LIST   which workloads to run, of a,b,c (default a,b,c)
+  --workloads LIST   which workloads to run, of a,b,c,d (default a,b,c,d)
   --flat-events N    events the flat-out publisher sends in b (default 20000)
   --json             print one JSON object instead of the table
 ";
@@ -78,22 +82,33 @@ struct Workload {
     p99_target_ms: Option<f64>,
     /// The issue's deliveries/s target, if any.
     rate_target: Option<f64>,
+    /// Stream paths (taken in turn) and the publish path, when not
+    /// `/events/fanout-KEY` and `/publish/fanout-KEY`.
+    paths: Option<(Vec<String>, String)>,
 }
 
 impl Workload {
     fn loadtest_args(&self, addr: SocketAddr) -> Vec<String> {
         let topic = format!("fanout-{}", self.key);
         let ramp = if self.subscribers > 1000 { 4000 } else { 5000 };
-        [
-            "loadtest".to_owned(),
-            "--url".to_owned(),
-            format!("http://{addr}/events/{topic}"),
+        let (streams, publish) = self.paths.clone().unwrap_or_else(|| {
+            (
+                vec![format!("/events/{topic}")],
+                format!("/publish/{topic}"),
+            )
+        });
+        let mut args = vec!["loadtest".to_owned()];
+        for path in streams {
+            args.push("--url".to_owned());
+            args.push(format!("http://{addr}{path}"));
+        }
+        args.extend([
             "--connections".to_owned(),
             self.subscribers.to_string(),
             "--ramp".to_owned(),
             format!("{ramp}/s"),
             "--publish-url".to_owned(),
-            format!("http://{addr}/publish/{topic}"),
+            format!("http://{addr}{publish}"),
             "--events".to_owned(),
             self.events.to_string(),
             "--rate".to_owned(),
@@ -101,8 +116,8 @@ impl Workload {
             "--duration".to_owned(),
             "10s".to_owned(),
             "--json".to_owned(),
-        ]
-        .into()
+        ]);
+        args
     }
 }
 
@@ -120,9 +135,9 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         bench,
         workloads: if bench {
-            vec!["a".into(), "b".into(), "c".into()]
+            vec!["a".into(), "b".into(), "c".into(), "d".into()]
         } else {
-            vec!["a".into(), "b".into()]
+            vec!["a".into(), "b".into(), "d".into()]
         },
         flat_events: if bench { 20_000 } else { 500 },
         json: false,
@@ -147,9 +162,9 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
                 if let Some(bad) = o
                     .workloads
                     .iter()
-                    .find(|w| !["a", "b", "c"].contains(&w.as_str()))
+                    .find(|w| !["a", "b", "c", "d"].contains(&w.as_str()))
                 {
-                    return Err(format!("unknown workload {bad:?} (a, b or c)"));
+                    return Err(format!("unknown workload {bad:?} (a, b, c or d)"));
                 }
             }
             "--flat-events" => {
@@ -181,6 +196,7 @@ fn workloads(o: &Options) -> Vec<Workload> {
             rate: a_rate,
             p99_target_ms: o.bench.then_some(15.0),
             rate_target: None,
+            paths: None,
         },
         Workload {
             key: "b",
@@ -194,6 +210,7 @@ fn workloads(o: &Options) -> Vec<Workload> {
             rate: 0,
             p99_target_ms: None,
             rate_target: o.bench.then_some(450_000.0),
+            paths: None,
         },
         Workload {
             key: "c",
@@ -203,6 +220,23 @@ fn workloads(o: &Options) -> Vec<Workload> {
             rate: a_rate,
             p99_target_ms: o.bench.then_some(190.0),
             rate_target: None,
+            paths: None,
+        },
+        Workload {
+            key: "d",
+            title: format!("d: {c_subs} Mercure, half by template"),
+            subscribers: c_subs,
+            events: a_events,
+            rate: a_rate,
+            p99_target_ms: None,
+            rate_target: None,
+            paths: Some((
+                vec![
+                    "/.well-known/mercure?topic=fanout-d".to_owned(),
+                    "/.well-known/mercure?topic=fanout-%7Bx%7D".to_owned(),
+                ],
+                "/publish/fanout-d".to_owned(),
+            )),
         },
     ];
     all.into_iter()
@@ -497,6 +531,20 @@ fn print_table(outcomes: &[Outcome], load_before: &str) {
             opt(r.window_cpu, 2),
             opt(r.total_cpu, 2),
             opt(r.report["client_cpu_s"].as_f64(), 2),
+        );
+    }
+    let c = outcomes.iter().find(|r| r.workload.key == "c");
+    let d = outcomes.iter().find(|r| r.workload.key == "d");
+    if let (Some(c), Some(d)) = (c, d) {
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if a > 0.0 => format!("{:.2}x", b / a),
+            _ => "-".to_owned(),
+        };
+        let p50 = ratio(c.latency("p50"), d.latency("p50"));
+        let p99 = ratio(c.latency("p99"), d.latency("p99"));
+        let cpu = ratio(c.us_per_delivery(), d.us_per_delivery());
+        println!(
+            "\nselectors (issue 13): d beside c: p50 {p50}, p99 {p99}, server CPU per delivery {cpu} (goal: each <= 1.5x)"
         );
     }
     println!("\ncommands (ADDR: the server's address, logged at start-up):");

@@ -181,6 +181,55 @@ fn the_table_is_the_default_output() {
 }
 
 #[test]
+fn streams_take_several_urls_in_turn() {
+    let server = Server::start("urls", CONFIG);
+    let run = |urls: &[String]| {
+        let mut args: Vec<&str> = Vec::new();
+        for u in urls {
+            args.extend(["--url", u]);
+        }
+        let publish = server.url("/publish/lt");
+        args.extend([
+            "--connections",
+            "10",
+            "--publish-url",
+            &publish,
+            "--events",
+            "5",
+            "--rate",
+            "100",
+            "--duration",
+            "1s",
+            "--json",
+        ]);
+        let (status, out, err) = loadtest(&args);
+        (status, json(&out), err)
+    };
+    // Half the streams follow a topic no one publishes to.
+    let (_, r, err) = run(&[server.url("/events/lt"), server.url("/events/none")]);
+    assert_eq!(r["held"], 10, "{r} {err}");
+    assert_eq!(r["deliveries"], 25, "5 streams x 5 events: {r}");
+    // A Mercure subscriber of the topic and one of a template matching it.
+    let (status, r, err) = run(&[
+        server.url("/.well-known/mercure?topic=lt"),
+        server.url("/.well-known/mercure?topic=l%7Bx%7D"),
+    ]);
+    assert!(status.success(), "{status}: {err}");
+    assert_eq!(r["held"], 10, "{r}");
+    assert_eq!(r["deliveries"], 50, "{r}");
+    let (status, _, err) = loadtest(&[
+        "--url",
+        &server.url("/events/a"),
+        "--url",
+        "http://127.0.0.1:1/events/b",
+        "-n",
+        "2",
+    ]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("same server"), "{err}");
+}
+
+#[test]
 fn bad_arguments_exit_2_with_a_message() {
     let cases: &[(&[&str], &str)] = &[
         (&[], "missing --url"),

@@ -200,7 +200,12 @@ fn grants_cover_selectors_and_tokens_come_by_query_too() {
             401,
             "error=\"invalid_token\"",
         ),
-        ("topic=*", Some(bearer.as_str()), 403, "error=\"insufficient_scope\""),
+        (
+            "topic=*",
+            Some(bearer.as_str()),
+            403,
+            "error=\"insufficient_scope\"",
+        ),
     ] {
         let headers: Vec<&str> = header.into_iter().collect();
         let (_c, head) = subscribe(d.addr, query, &headers);
@@ -209,7 +214,10 @@ fn grants_cover_selectors_and_tokens_come_by_query_too() {
         assert!(got.starts_with("Bearer"), "{query}: {got}");
         assert!(got.contains(challenge), "{query}: {got}");
         if status == 401 && header.is_none() && !query.contains("authorization") {
-            assert!(!got.contains("error="), "no error code without a token: {got}");
+            assert!(
+                !got.contains("error="),
+                "no error code without a token: {got}"
+            );
         }
     }
     // `?authorization=` is Mercure's: /events does not take it.

@@ -21,7 +21,9 @@ USAGE:
     ssed loadtest --url http://HOST:PORT/events/TOPIC --find-limit [OPTIONS]
 
 OPTIONS:
-    --url URL             the stream to open, N times (http:// or https://)
+    --url URL             the stream to open, N times (http:// or https://); given
+                          more than once (the same server), the streams take the
+                          URLs in turn
     -n, --connections N   streams to open
     --ramp R[/s]          connections opened per second (default 1000; 0 = unpaced)
     --duration D          how long to hold the streams after the ramp-up, or after
@@ -77,6 +79,9 @@ ENVIRONMENT:
 #[derive(Debug, Clone)]
 pub(super) struct Options {
     pub(super) url: Target,
+    /// Further `--url`s, of the same server: as given, and their paths.
+    pub(super) more_urls: Vec<String>,
+    pub(super) more_paths: Vec<String>,
     pub(super) connections: u64,
     /// Connects per second; 0 = unpaced.
     pub(super) ramp: f64,
@@ -146,7 +151,7 @@ impl From<lexopt::Error> for UsageError {
 impl Options {
     pub(super) fn parse(args: Vec<OsString>) -> Result<Parsed, UsageError> {
         use lexopt::prelude::*;
-        let mut url = None;
+        let mut urls: Vec<String> = Vec::new();
         let mut connections = None;
         let mut ramp = 1000.0;
         let mut duration = Duration::from_secs(10);
@@ -167,7 +172,7 @@ impl Options {
         let mut parser = lexopt::Parser::from_args(args);
         while let Some(arg) = parser.next()? {
             match arg {
-                Long("url") => url = Some(parser.value()?.string()?),
+                Long("url") => urls.push(parser.value()?.string()?),
                 Short('n') | Long("connections") => {
                     connections = Some(parse_count("--connections", &parser.value()?.string()?)?);
                 }
@@ -214,13 +219,26 @@ impl Options {
                 _ => return Err(arg.unexpected().into()),
             }
         }
-        let url = url.ok_or_else(|| {
+        let mut urls = urls.into_iter();
+        let url = urls.next().ok_or_else(|| {
             UsageError(
                 "missing --url (the stream to open, e.g. http://127.0.0.1:8080/events/bench)"
                     .into(),
             )
         })?;
         let mut url = Target::parse(&url).map_err(|e| UsageError(format!("--url: {e}")))?;
+        let more_urls: Vec<String> = urls.collect();
+        let mut more_paths = Vec::with_capacity(more_urls.len());
+        for more in &more_urls {
+            let t = Target::parse(more).map_err(|e| UsageError(format!("--url: {e}")))?;
+            if t.addr != url.addr || t.https != url.https || t.host != url.host {
+                return Err(UsageError(format!(
+                    "--url {more}: every --url names the same server as the first ({})",
+                    url.url
+                )));
+            }
+            more_paths.push(t.path);
+        }
         if report.as_ref().is_some_and(|r| r.as_os_str().is_empty()) {
             return Err(UsageError("--report: no file name".into()));
         }
@@ -349,6 +367,8 @@ impl Options {
         }
         Ok(Parsed::Run(Box::new(Options {
             url,
+            more_urls,
+            more_paths,
             connections,
             ramp,
             duration,

@@ -3,12 +3,11 @@
 //! ([`super::pool::Pool`]). The run drives either through [`Holder`].
 
 use std::io;
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
 
-use super::args::Target;
+use super::args::Options;
 use super::decode::Tally;
 use super::histogram::Histogram;
 use super::host;
@@ -58,9 +57,14 @@ pub(super) struct Local {
 }
 
 impl Local {
-    pub(super) fn new(url: &Target, token: Option<&str>, sources: &[IpAddr]) -> io::Result<Self> {
+    pub(super) fn new(o: &Options) -> io::Result<Self> {
         Ok(Local {
-            streams: Streams::new(url, token, sources)?,
+            streams: Streams::new(
+                &o.url,
+                &o.more_paths,
+                o.subscribe_token.as_deref(),
+                &o.sources,
+            )?,
             events: Vec::with_capacity(1024),
             scratch: vec![0u8; SCRATCH],
             last_sweep: Instant::now(),

@@ -214,8 +214,7 @@ fn run(o: &Options) -> Result<Report, RunError> {
     let fds = host::fd_limit();
     let per_process = fds.saturating_sub(host::FDS_RESERVED);
     if o.connections <= per_process {
-        let local = Local::new(&o.url, o.subscribe_token.as_deref(), &o.sources)
-            .map_err(RunError::Poller)?;
+        let local = Local::new(o).map_err(RunError::Poller)?;
         return drive(o, local, started, budget);
     }
     let workers = o.connections.div_ceil(per_process.max(1));

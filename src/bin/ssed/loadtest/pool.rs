@@ -149,6 +149,7 @@ impl Pool {
         cmd.arg("loadtest")
             .arg("--worker")
             .args(["--url", &o.url.url])
+            .args(o.more_urls.iter().flat_map(|u| ["--url", u]))
             .args(["--connections", &share.to_string()])
             .args(["--duration", &format!("{}ms", bound.as_millis())]);
         if let Some(ca) = &o.cacert {

@@ -63,7 +63,7 @@ impl Spread {
     pub(super) fn new(o: &Options, fds: u64) -> io::Result<Spread> {
         Ok(Spread {
             o: o.clone(),
-            local: Local::new(&o.url, o.subscribe_token.as_deref(), &o.sources)?,
+            local: Local::new(o)?,
             pool: None,
             per_process: fds.saturating_sub(host::FDS_RESERVED),
             lease: Duration::ZERO,

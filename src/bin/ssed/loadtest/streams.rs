@@ -50,6 +50,8 @@ struct Conn {
     phase: Phase,
     /// The TLS session of an `https://` stream; none in plain text.
     tls: Option<Box<tls::Session>>,
+    /// Which of the requests it sends (one per `--url`).
+    request: usize,
 }
 
 /// How a response head was classified.
@@ -117,7 +119,9 @@ pub(super) struct Streams {
     /// Local addresses to bind before connecting, round-robin.
     sources: Vec<IpAddr>,
     next_source: usize,
-    request: Vec<u8>,
+    /// The request of each `--url` (the same server, other paths); the
+    /// streams take them in turn.
+    requests: Vec<Vec<u8>>,
     /// For an `https://` target.
     tls: Option<tls::Client>,
     slots: Vec<Option<Conn>>,
@@ -134,26 +138,31 @@ pub(super) struct Streams {
 impl Streams {
     pub(super) fn new(
         target: &Target,
+        paths: &[String],
         token: Option<&str>,
         sources: &[IpAddr],
     ) -> io::Result<Self> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-        let mut request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: ssed-loadtest/{}\r\n",
-            target.path,
-            target.host,
-            env!("CARGO_PKG_VERSION")
-        );
-        if let Some(t) = token {
-            request.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        request.push_str("\r\n");
+        let request = |path: &str| {
+            let mut request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: ssed-loadtest/{}\r\n",
+                target.host,
+                env!("CARGO_PKG_VERSION")
+            );
+            if let Some(t) = token {
+                request.push_str(&format!("Authorization: Bearer {t}\r\n"));
+            }
+            request.push_str("\r\n");
+            request.into_bytes()
+        };
+        let mut requests = vec![request(&target.path)];
+        requests.extend(paths.iter().map(|p| request(p)));
         Ok(Streams {
             epoll,
             addr: target.addr,
             sources: sources.to_vec(),
             next_source: 0,
-            request: request.into_bytes(),
+            requests,
             tls: target.tls.clone(),
             slots: Vec::new(),
             free: Vec::new(),
@@ -208,13 +217,14 @@ impl Streams {
             Err(e) => return self.fail(format!("connect: {}", io::Error::from(e))),
         }
         let sock = TcpStream::from(fd);
+        let which = (self.counts.attempted as usize).wrapping_sub(1) % self.requests.len();
         let session = match &self.tls {
             None => None,
             Some(client) => {
                 match client
                     .connection()
                     .map_err(io::Error::other)
-                    .and_then(|c| tls::Session::new(c, &self.request))
+                    .and_then(|c| tls::Session::new(c, &self.requests[which]))
                 {
                     Ok(s) => Some(Box::new(s)),
                     Err(e) => return self.fail(format!("TLS: {e}")),
@@ -242,6 +252,7 @@ impl Streams {
             started: Instant::now(),
             phase: Phase::Connecting { sent: 0 },
             tls: session,
+            request: which,
         });
         self.in_flight += 1;
     }
@@ -297,8 +308,9 @@ impl Streams {
         let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
             return;
         };
-        while (sent as usize) < self.request.len() {
-            match (&conn.sock).write(&self.request[sent as usize..]) {
+        let request = &self.requests[conn.request];
+        while (sent as usize) < request.len() {
+            match (&conn.sock).write(&request[sent as usize..]) {
                 Ok(n) => sent += n as u32,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     conn.phase = Phase::Connecting { sent };

@@ -158,7 +158,7 @@ pub(super) fn main(o: &Options) -> ExitCode {
     if o.connections > fds {
         log::warn!("worker: {} streams asked, {fds} descriptors", o.connections);
     }
-    let mut local = match Local::new(&o.url, o.subscribe_token.as_deref(), &o.sources) {
+    let mut local = match Local::new(o) {
         Ok(l) => l,
         Err(e) => {
             log::error!("worker: cannot poll sockets: {e}");
