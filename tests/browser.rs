@@ -78,37 +78,69 @@ fn demo_page_works_over_https() {
     demo(&chromium, &daemon, &url, "browser-demo-https.png", &args);
 }
 
+/// Browser `EventSource`s on the Mercure endpoint (`tests/browser/
+/// mercure.mjs`): by URI template, URL pattern, exact topic and `*`, each
+/// receiving what matches (a custom id, an event type and two lines of
+/// data intact), not the rest, and no private update (they are
+/// anonymous).
+#[test]
+fn mercure_event_sources_receive_what_their_selectors_match() {
+    let Some(chromium) = prerequisites() else {
+        return;
+    };
+    let daemon = Daemon::start();
+    let url = format!("http://{}/", daemon.addr);
+    script(
+        &chromium,
+        &daemon,
+        "mercure.mjs",
+        &url,
+        "browser-mercure.png",
+        "",
+    );
+}
+
 /// Runs `tests/browser/demo.mjs` on `url` and asserts it passed.
 fn demo(chromium: &Path, daemon: &Daemon, url: &str, shot: &str, chromium_args: &str) {
+    script(chromium, daemon, "demo.mjs", url, shot, chromium_args);
+}
+
+/// Runs `tests/browser/{name}` on `url` (it saves a screenshot as
+/// `shot`) and asserts it passed.
+fn script(
+    chromium: &Path,
+    daemon: &Daemon,
+    name: &str,
+    url: &str,
+    shot: &str,
+    chromium_args: &str,
+) {
     let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join(shot);
     let _ = std::fs::remove_file(&screenshot);
 
     let mut node = Command::new("node");
     node.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("tests/browser/demo.mjs")
+        .arg(format!("tests/browser/{name}"))
         .arg(url)
         .arg(&screenshot)
         .env("CHROMIUM", chromium)
         .env("CHROMIUM_EXTRA_ARGS", chromium_args)
         .stdin(Stdio::null());
     let out = run_with_timeout(node, BROWSER);
-    eprintln!("--- demo.mjs output ---\n{}", out.text);
+    eprintln!("--- {name} output ---\n{}", out.text);
     eprintln!("screenshot: {}", screenshot.display());
     assert!(
         !out.timed_out,
-        "demo.mjs did not finish within {BROWSER:?}; stopped it\nssed log:\n{}",
+        "{name} did not finish within {BROWSER:?}; stopped it\nssed log:\n{}",
         daemon.log()
     );
     match out.code {
         Some(0) => {}
         Some(code) => panic!(
-            "demo.mjs failed (exit {code}); see its output above\nssed log:\n{}",
+            "{name} failed (exit {code}); see its output above\nssed log:\n{}",
             daemon.log()
         ),
-        None => panic!(
-            "demo.mjs was killed by a signal\nssed log:\n{}",
-            daemon.log()
-        ),
+        None => panic!("{name} was killed by a signal\nssed log:\n{}", daemon.log()),
     }
     assert!(
         screenshot.is_file(),
