@@ -425,10 +425,13 @@ fn vanishing_subscriber(addr: SocketAddr, path: &str) -> TcpStream {
 /// they would hold the cap for as long as they stayed silent.
 ///
 /// A peer that vanishes outright (powered off, no RST) is the same case as
-/// far as the server can tell once its window is full; while the window
-/// is not, the kernel retransmits unacknowledged data for up to
-/// `tcp_retries2` (about 15 minutes) before the write fails: see "What can
-/// and cannot be interrupted" in docs/operations.md.
+/// far as the server can tell once its window is full. Before that, the
+/// kernel gives the connection up once data has gone unacknowledged for
+/// `TCP_USER_TIMEOUT` (the write timeout; with `heartbeat = "0"`, as here,
+/// 15 s and three keepalive probes' time) and the stream ends, counted as
+/// `write_timeout` too: see "Dead peers: the bound" in docs/operations.md,
+/// and tests/dead_peers.rs, which cut subscribers off in network
+/// namespaces.
 #[test]
 fn clients_that_vanish_without_fin_are_cut_at_the_write_timeout_and_free_their_slots() {
     let _serial = serial();
