@@ -82,14 +82,20 @@ fn demo_page_works_over_https() {
 /// mercure.mjs`): by URI template, URL pattern, exact topic and `*`, each
 /// receiving what matches (a custom id, an event type and two lines of
 /// data intact), not the rest, and no private update (they are
-/// anonymous).
+/// anonymous); one opened with a JWT cookie granting the template gets
+/// the private update too.
 #[test]
 fn mercure_event_sources_receive_what_their_selectors_match() {
     let Some(chromium) = prerequisites() else {
         return;
     };
-    let daemon = Daemon::start();
-    let url = format!("http://{}/", daemon.addr);
+    let dir = TempDir::new("browser-mercure-config");
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\n[auth]\nanonymous = true\njwt_secret = \"{MERCURE_SECRET}\"\n"
+    );
+    let (proc, addr) = spawn_config(&dir, &toml);
+    let daemon = Daemon { proc, addr };
+    let url = format!("http://{addr}/");
     script(
         &chromium,
         &daemon,
@@ -99,6 +105,9 @@ fn mercure_event_sources_receive_what_their_selectors_match() {
         "",
     );
 }
+
+/// The browser test's JWT key (`tests/browser/mercure.mjs` signs with it).
+const MERCURE_SECRET: &str = "browser-test-mercure-secret";
 
 /// Runs `tests/browser/demo.mjs` on `url` and asserts it passed.
 fn demo(chromium: &Path, daemon: &Daemon, url: &str, shot: &str, chromium_args: &str) {
@@ -124,6 +133,7 @@ fn script(
         .arg(url)
         .arg(&screenshot)
         .env("CHROMIUM", chromium)
+        .env("MERCURE_JWT_SECRET", MERCURE_SECRET)
         .env("CHROMIUM_EXTRA_ARGS", chromium_args)
         .stdin(Stdio::null());
     let out = run_with_timeout(node, BROWSER);

@@ -10,14 +10,19 @@
 // this script as a Mercure publisher would (a form POST), an update none of
 // the selectors but `*` match, one they all match (a custom id, an event
 // type, two lines of data), a private one (these anonymous streams must not
-// get it) and one more for the template, the pattern and `*`. Checks what
-// each EventSource received, in order, and nothing else. Saves a screenshot
-// of the page listing what arrived. Exits 0 on success, 1 on failure, 2 on
-// bad arguments.
+// get it) and one more for the template, the pattern and `*`. A second
+// browser context holds a JWT in the `mercureAuthorization` cookie that
+// grants the template: its EventSource gets the private update too.
+// Checks what each EventSource received, in order, and nothing else.
+// Saves a screenshot of the page listing what arrived. Exits 0 on success,
+// 1 on failure, 2 on bad arguments.
 //
-// Environment: CHROMIUM (default /usr/bin/chromium), DEMO_TIMEOUT_MS
-// (overall time limit, default 20000).
+// Environment: MERCURE_JWT_SECRET (the daemon's `[auth] jwt_secret`:
+// publishes and the granted subscriber use HS256 JWTs signed with it),
+// CHROMIUM (default /usr/bin/chromium), DEMO_TIMEOUT_MS (overall time
+// limit, default 20000).
 
+import { createHmac } from "node:crypto";
 import { chromium } from "playwright-core";
 
 const [url, screenshot] = process.argv.slice(2);
@@ -66,6 +71,19 @@ async function run(what, f) {
 }
 
 const hub = new URL("/.well-known/mercure", url).href;
+const secret = process.env.MERCURE_JWT_SECRET;
+if (!secret) {
+  console.error("MERCURE_JWT_SECRET is not set");
+  process.exit(2);
+}
+
+/** An HS256 JWT of `claims`, signed with the daemon's secret. */
+function jwt(claims) {
+  const part = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+const publisher = jwt({ mercure: { publish: ["*"] } });
 const BOOKS = "https://example.com/books/{id}";
 const PATTERN = "https://example.com/books/:id";
 const BOOK1 = "https://example.com/books/1";
@@ -76,10 +94,14 @@ const AUTHOR = "https://example.com/authors/1";
 async function publish(fields) {
   const body = new URLSearchParams();
   for (const [k, v] of fields) body.append(k, v);
-  const r = await fetch(hub, { method: "POST", body });
+  const r = await fetch(hub, {
+    method: "POST",
+    body,
+    headers: { Authorization: `Bearer ${publisher}` },
+  });
   const text = await r.text();
   if (!r.ok) throw new Error(`publish answered ${r.status}: ${text}`);
-  log(`published ${JSON.stringify(Object.fromEntries(fields))} -> ${text}`);
+  log(`published ${JSON.stringify(fields)} -> ${text}`);
   return text;
 }
 
@@ -112,8 +134,9 @@ const subscriptions = {
   exact: `match=${encodeURIComponent(BOOK1)}`,
   star: "topic=*",
 };
-await run("opening the EventSources", () =>
-  page.evaluate(async (subscriptions) => {
+/** Opens an EventSource per subscription on `p`, each listing what it gets. */
+const openAll = (p, subscriptions) =>
+  p.evaluate(async (subscriptions) => {
     document.body.innerHTML = "<h1>Mercure subscribers</h1>";
     window.received = {};
     const opened = Object.entries(subscriptions).map(
@@ -137,9 +160,20 @@ await run("opening the EventSources", () =>
         }),
     );
     await Promise.all(opened);
-  }, subscriptions),
-);
-log("all four EventSources are open");
+  }, subscriptions);
+await run("opening the EventSources", () => openAll(page, subscriptions));
+// A reader whose cookie grants the books: another context, another jar.
+const granted = await run("opening a page with a JWT cookie", async () => {
+  const context = await browser.newContext();
+  await context.addCookies([
+    { name: "mercureAuthorization", value: jwt({ mercure: { subscribe: [BOOKS] } }), url },
+  ]);
+  const p = await context.newPage();
+  await p.goto(url, { waitUntil: "domcontentloaded" });
+  await openAll(p, { granted: subscriptions.template });
+  return p;
+});
+log("all five EventSources are open");
 
 await run("publishing", async () => {
   await publish([["topic", AUTHOR], ["data", "author"]]);
@@ -161,14 +195,22 @@ const want = {
   exact: [book1],
   star: [{ type: "message", data: "author" }, book1, { type: "message", data: "two" }],
 };
+want.granted = [book1, { type: "message", data: "secret" }, { type: "message", data: "two" }];
 const got = await run("waiting for every EventSource's updates", async () => {
-  await page.waitForFunction(
-    (want) => Object.entries(want).every(([k, w]) => window.received[k].length >= w.length),
-    want,
-  );
+  const all = (p) =>
+    p.waitForFunction(
+      (want) =>
+        Object.entries(window.received).every(([k, seen]) => seen.length >= want[k].length),
+      want,
+    );
+  await all(page);
+  await all(granted);
   // A moment more, for anything that should not come.
   await page.waitForTimeout(300);
-  return page.evaluate(() => window.received);
+  return {
+    ...(await page.evaluate(() => window.received)),
+    ...(await granted.evaluate(() => window.received)),
+  };
 });
 for (const [name, list] of Object.entries(want)) {
   const seen = got[name];
