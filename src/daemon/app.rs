@@ -15,6 +15,7 @@ use super::error::SetupError;
 use super::jwt::VerifierPool;
 use crate::bridge::postgres::Listener;
 use crate::hub::MemoryHistory;
+use crate::hub::worker::Workers;
 use crate::server::limits::clients::ClientStreams;
 use crate::server::limits::rate::RateLimiter;
 use crate::{Capacity, Hub, HubConfig, Overload, Response, Server, ShutdownHandle, Stats};
@@ -33,6 +34,12 @@ pub const DEMO_PAGE: &str = include_str!("demo.html");
 
 /// Threads that verify the JWTs of new streams (see [`VerifierPool`]).
 const JWT_THREADS: usize = 2;
+/// Threads that compile Mercure subscribers' selectors (a job is short:
+/// two keep a burst of subscribers from waiting on one another).
+const WORK_THREADS: usize = 2;
+/// A selector job that waited longer is refused (`503`): the workers are
+/// overwhelmed.
+const WORK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Most topics one stream may follow.
 pub const MAX_TOPICS_PER_STREAM: usize = 64;
 
@@ -51,6 +58,11 @@ struct App {
     publish_limit: Option<RateLimiter>,
     /// Verifies JWTs, when `[auth]` has a JWT key.
     jwt: Option<VerifierPool>,
+    /// Compile Mercure subscribers' selectors for their stream threads
+    /// (see `mercure_subscribe`).
+    workers: Workers,
+    /// Selectors compiled lately, shared by their subscribers.
+    compiled: Arc<mercure::Compiled>,
     /// One per `[[postgres]]` table, started once the server is bound; they
     /// stop when the routes (and so this state) are dropped, or at shutdown.
     postgres: OnceLock<Vec<Listener>>,
@@ -101,6 +113,8 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         postgres: OnceLock::new(),
         publish_limit: config.publish_rate.map(RateLimiter::new),
         jwt: jwt.map(|v| VerifierPool::start(v, JWT_THREADS)),
+        workers: Workers::started("ssed-work", WORK_THREADS, WORK_WAIT),
+        compiled: Arc::default(),
         config,
     });
     let c = &app.config;

@@ -25,7 +25,7 @@ use crossbeam_channel::Sender;
 
 use crate::event::EncodedEvent;
 use crate::http::chunked::frame_into;
-use crate::hub::grant::{Privacy, Selector};
+use crate::hub::grant::{Grant, Privacy, Selector, covers_any};
 use crate::stats::Stats;
 use crate::wire::Wire;
 
@@ -70,15 +70,49 @@ pub(crate) struct SubscriberQueue {
     /// Set once the following stream is open on a socket of ours: wakers
     /// may then write its frames themselves.
     direct: OnceLock<Direct>,
-    /// Which private updates it may be offered.
-    pub(crate) privacy: Privacy,
-    /// The topics followed exactly.
-    pub(crate) topics: Box<[Arc<str>]>,
-    /// The selectors followed (`*`, URI templates): every topic they match.
-    pub(crate) selectors: Box<[Selector]>,
+    /// Never offered a private update (an anonymous subscriber).
+    pub(crate) public_only: bool,
     /// It follows more than one topic or selector: an update may be
     /// offered to it more than once, and it takes it once.
     pub(crate) several: bool,
+    /// The topics followed exactly.
+    pub(crate) topics: Box<[Arc<str>]>,
+    /// Selectors followed, and the grant private updates are judged by,
+    /// for the few subscribers that have either (boxed: most have none,
+    /// and a subscribing stream thread builds this value on its stack).
+    pub(crate) matching: Option<Box<Matching>>,
+}
+
+/// What a subscriber by selector, or one whose private updates a grant
+/// decides, follows besides its topics.
+#[derive(Debug)]
+pub(crate) struct Matching {
+    /// The selectors followed (`*`, URI templates, URL patterns): every
+    /// topic they match.
+    pub(crate) selectors: Box<[Selector]>,
+    /// Private updates reach it when this grant covers one of their
+    /// topics (`None`: as `public_only` says).
+    pub(crate) grant: Option<Grant>,
+}
+
+impl Matching {
+    /// What `privacy` and `selectors` call for beside the topics, if
+    /// anything: `None` for exact topics with all or no private updates.
+    /// Out of line (see `SubscriberQueue::following`).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn of(selectors: &[Selector], privacy: &Privacy) -> Option<Box<Matching>> {
+        let grant = match privacy {
+            Privacy::Granted(g) => Some(g.clone()),
+            _ => None,
+        };
+        (grant.is_some() || !selectors.is_empty()).then(|| {
+            Box::new(Matching {
+                selectors: selectors.into(),
+                grant,
+            })
+        })
+    }
 }
 
 /// What a waker needs to write a sleeping subscriber's frames itself.
@@ -186,29 +220,21 @@ pub(crate) enum Pushed {
 }
 
 impl SubscriberQueue {
-    /// A new queue, shared. Out of line: the value is put together on the
-    /// stack before it moves to the heap, and a subscribing stream thread
-    /// should not carry those bytes in its own frame (see `Stream::follow`).
-    /// A queue for a subscriber of `topics` exactly and of `selectors`,
-    /// offered the private updates `privacy` allows.
+    /// A new queue, shared, for a subscriber of `topics` exactly and of
+    /// what `matching` names. Out of line: the value is put together on
+    /// the stack before it moves to the heap, and a subscribing stream
+    /// thread should not carry those bytes in its own frame (see
+    /// `Stream::follow`).
+    #[inline(never)]
     pub(crate) fn following(
         capacity: usize,
         max_bytes: usize,
         topics: Box<[Arc<str>]>,
-        selectors: Box<[Selector]>,
-        privacy: Privacy,
+        public_only: bool,
+        matching: Option<Box<Matching>>,
     ) -> Arc<Self> {
-        let several = topics.len() + selectors.len() > 1;
+        let selectors = matching.as_ref().map_or(0, |m| m.selectors.len());
         Arc::new(SubscriberQueue {
-            several,
-            selectors,
-            privacy,
-            ..Self::new(capacity, max_bytes, topics)
-        })
-    }
-
-    pub(crate) fn new(capacity: usize, max_bytes: usize, topics: Box<[Arc<str>]>) -> Self {
-        SubscriberQueue {
             frames: Mutex::new(Frames::default()),
             capacity: capacity.max(1),
             max_bytes,
@@ -217,10 +243,32 @@ impl SubscriberQueue {
             closed: AtomicBool::new(false),
             thread: OnceLock::new(),
             direct: OnceLock::new(),
-            privacy: Privacy::All,
-            several: topics.len() > 1,
+            public_only,
+            several: topics.len() + selectors > 1,
             topics,
-            selectors: Box::default(),
+            matching,
+        })
+    }
+
+    /// The selectors it follows.
+    pub(crate) fn selectors(&self) -> &[Selector] {
+        self.matching.as_ref().map_or(&[], |m| &m.selectors)
+    }
+
+    /// Whether a private update of `topic` may reach it.
+    pub(crate) fn allows(&self, topic: &str) -> bool {
+        self.allows_any(&[topic])
+    }
+
+    /// Whether a private update of these topics may reach it: one of them
+    /// is enough.
+    pub(crate) fn allows_any(&self, topics: &[&str]) -> bool {
+        if self.public_only {
+            return false;
+        }
+        match self.matching.as_ref().and_then(|m| m.grant.as_ref()) {
+            Some(grant) => covers_any(grant, topics),
+            None => true,
         }
     }
 

@@ -30,11 +30,13 @@ pub enum Selector {
     All,
     /// One topic, exactly.
     Exact(Box<str>),
-    /// A URI template: every topic it could expand to.
-    Template(Template),
+    /// A URI template: every topic it could expand to. (Shared: a clone
+    /// is a count, not a copy of the automaton, and takes no stack.)
+    Template(Arc<Template>),
     /// A URL pattern (Mercure draft-08's `urlpattern` matcher type):
-    /// every topic, read as a URL, that it matches.
-    UrlPattern(Box<UrlPattern>),
+    /// every topic, read as a URL, that it matches. (Shared, as a
+    /// template.)
+    UrlPattern(Arc<UrlPattern>),
 }
 
 /// A compiled URI template.
@@ -92,10 +94,10 @@ impl Selector {
                     shown()
                 ))
             })?;
-            return Ok(Selector::Template(Template {
+            return Ok(Selector::Template(Arc::new(Template {
                 text: s.into(),
                 nfa,
-            }));
+            })));
         }
         Ok(Selector::Exact(s.into()))
     }
@@ -130,7 +132,7 @@ impl Selector {
         // Checked as any selector would be (length, characters).
         Selector::parse(&s.replace(['{', '}'], "_"))?;
         UrlPattern::parse(s)
-            .map(|p| Selector::UrlPattern(Box::new(p)))
+            .map(|p| Selector::UrlPattern(Arc::new(p)))
             .map_err(|why| {
                 SelectorError(format!(
                     "topic selector {:?} is not a URL pattern: {why}",
@@ -327,7 +329,7 @@ impl Privacy {
         match self {
             Privacy::Public => false,
             Privacy::All => true,
-            Privacy::Granted(g) => g.can_subscribe(topic),
+            Privacy::Granted(g) => covers_any(g, &[topic]),
         }
     }
 
@@ -337,9 +339,17 @@ impl Privacy {
         match self {
             Privacy::Public => false,
             Privacy::All => true,
-            Privacy::Granted(g) => topics.iter().any(|t| g.can_subscribe(t)),
+            Privacy::Granted(g) => covers_any(g, topics),
         }
     }
+}
+
+/// Whether `grant` lets its holder subscribe to one of `topics`. Out of
+/// line: a subscribing stream thread keeps the stack pages it touches (see
+/// `Stream::follow`), and matching is the deep part.
+#[inline(never)]
+pub(crate) fn covers_any(grant: &Grant, topics: &[&str]) -> bool {
+    topics.iter().any(|t| grant.can_subscribe(t))
 }
 
 /// Compiles a URI template into an automaton that matches every string

@@ -154,14 +154,8 @@ impl Engine for Local {
     ) -> Result<Joined, HubError> {
         let state = self.state();
         let (id, queue) = node.join(interest, false, &mut |_, _| {});
-        let replay = last_event_id.map(|asked| {
-            Box::new(Replaying::start(
-                state.last_id,
-                &*state.history,
-                &queue,
-                asked,
-            ))
-        });
+        let replay = last_event_id
+            .map(|asked| Replaying::start(state.last_id, &*state.history, &queue, asked));
         drop(state);
         Ok(Joined { id, queue, replay })
     }

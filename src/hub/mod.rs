@@ -60,6 +60,7 @@ mod replay;
 pub mod store;
 mod subscription;
 pub mod urlpattern;
+pub(crate) mod worker;
 
 pub use config::{EARLIEST, HubConfig, HubError, HubUsage, MAX_ID_LEN, Published, RESET_EVENT};
 pub use grant::{Privacy, Selector};

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::event::EncodedEvent;
 use crate::hub::config::HubConfig;
 use crate::hub::engine::Interest;
-use crate::hub::fanout::{Pushed, SubscriberQueue, Wakers};
-use crate::hub::grant::Selector;
+use crate::hub::fanout::{Matching, Pushed, SubscriberQueue, Wakers};
+use crate::hub::grant::{Privacy, Selector};
 use crate::hub::id::EventId;
 use crate::hub::mailbox::Mailboxes;
 
@@ -250,7 +250,7 @@ impl Node {
             }
             for s in &g.subs {
                 let once = !s.queue.several || seen.insert(s.id);
-                if once && (!private || s.queue.privacy.allows_any(topics)) {
+                if once && (!private || s.queue.allows_any(topics)) {
                     n += 1;
                 }
             }
@@ -385,15 +385,19 @@ impl Node {
             }
             topics.push(key);
         }
+        let matching = match (interest.selectors, interest.privacy) {
+            ([], Privacy::All | Privacy::Public) => None,
+            (selectors, privacy) => state.matching(selectors, privacy),
+        };
         let queue = SubscriberQueue::following(
             self.config.queue,
             self.config.queue_bytes,
             topics.into_boxed_slice(),
-            interest.selectors.into(),
-            interest.privacy.clone(),
+            *interest.privacy == Privacy::Public,
+            matching,
         );
         for name in queue.topics.iter() {
-            let private = queue.privacy.allows(name);
+            let private = queue.allows(name);
             if let Some(v) = state.subscribers.get_mut(name) {
                 v.push(SubscriberSlot {
                     id,
@@ -408,30 +412,11 @@ impl Node {
                 });
             }
         }
-        if !queue.selectors.is_empty() && state.groups.is_empty() {
-            on_new(names.len(), EVERY_TOPIC);
-        }
-        for selector in queue.selectors.iter() {
-            let slot = SubscriberSlot {
-                id,
-                queue: Arc::clone(&queue),
-                resume: resume.then(|| {
-                    Box::new(Resume {
-                        pending: Some(Vec::new()),
-                        seen: EventId::floor_of(0),
-                    })
-                }),
-                // Decided per update, by its topics.
-                private: false,
-            };
-            match state.groups.iter_mut().find(|g| g.selector == *selector) {
-                Some(g) => g.subs.push(slot),
-                None => state.groups.push(Group {
-                    selector: selector.clone(),
-                    subs: vec![slot],
-                    matches: HashMap::new(),
-                }),
+        if !queue.selectors().is_empty() {
+            if state.groups.is_empty() {
+                on_new(names.len(), EVERY_TOPIC);
             }
+            state.join_groups(id, &queue, resume);
         }
         (id, queue)
     }
@@ -469,7 +454,7 @@ impl Node {
             }
         }
         for g in groups.iter_mut() {
-            if queue.selectors.contains(&g.selector) {
+            if queue.selectors().contains(&g.selector) {
                 end_wait(&mut g.subs);
             }
         }
@@ -489,6 +474,54 @@ impl Node {
 }
 
 impl State {
+    /// What a subscriber by `selectors`, or one whose private updates a
+    /// grant decides, follows besides its topics: its selectors shared with
+    /// the groups that have them already (one compiled automaton per
+    /// distinct selector, not per subscriber). Out of line (see
+    /// `join_groups`).
+    #[cold]
+    #[inline(never)]
+    fn matching(&self, selectors: &[Selector], privacy: &Privacy) -> Option<Box<Matching>> {
+        let shared: Vec<Selector> = selectors
+            .iter()
+            .map(|s| match self.groups.iter().find(|g| g.selector == *s) {
+                Some(g) => g.selector.clone(),
+                None => s.clone(),
+            })
+            .collect();
+        Matching::of(&shared, privacy)
+    }
+
+    /// Adds subscriber `id` to the group of each of its queue's selectors.
+    /// Out of line: most subscribers have none, and a subscribing stream
+    /// thread keeps the stack pages it touches (see `Stream::follow`).
+    #[cold]
+    #[inline(never)]
+    fn join_groups(&mut self, id: u64, queue: &Arc<SubscriberQueue>, resume: bool) {
+        for selector in queue.selectors() {
+            let slot = SubscriberSlot {
+                id,
+                queue: Arc::clone(queue),
+                resume: resume.then(|| {
+                    Box::new(Resume {
+                        pending: Some(Vec::new()),
+                        seen: EventId::floor_of(0),
+                    })
+                }),
+                // Decided per update, by its topics.
+                private: false,
+            };
+            match self.groups.iter_mut().find(|g| g.selector == *selector) {
+                Some(g) => g.subs.push(slot),
+                None => self.groups.push(Group {
+                    selector: selector.clone(),
+                    subs: vec![slot],
+                    matches: HashMap::new(),
+                }),
+            }
+        }
+    }
+
     /// `topic` has no subscriber here any more.
     fn forget_topic(&self, topic: &str) {
         if let Some(f) = &self.follower {
@@ -519,7 +552,7 @@ impl State {
                     return true;
                 }
                 // A selector of its own may offer it this update again.
-                let again = update.several || (selectors && !s.queue.selectors.is_empty());
+                let again = update.several || (selectors && s.queue.matching.is_some());
                 offer(s, update, again, recent, limit, out, &mut dropped)
             });
             if subs.is_empty() {
@@ -554,7 +587,7 @@ impl State {
             }
             group.subs.retain_mut(|s| {
                 if s.resume.as_ref().is_some_and(|r| update.id <= r.seen)
-                    || (update.private && !s.queue.privacy.allows_any(topics))
+                    || (update.private && !s.queue.allows_any(topics))
                 {
                     return true;
                 }
@@ -589,9 +622,9 @@ impl State {
                 }
             }
         }
-        if !queue.selectors.is_empty() {
+        if !queue.selectors().is_empty() {
             for group in &mut self.groups {
-                if queue.selectors.contains(&group.selector) {
+                if queue.selectors().contains(&group.selector) {
                     group.subs.retain(|s| s.id != id);
                 }
             }

@@ -86,7 +86,7 @@ impl Replaying {
         history: &dyn History,
         queue: &SubscriberQueue,
         asked: &str,
-    ) -> Replaying {
+    ) -> Box<Replaying> {
         let mut replay = Replaying::after(
             asked,
             last_id,
@@ -105,7 +105,9 @@ impl Replaying {
             gap,
         );
         replay.topics = topics;
-        replay
+        // Boxed here, not by the caller: a subscribing stream's frame does
+        // not hold the value on its way to the heap.
+        Box::new(replay)
     }
 
     /// A replay, nothing read yet, for the subscriber of `queue` resuming
@@ -121,7 +123,7 @@ impl Replaying {
         topic_names: &mut TopicNames<'_>,
         resolve: &mut dyn FnMut(&[Arc<str>]) -> Option<EventId>,
     ) -> Replaying {
-        let topics = (!queue.selectors.is_empty()).then(|| matched_topics(queue, topic_names));
+        let topics = (!queue.selectors().is_empty()).then(|| matched_topics(queue, topic_names));
         let names = topics.as_deref().unwrap_or(&queue.topics);
         // An id this hub cannot place (garbage, or from the future: a
         // restart with the clock stepped back, another server) replays
@@ -137,7 +139,7 @@ impl Replaying {
             from: vec![after; names.len()],
             until,
             last: None,
-            private: names.iter().map(|t| queue.privacy.allows(t)).collect(),
+            private: names.iter().map(|t| queue.allows(t)).collect(),
             topics,
             earliest: asked == EARLIEST,
             placed: placed.is_some() || asked == EARLIEST,
@@ -245,7 +247,7 @@ fn cut_page(events: &mut Vec<Retained>) -> bool {
 fn matched_topics(queue: &SubscriberQueue, topic_names: &mut TopicNames<'_>) -> Box<[Arc<str>]> {
     let mut names: Vec<Arc<str>> = queue.topics.to_vec();
     topic_names(&mut |t| {
-        if queue.selectors.iter().any(|s| s.matches(t)) {
+        if queue.selectors().iter().any(|s| s.matches(t)) {
             names.push(Arc::from(t));
         }
     });

@@ -129,7 +129,11 @@ impl UrlPattern {
         &self.text
     }
 
-    /// Whether `topic`, read as a URL, matches every component.
+    /// Whether `topic`, read as a URL, matches every component. Out of
+    /// line: grants are matched on a stream's way in, whose stack pages
+    /// stay resident (see `Stream::follow`), and this one's locals are not
+    /// small.
+    #[inline(never)]
     pub fn matches(&self, topic: &str) -> bool {
         // Schemes and hosts have no case: a topic that writes them in
         // capitals is compared in lower case (a copy, for these only).

@@ -38,6 +38,21 @@ pub(super) fn stream_jwt<'r>(req: &'r Request, config: &Config) -> Option<&'r st
     token.filter(|t| JwtVerifier::looks_like_jwt(t))
 }
 
+/// Whether `cred` covers every one of `topics` and `selectors` (a
+/// Mercure subscription): `None` if so, else the refusal. Out of line, as
+/// everything that is not a stream's common way in (see `open_stream`).
+#[cold]
+#[inline(never)]
+fn refuse_selected(cred: &Credential, topics: &[&str], selectors: &[Selector]) -> Option<Response> {
+    if let Some(t) = topics.iter().find(|t| !cred.grant.can_subscribe(t)) {
+        return Some(App::forbidden("topic", t));
+    }
+    selectors
+        .iter()
+        .find(|s| !cred.grant.can_subscribe_by(s))
+        .map(|s| App::forbidden("topic selector", s.as_str()))
+}
+
 /// A Mercure 0.x subscriber's JWT in the query (`?authorization=`), taken
 /// on the Mercure endpoint only (draft-07, "Authorization"): a browser's
 /// `EventSource` can send no header and a cross-site one no cookie.
@@ -228,10 +243,7 @@ impl App {
             };
         }
         if let Some(given) = mercure_authorization(req).filter(|_| self.jwt.is_some()) {
-            return match self.jwt(given) {
-                Some(claims) => claims.map(Credential::jwt),
-                None => Err(Self::invalid_token()),
-            };
+            return self.query_jwt(given);
         }
         if let Some(given) = req.query("token").filter(|_| credentials) {
             if token.is_some_and(|t| Self::token_matches(t, Some(given))) {
@@ -263,6 +275,17 @@ impl App {
             return Ok(Credential::new(How::Anonymous, Grant::none()));
         }
         Err(Self::needs_credential())
+    }
+
+    /// The credential of a JWT given as `?authorization=`. Out of line (see
+    /// `open_stream`).
+    #[cold]
+    #[inline(never)]
+    fn query_jwt(&self, token: &str) -> Result<Credential, Response> {
+        match self.jwt(token) {
+            Some(claims) => claims.map(Credential::jwt),
+            None => Err(Self::invalid_token()),
+        }
     }
 
     /// A ticket's credential: the ticket's pass, once; a spent ticket may
@@ -311,16 +334,7 @@ impl App {
                 .iter()
                 .find(|t| !cred.grant.can_subscribe(t))
                 .map(|t| Self::forbidden("topic", t)),
-            (_, Target::Selected(topics, selectors)) => topics
-                .iter()
-                .find(|t| !cred.grant.can_subscribe(t))
-                .map(|t| Self::forbidden("topic", t))
-                .or_else(|| {
-                    selectors
-                        .iter()
-                        .find(|s| !cred.grant.can_subscribe_by(s))
-                        .map(|s| Self::forbidden("topic selector", s.as_str()))
-                }),
+            (_, Target::Selected(topics, selectors)) => refuse_selected(cred, topics, selectors),
             (_, Target::Mailbox(key)) => {
                 (!cred.grant.can_subscribe(key)).then(|| Self::forbidden("mailbox", key))
             }

@@ -19,6 +19,8 @@
 //! everything retained. A credential must cover each topic and selector
 //! (`403`), as on `/events`; an anonymous subscriber gets public updates.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::access::Target;
@@ -26,8 +28,9 @@ use super::publish::publish_failed;
 use super::streams::{Audience, bad_topic, subscribe_failed};
 use super::{App, MAX_TOPICS_PER_STREAM};
 use crate::http::request::parse_query;
+use crate::hub::grant::SelectorError;
 use crate::hub::id::topic_problem;
-use crate::hub::{MAX_UPDATE_TOPICS, Privacy, Selector};
+use crate::hub::{HubError, MAX_UPDATE_TOPICS, Privacy, Selector};
 use crate::{Event, Request, Response, Stream, StreamError};
 
 /// The path of the Mercure endpoint.
@@ -152,30 +155,63 @@ fn read_form(req: &Request) -> Result<Form, Response> {
     Ok(form)
 }
 
+/// Selectors compiled lately, by kind (0: draft-07's `topic`, 1: URL
+/// patterns) and text: thousands of subscribers of one template compile
+/// it once, and share it. Emptied when it holds [`COMPILED_KEPT`] of a
+/// kind, so whatever subscribers ask keeps it bounded.
+#[derive(Default)]
+pub(super) struct Compiled(Mutex<[HashMap<Box<str>, Selector>; 2]>);
+
+/// Most selectors [`Compiled`] keeps of one kind.
+const COMPILED_KEPT: usize = 1024;
+
+impl Compiled {
+    /// The selector `text` of `kind`, from the cache or `parse`d (and kept
+    /// if it is not an exact topic).
+    fn get(
+        &self,
+        kind: usize,
+        text: &str,
+        parse: fn(&str) -> Result<Selector, SelectorError>,
+    ) -> Result<Selector, SelectorError> {
+        let mut maps = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = maps[kind].get(text) {
+            return Ok(s.clone());
+        }
+        let selector = parse(text)?;
+        if !matches!(selector, Selector::Exact(_)) {
+            if maps[kind].len() >= COMPILED_KEPT {
+                maps[kind].clear();
+            }
+            maps[kind].insert(text.into(), selector.clone());
+        }
+        Ok(selector)
+    }
+}
+
 /// What a Mercure subscriber asks for: exact topics, and selectors
-/// (`*`, URI templates) followed across every topic.
-struct Wanted<'r> {
-    topics: Vec<&'r str>,
+/// (`*`, URI templates, URL patterns) followed across every topic.
+struct Wanted {
+    topics: Vec<String>,
     selectors: Vec<Selector>,
 }
 
-/// A Mercure subscriber's topic matchers, read from its query, or the
-/// `400` that says what is wrong with them: draft-07's `topic=` (an exact
-/// topic, a URI template or `*`), draft-08's `match=` and `match_exact=`
-/// (exact, `*` for every topic) and `match_urlpattern=` (a URL pattern);
-/// any other `match_…` names no matcher type.
-#[cold]
-#[inline(never)]
-fn wanted(req: &Request) -> Result<Box<Wanted<'_>>, Response> {
+/// A Mercure subscriber's topic matchers, read from its query's `pairs`,
+/// or the `400` that says what is wrong with them: draft-07's `topic=` (an
+/// exact topic, a URI template or `*`), draft-08's `match=` and
+/// `match_exact=` (exact, `*` for every topic) and `match_urlpattern=` (a
+/// URL pattern); any other `match_…` names no matcher type. Run on a worker
+/// thread (see `App::wanted_elsewhere`).
+fn wanted(pairs: &[(String, String)], compiled: &Compiled) -> Result<Box<Wanted>, Response> {
     let mut w = Box::new(Wanted {
         topics: Vec::new(),
         selectors: Vec::new(),
     });
-    for (name, value) in req.query_pairs() {
+    for (name, value) in pairs {
         let selector = match name.as_str() {
-            "topic" => Selector::parse(value),
+            "topic" => compiled.get(0, value, Selector::parse),
             "match" | "match_exact" => Selector::exact(value),
-            "match_urlpattern" => Selector::url_pattern(value),
+            "match_urlpattern" => compiled.get(1, value, Selector::url_pattern),
             m if m.starts_with("match_") => {
                 let shown: String = m.chars().take(64).collect();
                 return Err(Response::text(
@@ -200,7 +236,7 @@ fn wanted(req: &Request) -> Result<Box<Wanted<'_>>, Response> {
                 if let Some(why) = topic_problem(value) {
                     return Err(bad_topic(value, why));
                 }
-                w.topics.push(value);
+                w.topics.push(value.clone());
             }
             other => w.selectors.push(other),
         }
@@ -225,12 +261,13 @@ impl App {
         req: &Request,
         stream: &mut Stream,
     ) -> Result<(), StreamError> {
-        let w = match wanted(req) {
+        let w = match self.wanted_elsewhere(req) {
             Ok(w) => w,
             Err(refusal) => return stream.respond(refusal),
         };
+        let topics: Vec<&str> = w.topics.iter().map(String::as_str).collect();
         self.verify_ahead(req);
-        let admission = self.admission(req, Target::Selected(&w.topics, &w.selectors));
+        let admission = self.admission(req, Target::Selected(&topics, &w.selectors));
         let Some(audience) = self.open_stream(req, stream, true, admission)? else {
             return Ok(());
         };
@@ -240,17 +277,81 @@ impl App {
             Audience::Public => Privacy::Public,
         };
         let asked = req.last_event_id();
-        let subscribed = self
-            .hub
-            .subscribe_matching(&w.topics, &w.selectors, &privacy, asked);
+        let subscribed = if w.selectors.is_empty() {
+            self.hub.subscribe_matching(&topics, &[], &privacy, asked)
+        } else {
+            drop(topics);
+            self.subscribe_elsewhere(w, privacy, asked)
+        };
         let sub = match subscribed {
             Ok(sub) => sub,
             Err(e) => return subscribe_failed(stream, &e),
         };
-        drop(w);
-        let cursor = sub.cursor(asked);
-        stream.header("Last-Event-ID", &cursor)?;
-        stream.header("Mercure-Last-Event-ID", &cursor)?;
+        cursor_headers(stream, &sub, asked)?;
         stream.follow(sub)
     }
+
+    /// Subscribes by selectors on a worker thread: joining a selector's
+    /// group, and a replay that looks through history for the topics it
+    /// matches, go deeper than a stream's thread should (see
+    /// `wanted_elsewhere`).
+    #[cold]
+    #[inline(never)]
+    #[allow(
+        clippy::boxed_local,
+        reason = "boxed on purpose: the caller's frame, under every idle stream, stays narrow"
+    )]
+    fn subscribe_elsewhere(
+        &self,
+        w: Box<Wanted>,
+        privacy: Privacy,
+        asked: Option<&str>,
+    ) -> Result<crate::Subscription, HubError> {
+        // One box: the job the worker gets is a pointer, not a frame's worth
+        // of values put together on this thread's stack.
+        let state = Box::new((self.hub.clone(), w, privacy, asked.map(str::to_owned)));
+        let job = move || {
+            let (hub, w, privacy, asked) = *state;
+            let topics: Vec<&str> = w.topics.iter().map(String::as_str).collect();
+            hub.subscribe_matching(&topics, &w.selectors, &privacy, asked.as_deref())
+        };
+        self.workers
+            .run(job)
+            .unwrap_or_else(|e| Err(HubError::Storage(e)))
+    }
+
+    /// The subscriber's matchers, parsed and compiled on a worker thread:
+    /// compiling a URI template or URL pattern goes deep, and a stream's
+    /// thread keeps every stack page it touches. `503` when the workers
+    /// are overwhelmed.
+    #[inline(never)]
+    fn wanted_elsewhere(&self, req: &Request) -> Result<Box<Wanted>, Response> {
+        let pairs = req.query_pairs().to_vec();
+        let compiled = Arc::clone(&self.compiled);
+        match self.workers.run(move || wanted(&pairs, &compiled)) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                log::warn!(
+                    "a Mercure subscription was not parsed: {}",
+                    crate::Report(&e)
+                );
+                Err(Response::text(503, "busy: try again").with_header("Retry-After", "1"))
+            }
+        }
+    }
+}
+
+/// The `Last-Event-ID` (draft-07) and `Mercure-Last-Event-ID` (draft-08)
+/// headers: where the subscription starts (see [`Subscription::cursor`]).
+/// Out of line: not everything a Mercure stream does on its way in needs
+/// to weigh on its thread's stack.
+#[inline(never)]
+fn cursor_headers(
+    stream: &mut Stream,
+    sub: &crate::Subscription,
+    asked: Option<&str>,
+) -> Result<(), StreamError> {
+    let cursor = sub.cursor(asked);
+    stream.header("Last-Event-ID", &cursor)?;
+    stream.header("Mercure-Last-Event-ID", &cursor)
 }

@@ -11,9 +11,10 @@ use crate::hub::grant::Selector;
 use crate::hub::history::StorageError;
 use crate::hub::id::EventId;
 use crate::hub::node::{EVERY_TOPIC, Node};
-use crate::hub::redis::worker::Workers;
+use crate::hub::redis::pool::{POOL_MAX, TIMEOUT};
 use crate::hub::redis::{PushError, Redis, RedisState};
 use crate::hub::replay::Replaying;
+use crate::hub::worker::Workers;
 
 /// How often a consumer of a Redis mailbox looks without being woken.
 const MAILBOX_POLL: Duration = Duration::from_secs(1);
@@ -34,7 +35,7 @@ impl RedisEngine {
         RedisEngine {
             redis,
             node,
-            workers: Workers::started(),
+            workers: Workers::started("ssed-redis-w", POOL_MAX, TIMEOUT),
         }
     }
 }
@@ -113,7 +114,7 @@ fn start_replay(
 ) -> Result<(), StorageError> {
     // Listed before the end of the replay is read: a topic first
     // published after it has nothing to replay.
-    let topics = if joined.queue.selectors.is_empty() {
+    let topics = if joined.queue.selectors().is_empty() {
         Vec::new()
     } else {
         redis.topic_names()?

@@ -91,7 +91,6 @@ mod pool;
 pub(crate) mod reader;
 pub(crate) mod resp;
 mod scripts;
-mod worker;
 
 use scripts::{FIND, PAGE, PUBLISH, PUSH, Script, TAKE, UNTAKE};
 
