@@ -140,21 +140,11 @@ fn publisher_ids_in_redis() {
     let Some(redis) = support::redis::redis("publisher_ids_in_redis") else {
         return;
     };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let run = format!("p_{}_{nanos}_", std::process::id());
-    struct Cleanup(&'static str, String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for t in ["books/1", "books/2"] {
-                let stream = format!("ssed:t:{}{t}", self.1);
-                support::redis::command(self.0, &["DEL", &stream]);
-                support::redis::command(self.0, &["HDEL", "ssed:seq", &stream]);
-            }
-        }
-    }
-    let _cleanup = Cleanup(redis, run.clone());
+    let run = support::redis::unique_run("p");
+    let _cleanup = support::redis::TopicCleanup {
+        redis,
+        topics: vec![format!("{run}books/1"), format!("{run}books/2")],
+    };
     let hub = Hub::with_redis(&format!("redis://{redis}"), 10, HubConfig::default())
         .expect("a Redis hub");
     check(&hub, &run);

@@ -211,24 +211,12 @@ fn selectors_in_redis() {
     let Some(redis) = support::redis::redis("selectors_in_redis") else {
         return;
     };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let run = format!("s_{}_{nanos}_", std::process::id());
-    /// Deletes the run's streams and counts, passed or not (the stream of
-    /// every update is shared by every node, bounded, and stays).
-    struct Cleanup(&'static str, Vec<String>);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for t in &self.1 {
-                let stream = format!("ssed:t:{t}");
-                support::redis::command(self.0, &["DEL", &stream]);
-                support::redis::command(self.0, &["HDEL", "ssed:seq", &stream]);
-            }
-        }
-    }
+    let run = support::redis::unique_run("s");
     let topics = [book(1), book(2), author(1)].map(|t| format!("{run}{t}"));
-    let _cleanup = Cleanup(redis, topics.to_vec());
+    let _cleanup = support::redis::TopicCleanup {
+        redis,
+        topics: topics.to_vec(),
+    };
     let url = format!("redis://{redis}");
     let hub = Hub::with_redis(&url, 10, HubConfig::default()).expect("a Redis hub");
     check(&hub, &run);

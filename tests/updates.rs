@@ -103,23 +103,12 @@ fn an_update_of_several_topics_in_redis() {
     let Some(redis) = support::redis::redis("an_update_of_several_topics_in_redis") else {
         return;
     };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let run = format!("u_{}_{nanos}", std::process::id());
-    let (a, b) = (format!("{run}_a"), format!("{run}_b"));
-    /// Deletes the topics' streams and counts, passed or not.
-    struct Cleanup(&'static str, [String; 2]);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for t in &self.1 {
-                let stream = format!("ssed:t:{t}");
-                support::redis::command(self.0, &["DEL", &stream]);
-                support::redis::command(self.0, &["HDEL", "ssed:seq", &stream]);
-            }
-        }
-    }
-    let _cleanup = Cleanup(redis, [a.clone(), b.clone()]);
+    let run = support::redis::unique_run("u");
+    let (a, b) = (format!("{run}a"), format!("{run}b"));
+    let _cleanup = support::redis::TopicCleanup {
+        redis,
+        topics: vec![a.clone(), b.clone()],
+    };
     let hub = Hub::with_redis(&format!("redis://{redis}"), 10, HubConfig::default())
         .expect("a Redis hub");
     check(&hub, &a, &b);

@@ -295,16 +295,6 @@ impl Hub {
         event: Event,
         private: bool,
     ) -> Result<Published, HubError> {
-        if topics.is_empty() || topics.len() > MAX_UPDATE_TOPICS {
-            return Err(HubError::TopicCount {
-                count: topics.len(),
-                max: MAX_UPDATE_TOPICS,
-            });
-        }
-        if let Some(bad) = topics.iter().find(|t| !valid_topic(t)) {
-            return Err(HubError::InvalidName((*bad).to_owned()));
-        }
-        event.validate()?;
         self.publish_checked(topics, event, private, None)
     }
 
@@ -332,6 +322,18 @@ impl Hub {
         if let Some(why) = config::id_problem(id) {
             return Err(HubError::InvalidId(why));
         }
+        self.publish_checked(topics, event, private, Some(id))
+    }
+
+    /// Checks an update (its topics, its event) and hands it to the
+    /// engine, each topic once.
+    fn publish_checked(
+        &self,
+        topics: &[&str],
+        event: Event,
+        private: bool,
+        alias: Option<&str>,
+    ) -> Result<Published, HubError> {
         if topics.is_empty() || topics.len() > MAX_UPDATE_TOPICS {
             return Err(HubError::TopicCount {
                 count: topics.len(),
@@ -342,17 +344,6 @@ impl Hub {
             return Err(HubError::InvalidName((*bad).to_owned()));
         }
         event.validate()?;
-        self.publish_checked(topics, event, private, Some(id))
-    }
-
-    /// Hands a checked update to the engine, each topic once.
-    fn publish_checked(
-        &self,
-        topics: &[&str],
-        event: Event,
-        private: bool,
-        alias: Option<&str>,
-    ) -> Result<Published, HubError> {
         let node = &self.0.node;
         if topics.len() == 1 {
             // Every publish of one topic comes this way: no copy.

@@ -11,87 +11,28 @@
 // Environment: CHROMIUM (default /usr/bin/chromium), DEMO_TIMEOUT_MS
 // (overall time limit, default 20000).
 
-import { chromium } from "playwright-core";
+import { harness, launch } from "./harness.mjs";
 
 const [url, screenshot] = process.argv.slice(2);
 if (!url || !screenshot || process.argv.length > 4) {
   console.error("usage: node demo.mjs PAGE_URL SCREENSHOT_PATH");
   process.exit(2);
 }
-const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 const timeoutMs = Number(process.env.DEMO_TIMEOUT_MS) || 20000;
 const ID = /^\d+-\d+$/;
 
-const started = Date.now();
-const log = (msg) => console.log(`[demo ${String(Date.now() - started).padStart(5)} ms] ${msg}`);
+const { log, run, fail, state: harnessState } = harness("demo", screenshot, timeoutMs);
+const pageErrors = harnessState.pageErrors;
 
-let browser;
-let page;
-let step = "starting";
-let failing = false;
-const pageErrors = [];
-
-async function fail(message) {
-  // A timeout and the step it interrupts may both fail: report once.
-  if (failing) return new Promise(() => {});
-  failing = true;
-  console.error(`FAIL: ${message}`);
-  if (pageErrors.length) console.error(`page errors:\n  ${pageErrors.join("\n  ")}`);
-  if (page) {
-    try {
-      console.error(`page text at failure:\n${await page.locator("body").innerText({ timeout: 1000 })}`);
-      await page.screenshot({ path: screenshot, fullPage: true, timeout: 2000 });
-      console.error(`screenshot of the failure: ${screenshot}`);
-    } catch (e) {
-      console.error(`(no page text or screenshot: ${e.message.split("\n")[0]})`);
-    }
-  }
-  // Closing the browser matters: a Chromium left behind outlives the test.
-  await browser?.close().catch(() => {});
-  process.exit(1);
-}
-
-// The overall limit. If closing the browser hangs, exit anyway after 3 s:
-// Playwright's exit handler kills the browser it launched.
-setTimeout(() => {
-  setTimeout(() => process.exit(1), 3000).unref();
-  fail(`timed out after ${timeoutMs} ms while ${step}`);
-}, timeoutMs);
-
-/** Runs one step, naming it in the failure message. */
-async function run(what, f) {
-  step = what;
-  try {
-    return await f();
-  } catch (e) {
-    return fail(`${what}: ${e?.message ?? e}`);
-  }
-}
-
-log(`launching ${executablePath}`);
-// launch() runs the browser in a fresh, temporary profile (its own
-// --user-data-dir) and removes it on close.
-browser = await run("launching Chromium", () =>
-  chromium.launch({
-    executablePath,
-    headless: true,
-    args: [
-      "--headless",
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-      "--no-first-run",
-      "--disable-quic",
-      "--no-proxy-server",
-      // The HTTPS test trusts its throwaway certificate by its key's hash.
-      ...(process.env.CHROMIUM_EXTRA_ARGS ?? "").split(" ").filter(Boolean),
-    ],
-  }),
+log(`launching ${process.env.CHROMIUM || "/usr/bin/chromium"}`);
+// The HTTPS test trusts its throwaway certificate by its key's hash.
+const browser = await run("launching Chromium", () =>
+  launch((process.env.CHROMIUM_EXTRA_ARGS ?? "").split(" ").filter(Boolean)),
 );
+harnessState.browser = browser;
 log(`browser ${browser.version()}`);
-page = await run("opening a page", () => browser.newPage({ viewport: { width: 900, height: 600 } }));
+const page = await run("opening a page", () => browser.newPage({ viewport: { width: 900, height: 600 } }));
+harnessState.page = page;
 page.setDefaultTimeout(timeoutMs);
 page.on("pageerror", (e) => pageErrors.push(String(e)));
 page.on("console", (m) => {

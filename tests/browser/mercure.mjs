@@ -23,52 +23,15 @@
 // limit, default 20000).
 
 import { createHmac } from "node:crypto";
-import { chromium } from "playwright-core";
+import { harness, launch } from "./harness.mjs";
 
 const [url, screenshot] = process.argv.slice(2);
 if (!url || !screenshot || process.argv.length > 4) {
   console.error("usage: node mercure.mjs PAGE_URL SCREENSHOT_PATH");
   process.exit(2);
 }
-const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 const timeoutMs = Number(process.env.DEMO_TIMEOUT_MS) || 20000;
-const started = Date.now();
-const log = (msg) => console.log(`[mercure ${String(Date.now() - started).padStart(5)} ms] ${msg}`);
-
-let browser;
-let page;
-let step = "starting";
-let failing = false;
-
-async function fail(message) {
-  if (failing) return new Promise(() => {});
-  failing = true;
-  console.error(`FAIL: ${message}`);
-  if (page) {
-    try {
-      await page.screenshot({ path: screenshot, fullPage: true, timeout: 2000 });
-      console.error(`screenshot of the failure: ${screenshot}`);
-    } catch (e) {
-      console.error(`(no screenshot: ${e.message.split("\n")[0]})`);
-    }
-  }
-  await browser?.close().catch(() => {});
-  process.exit(1);
-}
-
-setTimeout(() => {
-  setTimeout(() => process.exit(1), 3000).unref();
-  fail(`timed out after ${timeoutMs} ms while ${step}`);
-}, timeoutMs);
-
-async function run(what, f) {
-  step = what;
-  try {
-    return await f();
-  } catch (e) {
-    return fail(`${what}: ${e?.message ?? e}`);
-  }
-}
+const { log, run, fail, state } = harness("mercure", screenshot, timeoutMs);
 
 const hub = new URL("/.well-known/mercure", url).href;
 const secret = process.env.MERCURE_JWT_SECRET;
@@ -105,25 +68,11 @@ async function publish(fields) {
   return text;
 }
 
-browser = await run("launching Chromium", () =>
-  chromium.launch({
-    executablePath,
-    headless: true,
-    args: [
-      "--headless",
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-      "--no-first-run",
-      "--disable-quic",
-      "--no-proxy-server",
-    ],
-  }),
-);
+const browser = await run("launching Chromium", () => launch());
+state.browser = browser;
 log(`browser ${browser.version()}`);
-page = await run("opening a page", () => browser.newPage({ viewport: { width: 900, height: 500 } }));
+const page = await run("opening a page", () => browser.newPage({ viewport: { width: 900, height: 500 } }));
+state.page = page;
 page.setDefaultTimeout(timeoutMs);
 const response = await run(`loading ${url}`, () => page.goto(url, { waitUntil: "domcontentloaded" }));
 if (!response?.ok()) await fail(`GET ${url} answered ${response?.status()}`);
@@ -224,7 +173,7 @@ for (const [name, list] of Object.entries(want)) {
   });
   log(`${name}: ${JSON.stringify(seen.map((s) => s.data))}`);
 }
-if (failing) await new Promise(() => {});
+if (state.failing) await new Promise(() => {});
 await page.screenshot({ path: screenshot, fullPage: true });
 log(`screenshot: ${screenshot}`);
 await browser.close();

@@ -14,7 +14,7 @@
 // Environment: CHROMIUM (default /usr/bin/chromium), REPORT_TIMEOUT_MS
 // (overall time limit, default 20000).
 
-import { chromium } from "playwright-core";
+import { launch } from "./harness.mjs";
 import { pathToFileURL } from "node:url";
 import { resolve } from "node:path";
 
@@ -23,7 +23,6 @@ if (!file || !screenshot || process.argv.length > 4) {
   console.error("usage: node report.mjs REPORT.html SCREENSHOT_PATH");
   process.exit(2);
 }
-const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 const timeoutMs = Number(process.env.REPORT_TIMEOUT_MS) || 20000;
 const url = pathToFileURL(resolve(file)).href;
 
@@ -39,20 +38,7 @@ setTimeout(() => {
 }, timeoutMs);
 
 try {
-  browser = await chromium.launch({
-    executablePath,
-    headless: true,
-    args: [
-      "--headless",
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-      "--no-first-run",
-      "--no-proxy-server",
-    ],
-  });
+  browser = await launch();
   // A phone-sized viewport: the charts must scale down to it.
   const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
   page.setDefaultTimeout(timeoutMs);

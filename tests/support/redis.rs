@@ -60,3 +60,30 @@ pub fn command(addr: &str, args: &[&str]) -> String {
     let n = s.read(&mut reply).unwrap_or(0);
     String::from_utf8_lossy(&reply[..n]).into_owned()
 }
+
+/// A prefix for topic names that no other test (or earlier run) on the
+/// machine's Redis uses.
+pub fn unique_run(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{tag}_{}_{nanos}_", std::process::id())
+}
+
+/// Deletes, when dropped (the test passed or not), what its topics left in
+/// Redis: each one's stream and entry count. The shared keys (`ssed:last`,
+/// the control stream, the stream of every update) are bounded and stay.
+pub struct TopicCleanup {
+    pub redis: &'static str,
+    pub topics: Vec<String>,
+}
+
+impl Drop for TopicCleanup {
+    fn drop(&mut self) {
+        for t in &self.topics {
+            let stream = format!("ssed:t:{t}");
+            command(self.redis, &["DEL", &stream]);
+            command(self.redis, &["HDEL", "ssed:seq", &stream]);
+        }
+    }
+}
