@@ -4,9 +4,11 @@
 //! Input: `selector\ntopic\nrest`. Checks: parsing and matching never
 //! panic; an exact selector matches its own name and nothing else; a
 //! template matches what it becomes with every expression expanded to
-//! nothing (RFC 6570: undefined variables); a `*` matches anything; and
-//! the whole input, taken as a token or a PEM key, never panics and is
-//! never a valid token (it is not signed with the fuzzer's secret).
+//! nothing (RFC 6570: undefined variables); a `*` matches anything; the
+//! selector taken as a URL pattern parses and matches without panicking,
+//! and is kept as written; and the whole input, taken as a token or a PEM
+//! key, never panics and is never a valid token (it is not signed with the
+//! fuzzer's secret).
 #![no_main]
 
 use std::sync::LazyLock;
@@ -58,8 +60,13 @@ fuzz_target!(|data: &[u8]| {
                 let empty = expanded_empty(selector);
                 assert!(s.matches(&empty), "{selector:?} does not match {empty:?}");
             }
+            Selector::UrlPattern(_) => panic!("{selector:?}: parse made a URL pattern"),
         }
         assert_eq!(s.as_str(), selector);
+    }
+    if let Ok(p) = Selector::url_pattern(selector) {
+        let _ = p.matches(topic);
+        assert_eq!(p.as_str(), selector);
     }
     assert!(VERIFIER.verify(text, SystemTime::now()).is_err());
     let _ = PublicKey::from_pem(text);
