@@ -231,7 +231,28 @@ fn selectors_in_redis() {
         .expect("kept");
     assert_eq!(only(&there, 1), ["from here"]);
     let r = other
-        .subscribe_matching(&[], &[books], &Privacy::Public, Some(EARLIEST))
+        .subscribe_matching(
+            &[],
+            std::slice::from_ref(&books),
+            &Privacy::Public,
+            Some(EARLIEST),
+        )
         .expect("subscribed");
     assert_eq!(replay(r), ["b1", "a1+b2", "from here"]);
+
+    // Publishes write the stream of every update only while a node marks
+    // that it has subscribers by selector. A mark that lapses (Redis lost
+    // it) may have cost them updates: they are closed as slow, to resume
+    // from the topics' streams, and the mark is back.
+    support::redis::command(redis, &["DEL", "ssed:selecting"]);
+    hub.publish(&topics[1], Event::new().data("unmarked"))
+        .expect("kept");
+    assert!(
+        support::wait_until(Duration::from_secs(5), || there.is_slow()),
+        "the subscriber by selector is closed as slow"
+    );
+    assert!(
+        support::redis::command(redis, &["EXISTS", "ssed:selecting"]).starts_with(":1"),
+        "marked again"
+    );
 }

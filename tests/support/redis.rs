@@ -72,7 +72,8 @@ pub fn unique_run(tag: &str) -> String {
 
 /// Deletes, when dropped (the test passed or not), what its topics left in
 /// Redis: each one's stream and entry count. The shared keys (`ssed:last`,
-/// the control stream, the stream of every update) are bounded and stay.
+/// the control stream, the stream of every update, the selecting mark,
+/// which expires) are bounded and stay.
 pub struct TopicCleanup {
     pub redis: &'static str,
     pub topics: Vec<String>,

@@ -54,6 +54,9 @@ fn subscribe(
     // positioned with the topics.
     let mut followed = names.to_vec();
     if !interest.selectors.is_empty() {
+        // Publishes write the stream of every update from now on: before
+        // this reads where it stands, so none is missed.
+        redis.mark_selecting().map_err(HubError::Storage)?;
         followed.push(EVERY_TOPIC);
     }
     let (newest, seqs) = redis.position(&followed).map_err(HubError::Storage)?;

@@ -48,17 +48,20 @@
 //! one Redis round trip while events are published on both. Redis 6.2 or newer is needed; with 7.0 or newer the reset
 //! notice is exact about trimming. The connection is plain TCP without TLS.
 //!
-//! - **Subscribers by selector** (`*`, URI templates): every publish also
-//!   appends the update, with its topics, to one stream of every update
-//!   (`ssed:all`, about 10,000 entries); the reader of a node with such
-//!   subscribers follows it and matches each selector once per topic. Their
+//! - **Subscribers by selector** (`*`, URI templates, URL patterns): while
+//!   some node has them (it keeps `ssed:selecting` alive), every publish
+//!   also appends the update, with its topics, to one stream of every
+//!   update (`ssed:all`, about 10,000 entries); the reader of such a node
+//!   follows it and matches each selector once per topic. A mark found
+//!   lapsed closes them as slow: updates may be missing. Their
 //!   replay lists the topics Redis has had events of and reads the streams
 //!   of those that match, as for any topic. Nodes older than this write no
 //!   entry there: upgrade every node before subscribing by selector.
 //!
 //! Keys: `ssed:t:{topic}` (streams; they stay in Redis, each bounded by
 //! `history`), `ssed:k:{key}` (lists, expiring), `ssed:ctl` (about 1000
-//! entries), `ssed:all` (about 10,000 entries) and `ssed:last`. Give ssed a database of its own (`/db` in the
+//! entries), `ssed:all` (about 10,000 entries), `ssed:selecting` (expiring)
+//! and `ssed:last`. Give ssed a database of its own (`/db` in the
 //! URL) when Redis serves others too.
 //!
 //! ```no_run
@@ -129,6 +132,20 @@ const ALL_KEY: &str = "ssed:all";
 /// that falls this far behind closes its subscribers by selector as slow,
 /// and they resume from the topics' streams.
 const ALL_LEN: &str = "10000";
+/// Exists while some node has subscribers by selector: only then does a
+/// publish write the stream of every update. Set before such a node
+/// reads where that stream stands, and kept alive by its reader.
+const SELECTING_KEY: &str = "ssed:selecting";
+/// Sets [`SELECTING_KEY`] for 600 s, answering what it held (nil: it had
+/// lapsed, or was never set).
+const MARK_SELECTING: [&[u8]; 6] = [
+    b"SET",
+    SELECTING_KEY.as_bytes(),
+    b"1",
+    b"EX",
+    b"600",
+    b"GET",
+];
 
 /// Where the reader is in a topic this node follows.
 #[derive(Debug, Clone, Copy)]
@@ -333,8 +350,12 @@ impl Redis {
         alias: Option<&str>,
     ) -> Result<EventId, StorageError> {
         let streams: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t)).collect();
-        let mut keys: Vec<&[u8]> =
-            vec![LAST_KEY.as_bytes(), SEQ_KEY.as_bytes(), ALL_KEY.as_bytes()];
+        let mut keys: Vec<&[u8]> = vec![
+            LAST_KEY.as_bytes(),
+            SEQ_KEY.as_bytes(),
+            ALL_KEY.as_bytes(),
+            SELECTING_KEY.as_bytes(),
+        ];
         keys.extend(streams.iter().map(Vec::as_slice));
         let maxlen = self.history.max(1).to_string();
         let at = id_at.to_string();
@@ -417,6 +438,15 @@ impl Redis {
             .iter()
             .filter_map(parse_id)
             .min())
+    }
+
+    /// Tells every node's publishes that a node has subscribers by
+    /// selector (they then write the stream of every update), on `conn` or
+    /// a pooled connection; whether the mark was there already (false: it
+    /// had lapsed, or no node had set it).
+    pub(crate) fn mark_selecting(&self) -> Result<bool, StorageError> {
+        let reply = self.with_conn_retry("mark selecting", |c| c.command(&MARK_SELECTING))?;
+        Ok(!matches!(reply, Value::Nil))
     }
 
     /// Every topic Redis has had events of (the fields of the count hash),

@@ -15,8 +15,8 @@ use crate::hub::node::{Delivery, EVERY_TOPIC, Node};
 use crate::hub::redis::pool::{TIMEOUT, lock};
 use crate::hub::redis::resp::{Conn, RespError, Value};
 use crate::hub::redis::{
-    ALL_KEY, CTL_KEY, Redis, TOPIC_PREFIX, entry_frame, entry_id, entry_seq, entry_topics,
-    topic_key,
+    ALL_KEY, CTL_KEY, MARK_SELECTING, Redis, TOPIC_PREFIX, entry_frame, entry_id, entry_seq,
+    entry_topics, topic_key,
 };
 
 /// An entry read: the event, whether it is one of an update's several
@@ -68,6 +68,9 @@ fn reader(engine: &Redis, node: &Weak<Node>) {
     let mut stalled_since: Option<Instant> = None;
     // The entry number last read per followed topic.
     let mut seqs: HashMap<Box<str>, u64> = HashMap::new();
+    // Whether this node has kept the selecting mark alive (see
+    // `keep_selecting`), across reconnects.
+    let mut selecting = Selecting::default();
     loop {
         if engine.stop.load(Ordering::Relaxed) || node.strong_count() == 0 {
             return;
@@ -121,6 +124,7 @@ fn reader(engine: &Redis, node: &Weak<Node>) {
             &mut ctl,
             &mut stalled_since,
             &mut seqs,
+            &mut selecting,
         );
         engine.connected.store(false, Ordering::Relaxed);
         let Some(e) = error else { return };
@@ -135,6 +139,51 @@ fn reader(engine: &Redis, node: &Weak<Node>) {
     }
 }
 
+/// Where this node's reader stands with the selecting mark.
+#[derive(Default)]
+struct Selecting {
+    /// It has refreshed the mark since it began following every update.
+    kept: bool,
+    /// When it last did.
+    at: Option<Instant>,
+}
+
+/// Keeps the mark that has publishes write the stream of every update
+/// alive while this node follows it (`every`), once a second at most. A
+/// mark found lapsed (Redis lost it, or this reader was away past its
+/// lifetime) means updates may be missing from that stream: this node's
+/// subscribers by selector are closed as slow, to resume from the topics'
+/// own streams.
+fn keep_selecting(
+    conn: &mut Conn,
+    node: &Weak<Node>,
+    every: bool,
+    selecting: &mut Selecting,
+) -> Result<(), RespError> {
+    if !every {
+        *selecting = Selecting::default();
+        return Ok(());
+    }
+    if selecting
+        .at
+        .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+    {
+        return Ok(());
+    }
+    let held = !matches!(conn.command(&MARK_SELECTING)?, Value::Nil);
+    if selecting.kept && !held {
+        log::warn!(
+            "redis: the selecting mark had lapsed; subscribers by selector reconnect to replay"
+        );
+        if let Some(node) = node.upgrade() {
+            node.drop_subscribers(EVERY_TOPIC);
+        }
+    }
+    selecting.kept = true;
+    selecting.at = Some(Instant::now());
+    Ok(())
+}
+
 /// Reads and delivers until the connection fails (`Some(error)`) or the
 /// reader must stop (`None`).
 fn read_loop(
@@ -144,6 +193,7 @@ fn read_loop(
     ctl: &mut Option<String>,
     stalled_since: &mut Option<Instant>,
     seqs: &mut HashMap<Box<str>, u64>,
+    selecting: &mut Selecting,
 ) -> Option<RespError> {
     let block = BLOCK.as_millis().to_string();
     let count = READ_COUNT.to_string();
@@ -160,6 +210,10 @@ fn read_loop(
                 (t.clone(), f.cursor)
             })
             .collect();
+        let every = followed.iter().any(|(t, _)| &**t == EVERY_TOPIC);
+        if let Err(e) = keep_selecting(conn, node, every, selecting) {
+            return Some(e);
+        }
         let keys: Vec<Vec<u8>> = followed.iter().map(|(t, _)| topic_key(t)).collect();
         let cursors: Vec<String> = followed.iter().map(|(_, c)| c.to_string()).collect();
         let ctl_cursor = ctl.clone().unwrap_or_else(|| "$".to_owned());

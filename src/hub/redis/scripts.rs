@@ -8,12 +8,13 @@ use super::resp::{Conn, RespError, Value};
 
 /// Picks the next id (the Redis clock's millisecond, or the same
 /// millisecond's next sequence), appends the frame to the stream of each
-/// of its topics (`KEYS[4]` on; an update of several topics is one event,
+/// of its topics (`KEYS[5]` on; an update of several topics is one event,
 /// under one id, in each) with that topic's entry number `n` (1, 2, 3,
 /// ...: a reader that sees one skipped knows Redis trimmed events it had
-/// not read), and once to the stream of every update (`KEYS[3]`, trimmed
-/// to about `ARGV[6]` entries) with its topics (`ARGV[5]`, field `t`) and
-/// an entry number of its own; then records the id as the newest
+/// not read), and, while some node has subscribers by selector (the key
+/// `KEYS[4]` exists), once to the stream of every update (`KEYS[3]`,
+/// trimmed to about `ARGV[6]` entries) with its topics (`ARGV[5]`, field
+/// `t`) and an entry number of its own; then records the id as the newest
 /// (`KEYS[1]`). Atomic, so ids increase across all topics and nodes. A
 /// private update (`ARGV[4]` = `1`) carries the field `p` = `1`; an update
 /// of several topics the field `m` = `1` in the topics' streams (a reader
@@ -32,14 +33,14 @@ if last then
 else
   id = string.format('%d-0', ms)
 end
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   local n = redis.call('HINCRBY', KEYS[2], KEYS[i], 1)
   local fields = {'f', ARGV[2], 'o', ARGV[3], 'n', n}
   if ARGV[4] == '1' then
     table.insert(fields, 'p')
     table.insert(fields, '1')
   end
-  if #KEYS > 4 then
+  if #KEYS > 5 then
     table.insert(fields, 'm')
     table.insert(fields, '1')
   end
@@ -49,17 +50,19 @@ for i = 4, #KEYS do
   end
   redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, unpack(fields))
 end
-local n = redis.call('HINCRBY', KEYS[2], KEYS[3], 1)
-local fields = {'f', ARGV[2], 'o', ARGV[3], 'n', n, 't', ARGV[5]}
-if ARGV[4] == '1' then
-  table.insert(fields, 'p')
-  table.insert(fields, '1')
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  local n = redis.call('HINCRBY', KEYS[2], KEYS[3], 1)
+  local fields = {'f', ARGV[2], 'o', ARGV[3], 'n', n, 't', ARGV[5]}
+  if ARGV[4] == '1' then
+    table.insert(fields, 'p')
+    table.insert(fields, '1')
+  end
+  if ARGV[7] ~= '' then
+    table.insert(fields, 'i')
+    table.insert(fields, ARGV[7])
+  end
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], id, unpack(fields))
 end
-if ARGV[7] ~= '' then
-  table.insert(fields, 'i')
-  table.insert(fields, ARGV[7])
-end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], id, unpack(fields))
 redis.call('SET', KEYS[1], id)
 return id
 ";
