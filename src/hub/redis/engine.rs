@@ -115,14 +115,16 @@ fn start_replay(
     newest: EventId,
     followed: &[&str],
 ) -> Result<(), StorageError> {
-    // Listed before the end of the replay is read: a topic first
-    // published after it has nothing to replay.
+    let (until, _) = redis.position(followed)?;
+    // Listed once the end of the replay is known: every topic with an
+    // event up to it is in the list (a publish counts its topics in the
+    // same step as it appends), and a topic first published later comes
+    // live.
     let topics = if joined.queue.selectors().is_empty() {
         Vec::new()
     } else {
         redis.topic_names()?
     };
-    let (until, _) = redis.position(followed)?;
     node.resume_live(joined.id, &joined.queue, until);
     // An id Redis cannot place (garbage, or newer than anything issued)
     // replays everything retained after the reset notice.
