@@ -256,3 +256,28 @@ fn selectors_in_redis() {
         "marked again"
     );
 }
+
+#[test]
+fn a_node_follows_a_bounded_number_of_distinct_selectors() {
+    let hub = Hub::new(10);
+    let mut subs: Vec<Subscription> = (0..1024)
+        .map(|n| {
+            hub.subscribe_matching(&[], &[sel(&format!("t{n}:{{x}}"))], &Privacy::Public, None)
+                .expect("room for it")
+        })
+        .collect();
+    // One more distinct selector is refused; one already followed is not.
+    let refused = hub.subscribe_matching(&[], &[sel("more:{x}")], &Privacy::Public, None);
+    assert!(
+        matches!(refused, Err(ssed::HubError::Selectors { max: 1024 })),
+        "{refused:?}"
+    );
+    hub.subscribe_matching(&[], &[sel("t7:{x}")], &Privacy::Public, None)
+        .expect("a selector followed already");
+    // Room again once one is no longer followed; publishing still works.
+    subs.truncate(1023);
+    hub.subscribe_matching(&[], &[sel("more:{x}")], &Privacy::Public, None)
+        .expect("room again");
+    let p = hub.publish("t3:a", Event::new().data("x")).expect("kept");
+    assert_eq!(p.receivers, 1);
+}

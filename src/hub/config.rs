@@ -186,6 +186,12 @@ pub enum HubError {
     /// [`Hub::publish_with_id`](crate::Hub::publish_with_id)); its message
     /// says why.
     InvalidId(String),
+    /// A subscription by selector that would take the node past the
+    /// distinct selectors it follows at once.
+    Selectors {
+        /// The most distinct selectors a node follows.
+        max: usize,
+    },
     /// An update with no topic, or more than
     /// [`MAX_UPDATE_TOPICS`](crate::hub::MAX_UPDATE_TOPICS).
     TopicCount {
@@ -225,6 +231,11 @@ impl fmt::Display for HubError {
                 "mailboxes hold the whole retained-memory budget ({budget} bytes)"
             ),
             HubError::InvalidId(why) => write!(f, "invalid id: {why}"),
+            HubError::Selectors { max } => write!(
+                f,
+                "this hub follows {max} distinct topic selectors already: subscribe by one \
+                 that is followed, or by exact topics"
+            ),
             HubError::TopicCount { count, max } => {
                 write!(f, "an update has 1 to {max} topics, not {count}")
             }

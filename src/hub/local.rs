@@ -153,7 +153,7 @@ impl Engine for Local {
         last_event_id: Option<&str>,
     ) -> Result<Joined, HubError> {
         let state = self.state();
-        let (id, queue) = node.join(interest, false, &mut |_, _| {});
+        let (id, queue) = node.join(interest, false, &mut |_, _| {})?;
         let replay = last_event_id
             .map(|asked| Replaying::start(state.last_id, &*state.history, &queue, asked));
         drop(state);

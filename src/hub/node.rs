@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::event::EncodedEvent;
-use crate::hub::config::HubConfig;
+use crate::hub::config::{HubConfig, HubError};
 use crate::hub::engine::Interest;
 use crate::hub::fanout::{Matching, Pushed, SubscriberQueue, Wakers};
 use crate::hub::grant::{Privacy, Selector};
@@ -87,7 +87,12 @@ struct Group {
 }
 
 /// Most topics a [`Group`] remembers its answer for.
-const MATCHES_KEPT: usize = 4096;
+const MATCHES_KEPT: usize = 1024;
+/// Most distinct selectors followed on a node at once: every publish
+/// looks at each (and each keeps up to [`MATCHES_KEPT`] answers), so
+/// clients that each ask for selectors of their own cannot make a publish
+/// arbitrarily slow, nor the node's memory arbitrarily large.
+pub(crate) const MAX_SELECTORS_FOLLOWED: usize = 1024;
 
 impl Group {
     /// Whether the selector matches any of `topics`.
@@ -360,14 +365,22 @@ impl Node {
     /// subscriber here (and, as topic `names.len()`, of [`EVERY_TOPIC`]
     /// when it is the first subscriber by selector here). With `resume`, live frames wait beside the
     /// subscriber until [`Node::resume_live`].
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::Selectors`] when its selectors would take this node past
+    /// [`MAX_SELECTORS_FOLLOWED`] distinct ones.
     pub(crate) fn join(
         &self,
         interest: &Interest<'_>,
         resume: bool,
         on_new: &mut dyn FnMut(usize, &str),
-    ) -> (u64, Arc<SubscriberQueue>) {
+    ) -> Result<(u64, Arc<SubscriberQueue>), HubError> {
         let names = interest.names;
         let mut state = self.state();
+        if !interest.selectors.is_empty() {
+            state.room_for(interest.selectors)?;
+        }
         let id = state.next_subscriber;
         state.next_subscriber += 1;
         let mut topics = Vec::with_capacity(names.len());
@@ -418,7 +431,7 @@ impl Node {
             }
             state.join_groups(id, &queue, resume);
         }
-        (id, queue)
+        Ok((id, queue))
     }
 
     /// Ends the wait of a resuming subscriber whose replay covers up to
@@ -474,6 +487,23 @@ impl Node {
 }
 
 impl State {
+    /// Whether the groups have room for `selectors` (distinct): `Err`
+    /// when the new ones would pass [`MAX_SELECTORS_FOLLOWED`].
+    #[cold]
+    #[inline(never)]
+    fn room_for(&self, selectors: &[Selector]) -> Result<(), HubError> {
+        let new = selectors
+            .iter()
+            .filter(|s| !self.groups.iter().any(|g| g.selector == **s))
+            .count();
+        if self.groups.len() + new > MAX_SELECTORS_FOLLOWED {
+            return Err(HubError::Selectors {
+                max: MAX_SELECTORS_FOLLOWED,
+            });
+        }
+        Ok(())
+    }
+
     /// What a subscriber by `selectors`, or one whose private updates a
     /// grant decides, follows besides its topics: its selectors shared with
     /// the groups that have them already (one compiled automaton per

@@ -137,7 +137,7 @@ impl Subscription {
             (Some(_), _) => EARLIEST.to_owned(),
             (None, _) => {
                 let newest = self.shared.node.last_id();
-                if newest == EventId::floor_of(0) {
+                if newest <= EventId::floor_of(0) {
                     EARLIEST.to_owned()
                 } else {
                     newest.to_string()

@@ -285,6 +285,7 @@ impl App {
         };
         let sub = match subscribed {
             Ok(sub) => sub,
+            Err(e @ HubError::Selectors { .. }) => return too_many_selectors(stream, &e),
             Err(e) => return subscribe_failed(stream, &e),
         };
         cursor_headers(stream, &sub, asked)?;
@@ -339,6 +340,15 @@ impl App {
             }
         }
     }
+}
+
+/// Refuses a subscription by selector past what the hub follows: `503`
+/// (nothing is sent yet: the head waits for the first write).
+#[cold]
+#[inline(never)]
+fn too_many_selectors(stream: &mut Stream, e: &HubError) -> Result<(), StreamError> {
+    let busy = Response::text(503, e.to_string()).with_header("Retry-After", "5");
+    stream.respond(busy)
 }
 
 /// The `Last-Event-ID` (draft-07) and `Mercure-Last-Event-ID` (draft-08)

@@ -64,7 +64,7 @@ fn subscribe(
     let (id, queue) = node.join(interest, last_event_id.is_some(), &mut |i, name| {
         let seq = seqs.get(i).copied().unwrap_or(0);
         woke |= redis.want(name, newest, seq);
-    });
+    })?;
     if woke {
         redis.wake_readers();
     }
