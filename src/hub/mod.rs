@@ -118,6 +118,18 @@ const SWEEP_MIN: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Hub(Arc<Shared>);
 
+/// `items` with each one once, in their order (lists are short: looking
+/// through them beats hashing).
+fn distinct<T: PartialEq + Clone>(items: &[T]) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(items.len());
+    for item in items {
+        if !out.contains(item) {
+            out.push(item.clone());
+        }
+    }
+    out
+}
+
 /// Sorts topic names and drops repeats. A stream's thread runs this and
 /// keeps every stack page it touches: a short list (a stream takes at
 /// most 64 in the daemon) is sorted in place, where the standard sort
@@ -349,15 +361,9 @@ impl Hub {
             // Every publish of one topic comes this way: no copy.
             return self.0.engine.publish(node, topics, event, private, alias);
         }
-        let mut distinct: Vec<&str> = Vec::with_capacity(topics.len());
-        for t in topics {
-            if !distinct.contains(t) {
-                distinct.push(t);
-            }
-        }
         self.0
             .engine
-            .publish(node, &distinct, event, private, alias)
+            .publish(node, &distinct(topics), event, private, alias)
     }
 
     /// Subscribes to `topics`, resuming after `last_event_id` if given:
@@ -424,13 +430,7 @@ impl Hub {
         privacy: &Privacy,
         last_event_id: Option<&str>,
     ) -> Result<Subscription, HubError> {
-        let mut distinct: Vec<Selector> = Vec::with_capacity(selectors.len());
-        for s in selectors {
-            if !distinct.contains(s) {
-                distinct.push(s.clone());
-            }
-        }
-        self.subscribe_as(topics, &distinct, privacy, last_event_id)
+        self.subscribe_as(topics, &distinct(selectors), privacy, last_event_id)
     }
 
     // Out of line: see `Stream::follow`.

@@ -275,23 +275,16 @@ impl Node {
     ) -> FanOut {
         let mut out = FanOut::default();
         let mut state = self.state();
-        let several = topics.len() > 1;
+        let update = Update {
+            id,
+            frame,
+            private,
+            several: topics.len() > 1,
+        };
         for topic in topics {
-            let update = Update {
-                id,
-                frame,
-                private,
-                several,
-            };
             state.fan_out(topic, update, self.config.queue, &mut out);
         }
         if !state.groups.is_empty() {
-            let update = Update {
-                id,
-                frame,
-                private,
-                several,
-            };
             state.fan_out_selectors(topics, update, self.config.queue, &mut out);
         }
         state.last_id = state.last_id.max(id);
