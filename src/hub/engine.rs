@@ -92,12 +92,12 @@ pub(crate) trait Engine: Send + Sync + UnwindSafe + RefUnwindSafe {
         last_event_id: Option<&str>,
     ) -> Result<Joined, HubError>;
 
-    /// Reads the next page of `replay` (of `topics`, the subscription's).
+    /// Reads the next page of `replay`, of the subscription of `queue`.
     fn read_page(
         &self,
         node: &Node,
         replay: &mut Replaying,
-        topics: &[Arc<str>],
+        queue: &Arc<SubscriberQueue>,
     ) -> Result<(), StorageError>;
 
     /// Queues `text` in mailbox `key`; the mailbox's length after it.

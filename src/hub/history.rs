@@ -1,7 +1,7 @@
 //! History: what a hub keeps of each topic for replay, behind the
 //! [`History`] trait, and [`MemoryHistory`], the store in memory.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 
@@ -31,6 +31,24 @@ pub struct Replay {
     pub gap: bool,
     /// The oldest retained id, if any.
     pub oldest: Option<EventId>,
+}
+
+/// A page of the replay of a subscription by selector: the retained
+/// updates of every topic it wants, in id order (see
+/// [`History::page_every`]).
+#[derive(Debug)]
+pub struct EveryPage {
+    /// The updates wanted, oldest first, each once; `private` set on those
+    /// the subscription may not see (they still move the replay on).
+    pub events: Vec<Retained>,
+    /// The newest id looked at: the next page goes on after it.
+    pub to: EventId,
+    /// Whether updates after the id asked may be missing.
+    pub gap: bool,
+    /// The oldest retained id, if known (for the reset notice).
+    pub oldest: Option<EventId>,
+    /// Nothing is left up to the bound asked.
+    pub done: bool,
 }
 
 /// A store could not keep or read what it was given (a disk or database
@@ -87,25 +105,38 @@ pub trait History: Send + 'static {
         replay
     }
 
-    /// The id of the earliest retained event of `topic` whose frame
-    /// carries `alias` as its id (a publisher-given id, see
+    /// The id of the earliest retained event whose frame carries `alias`
+    /// as its id (a publisher-given id, see
     /// [`Hub::publish_with_id`](crate::Hub::publish_with_id)): where a
-    /// resume from that id starts. Default: looks through
-    /// [`since`](History::since).
-    fn id_of(&self, topic: &str, alias: &str) -> Option<EventId> {
-        self.since(topic, EventId::floor_of(0))
-            .events
-            .iter()
-            .find(|e| e.frame.id() == Some(alias))
-            .map(|e| e.id)
+    /// resume from that id starts. It must not look through history to
+    /// answer (anyone may resume from any id): a store keeps the ids
+    /// publishers gave as it appends. Default: none (such a resume gets
+    /// the reset notice and everything retained).
+    fn id_of(&self, alias: &str) -> Option<EventId> {
+        let _ = alias;
+        None
     }
 
-    /// Calls `each` with the name of every topic the store holds events
-    /// of, in no order: a subscription by selector (`*`, a URI template)
-    /// replays those its selectors match. Default: none (such a
-    /// subscription then replays only the topics it names exactly).
-    fn topic_names(&self, each: &mut dyn FnMut(&str)) {
-        let _ = each;
+    /// Up to `max` retained updates with ids above `after` and at most
+    /// `until`, of every topic `wanted` answers for (`Some(true)`: its
+    /// private updates may be seen too), in id order and each once: a
+    /// page of the replay of a subscription by selector (`*`, a URI
+    /// template). It looks at a bounded number of updates per call, so a
+    /// page may come back with few or none and not [`done`](EveryPage::done).
+    /// `first` is the replay's first page (the one that must tell whether
+    /// anything after `after` was lost). Default: `None`, the store keeps
+    /// no order across topics (such a subscription then replays only the
+    /// topics it names exactly).
+    fn page_every(
+        &self,
+        after: EventId,
+        until: EventId,
+        max: usize,
+        first: bool,
+        wanted: &mut dyn FnMut(&str) -> Option<bool>,
+    ) -> Option<EveryPage> {
+        let _ = (after, until, max, first, wanted);
+        None
     }
 
     /// The newest id this store has ever issued or restored, if any; the hub
@@ -138,9 +169,17 @@ pub trait History: Send + 'static {
 }
 
 /// Bytes counted for each retained event besides its frame: the frame's
-/// reference counts and its allocation's header. Its place in the topic's
-/// queue is counted with the queue's capacity (see [`SLOT`]).
-pub(crate) const EVENT_OVERHEAD: u64 = 32;
+/// reference counts and its allocation's header, and its entry in the
+/// order of all events (id and topic, in a B-tree's node). Its place in
+/// the topic's queue is counted with the queue's capacity (see [`SLOT`]).
+pub(crate) const EVENT_OVERHEAD: u64 = 80;
+/// Bytes counted for each publisher-given id kept besides its text: its
+/// map entry and allocation.
+const ALIAS_OVERHEAD: u64 = 64;
+/// Most updates one [`History::page_every`] call looks at (a page by
+/// selector among many topics it does not want still ends soon: the
+/// store's lock is held while it reads).
+const EVERY_SCAN: usize = 4096;
 /// Bytes counted for each topic with retained events besides its name:
 /// its map entry, its queue and its place in the eviction order.
 pub(crate) const TOPIC_OVERHEAD: u64 = 160;
@@ -164,11 +203,17 @@ pub struct MemoryHistory {
     /// topic not known here may have lost events up to it.
     forgotten: Option<EventId>,
     topics: HashMap<Arc<str>, TopicHistory>,
-    /// Each topic's oldest retained id, and the topic: the first entry is
-    /// the oldest event of all, the next to go when the store shrinks.
-    fronts: BTreeMap<EventId, Arc<str>>,
+    /// Every retained event, as its id and topic, in id order: the first
+    /// is the oldest of all, the next to go when the store shrinks, and a
+    /// replay by selector reads it in order ([`History::page_every`]).
+    index: BTreeSet<(EventId, Arc<str>)>,
+    /// Publisher-given ids of retained events, each to the earliest
+    /// event that carries it ([`History::id_of`]).
+    aliases: HashMap<Box<str>, EventId>,
+    /// The newest id evicted from any topic.
+    evicted_newest: Option<EventId>,
     /// Bytes held: frames, [`EVENT_OVERHEAD`] per event, names and
-    /// [`TOPIC_OVERHEAD`] per topic.
+    /// [`TOPIC_OVERHEAD`] per topic, publisher ids.
     bytes: u64,
 }
 
@@ -189,6 +234,24 @@ fn event_cost(event: &Retained) -> u64 {
 
 fn topic_cost(name: &str) -> u64 {
     name.len() as u64 + TOPIC_OVERHEAD
+}
+
+/// What `wanted` answers for `topic`, asked once (`known` keeps it).
+fn ask<'a>(
+    known: &mut HashMap<&'a str, Option<bool>>,
+    wanted: &mut dyn FnMut(&str) -> Option<bool>,
+    topic: &'a str,
+) -> Option<bool> {
+    *known.entry(topic).or_insert_with(|| wanted(topic))
+}
+
+/// The publisher-given id `event`'s frame carries, if any (the hub's own
+/// ids read as `<ms>-<seq>`, which a publisher's may not).
+fn alias_of(event: &Retained) -> Option<&str> {
+    event
+        .frame
+        .id()
+        .filter(|id| !id.is_empty() && id.parse::<EventId>().is_err())
 }
 
 /// What one eviction took: the topic, the id, and whether the topic was
@@ -214,7 +277,9 @@ impl MemoryHistory {
             floor,
             forgotten: None,
             topics: HashMap::new(),
-            fronts: BTreeMap::new(),
+            index: BTreeSet::new(),
+            aliases: HashMap::new(),
+            evicted_newest: None,
             bytes: 0,
         }
     }
@@ -241,6 +306,7 @@ impl MemoryHistory {
         if let Some(t) = self.topics.get_mut(topic) {
             t.evicted = t.evicted.max(Some(id));
         }
+        self.evicted_newest = self.evicted_newest.max(Some(id));
     }
 
     /// Records that topics no longer known lost events up to `id`
@@ -248,6 +314,7 @@ impl MemoryHistory {
     #[cfg(feature = "durable")]
     pub(crate) fn note_forgotten(&mut self, id: EventId) {
         self.forgotten = self.forgotten.max(Some(id));
+        self.evicted_newest = self.evicted_newest.max(Some(id));
     }
 
     /// The newest id dropped from a forgotten topic, if any.
@@ -312,25 +379,55 @@ impl MemoryHistory {
             t.events.shrink_to(t.events.len() * 2);
         }
         let now = t.events.capacity();
-        let next = t.events.front().map(|e| e.id);
+        let empty = t.events.is_empty();
         self.resized(cap, now);
         self.bytes = self.bytes.saturating_sub(event_cost(&old));
-        self.fronts.remove(&old.id);
-        let forgotten = match next {
-            Some(next) => {
-                self.fronts.insert(next, Arc::clone(topic));
-                false
-            }
-            None => {
-                self.forget(topic);
-                true
-            }
-        };
+        self.evicted_newest = self.evicted_newest.max(Some(old.id));
+        self.index.remove(&(old.id, Arc::clone(topic)));
+        self.unalias(&old);
+        if empty {
+            self.forget(topic);
+        }
+        let forgotten = empty;
         Some(Evicted {
             topic: Arc::clone(topic),
             id: old.id,
             forgotten,
         })
+    }
+
+    /// Remembers that the event `id` carries the publisher-given `alias`
+    /// (the earliest such event wins).
+    fn alias(&mut self, alias: Box<str>, id: EventId) {
+        match self.aliases.get_mut(&alias) {
+            Some(known) => *known = (*known).min(id),
+            None => {
+                self.bytes += alias.len() as u64 + ALIAS_OVERHEAD;
+                self.aliases.insert(alias, id);
+            }
+        }
+    }
+
+    /// Forgets the publisher-given id of `old`, just evicted, once no
+    /// topic retains that event (an update of several topics is in each).
+    /// A later event with the same id is not looked for: a resume from it
+    /// then gets the reset notice.
+    fn unalias(&mut self, old: &Retained) {
+        let Some(alias) = alias_of(old) else { return };
+        if self.aliases.get(alias) != Some(&old.id) {
+            return;
+        }
+        let held = self
+            .index
+            .range((old.id, Arc::<str>::from(""))..)
+            .next()
+            .is_some_and(|(id, _)| *id == old.id);
+        if !held {
+            self.aliases.remove(alias);
+            self.bytes = self
+                .bytes
+                .saturating_sub(alias.len() as u64 + ALIAS_OVERHEAD);
+        }
     }
 
     /// Keeps `event` as the newest of `topic` (what [`History::append`]
@@ -339,6 +436,7 @@ impl MemoryHistory {
         if self.capacity == 0 {
             // Nothing is kept: the topic is forgotten at once.
             self.forgotten = self.forgotten.max(Some(event.id));
+            self.evicted_newest = self.evicted_newest.max(Some(event.id));
             if let Some(t) = self.topics.get_mut(topic) {
                 t.evicted = t.evicted.max(Some(event.id));
                 if t.events.is_empty() {
@@ -355,15 +453,16 @@ impl MemoryHistory {
         let Some(t) = self.topics.get_mut(topic) else {
             return;
         };
-        let was_empty = t.events.is_empty();
         let cap = t.events.capacity();
+        let alias: Option<Box<str>> = alias_of(&event).map(Into::into);
         t.events.push_back(event);
         let now = t.events.capacity();
         let mut over = t.events.len().saturating_sub(self.capacity);
         self.bytes += cost;
         self.resized(cap, now);
-        if was_empty {
-            self.fronts.insert(id, Arc::clone(&name));
+        self.index.insert((id, Arc::clone(&name)));
+        if let Some(alias) = alias {
+            self.alias(alias, id);
         }
         while over > 0 && self.pop_oldest(&name).is_some() {
             over -= 1;
@@ -375,15 +474,15 @@ impl MemoryHistory {
     pub(crate) fn shrink(&mut self, bytes: u64) -> Vec<Evicted> {
         let mut out = Vec::new();
         while self.bytes > bytes {
-            let Some(topic) = self.fronts.values().next().cloned() else {
+            let Some((id, topic)) = self.index.first().cloned() else {
                 break;
             };
             match self.pop_oldest(&topic) {
                 Some(e) => out.push(e),
                 None => {
-                    // Not expected: a front without events. Drop the entry
+                    // Not expected: an entry without its event. Drop it
                     // rather than loop.
-                    self.fronts.retain(|_, t| *t != topic);
+                    self.index.remove(&(id, topic));
                 }
             }
         }
@@ -422,20 +521,68 @@ impl History for MemoryHistory {
         }
     }
 
-    fn id_of(&self, topic: &str, alias: &str) -> Option<EventId> {
-        let t = self.topics.get(topic)?;
-        t.events
-            .iter()
-            .find(|e| e.frame.id() == Some(alias))
-            .map(|e| e.id)
+    fn id_of(&self, alias: &str) -> Option<EventId> {
+        self.aliases.get(alias).copied()
     }
 
-    fn topic_names(&self, each: &mut dyn FnMut(&str)) {
-        for (name, t) in &self.topics {
-            if !t.events.is_empty() {
-                each(name);
+    fn page_every(
+        &self,
+        after: EventId,
+        until: EventId,
+        max: usize,
+        first: bool,
+        wanted: &mut dyn FnMut(&str) -> Option<bool>,
+    ) -> Option<EveryPage> {
+        // What each topic met is to the replay, asked once per page.
+        let mut known: HashMap<&str, Option<bool>> = HashMap::new();
+        let mut want = |t| ask(&mut known, wanted, t);
+        let mut page = EveryPage {
+            events: Vec::new(),
+            to: after,
+            gap: after < self.floor || self.forgotten.is_some_and(|f| f > after),
+            oldest: self.index.first().map(|(id, _)| *id),
+            done: true,
+        };
+        // Lost since `after`: on the first page, any topic wanted that
+        // dropped events after it (looked for only when some topic did);
+        // later, the topics the page meets (events dropped while the
+        // replay runs).
+        if first && !page.gap && self.evicted_newest.is_some_and(|e| e > after) {
+            page.gap = self
+                .topics
+                .iter()
+                .any(|(name, t)| t.evicted.is_some_and(|e| e > after) && want(name).is_some());
+        }
+        let mut looked = 0;
+        for (id, topic) in self.index.range((after.succ(), Arc::<str>::from(""))..) {
+            if *id > until {
+                break;
+            }
+            if *id != page.to && (looked >= EVERY_SCAN || page.events.len() >= max) {
+                // Stops between updates, never inside one.
+                page.done = false;
+                break;
+            }
+            looked += 1;
+            page.to = *id;
+            let Some(seen) = want(topic) else { continue };
+            let Some(t) = self.topics.get(topic) else { continue };
+            page.gap |= t.evicted.is_some_and(|e| e > after);
+            let at = t.events.partition_point(|e| e.id < *id);
+            let Some(event) = t.events.get(at).filter(|e| e.id == *id) else {
+                continue;
+            };
+            let hidden = event.private && !seen;
+            match page.events.last_mut() {
+                // Another topic of the same update: seen if either lets it be.
+                Some(last) if last.id == *id => last.private &= hidden,
+                _ => page.events.push(Retained {
+                    private: hidden,
+                    ..event.clone()
+                }),
             }
         }
+        Some(page)
     }
 
     fn retained_bytes(&self) -> u64 {
@@ -517,7 +664,7 @@ mod tests {
         assert_eq!(h.retained_bytes(), want + slots);
         assert_eq!(h.shrink(0).len(), 2);
         assert_eq!(h.retained_bytes(), 0, "the empty topic is forgotten too");
-        assert!(h.topics.is_empty() && h.fronts.is_empty());
+        assert!(h.topics.is_empty() && h.index.is_empty());
     }
 
     #[test]

@@ -57,6 +57,15 @@ impl EventId {
         }
     }
 
+    /// The id just above `self` (itself for the largest).
+    pub(crate) fn succ(self) -> Self {
+        match (self.ms, self.seq) {
+            (ms, seq) if seq < u64::MAX => EventId { ms, seq: seq + 1 },
+            (u64::MAX, _) => self,
+            (ms, _) => EventId { ms: ms + 1, seq: 0 },
+        }
+    }
+
     /// The id after `self` at time `now_ms`: the clock's millisecond if it
     /// moved forward, else the same millisecond with the next sequence, so
     /// ids keep increasing even if the clock steps back.

@@ -21,7 +21,8 @@ use crate::hub::history::{History, Retained, StorageError};
 use crate::hub::id::{EventId, now_ms};
 use crate::hub::mailbox::{self, Message};
 use crate::hub::node::Node;
-use crate::hub::replay::Replaying;
+use crate::hub::replay::{HistoryPages, Replaying};
+use crate::hub::fanout::SubscriberQueue;
 
 /// History and mailboxes in this process.
 pub(crate) struct Local {
@@ -164,16 +165,10 @@ impl Engine for Local {
         &self,
         _node: &Node,
         replay: &mut Replaying,
-        topics: &[Arc<str>],
+        queue: &Arc<SubscriberQueue>,
     ) -> Result<(), StorageError> {
         let state = self.state();
-        let history = state.history.as_ref();
-        replay.read_page(
-            topics,
-            &mut |t, a, u, m| Ok((history.page(t, a, u, m), false)),
-            None,
-            false,
-        )
+        replay.read_page(queue, &mut HistoryPages(state.history.as_ref()), None, false)
     }
 
     fn push(&self, node: &Node, key: &str, text: String) -> Result<usize, HubError> {

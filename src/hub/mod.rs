@@ -64,7 +64,7 @@ pub(crate) mod worker;
 
 pub use config::{EARLIEST, HubConfig, HubError, HubUsage, MAX_ID_LEN, Published, RESET_EVENT};
 pub use grant::{Privacy, Selector};
-pub use history::{History, MemoryHistory, Replay, Retained, StorageError};
+pub use history::{EveryPage, History, MemoryHistory, Replay, Retained, StorageError};
 pub use id::{EventId, ParseIdError, valid_name, valid_topic};
 pub use mailbox::{MailboxStore, StoredMessage};
 pub use subscription::Subscription;

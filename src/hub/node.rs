@@ -226,6 +226,14 @@ impl Node {
         self.state().last_id
     }
 
+    /// Records that the engine has issued ids up to `id` (read where a
+    /// subscriber joins, so a node that has delivered nothing yet names
+    /// the newest id as a new subscriber's cursor).
+    pub(crate) fn saw(&self, id: EventId) {
+        let mut state = self.state();
+        state.last_id = state.last_id.max(id);
+    }
+
     /// Subscribers of `topic` now.
     pub(crate) fn subscribers(&self, topic: &str) -> usize {
         self.state().subscribers.get(topic).map_or(0, Vec::len)

@@ -3,23 +3,64 @@
 //! reset notice sent when events may be missing.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use crate::event::{EncodedEvent, Event};
 use crate::hub::config::{BATCH, EARLIEST, PAGE_BYTES, RESET_EVENT};
 use crate::hub::fanout::SubscriberQueue;
-use crate::hub::history::{History, Replay, Retained, StorageError};
+use crate::hub::history::{EveryPage, History, Replay, Retained, StorageError};
 use crate::hub::id::{EventId, earliest};
 
-/// Reads one topic's page of a replay: `(topic, after, until, max)`, as
-/// [`History::page`] does, and whether a bound of the source's own (bytes)
-/// left events out.
-type PageFn<'a> =
-    dyn FnMut(&str, EventId, EventId, usize) -> Result<(Replay, bool), StorageError> + 'a;
+/// Where a replay reads its pages: the engine's history.
+pub(crate) trait Pages {
+    /// Up to `max` events of `topic` in `(after, until]`, as
+    /// [`History::page`] reads them, and whether a bound of the source's
+    /// own (bytes) left some out.
+    fn page(
+        &mut self,
+        topic: &str,
+        after: EventId,
+        until: EventId,
+        max: usize,
+    ) -> Result<(Replay, bool), StorageError>;
 
-/// Lists the topics of history: calls its argument with each name (see
-/// [`History::topic_names`]).
-pub(crate) type TopicNames<'a> = dyn FnMut(&mut dyn FnMut(&str)) + 'a;
+    /// A page of the updates of every topic `wanted` answers for, as
+    /// [`History::page_every`] reads them; `None` when the source keeps
+    /// no order across topics.
+    fn every(
+        &mut self,
+        after: EventId,
+        until: EventId,
+        max: usize,
+        first: bool,
+        wanted: &mut dyn FnMut(&str) -> Option<bool>,
+    ) -> Result<Option<EveryPage>, StorageError>;
+}
+
+/// The pages of a history in this process (it cannot fail).
+pub(crate) struct HistoryPages<'a>(pub(crate) &'a dyn History);
+
+impl Pages for HistoryPages<'_> {
+    fn page(
+        &mut self,
+        topic: &str,
+        after: EventId,
+        until: EventId,
+        max: usize,
+    ) -> Result<(Replay, bool), StorageError> {
+        Ok((self.0.page(topic, after, until, max), false))
+    }
+
+    fn every(
+        &mut self,
+        after: EventId,
+        until: EventId,
+        max: usize,
+        first: bool,
+        wanted: &mut dyn FnMut(&str) -> Option<bool>,
+    ) -> Result<Option<EveryPage>, StorageError> {
+        Ok(self.0.page_every(after, until, max, first, wanted))
+    }
+}
 
 /// What is left of a subscription's replay.
 ///
@@ -31,8 +72,9 @@ pub(crate) type TopicNames<'a> = dyn FnMut(&mut dyn FnMut(&str)) + 'a;
 pub(crate) struct Replaying {
     /// Frames read and not yet taken (a reset notice first, if any).
     pub(crate) ready: VecDeque<EncodedEvent>,
-    /// Per topic of the subscription (in the queue's order): the id its
-    /// replay goes on after. Empty once everything has been read.
+    /// Per topic of the subscription (in the queue's order), or one for
+    /// all (`every`): the id its replay goes on after. Empty once
+    /// everything has been read.
     pub(crate) from: Vec<EventId>,
     /// The newest id the replay covers.
     pub(crate) until: EventId,
@@ -40,10 +82,10 @@ pub(crate) struct Replaying {
     pub(crate) last: Option<EventId>,
     /// Per topic (as `from`): whether its private updates are replayed.
     pub(crate) private: Box<[bool]>,
-    /// The topics replayed, when they are not the ones the subscription
-    /// follows exactly (a subscription by selector replays every topic its
-    /// selectors matched in history).
-    pub(crate) topics: Option<Box<[Arc<str>]>>,
+    /// A subscription by selector: it replays the updates of every topic
+    /// it follows, exactly or by selector, read in id order across topics
+    /// ([`History::page_every`]).
+    pub(crate) every: bool,
     /// Resumed from `earliest`: everything retained, and no reset notice
     /// (nothing was asked for that history could lack).
     pub(crate) earliest: bool,
@@ -64,7 +106,7 @@ impl Default for Replaying {
             until: EventId::floor_of(0),
             last: None,
             private: Box::default(),
-            topics: None,
+            every: false,
             earliest: false,
             placed: true,
             noticed: false,
@@ -87,24 +129,10 @@ impl Replaying {
         queue: &SubscriberQueue,
         asked: &str,
     ) -> Box<Replaying> {
-        let mut replay = Replaying::after(
-            asked,
-            last_id,
-            queue,
-            &mut |each| history.topic_names(each),
-            &mut |names| names.iter().filter_map(|t| history.id_of(t, asked)).min(),
-        );
-        let topics = replay.topics.take();
-        let names = topics.as_deref().unwrap_or(&queue.topics);
+        let mut replay = Replaying::after(asked, last_id, queue, &mut || history.id_of(asked));
         // Reading memory cannot fail.
         let gap = !replay.placed;
-        let _ = replay.read_page(
-            names,
-            &mut |t, a, u, m| Ok((history.page(t, a, u, m), false)),
-            Some(asked),
-            gap,
-        );
-        replay.topics = topics;
+        let _ = replay.read_page(queue, &mut HistoryPages(history), Some(asked), gap);
         // Boxed here, not by the caller: a subscribing stream's frame does
         // not hold the value on its way to the heap.
         Box::new(replay)
@@ -112,35 +140,38 @@ impl Replaying {
 
     /// A replay, nothing read yet, for the subscriber of `queue` resuming
     /// after `asked` (or from the start of history, with `earliest`) up to
-    /// `until`. A subscriber by selector replays the topics of
-    /// `topic_names` that its selectors match, besides its own. An id that
-    /// is not one of the hub's own may be a publisher's: `resolve` places
-    /// it among the topics replayed.
+    /// `until`. A subscriber by selector replays every topic its selectors
+    /// match, besides its own. An id that is not one of the hub's own may
+    /// be a publisher's: `resolve` says where it is, if history has it.
     pub(crate) fn after(
         asked: &str,
         until: EventId,
         queue: &SubscriberQueue,
-        topic_names: &mut TopicNames<'_>,
-        resolve: &mut dyn FnMut(&[Arc<str>]) -> Option<EventId>,
+        resolve: &mut dyn FnMut() -> Option<EventId>,
     ) -> Replaying {
-        let topics = (!queue.selectors().is_empty()).then(|| matched_topics(queue, topic_names));
-        let names = topics.as_deref().unwrap_or(&queue.topics);
+        let every = !queue.selectors().is_empty();
         // An id this hub cannot place (garbage, or from the future: a
         // restart with the clock stepped back, another server) replays
         // everything retained after the reset notice.
         let placed = match asked.parse::<EventId>() {
             Ok(id) => Some(id).filter(|a| *a <= until),
             Err(_) if asked == EARLIEST => None,
-            Err(_) => resolve(names),
+            Err(_) => resolve(),
         };
         let after = placed.unwrap_or(EventId::floor_of(0));
+        let (from, private) = if every {
+            (vec![after], Box::default())
+        } else {
+            let private = queue.topics.iter().map(|t| queue.allows(t)).collect();
+            (vec![after; queue.topics.len()], private)
+        };
         Replaying {
             ready: VecDeque::new(),
-            from: vec![after; names.len()],
+            from,
             until,
             last: None,
-            private: names.iter().map(|t| queue.allows(t)).collect(),
-            topics,
+            private,
+            every,
             earliest: asked == EARLIEST,
             placed: placed.is_some() || asked == EARLIEST,
             noticed: false,
@@ -153,16 +184,21 @@ impl Replaying {
         self.from.is_empty()
     }
 
-    /// Reads up to `BATCH` more events, in id order, into `ready`; a reset
-    /// notice goes first when some were dropped before they could be read
-    /// (`asked` names the id the client resumed from on the first page).
+    /// Reads up to `BATCH` more events of `queue`'s subscription, in id
+    /// order, into `ready`; a reset notice goes first when some were
+    /// dropped before they could be read (`asked` names the id the client
+    /// resumed from, on the first page).
     pub(crate) fn read_page(
         &mut self,
-        topics: &[Arc<str>],
-        page: &mut PageFn<'_>,
+        queue: &SubscriberQueue,
+        source: &mut dyn Pages,
         asked: Option<&str>,
         mut gap: bool,
     ) -> Result<(), StorageError> {
+        if self.every {
+            return self.read_every(queue, source, asked, gap);
+        }
+        let topics = &queue.topics;
         let mut events: Vec<Retained> = Vec::new();
         let mut oldest: Option<EventId> = None;
         let mut bound = self.until;
@@ -171,7 +207,7 @@ impl Replaying {
             if *from >= self.until {
                 continue; // nothing of this topic is left
             }
-            let (mut page, cut) = page(name, *from, bound, BATCH)?;
+            let (mut page, cut) = source.page(name, *from, bound, BATCH)?;
             if *private {
                 // Replayed: no longer private here. An update of several
                 // topics comes once, and this copy sorts first.
@@ -199,6 +235,64 @@ impl Replaying {
         // An update of several topics is in the history of each: once here
         // (the copy of a topic whose private updates it may see first).
         events.dedup_by_key(|e| e.id);
+        self.take_page(events, gap, oldest, asked);
+        match (more, self.last) {
+            (true, Some(last)) => self.from.iter_mut().for_each(|f| *f = (*f).max(last)),
+            _ => self.from = Vec::new(),
+        }
+        Ok(())
+    }
+
+    /// [`read_page`](Replaying::read_page) for a subscription by selector:
+    /// the updates of every topic it follows, in id order, from a source
+    /// that keeps that order (else only the topics it names exactly).
+    fn read_every(
+        &mut self,
+        queue: &SubscriberQueue,
+        source: &mut dyn Pages,
+        asked: Option<&str>,
+        gap: bool,
+    ) -> Result<(), StorageError> {
+        let Some(&from) = self.from.first() else {
+            return Ok(());
+        };
+        let mut wanted = |t: &str| {
+            let follows = queue.topics.iter().any(|x| **x == *t)
+                || queue.selectors().iter().any(|s| s.matches(t));
+            follows.then(|| queue.allows(t))
+        };
+        let Some(mut page) = source.every(from, self.until, BATCH, asked.is_some(), &mut wanted)?
+        else {
+            // No order across topics: the topics named exactly.
+            self.every = false;
+            self.from = vec![from; queue.topics.len()];
+            self.private = queue.topics.iter().map(|t| queue.allows(t)).collect();
+            return self.read_page(queue, source, asked, gap);
+        };
+        let cut = cut_page(&mut page.events);
+        let to = match page.events.last() {
+            Some(last) if cut => last.id,
+            _ => page.to,
+        };
+        self.take_page(page.events, gap || page.gap, page.oldest, asked);
+        self.from = if cut || !page.done {
+            vec![to]
+        } else {
+            Vec::new()
+        };
+        Ok(())
+    }
+
+    /// Queues a page read, `events` in id order (those still `private`
+    /// left out: they only move the replay on), after a reset notice if
+    /// some may be missing (`gap`).
+    fn take_page(
+        &mut self,
+        events: Vec<Retained>,
+        gap: bool,
+        oldest: Option<EventId>,
+        asked: Option<&str>,
+    ) {
         if gap && !self.earliest {
             let asked = match (asked, self.last) {
                 (Some(asked), _) => asked.to_owned(),
@@ -211,14 +305,8 @@ impl Replaying {
         if let Some(newest) = events.last() {
             self.last = Some(newest.id);
         }
-        match (more, self.last) {
-            (true, Some(last)) => self.from.iter_mut().for_each(|f| *f = (*f).max(last)),
-            _ => self.from = Vec::new(),
-        }
-        // Left out only now: a private event still moves the replay on.
         self.ready
             .extend(events.into_iter().filter(|e| !e.private).map(|e| e.frame));
-        Ok(())
     }
 }
 
@@ -239,21 +327,6 @@ fn cut_page(events: &mut Vec<Retained>) -> bool {
     let cut = keep < events.len();
     events.truncate(keep);
     cut
-}
-
-/// The topics a subscriber by selector replays: its own, and every topic
-/// of history (as `topic_names` lists them) that one of its selectors
-/// matches; sorted, distinct.
-fn matched_topics(queue: &SubscriberQueue, topic_names: &mut TopicNames<'_>) -> Box<[Arc<str>]> {
-    let mut names: Vec<Arc<str>> = queue.topics.to_vec();
-    topic_names(&mut |t| {
-        if queue.selectors().iter().any(|s| s.matches(t)) {
-            names.push(Arc::from(t));
-        }
-    });
-    names.sort_unstable();
-    names.dedup();
-    names.into()
 }
 
 /// The `event: reset` frame telling a client that resumes from `asked`

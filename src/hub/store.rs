@@ -53,7 +53,9 @@ use rusqlite::{Connection, ErrorCode, params};
 
 use crate::error::Report;
 use crate::event::EncodedEvent;
-use crate::hub::history::{Evicted, History, MemoryHistory, Replay, Retained, StorageError};
+use crate::hub::history::{
+    EveryPage, Evicted, History, MemoryHistory, Replay, Retained, StorageError,
+};
 use crate::hub::id::EventId;
 use crate::hub::mailbox::{MailboxStore, StoredMessage};
 use crate::hub::{Hub, HubConfig};
@@ -424,12 +426,19 @@ impl History for DurableHistory {
         self.cache.page(topic, after, until, max)
     }
 
-    fn topic_names(&self, each: &mut dyn FnMut(&str)) {
-        self.cache.topic_names(each);
+    fn id_of(&self, alias: &str) -> Option<EventId> {
+        self.cache.id_of(alias)
     }
 
-    fn id_of(&self, topic: &str, alias: &str) -> Option<EventId> {
-        self.cache.id_of(topic, alias)
+    fn page_every(
+        &self,
+        after: EventId,
+        until: EventId,
+        max: usize,
+        first: bool,
+        wanted: &mut dyn FnMut(&str) -> Option<bool>,
+    ) -> Option<EveryPage> {
+        self.cache.page_every(after, until, max, first, wanted)
     }
 
     fn retained_bytes(&self) -> u64 {

@@ -107,11 +107,7 @@ impl Subscription {
         };
         if replay.ready.is_empty() && !replay.complete() {
             let shared = &self.shared;
-            // A replay by selector reads topics of its own.
-            let own = replay.topics.take();
-            let topics = own.as_deref().unwrap_or(&self.queue.topics);
-            let read = shared.engine.read_page(&shared.node, replay, topics);
-            replay.topics = own;
+            let read = shared.engine.read_page(&shared.node, replay, &self.queue);
             if let Err(e) = read {
                 replay.from = Vec::new(); // nothing more to read
                 return Err(e);

@@ -8,12 +8,13 @@ use crate::event::Event;
 use crate::hub::config::{HubError, HubUsage, ID_LINE_MAX, Published};
 use crate::hub::engine::{Engine, Interest, Joined, Receipt, Taken};
 use crate::hub::grant::Selector;
-use crate::hub::history::StorageError;
+use crate::hub::fanout::SubscriberQueue;
+use crate::hub::history::{EveryPage, Replay, StorageError};
 use crate::hub::id::EventId;
 use crate::hub::node::{EVERY_TOPIC, Node};
 use crate::hub::redis::pool::{POOL_MAX, TIMEOUT};
 use crate::hub::redis::{PushError, Redis, RedisState};
-use crate::hub::replay::Replaying;
+use crate::hub::replay::{Pages, Replaying};
 use crate::hub::worker::Workers;
 
 /// How often a consumer of a Redis mailbox looks without being woken.
@@ -60,6 +61,7 @@ fn subscribe(
         followed.push(EVERY_TOPIC);
     }
     let (newest, seqs) = redis.position(&followed).map_err(HubError::Storage)?;
+    node.saw(newest);
     let mut woke = false;
     let (id, queue) = node.join(interest, last_event_id.is_some(), &mut |i, name| {
         let seq = seqs.get(i).copied().unwrap_or(0);
@@ -116,43 +118,45 @@ fn start_replay(
     followed: &[&str],
 ) -> Result<(), StorageError> {
     let (until, _) = redis.position(followed)?;
-    // Listed once the end of the replay is known: every topic with an
-    // event up to it is in the list (a publish counts its topics in the
-    // same step as it appends), and a topic first published later comes
-    // live.
-    let topics = if joined.queue.selectors().is_empty() {
-        Vec::new()
-    } else {
-        redis.topic_names()?
-    };
     node.resume_live(joined.id, &joined.queue, until);
     // An id Redis cannot place (garbage, or newer than anything issued)
     // replays everything retained after the reset notice.
     let mut found = Ok(None);
-    let mut replay = Replaying::after(
-        asked,
-        newest,
-        &joined.queue,
-        &mut |each| topics.iter().for_each(|t| each(t)),
-        &mut |names| {
-            found = redis.find_alias(names, asked);
-            found.as_ref().ok().copied().flatten()
-        },
-    );
+    let replay = Replaying::after(asked, newest, &joined.queue, &mut || {
+        found = redis.id_of(asked);
+        found.as_ref().ok().copied().flatten()
+    });
     found?;
+    let replay = joined.replay.insert(Box::new(replay));
     replay.until = until;
     let gap = !replay.placed;
-    let replay = joined.replay.insert(Box::new(replay));
-    let own = replay.topics.take();
-    let names = own.as_deref().unwrap_or(&joined.queue.topics);
-    let read = replay.read_page(
-        names,
-        &mut |t, a, u, m| redis.page(t, a, u, m),
-        Some(asked),
-        gap,
-    );
-    replay.topics = own;
-    read
+    replay.read_page(&joined.queue, &mut RedisPages(redis), Some(asked), gap)
+}
+
+/// A replay's pages, read from Redis.
+struct RedisPages<'a>(&'a Redis);
+
+impl Pages for RedisPages<'_> {
+    fn page(
+        &mut self,
+        topic: &str,
+        after: EventId,
+        until: EventId,
+        max: usize,
+    ) -> Result<(Replay, bool), StorageError> {
+        self.0.page(topic, after, until, max)
+    }
+
+    fn every(
+        &mut self,
+        after: EventId,
+        until: EventId,
+        max: usize,
+        _first: bool,
+        wanted: &mut dyn FnMut(&str) -> Option<bool>,
+    ) -> Result<Option<EveryPage>, StorageError> {
+        self.0.page_every(after, until, max, wanted).map(Some)
+    }
 }
 
 impl Engine for RedisEngine {
@@ -211,18 +215,13 @@ impl Engine for RedisEngine {
         &self,
         _node: &Node,
         replay: &mut Replaying,
-        topics: &[Arc<str>],
+        queue: &Arc<SubscriberQueue>,
     ) -> Result<(), StorageError> {
         let redis = Arc::clone(&self.redis);
-        let topics = topics.to_vec();
+        let queue = Arc::clone(queue);
         let mut page = std::mem::take(replay);
         let (page, read) = self.workers.run(move || {
-            let read = page.read_page(
-                &topics,
-                &mut |t, a, u, m| redis.page(t, a, u, m),
-                None,
-                false,
-            );
+            let read = page.read_page(&queue, &mut RedisPages(&redis), None, false);
             (page, read)
         })?;
         *replay = page;

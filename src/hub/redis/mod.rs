@@ -95,7 +95,7 @@ pub(crate) mod reader;
 pub(crate) mod resp;
 mod scripts;
 
-use scripts::{FIND, PAGE, PUBLISH, PUSH, Script, TAKE, UNTAKE};
+use scripts::{PAGE, PUBLISH, PUSH, Script, TAKE, UNTAKE};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -106,7 +106,7 @@ use std::time::{Duration, Instant};
 use crate::event::EncodedEvent;
 use crate::hub::config::PAGE_BYTES;
 pub use crate::hub::config::RedisState;
-use crate::hub::history::{Replay, Retained, StorageError};
+use crate::hub::history::{EveryPage, Replay, Retained, StorageError};
 use crate::hub::id::EventId;
 use crate::hub::node::{EVERY_TOPIC, Follower};
 use crate::hub::redis::pool::{Pool, lock};
@@ -125,9 +125,20 @@ const CTL_KEY: &str = "ssed:ctl";
 /// Entries the control stream keeps (approximately).
 const CTL_LEN: &str = "1000";
 /// Every update of every topic, with its topics: what readers of nodes
-/// with subscribers by selector (`*`, URI templates) follow. Their replay
-/// reads the topics' own streams.
+/// with subscribers by selector (`*`, URI templates) follow, and what
+/// their replay reads.
 const ALL_KEY: &str = "ssed:all";
+/// The id after which [`ALL_KEY`] has every update: it is written only
+/// while some node has subscribers by selector.
+const SINCE_KEY: &str = "ssed:all:since";
+/// Publisher-given ids, each to the first event id that carried it (a
+/// hash), and their order (a sorted set, by time), to keep the newest
+/// [`ALIASES_KEPT`].
+const IDS_KEY: &str = "ssed:ids";
+const IDS_ORDER_KEY: &str = "ssed:ids:order";
+/// Publisher-given ids Redis keeps (about: trimmed 64 at a time) for
+/// resumption.
+pub(crate) const ALIASES_KEPT: &str = "10000";
 /// Entries the stream of every update keeps (approximately): a reader
 /// that falls this far behind closes its subscribers by selector as slow,
 /// and they resume from the topics' streams.
@@ -158,6 +169,20 @@ struct Follow {
     fresh: bool,
 }
 
+/// A page read from a stream ([`Redis::read_stream`]).
+struct StreamPage {
+    /// Its entries, oldest first.
+    entries: Vec<Value>,
+    /// The oldest id the stream retains.
+    first: Option<EventId>,
+    /// Entries after the id asked may have been trimmed.
+    gap: bool,
+    /// The byte bound left entries out.
+    cut: bool,
+    /// The id the stream has every update after, if asked and set.
+    since: Option<EventId>,
+}
+
 /// A push refused or failed.
 pub(crate) enum PushError {
     Full,
@@ -183,7 +208,6 @@ pub(crate) struct Redis {
     take: Script,
     untake: Script,
     page: Script,
-    find: Script,
     reader: OnceLock<std::thread::Thread>,
 }
 
@@ -238,7 +262,6 @@ impl Redis {
             take: Script::new(TAKE),
             untake: Script::new(UNTAKE),
             page: Script::new(PAGE),
-            find: Script::new(FIND),
             reader: OnceLock::new(),
         }
     }
@@ -355,6 +378,9 @@ impl Redis {
             SEQ_KEY.as_bytes(),
             ALL_KEY.as_bytes(),
             SELECTING_KEY.as_bytes(),
+            SINCE_KEY.as_bytes(),
+            IDS_KEY.as_bytes(),
+            IDS_ORDER_KEY.as_bytes(),
         ];
         keys.extend(streams.iter().map(Vec::as_slice));
         let maxlen = self.history.max(1).to_string();
@@ -374,6 +400,7 @@ impl Redis {
                     names.as_bytes(),
                     ALL_LEN.as_bytes(),
                     alias.unwrap_or_default().as_bytes(),
+                    ALIASES_KEPT.as_bytes(),
                 ],
             )
         })?;
@@ -418,26 +445,13 @@ impl Redis {
     }
 
     /// Where a resume from the publisher-given id `alias` starts: the
-    /// earliest event of `topics` that carries it, if Redis still has one.
-    pub(crate) fn find_alias<T: AsRef<str>>(
-        &self,
-        topics: &[T],
-        alias: &str,
-    ) -> Result<Option<EventId>, StorageError> {
-        if topics.is_empty() {
-            return Ok(None);
-        }
-        let keys: Vec<Vec<u8>> = topics.iter().map(|t| topic_key(t.as_ref())).collect();
-        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    /// earliest event that carried it, if Redis still knows it (one of
+    /// the newest [`ALIASES_KEPT`] such ids).
+    pub(crate) fn id_of(&self, alias: &str) -> Result<Option<EventId>, StorageError> {
         let reply = self.with_conn_retry("find an id", |c| {
-            self.find.run(c, &keys, &[alias.as_bytes()])
+            c.command(&[b"HGET", IDS_KEY.as_bytes(), alias.as_bytes()])
         })?;
-        Ok(reply
-            .items()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(parse_id)
-            .min())
+        Ok(parse_id(&reply))
     }
 
     /// Tells every node's publishes that a node has subscribers by
@@ -447,20 +461,6 @@ impl Redis {
     pub(crate) fn mark_selecting(&self) -> Result<bool, StorageError> {
         let reply = self.with_conn_retry("mark selecting", |c| c.command(&MARK_SELECTING))?;
         Ok(!matches!(reply, Value::Nil))
-    }
-
-    /// Every topic Redis has had events of (the fields of the count hash),
-    /// for the replay of a subscription by selector.
-    pub(crate) fn topic_names(&self) -> Result<Vec<String>, StorageError> {
-        let reply = self.with_conn_retry("list the topics", |c| {
-            c.command(&[b"HKEYS", SEQ_KEY.as_bytes()])
-        })?;
-        Ok(reply
-            .items()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|v| v.as_str()?.strip_prefix(TOPIC_PREFIX).map(str::to_owned))
-            .collect())
     }
 
     /// Makes the reader follow `topic` from `from`, where the topic had
@@ -517,15 +517,85 @@ impl Redis {
         until: EventId,
         count: usize,
     ) -> Result<(Replay, bool), StorageError> {
-        let key = topic_key(topic);
+        let read = self.read_stream(&topic_key(topic), None, after, until, count)?;
+        let page = Replay {
+            events: read
+                .entries
+                .iter()
+                .filter_map(entry_frame)
+                .map(|(retained, _)| retained)
+                .collect(),
+            gap: read.gap,
+            oldest: read.first,
+        };
+        Ok((page, read.cut))
+    }
+
+    /// A page of the replay of a subscription by selector, read from the
+    /// stream of every update: up to `count` updates in `(after, until]`,
+    /// those of topics `wanted` answers for (see
+    /// [`History::page_every`](crate::hub::History::page_every)).
+    pub(crate) fn page_every(
+        &self,
+        after: EventId,
+        until: EventId,
+        count: usize,
+        wanted: &mut dyn FnMut(&str) -> Option<bool>,
+    ) -> Result<EveryPage, StorageError> {
+        let read = self.read_stream(
+            ALL_KEY.as_bytes(),
+            Some(SINCE_KEY.as_bytes()),
+            after,
+            until,
+            count,
+        )?;
+        // The stream has every update after `since` only: from before it
+        // (or with none, since no publish has written it), what was
+        // published after `after` may be missing.
+        let lost = read.since.is_none_or(|since| after < since);
+        let mut page = EveryPage {
+            events: Vec::new(),
+            to: read.entries.last().and_then(entry_id).unwrap_or(after),
+            gap: after < until && (lost || read.gap),
+            oldest: read.first,
+            done: !read.cut && read.entries.len() < count.max(1),
+        };
+        for entry in &read.entries {
+            let (Some((mut retained, _)), Some(topics)) = (entry_frame(entry), entry_topics(entry))
+            else {
+                continue;
+            };
+            // Followed if any of its topics is; seen, when private, if
+            // any of those lets it be.
+            let Some(seen) = topics.iter().filter_map(|t| wanted(t)).reduce(|a, b| a || b) else {
+                continue;
+            };
+            retained.private &= !seen;
+            page.events.push(retained);
+        }
+        Ok(page)
+    }
+
+    /// Reads a page of the stream `key` (see the `PAGE` script), and the
+    /// id in `since_key`, if given.
+    fn read_stream(
+        &self,
+        key: &[u8],
+        since_key: Option<&[u8]>,
+        after: EventId,
+        until: EventId,
+        count: usize,
+    ) -> Result<StreamPage, StorageError> {
         let start = format!("({after}");
         let end = until.to_string();
         let count = count.max(1).to_string();
         let budget = PAGE_BYTES.to_string();
+        let mut keys = vec![key, SEQ_KEY.as_bytes()];
+        keys.extend(since_key);
         let reply = self.with_conn_retry("replay", |c| {
             self.page.run(
                 c,
-                &[&key, SEQ_KEY.as_bytes()],
+                &keys,
                 &[
                     start.as_bytes(),
                     end.as_bytes(),
@@ -534,18 +604,18 @@ impl Redis {
                 ],
             )
         })?;
-        let [first, trimmed, entries, newest, cut] = reply.items().unwrap_or_default() else {
+        let Value::Array(mut parts) = reply else {
             return Err(storage(format!("redis replay: odd reply {reply:?}")));
+        };
+        let entries = match parts.get_mut(2).map(|e| std::mem::replace(e, Value::Nil)) {
+            Some(Value::Array(entries)) => entries,
+            _ => Vec::new(),
+        };
+        let [first, trimmed, _, newest, cut, since] = parts.as_slice() else {
+            return Err(storage(format!("redis replay: odd reply {parts:?}")));
         };
         let first = parse_id(first);
         let trimmed = int(trimmed) == Some(1);
-        let events = entries
-            .items()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(entry_frame)
-            .map(|(retained, _)| retained)
-            .collect();
         // Trimmed entries are all older than the first one left: one of
         // them can be newer than `after` only if `after` is below the id
         // just before it. A trimmed stream with nothing left lost up to its
@@ -556,12 +626,13 @@ impl Redis {
                 (None, Some(newest)) => after < newest,
                 (None, None) => true,
             };
-        let page = Replay {
-            events,
+        Ok(StreamPage {
+            entries,
+            first,
             gap,
-            oldest: first,
-        };
-        Ok((page, int(cut) == Some(1)))
+            cut: int(cut) == Some(1),
+            since: parse_id(since),
+        })
     }
 
     /// Queues `text` in mailbox `key`; the mailbox's length after it.

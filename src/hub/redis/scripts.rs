@@ -20,6 +20,12 @@ use super::resp::{Conn, RespError, Value};
 /// of several topics the field `m` = `1` in the topics' streams (a reader
 /// hands it to a subscriber of several once); one with a publisher-given
 /// id (`ARGV[7]`, empty for none) the field `i`, the id its frame shows.
+/// The stream of every update has no gap after the id in `KEYS[5]`: set
+/// (to the newest id before) by the first publish that writes it, deleted
+/// by one that does not. A publisher-given id is also kept in the hash
+/// `KEYS[6]`, to the first id that carried it, the newest `ARGV[8]` or so
+/// of them (their order in the sorted set `KEYS[7]`). Topics' streams are
+/// `KEYS[8]` on.
 pub(super) const PUBLISH: &str = r"
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -33,14 +39,14 @@ if last then
 else
   id = string.format('%d-0', ms)
 end
-for i = 5, #KEYS do
+for i = 8, #KEYS do
   local n = redis.call('HINCRBY', KEYS[2], KEYS[i], 1)
   local fields = {'f', ARGV[2], 'o', ARGV[3], 'n', n}
   if ARGV[4] == '1' then
     table.insert(fields, 'p')
     table.insert(fields, '1')
   end
-  if #KEYS > 5 then
+  if #KEYS > 8 then
     table.insert(fields, 'm')
     table.insert(fields, '1')
   end
@@ -51,6 +57,7 @@ for i = 5, #KEYS do
   redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[1], id, unpack(fields))
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then
+  if redis.call('EXISTS', KEYS[5]) == 0 then redis.call('SET', KEYS[5], last or '0-0') end
   local n = redis.call('HINCRBY', KEYS[2], KEYS[3], 1)
   local fields = {'f', ARGV[2], 'o', ARGV[3], 'n', n, 't', ARGV[5]}
   if ARGV[4] == '1' then
@@ -62,45 +69,33 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
     table.insert(fields, ARGV[7])
   end
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], id, unpack(fields))
+else
+  redis.call('DEL', KEYS[5])
+end
+if ARGV[7] ~= '' and redis.call('HSETNX', KEYS[6], ARGV[7], id) == 1 then
+  redis.call('ZADD', KEYS[7], ms, ARGV[7])
+  local n = redis.call('ZCARD', KEYS[7])
+  local keep = tonumber(ARGV[8])
+  if n > keep + 64 then
+    local old = redis.call('ZRANGE', KEYS[7], 0, n - keep - 1)
+    redis.call('ZREMRANGEBYRANK', KEYS[7], 0, n - keep - 1)
+    redis.call('HDEL', KEYS[6], unpack(old))
+  end
 end
 redis.call('SET', KEYS[1], id)
 return id
 ";
 
-/// The entry id of the first entry of each stream (`KEYS`) whose
-/// publisher-given id (field `i`) is `ARGV[1]`: where a resume from that
-/// id starts (the earliest of them).
-pub(super) const FIND: &str = r"
-local found = {}
-for i = 1, #KEYS do
-  local entries = redis.call('XRANGE', KEYS[i], '-', '+')
-  for _, e in ipairs(entries) do
-    local hit = false
-    local f = e[2]
-    for j = 1, #f, 2 do
-      if f[j] == 'i' and f[j + 1] == ARGV[1] then
-        hit = true
-        break
-      end
-    end
-    if hit then
-      found[#found + 1] = e[1]
-      break
-    end
-  end
-end
-return found
-";
-
 /// One page of a topic's replay: `{first id or false, trimmed (1 or 0),
 /// entries, newest id ever added or false, cut (1 when the byte bound left
-/// entries out)}`, where `trimmed` says whether the stream lost entries (it
+/// entries out), the value of `KEYS[3]` if given or false}`, where `trimmed` says whether the stream lost entries (it
 /// holds fewer than were published to it) and the entries are those in
 /// `(ARGV[1]`, `ARGV[2]]`, at most `ARGV[3]` and, past the first, at most
 /// `ARGV[4]` bytes of fields. One round trip, and only the page's frames
 /// cross the wire (`XINFO STREAM` would bring the first and last entries'
 /// frames too).
-/// KEYS: the topic's stream, the count hash.
+/// KEYS: the topic's stream, the count hash (and, for the stream of every
+/// update, the key saying since when it has no gap).
 pub(super) const PAGE: &str = r"
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local f = false
@@ -138,7 +133,9 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     if info[i] == 'last-generated-id' then last = info[i + 1] end
   end
 end
-return {f, trimmed, page, last, cut}
+local since = false
+if KEYS[3] then since = redis.call('GET', KEYS[3]) end
+return {f, trimmed, page, last, cut, since}
 ";
 
 /// Drops expired messages at the head, refuses a full mailbox (-1), else
