@@ -48,50 +48,49 @@ fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
 /// resumes from them.
 fn check(hub: &Hub, run: &str) {
     let (a, b) = (format!("{run}books/1"), format!("{run}books/2"));
+    // Publisher ids are the hub's, not a topic's: unique to the run too.
+    let id = |n: u32| format!("urn:uuid:{run}{n}");
+    let (u1, u2, u9) = (id(1), id(2), id(9));
     let live = hub.subscribe(&[&a], None).expect("subscribed");
+    // A subscriber by selector before the publishes: on Redis, the stream
+    // of every update (what a replay by selector reads) is written while
+    // some node has one.
+    let books = Selector::parse(&format!("{run}books/{{n}}")).expect("a template");
+    let _watch = hub
+        .subscribe_matching(&[], std::slice::from_ref(&books), &Privacy::Public, None)
+        .expect("subscribed");
     let first = hub
-        .publish_with_id(&[&a], "urn:uuid:1", Event::new().data("one"), false)
+        .publish_with_id(&[&a], &u1, Event::new().data("one"), false)
         .expect("kept");
-    hub.publish_with_id(&[&a, &b], "urn:uuid:2", Event::new().data("two"), false)
+    hub.publish_with_id(&[&a, &b], &u2, Event::new().data("two"), false)
         .expect("kept");
     hub.publish(&b, Event::new().data("three")).expect("kept");
     // The same id again: a resume from it starts after the first.
-    hub.publish_with_id(&[&a], "urn:uuid:2", Event::new().data("four"), false)
+    hub.publish_with_id(&[&a], &u2, Event::new().data("four"), false)
         .expect("kept");
     let f = live
         .next_timeout(std::time::Duration::from_secs(5))
         .expect("live");
-    assert_eq!(
-        field(f.as_bytes(), "id"),
-        "urn:uuid:1",
-        "the publisher's id"
-    );
+    assert_eq!(field(f.as_bytes(), "id"), u1, "the publisher's id");
     assert!(first.id.to_string().contains('-'), "the hub's own id");
 
-    let r = hub
-        .subscribe(&[&a, &b], Some("urn:uuid:1"))
-        .expect("subscribed");
-    assert_eq!(r.cursor(Some("urn:uuid:1")), "urn:uuid:1");
+    let r = hub.subscribe(&[&a, &b], Some(&u1)).expect("subscribed");
+    assert_eq!(r.cursor(Some(&u1)), u1);
     let three = replay(r);
     assert_eq!(three.len(), 3, "{three:?}");
-    assert_eq!(three[0], ("urn:uuid:2".into(), "two".into()));
+    assert_eq!(three[0], (u2.clone(), "two".into()));
     assert_eq!(three[1].1, "three");
-    assert_eq!(three[2], ("urn:uuid:2".into(), "four".into()));
-    let r = hub
-        .subscribe(&[&a], Some("urn:uuid:2"))
-        .expect("subscribed");
-    assert_eq!(replay(r), pairs(&[("urn:uuid:2", "four")]));
+    assert_eq!(three[2], (u2.clone(), "four".into()));
+    let r = hub.subscribe(&[&a], Some(&u2)).expect("subscribed");
+    assert_eq!(replay(r), pairs(&[(&u2, "four")]));
     // By selector, where the id is found among the topics it matches.
-    let books = Selector::parse(&format!("{run}books/{{n}}")).expect("a template");
     let r = hub
-        .subscribe_matching(&[], &[books], &Privacy::Public, Some("urn:uuid:2"))
+        .subscribe_matching(&[], &[books], &Privacy::Public, Some(&u2))
         .expect("subscribed");
-    assert_eq!(replay(r)[1], ("urn:uuid:2".into(), "four".into()));
+    assert_eq!(replay(r)[1], (u2.clone(), "four".into()));
     // An id no event carries: the reset notice, then everything.
-    let r = hub
-        .subscribe(&[&a], Some("urn:uuid:9"))
-        .expect("subscribed");
-    assert_eq!(r.cursor(Some("urn:uuid:9")), "earliest");
+    let r = hub.subscribe(&[&a], Some(&u9)).expect("subscribed");
+    assert_eq!(r.cursor(Some(&u9)), "earliest");
     let all = replay(r);
     assert_eq!(all[0].0, "reset");
     assert_eq!(all.len(), 4, "{all:?}");
@@ -145,7 +144,25 @@ fn publisher_ids_in_redis() {
         redis,
         topics: vec![format!("{run}books/1"), format!("{run}books/2")],
     };
+    let _ids = AliasCleanup { redis, run: &run };
     let hub = Hub::with_redis(&format!("redis://{redis}"), 10, HubConfig::default())
         .expect("a Redis hub");
     check(&hub, &run);
+}
+
+/// Deletes the publisher ids a Redis run kept (`check` gives 1 and 2).
+struct AliasCleanup<'a> {
+    redis: &'static str,
+    run: &'a str,
+}
+
+impl Drop for AliasCleanup<'_> {
+    fn drop(&mut self) {
+        let ids: Vec<String> = (1..=2)
+            .map(|n| format!("urn:uuid:{}{n}", self.run))
+            .collect();
+        for (key, how) in [("ssed:ids", "HDEL"), ("ssed:ids:order", "ZREM")] {
+            support::redis::command(self.redis, &[how, key, &ids[0], &ids[1]]);
+        }
+    }
 }

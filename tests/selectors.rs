@@ -19,6 +19,9 @@ use ssed::{Event, Hub, HubConfig, Subscription};
 use support::TempDir;
 
 const DEADLINE: Duration = Duration::from_secs(5);
+/// The Redis tests here take turns: a subscriber of `*` there sees every
+/// topic of the shared Redis, the other test's too.
+static REDIS_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const BOOKS: &str = "https://example.com/books/{id}";
 
 fn book(n: u32) -> String {
@@ -211,6 +214,7 @@ fn selectors_in_redis() {
     let Some(redis) = support::redis::redis("selectors_in_redis") else {
         return;
     };
+    let _turn = REDIS_TURN.lock().unwrap_or_else(|p| p.into_inner());
     let run = support::redis::unique_run("s");
     let topics = [book(1), book(2), author(1)].map(|t| format!("{run}{t}"));
     let _cleanup = support::redis::TopicCleanup {
@@ -227,8 +231,10 @@ fn selectors_in_redis() {
     let there = other
         .subscribe_matching(&[], std::slice::from_ref(&books), &Privacy::Public, None)
         .expect("subscribed");
-    hub.publish(&topics[1], Event::new().data("from here"))
-        .expect("kept");
+    let from_here = hub
+        .publish(&topics[1], Event::new().data("from here"))
+        .expect("kept")
+        .id;
     assert_eq!(only(&there, 1), ["from here"]);
     let r = other
         .subscribe_matching(
@@ -242,8 +248,8 @@ fn selectors_in_redis() {
 
     // Publishes write the stream of every update only while a node marks
     // that it has subscribers by selector. A mark that lapses (Redis lost
-    // it) may have cost them updates: they are closed as slow, to resume
-    // from the topics' streams, and the mark is back.
+    // it) may have cost them updates: they are closed as slow, to resume,
+    // and the mark is back.
     support::redis::command(redis, &["DEL", "ssed:selecting"]);
     hub.publish(&topics[1], Event::new().data("unmarked"))
         .expect("kept");
@@ -255,6 +261,77 @@ fn selectors_in_redis() {
         support::redis::command(redis, &["EXISTS", "ssed:selecting"]).starts_with(":1"),
         "marked again"
     );
+    // What was published meanwhile is not in that stream: a resume from
+    // before it is told that updates may be missing.
+    let r = other
+        .subscribe_matching(
+            &[],
+            &[books],
+            &Privacy::Public,
+            Some(&from_here.to_string()),
+        )
+        .expect("subscribed");
+    assert_eq!(replay(r), ["<reset>"]);
+}
+
+#[test]
+fn a_subscriber_by_topic_and_selector_gets_each_update_once_in_redis() {
+    let Some(redis) =
+        support::redis::redis("a_subscriber_by_topic_and_selector_gets_each_update_once_in_redis")
+    else {
+        return;
+    };
+    let _turn = REDIS_TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let run = support::redis::unique_run("m");
+    let topics: Vec<String> = (0..40).map(|n| format!("{run}{}", book(n))).collect();
+    let _cleanup = support::redis::TopicCleanup {
+        redis,
+        topics: topics.clone(),
+    };
+    let url = format!("redis://{redis}");
+    let hub = Hub::with_redis(&url, 100, HubConfig::default()).expect("a Redis hub");
+    let books = sel(&format!("{run}{BOOKS}"));
+    // The node reads the stream of every update already.
+    let _watch = hub
+        .subscribe_matching(&[], std::slice::from_ref(&books), &Privacy::Public, None)
+        .expect("subscribed");
+    // Each round a subscriber names a topic new to the node (its stream
+    // joins the reader behind the stream of every update) and matches it
+    // by selector too, while updates of it and of others pour in: in
+    // whatever order the streams are read, it gets each update once.
+    for round in 0..10 {
+        let mine = topics[round].clone();
+        let publisher = {
+            let (hub, mine, other) = (hub.clone(), mine.clone(), topics[20 + round].clone());
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let topic = if i % 4 == 0 { &mine } else { &other };
+                    hub.publish(topic, Event::new().data(format!("{round}-{i}")))
+                        .expect("kept");
+                }
+            })
+        };
+        let sub = hub
+            .subscribe_matching(
+                &[&mine],
+                std::slice::from_ref(&books),
+                &Privacy::Public,
+                None,
+            )
+            .expect("subscribed");
+        publisher.join().expect("published");
+        let mut got: Vec<u32> = Vec::new();
+        while let Some(f) = sub.next_timeout(Duration::from_millis(200)) {
+            let d = data(f.as_bytes());
+            let (r, i) = d.split_once('-').expect("round-i");
+            assert_eq!(r, round.to_string());
+            got.push(i.parse().expect("a number"));
+        }
+        let mut sorted = got.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(got, sorted, "round {round}: once each, in order");
+    }
 }
 
 #[test]

@@ -553,8 +553,8 @@ impl History for MemoryHistory {
                 .iter()
                 .any(|(name, t)| t.evicted.is_some_and(|e| e > after) && want(name).is_some());
         }
-        let mut looked = 0;
-        for (id, topic) in self.index.range((after.succ(), Arc::<str>::from(""))..) {
+        let start = (after.succ(), Arc::<str>::from(""));
+        for (looked, (id, topic)) in self.index.range(start..).enumerate() {
             if *id > until {
                 break;
             }
@@ -563,10 +563,11 @@ impl History for MemoryHistory {
                 page.done = false;
                 break;
             }
-            looked += 1;
             page.to = *id;
             let Some(seen) = want(topic) else { continue };
-            let Some(t) = self.topics.get(topic) else { continue };
+            let Some(t) = self.topics.get(topic) else {
+                continue;
+            };
             page.gap |= t.evicted.is_some_and(|e| e > after);
             let at = t.events.partition_point(|e| e.id < *id);
             let Some(event) = t.events.get(at).filter(|e| e.id == *id) else {
@@ -738,6 +739,144 @@ mod tests {
         assert_eq!(h.retained_bytes(), 0);
         assert!(h.topics.is_empty());
         assert!(h.since("t3", EventId::new(102, 0)).gap);
+    }
+
+    /// `(millis, private)` of a page by selector.
+    fn every(
+        h: &MemoryHistory,
+        after: u64,
+        max: usize,
+        first: bool,
+        wanted: &mut dyn FnMut(&str) -> Option<bool>,
+    ) -> (Vec<(u64, bool)>, EveryPage) {
+        let page = h
+            .page_every(EventId::new(after, 0), EventId::MAX, max, first, wanted)
+            .expect("kept in order");
+        let ids = page
+            .events
+            .iter()
+            .map(|e| (e.id.millis(), e.private))
+            .collect();
+        (ids, page)
+    }
+
+    #[test]
+    fn a_page_by_selector_reads_every_topic_in_id_order_each_update_once() {
+        let mut h = MemoryHistory::with_floor(100, EventId::floor_of(0));
+        for i in 1..=6u64 {
+            let topic = ["a", "b", "c"][i as usize % 3];
+            h.push(topic, event(EventId::new(i, 0), "x"));
+        }
+        // An update of a and b, private: seen through a, not through b.
+        let mut secret = event(EventId::new(7, 0), "s");
+        secret.private = true;
+        h.push("a", secret.clone());
+        h.push("b", secret);
+        let mut wanted = |t: &str| match t {
+            "a" => Some(true),
+            "b" => Some(false),
+            _ => None,
+        };
+        let (ids, page) = every(&h, 0, 100, true, &mut wanted);
+        assert_eq!(
+            ids,
+            [(1, false), (3, false), (4, false), (6, false), (7, false)]
+        );
+        assert!(page.done && !page.gap);
+        assert_eq!(page.to, EventId::new(7, 0));
+        let mut only_b = |t: &str| (t == "b").then_some(false);
+        let (ids, _) = every(&h, 0, 100, true, &mut only_b);
+        assert_eq!(
+            ids,
+            [(1, false), (4, false), (7, true)],
+            "hidden, still read"
+        );
+        // A full page stops between two updates, and goes on from there.
+        let (ids, page) = every(&h, 0, 2, true, &mut wanted);
+        assert_eq!(ids, [(1, false), (3, false)]);
+        assert!(!page.done);
+        let (ids, _) = every(&h, page.to.millis(), 2, false, &mut wanted);
+        assert_eq!(ids, [(4, false), (6, false)]);
+    }
+
+    #[test]
+    fn a_page_by_selector_looks_at_a_bounded_number_of_updates() {
+        let mut h = MemoryHistory::with_floor(10, EventId::floor_of(0));
+        let n = EVERY_SCAN as u64 * 2;
+        for i in 1..=n {
+            h.push(&format!("t{i}"), event(EventId::new(i, 0), "x"));
+        }
+        h.push("wanted", event(EventId::new(n + 1, 0), "x"));
+        let mut wanted = |t: &str| (t == "wanted").then_some(false);
+        let (mut after, mut pages) = (0, 0);
+        let found = loop {
+            let (ids, page) = every(&h, after, 100, after == 0, &mut wanted);
+            pages += 1;
+            assert!(page.to.millis() - after <= EVERY_SCAN as u64);
+            if page.done {
+                break ids;
+            }
+            assert!(ids.is_empty());
+            after = page.to.millis();
+        };
+        assert_eq!(found, [(n + 1, false)]);
+        assert_eq!(pages, 3);
+    }
+
+    #[test]
+    fn a_page_by_selector_tells_of_what_its_topics_lost_not_others() {
+        let mut h = MemoryHistory::with_floor(2, EventId::floor_of(0));
+        for i in 1..=4u64 {
+            h.push("busy", event(EventId::new(i, 0), "x"));
+        }
+        h.push("calm", event(EventId::new(5, 0), "x"));
+        let mut calm = |t: &str| (t == "calm").then_some(false);
+        let (ids, page) = every(&h, 0, 100, true, &mut calm);
+        assert_eq!(ids, [(5, false)]);
+        assert!(!page.gap, "busy lost events, calm did not");
+        let mut busy = |t: &str| (t == "busy").then_some(false);
+        assert!(every(&h, 0, 100, true, &mut busy).1.gap);
+        assert!(!every(&h, 2, 100, true, &mut busy).1.gap);
+    }
+
+    #[test]
+    fn publisher_ids_are_found_while_an_event_carries_them() {
+        let aliased = |id: u64, alias: &str| Retained {
+            id: EventId::new(id, 0),
+            frame: Event::new()
+                .id(alias)
+                .data("x")
+                .encode_shared()
+                .expect("valid"),
+            private: false,
+        };
+        let mut h = MemoryHistory::with_floor(1, EventId::floor_of(0));
+        h.push("a", aliased(1, "urn:1"));
+        h.push("b", aliased(1, "urn:1"));
+        h.push("a", aliased(2, "urn:1"));
+        assert_eq!(h.id_of("urn:1"), Some(EventId::new(1, 0)), "the earliest");
+        assert_eq!(h.id_of("1-0"), None, "the hub's own ids are not kept");
+        assert!(h.aliases.len() == 1);
+        // Still in b: still found.
+        h.push("a", aliased(3, "urn:3"));
+        assert_eq!(h.id_of("urn:1"), Some(EventId::new(1, 0)));
+        h.push("b", aliased(4, "urn:4"));
+        assert_eq!(h.id_of("urn:1"), None, "gone from every topic");
+        h.shrink(0);
+        assert!(h.aliases.is_empty());
+        assert_eq!(h.retained_bytes(), 0);
+    }
+
+    #[test]
+    fn an_update_of_several_topics_is_dropped_from_each_when_shrinking() {
+        let mut h = MemoryHistory::with_floor(10, EventId::floor_of(0));
+        for i in 1..=3u64 {
+            h.push("a", event(EventId::new(i, 0), "x"));
+            h.push("b", event(EventId::new(i, 0), "x"));
+        }
+        assert_eq!(h.shrink(0).len(), 6);
+        assert!(h.topics.is_empty() && h.index.is_empty());
+        assert_eq!(h.retained_bytes(), 0);
     }
 
     #[test]

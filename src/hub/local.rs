@@ -17,12 +17,12 @@ use crate::error::Report;
 use crate::event::Event;
 use crate::hub::config::{HubError, HubUsage, Published};
 use crate::hub::engine::{Engine, Interest, Joined, Receipt, Taken};
+use crate::hub::fanout::SubscriberQueue;
 use crate::hub::history::{History, Retained, StorageError};
 use crate::hub::id::{EventId, now_ms};
 use crate::hub::mailbox::{self, Message};
 use crate::hub::node::Node;
 use crate::hub::replay::{HistoryPages, Replaying};
-use crate::hub::fanout::SubscriberQueue;
 
 /// History and mailboxes in this process.
 pub(crate) struct Local {
@@ -168,7 +168,12 @@ impl Engine for Local {
         queue: &Arc<SubscriberQueue>,
     ) -> Result<(), StorageError> {
         let state = self.state();
-        replay.read_page(queue, &mut HistoryPages(state.history.as_ref()), None, false)
+        replay.read_page(
+            queue,
+            &mut HistoryPages(state.history.as_ref()),
+            None,
+            false,
+        )
     }
 
     fn push(&self, node: &Node, key: &str, text: String) -> Result<usize, HubError> {

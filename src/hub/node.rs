@@ -136,6 +136,13 @@ struct Update<'a> {
     private: bool,
     /// An update of several topics: offered once per topic.
     several: bool,
+    /// From the Redis reader, which delivers every update once more, with
+    /// its topics, for this node's subscribers by selector (see
+    /// [`EVERY_TOPIC`]): those take the updates of the topics they name
+    /// exactly from there too, never from the topics' own streams, so
+    /// they get each update once and in order whatever the streams'
+    /// timing.
+    split: bool,
 }
 
 /// Updates of several topics a subscriber of several topics took lately
@@ -288,6 +295,7 @@ impl Node {
             frame,
             private,
             several: topics.len() > 1,
+            split: false,
         };
         for topic in topics {
             state.fan_out(topic, update, self.config.queue, &mut out);
@@ -319,6 +327,7 @@ impl Node {
                 frame: &d.frame,
                 private: d.private,
                 several: d.several,
+                split: true,
             };
             match &d.topics {
                 Some(topics) => {
@@ -579,6 +588,7 @@ impl State {
             subs.retain_mut(|s| {
                 if s.resume.as_ref().is_some_and(|r| update.id <= r.seen)
                     || (update.private && !s.private)
+                    || (update.split && !s.queue.selectors().is_empty())
                 {
                     return true;
                 }
@@ -611,7 +621,27 @@ impl State {
         out: &mut FanOut,
     ) {
         let mut dropped: Vec<(u64, Arc<SubscriberQueue>)> = Vec::new();
-        let State { groups, recent, .. } = self;
+        let State {
+            groups,
+            recent,
+            subscribers,
+            ..
+        } = self;
+        if update.split {
+            // Its topics' subscribers by selector too (see `Update::split`).
+            for topic in topics {
+                for s in subscribers.get_mut(*topic).into_iter().flatten() {
+                    if s.queue.selectors().is_empty()
+                        || s.resume.as_ref().is_some_and(|r| update.id <= r.seen)
+                        || (update.private && !s.private)
+                    {
+                        continue;
+                    }
+                    // One dropped as slow leaves every list below.
+                    offer(s, update, true, recent, limit, out, &mut dropped);
+                }
+            }
+        }
         for group in groups.iter_mut() {
             if !group.matches_any(topics) {
                 continue;

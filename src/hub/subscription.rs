@@ -105,7 +105,10 @@ impl Subscription {
         let Some(replay) = self.replay.as_deref_mut() else {
             return Ok(Vec::new());
         };
-        if replay.ready.is_empty() && !replay.complete() {
+        // A page may hold nothing this subscription sees (a page by
+        // selector among topics it does not follow): read on until one
+        // does, or all is read.
+        while replay.ready.is_empty() && !replay.complete() {
             let shared = &self.shared;
             let read = shared.engine.read_page(&shared.node, replay, &self.queue);
             if let Err(e) = read {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use crate::event::Event;
 use crate::hub::config::{HubError, HubUsage, ID_LINE_MAX, Published};
 use crate::hub::engine::{Engine, Interest, Joined, Receipt, Taken};
-use crate::hub::grant::Selector;
 use crate::hub::fanout::SubscriberQueue;
+use crate::hub::grant::Selector;
 use crate::hub::history::{EveryPage, Replay, StorageError};
 use crate::hub::id::EventId;
 use crate::hub::node::{EVERY_TOPIC, Node};
@@ -152,10 +152,12 @@ impl Pages for RedisPages<'_> {
         after: EventId,
         until: EventId,
         max: usize,
-        _first: bool,
+        first: bool,
         wanted: &mut dyn FnMut(&str) -> Option<bool>,
     ) -> Result<Option<EveryPage>, StorageError> {
-        self.0.page_every(after, until, max, wanted).map(Some)
+        self.0
+            .page_every(after, until, max, first, wanted)
+            .map(Some)
     }
 }
 

@@ -540,6 +540,7 @@ impl Redis {
         after: EventId,
         until: EventId,
         count: usize,
+        first: bool,
         wanted: &mut dyn FnMut(&str) -> Option<bool>,
     ) -> Result<EveryPage, StorageError> {
         let read = self.read_stream(
@@ -551,8 +552,9 @@ impl Redis {
         )?;
         // The stream has every update after `since` only: from before it
         // (or with none, since no publish has written it), what was
-        // published after `after` may be missing.
-        let lost = read.since.is_none_or(|since| after < since);
+        // published after `after` may be missing. Told on the first page;
+        // later, only of entries trimmed while the replay reads.
+        let lost = first && read.since.is_none_or(|since| after < since);
         let mut page = EveryPage {
             events: Vec::new(),
             to: read.entries.last().and_then(entry_id).unwrap_or(after),
@@ -567,7 +569,11 @@ impl Redis {
             };
             // Followed if any of its topics is; seen, when private, if
             // any of those lets it be.
-            let Some(seen) = topics.iter().filter_map(|t| wanted(t)).reduce(|a, b| a || b) else {
+            let Some(seen) = topics
+                .iter()
+                .filter_map(|t| wanted(t))
+                .reduce(|a, b| a || b)
+            else {
                 continue;
             };
             retained.private &= !seen;
