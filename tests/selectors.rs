@@ -251,8 +251,10 @@ fn selectors_in_redis() {
     // it) may have cost them updates: they are closed as slow, to resume,
     // and the mark is back.
     support::redis::command(redis, &["DEL", "ssed:selecting"]);
-    hub.publish(&topics[1], Event::new().data("unmarked"))
-        .expect("kept");
+    let unmarked = hub
+        .publish(&topics[1], Event::new().data("unmarked"))
+        .expect("kept")
+        .id;
     assert!(
         support::wait_until(Duration::from_secs(5), || there.is_slow()),
         "the subscriber by selector is closed as slow"
@@ -272,6 +274,11 @@ fn selectors_in_redis() {
         )
         .expect("subscribed");
     assert_eq!(replay(r), ["<reset>"]);
+    // A node that has delivered nothing yet still names the newest id as
+    // where a new subscriber's events start (Mercure-Last-Event-ID).
+    let third = Hub::with_redis(&url, 10, HubConfig::default()).expect("a Redis hub");
+    let sub = third.subscribe(&[&topics[0]], None).expect("subscribed");
+    assert_eq!(sub.cursor(None), unmarked.to_string());
 }
 
 #[test]
