@@ -95,7 +95,12 @@ fn answer(mut conn: TcpStream, req: &str) -> (Head, String) {
 }
 
 /// The body of a chunked message: its chunks' data, up to the last chunk.
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+fn dechunk(raw: &[u8]) -> Vec<u8> {
+    chunks(raw).concat()
+}
+
+/// The chunks of a chunked message's body, up to the last chunk.
+fn chunks(mut raw: &[u8]) -> Vec<Vec<u8>> {
     let mut body = Vec::new();
     loop {
         let line_end = raw
@@ -111,7 +116,7 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
         if size == 0 {
             return body;
         }
-        body.extend_from_slice(&data[..size]);
+        body.push(data[..size].to_vec());
         assert_eq!(&data[size..size + 2], b"\r\n", "a chunk ends with CRLF");
         raw = &data[size + 2..];
     }
@@ -543,6 +548,38 @@ fn from_another_machine_only_with_the_admin_token() {
     ));
     assert_eq!(list_as(d.addr, "", &[&bearer(ADMIN)]).len(), 0);
     drop(ns);
+}
+
+#[test]
+fn a_listing_of_streams_with_long_topics_goes_out_in_bounded_pieces() {
+    let d = daemon("listen = \"127.0.0.1:0\"\nheartbeat = \"0\"\nmax_execution_time = \"0\"\n");
+    // Each stream's topics fill most of its request head: 6 of 1,000 bytes.
+    let held: Vec<Client> = (0..40)
+        .map(|i| {
+            let query: Vec<String> = (0..6)
+                .map(|t| format!("topic={i}-{t}-{}", "x".repeat(990)))
+                .collect();
+            open(d.addr, &format!("/events?{}", query.join("&")), &[])
+        })
+        .collect();
+    let mut conn = support::connect(d.addr);
+    conn.write_all(b"GET /streams HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).expect("the answer");
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let pieces = chunks(&raw[end + 4..]);
+    let biggest = pieces.iter().map(Vec::len).max().unwrap_or(0);
+    assert!(pieces.len() >= 5, "{} pieces", pieces.len());
+    assert!(biggest < 40 * 1024, "a piece of {biggest} bytes");
+    let all: Value = serde_json::from_slice(&pieces.concat()).expect("JSON");
+    let all = all.as_array().expect("an array");
+    assert_eq!(all.len(), 40);
+    assert!(all.iter().all(|s| topics(s).len() == 6));
+    drop(held);
 }
 
 #[test]
