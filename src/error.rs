@@ -140,17 +140,21 @@ pub enum EndReason {
     /// The credential the stream was opened with expired (a JWT's `exp`;
     /// see [`Stream::end_at`](crate::Stream::end_at)).
     Expired,
+    /// An operator ended the stream (the daemon's `DELETE /streams`):
+    /// revoked, whatever it was doing.
+    Revoked,
 }
 
 impl EndReason {
     /// Every reason, in the order of [`EndReason::index`].
-    pub const ALL: [EndReason; 6] = [
+    pub const ALL: [EndReason; 7] = [
         EndReason::Client,
         EndReason::WriteTimeout,
         EndReason::Budget,
         EndReason::Shutdown,
         EndReason::Slow,
         EndReason::Expired,
+        EndReason::Revoked,
     ];
 
     /// The short name used as the `reason` label and in logs.
@@ -162,10 +166,11 @@ impl EndReason {
             EndReason::Shutdown => "shutdown",
             EndReason::Slow => "slow",
             EndReason::Expired => "expired",
+            EndReason::Revoked => "revoked",
         }
     }
 
-    /// A dense index (0..6) for counters kept per reason.
+    /// A dense index (0..7) for counters kept per reason.
     pub fn index(self) -> usize {
         match self {
             EndReason::Client => 0,
@@ -174,6 +179,7 @@ impl EndReason {
             EndReason::Shutdown => 3,
             EndReason::Slow => 4,
             EndReason::Expired => 5,
+            EndReason::Revoked => 6,
         }
     }
 }
@@ -187,6 +193,7 @@ impl fmt::Display for EndReason {
             EndReason::Shutdown => "server shutting down",
             EndReason::Slow => "subscriber too slow",
             EndReason::Expired => "credential expired",
+            EndReason::Revoked => "ended by an operator",
         };
         f.write_str(text)
     }

@@ -18,8 +18,51 @@ use crate::error::EndReason;
 /// let stats = ssed::Stats::new();
 /// assert_eq!(stats.snapshot().streams_open, 0);
 /// ```
-#[derive(Debug, Clone, Default)]
-pub struct Stats(Arc<Counters>);
+#[derive(Debug, Clone)]
+pub struct Stats(Arc<Node>);
+
+/// What a [`Stats`] handle points to: a server's counters, or one
+/// stream's (see [`Stats::for_stream`]). One pointer either way: a stream
+/// carries its handle in frames its thread keeps (see `Stream::follow`),
+/// and hands it to the wakers that write on its behalf.
+#[derive(Debug)]
+enum Node {
+    /// A server's counters.
+    Server(Box<Counters>),
+    /// One stream's share of `frames_sent` and `bytes_sent`, and the
+    /// server's counters, which its writes count in too.
+    Stream { tally: Tally, server: Stats },
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats(Arc::new(Node::Server(Box::default())))
+    }
+}
+
+/// One stream's share of `frames_sent` and `bytes_sent`, for an
+/// operator's listing of the open streams: counted by whoever writes for
+/// the stream (its own thread, or a waker sending on its behalf) through
+/// the stream's [`Stats`] (see [`Stats::for_stream`]).
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    frames: AtomicU64,
+    bytes: AtomicU64,
+}
+
+// Only the daemon lists and ends streams.
+#[cfg_attr(not(feature = "daemon"), allow(dead_code))]
+impl Tally {
+    /// Frames written to the stream so far.
+    pub(crate) fn frames(&self) -> u64 {
+        self.frames.load(Relaxed)
+    }
+
+    /// Bytes written to the stream so far (framing included).
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes.load(Relaxed)
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -32,7 +75,7 @@ pub(crate) struct Counters {
     pub(crate) pending: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
-    pub(crate) disconnects: [AtomicU64; 6],
+    pub(crate) disconnects: [AtomicU64; EndReason::ALL.len()],
     pub(crate) handler_panics: AtomicU64,
     pub(crate) accept_errors: AtomicU64,
     pub(crate) head_timeouts: AtomicU64,
@@ -67,7 +110,7 @@ pub struct StatsSnapshot {
     /// Bytes written on event streams (framing included).
     pub bytes_sent: u64,
     /// Streams ended early, per [`EndReason`], indexed by [`EndReason::index`].
-    pub disconnects: [u64; 6],
+    pub disconnects: [u64; EndReason::ALL.len()],
     /// Handler panics caught.
     pub handler_panics: u64,
     /// Failed `accept` calls (descriptor exhaustion and the like).
@@ -115,7 +158,7 @@ impl Stats {
 
     /// Reads every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
-        let c = &self.0;
+        let c = self.counters();
         StatsSnapshot {
             streams_open: c.streams_open.load(Relaxed),
             streams_max: c.streams_max.load(Relaxed),
@@ -140,27 +183,64 @@ impl Stats {
     }
 
     pub(crate) fn counters(&self) -> &Counters {
-        &self.0
+        match &*self.0 {
+            Node::Server(counters) => counters,
+            Node::Stream { server, .. } => server.counters(),
+        }
+    }
+
+    /// A handle for one stream: its writes count in the server's counters
+    /// and in a [`Tally`] of its own.
+    pub(crate) fn for_stream(&self) -> Stats {
+        let server = match &*self.0 {
+            Node::Stream { server, .. } => server.clone(),
+            Node::Server(_) => self.clone(),
+        };
+        Stats(Arc::new(Node::Stream {
+            tally: Tally::default(),
+            server,
+        }))
+    }
+
+    /// What the stream of a handle from [`for_stream`](Stats::for_stream)
+    /// sent; `None` for a server's.
+    // Only the daemon lists streams.
+    #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
+    pub(crate) fn tally(&self) -> Option<&Tally> {
+        match &*self.0 {
+            Node::Stream { tally, .. } => Some(tally),
+            Node::Server(_) => None,
+        }
     }
 
     pub(crate) fn disconnect(&self, reason: EndReason) {
-        self.0.disconnects[reason.index()].fetch_add(1, Relaxed);
+        self.counters().disconnects[reason.index()].fetch_add(1, Relaxed);
     }
 
     /// A write by a stream's own thread (see [`StatsSnapshot::thread_writes`]).
     pub(crate) fn thread_write(&self) {
-        self.0.thread_writes.fetch_add(1, Relaxed);
+        self.counters().thread_writes.fetch_add(1, Relaxed);
     }
 
     /// A stream refused for want of memory (see
     /// [`StatsSnapshot::memory_rejected`]).
     pub(crate) fn memory_refused(&self) {
-        self.0.memory_rejected.fetch_add(1, Relaxed);
+        self.counters().memory_rejected.fetch_add(1, Relaxed);
     }
 
+    /// Counts a write of `frames` frames and `bytes` bytes (and for one
+    /// stream, see [`Tally`]). Out of line: inlined into the write paths
+    /// of a stream's thread, it widened their frames, and a stream thread
+    /// keeps every stack page it touches.
+    #[inline(never)]
     pub(crate) fn sent(&self, frames: u64, bytes: u64) {
-        self.0.frames_sent.fetch_add(frames, Relaxed);
-        self.0.bytes_sent.fetch_add(bytes, Relaxed);
+        let c = self.counters();
+        c.frames_sent.fetch_add(frames, Relaxed);
+        c.bytes_sent.fetch_add(bytes, Relaxed);
+        if let Some(t) = self.tally() {
+            t.frames.fetch_add(frames, Relaxed);
+            t.bytes.fetch_add(bytes, Relaxed);
+        }
     }
 }
 
@@ -170,5 +250,27 @@ pub(crate) struct Gauge<'a>(pub(crate) &'a AtomicU64);
 impl Drop for Gauge<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streams_writes_count_for_it_and_for_the_server() {
+        let server = Stats::new();
+        let a = server.for_stream();
+        let b = a.for_stream(); // of the server's, not of a's
+        a.sent(2, 100);
+        b.sent(1, 10);
+        server.sent(5, 50);
+        let s = server.snapshot();
+        assert_eq!((s.frames_sent, s.bytes_sent), (8, 160));
+        let tally = a.tally().expect("a stream's");
+        assert_eq!((tally.frames(), tally.bytes()), (2, 100));
+        assert_eq!(b.tally().map(Tally::frames), Some(1));
+        assert!(server.tally().is_none());
+        assert_eq!(std::mem::size_of::<Stats>(), std::mem::size_of::<usize>());
     }
 }

@@ -4,7 +4,8 @@
 //! Here the shared state (`App`) and the wiring of the routes; the
 //! handlers, as `impl App` blocks, in the modules below: who may do what
 //! (`access`), a stream's way in (`streams`), publishing and pushing
-//! (`publish`), `/healthz` and `/metrics` (`metrics`).
+//! (`publish`), `/healthz` and `/metrics` (`metrics`), the operators'
+//! `/streams` (`operators`).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -18,6 +19,7 @@ use crate::hub::MemoryHistory;
 use crate::hub::worker::Workers;
 use crate::server::limits::clients::ClientStreams;
 use crate::server::limits::rate::RateLimiter;
+use crate::stream::registry::Registry;
 use crate::{Capacity, Hub, HubConfig, Overload, Response, Server, ShutdownHandle, Stats};
 
 use access::stream_jwt;
@@ -26,6 +28,7 @@ use streams::with_held_released;
 mod access;
 mod mercure;
 mod metrics;
+mod operators;
 mod publish;
 mod streams;
 
@@ -54,6 +57,8 @@ struct App {
     /// The server's count of streams per client, for the streams whose
     /// client only the handler knows (a JWT's subject).
     clients: OnceLock<Arc<ClientStreams>>,
+    /// The server's open streams, for the operators' endpoints.
+    registry: OnceLock<Arc<Registry>>,
     /// `publish_rate`, per publisher credential else address.
     publish_limit: Option<RateLimiter>,
     /// Verifies JWTs, when `[auth]` has a JWT key.
@@ -110,6 +115,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         started: Instant::now(),
         capacity: OnceLock::new(),
         clients: OnceLock::new(),
+        registry: OnceLock::new(),
         postgres: OnceLock::new(),
         publish_limit: config.publish_rate.map(RateLimiter::new),
         jwt: jwt.map(|v| VerifierPool::start(v, JWT_THREADS)),
@@ -188,6 +194,18 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         .get("/metrics", {
             let app = a(&app);
             move |_req| app.metrics()
+        })
+        .get("/streams", {
+            let app = a(&app);
+            move |req| app.list_streams(req)
+        })
+        .handle("DELETE", "/streams", {
+            let app = a(&app);
+            move |req| app.end_streams(req)
+        })
+        .handle("DELETE", "/streams/{id}", {
+            let app = a(&app);
+            move |req| app.end_stream_by_id(req)
         });
     let builder = [
         "/events",
@@ -215,6 +233,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
     let server = builder.build()?;
     let _ = app.capacity.set(server.capacity().clone()); // set once, right here
     let _ = app.clients.set(Arc::clone(&server.shared().clients));
+    let _ = app.registry.set(Arc::clone(&server.shared().registry));
     let listeners = app
         .config
         .postgres

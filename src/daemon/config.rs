@@ -23,6 +23,8 @@ pub const MIN_RETAINED_BYTES: u64 = 1024 * 1024;
 pub const ENV_PUBLISH_TOKEN: &str = "SSED_PUBLISH_TOKEN";
 /// Where the subscribe token may also come from.
 pub const ENV_SUBSCRIBE_TOKEN: &str = "SSED_SUBSCRIBE_TOKEN";
+/// Where the operators' token (`[auth] admin_token`) may also come from.
+pub const ENV_ADMIN_TOKEN: &str = "SSED_ADMIN_TOKEN";
 /// Environment variable that sets `[auth] jwt_secret`.
 pub const ENV_JWT_SECRET: &str = "SSED_JWT_SECRET";
 /// The default of `[auth] jwt_cookie`, Mercure's cookie name.
@@ -131,6 +133,9 @@ pub struct Config {
     pub publish_token: Option<String>,
     /// `[auth] subscribe_token`, or `SSED_SUBSCRIBE_TOKEN`.
     pub subscribe_token: Option<String>,
+    /// `[auth] admin_token`, or `SSED_ADMIN_TOKEN`: guards the operators'
+    /// endpoints (`/streams`); none: this machine only.
+    pub admin_token: Option<String>,
     /// `[auth] anonymous`: whether a subscriber with no credential may
     /// subscribe (to public updates of topics). `None`: yes unless a
     /// subscriber credential (subscribe token, JWT key) is configured.
@@ -187,6 +192,7 @@ impl fmt::Debug for Config {
             .field("trusted_proxies", &self.trusted_proxies)
             .field("publish_token", &redact(&self.publish_token))
             .field("subscribe_token", &redact(&self.subscribe_token))
+            .field("admin_token", &redact(&self.admin_token))
             .field("anonymous", &self.anonymous)
             .field("jwt_secret", &redact(&self.jwt_secret))
             .field(
@@ -230,6 +236,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             publish_token: None,
             subscribe_token: None,
+            admin_token: None,
             anonymous: None,
             jwt_secret: None,
             jwt_public_key: None,
@@ -471,6 +478,7 @@ impl Config {
                         match k.as_str() {
                             "publish_token" => c.publish_token = text(&r)?,
                             "subscribe_token" => c.subscribe_token = text(&r)?,
+                            "admin_token" => c.admin_token = text(&r)?,
                             "anonymous" => c.anonymous = Some(r.boolean(&full, v)?),
                             "jwt_secret" => c.jwt_secret = text(&r)?,
                             "jwt_public_key" => {
@@ -585,7 +593,7 @@ impl Config {
     }
 
     /// Takes the tokens from `SSED_PUBLISH_TOKEN` / `SSED_SUBSCRIBE_TOKEN`
-    /// and the JWT secret from `SSED_JWT_SECRET` when they are set and not
+    /// / `SSED_ADMIN_TOKEN` and the JWT secret from `SSED_JWT_SECRET` when they are set and not
     /// empty (they override the file).
     pub fn apply_env(&mut self) {
         self.apply_env_from(|k| std::env::var(k).ok());
@@ -697,6 +705,9 @@ impl Config {
         }
         if let Some(t) = get(ENV_SUBSCRIBE_TOKEN).filter(|t| !t.is_empty()) {
             self.subscribe_token = Some(t);
+        }
+        if let Some(t) = get(ENV_ADMIN_TOKEN).filter(|t| !t.is_empty()) {
+            self.admin_token = Some(t);
         }
         if let Some(t) = get(ENV_JWT_SECRET).filter(|t| !t.is_empty()) {
             self.jwt_secret = Some(t);

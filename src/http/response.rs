@@ -1,8 +1,11 @@
 //! The [`Response`] of ordinary routes, and the heads the server writes.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use serde::Serialize;
 
 use crate::digits::push_decimal;
+use crate::http::chunked::chunk_into;
 
 /// Headers every event stream is sent with. `nosniff`: a stream carries
 /// what publishers sent, which no browser may take for a page or script.
@@ -27,8 +30,96 @@ pub(crate) const STREAM_HEAD_10: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Type: text
 pub struct Response {
     status: u16,
     headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    body: Body,
 }
+
+/// A response's body: held whole, or made as the client takes it (see
+/// [`Response::streamed`]). One enum, not a second field: a `Response`
+/// stays three words and a status wide, as the refusals a stream's
+/// handler holds on its way in are (its thread keeps every stack page it
+/// touches).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Body {
+    Whole(Vec<u8>),
+    Streamed(BodySource),
+}
+
+/// What makes a streamed body: appends the next piece to the buffer it is
+/// given and says whether there was one (false: the body is complete).
+type NextPiece = dyn FnMut(&mut Vec<u8>) -> bool + Send;
+
+/// The maker of a streamed body, shared (so a `Response` stays `Clone`
+/// and `Sync`); two are equal when they are the same maker.
+#[derive(Clone)]
+pub(crate) struct BodySource(Arc<Mutex<Box<NextPiece>>>);
+
+impl PartialEq for BodySource {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for BodySource {}
+
+impl std::fmt::Debug for BodySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BodySource")
+    }
+}
+
+/// A streamed body on its way out: its pieces, framed for the connection
+/// (a chunk each on HTTP/1.1, then the last chunk; bare on HTTP/1.0,
+/// whose connection closes after it).
+#[derive(Debug)]
+pub(crate) struct BodyPieces {
+    source: BodySource,
+    chunked: bool,
+    piece: Vec<u8>,
+    done: bool,
+}
+
+impl BodyPieces {
+    /// Appends the next piece, framed, to `out`; false when the body is
+    /// complete and nothing was added.
+    pub(crate) fn next_into(&mut self, out: &mut Vec<u8>) -> bool {
+        if self.done {
+            return false;
+        }
+        loop {
+            self.piece.clear();
+            // A maker that panicked left at worst a piece half made: the
+            // answer it was is cut short, nothing else.
+            let more = {
+                let mut maker = self.source.0.lock().unwrap_or_else(PoisonError::into_inner);
+                maker(&mut self.piece)
+            };
+            if !more {
+                self.done = true;
+                if self.chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                    return true;
+                }
+                return false;
+            }
+            if !self.piece.is_empty() {
+                break;
+            }
+        }
+        if self.chunked {
+            chunk_into(out, &self.piece);
+        } else {
+            out.extend_from_slice(&self.piece);
+        }
+        if self.piece.capacity() > MAX_KEPT_PIECE {
+            self.piece = Vec::new(); // do not keep one large piece's buffer
+        }
+        true
+    }
+}
+
+/// The buffer of a streamed body's pieces is kept between pieces up to
+/// this size.
+const MAX_KEPT_PIECE: usize = 64 * 1024;
 
 impl Response {
     /// An empty response with this status.
@@ -36,8 +127,52 @@ impl Response {
         Response {
             status,
             headers: Vec::new(),
-            body: Vec::new(),
+            body: Body::Whole(Vec::new()),
         }
+    }
+
+    /// A `status` answer of `content_type` whose body is made piece by
+    /// piece as the client takes it: `next` appends the next piece to the
+    /// buffer it is given and returns whether there was one (false: the
+    /// body is complete). Chunked on HTTP/1.1, close-delimited on 1.0.
+    ///
+    /// For an answer too large to hold at once (an operator's listing of
+    /// every stream): what is held is one piece. `next` runs on the
+    /// connection's thread while the client keeps up, and on the
+    /// acceptor's once it does not (no thread waits on a client for an
+    /// ordinary answer), so it must not block, and a piece should take
+    /// well under a millisecond to make.
+    // Only the daemon lists and ends streams.
+    #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
+    pub(crate) fn streamed(
+        status: u16,
+        content_type: &str,
+        next: impl FnMut(&mut Vec<u8>) -> bool + Send + 'static,
+    ) -> Self {
+        let mut r = Response::new(status).with_header("Content-Type", content_type);
+        r.body = Body::Streamed(BodySource(Arc::new(Mutex::new(Box::new(next)))));
+        r
+    }
+
+    /// Whether the body is made as the client takes it (see
+    /// [`streamed`](Response::streamed)): the connection then closes after
+    /// it on HTTP/1.0, where the body's end is the connection's.
+    pub(crate) fn is_streamed(&self) -> bool {
+        matches!(self.body, Body::Streamed(_))
+    }
+
+    /// The pieces of a streamed body, framed for HTTP/1.`minor`; `None`
+    /// for a body held whole.
+    pub(crate) fn pieces(&self, minor: u8) -> Option<BodyPieces> {
+        let Body::Streamed(source) = &self.body else {
+            return None;
+        };
+        Some(BodyPieces {
+            source: source.clone(),
+            chunked: minor == 1,
+            piece: Vec::new(),
+            done: false,
+        })
     }
 
     /// A plain-text response (`text/plain; charset=utf-8`); a final newline
@@ -87,7 +222,7 @@ impl Response {
 
     /// Replaces the body.
     pub fn with_body(mut self, body: impl Into<Vec<u8>>) -> Self {
-        self.body = body.into();
+        self.body = Body::Whole(body.into());
         self
     }
 
@@ -104,15 +239,21 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The body.
+    /// The body (empty for a body made as the client takes it).
     pub fn body(&self) -> &[u8] {
-        &self.body
+        match &self.body {
+            Body::Whole(bytes) => bytes,
+            Body::Streamed(_) => &[],
+        }
     }
 
     /// Serializes the response. `head_only` leaves the body out (for `HEAD`);
-    /// `close` announces that the connection closes after it.
+    /// `close` announces that the connection closes after it. Of a
+    /// [streamed](Response::streamed) body, only the head: its pieces come
+    /// from [`pieces`](Response::pieces).
     pub(crate) fn encode(&self, minor: u8, head_only: bool, close: bool) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128 + self.body.len());
+        let body = self.body();
+        let mut out = Vec::with_capacity(128 + body.len());
         status_line(&mut out, minor, self.status);
         for (k, v) in &self.headers {
             if k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("connection") {
@@ -127,9 +268,13 @@ impl Response {
         }
         // 1xx, 204 and 304 have no body and no Content-Length (RFC 9110 8.6).
         let bodyless = self.status < 200 || self.status == 204 || self.status == 304;
-        if !bodyless {
+        if self.is_streamed() {
+            if minor == 1 {
+                out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+            }
+        } else if !bodyless {
             out.extend_from_slice(b"Content-Length: ");
-            push_decimal(&mut out, self.body.len() as u128);
+            push_decimal(&mut out, body.len() as u128);
             out.extend_from_slice(b"\r\n");
         }
         if close {
@@ -139,7 +284,7 @@ impl Response {
         }
         out.extend_from_slice(b"\r\n");
         if !head_only && !bodyless {
-            out.extend_from_slice(&self.body);
+            out.extend_from_slice(body);
         }
         out
     }
@@ -246,6 +391,33 @@ mod tests {
             text(Response::html("<p>").encode(0, true, false)),
             "HTTP/1.0 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_response_is_no_wider_for_its_streamed_body() {
+        // Stream handlers hold refusals on their way in: see `Body`.
+        assert_eq!(
+            std::mem::size_of::<Response>(),
+            std::mem::size_of::<(u16, Vec<(String, String)>, Vec<u8>)>()
+        );
+    }
+
+    #[test]
+    fn streamed_bodies_go_out_a_piece_at_a_time() {
+        let mut left = vec![b"[1".to_vec(), Vec::new(), b",2]".to_vec()];
+        left.reverse();
+        let r = Response::streamed(200, "application/json", move |out| {
+            left.pop().map(|p| out.extend_from_slice(&p)).is_some()
+        });
+        let head = text(r.encode(1, false, false));
+        assert!(head.contains("Transfer-Encoding: chunked\r\n"), "{head}");
+        assert!(!head.contains("Content-Length"), "{head}");
+        let mut pieces = r.pieces(1).expect("streamed");
+        let mut out = Vec::new();
+        while pieces.next_into(&mut out) {}
+        assert_eq!(text(out), "2\r\n[1\r\n3\r\n,2]\r\n0\r\n\r\n");
+        assert!(!pieces.next_into(&mut Vec::new()), "done stays done");
+        assert!(Response::text(200, "x").pieces(1).is_none());
     }
 
     #[test]

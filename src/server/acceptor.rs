@@ -920,6 +920,10 @@ impl Acceptor {
         };
         match out.flush(&p.conn) {
             Flush::Blocked => {}
+            // A streamed body: each piece gets the write timeout.
+            Flush::Progress => {
+                p.deadline = Instant::now() + self.shared.config.write_timeout;
+            }
             Flush::Gone => {
                 self.table.remove(idx);
             }
@@ -1002,11 +1006,12 @@ impl Acceptor {
             conn,
             peer,
             unsent,
+            more,
             close,
             leftover,
             at,
         } = r;
-        if unsent.is_empty() && !conn.has_unsent() {
+        if unsent.is_empty() && more.is_none() && !conn.has_unsent() {
             if close {
                 let p = Pending::fresh(conn, peer);
                 if p.conn.tcp().set_nonblocking(true).is_ok() {
@@ -1026,7 +1031,7 @@ impl Acceptor {
             peer,
             deadline: at + self.shared.config.write_timeout,
             started: at,
-            phase: Phase::Write(Box::new(Outgoing::new(unsent, close, leftover))),
+            phase: Phase::Write(Box::new(Outgoing::new(unsent, more, close, leftover))),
         };
         self.table.insert(p);
     }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::error::{EndReason, Report, StreamError, panic_message};
 use crate::http::body;
 use crate::http::head::{self, Parse};
+use crate::http::response::BodyPieces;
 use crate::http::{Request, Response};
 use crate::server::Shared;
 use crate::server::limits::clients::ClientSlot;
@@ -109,7 +110,10 @@ fn run_plain_job(shared: &Shared, conn: Wire, peer: SocketAddr, job: Box<Job>) {
 fn run_stream(shared: &Shared, conn: Wire, peer: SocketAddr, req: &Request, handler: &StreamFn) {
     // The acceptor gave the socket its small send buffer at accept time.
     let conn = Arc::new(conn);
-    let (id, hang_up) = shared.registry.insert(Arc::clone(&conn));
+    let tracked = shared
+        .registry
+        .insert(Arc::clone(&conn), peer, req.client_ip(), &shared.stats);
+    let id = tracked.id();
     let opened = Instant::now();
     log_open(peer, req);
     let mut stream = Stream::new(
@@ -120,7 +124,7 @@ fn run_stream(shared: &Shared, conn: Wire, peer: SocketAddr, req: &Request, hand
         shared.shutdown.clone(),
         shared.stats.clone(),
     );
-    stream.set_registry(Arc::clone(&shared.registry), id, hang_up);
+    stream.set_registry(Arc::clone(&shared.registry), tracked);
     let result = catch_unwind(AssertUnwindSafe(|| handler(req, &mut stream)));
     end_stream(shared, peer, req, &mut stream, result, opened, id);
 }
@@ -253,6 +257,8 @@ enum After {
     HandBack {
         /// The response bytes the client did not take at once.
         unsent: Vec<u8>,
+        /// The rest of a streamed body, made as the client takes it.
+        more: Option<BodyPieces>,
         /// Whether the connection closes once they are out.
         close: bool,
         /// The bytes received past the request.
@@ -285,6 +291,7 @@ fn run_plain(
             After::KeepAlive(leftover) => leftover,
             After::HandBack {
                 unsent,
+                more,
                 close,
                 leftover,
             } => {
@@ -292,6 +299,7 @@ fn run_plain(
                     conn,
                     peer,
                     unsent,
+                    more,
                     close,
                     leftover,
                     at: Instant::now(),
@@ -307,6 +315,7 @@ fn run_plain(
                     conn,
                     peer,
                     unsent: Vec::new(),
+                    more: None,
                     close: false,
                     leftover,
                     at: Instant::now(),
@@ -345,10 +354,17 @@ fn serve_plain(shared: &Shared, conn: &Wire, peer: SocketAddr, next: Next) -> Af
     };
     let close = req.wants_close()
         || shared.shutdown.is_shutdown()
+        // A streamed body ends with the connection on HTTP/1.0.
+        || (response.is_streamed() && minor == 0)
         || response
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
     let mut bytes = response.encode(minor, head_only, close);
+    let mut more = if head_only {
+        None
+    } else {
+        response.pieces(minor)
+    };
     log::debug!(
         "{} {} {} -> {}",
         Who(peer, &req),
@@ -356,10 +372,22 @@ fn serve_plain(shared: &Shared, conn: &Wire, peer: SocketAddr, next: Next) -> Af
         req.path(),
         response.status()
     );
-    let Ok(sent) = conn.send_now(&bytes) else {
-        return After::Gone;
+    // A streamed body goes out here for as long as the client takes it
+    // at once, a piece at a time.
+    let sent = loop {
+        let Ok(sent) = conn.send_now(&bytes) else {
+            return After::Gone;
+        };
+        if sent < bytes.len() || conn.has_unsent() {
+            break sent;
+        }
+        bytes.clear();
+        if !more.as_mut().is_some_and(|p| p.next_into(&mut bytes)) {
+            more = None;
+            break 0;
+        }
     };
-    if sent == bytes.len() && !close && !conn.has_unsent() {
+    if bytes.is_empty() && more.is_none() && !close && !conn.has_unsent() {
         return After::KeepAlive(leftover);
     }
     // The rest waits on the client: the acceptor sends it, and closes
@@ -367,6 +395,7 @@ fn serve_plain(shared: &Shared, conn: &Wire, peer: SocketAddr, next: Next) -> Af
     bytes.drain(..sent);
     After::HandBack {
         unsent: bytes,
+        more,
         close,
         leftover,
     }

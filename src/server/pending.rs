@@ -21,6 +21,7 @@ use rustix::event::epoll;
 use rustix::fd::OwnedFd;
 
 use crate::http::body::BodyDecoder;
+use crate::http::response::BodyPieces;
 use crate::stats::Stats;
 use crate::wire::Wire;
 
@@ -32,6 +33,9 @@ pub(crate) struct Returned {
     /// The part of the response the thread could not send without waiting
     /// on the client; the acceptor sends it.
     pub unsent: Vec<u8>,
+    /// The rest of a streamed body: the acceptor makes and sends its
+    /// pieces as the client takes them.
+    pub more: Option<BodyPieces>,
     /// Whether the connection closes once the response is out.
     pub close: bool,
     /// Bytes received past the last request: the start of the next one.
@@ -112,6 +116,9 @@ pub(crate) struct Waiting<W> {
 pub(crate) struct Outgoing {
     bytes: Vec<u8>,
     sent: usize,
+    /// The rest of a streamed body, made a piece at a time once `bytes`
+    /// are out.
+    more: Option<BodyPieces>,
     /// Whether the connection closes once `bytes` are out.
     pub close: bool,
     /// Bytes of the next request received before the response was done;
@@ -126,34 +133,68 @@ pub(crate) enum Flush {
     Done,
     /// The socket's send buffer is full: wait until it is writable.
     Blocked,
+    /// As `Blocked`, after sending some: a streamed body's deadline counts
+    /// from here.
+    Progress,
     /// The client is gone.
     Gone,
 }
 
 impl Outgoing {
-    pub(crate) fn new(bytes: Vec<u8>, close: bool, leftover: Vec<u8>) -> Self {
+    pub(crate) fn new(
+        bytes: Vec<u8>,
+        more: Option<BodyPieces>,
+        close: bool,
+        leftover: Vec<u8>,
+    ) -> Self {
         Outgoing {
             bytes,
             sent: 0,
+            more,
             close,
             leftover,
         }
     }
 
     /// Sends as much as the socket takes without waiting (over TLS, the
-    /// records too).
+    /// records too), making a streamed body's pieces as they go.
     pub(crate) fn flush(&mut self, conn: &Wire) -> Flush {
-        while self.sent < self.bytes.len() {
-            match conn.send_now(&self.bytes[self.sent..]) {
-                Ok(0) => return Flush::Blocked,
-                Ok(n) => self.sent += n,
+        // Only a streamed body's deadline moves: a response held whole
+        // must be out within the write timeout of its hand-back.
+        let mut progress = false;
+        let blocked = |progress: bool, more: &Option<BodyPieces>| {
+            if progress && more.is_some() {
+                Flush::Progress
+            } else {
+                Flush::Blocked
+            }
+        };
+        loop {
+            while self.sent < self.bytes.len() {
+                match conn.send_now(&self.bytes[self.sent..]) {
+                    Ok(0) => return blocked(progress, &self.more),
+                    Ok(n) => {
+                        self.sent += n;
+                        progress = true;
+                    }
+                    Err(_) => return Flush::Gone,
+                }
+            }
+            match conn.flush_now() {
+                Ok(true) => {}
+                Ok(false) => return blocked(progress, &self.more),
                 Err(_) => return Flush::Gone,
             }
-        }
-        match conn.flush_now() {
-            Ok(true) => Flush::Done,
-            Ok(false) => Flush::Blocked,
-            Err(_) => Flush::Gone,
+            let Some(pieces) = &mut self.more else {
+                return Flush::Done;
+            };
+            self.bytes.clear();
+            self.sent = 0;
+            if !pieces.next_into(&mut self.bytes) {
+                self.more = None;
+                self.bytes = Vec::new();
+                return Flush::Done;
+            }
         }
     }
 }

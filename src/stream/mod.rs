@@ -30,7 +30,7 @@ use crate::http::chunked::{CHUNK_FRAMING, chunk_into, frame_into};
 use crate::http::response::{STREAM_HEAD_10, STREAM_HEAD_11, stream_head};
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
-use crate::stream::registry::{HUNG_UP_NOT, HUNG_UP_TIMEOUT, HangUp, Registry};
+use crate::stream::registry::{HUNG_UP_NOT, HUNG_UP_REVOKED, HUNG_UP_TIMEOUT, Registry, Tracked};
 use crate::stream::write::{write_all_timeout, write_frames_timeout, write_frames_to};
 use crate::wire::Wire;
 
@@ -110,15 +110,15 @@ pub struct Stream {
     /// Disconnects at shutdown: the shutdown handle's own receiver until
     /// [`Stream::own_wake`] makes one for this stream.
     wake: Receiver<()>,
-    /// Whether the server registered this thread to be unparked at
-    /// shutdown (the tiny_http adapter does not).
-    registered: bool,
-    /// Where to register a wake-up channel of this stream's own, until it
-    /// has one: see [`Stream::own_wake`].
-    registry: Option<(Arc<Registry>, u64)>,
-    /// Set when the server's poller saw this stream's connection die (see
-    /// [`Registry::hang_up`]).
-    hang_up: Option<HangUp>,
+    /// Where to register a wake-up channel of this stream's own (as
+    /// `tracked`'s id), until it has one: see [`Stream::own_wake`].
+    registry: Option<Arc<Registry>>,
+    /// What the registry knows of this stream, when the server registered
+    /// it (the tiny_http adapter does not), which unparks its thread at
+    /// shutdown: set when the server's poller saw its connection die (see
+    /// [`Registry::hang_up`]) or an operator ended it (see
+    /// [`Registry::revoke`]).
+    tracked: Option<Arc<Tracked>>,
     stats: Stats,
     ended: Option<EndReason>,
     /// A `retry:` to send right after the head (see [`Stream::retry_on_open`]).
@@ -160,9 +160,8 @@ impl Stream {
             counts: Vec::new(),
             last_event_id,
             wake: shutdown.receiver().clone(),
-            registered: false,
             registry: None,
-            hang_up: None,
+            tracked: None,
             shutdown,
             stats,
             ended: None,
@@ -170,13 +169,25 @@ impl Stream {
         }
     }
 
-    /// Records that the server registered this stream as `id`: shutdown
-    /// unparks its thread, [`Stream::own_wake`] can give it a wake-up
-    /// channel of its own, and `hang_up` tells it its connection died.
-    pub(crate) fn set_registry(&mut self, registry: Arc<Registry>, id: u64, hang_up: HangUp) {
-        self.registry = Some((registry, id));
-        self.hang_up = Some(hang_up);
-        self.registered = true;
+    /// Records that the server registered this stream as `tracked`:
+    /// shutdown unparks its thread, [`Stream::own_wake`] can give it a
+    /// wake-up channel of its own, `tracked` tells it when its connection
+    /// died or an operator ended it, and counts what is written to it
+    /// (whoever writes: the stats handed to wakers count there too).
+    pub(crate) fn set_registry(&mut self, registry: Arc<Registry>, tracked: Arc<Tracked>) {
+        self.registry = Some(registry);
+        self.stats = tracked.stats().clone();
+        self.tracked = Some(tracked);
+    }
+
+    /// What the server's registry knows of this stream, for its handler to
+    /// add to (whom and what it follows: see [`Tracked::set_subject`] and
+    /// [`Tracked::set_follows`]); `None` on a stream the server did not
+    /// register (the tiny_http adapter's).
+    // Only the daemon lists and ends streams.
+    #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
+    pub(crate) fn tracked(&self) -> Option<&Tracked> {
+        self.tracked.as_deref()
     }
 
     /// Before a wait on channels (`sleep`, `recv`): makes this stream's own
@@ -185,7 +196,8 @@ impl Stream {
     /// only parks (a hub subscriber) never needs one, and it would cost
     /// every idle stream a heap block.
     fn own_wake(&mut self) {
-        if let Some((registry, id)) = self.registry.take() {
+        if let (Some(registry), Some(t)) = (self.registry.take(), &self.tracked) {
+            let id = t.id();
             let (tx, rx) = crossbeam_channel::bounded(0);
             self.wake = rx;
             registry.set_wake(id, tx, &self.shutdown);
@@ -199,7 +211,7 @@ impl Stream {
         let now = Instant::now();
         let far = now + Duration::from_secs(3600);
         let mut wake = self.next_wake(far);
-        if !self.registered {
+        if self.tracked.is_none() {
             // Nobody unparks us at shutdown: look now and then.
             wake = wake.min(now + UNREGISTERED_POLL);
         }
@@ -709,11 +721,12 @@ impl Stream {
         if self.shutdown.is_shutdown() {
             return Err(self.end(EndReason::Shutdown));
         }
-        if let Some(h) = &self.hang_up {
-            match h.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Some(t) = &self.tracked {
+            match t.hang_up() {
                 HUNG_UP_NOT => {}
                 // A peer that vanished: what a write that never ends is.
                 HUNG_UP_TIMEOUT => return Err(self.end(EndReason::WriteTimeout)),
+                HUNG_UP_REVOKED => return Err(self.end(EndReason::Revoked)),
                 _ => return Err(self.end(EndReason::Client)),
             }
         }
@@ -985,14 +998,14 @@ impl Stream {
     fn failed(&mut self, reason: EndReason) -> EndReason {
         // A socket the server force-closed at shutdown fails like a
         // vanished client; report it as what it is.
+        let hung_up = self.tracked.as_ref().map_or(HUNG_UP_NOT, |t| t.hang_up());
         let reason = if self.shutdown.is_shutdown() {
             EndReason::Shutdown
-        } else if reason == EndReason::Client
-            && self
-                .hang_up
-                .as_ref()
-                .is_some_and(|h| h.load(std::sync::atomic::Ordering::Relaxed) == HUNG_UP_TIMEOUT)
-        {
+        } else if hung_up == HUNG_UP_REVOKED {
+            // An operator shut the socket down to end it (whatever the
+            // write made of that).
+            EndReason::Revoked
+        } else if reason == EndReason::Client && hung_up == HUNG_UP_TIMEOUT {
             // The acceptor read the kernel's timeout off the socket first
             // (which clears it); the write then saw only a broken pipe.
             EndReason::WriteTimeout

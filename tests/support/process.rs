@@ -75,6 +75,7 @@ impl Ssed {
         cmd.args(args)
             .env_remove("SSED_PUBLISH_TOKEN")
             .env_remove("SSED_SUBSCRIBE_TOKEN")
+            .env_remove("SSED_ADMIN_TOKEN")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -28,6 +28,7 @@ OPTIONS:
 ENVIRONMENT:
     SSED_PUBLISH_TOKEN     publish token (overrides [auth] publish_token)
     SSED_SUBSCRIBE_TOKEN   subscribe token (overrides [auth] subscribe_token)
+    SSED_ADMIN_TOKEN       operators' token (overrides [auth] admin_token)
     RUST_LOG               log filter (default: info)
 
 HTTP:
@@ -37,6 +38,8 @@ HTTP:
     POST /keys/{key}         push into a mailbox; GET /keys/{key} consumes it (SSE)
     POST /tickets            single-use stream ticket (with subscribe_token)
     GET  /healthz, /metrics
+    GET  /streams            the open streams (JSON); DELETE /streams/{id},
+                             /streams?subject=S or ?topic=T ends them (admin_token)
 ";
 
 /// Exit status for bad arguments or configuration.

@@ -689,7 +689,7 @@ fn authority(a: &str, default: u16) -> Option<(String, u16)> {
 
 /// Whether `origin` (`scheme://host[:port]`) is the origin a request with
 /// this `Host` reached us at over `scheme`: same scheme, host and port.
-fn same_origin(origin: &str, host: Option<&str>, scheme: &str) -> bool {
+pub(super) fn same_origin(origin: &str, host: Option<&str>, scheme: &str) -> bool {
     let Some(host) = host else { return false };
     let Some(rest) = origin
         .strip_prefix(scheme)

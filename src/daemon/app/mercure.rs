@@ -289,6 +289,7 @@ impl App {
             Err(e) => return subscribe_failed(stream, &e),
         };
         cursor_headers(stream, &sub, asked)?;
+        super::operators::following(stream, &sub);
         stream.follow(sub)
     }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::access::{Admission, Credential, How, Target, local_host, proxied};
+use super::operators::{consuming, following, name_subject};
 use super::{App, MAX_TOPICS_PER_STREAM, bad_name};
 use crate::daemon::auth::{self, Pass, SESSION_COOKIE};
 use crate::hub::id::{TopicProblem, topic_problem};
@@ -140,6 +141,9 @@ impl App {
         if let Some(exp) = cred.expires {
             end_with_token(stream, exp);
         }
+        if let Some(subject) = &cred.subject {
+            name_subject(stream, subject);
+        }
         // Admitted, so CORS allowed the origin: the same answer again.
         for (k, v) in &self.cors(req).unwrap_or_default() {
             stream.header(k, v)?;
@@ -214,8 +218,8 @@ impl App {
             Some(t) => vec![t],
             None => req.query_all("topic").collect(),
         };
-        if let Some(refusal) = refuse_topics(req, &topics) {
-            return stream.respond(refusal);
+        if refused_topics(req, stream, &topics)? {
+            return Ok(());
         }
         self.verify_ahead(req);
         let admission = self.admission(req, Target::Topics(&topics));
@@ -234,6 +238,7 @@ impl App {
             Err(e) => return subscribe_failed(stream, &e),
         };
         drop(topics);
+        following(stream, &sub);
         stream.follow(sub)
     }
 
@@ -247,6 +252,9 @@ impl App {
         }
         self.verify_ahead(req);
         let admission = self.admission(req, Target::Mailbox(key));
+        // Said before the head goes out: a client that has it is listed
+        // with its key. (A refused one is, too, for the moment it lasts.)
+        consuming(stream, key);
         if self.open_stream(req, stream, false, admission)?.is_none() {
             return Ok(());
         }
@@ -325,6 +333,21 @@ const STORAGE_RETRY: Duration = Duration::from_secs(2);
 fn end_with_token(stream: &mut Stream, exp: SystemTime) {
     let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
     stream.end_at(Instant::now() + left);
+}
+
+/// Answers the refusal of a stream's topic list, if it is refused (true).
+/// The refusal lives in this frame, not in the handler's, which every idle
+/// stream keeps (see `open_stream`).
+#[inline(never)]
+fn refused_topics(
+    req: &Request,
+    stream: &mut Stream,
+    topics: &[&str],
+) -> Result<bool, StreamError> {
+    match refuse_topics(req, topics) {
+        Some(refusal) => stream.respond(refusal).map(|()| true),
+        None => Ok(false),
+    }
 }
 
 /// Why a stream's topic list is refused, if it is (400). A topic in the

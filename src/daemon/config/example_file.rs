@@ -32,6 +32,7 @@ fn example_file_is_the_defaults() {
         "trusted_proxies",
         "publish_token",
         "subscribe_token",
+        "admin_token",
         "anonymous",
         "jwt_secret",
         "jwt_public_key",

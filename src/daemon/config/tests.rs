@@ -48,6 +48,7 @@ fn defaults_and_overrides() {
         overload_retry = ["1s", "2s"]
         [auth]
         publish_token = "p"
+        admin_token = "operator-secret"
         [[postgres]]
         url = "postgres://x@127.0.0.1/db"
         channels = ["a", "b"]
@@ -71,7 +72,11 @@ fn defaults_and_overrides() {
         c.postgres[0].routes(),
         [("a".into(), "a".into()), ("b".into(), "b".into())]
     );
-    assert!(!format!("{c:?}").contains("\"p\""), "tokens are redacted");
+    assert_eq!(c.admin_token.as_deref(), Some("operator-secret"));
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("\"p\""), "tokens are redacted");
+    assert!(!shown.contains("operator-secret"), "{shown}");
+    assert!(shown.contains("admin_token: Some(\"<set>\")"), "{shown}");
 }
 
 #[test]
@@ -207,9 +212,11 @@ fn env_overrides_tokens() {
     c.apply_env_from(|k| match k {
         ENV_PUBLISH_TOKEN => Some("env".into()),
         ENV_SUBSCRIBE_TOKEN => Some(String::new()),
+        ENV_ADMIN_TOKEN => Some("env-admin".into()),
         _ => None,
     });
     assert_eq!(c.publish_token.as_deref(), Some("env"));
+    assert_eq!(c.admin_token.as_deref(), Some("env-admin"));
     assert_eq!(c.subscribe_token, None, "an empty variable is no token");
 }
 
