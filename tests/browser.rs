@@ -115,8 +115,9 @@ fn mercure_event_sources_receive_what_their_selectors_match() {
 /// of the script's own got them), where its scale says; the charts move
 /// with the load; the figures agree with `/metrics` and with the server's
 /// `/proc` (threads, RSS); nothing is asked of elsewhere, and the page
-/// fits the screen. Its screenshot (at a desktop size) is the README's
-/// `docs/status.png`.
+/// fits the screen. Its screenshot at a desktop size,
+/// `target/tmp/browser-status.png`, is the README's `docs/status.png`
+/// (made smaller with `pngquant 64` and `optipng -o5`).
 #[test]
 fn status_page_charts_follow_the_servers_figures() {
     let Some(chromium) = prerequisites() else {

@@ -21,17 +21,15 @@
 //!
 //! Who may watch: [`App::authorize_status`].
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
-
-use serde_json::{Map, Value, json};
 
 use super::App;
 use super::access::{local_host, proxied};
 use crate::daemon::auth;
 use crate::hub::{HubError, MemoryHistory, StorageError};
-use crate::server::limits::process_usage;
+use crate::server::limits::{ProcessUsage, process_usage};
 use crate::{
     EndReason, Event, Hub, HubConfig, Request, Response, ShutdownHandle, StatsSnapshot, Stream,
     StreamError, Subscription,
@@ -286,8 +284,8 @@ impl Ticker {
             }
             let sample = Sample::take(&self.app);
             if watchers > 0 {
-                let figures = figures(&self.app, &last, &sample, watchers);
-                let event = Event::new().event(EVENT).data(figures.to_string());
+                let figures = Figures::at(&self.app, &last, &sample, watchers);
+                let event = Event::new().event(EVENT).data(figures.to_json());
                 if let Err(e) = self.hub.publish(TOPIC, event) {
                     log::warn!("status feed: {}", crate::Report(&e));
                 }
@@ -308,46 +306,98 @@ impl Ticker {
     }
 }
 
+/// A JSON object of one value per [`EndReason`], named as `/metrics`
+/// names them.
+fn by_reason<T: fmt::Display>(out: &mut String, value: impl Fn(EndReason) -> T) {
+    for (i, reason) in EndReason::ALL.into_iter().enumerate() {
+        let sep = if i == 0 { '{' } else { ',' };
+        let _ = write!(out, "{sep}\"{}\":{}", reason.reason(), value(reason));
+    }
+    out.push('}');
+}
+
 /// Rounded to hundredths: per-second rates read as people read them.
 fn hundredths(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// One status event's data: the figures at `now`, with rates per second
-/// since `last`.
-fn figures(app: &App, last: &Sample, now: &Sample, watchers: usize) -> Value {
-    let seconds = now.at.duration_since(last.at).as_secs_f64().max(0.001);
-    let rate = |now: u64, then: u64| hundredths(now.saturating_sub(then) as f64 / seconds);
-    let (s, was) = (&now.stats, &last.stats);
-    let mut disconnects = Map::new();
-    let mut disconnect_rates = Map::new();
-    for reason in EndReason::ALL {
-        let name = reason.reason().to_owned();
-        disconnects.insert(name.clone(), json!(s.disconnects(reason)));
-        disconnect_rates.insert(
-            name,
-            json!(rate(s.disconnects(reason), was.disconnects(reason))),
-        );
+/// One status event's figures.
+struct Figures {
+    time: String,
+    uptime_seconds: u64,
+    limited_by: &'static str,
+    stats: StatsSnapshot,
+    published_total: u64,
+    published_per_second: f64,
+    delivered_per_second: f64,
+    disconnects_per_second: [f64; 6],
+    process: Option<ProcessUsage>,
+    watchers: usize,
+}
+
+impl Figures {
+    /// The figures at `now`, with rates per second since `last`.
+    fn at(app: &App, last: &Sample, now: &Sample, watchers: usize) -> Figures {
+        let seconds = now.at.duration_since(last.at).as_secs_f64().max(0.001);
+        let rate = |now: u64, then: u64| hundredths(now.saturating_sub(then) as f64 / seconds);
+        let (s, was) = (&now.stats, &last.stats);
+        Figures {
+            time: crate::time::iso8601(SystemTime::now()),
+            uptime_seconds: app.started.elapsed().as_secs(),
+            limited_by: app.capacity.get().map_or("unknown", |c| c.limited_by),
+            published_total: now.published,
+            published_per_second: rate(now.published, last.published),
+            delivered_per_second: rate(s.frames_sent, was.frames_sent),
+            disconnects_per_second: std::array::from_fn(|i| {
+                rate(s.disconnects[i], was.disconnects[i])
+            }),
+            stats: now.stats.clone(),
+            process: process_usage(),
+            watchers,
+        }
     }
-    let process = process_usage();
-    json!({
-        "time": crate::time::iso8601(SystemTime::now()),
-        "uptime_seconds": app.started.elapsed().as_secs(),
-        "streams_open": s.streams_open,
-        "max_connections": s.streams_max,
-        "limited_by": app.capacity.get().map_or("unknown", |c| c.limited_by),
-        "rejected_total": s.rejected_total,
-        "published_total": now.published,
-        "published_per_second": rate(now.published, last.published),
-        "delivered_total": s.frames_sent,
-        "delivered_per_second": rate(s.frames_sent, was.frames_sent),
-        "bytes_sent_total": s.bytes_sent,
-        "disconnects": disconnects,
-        "disconnects_per_second": disconnect_rates,
-        "rss_bytes": process.map(|p| p.rss_bytes),
-        "threads": process.map(|p| p.threads),
-        "watchers": watchers,
-    })
+
+    /// As JSON, written out here: every value is a number, or text that
+    /// needs no escaping (a time, the name of a resource), and the
+    /// `serde_json::Value` a `json!` builds cost the static binary more
+    /// than this.
+    fn to_json(&self) -> String {
+        let s = &self.stats;
+        let mut out = String::with_capacity(768);
+        let _ = write!(
+            out,
+            "{{\"time\":\"{}\",\"uptime_seconds\":{},\"streams_open\":{},\"max_connections\":{},\
+             \"limited_by\":\"{}\",\"rejected_total\":{},\"published_total\":{},\
+             \"published_per_second\":{},\"delivered_total\":{},\"delivered_per_second\":{},\
+             \"bytes_sent_total\":{},\"disconnects\":",
+            self.time,
+            self.uptime_seconds,
+            s.streams_open,
+            s.streams_max,
+            self.limited_by,
+            s.rejected_total,
+            self.published_total,
+            self.published_per_second,
+            s.frames_sent,
+            self.delivered_per_second,
+            s.bytes_sent,
+        );
+        by_reason(&mut out, |r| s.disconnects(r));
+        out.push_str(",\"disconnects_per_second\":");
+        by_reason(&mut out, |r| self.disconnects_per_second[r.index()]);
+        match self.process {
+            Some(p) => {
+                let _ = write!(
+                    out,
+                    ",\"rss_bytes\":{},\"threads\":{}",
+                    p.rss_bytes, p.threads
+                );
+            }
+            None => out.push_str(",\"rss_bytes\":null,\"threads\":null"),
+        }
+        let _ = write!(out, ",\"watchers\":{}}}", self.watchers);
+        out
+    }
 }
 
 #[cfg(test)]
@@ -374,6 +424,51 @@ mod tests {
         // The feed is its sibling, and a token in the page's URL goes on.
         assert!(STATUS_PAGE.contains("\"status/events\""));
         assert!(STATUS_PAGE.contains("new URLSearchParams(location.search).get(\"token\")"));
+    }
+
+    #[test]
+    fn the_figures_are_json() {
+        let mut disconnects = [0; 6];
+        disconnects[EndReason::Slow.index()] = 2;
+        let stats = StatsSnapshot {
+            streams_open: 3,
+            disconnects,
+            ..StatsSnapshot::default()
+        };
+        let mut figures = Figures {
+            time: crate::time::iso8601(SystemTime::UNIX_EPOCH),
+            uptime_seconds: 5,
+            limited_by: "file descriptors",
+            stats,
+            published_total: 7,
+            published_per_second: 0.67,
+            delivered_per_second: 1000.0,
+            disconnects_per_second: [0.0, 0.0, 0.0, 0.0, 1.5, 0.0],
+            process: Some(ProcessUsage {
+                rss_bytes: 4096,
+                threads: 9,
+            }),
+            watchers: 1,
+        };
+        let v: serde_json::Value = serde_json::from_str(&figures.to_json()).expect("JSON");
+        assert_eq!(v["time"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["streams_open"], 3);
+        assert_eq!(v["limited_by"], "file descriptors");
+        assert_eq!(v["published_per_second"], 0.67);
+        assert_eq!(v["delivered_per_second"], 1000.0);
+        assert_eq!(v["disconnects"]["slow"], 2);
+        assert_eq!(v["disconnects"]["client"], 0);
+        assert_eq!(v["disconnects_per_second"]["slow"], 1.5);
+        assert_eq!(
+            v["disconnects_per_second"].as_object().map(|m| m.len()),
+            Some(6)
+        );
+        assert_eq!(v["rss_bytes"], 4096);
+        assert_eq!(v["threads"], 9);
+        assert_eq!(v["watchers"], 1);
+        figures.process = None;
+        let v: serde_json::Value = serde_json::from_str(&figures.to_json()).expect("JSON");
+        assert!(v["rss_bytes"].is_null() && v["threads"].is_null(), "{v}");
     }
 
     #[test]
