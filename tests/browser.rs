@@ -11,6 +11,9 @@
 //!
 //! The screenshot of the last run is `target/tmp/browser-demo.png`.
 //!
+//! Also the status page (`tests/browser/status.mjs`): its charts follow
+//! the server's figures while streams open, events flow and streams close.
+//!
 //! Also the `ssed loadtest --find-limit --report` page: `tests/browser/
 //! report.mjs` opens it from its file:// URL and says what the browser
 //! drew; every series must have one point per step (per step with a value,
@@ -106,6 +109,35 @@ fn mercure_event_sources_receive_what_their_selectors_match() {
     );
 }
 
+/// The status page (`tests/browser/status.mjs`) on a phone's screen while
+/// streams open, events are published and the streams close: every chart
+/// draws the figures of the status event the page last got (as a stream
+/// of the script's own got them), where its scale says; the charts move
+/// with the load; the figures agree with `/metrics` and with the server's
+/// `/proc` (threads, RSS); nothing is asked of elsewhere, and the page
+/// fits the screen. Its screenshot at a desktop size,
+/// `target/tmp/browser-status.png`, is the README's `docs/status.png`
+/// (made smaller with `pngquant 64` and `optipng -o5`).
+#[test]
+fn status_page_charts_follow_the_servers_figures() {
+    let Some(chromium) = prerequisites() else {
+        return;
+    };
+    let dir = TempDir::new("browser-status");
+    // A small cap, so the streams come near it and it is drawn.
+    let (proc, addr) = spawn_config(&dir, "listen = \"127.0.0.1:0\"\nmax_connections = 40\n");
+    let daemon = Daemon { proc, addr };
+    let url = format!("http://{addr}/status");
+    script(
+        &chromium,
+        &daemon,
+        "status.mjs",
+        &url,
+        "browser-status.png",
+        "",
+    );
+}
+
 /// The browser test's JWT key (`tests/browser/mercure.mjs` signs with it).
 const MERCURE_SECRET: &str = "browser-test-mercure-secret";
 
@@ -135,6 +167,7 @@ fn script(
         .env("CHROMIUM", chromium)
         .env("MERCURE_JWT_SECRET", MERCURE_SECRET)
         .env("CHROMIUM_EXTRA_ARGS", chromium_args)
+        .env("SSED_PID", daemon.proc.pid().to_string())
         .stdin(Stdio::null());
     let out = run_with_timeout(node, BROWSER);
     eprintln!("--- {name} output ---\n{}", out.text);

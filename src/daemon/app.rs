@@ -1,11 +1,12 @@
 //! The daemon's routes: subscribe, publish, mailboxes, tickets, health,
-//! metrics and the demo page, over a [`Hub`].
+//! metrics, the status page and the demo page, over a [`Hub`].
 //!
 //! Here the shared state (`App`) and the wiring of the routes; the
 //! handlers, as `impl App` blocks, in the modules below: who may do what
 //! (`access`), a stream's way in (`streams`), publishing and pushing
 //! (`publish`), `/healthz` and `/metrics` (`metrics`), the operators'
-//! `/streams` (`operators`).
+//! `/streams` (`operators`), `/status` and its feed of figures,
+//! `/status/events` (`status`).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -30,6 +31,7 @@ mod mercure;
 mod metrics;
 mod operators;
 mod publish;
+mod status;
 mod streams;
 
 /// The demo page served at `/`.
@@ -71,6 +73,8 @@ struct App {
     /// One per `[[postgres]]` table, started once the server is bound; they
     /// stop when the routes (and so this state) are dropped, or at shutdown.
     postgres: OnceLock<Vec<Listener>>,
+    /// The feed of `/status/events`, running while someone watches.
+    status: status::Feed,
 }
 
 /// A built daemon: the server to run and the hub it serves.
@@ -121,6 +125,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         jwt: jwt.map(|v| VerifierPool::start(v, JWT_THREADS)),
         workers: Workers::started("ssed-work", WORK_THREADS, WORK_WAIT),
         compiled: Arc::default(),
+        status: status::Feed::new(shutdown.clone()),
         config,
     });
     let c = &app.config;
@@ -206,6 +211,14 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         .handle("DELETE", "/streams/{id}", {
             let app = a(&app);
             move |req| app.end_stream_by_id(req)
+        })
+        .get("/status", {
+            let app = a(&app);
+            move |req| app.status_page(req)
+        })
+        .route("/status/events", {
+            let app = a(&app);
+            move |req, stream| with_held_released(status::events(&app, req, stream))
         });
     let builder = [
         "/events",
@@ -302,5 +315,9 @@ mod tests {
         assert!(DEMO_PAGE.contains("\"/publish/demo\""));
         assert!(!DEMO_PAGE.contains("http://"), "no external assets");
         assert!(!DEMO_PAGE.contains("https://"), "no external assets");
+        assert!(
+            DEMO_PAGE.contains("href=\"/status\""),
+            "links to the status page"
+        );
     }
 }

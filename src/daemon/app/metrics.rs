@@ -6,6 +6,7 @@ use serde_json::json;
 
 use super::App;
 use crate::bridge::postgres::{Listener, ListenerState};
+use crate::server::limits::process_usage;
 use crate::{EndReason, Response};
 
 impl App {
@@ -170,6 +171,21 @@ impl App {
             "Failed accept calls.",
             s.accept_errors,
         );
+        // Read at scrape time, as the status feed reads them each second.
+        if let Some(p) = process_usage() {
+            metric(
+                "ssed_resident_memory_bytes",
+                "gauge",
+                "Resident memory of the process (VmRSS), in bytes.",
+                p.rss_bytes,
+            );
+            metric(
+                "ssed_threads",
+                "gauge",
+                "Threads of the process: one per open stream, and the server's own.",
+                p.threads,
+            );
+        }
         metric(
             "ssed_uptime_seconds",
             "gauge",

@@ -133,6 +133,39 @@ pub fn memory_info() -> Option<MemoryInfo> {
     combine(machine_memory(), cgroup.as_ref())
 }
 
+/// What this process holds now: its resident memory and its threads, as
+/// `/proc/self/status` says (the daemon's `/metrics` and status feed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "daemon"), allow(dead_code))]
+pub(crate) struct ProcessUsage {
+    /// Resident memory (`VmRSS`), in bytes.
+    pub(crate) rss_bytes: u64,
+    /// Threads (`Threads`).
+    pub(crate) threads: u64,
+}
+
+/// Reads [`ProcessUsage`]; `None` where `/proc/self/status` cannot be
+/// read (not Linux).
+#[cfg_attr(not(feature = "daemon"), allow(dead_code))]
+pub(crate) fn process_usage() -> Option<ProcessUsage> {
+    parse_status(&fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// `VmRSS` (in bytes) and `Threads` of a `/proc/PID/status` text.
+#[cfg_attr(not(feature = "daemon"), allow(dead_code))]
+fn parse_status(text: &str) -> Option<ProcessUsage> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let rss_kib: u64 = field("VmRSS")?.strip_suffix("kB")?.trim().parse().ok()?;
+    Some(ProcessUsage {
+        rss_bytes: rss_kib * 1024,
+        threads: field("Threads")?.parse().ok()?,
+    })
+}
+
 /// The stream cap this machine allows and the resource that sets it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -351,6 +384,21 @@ fn thread_limit(pids: Option<cgroup::Pids>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_rss_and_threads() {
+        let status = "Name:\tssed\nVmHWM:\t  9000 kB\nVmRSS:\t    8192 kB\nThreads:\t7\n";
+        assert_eq!(
+            parse_status(status),
+            Some(ProcessUsage {
+                rss_bytes: 8192 * 1024,
+                threads: 7
+            })
+        );
+        assert_eq!(parse_status("VmRSS:\t1 kB\n"), None, "no Threads line");
+        let own = process_usage().expect("Linux /proc");
+        assert!(own.rss_bytes > 0 && own.threads >= 1, "{own:?}");
+    }
 
     #[test]
     fn detects_a_cap() {
