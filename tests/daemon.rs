@@ -11,7 +11,7 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
@@ -771,7 +771,7 @@ fn loopback_publish_through_a_proxy_needs_a_token() {
 
 #[test]
 fn non_loopback_publish_needs_a_token() {
-    let Some(ip) = non_loopback_ip() else {
+    let Some(ip) = support::non_loopback_ip() else {
         eprintln!(
             "skipped: this machine has no non-loopback address to connect from \
              (auth::is_loopback is unit-tested)"
@@ -798,35 +798,6 @@ fn non_loopback_publish_needs_a_token() {
         &post(d.addr, "/publish/t", &[], "x"),
         401,
     );
-}
-
-/// A local address other than loopback that this test can listen on and
-/// connect to (traffic to it never leaves the machine).
-fn non_loopback_ip() -> Option<IpAddr> {
-    // Connecting a UDP socket sends nothing: it only asks the routing table
-    // which local address would be used.
-    let probes = [
-        "192.0.2.1:9",
-        "10.255.255.254:9",
-        "172.31.255.254:9",
-        "192.168.255.254:9",
-        "[2001:db8::1]:9",
-        "[fd00::1]:9",
-    ];
-    probes.iter().find_map(|probe| {
-        let target: SocketAddr = probe.parse().ok()?;
-        let bind = if target.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        };
-        let s = UdpSocket::bind(bind).ok()?;
-        s.connect(target).ok()?;
-        let ip = s.local_addr().ok()?.ip();
-        let usable =
-            !ip.is_loopback() && !ip.is_unspecified() && TcpListener::bind((ip, 0)).is_ok();
-        usable.then_some(ip)
-    })
 }
 
 // ---------------------------------------------------------------------------

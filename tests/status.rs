@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -281,7 +281,7 @@ fn only_this_machine_sees_the_status() {
     drop(d);
 
     // From an address that is not loopback.
-    let Some(ip) = non_loopback_ip() else {
+    let Some(ip) = support::non_loopback_ip() else {
         eprintln!(
             "skipped the part from afar: this machine has no non-loopback address to \
              connect from (auth::is_loopback is unit-tested)"
@@ -325,36 +325,6 @@ fn with_an_admin_token_the_status_asks_for_it_as_a_header_or_in_the_url() {
     // The URL form is for the status page alone.
     let (head, _) = get(d.addr, "/streams?token=adm1n-t0ken", &host, &[]);
     assert_eq!(head.status, 401);
-}
-
-/// A local address other than loopback that this test can listen on and
-/// connect to (traffic to it never leaves the machine); as in
-/// `tests/daemon.rs`.
-fn non_loopback_ip() -> Option<IpAddr> {
-    // Connecting a UDP socket sends nothing: it only asks the routing table
-    // which local address would be used.
-    let probes = [
-        "192.0.2.1:9",
-        "10.255.255.254:9",
-        "172.31.255.254:9",
-        "192.168.255.254:9",
-        "[2001:db8::1]:9",
-        "[fd00::1]:9",
-    ];
-    probes.iter().find_map(|probe| {
-        let target: SocketAddr = probe.parse().ok()?;
-        let bind = if target.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        };
-        let s = UdpSocket::bind(bind).ok()?;
-        s.connect(target).ok()?;
-        let ip = s.local_addr().ok()?.ip();
-        let usable =
-            !ip.is_loopback() && !ip.is_unspecified() && TcpListener::bind((ip, 0)).is_ok();
-        usable.then_some(ip)
-    })
 }
 
 /// Nobody watching costs nothing: the feed's threads (its ticker, its

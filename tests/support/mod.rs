@@ -576,3 +576,33 @@ pub fn metric(addr: SocketAddr, series: &str) -> u64 {
     *m.get(series)
         .unwrap_or_else(|| panic!("no {series} in /metrics: {m:?}"))
 }
+
+/// A local address other than loopback that this test can listen on and
+/// connect to (traffic to it never leaves the machine).
+pub fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    // Connecting a UDP socket sends nothing: it only asks the routing table
+    // which local address would be used.
+    let probes = [
+        "192.0.2.1:9",
+        "10.255.255.254:9",
+        "172.31.255.254:9",
+        "192.168.255.254:9",
+        "[2001:db8::1]:9",
+        "[fd00::1]:9",
+    ];
+    probes.iter().find_map(|probe| {
+        let target: std::net::SocketAddr = probe.parse().ok()?;
+        let bind = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let s = std::net::UdpSocket::bind(bind).ok()?;
+        s.connect(target).ok()?;
+        let ip = s.local_addr().ok()?.ip();
+        let usable = !ip.is_loopback()
+            && !ip.is_unspecified()
+            && std::net::TcpListener::bind((ip, 0)).is_ok();
+        usable.then_some(ip)
+    })
+}
