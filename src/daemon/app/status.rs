@@ -125,10 +125,9 @@ impl App {
         // the page's own address typed in): the admin token may come as
         // `?token=` here, and only here.
         if let (Some(token), Some(given)) = (self.config.admin_token.as_deref(), req.query("token"))
+            && auth::constant_time_eq(given.as_bytes(), token.as_bytes())
         {
-            if auth::constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                return Ok(());
-            }
+            return Ok(());
         }
         self.authorize_admin(req)
     }
