@@ -19,6 +19,11 @@
 //!   (`?topic=fanout-d`), half a URI template that matches it
 //!   (`?topic=fanout-{x}`): what selectors cost beside exact topics (the
 //!   goal: p50/p99 and CPU per delivery within 1.5x of c's, same run).
+//! - m: as a, on the Mercure endpoint (`?topic=fanout-m`);
+//! - s: as m, with `[mercure] subscriptions = true`: each subscriber's
+//!   arrival is published as a private subscription update (the goal:
+//!   p99 and CPU per delivery within 10 % of m's, same run). Run them
+//!   with `--workloads m,s`.
 //!
 //! While the load test runs, a thread samples the server's CPU time
 //! (utime + stime from `/proc/PID/stat`, in 1/100 s ticks) every 10 ms; the
@@ -32,7 +37,7 @@
 //!
 //! Each workload gets a fresh server, killed by PID when its guard drops.
 //! Run by `cargo test --benches` (no `--bench` flag) it runs tiny versions
-//! of a, b and d as a check that it works. Linux only (`/proc`); loopback only.
+//! of a, b, d and s as a check that it works. Linux only (`/proc`); loopback only.
 
 use std::error::Error;
 use std::fs;
@@ -64,7 +69,7 @@ history = 100
 const USAGE: &str = "\
 usage: cargo bench --bench fanout -- [options]
 
-  --workloads LIST   which workloads to run, of a,b,c,d (default a,b,c,d)
+  --workloads LIST   which workloads to run, of a,b,c,d,m,s (default a,b,c,d)
   --flat-events N    events the flat-out publisher sends in b (default 20000)
   --json             print one JSON object instead of the table
 ";
@@ -85,6 +90,8 @@ struct Workload {
     /// Stream paths (taken in turn) and the publish path, when not
     /// `/events/fanout-KEY` and `/publish/fanout-KEY`.
     paths: Option<(Vec<String>, String)>,
+    /// Added to the server's configuration.
+    config: &'static str,
 }
 
 impl Workload {
@@ -137,7 +144,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         workloads: if bench {
             vec!["a".into(), "b".into(), "c".into(), "d".into()]
         } else {
-            vec!["a".into(), "b".into(), "d".into()]
+            vec!["a".into(), "b".into(), "d".into(), "s".into()]
         },
         flat_events: if bench { 20_000 } else { 500 },
         json: false,
@@ -162,9 +169,9 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
                 if let Some(bad) = o
                     .workloads
                     .iter()
-                    .find(|w| !["a", "b", "c", "d"].contains(&w.as_str()))
+                    .find(|w| !["a", "b", "c", "d", "m", "s"].contains(&w.as_str()))
                 {
-                    return Err(format!("unknown workload {bad:?} (a, b, c or d)"));
+                    return Err(format!("unknown workload {bad:?} (a, b, c, d, m or s)"));
                 }
             }
             "--flat-events" => {
@@ -179,6 +186,30 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         }
     }
     Ok(o)
+}
+
+/// A workload of `subs` Mercure subscribers of one topic, the server's
+/// configuration with `config`.
+fn mercure(key: &'static str, subs: u64, events: u64, rate: u64, config: &'static str) -> Workload {
+    let with = if config.is_empty() {
+        ""
+    } else {
+        ", active subscriptions"
+    };
+    Workload {
+        key,
+        title: format!("{key}: {subs} Mercure, {events} events at {rate}/s{with}"),
+        subscribers: subs,
+        events,
+        rate,
+        p99_target_ms: None,
+        rate_target: None,
+        paths: Some((
+            vec![format!("/.well-known/mercure?topic=fanout-{key}")],
+            format!("/publish/fanout-{key}"),
+        )),
+        config,
+    }
 }
 
 fn workloads(o: &Options) -> Vec<Workload> {
@@ -197,6 +228,7 @@ fn workloads(o: &Options) -> Vec<Workload> {
             p99_target_ms: o.bench.then_some(15.0),
             rate_target: None,
             paths: None,
+            config: "",
         },
         Workload {
             key: "b",
@@ -211,6 +243,7 @@ fn workloads(o: &Options) -> Vec<Workload> {
             p99_target_ms: None,
             rate_target: o.bench.then_some(450_000.0),
             paths: None,
+            config: "",
         },
         Workload {
             key: "c",
@@ -221,6 +254,7 @@ fn workloads(o: &Options) -> Vec<Workload> {
             p99_target_ms: o.bench.then_some(190.0),
             rate_target: None,
             paths: None,
+            config: "",
         },
         Workload {
             key: "d",
@@ -237,7 +271,16 @@ fn workloads(o: &Options) -> Vec<Workload> {
                 ],
                 "/publish/fanout-d".to_owned(),
             )),
+            config: "",
         },
+        mercure("m", a_subs, a_events, a_rate, ""),
+        mercure(
+            "s",
+            a_subs,
+            a_events,
+            a_rate,
+            "[mercure]\nsubscriptions = true\n",
+        ),
     ];
     all.into_iter()
         .filter(|w| o.workloads.iter().any(|k| k == w.key))
@@ -345,7 +388,7 @@ impl Outcome {
 fn run_workload(w: &Workload) -> Result<Outcome, Box<dyn Error>> {
     let dir = TempDir::new(w.key)?;
     let config = dir.0.join("ssed.toml");
-    fs::write(&config, CONFIG)?;
+    fs::write(&config, format!("{CONFIG}{}", w.config))?;
     let server = Server::start(&config)?;
     let pid = server.pid();
     let args = w.loadtest_args(server.addr);
@@ -408,7 +451,7 @@ fn run_workload(w: &Workload) -> Result<Outcome, Box<dyn Error>> {
         report,
         server_command: format!(
             "ssed --config ssed.toml --listen 127.0.0.1:0  (ssed.toml: {})",
-            CONFIG.trim().replace('\n', ", ")
+            format!("{CONFIG}{}", w.config).trim().replace('\n', ", ")
         ),
         loadtest_command: format!("ssed {}", args.join(" ")),
         window_cpu,

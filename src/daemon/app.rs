@@ -30,6 +30,7 @@ mod access;
 mod mercure;
 mod metrics;
 mod operators;
+mod presence;
 mod publish;
 mod status;
 mod streams;
@@ -233,6 +234,22 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         let app = a(&app);
         b.handle("OPTIONS", path, move |req| app.preflight(req))
     });
+    let builder = if c.mercure_subscriptions {
+        let root = presence::SUBSCRIPTIONS_PATH;
+        [
+            root.to_owned(),
+            format!("{root}/{{a}}"),
+            format!("{root}/{{a}}/{{b}}"),
+            format!("{root}/{{a}}/{{b}}/{{c}}"),
+        ]
+        .into_iter()
+        .fold(builder, |b, path| {
+            let app = a(&app);
+            b.get(&path, move |req| app.subscriptions(req))
+        })
+    } else {
+        builder
+    };
     let builder = if c.max_streams_per_client > 0 && app.jwt.is_some() {
         let config = app.config.clone();
         builder.client_named_by_handler(move |req| {

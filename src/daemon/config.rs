@@ -158,6 +158,10 @@ pub struct Config {
     pub jwt_cookie: String,
     /// `[redis] url`.
     pub redis_url: Option<String>,
+    /// `[mercure] subscriptions`: Mercure's active subscriptions (the
+    /// private subscription updates and the subscriptions API). Default
+    /// false.
+    pub mercure_subscriptions: bool,
     /// `[[postgres]]` tables.
     pub postgres: Vec<PostgresConfig>,
     /// `[tls] cert` and `key`, read: `listen` serves HTTPS only.
@@ -204,6 +208,7 @@ impl fmt::Debug for Config {
             .field("jwt_audience", &self.jwt_audience)
             .field("jwt_cookie", &self.jwt_cookie)
             .field("redis_url", &self.redis_url)
+            .field("mercure_subscriptions", &self.mercure_subscriptions)
             .field("postgres", &self.postgres)
             .field("tls", &self.tls)
             .finish()
@@ -245,6 +250,7 @@ impl Default for Config {
             jwt_audience: None,
             jwt_cookie: DEFAULT_JWT_COOKIE.into(),
             redis_url: None,
+            mercure_subscriptions: false,
             postgres: Vec::new(),
             tls: None,
         }
@@ -542,6 +548,16 @@ impl Config {
                                 c.redis_url = (!url.is_empty()).then_some(url);
                             }
                             _ => return Err(r.unknown("redis.", k)),
+                        }
+                    }
+                }
+                "mercure" => {
+                    for (k, v) in r.table(key, value)? {
+                        match k.as_str() {
+                            "subscriptions" => {
+                                c.mercure_subscriptions = r.boolean("mercure.subscriptions", v)?;
+                            }
+                            _ => return Err(r.unknown("mercure.", k)),
                         }
                     }
                 }

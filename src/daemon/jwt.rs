@@ -139,6 +139,31 @@ pub struct Claims {
     pub expires: Option<SystemTime>,
     /// Its subject (`sub`).
     pub subject: Option<String>,
+    /// The payloads it attaches to its subscriptions (Mercure's active
+    /// subscriptions show them), if any.
+    pub payloads: Option<Arc<Payloads>>,
+}
+
+/// What a token attaches to its holder's subscriptions: draft-07's
+/// `mercure.payload` (for every subscription), or draft-08's `payload` of
+/// each `subscribe` authorization detail (for the subscriptions its
+/// `topics` match, the first detail that matches winning).
+#[derive(Debug, Default)]
+pub struct Payloads(Vec<(Option<Vec<Selector>>, Value)>);
+
+impl Payloads {
+    /// The payload of the subscription by `matcher` (its topic, selector
+    /// or pattern, as its subscriber gave it, matched as a topic).
+    pub fn of(&self, matcher: &str) -> Option<&Value> {
+        self.0
+            .iter()
+            .find(|(topics, _)| {
+                topics
+                    .as_ref()
+                    .is_none_or(|t| t.iter().any(|s| s.matches(matcher)))
+            })
+            .map(|(_, p)| p)
+    }
 }
 
 /// The keys and rules tokens are verified with.
@@ -298,10 +323,12 @@ impl JwtVerifier {
         } else {
             draft07_grant(claims.get("mercure"))?
         };
+        let payloads = payloads(claims, at_jwt);
         Ok(Claims {
             grant,
             expires,
             subject: claims.get("sub").and_then(Value::as_str).map(str::to_owned),
+            payloads: (!payloads.0.is_empty()).then(|| Arc::new(payloads)),
         })
     }
 
@@ -485,6 +512,47 @@ pub fn unverified_subject(token: &str) -> Option<String> {
 fn decode_json(part: &str) -> Result<Value, JwtError> {
     let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| JwtError)?;
     serde_json::from_slice(&bytes).map_err(|_| JwtError)
+}
+
+/// The payloads of a verified token's `claims` (see [`Payloads`]); its
+/// grant parsed already, so the details are well formed.
+fn payloads(claims: &serde_json::Map<String, Value>, at_jwt: bool) -> Payloads {
+    let mut found = Vec::new();
+    if !at_jwt {
+        if let Some(p) = claims.get("mercure").and_then(|m| m.get("payload")) {
+            found.push((None, p.clone()));
+        }
+        return Payloads(found);
+    }
+    let details = claims
+        .get("authorization_details")
+        .and_then(Value::as_array);
+    for d in details.into_iter().flatten() {
+        let subscribes = d.get("type").and_then(Value::as_str) == Some(MERCURE_DETAIL)
+            && d.get("actions")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|a| a == "subscribe"));
+        let (true, Some(p)) = (subscribes, d.get("payload")) else {
+            continue;
+        };
+        let topics = d
+            .get("topics")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten();
+        let selectors = topics
+            .filter_map(|t| {
+                let m = t.get("match").and_then(Value::as_str)?;
+                match t.get("match_type").and_then(Value::as_str) {
+                    Some("urlpattern") => Selector::url_pattern(m).ok(),
+                    _ if m == "*" => Some(Selector::All),
+                    _ => Selector::exact(m).ok(),
+                }
+            })
+            .collect();
+        found.push((Some(selectors), p.clone()));
+    }
+    Payloads(found)
 }
 
 /// Draft-07: `{"mercure": {"publish": [...], "subscribe": [...]}}`. No

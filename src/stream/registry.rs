@@ -96,6 +96,8 @@ pub(crate) trait Following: Send + Sync {
     fn each_topic(&self, f: &mut dyn FnMut(&str));
     /// Frames waiting to be written to it.
     fn queued(&self) -> usize;
+    /// Itself, for its handler to find what it added (its own type).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 // Only the daemon lists and ends streams.

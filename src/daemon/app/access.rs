@@ -3,6 +3,7 @@
 //! origin checks for cookies and for publishing from this machine, and
 //! `POST /tickets`.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde_json::json;
@@ -10,7 +11,7 @@ use serde_json::json;
 use super::App;
 use crate::daemon::auth::{self, Pass, SESSION_COOKIE, TICKET_TTL};
 use crate::daemon::config::Config;
-use crate::daemon::jwt::{Claims, JwtVerifier, VerifierPool};
+use crate::daemon::jwt::{Claims, JwtVerifier, Payloads, VerifierPool};
 use crate::hub::grant::{Grant, Selector, parse_selectors};
 use crate::{Request, Response};
 
@@ -99,6 +100,8 @@ pub(super) struct Credential {
     /// Who it names (a JWT's `sub`): the client `max_streams_per_client`
     /// counts its streams against.
     pub(super) subject: Option<String>,
+    /// What a JWT attaches to its subscriptions (Mercure's payloads).
+    pub(super) payloads: Option<Arc<Payloads>>,
 }
 
 impl Credential {
@@ -108,6 +111,7 @@ impl Credential {
             grant,
             expires: None,
             subject: None,
+            payloads: None,
         }
     }
 
@@ -117,6 +121,7 @@ impl Credential {
             grant: pass.grant,
             expires: pass.expires,
             subject: None,
+            payloads: None,
         }
     }
 
@@ -126,6 +131,7 @@ impl Credential {
             grant: claims.grant,
             expires: claims.expires,
             subject: claims.subject,
+            payloads: claims.payloads,
         }
     }
 }

@@ -268,6 +268,7 @@ impl App {
         let topics: Vec<&str> = w.topics.iter().map(String::as_str).collect();
         self.verify_ahead(req);
         let admission = self.admission(req, Target::Selected(&topics, &w.selectors));
+        self.keep_payloads(&admission);
         let Some(audience) = self.open_stream(req, stream, true, admission)? else {
             return Ok(());
         };
@@ -289,8 +290,12 @@ impl App {
             Err(e) => return subscribe_failed(stream, &e),
         };
         cursor_headers(stream, &sub, asked)?;
-        super::operators::following(stream, &sub);
-        stream.follow(sub)
+        self.following(req, stream, &sub);
+        let followed = stream.follow(sub);
+        if self.config.mercure_subscriptions {
+            self.unfollowed(stream);
+        }
+        followed
     }
 
     /// Subscribes by selectors on a worker thread: joining a selector's

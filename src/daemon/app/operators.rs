@@ -246,6 +246,10 @@ impl Following for SubscriberQueue {
     fn queued(&self) -> usize {
         self.len()
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 /// What a mailbox consumer follows: its key.
@@ -262,6 +266,10 @@ impl Following for Consuming {
 
     fn queued(&self) -> usize {
         0
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

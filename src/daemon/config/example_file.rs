@@ -41,6 +41,8 @@ fn example_file_is_the_defaults() {
         "jwt_audience",
         "jwt_cookie",
         "[redis]",
+        "[mercure]",
+        "subscriptions",
         "[[postgres]]",
         "channels",
     ] {

@@ -140,6 +140,14 @@ fn errors_name_the_key_and_the_file() {
         ),
         ("[auth]\ntoken = \"x\"", "key `auth.token`: unknown key"),
         (
+            "[mercure]\nsubscription = true",
+            "key `mercure.subscription`: unknown key",
+        ),
+        (
+            "[mercure]\nsubscriptions = \"yes\"",
+            "key `mercure.subscriptions`: expected",
+        ),
+        (
             "[[postgres]]\nchannels = [\"a\"]",
             "key `postgres[0].url`: missing",
         ),
@@ -245,4 +253,18 @@ fn redis_url_is_checked_and_excludes_data_dir() {
         assert!(e.contains(want), "{text}: {e}");
         assert!(!e.contains("secret"), "{e}");
     }
+}
+
+#[test]
+fn mercure_subscriptions_is_off_unless_asked_for() {
+    assert!(!Config::default().mercure_subscriptions);
+    let c = Config::from_toml("[mercure]\nsubscriptions = true", None).expect("parses");
+    assert!(c.mercure_subscriptions);
+    let e = Config::from_toml("[mercure]\nhub = 1", Some(Path::new("/etc/ssed.toml")))
+        .expect_err("unknown key")
+        .to_string();
+    assert!(
+        e.contains("/etc/ssed.toml") && e.contains("mercure.hub"),
+        "{e}"
+    );
 }
