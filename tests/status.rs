@@ -68,6 +68,11 @@ fn the_status_page_is_one_self_contained_html_page() {
         "{head:?}"
     );
     // The browser itself refuses anything from elsewhere.
+    assert_eq!(
+        head.header("referrer-policy"),
+        Some("no-referrer"),
+        "its URL may hold the token"
+    );
     let policy = head.header("content-security-policy").unwrap_or_default();
     assert!(policy.contains("default-src 'none'"), "{policy}");
     assert!(policy.contains("connect-src 'self'"), "{policy}");

@@ -270,6 +270,7 @@ impl App {
         let admission = self.admission(req, Target::Selected(&topics, &w.selectors));
         self.keep_payloads(&admission);
         let Some(audience) = self.open_stream(req, stream, true, admission)? else {
+            self.drop_payloads();
             return Ok(());
         };
         // A credential covers all it subscribes to (or it was refused).

@@ -47,8 +47,10 @@ use crate::{Event, Hub, Request, Response, Stream};
 /// The subscriptions API's root, and the prefix of subscription topics.
 pub(super) const SUBSCRIPTIONS_PATH: &str = "/.well-known/mercure/subscriptions";
 
-/// Most subscriptions a collection lists (the drafts let a hub truncate).
+/// Most subscriptions a collection lists (the drafts let a hub truncate),
+/// and about the most bytes of them: a collection is built whole.
 const MAX_LISTED: usize = 10_000;
+const MAX_LISTED_BYTES: usize = 4 << 20;
 
 thread_local! {
     /// The payloads of the credential a Mercure stream was admitted with,
@@ -253,6 +255,15 @@ impl App {
         PAYLOADS.with(|p| *p.borrow_mut() = payloads);
     }
 
+    /// Forgets what [`keep_payloads`](App::keep_payloads) kept, for a
+    /// stream that was refused.
+    #[cold]
+    pub(super) fn drop_payloads(&self) {
+        if self.config.mercure_subscriptions {
+            PAYLOADS.with(|p| p.borrow_mut().take());
+        }
+    }
+
     /// Tells the registry that `stream` follows `sub`; with active
     /// subscriptions, with who it is, and publishes its subscribe updates
     /// (on a worker).
@@ -362,6 +373,7 @@ impl App {
             return Response::text(503, "the server is not running yet");
         };
         let mut found = Vec::new();
+        let mut bytes = 0;
         'all: for page in registry.ids().chunks(128) {
             for t in registry.page(page) {
                 let Some(p) = t
@@ -380,8 +392,14 @@ impl App {
                 for (k, m) in &p.matchers {
                     if kind.is_none_or(|want| want == *k) && matcher.is_none_or(|want| want == &**m)
                     {
-                        found.push(p.document(*k, m, true));
-                        if found.len() == MAX_LISTED {
+                        let doc = p.document(*k, m, true);
+                        // The matcher is in it twice (once encoded), and
+                        // the payload once.
+                        bytes += 3 * m.len()
+                            + doc.get("payload").map_or(0, |v| v.to_string().len())
+                            + 256;
+                        found.push(doc);
+                        if found.len() == MAX_LISTED || bytes > MAX_LISTED_BYTES {
                             break 'all;
                         }
                     }

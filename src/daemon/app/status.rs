@@ -140,6 +140,9 @@ impl App {
         Response::html(STATUS_PAGE)
             .with_header("Cache-Control", "no-store")
             .with_header("Content-Security-Policy", PAGE_POLICY)
+            // Its URL may hold the admin token (`?token=`): no link from it
+            // passes that on.
+            .with_header("Referrer-Policy", "no-referrer")
     }
 }
 
