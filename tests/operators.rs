@@ -278,6 +278,13 @@ fn lists_every_kind_of_stream_with_its_subject_topics_and_counts() {
 /// Ends a user's streams by subject on `d`: exactly theirs, across their
 /// topics; the others stay and still receive events. `publish` publishes
 /// `data` on a topic.
+/// Publishes `data` on `topic` through the daemon's hub.
+fn publish_on(d: &InProcess, topic: &str, data: &str) {
+    d.hub
+        .publish(topic, Event::new().data(data))
+        .expect("published");
+}
+
 fn ending_by_subject(d: &InProcess, names: [&str; 2], publish: &dyn Fn(&str, &str)) {
     let [a, b] = names;
     let (alice, bob) = (bearer(&jwt("alice")), bearer(&jwt("bob")));
@@ -314,12 +321,7 @@ fn ending_by_subject(d: &InProcess, names: [&str; 2], publish: &dyn Fn(&str, &st
 #[test]
 fn deleting_by_subject_ends_exactly_that_users_streams() {
     let d = jwt_daemon("", "anonymous = true");
-    let publish = |topic: &str, data: &str| {
-        d.hub
-            .publish(topic, Event::new().data(data))
-            .expect("published");
-    };
-    ending_by_subject(&d, ["a", "b"], &publish);
+    ending_by_subject(&d, ["a", "b"], &|topic, data| publish_on(&d, topic, data));
 }
 
 #[test]
@@ -329,12 +331,7 @@ fn deleting_by_subject_works_with_a_data_dir() {
         &format!("data_dir = \"{}\"", dir.path().display()),
         "anonymous = true",
     );
-    let publish = |topic: &str, data: &str| {
-        d.hub
-            .publish(topic, Event::new().data(data))
-            .expect("published");
-    };
-    ending_by_subject(&d, ["a", "b"], &publish);
+    ending_by_subject(&d, ["a", "b"], &|topic, data| publish_on(&d, topic, data));
 }
 
 #[test]

@@ -147,8 +147,10 @@ struct Update<'a> {
 
 /// Updates of several topics a subscriber of several topics took lately
 /// (the last [`RECENT`]): it takes each once, whichever of its topics
-/// offers it first. With Redis the copies may come apart, in the window
-/// where a topic new to this node joins the reader.
+/// offers it first. With Redis the copies of a subscriber of exact topics
+/// only may come apart, in the window where a topic new to this node
+/// joins the reader (one by selector takes them all from one stream: see
+/// `Update::split`).
 #[derive(Default)]
 struct Recent {
     ids: [Option<EventId>; RECENT],
