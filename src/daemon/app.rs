@@ -11,6 +11,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use super::acme::{self, AcmeStatus, Http01};
 use super::auth::Tickets;
 use super::config::{Config, OverloadMode};
 use super::error::SetupError;
@@ -76,6 +77,8 @@ struct App {
     postgres: OnceLock<Vec<Listener>>,
     /// The feed of `/status/events`, running while someone watches.
     status: status::Feed,
+    /// What the ACME renewal thread has done, with `acme_domains`.
+    acme: OnceLock<Arc<AcmeStatus>>,
 }
 
 /// A built daemon: the server to run and the hub it serves.
@@ -85,6 +88,9 @@ pub struct Daemon {
     pub server: Server,
     /// The hub, to publish into from the embedding program.
     pub hub: Hub,
+    /// The plain-HTTP listener of `[tls] redirect_http`, bound and ready
+    /// to run beside [`server`](Daemon::server) (on a thread of its own).
+    pub redirect: Option<Server>,
 }
 
 /// Builds the daemon's server from `config`, obeying `shutdown`.
@@ -127,6 +133,7 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         workers: Workers::started("ssed-work", WORK_THREADS, WORK_WAIT),
         compiled: Arc::default(),
         status: status::Feed::new(shutdown.clone()),
+        acme: OnceLock::new(),
         config,
     });
     let c = &app.config;
@@ -271,7 +278,33 @@ pub fn build(config: Config, shutdown: ShutdownHandle) -> Result<Daemon, SetupEr
         .map(|pg| Listener::start(hub.clone(), &pg.url, pg.routes(), shutdown.clone()))
         .collect();
     let _ = app.postgres.set(listeners); // set once, right here
-    Ok(Daemon { server, hub })
+    let (redirect, http01) = match &c.redirect_http {
+        Some(addr) => {
+            let http01 = Arc::new(Http01::default());
+            let server = super::redirect::build(
+                addr,
+                server.local_addr().port(),
+                Arc::clone(&http01),
+                c.request_timeout,
+            )?;
+            (Some(server), Some(http01))
+        }
+        None => (None, None),
+    };
+    if let (Some(acme), Some(certs)) = (&c.acme, &c.tls) {
+        let status = acme::start(acme.clone(), certs.clone(), http01, shutdown.clone()).map_err(
+            |source| SetupError::Acme {
+                cache: acme.ca_dir(),
+                source,
+            },
+        )?;
+        let _ = app.acme.set(status); // set once, right here
+    }
+    Ok(Daemon {
+        server,
+        hub,
+        redirect,
+    })
 }
 
 /// The hub's settings from the daemon's: the retained budget (derived

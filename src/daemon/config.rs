@@ -164,8 +164,14 @@ pub struct Config {
     pub mercure_subscriptions: bool,
     /// `[[postgres]]` tables.
     pub postgres: Vec<PostgresConfig>,
-    /// `[tls] cert` and `key`, read: `listen` serves HTTPS only.
+    /// `[tls] cert` and `key`, read, or the files ACME keeps them in:
+    /// `listen` serves HTTPS only.
     pub tls: Option<crate::tls::Certificates>,
+    /// `[tls] acme_*`: certificates obtained from an ACME CA.
+    pub acme: Option<crate::daemon::acme::AcmeConfig>,
+    /// `[tls] redirect_http`: a plain-HTTP listener that answers ACME
+    /// `http-01` challenges and redirects the rest to HTTPS.
+    pub redirect_http: Option<String>,
 }
 
 impl fmt::Debug for Config {
@@ -211,6 +217,8 @@ impl fmt::Debug for Config {
             .field("mercure_subscriptions", &self.mercure_subscriptions)
             .field("postgres", &self.postgres)
             .field("tls", &self.tls)
+            .field("acme", &self.acme)
+            .field("redirect_http", &self.redirect_http)
             .finish()
     }
 }
@@ -253,6 +261,8 @@ impl Default for Config {
             mercure_subscriptions: false,
             postgres: Vec::new(),
             tls: None,
+            acme: None,
+            redirect_http: None,
         }
     }
 }
@@ -361,6 +371,7 @@ impl Config {
             })?;
         let mut c = Config::default();
         let r = Reader { path };
+        let mut tls_table = None;
         for (key, value) in &table {
             match key.as_str() {
                 "listen" => {
@@ -533,7 +544,8 @@ impl Config {
                     c.check_jwt(false)
                         .map_err(|(key, m)| ConfigError::key(path, key, m))?;
                 }
-                "tls" => c.tls = tls::read(&r, r.table(key, value)?)?,
+                // Read after the rest: `acme_cache` defaults under data_dir.
+                "tls" => tls_table = Some(r.table(key, value)?),
                 "redis" => {
                     let t = r.table(key, value)?;
                     for (k, v) in t {
@@ -598,6 +610,16 @@ impl Config {
                 }
                 _ => return Err(r.unknown("", key)),
             }
+        }
+        if let Some(t) = tls_table {
+            let t = tls::read(&r, t, c.data_dir.as_deref())?;
+            if t.redirect_http.is_some() && t.certs.is_none() {
+                return Err(r.err(
+                    "tls.redirect_http",
+                    "set without HTTPS: give cert and key, or acme_domains",
+                ));
+            }
+            (c.tls, c.acme, c.redirect_http) = (t.certs, t.acme, t.redirect_http);
         }
         if c.redis_url.is_some() && c.data_dir.is_some() {
             return Err(r.err(

@@ -15,6 +15,14 @@ pub enum SetupError {
     /// The hub's engine could not be set up (a Redis URL that does not
     /// parse, a reader thread that cannot start).
     Engine(crate::HubError),
+    /// The ACME cache directory (`[tls] acme_cache`) could not be made,
+    /// or the renewal thread could not start.
+    Acme {
+        /// The directory.
+        cache: std::path::PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     /// The `[auth]` keys do not fit together (a JWT algorithm no key
     /// verifies).
     Auth {
@@ -33,6 +41,11 @@ impl fmt::Display for SetupError {
             SetupError::Store(_) => f.write_str("durable store unavailable"),
             SetupError::Engine(_) => f.write_str("event engine unavailable"),
             SetupError::Auth { key, message } => write!(f, "key `{key}`: {message}"),
+            SetupError::Acme { cache, .. } => write!(
+                f,
+                "key `tls.acme_cache`: cannot use {} for the ACME account and certificates",
+                cache.display()
+            ),
         }
     }
 }
@@ -44,6 +57,7 @@ impl std::error::Error for SetupError {
             SetupError::Store(e) => Some(e),
             SetupError::Engine(e) => Some(e),
             SetupError::Auth { .. } => None,
+            SetupError::Acme { source, .. } => Some(source),
         }
     }
 }

@@ -24,10 +24,11 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::{hmac, signature};
 use serde_json::Value;
 
+use super::der::{OID_EC, OID_P256, pem_block, read as der};
 use crate::hub::grant::{Grant, MAX_SELECTORS, Selector, parse_selectors};
 
 /// Longest token accepted, in bytes.
@@ -628,49 +629,7 @@ fn draft08_grant(details: Option<&Value>) -> Result<Grant, JwtError> {
     Ok(Grant::new(subscribe, publish))
 }
 
-/// The label and DER bytes of the first PEM block of `pem`.
-fn pem_block(pem: &str) -> Result<(String, Vec<u8>), String> {
-    let begin = pem
-        .find("-----BEGIN ")
-        .ok_or("no PEM block (-----BEGIN ...-----)")?;
-    let rest = &pem[begin + 11..];
-    let (label, rest) = rest.split_once("-----").ok_or("a broken PEM header")?;
-    let end_marker = format!("-----END {label}-----");
-    let end = rest.find(&end_marker).ok_or("no PEM end line")?;
-    let body: String = rest[..end].chars().filter(|c| !c.is_whitespace()).collect();
-    let der = STANDARD
-        .decode(body)
-        .map_err(|e| format!("the PEM body is not base64: {e}"))?;
-    Ok((label.to_owned(), der))
-}
-
-/// Reads one DER element: (tag, contents, rest).
-fn der(input: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
-    let bad = || "malformed DER".to_string();
-    let (&tag, rest) = input.split_first().ok_or_else(bad)?;
-    let (&first, mut rest) = rest.split_first().ok_or_else(bad)?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return Err(bad());
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        rest = &rest[n..];
-        len
-    };
-    if rest.len() < len {
-        return Err(bad());
-    }
-    Ok((tag, &rest[..len], &rest[len..]))
-}
-
 const OID_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
-const OID_EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const OID_ED25519: &[u8] = &[0x2b, 0x65, 0x70];
 
 /// A SubjectPublicKeyInfo: `SEQUENCE { SEQUENCE { OID, params }, BIT STRING }`.
@@ -892,10 +851,7 @@ mod tests {
     ) {
         let mut spki = spki_prefix.to_vec();
         spki.extend_from_slice(public);
-        let pem = format!(
-            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-            STANDARD.encode(&spki)
-        );
+        let pem = crate::daemon::der::pem("PUBLIC KEY", &spki);
         let key = PublicKey::from_pem(&pem).unwrap();
         assert_eq!(key.alg(), alg);
         let v = JwtVerifier::new(None, Some(key), Vec::new(), None, None).unwrap();

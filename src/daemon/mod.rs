@@ -11,11 +11,14 @@
 //! hub, checking access with [`auth`] and [`jwt`]; `src/bin/ssed/main.rs` wires signals
 //! and runs it. Library code never reaches in here.
 
+pub mod acme;
 pub mod app;
 pub mod auth;
 pub mod config;
+mod der;
 mod error;
 pub mod jwt;
+pub mod redirect;
 pub mod reload;
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), as the daemon's `event: ping` says

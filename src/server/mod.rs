@@ -476,6 +476,17 @@ impl ServerBuilder {
         self.add(method, pattern, Handler::Plain(Arc::new(handler)))
     }
 
+    /// Answers requests whose path no route has, whatever their method,
+    /// with `handler` (a redirect, a custom 404) instead of ssed's plain
+    /// `404`. A `HEAD` request gets the answer's head alone.
+    pub fn fallback<F>(mut self, handler: F) -> Self
+    where
+        F: Fn(&Request) -> Response + Send + Sync + 'static,
+    {
+        self.router.fallback(Handler::Plain(Arc::new(handler)));
+        self
+    }
+
     fn add(mut self, method: &str, pattern: &str, handler: Handler) -> Self {
         if let Err(e) = self.router.add(method, pattern, handler) {
             self.route_error.get_or_insert(e);

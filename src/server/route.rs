@@ -44,6 +44,8 @@ pub(crate) enum Match {
 #[derive(Default)]
 pub(crate) struct Router {
     routes: Vec<Route>,
+    /// What answers a path no route has.
+    fallback: Option<Handler>,
 }
 
 impl std::fmt::Debug for Router {
@@ -81,6 +83,11 @@ impl Router {
         Ok(())
     }
 
+    /// Sets the handler of paths no route has (any method).
+    pub(crate) fn fallback(&mut self, handler: Handler) {
+        self.fallback = Some(handler);
+    }
+
     /// Finds the handler for `method` and `path`. `HEAD` falls back to an
     /// ordinary `GET` route (the third field of `Match::Handler` is then
     /// true: send the head only).
@@ -109,7 +116,10 @@ impl Router {
             return Match::Handler(handler, params, true);
         }
         if allowed.is_empty() {
-            Match::NotFound
+            match &self.fallback {
+                Some(handler) => Match::Handler(handler.clone(), Vec::new(), method == "HEAD"),
+                None => Match::NotFound,
+            }
         } else {
             if allowed.contains(&"GET") && !allowed.contains(&"HEAD") {
                 let plain_get = self.routes.iter().any(|r| {

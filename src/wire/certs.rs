@@ -42,8 +42,13 @@ struct Inner {
     cert: PathBuf,
     key: PathBuf,
     provider: Arc<CryptoProvider>,
-    /// What handshakes get now.
-    current: RwLock<Arc<CertifiedKey>>,
+    /// What handshakes get now; none yet while ACME obtains the first.
+    current: RwLock<Option<Arc<CertifiedKey>>>,
+    /// Whether ACME's `tls-alpn-01` challenges are answered (see
+    /// [`Certificates::for_acme`]).
+    acme: bool,
+    /// The challenge certificates, by domain, while a validation runs.
+    challenges: Mutex<Vec<(String, Arc<CertifiedKey>)>>,
     /// The files' modification times and sizes when last read.
     read: Mutex<[Option<(SystemTime, u64)>; 2]>,
 }
@@ -66,6 +71,9 @@ impl PartialEq for Certificates {
 }
 
 impl Eq for Certificates {}
+
+/// The ALPN protocol of ACME's `tls-alpn-01` validations (RFC 8737).
+pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// Which of the two files an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,10 +180,89 @@ impl Certificates {
                 cert,
                 key,
                 provider,
-                current: RwLock::new(Arc::new(certified)),
+                current: RwLock::new(Some(Arc::new(certified))),
+                acme: false,
+                challenges: Mutex::default(),
                 read: Mutex::new(stamps),
             }),
         })
+    }
+
+    /// Certificates an ACME client keeps in `cert` and `key`: served from
+    /// there when the files hold a usable pair now, and otherwise none
+    /// until a [`reload`](Certificates::reload) reads one (handshakes are
+    /// refused meanwhile). The listener also answers ACME's `tls-alpn-01`
+    /// challenges (RFC 8737) with what
+    /// [`answer_tls_alpn_01`](Certificates::answer_tls_alpn_01) sets, and
+    /// so negotiates ALPN: `http/1.1`, or `acme-tls/1` for a validation.
+    pub fn for_acme(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        let (cert, key) = (cert.into(), key.into());
+        #[allow(deprecated)] // ring: see from_pem_files
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let stamps = [stamp(&cert), stamp(&key)];
+        let certified = load(&cert, &key, &provider).ok().map(Arc::new);
+        Certificates {
+            inner: Arc::new(Inner {
+                cert,
+                key,
+                provider,
+                current: RwLock::new(certified),
+                acme: true,
+                challenges: Mutex::default(),
+                read: Mutex::new(stamps),
+            }),
+        }
+    }
+
+    /// The first certificate of the chain served now (DER), if any.
+    pub fn end_entity(&self) -> Option<CertificateDer<'static>> {
+        let current = self.inner.current.read().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().and_then(|c| c.cert.first().cloned())
+    }
+
+    /// Serves `cert` (DER, self-signed with the `acmeIdentifier`
+    /// extension) and its PKCS#8 `key` to a `tls-alpn-01` validation of
+    /// `domain`, until [`forget_tls_alpn_01`](Certificates::forget_tls_alpn_01).
+    /// Only on certificates made [`for_acme`](Certificates::for_acme).
+    ///
+    /// # Errors
+    ///
+    /// [`TlsError::Invalid`] when rustls cannot sign with `key`.
+    pub fn answer_tls_alpn_01(
+        &self,
+        domain: &str,
+        cert: Vec<u8>,
+        key: Vec<u8>,
+    ) -> Result<(), TlsError> {
+        let signer = self
+            .inner
+            .provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(key.into()))
+            .map_err(|e| TlsError::Invalid {
+                which: Which::Key,
+                path: PathBuf::from("<tls-alpn-01 challenge>"),
+                reason: e.to_string(),
+            })?;
+        let certified = Arc::new(CertifiedKey::new(vec![cert.into()], signer));
+        let mut challenges = self
+            .inner
+            .challenges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        challenges.retain(|(d, _)| !d.eq_ignore_ascii_case(domain));
+        challenges.push((domain.to_ascii_lowercase(), certified));
+        Ok(())
+    }
+
+    /// Stops answering `tls-alpn-01` validations of `domain`.
+    pub fn forget_tls_alpn_01(&self, domain: &str) {
+        let mut challenges = self
+            .inner
+            .challenges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        challenges.retain(|(d, _)| !d.eq_ignore_ascii_case(domain));
     }
 
     /// The certificate chain's file.
@@ -202,7 +289,7 @@ impl Certificates {
         // until they change again.
         *inner.read.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
         let certified = load(&inner.cert, &inner.key, &inner.provider)?;
-        *inner.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(certified);
+        *inner.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(certified));
         Ok(())
     }
 
@@ -231,6 +318,9 @@ impl Certificates {
             .with_cert_resolver(Arc::new(Resolver(Arc::clone(&self.inner))));
         // A stream keeps its sending keys alone (see `sealed.rs`).
         config.enable_secret_extraction = true;
+        if self.inner.acme {
+            config.alpn_protocols = vec![b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
+        }
         Ok(Arc::new(config))
     }
 }
@@ -245,10 +335,26 @@ impl fmt::Debug for Resolver {
 }
 
 impl ResolvesServerCert for Resolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(
-            &self.0.current.read().unwrap_or_else(|p| p.into_inner()),
-        ))
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let inner = &*self.0;
+        if inner.acme
+            && hello
+                .alpn()
+                .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN))
+        {
+            // A validation: its challenge certificate or nothing.
+            let name = hello.server_name()?;
+            let challenges = inner.challenges.lock().unwrap_or_else(|p| p.into_inner());
+            return challenges
+                .iter()
+                .find(|(d, _)| d.eq_ignore_ascii_case(name))
+                .map(|(_, c)| Arc::clone(c));
+        }
+        inner
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rustix::net::SendFlags;
 use rustls::{ServerConfig, ServerConnection};
 
+use super::certs::ACME_TLS_ALPN;
 use super::sealed::Sealer;
 
 /// One connection's TLS state.
@@ -122,6 +123,13 @@ impl Session {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
             flush(&mut **c, tcp, SendFlags::DONTWAIT)?;
+            if !c.is_handshaking() && c.alpn_protocol() == Some(ACME_TLS_ALPN) {
+                // An ACME validation has seen the challenge certificate:
+                // no request follows, so the connection ends here.
+                c.send_close_notify();
+                let _ = flush(&mut **c, tcp, SendFlags::DONTWAIT);
+                return Ok(0);
+            }
         }
     }
 

@@ -10,6 +10,8 @@ pub mod loadtest;
 #[cfg(feature = "daemon")]
 pub mod netns;
 #[cfg(feature = "daemon")]
+pub mod pebble;
+#[cfg(feature = "daemon")]
 pub mod process;
 #[cfg(feature = "daemon")]
 pub mod redis;

@@ -92,6 +92,59 @@ impl Pki {
         (cert.into(), key.into())
     }
 
+    /// Issues a leaf for the DNS name `dns`, valid from `start` to `end`
+    /// (`YYYYMMDDHHMMSSZ`, either may be past): `dns.pem` and `dns.key`.
+    pub fn issue_dated(&self, dns: &str, start: &str, end: &str) -> (PathBuf, PathBuf) {
+        let dir = self.dir.path().display().to_string();
+        std::fs::write(self.file("index.txt"), "").expect("write the CA's index");
+        std::fs::write(self.file("serial"), "1000\n").expect("write the CA's serial");
+        std::fs::write(
+            self.file("ca.cnf"),
+            format!(
+                "[ca]\ndefault_ca = d\n[d]\ndatabase = {dir}/index.txt\nnew_certs_dir = {dir}\n\
+                 serial = {dir}/serial\ndefault_md = sha256\npolicy = p\nunique_subject = no\n\
+                 [p]\ncommonName = supplied\n"
+            ),
+        )
+        .expect("write the CA's config");
+        std::fs::write(
+            self.file("dated.ext"),
+            format!("subjectAltName=DNS:{dns}\n"),
+        )
+        .expect("write the extensions");
+        let (cert, key, csr) = (
+            self.file(&format!("{dns}.pem")),
+            self.file(&format!("{dns}.key")),
+            self.file(&format!("{dns}.csr")),
+        );
+        self.new_key(
+            &key,
+            &["-new", "-out", &csr, "-subj", &format!("/CN={dns}")],
+        );
+        openssl(&[
+            "ca",
+            "-batch",
+            "-notext",
+            "-config",
+            &self.file("ca.cnf"),
+            "-cert",
+            &self.file("ca.pem"),
+            "-keyfile",
+            &self.file("ca.key"),
+            "-in",
+            &csr,
+            "-out",
+            &cert,
+            "-startdate",
+            start,
+            "-enddate",
+            end,
+            "-extfile",
+            &self.file("dated.ext"),
+        ]);
+        (cert.into(), key.into())
+    }
+
     /// `openssl req` making a new P-256 key in `key`, with `rest`.
     fn new_key(&self, key: &str, rest: &[&str]) {
         let mut args = vec![

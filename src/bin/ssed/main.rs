@@ -128,6 +128,7 @@ fn load_config(args: &Args) -> Result<Config, ConfigError> {
 fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = ssed::ShutdownHandle::new();
     let tls = config.tls.clone();
+    let acme = config.acme.is_some();
     let daemon = daemon::build(config, shutdown.clone())?;
     let cap = daemon.server.capacity();
     // The cgroup's figures, when it has a memory limit, say why "memory
@@ -150,11 +151,37 @@ fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         shown(cap.by_memory),
         shown(cap.by_threads),
     );
-    if let Some(certs) = &tls {
+    // ACME's certificates are reloaded by the renewal thread that writes
+    // them (and on SIGHUP); files given as cert/key are watched.
+    if let (Some(certs), false) = (&tls, acme) {
         daemon::reload::watch(certs.clone(), shutdown.clone())?;
     }
-    handle_signals(shutdown, tls)?;
-    daemon.server.run()?;
+    handle_signals(shutdown.clone(), tls)?;
+    let redirect = match daemon.redirect {
+        Some(server) => {
+            log::info!(
+                "redirecting http://{} to https, and answering ACME http-01 challenges there",
+                server.local_addr()
+            );
+            let (stop, shutdown) = (server.shutdown_handle(), shutdown.clone());
+            let thread = std::thread::Builder::new()
+                .name("ssed-redirect".into())
+                .spawn(move || {
+                    if let Err(e) = server.run() {
+                        log::error!("the redirect listener stopped: {}", ssed::Report(&e));
+                        shutdown.shutdown();
+                    }
+                })?;
+            Some((stop, thread))
+        }
+        None => None,
+    };
+    let served = daemon.server.run();
+    if let Some((stop, thread)) = redirect {
+        stop.shutdown();
+        let _ = thread.join();
+    }
+    served?;
     Ok(())
 }
 

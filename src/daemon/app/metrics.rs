@@ -5,7 +5,10 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use super::App;
+use std::sync::atomic::Ordering::Relaxed;
+
 use crate::bridge::postgres::{Listener, ListenerState};
+use crate::daemon::acme::served_validity;
 use crate::server::limits::process_usage;
 use crate::{EndReason, Response};
 
@@ -184,6 +187,28 @@ impl App {
                 "gauge",
                 "Threads of the process: one per open stream, and the server's own.",
                 p.threads,
+            );
+        }
+        if let Some((_, not_after)) = self.config.tls.as_ref().and_then(served_validity) {
+            metric(
+                "ssed_tls_certificate_expiry_timestamp_seconds",
+                "gauge",
+                "When the TLS certificate served now expires (its notAfter), in seconds since the Unix epoch.",
+                not_after.max(0) as u64,
+            );
+        }
+        if let Some(acme) = self.acme.get() {
+            metric(
+                "ssed_acme_renewal_failures_total",
+                "counter",
+                "Attempts to obtain or renew the certificate by ACME that failed.",
+                acme.failures.load(Relaxed),
+            );
+            metric(
+                "ssed_acme_certificates_obtained_total",
+                "counter",
+                "Certificates obtained by ACME since start.",
+                acme.obtained.load(Relaxed),
             );
         }
         metric(
