@@ -1,5 +1,4 @@
-#![cfg_attr(not(feature = "loadtest-https"), allow(missing_docs))]
-#![cfg(feature = "loadtest-https")]
+#![cfg(feature = "daemon")]
 //! `ssed loadtest` against `https://`: the binary against a real `ssed`
 //! serving a throwaway certificate (`support/tls.rs`), streams and the
 //! publisher over TLS, verified against `--cacert` or not at all

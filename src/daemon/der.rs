@@ -7,35 +7,35 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
 /// Tag of a `SEQUENCE`.
-pub const SEQUENCE: u8 = 0x30;
+pub(crate) const SEQUENCE: u8 = 0x30;
 /// Tag of a `SET`.
-pub const SET: u8 = 0x31;
+pub(crate) const SET: u8 = 0x31;
 /// Tag of an `OBJECT IDENTIFIER`.
-pub const OID: u8 = 0x06;
+pub(crate) const OID: u8 = 0x06;
 /// Tag of a `BIT STRING`.
-pub const BIT_STRING: u8 = 0x03;
+pub(crate) const BIT_STRING: u8 = 0x03;
 /// Tag of an `OCTET STRING`.
-pub const OCTET_STRING: u8 = 0x04;
+pub(crate) const OCTET_STRING: u8 = 0x04;
 /// Tag of an `INTEGER`.
-pub const INTEGER: u8 = 0x02;
+pub(crate) const INTEGER: u8 = 0x02;
 /// Tag of a `UTCTime`.
-pub const UTC_TIME: u8 = 0x17;
+pub(crate) const UTC_TIME: u8 = 0x17;
 /// Tag of a `GeneralizedTime`.
-pub const GENERALIZED_TIME: u8 = 0x18;
+pub(crate) const GENERALIZED_TIME: u8 = 0x18;
 
 /// `id-ecPublicKey`.
-pub const OID_EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+pub(crate) const OID_EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
 /// `prime256v1` (P-256).
-pub const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+pub(crate) const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 /// `ecdsa-with-SHA256`.
-pub const OID_ECDSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
+pub(crate) const OID_ECDSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
 
 /// Reads one DER element: (tag, contents, rest).
 ///
 /// # Errors
 ///
 /// On a truncated element or a length form DER does not use.
-pub fn read(input: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
+pub(crate) fn read(input: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
     let bad = || "malformed DER".to_string();
     let (&tag, rest) = input.split_first().ok_or_else(bad)?;
     let (&first, mut rest) = rest.split_first().ok_or_else(bad)?;
@@ -63,7 +63,7 @@ pub fn read(input: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
 /// # Errors
 ///
 /// As [`read`], or when the tag differs.
-pub fn expect(input: &[u8], tag: u8) -> Result<(&[u8], &[u8]), String> {
+pub(crate) fn expect(input: &[u8], tag: u8) -> Result<(&[u8], &[u8]), String> {
     match read(input)? {
         (t, contents, rest) if t == tag => Ok((contents, rest)),
         (t, ..) => Err(format!(
@@ -73,7 +73,7 @@ pub fn expect(input: &[u8], tag: u8) -> Result<(&[u8], &[u8]), String> {
 }
 
 /// One element: `tag`, its length, `contents`.
-pub fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
+pub(crate) fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(contents.len() + 6);
     out.push(tag);
     let len = contents.len();
@@ -90,12 +90,12 @@ pub fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
 }
 
 /// A `SEQUENCE` of the elements `parts`, already encoded.
-pub fn seq(parts: &[&[u8]]) -> Vec<u8> {
+pub(crate) fn seq(parts: &[&[u8]]) -> Vec<u8> {
     tlv(SEQUENCE, &parts.concat())
 }
 
 /// A positive `INTEGER` from big-endian bytes.
-pub fn uint(bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn uint(bytes: &[u8]) -> Vec<u8> {
     let trimmed = match bytes.iter().position(|b| *b != 0) {
         Some(i) => &bytes[i..],
         None => &[0][..],
@@ -108,19 +108,19 @@ pub fn uint(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// A `BIT STRING` with no unused bits.
-pub fn bits(bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn bits(bytes: &[u8]) -> Vec<u8> {
     tlv(BIT_STRING, &[&[0], bytes].concat())
 }
 
 /// A name of one common name: `SEQUENCE { SET { SEQUENCE { cn, UTF8String } } }`.
-pub fn common_name(cn: &str) -> Vec<u8> {
+pub(crate) fn common_name(cn: &str) -> Vec<u8> {
     const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
     let attr = seq(&[&tlv(OID, OID_CN), &tlv(0x0c, cn.as_bytes())]);
     seq(&[&tlv(SET, &attr)])
 }
 
 /// A P-256 `SubjectPublicKeyInfo` of an uncompressed point.
-pub fn p256_spki(point: &[u8]) -> Vec<u8> {
+pub(crate) fn p256_spki(point: &[u8]) -> Vec<u8> {
     seq(&[
         &seq(&[&tlv(OID, OID_EC), &tlv(OID, OID_P256)]),
         &bits(point),
@@ -128,7 +128,7 @@ pub fn p256_spki(point: &[u8]) -> Vec<u8> {
 }
 
 /// The `subjectAltName` extension naming `domains` (dNSName each).
-pub fn subject_alt_names(domains: &[String]) -> Vec<u8> {
+pub(crate) fn subject_alt_names(domains: &[String]) -> Vec<u8> {
     const OID_SAN: &[u8] = &[0x55, 0x1d, 0x11];
     let names: Vec<u8> = domains
         .iter()
@@ -146,7 +146,7 @@ pub fn subject_alt_names(domains: &[String]) -> Vec<u8> {
 /// # Errors
 ///
 /// On any other form.
-pub fn time(tag: u8, contents: &[u8]) -> Result<i64, String> {
+pub(crate) fn time(tag: u8, contents: &[u8]) -> Result<i64, String> {
     let bad = || "malformed DER time".to_string();
     let text = std::str::from_utf8(contents).map_err(|_| bad())?;
     let digits = text.strip_suffix('Z').ok_or_else(bad)?;
@@ -173,7 +173,7 @@ pub fn time(tag: u8, contents: &[u8]) -> Result<i64, String> {
 
 /// A `UTCTime` (years 1950-2049) or else `GeneralizedTime` element for
 /// `secs` since the Unix epoch, as RFC 5280 asks of certificate validity.
-pub fn time_element(secs: i64) -> Vec<u8> {
+pub(crate) fn time_element(secs: i64) -> Vec<u8> {
     let (y, mo, d) = crate::time::civil_from_days(secs.div_euclid(86_400));
     let rem = secs.rem_euclid(86_400);
     let hms = format!("{:02}{:02}{:02}Z", rem / 3600, rem / 60 % 60, rem % 60);
@@ -196,7 +196,7 @@ pub fn time_element(secs: i64) -> Vec<u8> {
 /// # Errors
 ///
 /// When `cert` is not a certificate as RFC 5280 lays one out.
-pub fn validity(cert: &[u8]) -> Result<(i64, i64), String> {
+pub(crate) fn validity(cert: &[u8]) -> Result<(i64, i64), String> {
     let (cert, _) = expect(cert, SEQUENCE)?;
     let (tbs, _) = expect(cert, SEQUENCE)?;
     let mut rest = tbs;
@@ -218,7 +218,7 @@ pub fn validity(cert: &[u8]) -> Result<(i64, i64), String> {
 /// # Errors
 ///
 /// When it holds no whole block, or its body is not base64.
-pub fn pem_block(pem: &str) -> Result<(String, Vec<u8>), String> {
+pub(crate) fn pem_block(pem: &str) -> Result<(String, Vec<u8>), String> {
     let begin = pem
         .find("-----BEGIN ")
         .ok_or("no PEM block (-----BEGIN ...-----)")?;
@@ -234,7 +234,7 @@ pub fn pem_block(pem: &str) -> Result<(String, Vec<u8>), String> {
 }
 
 /// `der` as a PEM block labelled `label`, in lines of 64 characters.
-pub fn pem(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem(label: &str, der: &[u8]) -> String {
     let body = STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");
     for line in body.as_bytes().chunks(64) {

@@ -600,7 +600,6 @@ mod tests {
     }
 
     #[test]
-    #[cfg(feature = "loadtest-https")]
     fn https_options() {
         let o = parse(&[
             "--url",
@@ -743,8 +742,6 @@ mod tests {
         for (list, want) in table {
             check(list, want);
         }
-        // What only a build with the https client gets as far as checking.
-        #[cfg(feature = "loadtest-https")]
         {
             check(
                 &["--url", "https://127.0.0.1:1/events/a", "-n", "5"],
@@ -764,18 +761,4 @@ mod tests {
         }
     }
 
-    /// A build without the https client says so, and how to get one.
-    #[test]
-    #[cfg(not(feature = "loadtest-https"))]
-    fn https_needs_the_feature() {
-        let err = parse(&[
-            "--url",
-            "https://127.0.0.1:1/events/a",
-            "-n",
-            "5",
-            "--insecure",
-        ])
-        .expect_err("no https client");
-        assert!(err.contains("--features loadtest-https"), "{err}");
-    }
 }

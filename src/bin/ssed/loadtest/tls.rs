@@ -4,103 +4,49 @@
 //!
 //! There are no system roots: the load tester trusts the CA it is given,
 //! or, with `--insecure` (for tests only), any certificate at all.
-//!
-//! Only with the `loadtest-https` feature: rustls's client side adds about
-//! 300 KB to the static binary, past its 4.5 MiB budget, so the default
-//! build answers an `https://` URL with an error that says how to get one.
-//! Without the feature no [`Client`] can be made, and the rest is dead code
-//! the linker leaves out.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 
-#[cfg(feature = "loadtest-https")]
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-#[cfg(feature = "loadtest-https")]
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::ServerName;
-#[cfg(feature = "loadtest-https")]
 use rustls::pki_types::pem::PemObject;
-#[cfg(feature = "loadtest-https")]
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::{ClientConfig, ClientConnection};
-#[cfg(feature = "loadtest-https")]
 use rustls::{DigitallySignedStruct, RootCertStore};
 
 /// What an `https://` target connects with: the configuration and the
 /// name to ask for (SNI) and verify.
 #[derive(Debug, Clone)]
-#[cfg_attr(not(feature = "loadtest-https"), allow(dead_code))]
 pub(super) struct Client {
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
-    /// None without the `loadtest-https` feature.
-    _built: Built,
 }
-
-/// Whether this build has the https client: `()` with the feature, none
-/// without (so no [`Client`] exists).
-#[cfg(feature = "loadtest-https")]
-type Built = ();
-#[cfg(not(feature = "loadtest-https"))]
-#[derive(Debug, Clone, Copy)]
-enum Built {}
-
-/// Why a build without the feature cannot open `https://` URLs.
-#[cfg(not(feature = "loadtest-https"))]
-const NOT_BUILT: &str = "this ssed has no https client for the load tester (it would take the \
-     static binary past its size budget): build it with `cargo build --release --features \
-     loadtest-https` to load-test https:// URLs";
 
 impl Client {
     /// The client for `host` (a name or an IP literal, without brackets
     /// or port).
-    #[cfg(feature = "loadtest-https")]
-    pub(super) fn new(config: Arc<ClientConfig>, host: &str) -> Result<Client, String> {
+        pub(super) fn new(config: Arc<ClientConfig>, host: &str) -> Result<Client, String> {
         let name = match host.parse::<IpAddr>() {
             Ok(ip) => ServerName::IpAddress(ip.into()),
             Err(_) => ServerName::try_from(host.to_owned())
                 .map_err(|_| format!("{host:?} is not a valid TLS server name"))?,
         };
-        Ok(Client {
-            config,
-            name,
-            _built: (),
-        })
-    }
-
-    /// Without the feature: none.
-    #[cfg(not(feature = "loadtest-https"))]
-    pub(super) fn new(config: Arc<ClientConfig>, host: &str) -> Result<Client, String> {
-        let _ = (config, host, IpAddr::from([0, 0, 0, 0]));
-        Err(NOT_BUILT.to_owned())
+        Ok(Client { config, name })
     }
 
     /// A new connection, its handshake not begun.
-    #[cfg(feature = "loadtest-https")]
-    pub(super) fn connection(&self) -> Result<ClientConnection, rustls::Error> {
+        pub(super) fn connection(&self) -> Result<ClientConnection, rustls::Error> {
         ClientConnection::new(Arc::clone(&self.config), self.name.clone())
     }
 
-    /// Without the feature there is no client to connect with.
-    #[cfg(not(feature = "loadtest-https"))]
-    pub(super) fn connection(&self) -> Result<ClientConnection, rustls::Error> {
-        match self._built {}
-    }
-}
-
-/// Without the feature: the error that says how to get one.
-#[cfg(not(feature = "loadtest-https"))]
-pub(super) fn config(cacert: Option<&Path>, insecure: bool) -> Result<Arc<ClientConfig>, String> {
-    let _ = (cacert, insecure);
-    Err(NOT_BUILT.to_owned())
 }
 
 /// The client configuration: trusting the PEM certificates of `cacert`,
 /// or (with `insecure`) anything.
-#[cfg(feature = "loadtest-https")]
 pub(super) fn config(cacert: Option<&Path>, insecure: bool) -> Result<Arc<ClientConfig>, String> {
     // ring, as the server uses (see src/wire/certs.rs for why).
     #[allow(deprecated)]
@@ -142,10 +88,8 @@ pub(super) fn config(cacert: Option<&Path>, insecure: bool) -> Result<Arc<Client
 /// handshake's signatures are still checked to be well-formed and made by
 /// the certificate's key.
 #[derive(Debug)]
-#[cfg(feature = "loadtest-https")]
 struct AcceptAny(Arc<CryptoProvider>);
 
-#[cfg(feature = "loadtest-https")]
 impl ServerCertVerifier for AcceptAny {
     fn verify_server_cert(
         &self,
