@@ -5,9 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Formats `t` as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
 pub fn iso8601(t: SystemTime) -> String {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
+    let (y, m, d, rem) = date_and_second(since.as_secs());
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
         rem / 3600,
@@ -15,6 +13,27 @@ pub fn iso8601(t: SystemTime) -> String {
         rem % 60,
         since.subsec_millis()
     )
+}
+
+/// Writes `t` as `YYYY-MM-DDTHH:MM:SSZ` (UTC, whole seconds; an instant
+/// before 1970 as 1970-01-01T00:00:00Z), as the `ssed` binary's log lines
+/// begin.
+#[cfg(feature = "daemon")]
+pub fn write_iso8601_seconds(out: &mut impl std::fmt::Write, t: SystemTime) -> std::fmt::Result {
+    let (y, m, d, rem) = date_and_second(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+    write!(
+        out,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Seconds since the Unix epoch as (year, month, day, second of the day).
+fn date_and_second(secs: u64) -> (i64, u32, u32, u64) {
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    (y, m, d, secs % 86_400)
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
@@ -66,5 +85,41 @@ mod tests {
             assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
         }
         assert_eq!(days_from_civil(2100, 3, 1), 47_541);
+    }
+
+    /// The log lines' form, on the days a date algorithm gets wrong first:
+    /// leap days (2000 is a leap year, divisible by 400; 2100 is not, by
+    /// 100), the days around them, year ends.
+    #[cfg(feature = "daemon")]
+    #[test]
+    fn writes_whole_seconds_on_known_dates() {
+        let at = |s: u64| {
+            let mut out = String::new();
+            write_iso8601_seconds(&mut out, UNIX_EPOCH + Duration::from_millis(s * 1000 + 999))
+                .expect("a String takes it");
+            out
+        };
+        for (secs, want) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (68_169_599, "1972-02-28T23:59:59Z"),
+            (68_169_600, "1972-02-29T00:00:00Z"),
+            (68_256_000, "1972-03-01T00:00:00Z"),
+            (946_684_799, "1999-12-31T23:59:59Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (951_868_800, "2000-03-01T00:00:00Z"),
+            (1_709_164_800, "2024-02-29T00:00:00Z"),
+            (1_795_000_000, "2026-11-18T11:06:40Z"),
+            (1_796_534_029, "2026-12-06T05:13:49Z"),
+            (4_107_542_399, "2100-02-28T23:59:59Z"),
+            (4_107_542_400, "2100-03-01T00:00:00Z"),
+            (4_133_980_799, "2100-12-31T23:59:59Z"),
+            (13_574_563_200, "2400-02-29T00:00:00Z"),
+        ] {
+            assert_eq!(at(secs), want, "{secs}");
+        }
+        let mut before = String::new();
+        write_iso8601_seconds(&mut before, UNIX_EPOCH - Duration::from_secs(1))
+            .expect("a String takes it");
+        assert_eq!(before, "1970-01-01T00:00:00Z");
     }
 }

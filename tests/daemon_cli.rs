@@ -1,6 +1,7 @@
 #![cfg(feature = "daemon")]
 //! The real `ssed` binary: arguments, config errors (exit status 2, naming
-//! the key and the file), the environment, and SIGTERM with open streams.
+//! the key and the file), the environment, `RUST_LOG` and the log lines'
+//! shape, and SIGTERM with open streams.
 //!
 //! Every child is killed by PID when its guard drops, its output is read by
 //! threads, and every wait is bounded.
@@ -14,7 +15,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use support::process::Ssed;
-use support::{connect, request};
+use support::{connect, request, wait_until};
 
 /// The longest any test waits for one thing to happen.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -213,6 +214,98 @@ fn the_publish_token_comes_from_the_environment() {
     assert!(!ssed.stderr().contains("env-token"), "the token was logged");
     ssed.terminate();
     assert_eq!(ssed.wait_exit(DEADLINE).and_then(|s| s.code()), Some(0));
+}
+
+// ---------------------------------------------------------------------------
+// The log: RUST_LOG and the lines' shape
+// ---------------------------------------------------------------------------
+
+/// A log line's level, target and message, if `line` has the shape
+/// env_logger gave it, which scripts and benches read:
+/// `[YYYY-MM-DDTHH:MM:SSZ LEVEL target] message`, the level padded to five.
+fn log_line(line: &str) -> Option<(&str, &str, &str)> {
+    let (time, rest) = line.strip_prefix('[')?.split_at_checked(20)?;
+    let form = "0000-00-00T00:00:00Z";
+    let time_ok = time.bytes().zip(form.bytes()).all(|(c, f)| match f {
+        b'0' => c.is_ascii_digit(),
+        _ => c == f,
+    });
+    let (level, rest) = rest.strip_prefix(' ')?.split_at_checked(5)?;
+    let level = level.trim_end();
+    let levels = ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"];
+    let (target, message) = rest.strip_prefix(' ')?.split_once("] ")?;
+    (time_ok && levels.contains(&level)).then_some((level, target, message))
+}
+
+#[test]
+fn rust_log_warn_hides_info_lines() {
+    // No `listening on` line to read the address from: pick a free port.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let mut ssed = Ssed::spawn(&["--listen", &addr.to_string()], &[("RUST_LOG", "warn")]);
+    assert!(
+        wait_until(DEADLINE, || TcpStream::connect(addr).is_ok()),
+        "not listening; stderr: {}",
+        ssed.stderr()
+    );
+    let (head, body) = request(
+        addr,
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(head.status, 200, "{body}");
+    ssed.terminate();
+    let status = ssed.wait_exit(DEADLINE).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", ssed.stderr());
+    // Started, served, stopped: all at info, none of it shown.
+    let err = ssed.stderr();
+    assert!(
+        !err.contains("INFO") && !err.contains("listening on"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rust_log_target_debug_shows_debug_lines() {
+    let mut ssed = Ssed::spawn(&["--listen", "127.0.0.1:0"], &[("RUST_LOG", "ssed=debug")]);
+    let addr = ssed.listening();
+    let (head, body) = request(
+        addr,
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(head.status, 200, "{body}");
+    // One debug line per request, from the connection's module.
+    let served = |err: &str| {
+        err.lines()
+            .filter_map(log_line)
+            .any(|(level, target, message)| {
+                (level, target) == ("DEBUG", "ssed::server::conn")
+                    && message.ends_with("GET /healthz -> 200")
+            })
+    };
+    assert!(
+        wait_until(DEADLINE, || served(&ssed.stderr())),
+        "no debug line for the request: {}",
+        ssed.stderr()
+    );
+    ssed.terminate();
+    assert_eq!(ssed.wait_exit(DEADLINE).and_then(|s| s.code()), Some(0));
+    let err = ssed.stderr();
+    let lines: Vec<_> = err.lines().map(log_line).collect();
+    // Every line is a whole log line, nothing interleaved or cut, and
+    // info is still shown.
+    assert!(lines.iter().all(Option::is_some), "{err}");
+    let listening = format!("listening on {addr} (");
+    assert!(
+        lines.iter().flatten().any(|&(level, target, message)| {
+            (level, target) == ("INFO", "ssed::server") && message.starts_with(&listening)
+        }),
+        "{err}"
+    );
+    assert!(
+        lines.contains(&Some(("INFO", "ssed", "signal received: shutting down"))),
+        "{err}"
+    );
 }
 
 /// An event stream's raw bytes.

@@ -24,6 +24,8 @@ pub mod reload;
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), as the daemon's `event: ping` says
 /// the time; for the binary's load tester too.
 pub use crate::time::iso8601;
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC), as the binary's log lines begin.
+pub use crate::time::write_iso8601_seconds;
 pub use app::{Daemon, build};
 pub use config::{Config, ConfigError};
 pub use error::SetupError;

@@ -6,6 +6,7 @@
 //! (`ssed::daemon::config::parse_duration`).
 
 mod loadtest;
+mod logger;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,7 +84,7 @@ fn parse_args() -> Result<Parsed, lexopt::Error> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    logger::init("info");
     let mut argv = std::env::args_os().skip(1);
     if argv.next().is_some_and(|a| a == "loadtest") {
         return loadtest::main(argv.collect());

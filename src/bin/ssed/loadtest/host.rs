@@ -2,7 +2,7 @@
 //! it spent (CPU time, peak RSS).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 /// Descriptors a process keeps for everything but its streams.
@@ -21,12 +21,15 @@ pub(super) fn fd_limit() -> u64 {
     }
 }
 
-/// A flag that Ctrl-C sets.
+/// A flag that Ctrl-C (SIGINT), SIGTERM and SIGHUP set, instead of ending
+/// the process.
 pub(super) fn interrupt_flag() -> Arc<AtomicBool> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    if let Err(e) = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed)) {
-        log::debug!("no Ctrl-C handler ({e}): an interrupt ends the run without a report");
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&stop)) {
+            log::debug!("no handler for signal {signal} ({e}): it ends the run without a report");
+        }
     }
     stop
 }
