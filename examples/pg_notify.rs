@@ -92,7 +92,9 @@ fn main() -> Result<(), Box<dyn Error>> {
         std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
 
     // The table and trigger need the database once, now; the listener
-    // below copes with it coming and going later.
+    // below copes with it coming and going later. This is the app's own
+    // database client (the `postgres` crate, a dev-dependency of ssed's
+    // examples and tests); the listener has one of its own inside.
     let mut client = postgres::Client::connect(&database_url, postgres::NoTls)
         .map_err(|e| format!("cannot connect to DATABASE_URL: {}", ssed::Report(&e)))?;
     client

@@ -1,7 +1,8 @@
 //! Waiting before trying again: exponential backoff with jitter, so that
 //! what failed together (a restart, a deploy, a database back up) does not
 //! retry in lockstep. Used by the accept loop, the Redis reader, the
-//! PostgreSQL listener, and the `overload = "retry"` answer.
+//! PostgreSQL listener (and its host order with `load_balance_hosts=random`),
+//! and the `overload = "retry"` answer.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -36,6 +37,16 @@ impl Jitter {
             return min;
         }
         min + Duration::from_millis(self.next() % (span + 1))
+    }
+
+    /// Puts `items` in random order (Fisher-Yates): the hosts and
+    /// addresses of `load_balance_hosts=random`.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize; // at most i
+            items.swap(i, j);
+        }
     }
 }
 
@@ -106,5 +117,25 @@ mod tests {
         assert!(draws.iter().any(|d| *d != draws[0]), "not all the same");
         assert_eq!(j.between(min, min), min);
         assert_ne!(Jitter::new().next(), Jitter::new().next(), "seeded apart");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn shuffles_keep_every_item_and_vary() {
+        let mut j = Jitter::new();
+        let orders: Vec<Vec<u32>> = (0..50)
+            .map(|_| {
+                let mut v: Vec<u32> = (0..8).collect();
+                j.shuffle(&mut v);
+                v
+            })
+            .collect();
+        for order in &orders {
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..8).collect::<Vec<u32>>());
+        }
+        assert!(orders.iter().any(|o| *o != orders[0]), "not all the same");
+        j.shuffle::<u32>(&mut []);
     }
 }

@@ -118,7 +118,8 @@
 //! - `durable` (part of `daemon`): `ssed::hub::store`, history and mailboxes kept
 //!   in an embedded SQLite database so they survive restarts.
 //! - `postgres` (part of `daemon`): `ssed::postgres`, a listener that
-//!   publishes PostgreSQL `NOTIFY` payloads into a [`Hub`]'s topics.
+//!   publishes PostgreSQL `NOTIFY` payloads into a [`Hub`]'s topics, over a
+//!   blocking client of its own (SCRAM-SHA-256 on ring; no async runtime).
 //! - `tls` (part of `daemon`): HTTPS on the listener,
 //!   [`ServerBuilder::tls`] with [`tls::Certificates`] (rustls on ring),
 //!   reloadable without dropping a connection.

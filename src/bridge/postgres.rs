@@ -19,6 +19,46 @@
 //! The connection is plain TCP or a Unix socket, without TLS: run it over
 //! loopback, a Unix socket or a trusted network.
 //!
+//! # The client
+//!
+//! The connection is ssed's own: a small blocking client of the PostgreSQL
+//! protocol (3.0) on the listener's thread, which does what `LISTEN` needs
+//! and nothing else, rather than the `postgres` crate and the tokio runtime
+//! under it (428 KiB more in the static binary: 4,701,480 bytes against
+//! 4,263,208).
+//!
+//! - **Connection strings**: a URL (`postgres://` or `postgresql://`,
+//!   percent-encoded parts, `[::1]` for IPv6, `host1:port1,host2:port2`,
+//!   `%2Fvar%2Frun%2Fpostgresql` or `?host=/var/run/postgresql` for a Unix
+//!   socket) or `key=value` pairs (`host=… port=… user=… password=…
+//!   dbname=… application_name=… connect_timeout=…`, single quotes around a
+//!   value with spaces). The keys are libpq's that the `postgres` crate
+//!   took: also `options`, `hostaddr`, `tcp_user_timeout`, `keepalives`,
+//!   `keepalives_idle`, `keepalives_interval`, `keepalives_retries`,
+//!   `target_session_attrs`, `load_balance_hosts`, `sslmode`,
+//!   `sslnegotiation`, `channel_binding`; another key is an error. Several
+//!   hosts are tried in turn (each address of a name, too), and the error
+//!   of the last one is reported. Without a user, the process's own user
+//!   logs in, as with libpq.
+//! - **TLS**: none. `sslmode` `disable`, `allow` and `prefer` (the
+//!   default) connect in plain text, as before; `require`, `verify-ca`,
+//!   `verify-full` and `channel_binding=require` are refused with the
+//!   string (they could never connect).
+//! - **Authentication**: `trust`, `password`, `md5` and `scram-sha-256`
+//!   (without channel binding; the server's signature is checked). A
+//!   non-ASCII password is used as its UTF-8 bytes, without SASLprep: give
+//!   it in NFKC form. GSSAPI, SSPI, Kerberos and certificates are not done.
+//! - **Timeouts**: `connect_timeout` (10 s unless set) bounds each address
+//!   tried, TCP connect and handshake together; `TCP_USER_TIMEOUT` (30 s
+//!   unless set) and keep-alives (on, 2 h idle unless set) guard the open
+//!   connection, and an empty query checks it after 30 s without traffic.
+//!   A handshake in progress notices [`Listener::stop`] within 250 ms (a
+//!   name lookup or TCP connect does not: `stop` leaves them after 2 s).
+//! - **Limits**: a message from the server over 1 MiB is refused from its
+//!   header (a notification's payload is at most 8,000 bytes), and more
+//!   than 1,000,000 SCRAM iterations are refused (PostgreSQL's default is
+//!   4,096): a broken or hostile server costs a reconnect, not memory.
+//!
 //! ```no_run
 //! use ssed::postgres::Listener;
 //! use ssed::{Hub, ShutdownHandle};
@@ -39,16 +79,20 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fmt::Write as _;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use ::postgres::config::Host;
-use ::postgres::fallible_iterator::FallibleIterator;
-use ::postgres::{Client, Config, NoTls, Notification};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+mod auth;
+mod config;
+mod md5;
+mod wire;
+
+pub(crate) use config::Config;
+use wire::{Connection, Notification};
 
 use crate::backoff::Backoff;
 use crate::error::Report;
@@ -171,13 +215,15 @@ impl Listener {
     /// channels one topic.
     ///
     /// `url` is a `postgres://user:password@host:port/db?option=value` URL
-    /// or a `host=… user=… dbname=…` string, as libpq takes. Unless it says
-    /// otherwise, the connection gets `application_name=ssed`, a 10 s
-    /// connect timeout and a 30 s TCP user timeout.
+    /// or a `host=… user=… dbname=…` string, as libpq takes (see [the
+    /// client](self#the-client)). Unless it says otherwise, the connection
+    /// gets `application_name=ssed`, a 10 s connect timeout and a 30 s TCP
+    /// user timeout.
     ///
     /// Returns at once: the connection is made on the listener's thread,
     /// retried with backoff until it succeeds, `stop` is called or
-    /// `shutdown` fires. A `url` that does not parse, or no usable channel,
+    /// `shutdown` fires. A `url` that does not parse or cannot connect (no
+    /// host, TLS required), or no usable channel,
     /// is logged at `error` and leaves the listener idle with
     /// [`ListenerState::last_error`] saying why; pairs with a channel that
     /// fails [`valid_channel`] or a topic that fails
@@ -202,7 +248,7 @@ impl Listener {
             Ok(c) => c,
             Err(e) => {
                 // The parser's messages name the option, never its value.
-                let error = format!("invalid connection string: {}", Report(&e));
+                let error = e.to_string();
                 log::error!("postgres: {error}");
                 shared.set_error(error);
                 return listener;
@@ -210,15 +256,11 @@ impl Listener {
         };
         listener.target = describe(&config);
         let target = listener.target.clone();
-        if config.get_application_name().is_none() {
-            config.application_name(APPLICATION_NAME);
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        if config.get_tcp_user_timeout().is_none() {
-            config.tcp_user_timeout(TCP_USER_TIMEOUT);
-        }
+        config
+            .application_name
+            .get_or_insert_with(|| APPLICATION_NAME.to_owned());
+        config.connect_timeout.get_or_insert(CONNECT_TIMEOUT);
+        config.tcp_user_timeout.get_or_insert(TCP_USER_TIMEOUT);
 
         let mut routes: HashMap<String, Vec<String>> = HashMap::new();
         for (channel, topic) in channels {
@@ -342,44 +384,7 @@ impl Drop for Listener {
 /// `postgres://user@host:port/db` from a parsed config: what logs and
 /// errors may show (no password, no other option).
 pub(crate) fn describe(config: &Config) -> String {
-    let mut out = String::from("postgres://");
-    if let Some(user) = config.get_user() {
-        out.push_str(user);
-        out.push('@');
-    }
-    let ports = config.get_ports();
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let host = match h {
-                Host::Tcp(name) if name.contains(':') => format!("[{name}]"),
-                Host::Tcp(name) => name.clone(),
-                Host::Unix(path) => path.display().to_string(),
-            };
-            // One port applies to every host; otherwise one per host.
-            match ports.get(i).or(ports.first()) {
-                Some(port) => format!("{host}:{port}"),
-                None => host,
-            }
-        })
-        .collect();
-    if hosts.is_empty() {
-        let addrs: Vec<String> = config
-            .get_hostaddrs()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        out.push_str(&addrs.join(","));
-    } else {
-        out.push_str(&hosts.join(","));
-    }
-    if let Some(db) = config.get_dbname() {
-        out.push('/');
-        out.push_str(db);
-    }
-    out
+    config.describe()
 }
 
 /// Why a connection ended.
@@ -412,7 +417,7 @@ impl Worker {
                 return;
             }
             match self.connect() {
-                Ok(mut client) => {
+                Ok(mut conn) => {
                     let since = Instant::now();
                     if was_up {
                         self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -426,13 +431,13 @@ impl Worker {
                     }
                     was_up = true;
                     self.shared.connected.store(true, Ordering::Relaxed);
-                    let ended = self.listen(&mut client);
+                    let ended = self.listen(&mut conn);
                     self.shared.connected.store(false, Ordering::Relaxed);
                     match ended {
                         Ended::Stopped => {
-                            // Closing sends Terminate and waits for the
-                            // server's close: quick on a live connection.
-                            drop(client);
+                            // Closing sends Terminate (waiting at most 1 s
+                            // for the socket to take it) and closes.
+                            drop(conn);
                             return;
                         }
                         Ended::Lost(error) => {
@@ -445,13 +450,15 @@ impl Worker {
                                 self.target
                             );
                             self.shared.set_error(error);
-                            drop(client);
+                            drop(conn);
                             if !self.sleep(wait) {
                                 return;
                             }
                         }
                     }
                 }
+                // Interrupted by `stop` or shutdown: no failure to report.
+                Err(_) if self.stopping() => return,
                 Err(error) => {
                     let wait = self.backoff.next_wait();
                     log::warn!("postgres {}: {error}; retrying in {wait:?}", self.target);
@@ -465,50 +472,41 @@ impl Worker {
     }
 
     /// Connects and issues `LISTEN` on every channel.
-    fn connect(&self) -> Result<Client, String> {
-        // The postgres crate unwraps the creation of its runtime, which can
-        // fail when the process is out of descriptors: that must cost a
-        // retry, not the listener.
-        let connected = catch_unwind(AssertUnwindSafe(|| self.config.connect(NoTls)));
-        let mut client = match connected {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => return Err(format!("cannot connect: {}", Report(&e))),
-            Err(_) => return Err("cannot connect: the client panicked".to_owned()),
-        };
-        client
-            .batch_execute(&self.listen_sql)
+    fn connect(&self) -> Result<Connection, String> {
+        let cancel = || self.stopping();
+        let mut conn = Connection::connect(&self.config, &cancel)
+            .map_err(|e| format!("cannot connect: {}", Report(&e)))?;
+        log::debug!(
+            "postgres {}: connected, server process {}",
+            self.target,
+            conn.backend_pid()
+        );
+        conn.simple_query(&self.listen_sql, CHECK_TIMEOUT, &cancel)
             .map_err(|e| format!("LISTEN failed: {}", Report(&e)))?;
-        Ok(client)
+        Ok(conn)
     }
 
     /// Publishes notifications until the connection is lost or the
     /// listener must stop.
-    fn listen(&self, client: &mut Client) -> Ended {
+    fn listen(&self, conn: &mut Connection) -> Ended {
         let mut last_traffic = Instant::now();
         loop {
-            {
-                let mut notifications = client.notifications();
-                let mut iter = notifications.timeout_iter(POLL);
-                loop {
+            if self.stopping() {
+                return Ended::Stopped;
+            }
+            match conn.next_notification(POLL) {
+                Ok(Some(n)) => {
+                    last_traffic = Instant::now();
+                    self.publish(&n);
+                }
+                Ok(None) => {}
+                Err(e) => return Ended::Lost(Report(&e).to_string()),
+            }
+            if last_traffic.elapsed() >= IDLE_CHECK {
+                if let Err(e) = conn.ping(CHECK_TIMEOUT, &|| self.stopping()) {
                     if self.stopping() {
                         return Ended::Stopped;
                     }
-                    match iter.next() {
-                        Ok(Some(n)) => {
-                            last_traffic = Instant::now();
-                            self.publish(&n);
-                        }
-                        Ok(None) => break,
-                        Err(e) => return Ended::Lost(Report(&e).to_string()),
-                    }
-                }
-            }
-            // The iterator also ends quietly when the connection closed.
-            if client.is_closed() {
-                return Ended::Lost("closed by the server".to_owned());
-            }
-            if last_traffic.elapsed() >= IDLE_CHECK {
-                if let Err(e) = client.is_valid(CHECK_TIMEOUT) {
                     return Ended::Lost(format!("health check failed: {}", Report(&e)));
                 }
                 last_traffic = Instant::now();
@@ -517,24 +515,25 @@ impl Worker {
     }
 
     fn publish(&self, n: &Notification) {
-        let Some(topics) = self.routes.get(n.channel()) else {
+        let Some(topics) = self.routes.get(&n.channel) else {
             log::debug!(
                 "postgres {}: notification on unexpected channel {:?}",
                 self.target,
-                n.channel()
+                n.channel
             );
             return;
         };
         for topic in topics {
-            match self.hub.publish(topic, Event::new().data(n.payload())) {
+            match self.hub.publish(topic, Event::new().data(&n.payload)) {
                 Ok(published) => {
                     self.shared.notifications.fetch_add(1, Ordering::Relaxed);
                     log::trace!(
-                        "postgres {}: {} -> {topic} as {}: {:?}",
+                        "postgres {}: {} (from process {}) -> {topic} as {}: {:?}",
                         self.target,
-                        n.channel(),
+                        n.channel,
+                        n.pid,
                         published.id,
-                        n.payload()
+                        n.payload
                     );
                 }
                 Err(e) => {

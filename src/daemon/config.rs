@@ -64,10 +64,13 @@ impl PostgresConfig {
 impl fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The URL may hold a password: show only where it points.
-        let url = self.url.parse::<postgres::Config>().map_or_else(
-            |_| "<invalid>".to_owned(),
-            |c| crate::bridge::postgres::describe(&c),
-        );
+        let url = self
+            .url
+            .parse::<crate::bridge::postgres::Config>()
+            .map_or_else(
+                |_| "<invalid>".to_owned(),
+                |c| crate::bridge::postgres::describe(&c),
+            );
         f.debug_struct("PostgresConfig")
             .field("url", &url)
             .field("channels", &self.channels)
@@ -788,9 +791,9 @@ fn check_postgres(pg: &PostgresConfig) -> Result<(), (&'static str, String)> {
     if pg.url.is_empty() {
         return Err(("url", "missing".to_owned()));
     }
-    if let Err(e) = pg.url.parse::<postgres::Config>() {
+    if let Err(e) = pg.url.parse::<crate::bridge::postgres::Config>() {
         // The parser's messages name the option, never its value.
-        return Err(("url", crate::Report(&e).to_string()));
+        return Err(("url", e.to_string()));
     }
     if pg.channels.is_empty() {
         return Err(("channels", "missing: name at least one channel".to_owned()));

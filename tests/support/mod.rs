@@ -9,6 +9,8 @@
 pub mod loadtest;
 #[cfg(feature = "daemon")]
 pub mod netns;
+#[cfg(feature = "postgres")]
+pub mod pg;
 #[cfg(feature = "daemon")]
 pub mod pebble;
 #[cfg(feature = "daemon")]
