@@ -9,10 +9,10 @@
 pub mod loadtest;
 #[cfg(feature = "daemon")]
 pub mod netns;
-#[cfg(feature = "postgres")]
-pub mod pg;
 #[cfg(feature = "daemon")]
 pub mod pebble;
+#[cfg(feature = "postgres")]
+pub mod pg;
 #[cfg(feature = "daemon")]
 pub mod process;
 #[cfg(feature = "daemon")]

@@ -29,7 +29,7 @@ pub(super) struct Client {
 impl Client {
     /// The client for `host` (a name or an IP literal, without brackets
     /// or port).
-        pub(super) fn new(config: Arc<ClientConfig>, host: &str) -> Result<Client, String> {
+    pub(super) fn new(config: Arc<ClientConfig>, host: &str) -> Result<Client, String> {
         let name = match host.parse::<IpAddr>() {
             Ok(ip) => ServerName::IpAddress(ip.into()),
             Err(_) => ServerName::try_from(host.to_owned())
@@ -39,10 +39,9 @@ impl Client {
     }
 
     /// A new connection, its handshake not begun.
-        pub(super) fn connection(&self) -> Result<ClientConnection, rustls::Error> {
+    pub(super) fn connection(&self) -> Result<ClientConnection, rustls::Error> {
         ClientConnection::new(Arc::clone(&self.config), self.name.clone())
     }
-
 }
 
 /// The client configuration: trusting the PEM certificates of `cacert`,
