@@ -11,6 +11,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use support::TempDir;
@@ -64,7 +65,7 @@ fn cached(
 fn metric(
     addr: SocketAddr,
     domain: &str,
-    trust: &std::sync::Arc<rustls::ClientConfig>,
+    trust: &Arc<rustls::ClientConfig>,
     name: &str,
 ) -> Option<u64> {
     let mut c = connect_as(addr, domain, trust).expect("an HTTPS connection");
@@ -74,6 +75,19 @@ fn metric(
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Asserts that `/metrics` gives the served certificate's expiry, and that
+/// it is a pebble one (valid for years), not one near its end.
+fn assert_served_for_long(addr: SocketAddr, domain: &str, trust: &Arc<rustls::ClientConfig>) {
+    let expiry = metric(
+        addr,
+        domain,
+        trust,
+        "ssed_tls_certificate_expiry_timestamp_seconds",
+    )
+    .expect("the expiry metric");
+    assert!(expiry > now() + 30 * 86_400, "{expiry}");
 }
 
 /// `secs` since the epoch as openssl's `YYYYMMDDHHMMSSZ`.
@@ -151,14 +165,7 @@ fn tls_alpn_01_gets_a_certificate_that_serves_events_and_survives_a_restart() {
         stream.text
     );
     // Metrics: the expiry of what is served (pebble issues for years), one obtained.
-    let expiry = metric(
-        addr,
-        domain,
-        &trust,
-        "ssed_tls_certificate_expiry_timestamp_seconds",
-    )
-    .expect("the expiry metric");
-    assert!(expiry > now() + 30 * 86_400, "{expiry}");
+    assert_served_for_long(addr, domain, &trust);
     assert_eq!(
         metric(
             addr,
@@ -189,7 +196,7 @@ fn tls_alpn_01_gets_a_certificate_that_serves_events_and_survives_a_restart() {
     // gets no certificate at all, and the server goes on.
     let mut validator = (*trust).clone();
     validator.alpn_protocols = vec![b"acme-tls/1".to_vec()];
-    assert!(connect_as(addr, domain, &std::sync::Arc::new(validator)).is_err());
+    assert!(connect_as(addr, domain, &Arc::new(validator)).is_err());
     assert!(connect_as(addr, domain, &trust).is_ok());
     server.terminate();
     server
@@ -304,14 +311,7 @@ fn a_certificate_near_expiry_keeps_serving_and_is_renewed() {
         "{}",
         server.stderr()
     );
-    let expiry = metric(
-        addr,
-        domain,
-        &trust,
-        "ssed_tls_certificate_expiry_timestamp_seconds",
-    )
-    .expect("the expiry metric");
-    assert!(expiry > now() + 30 * 86_400, "{expiry}");
+    assert_served_for_long(addr, domain, &trust);
 }
 
 #[test]

@@ -245,11 +245,7 @@ impl Certificates {
                 reason: e.to_string(),
             })?;
         let certified = Arc::new(CertifiedKey::new(vec![cert.into()], signer));
-        let mut challenges = self
-            .inner
-            .challenges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut challenges = self.challenges();
         challenges.retain(|(d, _)| !d.eq_ignore_ascii_case(domain));
         challenges.push((domain.to_ascii_lowercase(), certified));
         Ok(())
@@ -257,12 +253,16 @@ impl Certificates {
 
     /// Stops answering `tls-alpn-01` validations of `domain`.
     pub fn forget_tls_alpn_01(&self, domain: &str) {
-        let mut challenges = self
-            .inner
+        self.challenges()
+            .retain(|(d, _)| !d.eq_ignore_ascii_case(domain));
+    }
+
+    /// The challenge certificates being served.
+    fn challenges(&self) -> std::sync::MutexGuard<'_, Vec<(String, Arc<CertifiedKey>)>> {
+        self.inner
             .challenges
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        challenges.retain(|(d, _)| !d.eq_ignore_ascii_case(domain));
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The certificate chain's file.
