@@ -633,16 +633,6 @@ mod daemon {
             "tls.cert",
             "missing",
         );
-        assert_config_refused(
-            "[tls]\nacme_domains = [\"example.com\"]\n",
-            "tls.acme_domains",
-            "not yet supported",
-        );
-        assert_config_refused(
-            "[tls]\nredirect_http = \"127.0.0.1:80\"\n",
-            "tls.redirect_http",
-            "not yet supported",
-        );
         assert_config_refused("[tls]\ncertificate = \"x\"\n", "tls.certificate", "unknown");
     }
 
