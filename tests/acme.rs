@@ -197,6 +197,11 @@ fn tls_alpn_01_gets_a_certificate_that_serves_events_and_survives_a_restart() {
     let mut validator = (*trust).clone();
     validator.alpn_protocols = vec![b"acme-tls/1".to_vec()];
     assert!(connect_as(addr, domain, &Arc::new(validator)).is_err());
+    // A client offering it beside http/1.1 is no validation: it is served.
+    let mut both = (*trust).clone();
+    both.alpn_protocols = vec![b"http/1.1".to_vec(), b"acme-tls/1".to_vec()];
+    let c = connect_as(addr, domain, &Arc::new(both)).expect("served as usual");
+    assert_eq!(c.tls.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
     assert!(connect_as(addr, domain, &trust).is_ok());
     server.terminate();
     server
@@ -424,6 +429,11 @@ fn bad_acme_settings_are_refused_by_key() {
             format!("acme_domains = [\"10.0.0.1\"]\n{ok}"),
             "tls.acme_domains",
             "IP address",
+        ),
+        (
+            format!("acme_domains = [\"account\"]\n{ok}"),
+            "tls.acme_domains",
+            "one label",
         ),
         (
             "acme_domains = [\"a.example\"]\nacme_directory = \"http://ca/dir\"\n".into(),

@@ -17,7 +17,9 @@
 //! should read the table once it sees the stream (re)open.
 //!
 //! The connection is plain TCP or a Unix socket, without TLS: run it over
-//! loopback, a Unix socket or a trusted network.
+//! loopback, a Unix socket or a trusted network. Without TLS the server is
+//! not authenticated either: whatever answers at the address may ask for
+//! the password in clear (or as MD5) instead of SCRAM, and get it.
 //!
 //! # The client
 //!

@@ -337,11 +337,13 @@ impl fmt::Debug for Resolver {
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let inner = &*self.0;
-        if inner.acme
-            && hello
-                .alpn()
-                .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN))
-        {
+        // A validation offers `acme-tls/1` alone (RFC 8737 §3); a client
+        // that also offers `http/1.1` gets the served certificate.
+        let validation = hello.alpn().is_some_and(|offered| {
+            let offered: Vec<&[u8]> = offered.collect();
+            offered == [ACME_TLS_ALPN]
+        });
+        if inner.acme && validation {
             // A validation: its challenge certificate or nothing.
             let name = hello.server_name()?;
             let challenges = inner.challenges.lock().unwrap_or_else(|p| p.into_inner());

@@ -88,6 +88,7 @@ impl Pebble {
         std::fs::write(&config, json.to_string()).expect("write pebble's config");
         let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("a log file");
         let dns_addr = format!("127.0.0.1:{dns}");
+        let dns_management = free_port();
         let challtestsrv = Command::new("pebble-challtestsrv")
             .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
             .args([
@@ -100,7 +101,7 @@ impl Pebble {
                 "-tlsalpn01",
                 "",
             ])
-            .args(["-management", &format!("127.0.0.1:{}", free_port())])
+            .args(["-management", &format!("127.0.0.1:{dns_management}")])
             .stdout(log("dns.log"))
             .stderr(log("dns.err"))
             .spawn()
@@ -126,7 +127,8 @@ impl Pebble {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         let up = |port| TcpStream::connect(("127.0.0.1", port)).is_ok();
-        while !(up(listen) && up(management)) {
+        // The DNS server is up once its management port is.
+        while !(up(listen) && up(management) && up(dns_management)) {
             assert!(
                 Instant::now() < deadline,
                 "pebble did not start: {}",

@@ -370,11 +370,12 @@ fn host_of(bytes: &[u8]) -> Result<Host, ConfigError> {
 // ---------------------------------------------------------------------------
 
 /// `[user[:password]@][host[:port][,…]][/dbname][?key=value&…]`, after the
-/// scheme. libpq's reading, loosely: the credentials end at the first `@`
-/// before any `?`, so a password may hold an unencoded `/`.
+/// scheme. The credentials end at the last `@` before any `?` (no host
+/// holds one), so a password may hold an unencoded `/` or `@`, and no part
+/// of it is ever read as a host (which errors and logs would show).
 fn parse_url(s: &str, p: &mut Parsed) -> Result<(), ConfigError> {
     let query_at = s.find('?').unwrap_or(s.len());
-    let s = match s[..query_at].find('@') {
+    let s = match s[..query_at].rfind('@') {
         Some(at) => {
             let creds = &s[..at];
             let (user, password) = match creds.split_once(':') {
@@ -598,6 +599,14 @@ mod tests {
 
     fn tcp(name: &str) -> Host {
         Host::Tcp(name.to_owned())
+    }
+
+    #[test]
+    fn an_unencoded_at_sign_stays_in_the_password() {
+        let c = parse("postgres://app:p@ss@db.example/prod");
+        assert_eq!(c.password.as_deref(), Some(&b"p@ss"[..]));
+        assert_eq!(c.hosts, [tcp("db.example")]);
+        assert!(!c.describe().contains("ss@"), "{}", c.describe());
     }
 
     #[test]

@@ -21,6 +21,18 @@ use super::auth::{self, SCRAM_SHA_256, Scram};
 use super::config::{Config, Host, SessionAttrs, os_user};
 use crate::backoff::Jitter;
 
+/// Rows kept from one simple query: ssed's queries want one (a `SHOW`);
+/// a server that sends more is broken or hostile.
+const MAX_ROWS: usize = 16;
+/// Notifications kept while an exchange is under way (a `LISTEN` batch, a
+/// ping), before they are handed on: with [`MAX_NOTIFICATION`], a bound
+/// (16 MiB) on what a server that sends them without end can make ssed
+/// hold.
+const MAX_QUEUED: usize = 1024;
+/// The largest notification message taken: PostgreSQL's payloads are
+/// under 8,000 bytes and channel names under 64.
+const MAX_NOTIFICATION: usize = 16 * 1024;
+
 /// Longest message body accepted from the server. A notification's payload
 /// is under 8,000 bytes unless the server was built otherwise, and nothing
 /// else this client asks for comes near.
@@ -741,6 +753,11 @@ impl Connection {
             let (tag, body) = self.reply(deadline, cancel, "waiting for a query's answer")?;
             match tag {
                 b'T' | b'C' | b'I' => {} // row description, command or empty query done
+                b'D' if rows.len() >= MAX_ROWS => {
+                    return Err(Error::Protocol(format!(
+                        "more than {MAX_ROWS} rows for a query that wants one"
+                    )));
+                }
                 b'D' => rows.push(parse_row(&body)?),
                 b'E' => {
                     failed.get_or_insert(ServerError::parse(&body));
@@ -794,6 +811,17 @@ impl Connection {
                 .read_message(deadline, cancel)?
                 .ok_or(Error::TimedOut(what))?;
             match tag {
+                b'A' if body.len() > MAX_NOTIFICATION => {
+                    return Err(Error::Protocol(format!(
+                        "a notification of {} bytes (PostgreSQL's are under 8,100)",
+                        body.len()
+                    )));
+                }
+                b'A' if self.queued.len() >= MAX_QUEUED => {
+                    return Err(Error::Protocol(format!(
+                        "more than {MAX_QUEUED} notifications in the middle of an exchange"
+                    )));
+                }
                 b'A' => {
                     let n = parse_notification(&body)?;
                     self.queued.push_back(n);

@@ -218,6 +218,12 @@ pub fn start(
         .recursive(true)
         .mode(0o700)
         .create(config.ca_dir())?;
+    if certs.end_entity().is_none()
+        && config.cert_path().exists()
+        && let Err(e) = certs.reload()
+    {
+        log::warn!("ACME: the cached certificate cannot be served ({e}); a new one is ordered");
+    }
     let status = Arc::new(AcmeStatus::default());
     let shared = Arc::clone(&status);
     std::thread::Builder::new()
@@ -239,14 +245,7 @@ fn renew(
     let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
     let names = config.domains.join(", ");
     loop {
-        let now = unix_now();
-        let wait = match served_validity(certs) {
-            Some((not_before, not_after)) => {
-                let renew_at = not_before + (not_after - not_before) * 2 / 3;
-                Duration::from_secs(renew_at.saturating_sub(now).max(0) as u64)
-            }
-            None => Duration::ZERO,
-        };
+        let wait = renewal_wait(certs);
         if !wait.is_zero() {
             if sleep(shutdown, wait.min(RECHECK)) {
                 return;
@@ -262,11 +261,26 @@ fn renew(
         match obtain(config, certs, http01) {
             Ok(not_after) => {
                 status.obtained.fetch_add(1, Relaxed);
-                backoff.reset();
                 log::info!(
                     "ACME: certificate for {names} obtained, valid until {}; serving it",
                     crate::time::iso8601(UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64))
                 );
+                if renewal_wait(certs).is_zero() {
+                    // Due already (a clock far ahead, a CA issuing for
+                    // hours): ordering again at once would burn the CA's
+                    // limits, so wait as after a failure.
+                    let wait = backoff.next_wait();
+                    log::error!(
+                        "ACME: the certificate obtained for {names} is already due for renewal \
+                         (check the clock); next order in {} s",
+                        wait.as_secs()
+                    );
+                    if sleep(shutdown, wait) {
+                        return;
+                    }
+                } else {
+                    backoff.reset();
+                }
             }
             Err(e) => {
                 status.failures.fetch_add(1, Relaxed);
@@ -289,6 +303,18 @@ fn renew(
         if shutdown.is_shutdown() {
             return;
         }
+    }
+}
+
+/// How long until the served certificate is two thirds through its
+/// life; zero when it is, or when none is served.
+fn renewal_wait(certs: &Certificates) -> Duration {
+    match served_validity(certs) {
+        Some((not_before, not_after)) => {
+            let renew_at = not_before + (not_after - not_before) * 2 / 3;
+            Duration::from_secs(renew_at.saturating_sub(unix_now()).max(0) as u64)
+        }
+        None => Duration::ZERO,
     }
 }
 
@@ -322,6 +348,7 @@ fn obtain(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key = client::new_key()?;
             write_private(&account_path, &der::pem("PRIVATE KEY", &key))
+                .and_then(|tmp| fs::rename(tmp, &account_path))
                 .map_err(|e| format!("{}: {e}", account_path.display()))?;
             log::info!("ACME: new account key in {}", account_path.display());
             key
@@ -335,28 +362,44 @@ fn obtain(
     let responders = Responders { certs, http01 };
     let chain = acme.obtain(&config.domains, &cert_key, &responders)?;
     let (key_path, cert_path) = (config.key_path(), config.cert_path());
-    write_private(&key_path, &der::pem("PRIVATE KEY", &cert_key))
+    // Both written whole before either replaces its file, so a failure
+    // leaves the old pair (or, between the two renames, at worst a pair
+    // that does not load: the next start then orders anew).
+    let key_tmp = write_private(&key_path, &der::pem("PRIVATE KEY", &cert_key))
         .map_err(|e| format!("{}: {e}", key_path.display()))?;
-    write_private(&cert_path, &chain).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    let cert_tmp =
+        write_private(&cert_path, &chain).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    fs::rename(&key_tmp, &key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    fs::rename(&cert_tmp, &cert_path).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    if let Ok(d) = fs::File::open(config.ca_dir()) {
+        let _ = d.sync_all(); // the renames, on the way to disk
+    }
     certs.reload()?;
     served_validity(certs)
         .map(|(_, not_after)| not_after)
         .ok_or_else(|| "the certificate obtained does not parse".into())
 }
 
-/// Writes `text` to `path` through a temporary file renamed over it, mode
-/// 0600, so a reader sees the old file or the new one, whole.
-fn write_private(path: &Path, text: &str) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
+/// Writes `text`, synced, to a new file beside `path` (`path.tmp`, mode
+/// 0600 from its creation) and returns that file's path, for the caller
+/// to rename over `path`.
+fn write_private(path: &Path, text: &str) -> io::Result<PathBuf> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    // A stale one (an attempt cut short) may have other permissions.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut f = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
-    fs::rename(&tmp, path)
+    Ok(tmp)
 }
 
 #[cfg(test)]

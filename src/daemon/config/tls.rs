@@ -199,5 +199,10 @@ fn check_domain(d: &str) -> Result<(), String> {
     if d.len() > 253 || !d.split('.').all(label_ok) {
         return Err(format!("{d:?} is not a DNS name"));
     }
+    if !d.contains('.') {
+        return Err(format!(
+            "{d:?}: a name of one label (no CA issues for it); give the full name"
+        ));
+    }
     Ok(())
 }
