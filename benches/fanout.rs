@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench fanout -- [--workloads a,b,c] [--flat-events N] [--json]
+//! cargo bench --features loadtest-https --bench fanout -- --workloads a,t
 //! ```
 //!
 //! For each workload the benchmark starts the real daemon
@@ -24,6 +25,14 @@
 //!   arrival is published as a private subscription update (the goal:
 //!   p99 and CPU per delivery within 10 % of m's, same run). Run them
 //!   with `--workloads m,s`.
+//! - t: as a, over HTTPS: the daemon has `[tls] cert` and `key` (a P-256
+//!   certificate for `127.0.0.1` from a CA made with `openssl` in the
+//!   temporary directory), and subscribers and publisher use
+//!   `https://127.0.0.1:PORT/...` with `--cacert` (that CA): what TLS adds
+//!   to a delivery (the waker threads seal a record per subscriber) beside
+//!   a's plain text. Run them with `--workloads a,t`. The load tester
+//!   must speak https (today `--features loadtest-https`); one that does
+//!   not fails t, saying so, rather than skipping it.
 //!
 //! While the load test runs, a thread samples the server's CPU time
 //! (utime + stime from `/proc/PID/stat`, in 1/100 s ticks) every 10 ms; the
@@ -37,12 +46,15 @@
 //!
 //! Each workload gets a fresh server, killed by PID when its guard drops.
 //! Run by `cargo test --benches` (no `--bench` flag) it runs tiny versions
-//! of a, b, d and s as a check that it works. Linux only (`/proc`); loopback only.
+//! of a, b, d, s and t as a check that it works (t: with `--features
+//! loadtest-https` until that is the default). Linux only (`/proc`);
+//! loopback only; t needs the `openssl` command (3.0 or later).
 
 use std::error::Error;
 use std::fs;
 use std::io::Read;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,7 +64,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 mod common;
-use common::{BIN, Guard, Server, TempDir, cpu_ticks};
+use common::{BIN, Guard, Pki, Server, TempDir, cpu_ticks, server_bin};
 
 /// How often the server's CPU time is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
@@ -69,7 +81,8 @@ history = 100
 const USAGE: &str = "\
 usage: cargo bench --bench fanout -- [options]
 
-  --workloads LIST   which workloads to run, of a,b,c,d,m,s (default a,b,c,d)
+  --workloads LIST   which workloads to run, of a,b,c,d,m,s,t (default a,b,c,d);
+                     t is HTTPS: build with --features loadtest-https
   --flat-events N    events the flat-out publisher sends in b (default 20000)
   --json             print one JSON object instead of the table
 ";
@@ -92,10 +105,15 @@ struct Workload {
     paths: Option<(Vec<String>, String)>,
     /// Added to the server's configuration.
     config: &'static str,
+    /// HTTPS: the server gets `[tls]`, the load tester `https://` URLs and
+    /// `--cacert`.
+    tls: bool,
 }
 
 impl Workload {
-    fn loadtest_args(&self, addr: SocketAddr) -> Vec<String> {
+    /// The load tester's arguments; `cacert`: the CA to trust, for HTTPS.
+    fn loadtest_args(&self, addr: SocketAddr, cacert: Option<&Path>) -> Vec<String> {
+        let scheme = if cacert.is_some() { "https" } else { "http" };
         let topic = format!("fanout-{}", self.key);
         let ramp = if self.subscribers > 1000 { 4000 } else { 5000 };
         let (streams, publish) = self.paths.clone().unwrap_or_else(|| {
@@ -107,7 +125,7 @@ impl Workload {
         let mut args = vec!["loadtest".to_owned()];
         for path in streams {
             args.push("--url".to_owned());
-            args.push(format!("http://{addr}{path}"));
+            args.push(format!("{scheme}://{addr}{path}"));
         }
         args.extend([
             "--connections".to_owned(),
@@ -115,7 +133,7 @@ impl Workload {
             "--ramp".to_owned(),
             format!("{ramp}/s"),
             "--publish-url".to_owned(),
-            format!("http://{addr}{publish}"),
+            format!("{scheme}://{addr}{publish}"),
             "--events".to_owned(),
             self.events.to_string(),
             "--rate".to_owned(),
@@ -124,6 +142,10 @@ impl Workload {
             "10s".to_owned(),
             "--json".to_owned(),
         ]);
+        if let Some(ca) = cacert {
+            args.push("--cacert".to_owned());
+            args.push(ca.to_string_lossy().into_owned());
+        }
         args
     }
 }
@@ -144,7 +166,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         workloads: if bench {
             vec!["a".into(), "b".into(), "c".into(), "d".into()]
         } else {
-            vec!["a".into(), "b".into(), "d".into(), "s".into()]
+            vec!["a".into(), "b".into(), "d".into(), "s".into(), "t".into()]
         },
         flat_events: if bench { 20_000 } else { 500 },
         json: false,
@@ -169,9 +191,9 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
                 if let Some(bad) = o
                     .workloads
                     .iter()
-                    .find(|w| !["a", "b", "c", "d", "m", "s"].contains(&w.as_str()))
+                    .find(|w| !["a", "b", "c", "d", "m", "s", "t"].contains(&w.as_str()))
                 {
-                    return Err(format!("unknown workload {bad:?} (a, b, c, d, m or s)"));
+                    return Err(format!("unknown workload {bad:?} (a, b, c, d, m, s or t)"));
                 }
             }
             "--flat-events" => {
@@ -209,6 +231,7 @@ fn mercure(key: &'static str, subs: u64, events: u64, rate: u64, config: &'stati
             format!("/publish/fanout-{key}"),
         )),
         config,
+        tls: false,
     }
 }
 
@@ -229,6 +252,7 @@ fn workloads(o: &Options) -> Vec<Workload> {
             rate_target: None,
             paths: None,
             config: "",
+            tls: false,
         },
         Workload {
             key: "b",
@@ -244,6 +268,7 @@ fn workloads(o: &Options) -> Vec<Workload> {
             rate_target: o.bench.then_some(450_000.0),
             paths: None,
             config: "",
+            tls: false,
         },
         Workload {
             key: "c",
@@ -255,6 +280,7 @@ fn workloads(o: &Options) -> Vec<Workload> {
             rate_target: None,
             paths: None,
             config: "",
+            tls: false,
         },
         Workload {
             key: "d",
@@ -272,6 +298,7 @@ fn workloads(o: &Options) -> Vec<Workload> {
                 "/publish/fanout-d".to_owned(),
             )),
             config: "",
+            tls: false,
         },
         mercure("m", a_subs, a_events, a_rate, ""),
         mercure(
@@ -281,6 +308,18 @@ fn workloads(o: &Options) -> Vec<Workload> {
             a_rate,
             "[mercure]\nsubscriptions = true\n",
         ),
+        Workload {
+            key: "t",
+            title: format!("t: {a_subs} over HTTPS, {a_events} events at {a_rate}/s"),
+            subscribers: a_subs,
+            events: a_events,
+            rate: a_rate,
+            p99_target_ms: None,
+            rate_target: None,
+            paths: None,
+            config: "",
+            tls: true,
+        },
     ];
     all.into_iter()
         .filter(|w| o.workloads.iter().any(|k| k == w.key))
@@ -387,11 +426,19 @@ impl Outcome {
 
 fn run_workload(w: &Workload) -> Result<Outcome, Box<dyn Error>> {
     let dir = TempDir::new(w.key)?;
+    let pki = w.tls.then(|| Pki::new(&dir.0)).transpose()?;
+    let mut toml = format!("{CONFIG}{}", w.config);
+    if let Some(pki) = &pki {
+        let (cert, key) = (pki.cert.to_string_lossy(), pki.key.to_string_lossy());
+        toml.push_str(&format!("[tls]\ncert = {cert:?}\nkey = {key:?}\n"));
+    }
     let config = dir.0.join("ssed.toml");
-    fs::write(&config, format!("{CONFIG}{}", w.config))?;
+    fs::write(&config, &toml)?;
     let server = Server::start(&config)?;
     let pid = server.pid();
-    let args = w.loadtest_args(server.addr);
+    let args = w.loadtest_args(server.addr, pki.as_ref().map(|p| p.ca.as_path()));
+    // What the commands show: the files of the temporary directory by name.
+    let in_dir = format!("{}/", dir.0.display());
     eprintln!("fanout: {} ...", w.title);
     let sampler = Sampler::start(pid);
     let before = cpu_ticks(pid);
@@ -431,7 +478,12 @@ fn run_workload(w: &Workload) -> Result<Outcome, Box<dyn Error>> {
     }
     let out = reader.join().map_err(|_| "stdout reader panicked")?;
     if !status.success() {
-        return Err(format!("{}: ssed loadtest failed ({status})", w.title).into());
+        let hint = if w.tls {
+            " (HTTPS: does this ssed loadtest speak https? --features loadtest-https)"
+        } else {
+            ""
+        };
+        return Err(format!("{}: ssed loadtest failed ({status}){hint}", w.title).into());
     }
     let report: Value = serde_json::from_str(out.trim())
         .map_err(|e| format!("{}: the load test printed no JSON ({e}): {out}", w.title))?;
@@ -451,9 +503,9 @@ fn run_workload(w: &Workload) -> Result<Outcome, Box<dyn Error>> {
         report,
         server_command: format!(
             "ssed --config ssed.toml --listen 127.0.0.1:0  (ssed.toml: {})",
-            format!("{CONFIG}{}", w.config).trim().replace('\n', ", ")
+            toml.trim().replace('\n', ", ").replace(&in_dir, "")
         ),
-        loadtest_command: format!("ssed {}", args.join(" ")),
+        loadtest_command: format!("ssed {}", args.join(" ")).replace(&in_dir, ""),
         window_cpu,
         total_cpu,
     })
@@ -491,7 +543,7 @@ fn run(o: &Options) -> Result<(), Box<dyn Error>> {
             .collect();
         println!(
             "{}",
-            json!({"date": utc_now(), "cpus": cpus(), "load_average_before": load_before, "version": env!("CARGO_PKG_VERSION"), "workloads": list})
+            json!({"date": utc_now(), "cpus": cpus(), "load_average_before": load_before, "version": env!("CARGO_PKG_VERSION"), "server_bin": server_bin().to_string_lossy(), "workloads": list})
         );
         return Ok(());
     }
@@ -512,6 +564,7 @@ fn print_table(outcomes: &[Outcome], load_before: &str) {
         cpus(),
         load_before,
     );
+    println!("server binary: {}", server_bin().to_string_lossy());
     println!(
         "\n{:<42} {:>6} {:>17} {:>7} {:>7} {:>7} {:>7} {:>12} {:>10}",
         "workload",
@@ -576,29 +629,47 @@ fn print_table(outcomes: &[Outcome], load_before: &str) {
             opt(r.report["client_cpu_s"].as_f64(), 2),
         );
     }
-    let c = outcomes.iter().find(|r| r.workload.key == "c");
-    let d = outcomes.iter().find(|r| r.workload.key == "d");
-    if let (Some(c), Some(d)) = (c, d) {
+    let pairs = [
+        ("c", "d", "selectors (issue 13)", " (goal: each <= 1.5x)"),
+        (
+            "m",
+            "s",
+            "active subscriptions",
+            " (goal: p99 and CPU <= 1.10x)",
+        ),
+        ("a", "t", "HTTPS", ""),
+    ];
+    for (base, other, what, goal) in pairs {
+        let find = |key: &str| outcomes.iter().find(|r| r.workload.key == key);
+        let (Some(b), Some(o)) = (find(base), find(other)) else {
+            continue;
+        };
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if a > 0.0 => format!("{:.2}x", b / a),
             _ => "-".to_owned(),
         };
-        let p50 = ratio(c.latency("p50"), d.latency("p50"));
-        let p99 = ratio(c.latency("p99"), d.latency("p99"));
-        let cpu = ratio(c.us_per_delivery(), d.us_per_delivery());
+        let p50 = ratio(b.latency("p50"), o.latency("p50"));
+        let p99 = ratio(b.latency("p99"), o.latency("p99"));
+        let cpu = ratio(b.us_per_delivery(), o.us_per_delivery());
         println!(
-            "\nselectors (issue 13): d beside c: p50 {p50}, p99 {p99}, server CPU per delivery {cpu} (goal: each <= 1.5x)"
+            "\n{what}: {other} beside {base}: p50 {p50}, p99 {p99}, server CPU per delivery {cpu}{goal}"
         );
     }
-    println!("\ncommands (ADDR: the server's address, logged at start-up):");
-    if let Some(r) = outcomes.first() {
-        println!("  server:  {}", r.server_command);
+    println!(
+        "\ncommands (ADDR: the server's address, logged at start-up; files in its temporary directory by name):"
+    );
+    let mut servers: Vec<&str> = Vec::new();
+    for r in outcomes {
+        if !servers.contains(&r.server_command.as_str()) {
+            servers.push(&r.server_command);
+            println!("  server:  {}", r.server_command);
+        }
     }
     for r in outcomes {
         let addr = r.report["url"]
             .as_str()
-            .and_then(|u| u.strip_prefix("http://"))
-            .and_then(|u| u.split('/').next())
+            .and_then(|u| u.split_once("://"))
+            .and_then(|(_, u)| u.split('/').next())
             .unwrap_or("ADDR");
         println!("  {}", r.loadtest_command.replace(addr, "ADDR"));
     }

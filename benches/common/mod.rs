@@ -1,6 +1,7 @@
 //! What the benchmarks that run the real daemon share: a temporary
 //! directory, the `ssed` binary as a child process killed by PID when
-//! dropped (its address read from its log), and a process's CPU time.
+//! dropped (its address read from its log), a process's CPU time, and a
+//! throwaway CA with a server certificate for HTTPS.
 //! Included with `mod common;`; not every benchmark uses every item.
 #![allow(dead_code)]
 
@@ -123,4 +124,93 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let fields: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of proc(5), counted from the state (field 3).
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// What the benchmarks' `openssl req` reads: the extensions of a CA and of
+/// a server certificate for `localhost` and `127.0.0.1`.
+const OPENSSL_CNF: &str = "\
+[req]
+distinguished_name = dn
+[dn]
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign
+[server]
+subjectAltName = DNS:localhost,IP:127.0.0.1
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+";
+
+/// A throwaway PKI in a benchmark's directory: `ca.pem`, the CA a client
+/// is to trust, and the server's `server.pem` (issued by it, for
+/// `127.0.0.1` and `localhost`, valid two days) and `server.key`, both
+/// keys P-256. Made with the `openssl` command, 3.0 or later (`req -x509
+/// -CA`).
+pub struct Pki {
+    /// The CA's certificate (PEM).
+    pub ca: PathBuf,
+    /// The server's certificate (PEM).
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl Pki {
+    /// Makes the CA and the server's certificate in `dir`.
+    pub fn new(dir: &Path) -> Result<Pki, Box<dyn Error>> {
+        let cnf = dir.join("openssl.cnf");
+        fs::write(&cnf, OPENSSL_CNF)?;
+        let pki = Pki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        };
+        let ca_key = dir.join("ca.key");
+        let issuer = Some((pki.ca.as_path(), ca_key.as_path()));
+        openssl_req(&cnf, "ca", "/CN=ssed bench CA", (&ca_key, &pki.ca), None)?;
+        openssl_req(
+            &cnf,
+            "server",
+            "/CN=localhost",
+            (&pki.key, &pki.cert),
+            issuer,
+        )?;
+        Ok(pki)
+    }
+}
+
+/// `openssl req -x509` making a new P-256 key and its certificate (`made`:
+/// the key's file, the certificate's) with the extensions of `section` of
+/// `cnf`: self-signed, or issued by `issuer` (its certificate and key).
+fn openssl_req(
+    cnf: &Path,
+    section: &str,
+    subject: &str,
+    made: (&Path, &Path),
+    issuer: Option<(&Path, &Path)>,
+) -> Result<(), String> {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["req", "-x509", "-config"]).arg(cnf);
+    cmd.args(["-extensions", section, "-subj", subject, "-days", "2"]);
+    cmd.args([
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-noenc",
+    ]);
+    cmd.arg("-keyout").arg(made.0).arg("-out").arg(made.1);
+    if let Some((cert, key)) = issuer {
+        cmd.arg("-CA").arg(cert).arg("-CAkey").arg(key);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("the openssl command (apt-get install openssl): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(format!("openssl req ({section}): {}", err.trim()))
+    }
 }
