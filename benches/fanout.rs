@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench fanout -- [--workloads a,b,c] [--flat-events N] [--json]
-//! cargo bench --features loadtest-https --bench fanout -- --workloads a,t
+//! cargo bench --bench fanout -- --workloads a,t
 //! ```
 //!
 //! For each workload the benchmark starts the real daemon
@@ -30,9 +30,9 @@
 //!   temporary directory), and subscribers and publisher use
 //!   `https://127.0.0.1:PORT/...` with `--cacert` (that CA): what TLS adds
 //!   to a delivery (the waker threads seal a record per subscriber) beside
-//!   a's plain text. Run them with `--workloads a,t`. The load tester
-//!   must speak https (today `--features loadtest-https`); one that does
-//!   not fails t, saying so, rather than skipping it.
+//!   a's plain text. Run them with `--workloads a,t`. A load tester
+//!   that does not speak https (a build from before ACME) fails t, saying
+//!   so, rather than skipping it.
 //!
 //! While the load test runs, a thread samples the server's CPU time
 //! (utime + stime from `/proc/PID/stat`, in 1/100 s ticks) every 10 ms; the
@@ -46,8 +46,7 @@
 //!
 //! Each workload gets a fresh server, killed by PID when its guard drops.
 //! Run by `cargo test --benches` (no `--bench` flag) it runs tiny versions
-//! of a, b, d, s and t as a check that it works (t: with `--features
-//! loadtest-https` until that is the default). Linux only (`/proc`);
+//! of a, b, d, s and t as a check that it works. Linux only (`/proc`);
 //! loopback only; t needs the `openssl` command (3.0 or later).
 
 use std::error::Error;
@@ -82,7 +81,7 @@ const USAGE: &str = "\
 usage: cargo bench --bench fanout -- [options]
 
   --workloads LIST   which workloads to run, of a,b,c,d,m,s,t (default a,b,c,d);
-                     t is HTTPS: build with --features loadtest-https
+                     t is a over HTTPS
   --flat-events N    events the flat-out publisher sends in b (default 20000)
   --json             print one JSON object instead of the table
 ";
@@ -479,7 +478,7 @@ fn run_workload(w: &Workload) -> Result<Outcome, Box<dyn Error>> {
     let out = reader.join().map_err(|_| "stdout reader panicked")?;
     if !status.success() {
         let hint = if w.tls {
-            " (HTTPS: does this ssed loadtest speak https? --features loadtest-https)"
+            " (HTTPS: does this ssed loadtest speak https?)"
         } else {
             ""
         };
