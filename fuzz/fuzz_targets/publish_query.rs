@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     } else {
         ([127, 0, 0, 1], 40000).into()
     };
-    let Daemon { server, hub } =
+    let Daemon { server, hub, .. } =
         ssed::daemon::build(config.clone(), ShutdownHandle::new()).expect("builds on port 0");
     let offline = Offline::new(server).expect("a loopback connection");
 
