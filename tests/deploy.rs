@@ -80,8 +80,23 @@ impl Drop for Nginx {
 
 impl Nginx {
     /// Runs `deploy/nginx/ssed.conf` in `dir` with ssed at `upstream`,
-    /// listening on 127.0.0.1:`port`.
-    fn start(nginx: &Path, dir: &Path, upstream: SocketAddr, port: u16) -> Nginx {
+    /// on a free port of 127.0.0.1 of its own; and that port. A port another test's process took between its choice and
+    /// nginx's bind (nginx then retries the bind for 2.5 s while the other
+    /// process answers there) is given up for another.
+    fn start(nginx: &Path, dir: &Path, upstream: SocketAddr) -> (Nginx, u16) {
+        for _ in 0..4 {
+            let port = free_port();
+            if let Some(n) = Nginx::start_on(nginx, dir, upstream, port) {
+                return (n, port);
+            }
+        }
+        panic!("nginx could not bind a free port in four tries");
+    }
+
+    /// nginx on 127.0.0.1:`port`, or `None` if it could not bind it.
+    fn start_on(nginx: &Path, dir: &Path, upstream: SocketAddr, port: u16) -> Option<Nginx> {
+        let _ = std::fs::remove_file(dir.join("nginx.pid"));
+        let _ = std::fs::remove_file(dir.join("error.log"));
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/ssed.conf");
         let mut conf = std::fs::read_to_string(&repo).expect("deploy/nginx/ssed.conf");
         let d = dir.to_str().expect("utf-8 temp path");
@@ -130,6 +145,19 @@ impl Nginx {
             dir: dir.to_owned(),
         };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // nginx writes its pid file once its sockets are bound: only then
+        // is what answers on the port nginx.
+        let bound = || nginx.dir.join("nginx.pid").exists();
+        let refused = || nginx.error_log().contains("bind() to");
+        wait_until(DEADLINE, || bound() || refused());
+        if !bound() {
+            assert!(
+                refused(),
+                "nginx did not start; error log:\n{}",
+                nginx.error_log()
+            );
+            return None; // dropped: killed by PID
+        }
         assert!(
             wait_until(DEADLINE, || TcpStream::connect(addr).is_ok()),
             "nginx does not listen on {addr}; error log:\n{}",
@@ -140,7 +168,7 @@ impl Nginx {
             "nginx exited: {}",
             nginx.error_log()
         );
-        nginx
+        Some(nginx)
     }
 
     fn error_log(&self) -> String {
@@ -199,8 +227,7 @@ fn events_pass_through_the_nginx_example_unbuffered() {
     .expect("write ssed.toml");
     let ssed = Ssed::spawn(&["--config", config.to_str().expect("utf-8")], &[]);
     let upstream = ssed.listening();
-    let port = free_port();
-    let nginx = Nginx::start(&binary, dir.path(), upstream, port);
+    let (nginx, port) = Nginx::start(&binary, dir.path(), upstream);
     let front = SocketAddr::from(([127, 0, 0, 1], port));
 
     // A stream through nginx, authenticated by ?token=.
@@ -280,8 +307,7 @@ fn behind_the_nginx_example_limits_follow_the_client_address() {
     )
     .expect("write ssed.toml");
     let ssed = Ssed::spawn(&["--config", config.to_str().expect("utf-8")], &[]);
-    let port = free_port();
-    let nginx = Nginx::start(&binary, dir.path(), ssed.listening(), port);
+    let (nginx, port) = Nginx::start(&binary, dir.path(), ssed.listening());
     let front = SocketAddr::from(([127, 0, 0, 1], port));
     let open = |from: &str| {
         let mut c = Client::from_conn(support::connect_from(from, front));
