@@ -72,6 +72,15 @@ fn first_error(listener: &Listener) -> String {
     listener.state().last_error.unwrap_or_default()
 }
 
+/// The error a listener on `url` (channel `c`) stops at first; the
+/// listener stopped.
+fn error_of(url: &str) -> String {
+    let (listener, _sub) = start(url, "c");
+    let error = first_error(&listener);
+    listener.stop();
+    error
+}
+
 /// The data of the next event of `sub`, lines joined with `\n`.
 fn next_data(sub: &ssed::Subscription) -> String {
     let frame = sub.next_timeout(DEADLINE).expect("an event");
@@ -161,12 +170,10 @@ fn a_server_that_does_not_know_the_password_is_refused() {
     // The proof is right; the server's signature is not.
     let fake = FakePg::start(scram("pw", true), After::Script);
     let url = format!("postgres://app:pw@127.0.0.1:{}/db", fake.addr.port());
-    let (listener, _sub) = start(&url, "c");
-    let error = first_error(&listener);
+    let error = error_of(&url);
     assert!(error.contains("SCRAM signature is wrong"), "{error}");
     assert!(fake.refusals().is_empty(), "{:?}", fake.refusals());
     assert!(fake.queries().is_empty(), "no LISTEN sent to it");
-    listener.stop();
 }
 
 #[test]
@@ -199,13 +206,10 @@ fn md5_in_key_value_form() {
     assert_eq!(next_data(&sub), "via md5");
     listener.stop();
 
-    let (listener, _sub) = start(
-        &format!("host=127.0.0.1 port={port} user=alice password=Secret"),
-        "c",
-    );
-    let error = first_error(&listener);
+    let error = error_of(&format!(
+        "host=127.0.0.1 port={port} user=alice password=Secret"
+    ));
     assert!(error.contains("password authentication failed"), "{error}");
-    listener.stop();
 }
 
 #[test]
@@ -219,10 +223,8 @@ fn a_percent_encoded_password_arrives_exactly() {
     listener.stop();
 
     // Asked for a password the string does not have.
-    let (listener, _sub) = start(&format!("postgres://u@127.0.0.1:{port}/db"), "c");
-    let error = first_error(&listener);
+    let error = error_of(&format!("postgres://u@127.0.0.1:{port}/db"));
     assert!(error.contains("the connection string has none"), "{error}");
-    listener.stop();
 }
 
 #[test]
@@ -250,23 +252,19 @@ fn oversized_or_malformed_messages_end_the_connection_not_the_memory() {
     let mut huge = vec![b'K'];
     huge.extend_from_slice(&0x7fff_fff0i32.to_be_bytes());
     let fake = FakePg::start(Auth::Trust, After::Raw(huge));
-    let (listener, _sub) = start(&format!("postgres://u@127.0.0.1:{}", fake.addr.port()), "c");
-    let error = first_error(&listener);
+    let error = error_of(&format!("postgres://u@127.0.0.1:{}", fake.addr.port()));
     assert!(
         error.contains("message 'K' of 2147483628 bytes, more than the 1048576"),
         "{error}"
     );
-    listener.stop();
 
     // A length shorter than itself.
     let fake = FakePg::start(Auth::Trust, After::Raw(b"Z\0\0\0\x02".to_vec()));
-    let (listener, _sub) = start(&format!("postgres://u@127.0.0.1:{}", fake.addr.port()), "c");
-    let error = first_error(&listener);
+    let error = error_of(&format!("postgres://u@127.0.0.1:{}", fake.addr.port()));
     assert!(
         error.contains("message 'Z' gives its length as 2"),
         "{error}"
     );
-    listener.stop();
 
     // A 1 GiB notification while listening: the connection is dropped and
     // made again.
@@ -292,21 +290,17 @@ fn oversized_or_malformed_messages_end_the_connection_not_the_memory() {
 #[test]
 fn methods_this_client_does_not_do_are_named() {
     let fake = FakePg::start(Auth::Request(7), After::Script);
-    let (listener, _sub) = start(&format!("postgres://u@127.0.0.1:{}", fake.addr.port()), "c");
-    let error = first_error(&listener);
+    let error = error_of(&format!("postgres://u@127.0.0.1:{}", fake.addr.port()));
     assert!(error.contains("asks for GSSAPI (request 7)"), "{error}");
-    listener.stop();
 
     // A server error during the handshake (no such database, say).
     let refusal = error_response("FATAL", "3D000", "database \"nope\" does not exist");
     let fake = FakePg::start(Auth::Trust, After::Raw(refusal));
-    let (listener, _sub) = start(&format!("postgres://u@127.0.0.1:{}", fake.addr.port()), "c");
-    let error = first_error(&listener);
+    let error = error_of(&format!("postgres://u@127.0.0.1:{}", fake.addr.port()));
     assert!(
         error.contains("FATAL: database \"nope\" does not exist (SQLSTATE 3D000)"),
         "{error}"
     );
-    listener.stop();
 }
 
 #[test]
@@ -342,15 +336,13 @@ fn several_hosts_are_tried_in_turn() {
     listener.stop();
 
     // With every host down, the error names the last address tried.
-    let (listener, _sub) = start("postgres://u:s3cret@127.0.0.1:1,127.0.0.1:2/db", "c");
-    let error = first_error(&listener);
+    let error = error_of("postgres://u:s3cret@127.0.0.1:1,127.0.0.1:2/db");
     assert!(
         error.starts_with("cannot connect: 127.0.0.1:2: "),
         "{error}"
     );
     assert_eq!(error.matches("refused").count(), 1, "said once: {error}");
     assert!(!error.contains("s3cret"), "{error}");
-    listener.stop();
 }
 
 #[test]
@@ -416,13 +408,10 @@ fn target_session_attrs_asks_the_server() {
     listener.stop();
 
     // The fake takes writes.
-    let (listener, _sub) = start(
-        &format!("postgres://u@127.0.0.1:{port}/db?target_session_attrs=read-only"),
-        "c",
-    );
-    let error = first_error(&listener);
+    let error = error_of(&format!(
+        "postgres://u@127.0.0.1:{port}/db?target_session_attrs=read-only"
+    ));
     assert!(error.contains("the server takes writes"), "{error}");
-    listener.stop();
 }
 
 #[test]

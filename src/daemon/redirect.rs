@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use super::acme::Http01;
+use crate::http::request::push_encoded;
 use crate::{Request, Response, Server};
 
 /// The redirect listener on `addr`, sending clients to `https_port`. It
@@ -56,9 +57,9 @@ fn redirect(req: &Request, https_port: u16) -> Response {
     location.push_str(req.path());
     for (i, (k, v)) in req.query_pairs().iter().enumerate() {
         location.push(if i == 0 { '?' } else { '&' });
-        encode_into(&mut location, k);
+        push_encoded(&mut location, k);
         location.push('=');
-        encode_into(&mut location, v);
+        push_encoded(&mut location, v);
     }
     Response::text(308, format!("moved to {location}\n")).with_header("Location", &location)
 }
@@ -73,17 +74,6 @@ fn host_of(header: &str) -> Option<&str> {
     };
     let fine = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':');
     (!host.is_empty() && host.bytes().all(fine)).then_some(host)
-}
-
-/// Percent-encodes `s` into `out`, leaving RFC 3986's unreserved bytes.
-fn encode_into(out: &mut String, s: &str) {
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
 }
 
 #[cfg(test)]

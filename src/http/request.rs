@@ -283,6 +283,23 @@ pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Appends `s` percent-encoded: every byte but RFC 3986's unreserved
+/// characters (so a `%` becomes `%25`), as an RFC 6570 simple expansion
+/// does. The daemon's for paths and queries it writes.
+#[cfg_attr(not(feature = "daemon"), allow(dead_code))]
+pub(crate) fn push_encoded(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
+}
+
 /// Percent-decodes `s` (and `+` as space when `plus` is set). Invalid
 /// escapes are kept as they are; invalid UTF-8 is replaced.
 pub(crate) fn decode(s: &str, plus: bool) -> String {

@@ -16,7 +16,7 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use super::TempDir;
 use super::netns::in_ci;
-use super::tls::{Pki, TlsClient, https};
+use super::tls::{Pki, TlsClient, client_config, https};
 
 /// A running pebble and its DNS server.
 pub struct Pebble {
@@ -177,19 +177,6 @@ impl Pebble {
         }
         client_config(roots)
     }
-}
-
-/// A rustls client configuration (ring) trusting `roots`.
-pub fn client_config(roots: RootCertStore) -> Arc<ClientConfig> {
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
 }
 
 /// A handshake with `addr` asking for `name` and verifying against

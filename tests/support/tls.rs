@@ -179,16 +179,22 @@ impl Pki {
                 .add(cert.expect("a CA certificate"))
                 .expect("a usable CA");
         }
-        // ring, as the server uses (see src/wire/certs.rs for why).
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
+        client_config(roots)
+    }
+}
+
+/// A rustls client configuration trusting `roots`, on ring as the server
+/// uses (see src/wire/certs.rs for why).
+pub fn client_config(roots: RootCertStore) -> Arc<ClientConfig> {
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("protocol versions")
             .with_root_certificates(roots)
-            .with_no_client_auth();
-        Arc::new(config)
-    }
+            .with_no_client_auth(),
+    )
 }
 
 /// The DER of the first certificate of a PEM file.

@@ -66,20 +66,10 @@ pub(super) struct Https {
 ///
 /// What is wrong with `extra`, or that no root was found at all.
 pub fn roots(extra: Option<&Path>) -> Result<RootCertStore, String> {
-    let mut roots = RootCertStore::empty();
-    if let Some(path) = extra {
-        let shown = path.display();
-        let pem = std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| format!("{shown}: not a PEM certificate: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{shown}: not a usable root: {e}"))?;
-        }
-        if roots.is_empty() {
-            return Err(format!("{shown}: no CERTIFICATE block in it"));
-        }
-    }
+    let mut roots = match extra {
+        Some(path) => pem_roots(path)?,
+        None => RootCertStore::empty(),
+    };
     let env = std::env::var_os("SSL_CERT_FILE");
     let system = env
         .iter()
@@ -98,6 +88,28 @@ pub fn roots(extra: Option<&Path>) -> Result<RootCertStore, String> {
              or set SSL_CERT_FILE) and none were given"
                 .into(),
         );
+    }
+    Ok(roots)
+}
+
+/// The PEM certificates of the file at `path`, as roots to trust.
+///
+/// # Errors
+///
+/// An unreadable file, a broken PEM block, a certificate webpki cannot
+/// use as a root, or no certificate at all; each naming the file.
+pub fn pem_roots(path: &Path) -> Result<RootCertStore, String> {
+    let shown = path.display();
+    let pem = std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{shown}: not a PEM certificate: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{shown}: an unusable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{shown}: no CERTIFICATE block in it"));
     }
     Ok(roots)
 }

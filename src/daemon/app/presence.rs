@@ -39,6 +39,7 @@ use super::App;
 use super::access::{Admission, How};
 use crate::daemon::auth::random_secret;
 use crate::daemon::jwt::Payloads;
+use crate::http::request::push_encoded;
 use crate::hub::fanout::SubscriberQueue;
 use crate::hub::id::topic_problem;
 use crate::stream::registry::Following;
@@ -131,21 +132,6 @@ impl Following for Present {
 
     fn as_any(&self) -> &dyn Any {
         self
-    }
-}
-
-/// Appends `s` percent-encoded as an RFC 6570 simple expansion does: all
-/// but the unreserved characters, once (a `%` becomes `%25`).
-fn push_encoded(out: &mut String, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 15)]));
-        }
     }
 }
 

@@ -10,13 +10,12 @@ use std::net::{IpAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::DigitallySignedStruct;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::ServerName;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::{ClientConfig, ClientConnection};
-use rustls::{DigitallySignedStruct, RootCertStore};
 
 /// What an `https://` target connects with: the configuration and the
 /// name to ask for (SNI) and verify.
@@ -61,19 +60,8 @@ pub(super) fn config(cacert: Option<&Path>, insecure: bool) -> Result<Arc<Client
         .map_err(|e| format!("TLS: {e}"))?;
     let config = match cacert {
         Some(path) => {
-            let shown = path.display();
-            let pem = std::fs::read(path).map_err(|e| format!("--cacert: {shown}: {e}"))?;
-            let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert =
-                    cert.map_err(|e| format!("--cacert: {shown}: not a PEM certificate: {e}"))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("--cacert: {shown}: an unusable CA certificate: {e}"))?;
-            }
-            if roots.is_empty() {
-                return Err(format!("--cacert: {shown}: no CERTIFICATE block in it"));
-            }
+            let roots =
+                ssed::daemon::acme::https::pem_roots(path).map_err(|e| format!("--cacert: {e}"))?;
             builder.with_root_certificates(roots).with_no_client_auth()
         }
         None if insecure => builder
